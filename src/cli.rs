@@ -1,0 +1,243 @@
+//! The command line: subcommands and flags (clap), and how `run` flags override the file.
+//!
+//! Stage one of configuration for the command line: values here are raw; they are parsed and
+//! checked with the same functions the TOML file uses ([`crate::config`]), so a flag and a
+//! key reject the same bad input with the same words.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::config::{self, Config, ConfigError, DataPath, EngineKind, Rule, TcpOptions};
+
+/// ringfwd: a TCP port forwarder for Linux edge hosts (io_uring, thread-per-core).
+#[derive(Debug, Parser)]
+#[command(name = "ringfwd", version, about, long_about = None, propagate_version = true)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the forwarder.
+    Run(RunArgs),
+    /// Validate a config file and print the effective configuration.
+    Check(CheckArgs),
+    /// Echo backend: sends back every byte it receives (and answers bench TLV frames).
+    Echo(crate::tools::echo::EchoArgs),
+    /// Sink backend: reads and discards; with --send, also a source of bytes.
+    Sink(crate::tools::sink::SinkArgs),
+    /// TCP connect-time ping, for hosts that filter ICMP.
+    Ping(crate::tools::ping::PingArgs),
+    /// Load generator: throughput, request/response, connection churn, idle memory.
+    Bench(crate::tools::bench::BenchArgs),
+    /// Live per-rule table from a running forwarder's admin endpoint.
+    Stats(crate::tools::stats::StatsArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// TOML config file (see ringfwd.toml).
+    #[arg(short, long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Listen address of a single rule given on the command line (replaces the file's rules).
+    #[arg(long, value_name = "ADDR", requires = "upstream")]
+    pub listen: Option<String>,
+    /// Upstream address of that rule.
+    #[arg(long, value_name = "ADDR", requires = "listen")]
+    pub upstream: Option<String>,
+    /// Engine: auto (io_uring, else tokio), uring, tokio or std.
+    #[arg(long, value_name = "ENGINE", value_parser = parse_engine)]
+    pub engine: Option<EngineKind>,
+    /// Data path of the uring engine: auto, splice or copy.
+    #[arg(long, value_name = "MODE", value_parser = parse_mode)]
+    pub mode: Option<DataPath>,
+    /// Worker threads (default: one per CPU the process may use).
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..=1024))]
+    pub workers: Option<u16>,
+    /// Admin listener for /metrics, /healthz and /histograms (loopback unless allowed).
+    #[arg(long, value_name = "ADDR")]
+    pub admin: Option<String>,
+    /// Connect timeout for every rule, e.g. 3s.
+    #[arg(long, value_name = "DURATION", value_parser = config::parse_duration)]
+    pub connect_timeout: Option<Duration>,
+    /// Idle timeout for every rule, e.g. 5m (0s: none).
+    #[arg(long, value_name = "DURATION", value_parser = config::parse_duration)]
+    pub idle_timeout: Option<Duration>,
+    /// How long live connections may finish after SIGINT/SIGTERM, e.g. 10s.
+    #[arg(long, value_name = "DURATION", value_parser = config::parse_duration)]
+    pub shutdown_grace: Option<Duration>,
+}
+
+#[derive(Debug, Args)]
+pub struct CheckArgs {
+    /// TOML config file to validate.
+    #[arg(short, long, value_name = "FILE")]
+    pub config: PathBuf,
+}
+
+fn parse_engine(s: &str) -> Result<EngineKind, String> {
+    EngineKind::parse(s).ok_or_else(|| {
+        format!(
+            "unknown engine {s:?} (expected one of {})",
+            EngineKind::NAMES
+        )
+    })
+}
+
+fn parse_mode(s: &str) -> Result<DataPath, String> {
+    DataPath::parse(s)
+        .ok_or_else(|| format!("unknown mode {s:?} (expected one of {})", DataPath::NAMES))
+}
+
+impl RunArgs {
+    /// The config file (if any) with the flags applied on top.
+    ///
+    /// # Errors
+    /// The file's errors, a bad flag value, or neither a file nor `--listen/--upstream`.
+    pub fn to_config(&self) -> Result<Config, ConfigError> {
+        let mut cfg = match &self.config {
+            Some(path) => Config::load(path)?,
+            None if self.listen.is_some() => Config::parse("<command line>", "")?,
+            None => {
+                return Err(ConfigError {
+                    message: "nothing to run: give --config FILE, or --listen ADDR --upstream ADDR"
+                        .into(),
+                });
+            }
+        };
+        if let (Some(listen), Some(upstream)) = (&self.listen, &self.upstream) {
+            let flag = |name: &str, m: String| ConfigError {
+                message: format!("--{name}: {m}"),
+            };
+            cfg.rules = vec![Rule {
+                name: "default".into(),
+                listen: config::resolve_one(listen).map_err(|m| flag("listen", m))?,
+                upstream: config::resolve_upstream(upstream).map_err(|m| flag("upstream", m))?,
+                tcp: TcpOptions::default(),
+                connect_timeout: config::DEFAULT_CONNECT_TIMEOUT,
+                idle_timeout: Some(config::DEFAULT_IDLE_TIMEOUT),
+                tap: None,
+            }];
+        }
+        if let Some(e) = self.engine {
+            cfg.engine = e;
+        }
+        if let Some(m) = self.mode {
+            cfg.mode = m;
+        }
+        if let Some(w) = self.workers {
+            cfg.workers = std::num::NonZeroUsize::new(usize::from(w));
+        }
+        if let Some(a) = &self.admin {
+            let addr = config::resolve_one(a).map_err(|m| ConfigError {
+                message: format!("--admin: {m}"),
+            })?;
+            if !addr.ip().is_loopback() && !cfg.admin_allow_remote {
+                return Err(ConfigError {
+                    message: format!(
+                        "--admin: {addr} is not a loopback address; set admin_allow_remote = true in the config to expose metrics"
+                    ),
+                });
+            }
+            cfg.admin = Some(addr);
+        }
+        if let Some(g) = self.shutdown_grace {
+            cfg.shutdown_grace = g;
+        }
+        for r in &mut cfg.rules {
+            if let Some(t) = self.connect_timeout {
+                if t.is_zero() {
+                    return Err(ConfigError {
+                        message: "--connect-timeout: must be more than 0s".into(),
+                    });
+                }
+                r.connect_timeout = t;
+            }
+            if let Some(t) = self.idle_timeout {
+                r.idle_timeout = (!t.is_zero()).then_some(t);
+            }
+        }
+        cfg.ensure_runnable()?;
+        Ok(cfg)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn run_args(args: &[&str]) -> Result<RunArgs, clap::Error> {
+        let mut full = vec!["ringfwd", "run"];
+        full.extend_from_slice(args);
+        Cli::try_parse_from(full).map(|c| match c.command {
+            Command::Run(r) => r,
+            other => panic!("parsed as {other:?}"),
+        })
+    }
+
+    #[test]
+    fn listen_and_upstream_make_one_rule() {
+        let cfg = run_args(&[
+            "--listen",
+            "127.0.0.1:0",
+            "--upstream",
+            "127.0.0.1:9",
+            "--engine",
+            "std",
+            "--idle-timeout",
+            "0s",
+        ])
+        .unwrap()
+        .to_config()
+        .unwrap();
+        assert_eq!(cfg.engine, EngineKind::Std);
+        assert_eq!(cfg.rules.len(), 1);
+        assert_eq!(cfg.rules[0].upstream.primary().port(), 9);
+        assert_eq!(cfg.rules[0].idle_timeout, None);
+    }
+
+    #[test]
+    fn listen_requires_upstream() {
+        let e = run_args(&["--listen", "127.0.0.1:0"]).unwrap_err();
+        assert_eq!(e.kind(), clap::error::ErrorKind::MissingRequiredArgument);
+    }
+
+    #[test]
+    fn bad_flag_values_are_rejected_with_reasons() {
+        let e = run_args(&["--listen", "a", "--upstream", "b", "--engine", "fast"]).unwrap_err();
+        assert!(e.to_string().contains("unknown engine \"fast\""), "{e}");
+        let e =
+            run_args(&["--listen", "a", "--upstream", "b", "--idle-timeout", "10"]).unwrap_err();
+        assert!(e.to_string().contains("a unit is required"), "{e}");
+        let e = run_args(&["--listen", "nope", "--upstream", "127.0.0.1:1"])
+            .unwrap()
+            .to_config()
+            .unwrap_err();
+        assert!(e.message.starts_with("--listen:"), "{e}");
+    }
+
+    #[test]
+    fn nothing_to_run_is_an_error() {
+        let e = run_args(&[]).unwrap().to_config().unwrap_err();
+        assert!(e.message.contains("nothing to run"), "{e}");
+    }
+
+    #[test]
+    fn remote_admin_needs_permission() {
+        let e = run_args(&[
+            "--listen",
+            "127.0.0.1:0",
+            "--upstream",
+            "127.0.0.1:1",
+            "--admin",
+            "0.0.0.0:9100",
+        ])
+        .unwrap()
+        .to_config()
+        .unwrap_err();
+        assert!(e.message.contains("admin_allow_remote"), "{e}");
+    }
+}

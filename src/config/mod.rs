@@ -1,0 +1,683 @@
+//! Configuration: the TOML file and the `run` flags, turned into one validated [`Config`].
+//!
+//! Two stages, as in ripgrep's low/high args: [`raw`] mirrors the file as written, and
+//! [`Config::from_raw`] resolves addresses, applies defaults and cross-checks, producing fields
+//! that carry their units (`Duration`, `SocketAddr`, `NonZeroUsize`, [`ByteSize`]). Every error
+//! names the file, the line and the key, in one line an operator can act on.
+
+pub mod raw;
+pub mod units;
+
+use std::fmt;
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::num::NonZeroUsize;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+pub use units::{ByteSize, format_duration, parse_duration, parse_size};
+
+use raw::{KeepaliveValue, RawConfig, RawRule, WorkersValue};
+
+/// Which engine moves the bytes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum EngineKind {
+    /// io_uring where it works, otherwise tokio, with one warning saying why.
+    Auto,
+    /// Thread-per-core io_uring workers.
+    Uring,
+    /// tokio multi-thread runtime (baseline and fallback).
+    Tokio,
+    /// A thread per direction with blocking I/O (baseline).
+    Std,
+}
+
+impl EngineKind {
+    pub const NAMES: &'static str = "auto, uring, tokio, std";
+
+    pub fn parse(text: &str) -> Option<Self> {
+        Some(match text {
+            "auto" => Self::Auto,
+            "uring" => Self::Uring,
+            "tokio" => Self::Tokio,
+            "std" => Self::Std,
+            _ => return None,
+        })
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Auto => "auto",
+            Self::Uring => "uring",
+            Self::Tokio => "tokio",
+            Self::Std => "std",
+        }
+    }
+}
+
+/// How the uring engine moves a direction's bytes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum DataPath {
+    /// Start on copy, move to splice on sustained full-buffer reads.
+    Auto,
+    /// socket → pipe → socket, never entering user space.
+    Splice,
+    /// recv into a registered buffer, send from it.
+    Copy,
+}
+
+impl DataPath {
+    pub const NAMES: &'static str = "auto, splice, copy";
+
+    pub fn parse(text: &str) -> Option<Self> {
+        Some(match text {
+            "auto" => Self::Auto,
+            "splice" => Self::Splice,
+            "copy" => Self::Copy,
+            _ => return None,
+        })
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Auto => "auto",
+            Self::Splice => "splice",
+            Self::Copy => "copy",
+        }
+    }
+}
+
+/// Log line format.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// TCP keepalive probe timings; `None` fields keep the kernel's defaults.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct Keepalive {
+    pub idle: Option<Duration>,
+    pub interval: Option<Duration>,
+    pub count: Option<u32>,
+}
+
+/// Socket options applied to both the accepted and the upstream socket of a rule.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TcpOptions {
+    pub nodelay: bool,
+    pub keepalive: Option<Keepalive>,
+    /// `SO_LINGER` for ordinary closes. Resets always use a zero linger.
+    pub linger: Option<Duration>,
+    pub recv_buffer: Option<ByteSize>,
+    pub send_buffer: Option<ByteSize>,
+}
+
+impl Default for TcpOptions {
+    fn default() -> Self {
+        Self {
+            nodelay: true,
+            keepalive: None,
+            linger: None,
+            recv_buffer: None,
+            send_buffer: None,
+        }
+    }
+}
+
+/// Where a rule forwards to: the text as written and what it resolved to at load time.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Upstream {
+    pub text: String,
+    pub addrs: Vec<SocketAddr>,
+}
+
+impl Upstream {
+    /// The address connects go to (the first one the name resolved to).
+    pub fn primary(&self) -> SocketAddr {
+        self.addrs[0]
+    }
+}
+
+/// One listen address forwarded to one upstream.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Rule {
+    pub name: String,
+    pub listen: SocketAddr,
+    pub upstream: Upstream,
+    pub tcp: TcpOptions,
+    pub connect_timeout: Duration,
+    /// `None`: connections may stay idle forever.
+    pub idle_timeout: Option<Duration>,
+    /// Hexdump both directions into this file (forces the copy path).
+    pub tap: Option<PathBuf>,
+}
+
+/// io_uring engine sizing, per worker.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct UringTuning {
+    pub ring_entries: u32,
+    pub buffer_size: ByteSize,
+    pub buffers: u32,
+    pub pipe_size: ByteSize,
+    pub pipes: u32,
+    pub max_connections: u32,
+}
+
+impl Default for UringTuning {
+    fn default() -> Self {
+        // 64 × 32 KiB = 2 MiB registered per worker: two workers fit under the 8 MiB
+        // RLIMIT_MEMLOCK an unprivileged user gets by default.
+        Self {
+            ring_entries: 1024,
+            buffer_size: ByteSize(32 << 10),
+            buffers: 64,
+            pipe_size: ByteSize(1 << 20),
+            pipes: 64,
+            max_connections: 8192,
+        }
+    }
+}
+
+/// The validated configuration every engine runs from.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Config {
+    /// `None`: one worker per CPU the process may run on.
+    pub workers: Option<NonZeroUsize>,
+    pub engine: EngineKind,
+    pub mode: DataPath,
+    pub shutdown_grace: Duration,
+    pub admin: Option<SocketAddr>,
+    pub admin_allow_remote: bool,
+    pub log_format: LogFormat,
+    pub access_log: bool,
+    pub uring: UringTuning,
+    pub rules: Vec<Rule>,
+}
+
+pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(600);
+pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+
+/// A configuration error, already worded for the operator.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    pub message: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+/// Where a value came from, for error messages.
+struct Source<'a> {
+    name: &'a str,
+    text: &'a str,
+}
+
+impl Source<'_> {
+    fn line_col(&self, offset: usize) -> (usize, usize) {
+        let before = &self.text[..offset.min(self.text.len())];
+        let line = before.matches('\n').count() + 1;
+        let col = before
+            .rfind('\n')
+            .map_or(before.len(), |nl| before.len() - nl - 1)
+            + 1;
+        (line, col)
+    }
+
+    /// The key written at the start of the given line, if any.
+    fn key_on_line(&self, line: usize) -> Option<String> {
+        let text = self.text.lines().nth(line.checked_sub(1)?)?;
+        let (key, _) = text.split_once('=')?;
+        let key = key.trim();
+        (!key.is_empty() && !key.starts_with('#')).then(|| key.to_string())
+    }
+
+    fn error_at(
+        &self,
+        span: std::ops::Range<usize>,
+        key: &str,
+        msg: impl fmt::Display,
+    ) -> ConfigError {
+        let (line, col) = self.line_col(span.start);
+        ConfigError {
+            message: format!("{}:{line}:{col}: {key}: {msg}", self.name),
+        }
+    }
+}
+
+impl Config {
+    /// Reads and validates a TOML file.
+    ///
+    /// # Errors
+    /// Unreadable file, TOML syntax, unknown keys, bad values, unresolvable addresses: one
+    /// line naming the file, line and key.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+            message: format!("{}: cannot read config: {e}", path.display()),
+        })?;
+        Self::parse(&path.display().to_string(), &text)
+    }
+
+    /// Parses and validates TOML text; `name` is used in error messages.
+    ///
+    /// # Errors
+    /// See [`Config::load`].
+    pub fn parse(name: &str, text: &str) -> Result<Self, ConfigError> {
+        let src = Source { name, text };
+        let raw: RawConfig = toml::from_str(text).map_err(|e| {
+            let msg = e.message().trim().to_string();
+            match e.span() {
+                Some(span) => {
+                    let (line, col) = src.line_col(span.start);
+                    let key = if msg.starts_with("unknown field") {
+                        None
+                    } else {
+                        src.key_on_line(line)
+                    };
+                    match key {
+                        Some(key) => ConfigError {
+                            message: format!("{name}:{line}:{col}: {key}: {msg}"),
+                        },
+                        None => ConfigError {
+                            message: format!("{name}:{line}:{col}: {msg}"),
+                        },
+                    }
+                }
+                None => ConfigError {
+                    message: format!("{name}: {msg}"),
+                },
+            }
+        })?;
+        Self::from_raw(raw, &src)
+    }
+
+    fn from_raw(raw: RawConfig, src: &Source<'_>) -> Result<Self, ConfigError> {
+        let workers = match raw.workers {
+            None | Some(WorkersValue::Auto) => None,
+            Some(WorkersValue::Count(n)) => Some(
+                usize::try_from(n)
+                    .ok()
+                    .and_then(NonZeroUsize::new)
+                    .filter(|n| n.get() <= 1024)
+                    .ok_or_else(|| ConfigError {
+                        message: format!(
+                            "{}: workers: must be \"auto\" or 1..=1024, got {n}",
+                            src.name
+                        ),
+                    })?,
+            ),
+        };
+        let engine = match &raw.engine {
+            None => EngineKind::Auto,
+            Some(s) => EngineKind::parse(s.get_ref()).ok_or_else(|| {
+                src.error_at(
+                    s.span(),
+                    "engine",
+                    format!(
+                        "unknown engine {:?} (expected one of {})",
+                        s.get_ref(),
+                        EngineKind::NAMES
+                    ),
+                )
+            })?,
+        };
+        let mode = match &raw.mode {
+            None => DataPath::Auto,
+            Some(s) => DataPath::parse(s.get_ref()).ok_or_else(|| {
+                src.error_at(
+                    s.span(),
+                    "mode",
+                    format!(
+                        "unknown mode {:?} (expected one of {})",
+                        s.get_ref(),
+                        DataPath::NAMES
+                    ),
+                )
+            })?,
+        };
+        let log_format = match &raw.log_format {
+            None => LogFormat::Text,
+            Some(s) => match s.get_ref().as_str() {
+                "text" => LogFormat::Text,
+                "json" => LogFormat::Json,
+                other => {
+                    return Err(src.error_at(
+                        s.span(),
+                        "log_format",
+                        format!("unknown format {other:?} (expected text or json)"),
+                    ));
+                }
+            },
+        };
+        let admin_allow_remote = raw.admin_allow_remote.unwrap_or(false);
+        let admin = match &raw.admin {
+            None => None,
+            Some(s) => {
+                let addr =
+                    resolve_one(s.get_ref()).map_err(|m| src.error_at(s.span(), "admin", m))?;
+                if !addr.ip().is_loopback() && !admin_allow_remote {
+                    return Err(src.error_at(
+                        s.span(),
+                        "admin",
+                        format!("{addr} is not a loopback address; set admin_allow_remote = true to expose metrics beyond this host"),
+                    ));
+                }
+                Some(addr)
+            }
+        };
+        let uring = uring_tuning(raw.uring.unwrap_or_default(), src)?;
+
+        let mut rules = Vec::with_capacity(raw.rules.len());
+        for (i, r) in raw.rules.into_iter().enumerate() {
+            let rule = rule_from_raw(i, r, src)?;
+            if let Some(prev) = rules.iter().find(|p: &&Rule| p.name == rule.name) {
+                return Err(ConfigError {
+                    message: format!(
+                        "{}: rule name {:?} is used twice (listen {} and {})",
+                        src.name, rule.name, prev.listen, rule.listen
+                    ),
+                });
+            }
+            if let Some(prev) = rules
+                .iter()
+                .find(|p: &&Rule| p.listen == rule.listen && p.listen.port() != 0)
+            {
+                return Err(ConfigError {
+                    message: format!(
+                        "{}: rules {:?} and {:?} both listen on {}",
+                        src.name, prev.name, rule.name, rule.listen
+                    ),
+                });
+            }
+            rules.push(rule);
+        }
+
+        Ok(Config {
+            workers,
+            engine,
+            mode,
+            shutdown_grace: raw.shutdown_grace.map_or(DEFAULT_SHUTDOWN_GRACE, |d| d.0),
+            admin,
+            admin_allow_remote,
+            log_format,
+            access_log: raw.access_log.unwrap_or(true),
+            uring,
+            rules,
+        })
+    }
+
+    /// Checks what a runnable configuration needs beyond a well-formed file.
+    ///
+    /// # Errors
+    /// No rule at all.
+    pub fn ensure_runnable(&self) -> Result<(), ConfigError> {
+        if self.rules.is_empty() {
+            return Err(ConfigError {
+                message: "no rule to run: add a [[rule]] table to the config, or pass --listen and --upstream".into(),
+            });
+        }
+        Ok(())
+    }
+
+    /// The number of worker threads to run: configured, or the CPUs this process may use.
+    pub fn worker_count(&self) -> usize {
+        self.workers
+            .map_or_else(crate::net::available_cpus, NonZeroUsize::get)
+    }
+
+    /// The effective configuration as TOML, the way `ringfwd check` prints it.
+    pub fn to_toml(&self) -> String {
+        use std::fmt::Write;
+        let mut out = String::new();
+        let _ = writeln!(
+            out,
+            "workers = {}",
+            self.workers
+                .map_or("\"auto\"".to_string(), |n| n.to_string())
+        );
+        let _ = writeln!(out, "engine = {:?}", self.engine.as_str());
+        let _ = writeln!(out, "mode = {:?}", self.mode.as_str());
+        let _ = writeln!(
+            out,
+            "shutdown_grace = {:?}",
+            format_duration(self.shutdown_grace)
+        );
+        if let Some(a) = self.admin {
+            let _ = writeln!(out, "admin = \"{a}\"");
+        }
+        let _ = writeln!(out, "admin_allow_remote = {}", self.admin_allow_remote);
+        let _ = writeln!(
+            out,
+            "log_format = {:?}",
+            match self.log_format {
+                LogFormat::Text => "text",
+                LogFormat::Json => "json",
+            }
+        );
+        let _ = writeln!(out, "access_log = {}", self.access_log);
+        let u = &self.uring;
+        let _ = writeln!(out, "\n[uring]");
+        let _ = writeln!(out, "ring_entries = {}", u.ring_entries);
+        let _ = writeln!(out, "buffer_size = \"{}\"", u.buffer_size);
+        let _ = writeln!(out, "buffers = {}", u.buffers);
+        let _ = writeln!(out, "pipe_size = \"{}\"", u.pipe_size);
+        let _ = writeln!(out, "pipes = {}", u.pipes);
+        let _ = writeln!(out, "max_connections = {}", u.max_connections);
+        for r in &self.rules {
+            let _ = writeln!(out, "\n[[rule]]");
+            let _ = writeln!(out, "name = {:?}", r.name);
+            let _ = writeln!(out, "listen = \"{}\"", r.listen);
+            let addrs: Vec<String> = r.upstream.addrs.iter().map(ToString::to_string).collect();
+            let _ = writeln!(
+                out,
+                "upstream = {:?}  # resolves to {}",
+                r.upstream.text,
+                addrs.join(", ")
+            );
+            let _ = writeln!(out, "nodelay = {}", r.tcp.nodelay);
+            match r.tcp.keepalive {
+                None => {
+                    let _ = writeln!(out, "keepalive = false");
+                }
+                Some(k) => {
+                    let mut parts = Vec::new();
+                    if let Some(d) = k.idle {
+                        parts.push(format!("idle = {:?}", format_duration(d)));
+                    }
+                    if let Some(d) = k.interval {
+                        parts.push(format!("interval = {:?}", format_duration(d)));
+                    }
+                    if let Some(c) = k.count {
+                        parts.push(format!("count = {c}"));
+                    }
+                    let _ = writeln!(out, "keepalive = {{ {} }}", parts.join(", "));
+                }
+            }
+            if let Some(l) = r.tcp.linger {
+                let _ = writeln!(out, "linger = {:?}", format_duration(l));
+            }
+            if let Some(b) = r.tcp.recv_buffer {
+                let _ = writeln!(out, "recv_buffer = \"{b}\"");
+            }
+            if let Some(b) = r.tcp.send_buffer {
+                let _ = writeln!(out, "send_buffer = \"{b}\"");
+            }
+            let _ = writeln!(
+                out,
+                "connect_timeout = {:?}",
+                format_duration(r.connect_timeout)
+            );
+            let _ = writeln!(
+                out,
+                "idle_timeout = {:?}",
+                r.idle_timeout.map_or("0s".to_string(), format_duration)
+            );
+            if let Some(t) = &r.tap {
+                let _ = writeln!(out, "tap = {:?}", t.display().to_string());
+            }
+        }
+        out
+    }
+}
+
+fn uring_tuning(raw: raw::RawUring, src: &Source<'_>) -> Result<UringTuning, ConfigError> {
+    let d = UringTuning::default();
+    let t = UringTuning {
+        ring_entries: raw.ring_entries.unwrap_or(d.ring_entries),
+        buffer_size: raw.buffer_size.map_or(d.buffer_size, |s| s.0),
+        buffers: raw.buffers.unwrap_or(d.buffers),
+        pipe_size: raw.pipe_size.map_or(d.pipe_size, |s| s.0),
+        pipes: raw.pipes.unwrap_or(d.pipes),
+        max_connections: raw.max_connections.unwrap_or(d.max_connections),
+    };
+    let bad = |key: &str, why: String| ConfigError {
+        message: format!("{}: uring.{key}: {why}", src.name),
+    };
+    if !(8..=32768).contains(&t.ring_entries) {
+        return Err(bad(
+            "ring_entries",
+            format!("must be 8..=32768, got {}", t.ring_entries),
+        ));
+    }
+    if !(4096..=(16 << 20)).contains(&t.buffer_size.bytes()) {
+        return Err(bad(
+            "buffer_size",
+            format!("must be 4KiB..=16MiB, got {}", t.buffer_size),
+        ));
+    }
+    if !(1..=65536).contains(&t.buffers) {
+        return Err(bad(
+            "buffers",
+            format!("must be 1..=65536, got {}", t.buffers),
+        ));
+    }
+    if !(4096..=(1 << 30)).contains(&t.pipe_size.bytes()) {
+        return Err(bad(
+            "pipe_size",
+            format!("must be 4KiB..=1GiB, got {}", t.pipe_size),
+        ));
+    }
+    if t.pipes > 65536 {
+        return Err(bad("pipes", format!("must be 0..=65536, got {}", t.pipes)));
+    }
+    if !(1..=(1 << 20)).contains(&t.max_connections) {
+        return Err(bad(
+            "max_connections",
+            format!("must be 1..=1048576, got {}", t.max_connections),
+        ));
+    }
+    Ok(t)
+}
+
+fn rule_from_raw(index: usize, r: RawRule, src: &Source<'_>) -> Result<Rule, ConfigError> {
+    let name = match &r.name {
+        Some(n) if n.get_ref().trim().is_empty() => {
+            return Err(src.error_at(n.span(), "name", "must not be empty"));
+        }
+        Some(n) => n.get_ref().clone(),
+        None => format!("rule{}", index + 1),
+    };
+    let listen =
+        resolve_one(r.listen.get_ref()).map_err(|m| src.error_at(r.listen.span(), "listen", m))?;
+    let upstream = resolve_upstream(r.upstream.get_ref())
+        .map_err(|m| src.error_at(r.upstream.span(), "upstream", m))?;
+    let keepalive = match r.keepalive {
+        None | Some(KeepaliveValue::Enabled(false)) => None,
+        Some(KeepaliveValue::Enabled(true)) => Some(Keepalive::default()),
+        Some(KeepaliveValue::Tuned(t)) => {
+            if t.count == Some(0) {
+                return Err(ConfigError {
+                    message: format!(
+                        "{}: rule {name:?}: keepalive.count must be at least 1",
+                        src.name
+                    ),
+                });
+            }
+            Some(Keepalive {
+                idle: t.idle.map(|d| d.0),
+                interval: t.interval.map(|d| d.0),
+                count: t.count,
+            })
+        }
+    };
+    let connect_timeout = r.connect_timeout.map_or(DEFAULT_CONNECT_TIMEOUT, |d| d.0);
+    if connect_timeout.is_zero() {
+        return Err(ConfigError {
+            message: format!(
+                "{}: rule {name:?}: connect_timeout must be more than 0s",
+                src.name
+            ),
+        });
+    }
+    let idle_timeout = match r.idle_timeout {
+        None => Some(DEFAULT_IDLE_TIMEOUT),
+        Some(d) if d.0.is_zero() => None,
+        Some(d) => Some(d.0),
+    };
+    Ok(Rule {
+        name,
+        listen,
+        upstream,
+        tcp: TcpOptions {
+            nodelay: r.nodelay.unwrap_or(true),
+            keepalive,
+            linger: r.linger.map(|d| d.0),
+            recv_buffer: r.recv_buffer.map(|s| s.0),
+            send_buffer: r.send_buffer.map(|s| s.0),
+        },
+        connect_timeout,
+        idle_timeout,
+        tap: r.tap.map(PathBuf::from),
+    })
+}
+
+/// Resolves "host:port" / "[v6]:port" to one address (the first the resolver gives).
+///
+/// # Errors
+/// A message for the operator.
+pub fn resolve_one(text: &str) -> Result<SocketAddr, String> {
+    resolve_upstream(text).map(|u| u.primary())
+}
+
+/// Resolves an upstream "host:port" to every address it names.
+///
+/// # Errors
+/// A message for the operator.
+pub fn resolve_upstream(text: &str) -> Result<Upstream, String> {
+    if let Ok(addr) = text.parse::<SocketAddr>() {
+        return Ok(Upstream {
+            text: text.to_string(),
+            addrs: vec![addr],
+        });
+    }
+    let Some((host, port)) = text.rsplit_once(':') else {
+        return Err(format!(
+            "{text:?} is not an address: expected host:port, e.g. 127.0.0.1:8080 or [::1]:8080"
+        ));
+    };
+    if port.parse::<u16>().is_err() {
+        return Err(format!("{text:?}: invalid port {port:?}"));
+    }
+    if host.is_empty() {
+        return Err(format!("{text:?}: missing host before the port"));
+    }
+    let addrs: Vec<SocketAddr> = text
+        .to_socket_addrs()
+        .map_err(|e| format!("cannot resolve {text:?}: {e}"))?
+        .collect();
+    if addrs.is_empty() {
+        return Err(format!("cannot resolve {text:?}: no addresses"));
+    }
+    Ok(Upstream {
+        text: text.to_string(),
+        addrs,
+    })
+}
+
+#[cfg(test)]
+mod tests;

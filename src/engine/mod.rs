@@ -1,0 +1,131 @@
+//! The engines that move bytes, side by side, and how one is chosen.
+//!
+//! - [`uring`]: thread-per-core io_uring workers (the product).
+//! - [`tokio`]: a tokio multi-thread runtime (baseline, and the fallback where io_uring is
+//!   unavailable).
+//! - [`threaded`]: a thread per direction with blocking I/O (the `std` baseline).
+//!
+//! All three keep the same TCP semantics (half-close, reset passing, backpressure, timeouts,
+//! graceful shutdown) and record the same [`crate::metrics`]. Listeners are bound here, before
+//! any engine starts, so "port in use" is reported the same way whichever engine runs.
+
+pub mod threaded;
+pub mod tokio;
+pub mod uring;
+
+use std::net::{SocketAddr, TcpListener};
+use std::sync::Arc;
+
+use crate::config::{Config, EngineKind};
+use crate::metrics::Metrics;
+use crate::net::{self, ListenError};
+use crate::shutdown::Shutdown;
+
+/// Everything an engine needs besides the config.
+pub struct RunContext {
+    pub shutdown: Shutdown,
+    pub metrics: Arc<Metrics>,
+}
+
+/// Listeners bound for one run: `per_rule[r][w]` is worker `w`'s listener for rule `r`.
+pub struct Listeners {
+    pub per_rule: Vec<Vec<TcpListener>>,
+}
+
+/// Why an engine could not run.
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    #[error("{0}")]
+    Listen(#[from] ListenError),
+    #[error("io_uring engine unavailable: {0}")]
+    UringUnavailable(#[from] uring::Unavailable),
+    #[error("{what}: {source}")]
+    Io {
+        what: &'static str,
+        source: std::io::Error,
+    },
+}
+
+/// The engine that will actually run, after `auto` is resolved.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Resolved {
+    Uring,
+    Tokio,
+    Std,
+}
+
+impl Resolved {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Uring => "uring",
+            Self::Tokio => "tokio",
+            Self::Std => "std",
+        }
+    }
+}
+
+/// Resolves `engine = "auto"`: io_uring if a ring with every needed opcode can be set up,
+/// otherwise tokio with one warning that says why and how to enable io_uring.
+///
+/// # Errors
+/// `engine = "uring"` was asked for explicitly and io_uring is unavailable.
+pub fn resolve(kind: EngineKind) -> Result<Resolved, EngineError> {
+    match kind {
+        EngineKind::Std => Ok(Resolved::Std),
+        EngineKind::Tokio => Ok(Resolved::Tokio),
+        EngineKind::Uring => {
+            uring::probe()?;
+            Ok(Resolved::Uring)
+        }
+        EngineKind::Auto => match uring::probe() {
+            Ok(()) => Ok(Resolved::Uring),
+            Err(why) => {
+                tracing::warn!("io_uring unavailable, falling back to the tokio engine: {why}");
+                Ok(Resolved::Tokio)
+            }
+        },
+    }
+}
+
+/// Binds the listeners of every rule: one per worker for the engines with several
+/// accept loops, sharing the port through `SO_REUSEPORT`.
+///
+/// # Errors
+/// The first rule whose address cannot be bound.
+pub fn bind(config: &Config, per_rule: usize) -> Result<Listeners, EngineError> {
+    let mut out = Vec::with_capacity(config.rules.len());
+    for rule in &config.rules {
+        out.push(net::bind_listeners(rule.listen, per_rule)?);
+    }
+    Ok(Listeners { per_rule: out })
+}
+
+/// Runs the chosen engine until shutdown. `on_ready` is called once with every rule's bound
+/// address, after all listeners are open.
+///
+/// # Errors
+/// Listener, ring setup or runtime start-up failures. Per-connection errors never end a run.
+pub fn run(
+    config: &Config,
+    engine: Resolved,
+    ctx: RunContext,
+    on_ready: impl FnOnce(&[(String, SocketAddr)]),
+) -> Result<(), EngineError> {
+    let workers = match engine {
+        Resolved::Uring => config.worker_count(),
+        Resolved::Tokio | Resolved::Std => 1,
+    };
+    let listeners = bind(config, workers)?;
+    let addrs: Vec<(String, SocketAddr)> = config
+        .rules
+        .iter()
+        .zip(&listeners.per_rule)
+        .map(|(r, l)| (r.name.clone(), l[0].local_addr().unwrap_or(r.listen)))
+        .collect();
+    on_ready(&addrs);
+    match engine {
+        Resolved::Uring => uring::run(config, listeners, ctx),
+        Resolved::Tokio => tokio::run(config, listeners, ctx),
+        Resolved::Std => threaded::run(config, listeners, ctx),
+    }
+}

@@ -1,0 +1,396 @@
+//! The `std` engine: blocking sockets, a thread per direction — the classic relay that every
+//! other engine is compared with.
+//!
+//! Each direction runs a `std::io::copy`-style loop (read into a buffer, write it all out).
+//! Blocking calls wake every [`TICK`] so a thread notices a reset on the other direction, an
+//! idle timeout or a shutdown without needing another thread to close its socket under it.
+
+use std::io::{self, Read, Write};
+use std::net::{Shutdown as SockShutdown, SocketAddr, TcpListener, TcpStream};
+use std::os::fd::AsFd;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU8, AtomicU64, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use socket2::SockRef;
+
+use super::{EngineError, Listeners, RunContext};
+use crate::config::{Config, Rule};
+use crate::metrics::{
+    CloseReason, ConnectError, Direction, Metrics, PathKind, RejectReason, SessionRecord,
+};
+use crate::net;
+use crate::shutdown::{Phase, Shutdown};
+
+/// How often a blocked read or write wakes to look at the connection's state.
+const TICK: Duration = Duration::from_millis(100);
+/// Bytes read per direction before writing them on.
+const BUFFER_SIZE: usize = 16 << 10;
+/// Stack of a connection thread: the relay loop needs little; keep 1000s of threads cheap.
+const STACK_SIZE: usize = 256 << 10;
+
+/// Runs the std engine until shutdown.
+///
+/// # Errors
+/// A listener could not be set up or an accept thread could not start.
+pub fn run(config: &Config, listeners: Listeners, ctx: RunContext) -> Result<(), EngineError> {
+    let live = Arc::new(AtomicUsize::new(0));
+    let mut accept_threads = Vec::new();
+    for (idx, (rule, ls)) in config.rules.iter().zip(listeners.per_rule).enumerate() {
+        for l in ls {
+            l.set_nonblocking(true).map_err(|source| EngineError::Io {
+                what: "cannot set listener non-blocking",
+                source,
+            })?;
+            let (rule, metrics, shutdown, live) = (
+                Arc::new(rule.clone()),
+                ctx.metrics.clone(),
+                ctx.shutdown.clone(),
+                live.clone(),
+            );
+            accept_threads.push(
+                std::thread::Builder::new()
+                    .name(format!("ringfwd-accept-{}", rule.name))
+                    .spawn(move || accept_loop(&l, &rule, idx, &metrics, &shutdown, &live))
+                    .map_err(|source| EngineError::Io {
+                        what: "cannot start an accept thread",
+                        source,
+                    })?,
+            );
+        }
+    }
+    for t in accept_threads {
+        let _ = t.join();
+    }
+    // Draining: sessions finish by themselves, or end at Closing within a tick or two.
+    while live.load(Ordering::Acquire) != 0 {
+        if ctx.shutdown.wait_for(Phase::Closing, Some(TICK)) {
+            let deadline = Instant::now() + 10 * TICK;
+            while live.load(Ordering::Acquire) != 0 && Instant::now() < deadline {
+                std::thread::sleep(TICK / 10);
+            }
+            break;
+        }
+    }
+    Ok(())
+}
+
+fn accept_loop(
+    listener: &TcpListener,
+    rule: &Arc<Rule>,
+    rule_idx: usize,
+    metrics: &Arc<Metrics>,
+    shutdown: &Shutdown,
+    live: &Arc<AtomicUsize>,
+) {
+    use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+    while shutdown.phase() == Phase::Running {
+        let mut fds = [PollFd::new(listener.as_fd(), PollFlags::POLLIN)];
+        match poll(&mut fds, PollTimeout::from(100u16)) {
+            Ok(0) | Err(nix::Error::EINTR) => continue,
+            Ok(_) => {}
+            Err(e) => {
+                tracing::error!(error = %e, "poll on listener failed");
+                std::thread::sleep(net::ACCEPT_BACKOFF);
+                continue;
+            }
+        }
+        match listener.accept() {
+            Ok((stream, peer)) => {
+                live.fetch_add(1, Ordering::AcqRel);
+                let (rule2, metrics2, shutdown2, live2) = (
+                    rule.clone(),
+                    metrics.clone(),
+                    shutdown.clone(),
+                    live.clone(),
+                );
+                let spawned = std::thread::Builder::new()
+                    .name("ringfwd-conn".into())
+                    .stack_size(STACK_SIZE)
+                    .spawn(move || {
+                        handle(stream, peer, &rule2, rule_idx, &metrics2, &shutdown2);
+                        live2.fetch_sub(1, Ordering::AcqRel);
+                    });
+                if let Err(e) = spawned {
+                    // The closure (and the stream in it) was dropped: the client sees a close.
+                    live.fetch_sub(1, Ordering::AcqRel);
+                    tracing::warn!(rule = %rule.name, error = %e, "cannot start a connection thread; connection dropped");
+                    metrics
+                        .rule(rule_idx)
+                        .local()
+                        .rejected(RejectReason::FdExhausted);
+                }
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+            Err(e) if net::is_resource_exhaustion(&e) => {
+                tracing::warn!(rule = %rule.name, error = %e, "accept: out of file descriptors; backing off");
+                metrics
+                    .rule(rule_idx)
+                    .local()
+                    .rejected(RejectReason::FdExhausted);
+                std::thread::sleep(net::ACCEPT_BACKOFF);
+            }
+            Err(e) if net::is_transient_accept_error(&e) => {}
+            Err(e) => {
+                tracing::error!(rule = %rule.name, error = %e, "accept failed; backing off");
+                std::thread::sleep(net::ACCEPT_BACKOFF);
+            }
+        }
+    }
+}
+
+/// What one connection's two threads share.
+struct Shared {
+    /// 0 while running, else the [`CloseReason`] code that ended the session.
+    abort: AtomicU8,
+    start: Instant,
+    last_activity_ms: AtomicU64,
+    bytes: [AtomicU64; 2],
+}
+
+const REASONS: [CloseReason; 6] = [
+    CloseReason::Eof,
+    CloseReason::Reset,
+    CloseReason::Timeout,
+    CloseReason::Refused,
+    CloseReason::Shutdown,
+    CloseReason::Error,
+];
+
+impl Shared {
+    fn abort(&self, why: CloseReason) {
+        let code = REASONS
+            .iter()
+            .position(|r| *r == why)
+            .map_or(0, |p| p as u8 + 1);
+        let _ = self
+            .abort
+            .compare_exchange(0, code, Ordering::AcqRel, Ordering::Acquire);
+    }
+
+    fn aborted(&self) -> Option<CloseReason> {
+        match self.abort.load(Ordering::Acquire) {
+            0 => None,
+            n => Some(REASONS[usize::from(n - 1)]),
+        }
+    }
+
+    fn touch(&self) {
+        let ms = u64::try_from(self.start.elapsed().as_millis()).unwrap_or(u64::MAX);
+        self.last_activity_ms.store(ms, Ordering::Relaxed);
+    }
+
+    /// Called when a blocking call timed out: decides whether the session must end.
+    fn check(&self, rule: &Rule, shutdown: &Shutdown) -> Option<CloseReason> {
+        if let Some(r) = self.aborted() {
+            return Some(r);
+        }
+        if shutdown.phase() >= Phase::Closing {
+            self.abort(CloseReason::Shutdown);
+        } else if let Some(idle) = rule.idle_timeout {
+            let last = Duration::from_millis(self.last_activity_ms.load(Ordering::Relaxed));
+            if self.start.elapsed() >= last + idle {
+                self.abort(CloseReason::Timeout);
+            }
+        }
+        self.aborted()
+    }
+}
+
+fn is_tick(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut | io::ErrorKind::Interrupted
+    )
+}
+
+fn connect(rule: &Rule) -> io::Result<TcpStream> {
+    let addr = rule.upstream.primary();
+    let socket = net::upstream_socket(addr, &rule.tcp)?;
+    socket.connect_timeout(&addr.into(), rule.connect_timeout)?;
+    Ok(socket.into())
+}
+
+fn handle(
+    client: TcpStream,
+    peer: SocketAddr,
+    rule: &Rule,
+    rule_idx: usize,
+    metrics: &Metrics,
+    shutdown: &Shutdown,
+) {
+    let accepted_at = Instant::now();
+    let rm = metrics.rule(rule_idx);
+    rm.local().accepted();
+    if let Err(e) = net::apply_tcp_options(SockRef::from(&client), &rule.tcp) {
+        tracing::debug!(error = %e, "socket option on client socket failed");
+    }
+    let upstream_addr = rule.upstream.primary();
+    let log = |c2u: u64, u2c: u64, reason: CloseReason| {
+        let duration = accepted_at.elapsed();
+        rm.local().closed(duration);
+        metrics.log_session(&SessionRecord {
+            rule: &rule.name,
+            client: Some(peer),
+            upstream: upstream_addr,
+            bytes_c2u: c2u,
+            bytes_u2c: u2c,
+            duration,
+            path: "copy",
+            reason,
+        });
+    };
+    let upstream = match connect(rule) {
+        Ok(u) => u,
+        Err(e) => {
+            rm.local().connect_error(ConnectError::classify(&e));
+            tracing::warn!(rule = %rule.name, upstream = %upstream_addr, error = %e, "upstream connect failed");
+            net::set_reset_on_close(SockRef::from(&client));
+            drop(client);
+            log(0, 0, CloseReason::Refused);
+            return;
+        }
+    };
+    rm.local().connected(accepted_at.elapsed());
+
+    let shared = Shared {
+        abort: AtomicU8::new(0),
+        start: Instant::now(),
+        last_activity_ms: AtomicU64::new(0),
+        bytes: [AtomicU64::new(0), AtomicU64::new(0)],
+    };
+    let setup = (|| -> io::Result<(TcpStream, TcpStream)> {
+        for s in [&client, &upstream] {
+            s.set_read_timeout(Some(TICK))?;
+            s.set_write_timeout(Some(TICK))?;
+        }
+        Ok((client.try_clone()?, upstream.try_clone()?))
+    })();
+    let reason = match setup {
+        Err(e) => {
+            tracing::warn!(rule = %rule.name, error = %e, "cannot set up relay");
+            CloseReason::Error
+        }
+        Ok((client2, upstream2)) => {
+            let (shared_ref, metrics_ref) = (&shared, metrics);
+            std::thread::scope(|s| {
+                let spawned = std::thread::Builder::new()
+                    .stack_size(STACK_SIZE)
+                    .spawn_scoped(s, move || {
+                        pump(
+                            &upstream2,
+                            &client2,
+                            Direction::UpstreamToClient,
+                            rule,
+                            rule_idx,
+                            metrics_ref,
+                            shared_ref,
+                            shutdown,
+                            Some(accepted_at),
+                        );
+                    });
+                if spawned.is_err() {
+                    shared.abort(CloseReason::Error);
+                }
+                pump(
+                    &client,
+                    &upstream,
+                    Direction::ClientToUpstream,
+                    rule,
+                    rule_idx,
+                    metrics,
+                    &shared,
+                    shutdown,
+                    None,
+                );
+            });
+            shared.aborted().unwrap_or(CloseReason::Eof)
+        }
+    };
+    if matches!(reason, CloseReason::Reset | CloseReason::Error) {
+        net::set_reset_on_close(SockRef::from(&client));
+        net::set_reset_on_close(SockRef::from(&upstream));
+    }
+    drop(client);
+    drop(upstream);
+    log(
+        shared.bytes[0].load(Ordering::Relaxed),
+        shared.bytes[1].load(Ordering::Relaxed),
+        reason,
+    );
+}
+
+/// Moves one direction until end of stream (then half-closes `dst`) or until the session is
+/// aborted by either direction, an idle timeout or shutdown.
+#[allow(clippy::too_many_arguments)]
+fn pump(
+    mut src: &TcpStream,
+    mut dst: &TcpStream,
+    dir: Direction,
+    rule: &Rule,
+    rule_idx: usize,
+    metrics: &Metrics,
+    shared: &Shared,
+    shutdown: &Shutdown,
+    mut first_byte_since: Option<Instant>,
+) {
+    let mut buf = vec![0u8; BUFFER_SIZE];
+    loop {
+        let n = match src.read(&mut buf) {
+            Ok(0) => {
+                let _ = dst.shutdown(SockShutdown::Write);
+                return;
+            }
+            Ok(n) => n,
+            Err(e) if is_tick(&e) => {
+                if shared.check(rule, shutdown).is_some() {
+                    return;
+                }
+                continue;
+            }
+            Err(e) => {
+                shared.abort(if net::is_reset(&e) {
+                    CloseReason::Reset
+                } else {
+                    CloseReason::Error
+                });
+                return;
+            }
+        };
+        let read_done = Instant::now();
+        let shard = metrics.rule(rule_idx).local();
+        if let Some(t) = first_byte_since.take() {
+            shard.first_byte(read_done - t);
+        }
+        shared.touch();
+        let mut off = 0;
+        while off < n {
+            match dst.write(&buf[off..n]) {
+                Ok(k) => {
+                    off += k;
+                    shard.bytes(dir, PathKind::Copy, k as u64);
+                    shared.bytes[dir as usize].fetch_add(k as u64, Ordering::Relaxed);
+                    shared.touch();
+                }
+                Err(e) if is_tick(&e) => {
+                    // A slow reader on the other side: keep waiting, unless the session ended.
+                    if shared.check(rule, shutdown).is_some() {
+                        return;
+                    }
+                }
+                Err(e) => {
+                    shared.abort(if net::is_reset(&e) {
+                        CloseReason::Reset
+                    } else {
+                        CloseReason::Error
+                    });
+                    return;
+                }
+            }
+        }
+        shard.transfer(dir, read_done.elapsed());
+        if shared.aborted().is_some() {
+            return;
+        }
+    }
+}

@@ -1,0 +1,379 @@
+//! The tokio engine: a multi-thread runtime, one task per connection, the two directions
+//! pumped concurrently inside it (the shape of `tokio::io::copy_bidirectional`, with the
+//! reset, idle-timeout and metrics handling that function lacks).
+//!
+//! It is the baseline ringfwd is measured against and the fallback wherever io_uring is
+//! unavailable, so it keeps every semantic of the other engines.
+
+use std::io;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use socket2::SockRef;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{Notify, watch};
+
+use super::{EngineError, Listeners, RunContext};
+use crate::config::{Config, Rule};
+use crate::metrics::{
+    CloseReason, ConnectError, Direction, Metrics, PathKind, RejectReason, SessionRecord,
+};
+use crate::net;
+use crate::shutdown::Phase;
+
+/// Bytes read per direction before writing them on.
+const BUFFER_SIZE: usize = 16 << 10;
+
+/// Live connection count, with a wake-up when it reaches zero.
+#[derive(Default)]
+struct Live {
+    count: AtomicUsize,
+    idle: Notify,
+}
+
+struct LiveGuard(Arc<Live>);
+
+impl Drop for LiveGuard {
+    fn drop(&mut self) {
+        if self.0.count.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.0.idle.notify_waiters();
+        }
+    }
+}
+
+/// Runs the tokio engine until shutdown.
+///
+/// # Errors
+/// The runtime could not be built or a listener could not be registered with it.
+pub fn run(config: &Config, listeners: Listeners, ctx: RunContext) -> Result<(), EngineError> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(config.worker_count())
+        .thread_name("ringfwd-tokio")
+        .enable_all()
+        .build()
+        .map_err(|source| EngineError::Io {
+            what: "cannot start the tokio runtime",
+            source,
+        })?;
+
+    // Feed the shutdown phases into the runtime.
+    let (phase_tx, phase_rx) = watch::channel(Phase::Running);
+    {
+        let s = ctx.shutdown.clone();
+        std::thread::Builder::new()
+            .name("ringfwd-phase".into())
+            .spawn(move || {
+                for p in [Phase::Draining, Phase::Closing] {
+                    s.wait_for(p, None);
+                    if phase_tx.send(p).is_err() {
+                        return;
+                    }
+                }
+            })
+            .map_err(|source| EngineError::Io {
+                what: "cannot start a thread",
+                source,
+            })?;
+    }
+
+    let live = Arc::new(Live::default());
+    rt.block_on(async {
+        let mut accept_loops = Vec::new();
+        for (idx, (rule, ls)) in config.rules.iter().zip(listeners.per_rule).enumerate() {
+            for l in ls {
+                l.set_nonblocking(true).map_err(|source| EngineError::Io {
+                    what: "cannot set listener non-blocking",
+                    source,
+                })?;
+                let l = TcpListener::from_std(l).map_err(|source| EngineError::Io {
+                    what: "cannot register listener",
+                    source,
+                })?;
+                accept_loops.push(tokio::spawn(accept_loop(
+                    l,
+                    Arc::new(rule.clone()),
+                    idx,
+                    ctx.metrics.clone(),
+                    phase_rx.clone(),
+                    live.clone(),
+                )));
+            }
+        }
+        for a in accept_loops {
+            let _ = a.await;
+        }
+        // Draining: wait for live sessions; they end themselves at Closing.
+        loop {
+            let notified = live.idle.notified();
+            if live.count.load(Ordering::Acquire) == 0 {
+                break;
+            }
+            notified.await;
+        }
+        Ok::<(), EngineError>(())
+    })?;
+    rt.shutdown_timeout(Duration::from_secs(1));
+    Ok(())
+}
+
+async fn accept_loop(
+    listener: TcpListener,
+    rule: Arc<Rule>,
+    rule_idx: usize,
+    metrics: Arc<Metrics>,
+    mut phase: watch::Receiver<Phase>,
+    live: Arc<Live>,
+) {
+    loop {
+        let accepted = tokio::select! {
+            biased;
+            _ = phase.wait_for(|p| *p >= Phase::Draining) => return,
+            r = listener.accept() => r,
+        };
+        match accepted {
+            Ok((stream, peer)) => {
+                live.count.fetch_add(1, Ordering::AcqRel);
+                let guard = LiveGuard(live.clone());
+                let (rule, metrics, phase) = (rule.clone(), metrics.clone(), phase.clone());
+                tokio::spawn(async move {
+                    handle(stream, peer, &rule, rule_idx, &metrics, phase).await;
+                    drop(guard);
+                });
+            }
+            Err(e) if net::is_resource_exhaustion(&e) => {
+                tracing::warn!(rule = %rule.name, error = %e, "accept: out of file descriptors; backing off");
+                metrics
+                    .rule(rule_idx)
+                    .local()
+                    .rejected(RejectReason::FdExhausted);
+                tokio::time::sleep(net::ACCEPT_BACKOFF).await;
+            }
+            Err(e) if net::is_transient_accept_error(&e) => {
+                tracing::debug!(rule = %rule.name, error = %e, "accept: transient error");
+            }
+            Err(e) => {
+                tracing::error!(rule = %rule.name, error = %e, "accept failed; backing off");
+                tokio::time::sleep(net::ACCEPT_BACKOFF).await;
+            }
+        }
+    }
+}
+
+async fn connect(rule: &Rule) -> io::Result<TcpStream> {
+    let addr = rule.upstream.primary();
+    let socket = net::upstream_socket(addr, &rule.tcp)?;
+    socket.set_nonblocking(true)?;
+    let socket = tokio::net::TcpSocket::from_std_stream(socket.into());
+    match tokio::time::timeout(rule.connect_timeout, socket.connect(addr)).await {
+        Ok(r) => r,
+        Err(_) => Err(io::Error::from_raw_os_error(libc::ETIMEDOUT)),
+    }
+}
+
+async fn handle(
+    client: TcpStream,
+    peer: SocketAddr,
+    rule: &Rule,
+    rule_idx: usize,
+    metrics: &Metrics,
+    mut phase: watch::Receiver<Phase>,
+) {
+    let accepted_at = Instant::now();
+    let rm = metrics.rule(rule_idx);
+    rm.local().accepted();
+    if let Err(e) = net::apply_tcp_options(SockRef::from(&client), &rule.tcp) {
+        tracing::debug!(error = %e, "socket option on client socket failed");
+    }
+    let upstream_addr = rule.upstream.primary();
+    let upstream = tokio::select! {
+        biased;
+        _ = phase.wait_for(|p| *p >= Phase::Closing) => Err(io::Error::from_raw_os_error(libc::ECANCELED)),
+        r = connect(rule) => r,
+    };
+    let upstream = match upstream {
+        Ok(u) => u,
+        Err(e) => {
+            let kind = ConnectError::classify(&e);
+            rm.local().connect_error(kind);
+            tracing::warn!(rule = %rule.name, upstream = %upstream_addr, error = %e, "upstream connect failed");
+            net::set_reset_on_close(SockRef::from(&client));
+            drop(client);
+            rm.local().closed(accepted_at.elapsed());
+            metrics.log_session(&SessionRecord {
+                rule: &rule.name,
+                client: Some(peer),
+                upstream: upstream_addr,
+                bytes_c2u: 0,
+                bytes_u2c: 0,
+                duration: accepted_at.elapsed(),
+                path: "copy",
+                reason: CloseReason::Refused,
+            });
+            return;
+        }
+    };
+    rm.local().connected(accepted_at.elapsed());
+
+    let mut client = client;
+    let mut upstream = upstream;
+    let counters = Counters {
+        bytes: [AtomicU64::new(0), AtomicU64::new(0)],
+        last_activity_ms: AtomicU64::new(0),
+        start: Instant::now(),
+    };
+    let reason = relay(
+        &mut client,
+        &mut upstream,
+        rule,
+        rule_idx,
+        metrics,
+        &counters,
+        accepted_at,
+        &mut phase,
+    )
+    .await;
+    if matches!(reason, CloseReason::Reset | CloseReason::Error) {
+        net::set_reset_on_close(SockRef::from(&client));
+        net::set_reset_on_close(SockRef::from(&upstream));
+    }
+    drop(client);
+    drop(upstream);
+    let duration = accepted_at.elapsed();
+    rm.local().closed(duration);
+    metrics.log_session(&SessionRecord {
+        rule: &rule.name,
+        client: Some(peer),
+        upstream: upstream_addr,
+        bytes_c2u: counters.bytes[0].load(Ordering::Relaxed),
+        bytes_u2c: counters.bytes[1].load(Ordering::Relaxed),
+        duration,
+        path: "copy",
+        reason,
+    });
+}
+
+struct Counters {
+    bytes: [AtomicU64; 2],
+    last_activity_ms: AtomicU64,
+    start: Instant,
+}
+
+impl Counters {
+    fn touch(&self) {
+        let ms = u64::try_from(self.start.elapsed().as_millis()).unwrap_or(u64::MAX);
+        self.last_activity_ms.store(ms, Ordering::Relaxed);
+    }
+
+    fn idle_deadline(&self, idle: Duration) -> tokio::time::Instant {
+        let last = Duration::from_millis(self.last_activity_ms.load(Ordering::Relaxed));
+        tokio::time::Instant::from_std(self.start + last + idle)
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn relay(
+    client: &mut TcpStream,
+    upstream: &mut TcpStream,
+    rule: &Rule,
+    rule_idx: usize,
+    metrics: &Metrics,
+    counters: &Counters,
+    accepted_at: Instant,
+    phase: &mut watch::Receiver<Phase>,
+) -> CloseReason {
+    let (mut cr, mut cw) = client.split();
+    let (mut ur, mut uw) = upstream.split();
+    let c2u = pump(
+        &mut cr,
+        &mut uw,
+        Direction::ClientToUpstream,
+        rule_idx,
+        metrics,
+        counters,
+        None,
+    );
+    let u2c = pump(
+        &mut ur,
+        &mut cw,
+        Direction::UpstreamToClient,
+        rule_idx,
+        metrics,
+        counters,
+        Some(accepted_at),
+    );
+    tokio::pin!(c2u, u2c);
+    let (mut c2u_done, mut u2c_done) = (false, false);
+    loop {
+        let idle = async {
+            match rule.idle_timeout {
+                None => std::future::pending::<()>().await,
+                Some(idle) => loop {
+                    let deadline = counters.idle_deadline(idle);
+                    if tokio::time::Instant::now() >= deadline {
+                        return;
+                    }
+                    tokio::time::sleep_until(deadline).await;
+                },
+            }
+        };
+        tokio::select! {
+            r = &mut c2u, if !c2u_done => match r {
+                Ok(()) => c2u_done = true,
+                Err(e) => return close_reason(&e),
+            },
+            r = &mut u2c, if !u2c_done => match r {
+                Ok(()) => u2c_done = true,
+                Err(e) => return close_reason(&e),
+            },
+            () = idle => return CloseReason::Timeout,
+            _ = phase.wait_for(|p| *p >= Phase::Closing) => return CloseReason::Shutdown,
+        }
+        if c2u_done && u2c_done {
+            return CloseReason::Eof;
+        }
+    }
+}
+
+fn close_reason(e: &io::Error) -> CloseReason {
+    if net::is_reset(e) {
+        CloseReason::Reset
+    } else {
+        CloseReason::Error
+    }
+}
+
+/// Moves one direction until end of stream, then half-closes the writer.
+async fn pump(
+    r: &mut tokio::net::tcp::ReadHalf<'_>,
+    w: &mut tokio::net::tcp::WriteHalf<'_>,
+    dir: Direction,
+    rule_idx: usize,
+    metrics: &Metrics,
+    counters: &Counters,
+    mut first_byte_since: Option<Instant>,
+) -> io::Result<()> {
+    let mut buf = vec![0u8; BUFFER_SIZE];
+    loop {
+        let n = r.read(&mut buf).await?;
+        if n == 0 {
+            return match w.shutdown().await {
+                Err(e) if e.kind() == io::ErrorKind::NotConnected => Ok(()),
+                other => other,
+            };
+        }
+        let read_done = Instant::now();
+        let shard = metrics.rule(rule_idx).local();
+        if let Some(t) = first_byte_since.take() {
+            shard.first_byte(read_done - t);
+        }
+        counters.touch();
+        w.write_all(&buf[..n]).await?;
+        shard.transfer(dir, read_done.elapsed());
+        shard.bytes(dir, PathKind::Copy, n as u64);
+        counters.bytes[dir as usize].fetch_add(n as u64, Ordering::Relaxed);
+        counters.touch();
+    }
+}

@@ -1,0 +1,23 @@
+//! ringfwd: a TCP port forwarder for Linux edge hosts.
+//!
+//! The crate is a library with a thin binary (`src/main.rs`) on top:
+//! - [`config`]: the TOML file and flags, validated into a [`config::Config`];
+//! - [`engine`]: the engines that move bytes — io_uring thread-per-core ([`engine::uring`]),
+//!   and the `tokio` and `std` baselines that are also the fallback;
+//! - [`net`]: listeners and socket options shared by the engines;
+//! - [`metrics`]: per-core counters and latency histograms, merged when read;
+//! - [`shutdown`]: the stop signal the engines obey;
+//! - [`tools`]: the network tools that ship in the same binary (echo and sink backends,
+//!   TCP ping, the load generator).
+//!
+//! `unsafe` is denied everywhere except the few modules of the io_uring engine that submit
+//! SQEs and register memory with the kernel.
+#![deny(unsafe_code)]
+
+pub mod cli;
+pub mod config;
+pub mod engine;
+pub mod metrics;
+pub mod net;
+pub mod shutdown;
+pub mod tools;

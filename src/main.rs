@@ -1,0 +1,93 @@
+//! The `ringfwd` binary: parse the command line, build, run, map the outcome to an exit code.
+
+use std::io::Write;
+use std::process::ExitCode;
+
+use clap::Parser;
+use ringfwd::cli::{Cli, Command, RunArgs};
+use ringfwd::config::{Config, LogFormat};
+use ringfwd::engine::{self, RunContext};
+use ringfwd::metrics::Metrics;
+use ringfwd::shutdown::{self, Shutdown};
+
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Run(args) => run(&args),
+        Command::Check(args) => check(&args.config),
+        Command::Echo(a) => tool(|| ringfwd::tools::echo::run(a)),
+        Command::Sink(a) => tool(|| ringfwd::tools::sink::run(a)),
+        Command::Ping(a) => tool(|| ringfwd::tools::ping::run(a)),
+        Command::Bench(a) => tool(|| ringfwd::tools::bench::run(a)),
+        Command::Stats(a) => tool(|| ringfwd::tools::stats::run(a)),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("ringfwd: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
+    let _ = match format {
+        LogFormat::Text => builder.try_init(),
+        LogFormat::Json => builder.json().try_init(),
+    };
+}
+
+fn tool(f: impl FnOnce() -> Result<(), ringfwd::tools::ToolError>) -> anyhow::Result<()> {
+    init_logging(LogFormat::Text);
+    f().map_err(|e| anyhow::anyhow!("{e}"))
+}
+
+fn check(path: &std::path::Path) -> anyhow::Result<()> {
+    let cfg = Config::load(path)?;
+    cfg.ensure_runnable()?;
+    print!("{}", cfg.to_toml());
+    Ok(())
+}
+
+fn run(args: &RunArgs) -> anyhow::Result<()> {
+    let config = args.to_config()?;
+    init_logging(config.log_format);
+    let shutdown = Shutdown::new();
+    shutdown::install_signal_handlers(&shutdown)?;
+    shutdown.spawn_grace_timer(config.shutdown_grace);
+
+    let engine = engine::resolve(config.engine)?;
+    let names: Vec<&str> = config.rules.iter().map(|r| r.name.as_str()).collect();
+    let metrics = Metrics::new(&names, config.worker_count());
+    metrics.set_access_log(config.access_log);
+    if let Some(addr) = config.admin {
+        let bound = ringfwd::metrics::admin::spawn(addr, metrics.clone())
+            .map_err(|e| anyhow::anyhow!("cannot start the admin listener: {e}"))?;
+        tracing::info!(addr = %bound, "admin listening: /metrics /healthz /histograms");
+    }
+    let ctx = RunContext { shutdown, metrics };
+    engine::run(&config, engine, ctx, |addrs| {
+        // One machine-readable line per rule on stdout: scripts and tests wait for it.
+        let mut out = std::io::stdout().lock();
+        for (name, addr) in addrs {
+            tracing::info!(rule = %name, %addr, engine = engine.as_str(), mode = config.mode.as_str(), workers = config.worker_count(), "listening");
+            let _ = writeln!(
+                out,
+                "listening rule={name} addr={addr} engine={}",
+                engine.as_str()
+            );
+        }
+        let _ = out.flush();
+    })?;
+    tracing::info!("stopped");
+    Ok(())
+}

@@ -1,0 +1,167 @@
+//! A lock-free histogram with HdrHistogram's bucket layout (1 µs … 60 s, 3 significant
+//! digits), recorded with one relaxed atomic add and turned into a real
+//! [`hdrhistogram::Histogram`] when read.
+//!
+//! `hdrhistogram::Histogram` needs `&mut self` to record, which would put a lock (or a
+//! per-thread publish step) on the data path. Instead each shard keeps an array of atomic
+//! counters indexed exactly as HdrHistogram indexes its counts, so merging on scrape is a
+//! lossless `record_n` per non-empty bucket.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use hdrhistogram::Histogram;
+
+/// Lowest recordable value, in microseconds.
+pub const LOWEST_US: u64 = 1;
+/// Highest recordable value, in microseconds (60 s); larger values are clamped.
+pub const HIGHEST_US: u64 = 60_000_000;
+/// Significant decimal digits kept.
+pub const SIGFIG: u8 = 3;
+
+// HdrHistogram's layout for (lowest = 1, sigfig = 3): 2048 sub-buckets per bucket, the lower
+// half of every bucket after the first overlapping the previous one.
+const SUB_BUCKET_HALF_COUNT_MAGNITUDE: u32 = 10;
+const SUB_BUCKET_HALF_COUNT: u64 = 1 << SUB_BUCKET_HALF_COUNT_MAGNITUDE;
+const SUB_BUCKET_MASK: u64 = (SUB_BUCKET_HALF_COUNT << 1) - 1;
+const LEADING_ZERO_COUNT_BASE: u32 = 64 - SUB_BUCKET_HALF_COUNT_MAGNITUDE - 1;
+const BUCKET_COUNT: usize = bucket_count();
+const COUNTS_LEN: usize = (BUCKET_COUNT + 1) << SUB_BUCKET_HALF_COUNT_MAGNITUDE;
+
+const fn bucket_count() -> usize {
+    let mut smallest_untrackable = SUB_BUCKET_HALF_COUNT << 1;
+    let mut buckets = 1;
+    while smallest_untrackable <= HIGHEST_US {
+        smallest_untrackable <<= 1;
+        buckets += 1;
+    }
+    buckets
+}
+
+fn index_of(value: u64) -> usize {
+    let bucket = LEADING_ZERO_COUNT_BASE - (value | SUB_BUCKET_MASK).leading_zeros();
+    let sub_bucket = value >> bucket;
+    // The first bucket uses all sub-buckets; later ones only the upper half.
+    (((bucket as u64 + 1) << SUB_BUCKET_HALF_COUNT_MAGNITUDE) + sub_bucket - SUB_BUCKET_HALF_COUNT)
+        as usize
+}
+
+fn value_of(index: usize) -> u64 {
+    let index = index as u64;
+    let mut bucket = (index >> SUB_BUCKET_HALF_COUNT_MAGNITUDE) as i64 - 1;
+    let mut sub_bucket = (index & (SUB_BUCKET_HALF_COUNT - 1)) + SUB_BUCKET_HALF_COUNT;
+    if bucket < 0 {
+        sub_bucket -= SUB_BUCKET_HALF_COUNT;
+        bucket = 0;
+    }
+    sub_bucket << bucket
+}
+
+/// A histogram of durations that many threads may record into without locks.
+pub struct AtomicHistogram {
+    counts: Box<[AtomicU64]>,
+}
+
+impl Default for AtomicHistogram {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl AtomicHistogram {
+    pub fn new() -> Self {
+        Self {
+            counts: (0..COUNTS_LEN).map(|_| AtomicU64::new(0)).collect(),
+        }
+    }
+
+    /// Records one duration (clamped to 1 µs … 60 s).
+    #[inline]
+    pub fn record(&self, d: Duration) {
+        let us = u64::try_from(d.as_micros()).unwrap_or(u64::MAX);
+        self.record_micros(us);
+    }
+
+    /// Records one value in microseconds (clamped to 1 … 60 000 000).
+    #[inline]
+    pub fn record_micros(&self, us: u64) {
+        let v = us.clamp(LOWEST_US, HIGHEST_US);
+        self.counts[index_of(v)].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Adds this histogram's counts into an HdrHistogram (values in microseconds).
+    pub fn merge_into(&self, out: &mut Histogram<u64>) {
+        for (i, c) in self.counts.iter().enumerate() {
+            let n = c.load(Ordering::Relaxed);
+            if n != 0 {
+                // Cannot fail: the value lies within the bounds `empty()` was made with.
+                let _ = out.record_n(value_of(i), n);
+            }
+        }
+    }
+
+    /// An empty HdrHistogram with the bounds this type records with.
+    pub fn empty() -> Histogram<u64> {
+        Histogram::new_with_bounds(LOWEST_US, HIGHEST_US, SIGFIG).expect("static bounds are valid")
+    }
+
+    /// A merged snapshot of this histogram alone.
+    pub fn snapshot(&self) -> Histogram<u64> {
+        let mut h = Self::empty();
+        self.merge_into(&mut h);
+        h
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn layout_matches_hdrhistogram() {
+        let reference = AtomicHistogram::empty();
+        assert_eq!(COUNTS_LEN, reference.distinct_values());
+        for v in [
+            1u64, 2, 1023, 1024, 2047, 2048, 2049, 4095, 4096, 100_000, 1_234_567, HIGHEST_US,
+        ] {
+            let i = index_of(v);
+            assert_eq!(value_of(i), reference.lowest_equivalent(v), "value {v}");
+            assert!(index_of(reference.highest_equivalent(v)) == i, "value {v}");
+        }
+    }
+
+    #[test]
+    fn merged_counts_and_quantiles_match_direct_recording() {
+        let atomic = AtomicHistogram::new();
+        let mut direct = AtomicHistogram::empty();
+        let mut x: u64 = 0x2545_f491_4f6c_dd1d;
+        for _ in 0..10_000 {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            let v = 1 + x % HIGHEST_US;
+            atomic.record_micros(v);
+            direct.record(v).unwrap();
+        }
+        let merged = atomic.snapshot();
+        assert_eq!(merged.len(), 10_000);
+        for q in [0.5, 0.9, 0.99, 0.999, 1.0] {
+            assert_eq!(
+                merged.value_at_quantile(q),
+                direct.value_at_quantile(q),
+                "q {q}"
+            );
+        }
+    }
+
+    #[test]
+    fn out_of_range_values_are_clamped() {
+        let h = AtomicHistogram::new();
+        h.record(Duration::ZERO);
+        h.record(Duration::from_secs(3600));
+        let s = h.snapshot();
+        assert_eq!(s.len(), 2);
+        assert_eq!(s.min(), 1);
+        assert!(s.max() >= HIGHEST_US);
+    }
+}

@@ -1,0 +1,417 @@
+//! Per-rule, per-core measurements: counters and latency histograms.
+//!
+//! Every worker (a uring core, a tokio runtime thread, a std connection thread) records into
+//! its own [`Shard`] of a rule with relaxed atomic adds — no lock on the data path. Readers
+//! (the admin endpoint, tests, `ringfwd stats`) merge the shards into a [`RuleSnapshot`].
+
+pub mod admin;
+pub mod hist;
+
+use std::cell::Cell;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::time::Duration;
+
+pub use hist::AtomicHistogram;
+
+/// Which way bytes flow.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Direction {
+    ClientToUpstream = 0,
+    UpstreamToClient = 1,
+}
+
+impl Direction {
+    pub const ALL: [Direction; 2] = [Direction::ClientToUpstream, Direction::UpstreamToClient];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::ClientToUpstream => "client_to_upstream",
+            Self::UpstreamToClient => "upstream_to_client",
+        }
+    }
+
+    pub fn reverse(self) -> Self {
+        match self {
+            Self::ClientToUpstream => Self::UpstreamToClient,
+            Self::UpstreamToClient => Self::ClientToUpstream,
+        }
+    }
+}
+
+/// How bytes were moved.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum PathKind {
+    Copy = 0,
+    Splice = 1,
+}
+
+impl PathKind {
+    pub const ALL: [PathKind; 2] = [PathKind::Copy, PathKind::Splice];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Copy => "copy",
+            Self::Splice => "splice",
+        }
+    }
+}
+
+/// Why an accepted connection was turned away before reaching the upstream.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum RejectReason {
+    /// The worker's connection table is full.
+    MaxConnections = 0,
+    /// The forwarder is shutting down.
+    Shutdown = 1,
+    /// No file descriptor for the upstream socket.
+    FdExhausted = 2,
+}
+
+impl RejectReason {
+    pub const ALL: [RejectReason; 3] = [Self::MaxConnections, Self::Shutdown, Self::FdExhausted];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::MaxConnections => "max_connections",
+            Self::Shutdown => "shutdown",
+            Self::FdExhausted => "fd_exhausted",
+        }
+    }
+}
+
+/// Why an upstream connect failed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum ConnectError {
+    Refused = 0,
+    Timeout = 1,
+    Unreachable = 2,
+    Other = 3,
+}
+
+impl ConnectError {
+    pub const ALL: [ConnectError; 4] =
+        [Self::Refused, Self::Timeout, Self::Unreachable, Self::Other];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Refused => "refused",
+            Self::Timeout => "timeout",
+            Self::Unreachable => "unreachable",
+            Self::Other => "other",
+        }
+    }
+
+    /// Classifies a connect error by errno.
+    pub fn classify(e: &std::io::Error) -> Self {
+        match e.raw_os_error() {
+            Some(libc::ECONNREFUSED) => Self::Refused,
+            Some(libc::ETIMEDOUT) | Some(libc::ECANCELED) => Self::Timeout,
+            Some(libc::ENETUNREACH | libc::EHOSTUNREACH | libc::ENETDOWN | libc::EHOSTDOWN) => {
+                Self::Unreachable
+            }
+            _ if e.kind() == std::io::ErrorKind::TimedOut => Self::Timeout,
+            _ => Self::Other,
+        }
+    }
+}
+
+/// How a session ended, for the access log.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum CloseReason {
+    /// Both directions reached end of stream.
+    Eof,
+    /// One side reset; the other was reset too.
+    Reset,
+    /// No bytes either way for the idle timeout.
+    Timeout,
+    /// The upstream connect failed.
+    Refused,
+    /// The forwarder shut down before the session ended.
+    Shutdown,
+    /// Another I/O error.
+    Error,
+}
+
+impl CloseReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Eof => "eof",
+            Self::Reset => "reset",
+            Self::Timeout => "timeout",
+            Self::Refused => "refused",
+            Self::Shutdown => "shutdown",
+            Self::Error => "error",
+        }
+    }
+}
+
+/// One worker's counters and histograms for one rule. Written only with relaxed atomics.
+#[derive(Default)]
+#[repr(align(128))]
+pub struct Shard {
+    accepted: AtomicU64,
+    closed: AtomicU64,
+    rejected: [AtomicU64; 3],
+    connect_errors: [AtomicU64; 4],
+    bytes: [[AtomicU64; 2]; 2],
+    pub upstream_connect: AtomicHistogram,
+    pub first_byte: AtomicHistogram,
+    pub session: AtomicHistogram,
+    pub transfer: [AtomicHistogram; 2],
+}
+
+impl Shard {
+    #[inline]
+    pub fn accepted(&self) {
+        self.accepted.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// A session that was counted by [`Shard::accepted`] ended (whatever the reason).
+    #[inline]
+    pub fn closed(&self, session: Duration) {
+        self.session.record(session);
+        self.closed.fetch_add(1, Ordering::Relaxed);
+    }
+
+    #[inline]
+    pub fn rejected(&self, why: RejectReason) {
+        self.rejected[why as usize].fetch_add(1, Ordering::Relaxed);
+    }
+
+    #[inline]
+    pub fn connect_error(&self, why: ConnectError) {
+        self.connect_errors[why as usize].fetch_add(1, Ordering::Relaxed);
+    }
+
+    #[inline]
+    pub fn bytes(&self, dir: Direction, path: PathKind, n: u64) {
+        self.bytes[dir as usize][path as usize].fetch_add(n, Ordering::Relaxed);
+    }
+
+    #[inline]
+    pub fn connected(&self, took: Duration) {
+        self.upstream_connect.record(took);
+    }
+
+    #[inline]
+    pub fn first_byte(&self, since_accept: Duration) {
+        self.first_byte.record(since_accept);
+    }
+
+    #[inline]
+    pub fn transfer(&self, dir: Direction, took: Duration) {
+        self.transfer[dir as usize].record(took);
+    }
+}
+
+/// All shards of one rule.
+pub struct RuleMetrics {
+    pub name: String,
+    shards: Box<[Shard]>,
+}
+
+impl RuleMetrics {
+    /// The shard a worker records into (`index` wraps around).
+    #[inline]
+    pub fn shard(&self, index: usize) -> &Shard {
+        &self.shards[index % self.shards.len()]
+    }
+
+    /// The shard of the calling thread (for engines whose tasks move between threads).
+    #[inline]
+    pub fn local(&self) -> &Shard {
+        self.shard(thread_shard_index())
+    }
+
+    pub fn shards(&self) -> &[Shard] {
+        &self.shards
+    }
+
+    /// Sums every shard.
+    pub fn snapshot(&self) -> RuleSnapshot {
+        let mut s = RuleSnapshot {
+            name: self.name.clone(),
+            accepted: 0,
+            active: 0,
+            rejected: [0; 3],
+            connect_errors: [0; 4],
+            bytes: [[0; 2]; 2],
+            upstream_connect: AtomicHistogram::empty(),
+            first_byte: AtomicHistogram::empty(),
+            session: AtomicHistogram::empty(),
+            transfer: [AtomicHistogram::empty(), AtomicHistogram::empty()],
+        };
+        let mut closed = 0u64;
+        for sh in self.shards.iter() {
+            s.accepted += sh.accepted.load(Ordering::Relaxed);
+            closed += sh.closed.load(Ordering::Relaxed);
+            for (a, b) in s.rejected.iter_mut().zip(&sh.rejected) {
+                *a += b.load(Ordering::Relaxed);
+            }
+            for (a, b) in s.connect_errors.iter_mut().zip(&sh.connect_errors) {
+                *a += b.load(Ordering::Relaxed);
+            }
+            for d in 0..2 {
+                for p in 0..2 {
+                    s.bytes[d][p] += sh.bytes[d][p].load(Ordering::Relaxed);
+                }
+            }
+            sh.upstream_connect.merge_into(&mut s.upstream_connect);
+            sh.first_byte.merge_into(&mut s.first_byte);
+            sh.session.merge_into(&mut s.session);
+            sh.transfer[0].merge_into(&mut s.transfer[0]);
+            sh.transfer[1].merge_into(&mut s.transfer[1]);
+        }
+        s.active = s.accepted.saturating_sub(closed);
+        s
+    }
+}
+
+/// A merged, point-in-time view of one rule (histogram values in microseconds).
+pub struct RuleSnapshot {
+    pub name: String,
+    pub accepted: u64,
+    pub active: u64,
+    pub rejected: [u64; 3],
+    pub connect_errors: [u64; 4],
+    pub bytes: [[u64; 2]; 2],
+    pub upstream_connect: hdrhistogram::Histogram<u64>,
+    pub first_byte: hdrhistogram::Histogram<u64>,
+    pub session: hdrhistogram::Histogram<u64>,
+    pub transfer: [hdrhistogram::Histogram<u64>; 2],
+}
+
+impl RuleSnapshot {
+    pub fn bytes_dir(&self, dir: Direction) -> u64 {
+        self.bytes[dir as usize].iter().sum()
+    }
+
+    pub fn bytes_path(&self, dir: Direction, path: PathKind) -> u64 {
+        self.bytes[dir as usize][path as usize]
+    }
+}
+
+/// One finished session, as the access log prints it.
+#[derive(Debug, Clone)]
+pub struct SessionRecord<'a> {
+    pub rule: &'a str,
+    pub client: Option<std::net::SocketAddr>,
+    pub upstream: std::net::SocketAddr,
+    pub bytes_c2u: u64,
+    pub bytes_u2c: u64,
+    pub duration: Duration,
+    pub path: &'a str,
+    pub reason: CloseReason,
+}
+
+/// Every rule's metrics, shared by the engines and the readers.
+pub struct Metrics {
+    rules: Vec<RuleMetrics>,
+    access_log: std::sync::atomic::AtomicBool,
+}
+
+impl Metrics {
+    /// One [`RuleMetrics`] per rule name, each with `shards` shards (one per worker thread).
+    pub fn new<S: AsRef<str>>(rule_names: &[S], shards: usize) -> Arc<Self> {
+        let shards = shards.max(1);
+        Arc::new(Self {
+            rules: rule_names
+                .iter()
+                .map(|n| RuleMetrics {
+                    name: n.as_ref().to_string(),
+                    shards: (0..shards).map(|_| Shard::default()).collect(),
+                })
+                .collect(),
+            access_log: std::sync::atomic::AtomicBool::new(false),
+        })
+    }
+
+    /// Turns the one-line-per-session access log on or off.
+    pub fn set_access_log(&self, on: bool) {
+        self.access_log.store(on, Ordering::Relaxed);
+    }
+
+    /// Writes the access-log line for a finished session (target `ringfwd::access`).
+    pub fn log_session(&self, rec: &SessionRecord<'_>) {
+        if !self.access_log.load(Ordering::Relaxed) {
+            return;
+        }
+        let client = rec.client.map(|c| c.to_string()).unwrap_or_default();
+        tracing::info!(
+            target: "ringfwd::access",
+            rule = rec.rule,
+            client = %client,
+            upstream = %rec.upstream,
+            bytes_c2u = rec.bytes_c2u,
+            bytes_u2c = rec.bytes_u2c,
+            duration_ms = u64::try_from(rec.duration.as_millis()).unwrap_or(u64::MAX),
+            path = rec.path,
+            reason = rec.reason.as_str(),
+            "session closed"
+        );
+    }
+
+    pub fn rule(&self, index: usize) -> &RuleMetrics {
+        &self.rules[index]
+    }
+
+    pub fn rules(&self) -> &[RuleMetrics] {
+        &self.rules
+    }
+
+    pub fn rule_by_name(&self, name: &str) -> Option<&RuleMetrics> {
+        self.rules.iter().find(|r| r.name == name)
+    }
+}
+
+static NEXT_THREAD_SHARD: AtomicUsize = AtomicUsize::new(0);
+
+thread_local! {
+    static THREAD_SHARD: Cell<usize> = const { Cell::new(usize::MAX) };
+}
+
+/// A small per-thread number, assigned round-robin the first time a thread records.
+pub fn thread_shard_index() -> usize {
+    THREAD_SHARD.with(|c| {
+        let v = c.get();
+        if v != usize::MAX {
+            return v;
+        }
+        let v = NEXT_THREAD_SHARD.fetch_add(1, Ordering::Relaxed);
+        c.set(v);
+        v
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shards_merge_on_read() {
+        let m = Metrics::new(&["web"], 2);
+        let r = m.rule(0);
+        r.shard(0).accepted();
+        r.shard(1).accepted();
+        r.shard(1).closed(Duration::from_millis(3));
+        r.shard(0)
+            .bytes(Direction::ClientToUpstream, PathKind::Copy, 100);
+        r.shard(1)
+            .bytes(Direction::ClientToUpstream, PathKind::Splice, 50);
+        r.shard(1)
+            .bytes(Direction::UpstreamToClient, PathKind::Copy, 7);
+        r.shard(0).rejected(RejectReason::MaxConnections);
+        let s = r.snapshot();
+        assert_eq!(s.accepted, 2);
+        assert_eq!(s.active, 1);
+        assert_eq!(s.bytes_dir(Direction::ClientToUpstream), 150);
+        assert_eq!(
+            s.bytes_path(Direction::ClientToUpstream, PathKind::Splice),
+            50
+        );
+        assert_eq!(s.bytes_dir(Direction::UpstreamToClient), 7);
+        assert_eq!(s.rejected[RejectReason::MaxConnections as usize], 1);
+        assert_eq!(s.session.len(), 1);
+    }
+}

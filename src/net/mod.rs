@@ -1,0 +1,210 @@
+//! Socket plumbing shared by every engine: listeners, socket options, CPU discovery.
+//!
+//! Everything here is blocking-agnostic: it returns `socket2`/std sockets that each engine
+//! then puts in the mode it needs (non-blocking for tokio and io_uring, blocking for std).
+
+use std::io;
+use std::net::{SocketAddr, TcpListener};
+use std::time::Duration;
+
+use socket2::{Domain, Protocol, SockRef, Socket, TcpKeepalive, Type};
+
+use crate::config::TcpOptions;
+
+/// Listen backlog for every listener (the kernel caps it at `net.core.somaxconn`).
+pub const LISTEN_BACKLOG: i32 = 4096;
+
+/// Why a listener could not be opened, worded for the operator.
+#[derive(Debug, thiserror::Error)]
+pub enum ListenError {
+    #[error("cannot listen on {addr}: address already in use (another process holds the port)")]
+    InUse { addr: SocketAddr },
+    #[error(
+        "cannot listen on {addr}: permission denied (ports below 1024 need root or CAP_NET_BIND_SERVICE)"
+    )]
+    Denied { addr: SocketAddr },
+    #[error("cannot listen on {addr}: {source}")]
+    Other { addr: SocketAddr, source: io::Error },
+}
+
+impl ListenError {
+    fn new(addr: SocketAddr, source: io::Error) -> Self {
+        match source.kind() {
+            io::ErrorKind::AddrInUse => Self::InUse { addr },
+            io::ErrorKind::PermissionDenied => Self::Denied { addr },
+            _ => Self::Other { addr, source },
+        }
+    }
+}
+
+/// Opens one TCP listener with `SO_REUSEADDR` and, when `reuseport`, `SO_REUSEPORT` so that
+/// every worker can own a listener on the same port and the kernel spreads connections.
+///
+/// # Errors
+/// [`ListenError`] naming the address and the likely cause.
+pub fn bind_listener(addr: SocketAddr, reuseport: bool) -> Result<TcpListener, ListenError> {
+    let wrap = |e| ListenError::new(addr, e);
+    let socket = Socket::new(
+        Domain::for_address(addr),
+        Type::STREAM.cloexec(),
+        Some(Protocol::TCP),
+    )
+    .map_err(wrap)?;
+    socket.set_reuse_address(true).map_err(wrap)?;
+    if reuseport {
+        socket.set_reuse_port(true).map_err(wrap)?;
+    }
+    if addr.is_ipv6() {
+        // "[::]:80" means IPv6 only; "0.0.0.0:80" is a separate rule. No dual-stack surprises.
+        socket.set_only_v6(true).map_err(wrap)?;
+    }
+    socket.bind(&addr.into()).map_err(wrap)?;
+    socket.listen(LISTEN_BACKLOG).map_err(wrap)?;
+    Ok(socket.into())
+}
+
+/// Opens `count` listeners on `addr` sharing one port via `SO_REUSEPORT`. With port 0 the
+/// first listener picks the port and the others join it.
+///
+/// # Errors
+/// See [`bind_listener`].
+pub fn bind_listeners(addr: SocketAddr, count: usize) -> Result<Vec<TcpListener>, ListenError> {
+    let mut out = Vec::with_capacity(count);
+    let first = bind_listener(addr, true)?;
+    let actual = first.local_addr().map_err(|e| ListenError::new(addr, e))?;
+    out.push(first);
+    for _ in 1..count {
+        out.push(bind_listener(actual, true)?);
+    }
+    Ok(out)
+}
+
+/// Applies a rule's options to an accepted or connected socket. Failures are returned, but
+/// callers treat them as warnings: a missing option never drops a connection.
+///
+/// # Errors
+/// The first `setsockopt` that failed.
+pub fn apply_tcp_options(sock: SockRef<'_>, opts: &TcpOptions) -> io::Result<()> {
+    if opts.nodelay {
+        sock.set_tcp_nodelay(true)?;
+    }
+    if let Some(k) = opts.keepalive {
+        let mut ka = TcpKeepalive::new();
+        if let Some(idle) = k.idle {
+            ka = ka.with_time(idle);
+        }
+        if let Some(interval) = k.interval {
+            ka = ka.with_interval(interval);
+        }
+        if let Some(count) = k.count {
+            ka = ka.with_retries(count);
+        }
+        sock.set_tcp_keepalive(&ka)?;
+    }
+    if let Some(l) = opts.linger {
+        sock.set_linger(Some(l))?;
+    }
+    if let Some(b) = opts.recv_buffer {
+        sock.set_recv_buffer_size(b.as_usize())?;
+    }
+    if let Some(b) = opts.send_buffer {
+        sock.set_send_buffer_size(b.as_usize())?;
+    }
+    Ok(())
+}
+
+/// Marks a socket so that its close sends RST instead of FIN (`SO_LINGER` with zero time).
+/// Used to pass a reset from one side on to the other.
+pub fn set_reset_on_close(sock: SockRef<'_>) {
+    if let Err(e) = sock.set_linger(Some(Duration::ZERO)) {
+        tracing::debug!(error = %e, "SO_LINGER 0 failed; peer will see FIN instead of RST");
+    }
+}
+
+/// A fresh non-bound TCP socket for an upstream connect, with the rule's options applied.
+///
+/// # Errors
+/// `socket(2)` failed (typically EMFILE).
+pub fn upstream_socket(addr: SocketAddr, opts: &TcpOptions) -> io::Result<Socket> {
+    let socket = Socket::new(
+        Domain::for_address(addr),
+        Type::STREAM.cloexec(),
+        Some(Protocol::TCP),
+    )?;
+    if let Err(e) = apply_tcp_options(SockRef::from(&socket), opts) {
+        tracing::debug!(error = %e, "socket option on upstream socket failed");
+    }
+    Ok(socket)
+}
+
+/// True for the errors `accept(2)` returns when the process or system is out of file
+/// descriptors or memory: the listener should back off briefly, not spin.
+pub fn is_resource_exhaustion(e: &io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM)
+    )
+}
+
+/// True for `accept(2)` errors that concern only the one connection being accepted.
+pub fn is_transient_accept_error(e: &io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(
+            libc::ECONNABORTED
+                | libc::EPROTO
+                | libc::EPERM
+                | libc::EINTR
+                | libc::ENETDOWN
+                | libc::ENOPROTOOPT
+                | libc::EHOSTDOWN
+                | libc::ENONET
+                | libc::EHOSTUNREACH
+                | libc::EOPNOTSUPP
+                | libc::ENETUNREACH
+        )
+    )
+}
+
+/// How long an accept loop pauses after running out of file descriptors.
+pub const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
+
+/// True when a read/write error means the peer reset the connection.
+pub fn is_reset(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::ConnectionReset
+            | io::ErrorKind::ConnectionAborted
+            | io::ErrorKind::BrokenPipe
+    )
+}
+
+/// The CPUs this process may run on, in order (its affinity mask); never empty.
+pub fn allowed_cpus() -> Vec<usize> {
+    match nix::sched::sched_getaffinity(nix::unistd::Pid::from_raw(0)) {
+        Ok(set) => {
+            let cpus: Vec<usize> = (0..nix::sched::CpuSet::count())
+                .filter(|&c| set.is_set(c).unwrap_or(false))
+                .collect();
+            if cpus.is_empty() { vec![0] } else { cpus }
+        }
+        Err(_) => {
+            (0..std::thread::available_parallelism().map_or(1, std::num::NonZero::get)).collect()
+        }
+    }
+}
+
+/// The number of CPUs this process may run on.
+pub fn available_cpus() -> usize {
+    allowed_cpus().len()
+}
+
+/// Pins the calling thread to one CPU. Failure is logged, not fatal.
+pub fn pin_current_thread(cpu: usize) {
+    let mut set = nix::sched::CpuSet::new();
+    if set.set(cpu).is_ok() {
+        if let Err(e) = nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &set) {
+            tracing::warn!(cpu, error = %e, "could not pin worker thread");
+        }
+    }
+}
