@@ -11,7 +11,15 @@
 
 use std::time::{Duration, Instant};
 
-use crate::metrics::{CloseReason, Direction};
+use super::splice::{Pumped, SpliceDir};
+use crate::config::DataPath;
+use crate::metrics::{CloseReason, Direction, PathKind};
+
+/// Auto mode moves a direction to splice after this many consecutive full-buffer reads.
+pub const AUTO_UP_FULL_READS: u8 = 4;
+/// Auto mode moves a spliced direction back to copy after this many consecutive small pumps
+/// (less than half a copy buffer, pipe drained).
+pub const AUTO_DOWN_SMALL_PUMPS: u8 = 8;
 
 /// Where a direction is.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -24,6 +32,10 @@ pub enum DirState {
     WaitBuffer,
     /// A send of `buf[off..len]` is in flight.
     Writing { buf: u16, off: u32, len: u32 },
+    /// Waiting for the worker to lease a pipe (nothing in flight).
+    Switching,
+    /// On the splice path: a multishot POLLIN on the source, bytes moved by the pump.
+    Splicing(SpliceDir),
     /// End of stream passed on (or the connection is closing).
     Done,
 }
@@ -60,6 +72,18 @@ pub enum Event {
     IdleTimeout,
     /// The forwarder is closing every connection.
     Shutdown,
+    /// The worker leased a pipe of `capacity` bytes for the direction.
+    SpliceStarted { dir: Direction, capacity: usize },
+    /// No pipe was free: stay on copy.
+    SpliceUnavailable { dir: Direction },
+    /// The direction's source is readable (multishot poll; the op stays in flight).
+    Readable { dir: Direction },
+    /// The direction's destination is writable (one-shot poll completed).
+    Writable { dir: Direction },
+    /// The multishot poll on the direction's source ended.
+    PollEnded { dir: Direction },
+    /// The worker ran the direction's pump.
+    Pumped { dir: Direction, p: Pumped },
 }
 
 /// What the worker must do.
@@ -87,7 +111,23 @@ pub enum Action {
     /// First byte from upstream arrived.
     FirstByte,
     /// `n` bytes reached the direction's destination.
-    Bytes { dir: Direction, n: u32 },
+    Bytes {
+        dir: Direction,
+        n: u64,
+        path: PathKind,
+    },
+    /// Lease a pipe and answer with `SpliceStarted` or `SpliceUnavailable`.
+    TrySplice(Direction),
+    /// Arm a multishot POLLIN on the direction's source.
+    PollIn(Direction),
+    /// Arm a one-shot POLLOUT on the direction's destination.
+    PollOut(Direction),
+    /// Run the direction's pump now.
+    Pump(Direction),
+    /// Run the direction's pump again after other connections had their turn.
+    PumpLater(Direction),
+    /// Back to copy: remove the multishot poll (one op) and give the (empty) pipe back.
+    LeaveSplice(Direction),
     /// A whole buffer went from read completion to write completion in `took`.
     Transferred { dir: Direction, took: Duration },
     /// Cancel every op on both fds (two cancel ops).
@@ -99,7 +139,7 @@ pub enum Action {
 /// A small fixed-capacity list of actions (no allocation on the data path).
 #[derive(Debug, Default)]
 pub struct Actions {
-    items: [Option<Action>; 8],
+    items: [Option<Action>; 10],
     len: usize,
 }
 
@@ -132,9 +172,14 @@ pub struct Conn {
     /// Ops submitted for this connection whose completion has not arrived yet.
     pub in_flight: u32,
     pub bytes: [u64; 2],
+    /// Bytes delivered per path (copy, splice), both directions together.
+    pub bytes_path: [u64; 2],
     pub accepted_at: Instant,
     pub last_activity: Instant,
     first_byte_seen: bool,
+    policy: DataPath,
+    buf_size: u32,
+    full_reads: [u8; 2],
 }
 
 fn is_reset_errno(res: i32) -> bool {
@@ -152,16 +197,54 @@ fn is_reset_errno(res: i32) -> bool {
 impl Conn {
     /// A freshly accepted connection whose connect (and its link timeout) the worker submits
     /// right away: two ops in flight.
-    pub fn connecting(now: Instant) -> Self {
+    /// `policy` chooses the data path; `buf_size` is the copy buffer (a "full read").
+    pub fn connecting(now: Instant, policy: DataPath, buf_size: u32) -> Self {
         Self {
             phase: Phase::Connecting,
             dirs: [DirState::Connecting; 2],
             read_at: [now; 2],
             in_flight: 2,
             bytes: [0; 2],
+            bytes_path: [0; 2],
             accepted_at: now,
             last_activity: now,
             first_byte_seen: false,
+            policy,
+            buf_size,
+            full_reads: [0; 2],
+        }
+    }
+
+    /// The spliced direction's state, for the worker's pump.
+    pub fn splice_mut(&mut self, d: Direction) -> Option<&mut SpliceDir> {
+        match &mut self.dirs[d as usize] {
+            DirState::Splicing(s) => Some(s),
+            _ => None,
+        }
+    }
+
+    /// Whether the direction's pipe (if any) still holds bytes.
+    pub fn pipe_has_bytes(&self, d: Direction) -> bool {
+        matches!(self.dirs[d as usize], DirState::Splicing(s) if s.in_pipe > 0)
+    }
+
+    fn wants_splice(&self, d: Direction) -> bool {
+        match self.policy {
+            DataPath::Copy => false,
+            DataPath::Splice => true,
+            DataPath::Auto => self.full_reads[d as usize] >= AUTO_UP_FULL_READS,
+        }
+    }
+
+    /// Starts reading a direction on the path its policy says.
+    fn start_reading(&mut self, d: Direction, out: &mut Actions) {
+        if self.wants_splice(d) {
+            self.dirs[d as usize] = DirState::Switching;
+            out.push(Action::TrySplice(d));
+        } else {
+            self.dirs[d as usize] = DirState::Reading;
+            self.in_flight += 1;
+            out.push(Action::Recv(d));
         }
     }
 
@@ -193,9 +276,7 @@ impl Conn {
                         self.last_activity = now;
                         out.push(Action::Connected);
                         for d in Direction::ALL {
-                            self.dirs[d as usize] = DirState::Reading;
-                            self.in_flight += 1;
-                            out.push(Action::Recv(d));
+                            self.start_reading(d, out);
                         }
                     }
                     Phase::Connecting => {
@@ -223,8 +304,122 @@ impl Conn {
             }
             Event::IdleTimeout => self.begin_close(CloseReason::Timeout, out),
             Event::Shutdown => self.begin_close(CloseReason::Shutdown, out),
+            Event::SpliceStarted { dir, capacity } => {
+                if self.dirs[dir as usize] == DirState::Switching {
+                    self.dirs[dir as usize] = DirState::Splicing(SpliceDir::new(capacity));
+                    self.in_flight += 1;
+                    out.push(Action::PollIn(dir));
+                    out.push(Action::Pump(dir));
+                }
+            }
+            Event::SpliceUnavailable { dir } => {
+                if self.dirs[dir as usize] == DirState::Switching {
+                    self.full_reads[dir as usize] = 0;
+                    self.dirs[dir as usize] = DirState::Reading;
+                    self.in_flight += 1;
+                    out.push(Action::Recv(dir));
+                }
+            }
+            Event::Readable { dir } => {
+                if !self.is_closing() && matches!(self.dirs[dir as usize], DirState::Splicing(_)) {
+                    out.push(Action::Pump(dir));
+                }
+            }
+            Event::Writable { dir } => {
+                self.op_done();
+                if let DirState::Splicing(s) = &mut self.dirs[dir as usize] {
+                    s.pollout_armed = false;
+                    if !self.is_closing() {
+                        out.push(Action::Pump(dir));
+                    }
+                }
+            }
+            Event::PollEnded { dir } => {
+                self.op_done();
+                if !self.is_closing() && matches!(self.dirs[dir as usize], DirState::Splicing(_)) {
+                    self.in_flight += 1;
+                    out.push(Action::PollIn(dir));
+                }
+            }
+            Event::Pumped { dir, p } => self.pumped(dir, p, now, out),
         }
         self.maybe_finish(out);
+    }
+
+    fn pumped(&mut self, dir: Direction, p: Pumped, now: Instant, out: &mut Actions) {
+        let i = dir as usize;
+        if self.is_closing() {
+            return;
+        }
+        let DirState::Splicing(mut s) = self.dirs[i] else {
+            return;
+        };
+        if p.moved_in > 0 || p.moved_out > 0 {
+            self.last_activity = now;
+        }
+        if p.moved_out > 0 {
+            self.bytes[i] += p.moved_out;
+            self.bytes_path[PathKind::Splice as usize] += p.moved_out;
+            if dir == Direction::UpstreamToClient && !self.first_byte_seen {
+                self.first_byte_seen = true;
+                out.push(Action::FirstByte);
+            }
+            out.push(Action::Bytes {
+                dir,
+                n: p.moved_out,
+                path: PathKind::Splice,
+            });
+        }
+        if let Some(e) = p.error {
+            let why = if is_reset_errno(-e) {
+                CloseReason::Reset
+            } else {
+                CloseReason::Error
+            };
+            self.begin_close(why, out);
+            return;
+        }
+        if p.finished {
+            self.dirs[i] = DirState::Done;
+            out.push(Action::ShutdownWrite(dir));
+            if self.dirs[dir.reverse() as usize] == DirState::Done {
+                self.begin_close(CloseReason::Eof, out);
+            }
+            return;
+        }
+        if p.need_writable {
+            s.small_pumps = 0;
+            if !s.pollout_armed {
+                s.pollout_armed = true;
+                self.in_flight += 1;
+                out.push(Action::PollOut(dir));
+            }
+            self.dirs[i] = DirState::Splicing(s);
+            return;
+        }
+        if p.again {
+            self.dirs[i] = DirState::Splicing(s);
+            out.push(Action::PumpLater(dir));
+            return;
+        }
+        if self.policy == DataPath::Auto && p.moved_in > 0 && s.in_pipe == 0 && !s.pollout_armed {
+            if p.moved_in < u64::from(self.buf_size / 2) {
+                s.small_pumps += 1;
+            } else {
+                s.small_pumps = 0;
+            }
+            if s.small_pumps >= AUTO_DOWN_SMALL_PUMPS {
+                // Traffic turned small: back to copy, which serves it with fewer syscalls.
+                self.full_reads[i] = 0;
+                self.in_flight += 1;
+                out.push(Action::LeaveSplice(dir));
+                self.dirs[i] = DirState::Reading;
+                self.in_flight += 1;
+                out.push(Action::Recv(dir));
+                return;
+            }
+        }
+        self.dirs[i] = DirState::Splicing(s);
     }
 
     fn op_done(&mut self) {
@@ -249,6 +444,11 @@ impl Conn {
         }
         match (res, buf) {
             (n, Some(b)) if n > 0 => {
+                if n as u32 >= self.buf_size {
+                    self.full_reads[i] = self.full_reads[i].saturating_add(1);
+                } else {
+                    self.full_reads[i] = 0;
+                }
                 self.dirs[i] = DirState::Writing {
                     buf: b,
                     off: 0,
@@ -318,8 +518,13 @@ impl Conn {
         if res > 0 {
             let n = res as u32;
             self.bytes[i] += u64::from(n);
+            self.bytes_path[PathKind::Copy as usize] += u64::from(n);
             self.last_activity = now;
-            out.push(Action::Bytes { dir, n });
+            out.push(Action::Bytes {
+                dir,
+                n: u64::from(n),
+                path: PathKind::Copy,
+            });
             let off = off + n;
             if off < len {
                 self.dirs[i] = DirState::Writing { buf, off, len };
@@ -336,9 +541,7 @@ impl Conn {
                     dir,
                     took: now.saturating_duration_since(self.read_at[i]),
                 });
-                self.dirs[i] = DirState::Reading;
-                self.in_flight += 1;
-                out.push(Action::Recv(dir));
+                self.start_reading(dir, out);
             }
         } else if -res == libc::EINTR || -res == libc::EAGAIN {
             self.in_flight += 1;
@@ -368,7 +571,10 @@ impl Conn {
         for d in &mut self.dirs {
             if matches!(
                 *d,
-                DirState::Reading | DirState::WaitBuffer | DirState::Connecting
+                DirState::Reading
+                    | DirState::WaitBuffer
+                    | DirState::Connecting
+                    | DirState::Switching
             ) {
                 *d = DirState::Done;
             }
@@ -380,16 +586,16 @@ impl Conn {
     }
 
     fn maybe_finish(&mut self, out: &mut Actions) {
-        if let Phase::Closing(reason) = self.phase {
-            if self.in_flight == 0 {
-                let reset = matches!(
-                    reason,
-                    CloseReason::Reset | CloseReason::Error | CloseReason::Refused
-                );
-                out.push(Action::Finish { reason, reset });
-                // Stay Closing with nothing in flight: a second Finish is never emitted
-                // because the worker frees the slot on the first.
-            }
+        if let Phase::Closing(reason) = self.phase
+            && self.in_flight == 0
+        {
+            let reset = matches!(
+                reason,
+                CloseReason::Reset | CloseReason::Error | CloseReason::Refused
+            );
+            out.push(Action::Finish { reason, reset });
+            // Stay Closing with nothing in flight: a second Finish is never emitted
+            // because the worker frees the slot on the first.
         }
     }
 }

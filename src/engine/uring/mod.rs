@@ -8,6 +8,8 @@
 
 pub mod bufpool;
 pub mod conn;
+pub mod pipepool;
+pub mod splice;
 pub mod token;
 pub mod worker;
 
@@ -96,12 +98,11 @@ pub fn probe() -> Result<(), Unavailable> {
 /// Raises the soft `RLIMIT_MEMLOCK` to the hard limit so buffer registration has room.
 fn raise_memlock() {
     use nix::sys::resource::{Resource, getrlimit, setrlimit};
-    if let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_MEMLOCK) {
-        if soft < hard {
-            if let Err(e) = setrlimit(Resource::RLIMIT_MEMLOCK, hard, hard) {
-                tracing::debug!(error = %e, "cannot raise RLIMIT_MEMLOCK");
-            }
-        }
+    if let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_MEMLOCK)
+        && soft < hard
+        && let Err(e) = setrlimit(Resource::RLIMIT_MEMLOCK, hard, hard)
+    {
+        tracing::debug!(error = %e, "cannot raise RLIMIT_MEMLOCK");
     }
 }
 

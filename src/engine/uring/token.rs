@@ -25,8 +25,10 @@ pub enum OpKind {
     Cancel = 6,
     /// Cancel of a listener's accept.
     CancelAccept = 7,
-    /// Readiness poll for the splice path.
+    /// Multishot POLLIN on a spliced direction's source.
     Poll = 8,
+    /// One-shot POLLOUT on a spliced direction's destination.
+    PollOut = 9,
 }
 
 impl OpKind {
@@ -40,6 +42,7 @@ impl OpKind {
             6 => Self::Cancel,
             7 => Self::CancelAccept,
             8 => Self::Poll,
+            9 => Self::PollOut,
             _ => return None,
         })
     }

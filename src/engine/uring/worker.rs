@@ -20,11 +20,11 @@ use socket2::{SockAddr, SockRef};
 
 use super::bufpool::{BUFFER_GROUP, BufPool};
 use super::conn::{Action, Actions, Conn, Event};
+use super::pipepool::PipePool;
+use super::splice::{Pipe, SysPipeIo};
 use super::token::{OpKind, Token};
-use crate::config::{Config, Rule};
-use crate::metrics::{
-    CloseReason, ConnectError, Direction, Metrics, PathKind, RejectReason, SessionRecord,
-};
+use crate::config::{Config, DataPath, Rule};
+use crate::metrics::{CloseReason, ConnectError, Direction, Metrics, RejectReason, SessionRecord};
 use crate::net;
 use crate::shutdown::{Phase, Shutdown};
 
@@ -34,6 +34,8 @@ const TICK: Duration = Duration::from_millis(100);
 /// Per-rule data the worker needs on the hot path.
 struct RuleCtx {
     rule: Rule,
+    /// The data path for this rule's connections (a tapped rule is always copy).
+    policy: DataPath,
     upstream: SockAddr,
     /// Read by the kernel when a connect's link timeout is submitted; lives as long as the
     /// worker and is never modified.
@@ -63,6 +65,8 @@ struct Entry {
     client: OwnedFd,
     upstream: OwnedFd,
     peer: Option<SocketAddr>,
+    /// The pipe each direction leased while on the splice path.
+    pipes: [Option<Pipe>; 2],
 }
 
 impl Entry {
@@ -101,6 +105,7 @@ pub struct Worker {
     // Field order matters: the ring is dropped before the pool whose memory it references.
     ring: IoUring,
     pool: BufPool,
+    pipes: PipePool,
     id: usize,
     rules: Vec<RuleCtx>,
     listeners: Vec<Listener>,
@@ -111,6 +116,8 @@ pub struct Worker {
     waiters: VecDeque<(u32, u16, Direction)>,
     buffers_freed: usize,
     backlog: VecDeque<squeue::Entry>,
+    /// Spliced directions that stopped on their fairness budget and must pump again.
+    run_queue: VecDeque<(u32, u16, Direction)>,
     metrics: Arc<Metrics>,
     shutdown: Shutdown,
     draining: bool,
@@ -134,7 +141,8 @@ pub enum WorkerError {
 /// DEFER_TASKRUN (6.1), else COOP_TASKRUN (5.19), else plain.
 pub fn build_ring(entries: u32) -> io::Result<(IoUring, &'static str)> {
     let cq = entries.saturating_mul(4);
-    let attempts: [(&'static str, fn(&mut io_uring::Builder)); 3] = [
+    type Tune = fn(&mut io_uring::Builder);
+    let attempts: [(&'static str, Tune); 3] = [
         ("single_issuer+defer_taskrun", |b| {
             b.setup_single_issuer().setup_defer_taskrun();
         }),
@@ -197,6 +205,11 @@ impl Worker {
             .iter()
             .map(|r| RuleCtx {
                 rule: r.clone(),
+                policy: if r.tap.is_some() {
+                    DataPath::Copy
+                } else {
+                    config.mode
+                },
                 upstream: SockAddr::from(r.upstream.primary()),
                 connect_timeout: types::Timespec::from(r.connect_timeout),
             })
@@ -211,9 +224,20 @@ impl Worker {
             })
             .collect();
         let max_connections = config.uring.max_connections as usize;
+        let wants_pipes = config.mode != DataPath::Copy;
+        let pipes = PipePool::new(
+            id,
+            if wants_pipes {
+                config.uring.pipes as usize
+            } else {
+                0
+            },
+            config.uring.pipe_size.as_usize(),
+        );
         Ok(Self {
             ring,
             pool,
+            pipes,
             id,
             rules,
             listeners,
@@ -226,6 +250,7 @@ impl Worker {
             waiters: VecDeque::new(),
             buffers_freed: 0,
             backlog: VecDeque::new(),
+            run_queue: VecDeque::new(),
             metrics,
             shutdown,
             draining: false,
@@ -242,7 +267,11 @@ impl Worker {
         let mut next_tick = Instant::now() + TICK;
         loop {
             self.flush_backlog();
-            let wait = next_tick.saturating_duration_since(Instant::now());
+            let wait = if self.run_queue.is_empty() {
+                next_tick.saturating_duration_since(Instant::now())
+            } else {
+                Duration::ZERO
+            };
             let ts = types::Timespec::from(wait.max(Duration::from_micros(1)));
             let args = types::SubmitArgs::new().timespec(&ts);
             match self.ring.submitter().submit_with_args(1, &args) {
@@ -268,6 +297,7 @@ impl Worker {
                 let (ud, res, flags) = self.cqes[i];
                 self.dispatch(ud, res, flags, now);
             }
+            self.run_pending_pumps(now);
             if now >= next_tick {
                 self.tick(now);
                 next_tick = now + TICK;
@@ -361,7 +391,15 @@ impl Worker {
             }
             OpKind::Send => self.conn_event(t, Event::Sent { dir: t.dir, res }, now),
             OpKind::Cancel => self.conn_event(t, Event::CancelDone, now),
-            OpKind::Poll => {}
+            OpKind::Poll => {
+                let ev = if cqueue::more(flags) {
+                    Event::Readable { dir: t.dir }
+                } else {
+                    Event::PollEnded { dir: t.dir }
+                };
+                self.conn_event(t, ev, now);
+            }
+            OpKind::PollOut => self.conn_event(t, Event::Writable { dir: t.dir }, now),
         }
         self.wake_waiters(now);
     }
@@ -431,12 +469,14 @@ impl Worker {
             }
         };
         shard.accepted();
+        let conn = Conn::connecting(now, rc.policy, self.pool.buf_size());
         let entry = Entry {
-            conn: Conn::connecting(now),
+            conn,
             rule: ri,
             client,
             upstream,
             peer,
+            pipes: [None, None],
         };
         let (slot, generation) = match self.free.pop() {
             Some(s) => {
@@ -571,7 +611,52 @@ impl Worker {
             Action::FirstByte => {
                 shard.first_byte(now.saturating_duration_since(e.conn.accepted_at))
             }
-            Action::Bytes { dir, n } => shard.bytes(dir, PathKind::Copy, u64::from(n)),
+            Action::Bytes { dir, n, path } => shard.bytes(dir, path, n),
+            Action::TrySplice(dir) => {
+                let ev = match self.pipes.lease() {
+                    Some(p) => {
+                        let capacity = p.capacity;
+                        if let Some(e) = self.slots[slot as usize].entry.as_mut() {
+                            e.pipes[dir as usize] = Some(p);
+                        }
+                        Event::SpliceStarted { dir, capacity }
+                    }
+                    None => Event::SpliceUnavailable { dir },
+                };
+                self.conn_event(Token::new(slot, generation, dir, OpKind::Poll), ev, now);
+            }
+            Action::PollIn(dir) => {
+                let sqe = opcode::PollAdd::new(
+                    types::Fd(e.src(dir)),
+                    (libc::POLLIN | libc::POLLRDHUP) as u32,
+                )
+                .multi(true)
+                .build()
+                .user_data(Token::new(slot, generation, dir, OpKind::Poll).encode());
+                self.push(sqe);
+            }
+            Action::PollOut(dir) => {
+                let sqe = opcode::PollAdd::new(types::Fd(e.dst(dir)), libc::POLLOUT as u32)
+                    .build()
+                    .user_data(Token::new(slot, generation, dir, OpKind::PollOut).encode());
+                self.push(sqe);
+            }
+            Action::Pump(dir) => self.pump(slot, generation, dir, now),
+            Action::PumpLater(dir) => self.run_queue.push_back((slot, generation, dir)),
+            Action::LeaveSplice(dir) => {
+                let target = Token::new(slot, generation, dir, OpKind::Poll).encode();
+                let sqe = opcode::PollRemove::new(target)
+                    .build()
+                    .user_data(Token::new(slot, generation, dir, OpKind::Cancel).encode());
+                self.push(sqe);
+                if let Some(p) = self.slots[slot as usize]
+                    .entry
+                    .as_mut()
+                    .and_then(|e| e.pipes[dir as usize].take())
+                {
+                    self.pipes.give_back(p, true);
+                }
+            }
             Action::Transferred { dir, took } => shard.transfer(dir, took),
             Action::CancelAll => {
                 for (fd, dir) in [
@@ -589,9 +674,57 @@ impl Worker {
         }
     }
 
+    /// Runs a spliced direction's pump (the splice syscalls) and feeds the outcome back.
+    fn pump(&mut self, slot: u32, generation: u16, dir: Direction, now: Instant) {
+        let Some(e) = self.slots[slot as usize].entry.as_mut() else {
+            return;
+        };
+        let Entry {
+            conn,
+            client,
+            upstream,
+            pipes,
+            rule,
+            ..
+        } = e;
+        let (Some(pipe), Some(state)) = (pipes[dir as usize].as_ref(), conn.splice_mut(dir)) else {
+            return;
+        };
+        let (src, dst) = match dir {
+            Direction::ClientToUpstream => (&*client, &*upstream),
+            Direction::UpstreamToClient => (&*upstream, &*client),
+        };
+        let started = Instant::now();
+        let p = state.pump(&mut SysPipeIo { src, dst, pipe });
+        if p.moved_out > 0 {
+            self.metrics
+                .rule(*rule)
+                .shard(self.id)
+                .transfer(dir, started.elapsed());
+        }
+        self.conn_event(
+            Token::new(slot, generation, dir, OpKind::Poll),
+            Event::Pumped { dir, p },
+            now,
+        );
+    }
+
+    /// Pumps the directions that yielded on their budget last round (only those: a pump that
+    /// yields again waits for the next round, after the ring had its turn).
+    fn run_pending_pumps(&mut self, now: Instant) {
+        for _ in 0..self.run_queue.len() {
+            let Some((slot, generation, dir)) = self.run_queue.pop_front() else {
+                break;
+            };
+            if self.slots[slot as usize].generation == generation {
+                self.pump(slot, generation, dir, now);
+            }
+        }
+    }
+
     fn finish(&mut self, slot: u32, reason: CloseReason, reset: bool, now: Instant) {
         let s = &mut self.slots[slot as usize];
-        let Some(e) = s.entry.take() else { return };
+        let Some(mut e) = s.entry.take() else { return };
         s.generation = s.generation.wrapping_add(1);
         self.free.push(slot);
         self.live -= 1;
@@ -599,8 +732,18 @@ impl Worker {
             net::set_reset_on_close(SockRef::from(&e.client));
             net::set_reset_on_close(SockRef::from(&e.upstream));
         }
+        for d in Direction::ALL {
+            if let Some(p) = e.pipes[d as usize].take() {
+                self.pipes.give_back(p, !e.conn.pipe_has_bytes(d));
+            }
+        }
         let rule = &self.rules[e.rule].rule;
         let duration = now.saturating_duration_since(e.conn.accepted_at);
+        let path = match e.conn.bytes_path {
+            [_, 0] => "copy",
+            [0, _] => "splice",
+            _ => "copy+splice",
+        };
         self.metrics.rule(e.rule).shard(self.id).closed(duration);
         self.metrics.log_session(&SessionRecord {
             rule: &rule.name,
@@ -609,7 +752,7 @@ impl Worker {
             bytes_c2u: e.conn.bytes[0],
             bytes_u2c: e.conn.bytes[1],
             duration,
-            path: "copy",
+            path,
             reason,
         });
         // Dropping the entry closes both fds: every op on them has completed.
@@ -681,10 +824,10 @@ impl Worker {
         }
         if !self.draining {
             for i in 0..self.listeners.len() {
-                if let ListenerState::Backoff(until) = self.listeners[i].state {
-                    if now >= until {
-                        self.arm_accept(i);
-                    }
+                if let ListenerState::Backoff(until) = self.listeners[i].state
+                    && now >= until
+                {
+                    self.arm_accept(i);
                 }
             }
         }

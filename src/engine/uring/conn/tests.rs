@@ -14,10 +14,16 @@ fn step(c: &mut Conn, ev: Event, now: Instant) -> Vec<Action> {
     out.iter().collect()
 }
 
-/// Accepted, connect and its timer in flight.
+const BUF: u32 = 1000;
+
+/// Accepted, connect and its timer in flight (copy path).
 fn connecting() -> (Conn, Instant) {
+    connecting_with(DataPath::Copy)
+}
+
+fn connecting_with(policy: DataPath) -> (Conn, Instant) {
     let now = t0();
-    let c = Conn::connecting(now);
+    let c = Conn::connecting(now, policy, BUF);
     assert_eq!(c.in_flight, 2);
     (c, now)
 }
@@ -92,7 +98,11 @@ fn data_is_sent_then_reading_resumes() {
     assert_eq!(
         a,
         vec![
-            Action::Bytes { dir: C2U, n: 60 },
+            Action::Bytes {
+                dir: C2U,
+                n: 60,
+                path: PathKind::Copy
+            },
             Action::Send {
                 dir: C2U,
                 buf: 3,
@@ -106,7 +116,11 @@ fn data_is_sent_then_reading_resumes() {
     assert_eq!(
         a,
         vec![
-            Action::Bytes { dir: C2U, n: 40 },
+            Action::Bytes {
+                dir: C2U,
+                n: 40,
+                path: PathKind::Copy
+            },
             Action::Release(3),
             Action::Transferred {
                 dir: C2U,
@@ -371,4 +385,197 @@ fn write_error_resets() {
     );
     assert_eq!(a, vec![Action::Release(2), Action::CancelAll]);
     assert_eq!(c.phase(), Phase::Closing(CloseReason::Reset));
+}
+
+/// Splice mode, connected: both directions asked for a pipe; the client side got one.
+fn spliced() -> (Conn, Instant) {
+    let (mut c, now) = connecting_with(DataPath::Splice);
+    let a = step(&mut c, Event::Connected { res: 0 }, now);
+    assert_eq!(
+        a,
+        vec![
+            Action::Connected,
+            Action::TrySplice(C2U),
+            Action::TrySplice(U2C)
+        ]
+    );
+    step(&mut c, Event::ConnectTimerDone, now);
+    let a = step(
+        &mut c,
+        Event::SpliceStarted {
+            dir: C2U,
+            capacity: 4096,
+        },
+        now,
+    );
+    assert_eq!(a, vec![Action::PollIn(C2U), Action::Pump(C2U)]);
+    // 2. No pipe left for the other direction: it stays on copy.
+    let a = step(&mut c, Event::SpliceUnavailable { dir: U2C }, now);
+    assert_eq!(a, vec![Action::Recv(U2C)]);
+    assert_eq!(c.in_flight, 2, "the multishot poll and the recv");
+    (c, now)
+}
+
+fn pumped(moved_in: u64, moved_out: u64) -> Pumped {
+    Pumped {
+        moved_in,
+        moved_out,
+        ..Pumped::default()
+    }
+}
+
+#[test]
+fn splice_counts_bytes_and_waits_for_writable() {
+    let (mut c, now) = spliced();
+    // 1. Readiness runs the pump.
+    assert_eq!(
+        step(&mut c, Event::Readable { dir: C2U }, now),
+        vec![Action::Pump(C2U)]
+    );
+    // 2. The destination blocked with bytes in the pipe: one POLLOUT, not two.
+    c.splice_mut(C2U).unwrap().in_pipe = 100;
+    let p = Pumped {
+        need_writable: true,
+        ..pumped(500, 400)
+    };
+    let a = step(&mut c, Event::Pumped { dir: C2U, p }, now);
+    assert_eq!(
+        a,
+        vec![
+            Action::Bytes {
+                dir: C2U,
+                n: 400,
+                path: PathKind::Splice
+            },
+            Action::PollOut(C2U)
+        ]
+    );
+    let a = step(
+        &mut c,
+        Event::Pumped {
+            dir: C2U,
+            p: Pumped {
+                need_writable: true,
+                ..Pumped::default()
+            },
+        },
+        now,
+    );
+    assert!(a.is_empty());
+    assert!(c.pipe_has_bytes(C2U));
+    // 3. Writable: pump again.
+    assert_eq!(
+        step(&mut c, Event::Writable { dir: C2U }, now),
+        vec![Action::Pump(C2U)]
+    );
+    assert_eq!(c.bytes_path, [0, 400]);
+}
+
+#[test]
+fn splice_eof_half_closes_after_the_pipe_drained() {
+    let (mut c, now) = spliced();
+    let p = Pumped {
+        finished: true,
+        ..pumped(10, 10)
+    };
+    let a = step(&mut c, Event::Pumped { dir: C2U, p }, now);
+    assert_eq!(
+        a,
+        vec![
+            Action::Bytes {
+                dir: C2U,
+                n: 10,
+                path: PathKind::Splice
+            },
+            Action::ShutdownWrite(C2U)
+        ]
+    );
+    assert_eq!(c.dir(C2U), DirState::Done);
+    assert_eq!(c.dir(U2C), DirState::Reading);
+}
+
+#[test]
+fn splice_reset_closes_with_rst_and_keeps_the_pipe_marked() {
+    let (mut c, now) = spliced();
+    c.splice_mut(C2U).unwrap().in_pipe = 7;
+    let p = Pumped {
+        error: Some(libc::ECONNRESET),
+        ..Pumped::default()
+    };
+    let a = step(&mut c, Event::Pumped { dir: C2U, p }, now);
+    assert_eq!(a, vec![Action::CancelAll]);
+    assert!(
+        c.pipe_has_bytes(C2U),
+        "a pipe with bytes must not go back to the pool"
+    );
+}
+
+#[test]
+fn auto_moves_to_splice_after_full_reads_and_back_when_small() {
+    let (mut c, now) = connecting_with(DataPath::Auto);
+    step(&mut c, Event::Connected { res: 0 }, now);
+    step(&mut c, Event::ConnectTimerDone, now);
+    // 1. Full-buffer reads: after enough of them the direction asks for a pipe.
+    let mut last = vec![];
+    for _ in 0..AUTO_UP_FULL_READS {
+        step(
+            &mut c,
+            Event::Received {
+                dir: C2U,
+                res: BUF as i32,
+                buf: Some(0),
+            },
+            now,
+        );
+        last = step(
+            &mut c,
+            Event::Sent {
+                dir: C2U,
+                res: BUF as i32,
+            },
+            now,
+        );
+    }
+    assert_eq!(last.last(), Some(&Action::TrySplice(C2U)));
+    step(
+        &mut c,
+        Event::SpliceStarted {
+            dir: C2U,
+            capacity: 1 << 20,
+        },
+        now,
+    );
+    // 2. Small pumps with the pipe drained: back to copy.
+    let mut a = vec![];
+    for _ in 0..AUTO_DOWN_SMALL_PUMPS {
+        a = step(
+            &mut c,
+            Event::Pumped {
+                dir: C2U,
+                p: pumped(64, 64),
+            },
+            now,
+        );
+    }
+    assert_eq!(a[1..], [Action::LeaveSplice(C2U), Action::Recv(C2U)]);
+    assert_eq!(c.dir(C2U), DirState::Reading);
+}
+
+#[test]
+fn small_reads_keep_auto_on_copy() {
+    let (mut c, now) = connecting_with(DataPath::Auto);
+    step(&mut c, Event::Connected { res: 0 }, now);
+    for _ in 0..20 {
+        step(
+            &mut c,
+            Event::Received {
+                dir: C2U,
+                res: 64,
+                buf: Some(0),
+            },
+            now,
+        );
+        let a = step(&mut c, Event::Sent { dir: C2U, res: 64 }, now);
+        assert_eq!(a.last(), Some(&Action::Recv(C2U)));
+    }
 }
