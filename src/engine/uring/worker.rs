@@ -180,6 +180,12 @@ impl Worker {
         let id = setup.id;
         let (ring, mode) = build_ring(config.uring.ring_entries)
             .map_err(|source| WorkerError::Ring { id, source })?;
+        // Nothing on this engine's data path should need io-wq (splice runs on this thread after
+        // ring readiness); cap its workers so a surprise fallback cannot grow thousands of
+        // `iou-wrk` threads (DESIGN fact 1).
+        if let Err(e) = ring.submitter().register_iowq_max_workers(&mut [2, 2]) {
+            tracing::debug!(worker = id, error = %e, "cannot cap io-wq workers");
+        }
         let count = u16::try_from(config.uring.buffers.min(1 << 15)).unwrap_or(1 << 15);
         let buf_size = u32::try_from(config.uring.buffer_size.bytes()).unwrap_or(u32::MAX);
         let (pool, reg_err) = BufPool::new(&ring, count, buf_size)
