@@ -518,3 +518,63 @@ fn tap_records_both_directions_with_the_tokio_engine() {
 fn tap_records_both_directions_with_the_std_engine() {
     tap_roundtrip("std", &scratch_dir("metrics-tap-std"));
 }
+
+/// Steps: 1. run with `hdr_log` at a short interval; 2. one session; 3. the intervals in the
+/// file, parsed with hdrhistogram's own reader, add up to exactly that one session.
+#[test]
+fn hdr_log_intervals_add_up_to_the_sessions_served() {
+    use hdrhistogram::serialization::interval_log::{IntervalLogIterator, LogEntry};
+    let dir = scratch_dir("metrics-hdrlog");
+    let log = dir.join("run.hlog");
+    let _ = std::fs::remove_file(&log);
+    let backend = Backend::start(1, <[u8]>::to_vec);
+    let config = dir.join("hdrlog.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "hdr_log = {:?}\nhdr_log_interval = \"100ms\"\n[[rule]]\nname = \"web\"\nlisten = \"127.0.0.1:0\"\nupstream = \"{}\"\n",
+            log.display().to_string(),
+            backend.addr
+        ),
+    )
+    .unwrap();
+    let fwd = Forwarder::start(&[
+        "run",
+        "--config",
+        config.to_str().unwrap(),
+        "--engine",
+        "tokio",
+        "--admin",
+        "127.0.0.1:0",
+    ]);
+    assert_eq!(exchange(fwd.listen, b"interval"), b"interval");
+    backend.join();
+    fwd.wait_idle(1);
+
+    let count = |tag: &str| -> u64 {
+        let text = std::fs::read(&log).unwrap_or_default();
+        IntervalLogIterator::new(&text)
+            .filter_map(|e| match e {
+                Ok(LogEntry::Interval(h)) if h.tag().map(|t| t.as_str()) == Some(tag) => {
+                    Some(decode_histogram(h.encoded_histogram()).len())
+                }
+                _ => None,
+            })
+            .sum()
+    };
+    let deadline = Instant::now() + DEADLINE;
+    while count("web.session") < 1 {
+        assert!(Instant::now() < deadline, "session never logged");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // Wait one more interval: later intervals must not count the session again.
+    let lines = |path: &Path| std::fs::read_to_string(path).unwrap().lines().count();
+    let seen = lines(&log);
+    while lines(&log) <= seen {
+        assert!(Instant::now() < deadline, "no further interval written");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(count("web.session"), 1);
+    assert_eq!(count("web.upstream_connect"), 1);
+    assert_eq!(count("web.first_byte"), 1);
+}
