@@ -65,7 +65,8 @@ fn recording(c: &mut Criterion) {
     c.bench_function("RuleMetrics::local + tap() check (no tap)", |b| {
         b.iter(|| {
             let rm = black_box(m.rule(0));
-            rm.local().bytes(Direction::UpstreamToClient, PathKind::Copy, 1);
+            rm.local()
+                .bytes(Direction::UpstreamToClient, PathKind::Copy, 1);
             black_box(rm.tap().is_some())
         })
     });
