@@ -186,13 +186,33 @@ pub struct Config {
     pub engine: EngineKind,
     pub mode: DataPath,
     pub shutdown_grace: Duration,
+    /// The admin listener (`/metrics`, `/healthz`, `/stats`, `/histograms`); off unless set.
+    /// The documented address is [`DEFAULT_ADMIN`], which `ringfwd stats` also defaults to.
     pub admin: Option<SocketAddr>,
     pub admin_allow_remote: bool,
     pub log_format: LogFormat,
     pub access_log: bool,
+    /// Periodic HdrHistogram interval log, if configured.
+    pub hdr_log: Option<HdrLogConfig>,
     pub uring: UringTuning,
     pub rules: Vec<Rule>,
 }
+
+/// Where the HdrHistogram interval log goes and how often an interval is written.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HdrLogConfig {
+    pub path: PathBuf,
+    pub interval: Duration,
+}
+
+/// The admin address the docs suggest (`admin = "127.0.0.1:9100"`) and `ringfwd stats` asks
+/// by default. The admin listener itself stays off unless `admin` is set.
+pub const DEFAULT_ADMIN: &str = "127.0.0.1:9100";
+pub const DEFAULT_HDR_LOG_INTERVAL: Duration = Duration::from_secs(10);
+/// Shortest and longest `hdr_log_interval`: below 100 ms the log is mostly headers and
+/// compression cost; above an hour it is no longer an interval log.
+pub const HDR_LOG_INTERVAL_RANGE: std::ops::RangeInclusive<Duration> =
+    Duration::from_millis(100)..=Duration::from_secs(3600);
 
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(600);
@@ -370,6 +390,7 @@ impl Config {
                 Some(addr)
             }
         };
+        let hdr_log = hdr_log(raw.hdr_log.as_ref(), raw.hdr_log_interval.as_ref(), src)?;
         let uring = uring_tuning(raw.uring.unwrap_or_default(), src)?;
 
         let mut rules = Vec::with_capacity(raw.rules.len());
@@ -406,6 +427,7 @@ impl Config {
             admin_allow_remote,
             log_format,
             access_log: raw.access_log.unwrap_or(true),
+            hdr_log,
             uring,
             rules,
         })
@@ -460,6 +482,10 @@ impl Config {
             }
         );
         let _ = writeln!(out, "access_log = {}", self.access_log);
+        if let Some(h) = &self.hdr_log {
+            let _ = writeln!(out, "hdr_log = {:?}", h.path.display().to_string());
+            let _ = writeln!(out, "hdr_log_interval = {:?}", format_duration(h.interval));
+        }
         let u = &self.uring;
         let _ = writeln!(out, "\n[uring]");
         let _ = writeln!(out, "ring_entries = {}", u.ring_entries);
@@ -522,6 +548,45 @@ impl Config {
             }
         }
         out
+    }
+}
+
+fn hdr_log(
+    path: Option<&toml::Spanned<String>>,
+    interval: Option<&toml::Spanned<raw::DurationValue>>,
+    src: &Source<'_>,
+) -> Result<Option<HdrLogConfig>, ConfigError> {
+    if let Some(i) = interval {
+        let d = i.get_ref().0;
+        if !HDR_LOG_INTERVAL_RANGE.contains(&d) {
+            return Err(src.error_at(
+                i.span(),
+                "hdr_log_interval",
+                format!(
+                    "must be {}..={}, got {}",
+                    format_duration(*HDR_LOG_INTERVAL_RANGE.start()),
+                    format_duration(*HDR_LOG_INTERVAL_RANGE.end()),
+                    format_duration(d)
+                ),
+            ));
+        }
+    }
+    match (path, interval) {
+        (None, None) => Ok(None),
+        (None, Some(i)) => Err(src.error_at(
+            i.span(),
+            "hdr_log_interval",
+            "is set but hdr_log is not: add hdr_log = \"FILE\" or remove the interval",
+        )),
+        (Some(p), _) if p.get_ref().trim().is_empty() => Err(src.error_at(
+            p.span(),
+            "hdr_log",
+            "must be a file path, got an empty string",
+        )),
+        (Some(p), i) => Ok(Some(HdrLogConfig {
+            path: PathBuf::from(p.get_ref()),
+            interval: i.map_or(DEFAULT_HDR_LOG_INTERVAL, |i| i.get_ref().0),
+        })),
     }
 }
 
@@ -681,3 +746,59 @@ pub fn resolve_upstream(text: &str) -> Result<Upstream, String> {
 
 #[cfg(test)]
 mod tests;
+
+#[cfg(test)]
+mod metrics_key_tests {
+    use super::*;
+
+    const RULE: &str = "[[rule]]\nlisten = \"127.0.0.1:0\"\nupstream = \"127.0.0.1:9\"\n";
+
+    fn parse(top: &str) -> Result<Config, ConfigError> {
+        Config::parse("t.toml", &format!("{top}\n{RULE}"))
+    }
+
+    #[test]
+    fn hdr_log_has_a_default_interval_and_round_trips() {
+        let c = parse("hdr_log = \"/tmp/x.hlog\"").unwrap();
+        let h = c.hdr_log.clone().unwrap();
+        assert_eq!(h.path, PathBuf::from("/tmp/x.hlog"));
+        assert_eq!(h.interval, DEFAULT_HDR_LOG_INTERVAL);
+        let c = parse("hdr_log = \"x.hlog\"\nhdr_log_interval = \"250ms\"").unwrap();
+        assert_eq!(
+            c.hdr_log.as_ref().unwrap().interval,
+            Duration::from_millis(250)
+        );
+        assert!(
+            c.to_toml().contains("hdr_log_interval = \"250ms\""),
+            "{}",
+            c.to_toml()
+        );
+        assert_eq!(parse("").unwrap().hdr_log, None);
+    }
+
+    #[test]
+    fn hdr_log_mistakes_are_reported_at_their_key() {
+        let e = parse("hdr_log_interval = \"5s\"").unwrap_err();
+        assert!(e.message.starts_with("t.toml:1:"), "{e}");
+        assert!(e.message.contains("hdr_log is not"), "{e}");
+        let e = parse("hdr_log = \"x\"\nhdr_log_interval = \"10\"").unwrap_err();
+        assert!(e.message.contains("hdr_log_interval"), "{e}");
+        assert!(e.message.contains("unit"), "{e}");
+        let e = parse("hdr_log = \"x\"\nhdr_log_interval = \"10ms\"").unwrap_err();
+        assert!(e.message.contains("must be 100ms..=1h"), "{e}");
+        let e = parse("hdr_log = \" \"").unwrap_err();
+        assert!(e.message.contains("hdr_log: must be a file path"), "{e}");
+    }
+
+    #[test]
+    fn default_admin_is_a_loopback_address() {
+        let a = resolve_one(DEFAULT_ADMIN).unwrap();
+        assert!(a.ip().is_loopback());
+        assert_eq!(a.port(), 9100);
+        assert_eq!(
+            parse("").unwrap().admin,
+            None,
+            "admin stays off unless configured"
+        );
+    }
+}

@@ -100,6 +100,8 @@ pub struct RawConfig {
     pub admin_allow_remote: Option<bool>,
     pub log_format: Option<Spanned<String>>,
     pub access_log: Option<bool>,
+    pub hdr_log: Option<Spanned<String>>,
+    pub hdr_log_interval: Option<Spanned<DurationValue>>,
     pub uring: Option<RawUring>,
     #[serde(default, rename = "rule")]
     pub rules: Vec<RawRule>,
