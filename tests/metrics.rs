@@ -119,7 +119,9 @@ impl Forwarder {
         }
     }
 
+    /// `engine` is an engine name, optionally with the uring data path: `"uring:splice"`.
     fn simple(engine: &str, upstream: SocketAddr) -> Self {
+        let (engine, mode) = engine.split_once(':').unwrap_or((engine, "auto"));
         Self::start(&[
             "run",
             "--listen",
@@ -128,6 +130,8 @@ impl Forwarder {
             &upstream.to_string(),
             "--engine",
             engine,
+            "--mode",
+            mode,
             "--admin",
             "127.0.0.1:0",
         ])
@@ -239,7 +243,8 @@ fn metric_value(text: &str, series: &str) -> f64 {
 /// Steps: 1. three sessions of different sizes through the engine; 2. wait until all are
 /// counted closed; 3. every byte counter equals what was sent, each way; 4. every per-session
 /// histogram counted each session once, in /stats, /metrics and /histograms alike.
-fn counters_are_exact(engine: &str) {
+/// `path` is the data path every byte must be counted under.
+fn counters_are_exact(engine: &str, path: PathKind) {
     const SESSIONS: usize = 3;
     let backend = Backend::start(SESSIONS, <[u8]>::to_vec);
     let fwd = Forwarder::simple(engine, backend.addr);
@@ -261,8 +266,12 @@ fn counters_are_exact(engine: &str) {
     assert_eq!(r.name, "default");
     for dir in Direction::ALL {
         assert_eq!(r.bytes_dir(dir), sent, "{dir:?}");
-        assert_eq!(r.bytes_path(dir, PathKind::Copy), sent, "{dir:?}");
-        assert_eq!(r.bytes_path(dir, PathKind::Splice), 0, "{dir:?}");
+        let other = match path {
+            PathKind::Copy => PathKind::Splice,
+            PathKind::Splice => PathKind::Copy,
+        };
+        assert_eq!(r.bytes_path(dir, path), sent, "{dir:?}");
+        assert_eq!(r.bytes_path(dir, other), 0, "{dir:?}");
     }
     for h in ["upstream_connect", "first_byte", "session"] {
         assert_eq!(r.histograms[h].count, SESSIONS as u64, "{h}");
@@ -276,15 +285,17 @@ fn counters_are_exact(engine: &str) {
 
     let (status, text) = fwd.get("/metrics");
     assert_eq!(status, 200);
+    let c2u = format!(
+        "ringfwd_bytes_total{{rule=\"default\",direction=\"client_to_upstream\",path=\"{}\"}}",
+        path.as_str()
+    );
+    let u2c = format!(
+        "ringfwd_bytes_total{{rule=\"default\",direction=\"upstream_to_client\",path=\"{}\"}}",
+        path.as_str()
+    );
     for (series, want) in [
-        (
-            "ringfwd_bytes_total{rule=\"default\",direction=\"client_to_upstream\",path=\"copy\"}",
-            sent as f64,
-        ),
-        (
-            "ringfwd_bytes_total{rule=\"default\",direction=\"upstream_to_client\",path=\"copy\"}",
-            sent as f64,
-        ),
+        (c2u.as_str(), sent as f64),
+        (u2c.as_str(), sent as f64),
         (
             "ringfwd_connections_accepted_total{rule=\"default\"}",
             SESSIONS as f64,
@@ -311,12 +322,22 @@ fn counters_are_exact(engine: &str) {
 
 #[test]
 fn counters_are_exact_with_the_std_engine() {
-    counters_are_exact("std");
+    counters_are_exact("std", PathKind::Copy);
 }
 
 #[test]
 fn counters_are_exact_with_the_tokio_engine() {
-    counters_are_exact("tokio");
+    counters_are_exact("tokio", PathKind::Copy);
+}
+
+#[test]
+fn counters_are_exact_with_the_uring_copy_path() {
+    counters_are_exact("uring:copy", PathKind::Copy);
+}
+
+#[test]
+fn counters_are_exact_with_the_uring_splice_path() {
+    counters_are_exact("uring:splice", PathKind::Splice);
 }
 
 #[test]
@@ -512,6 +533,11 @@ fn scratch_dir(name: &str) -> PathBuf {
 #[test]
 fn tap_records_both_directions_with_the_tokio_engine() {
     tap_roundtrip("tokio", &scratch_dir("metrics-tap-tokio"));
+}
+
+#[test]
+fn tap_records_both_directions_with_the_uring_engine() {
+    tap_roundtrip("uring", &scratch_dir("metrics-tap-uring"));
 }
 
 #[test]

@@ -147,6 +147,18 @@ impl BufPool {
         unsafe { self.mem.as_ptr().add(bid as usize * self.buf_size as usize) }
     }
 
+    /// The first `len` bytes of buffer `bid`, which a recv filled.
+    ///
+    /// # Panics
+    /// If `bid` is out of range or `len` exceeds the buffer size.
+    pub fn filled(&self, bid: u16, len: u32) -> &[u8] {
+        assert!(len <= self.buf_size, "length {len} beyond buffer size");
+        // SAFETY: the range lies inside buffer `bid`; the caller owns the buffer (its recv
+        // completed and it is not in the provided ring), and the only op that may be in
+        // flight on it is a send, which reads it too.
+        unsafe { std::slice::from_raw_parts(self.ptr(bid), len as usize) }
+    }
+
     /// Gives buffer `bid` back to the kernel's ring. Call only once its owner's last op has
     /// completed.
     pub fn recycle(&mut self, bid: u16) {

@@ -24,6 +24,7 @@ use super::pipepool::PipePool;
 use super::splice::{Pipe, SysPipeIo};
 use super::token::{OpKind, Token};
 use crate::config::{Config, DataPath, Rule};
+use crate::metrics::tap::TapSession;
 use crate::metrics::{CloseReason, ConnectError, Direction, Metrics, RejectReason, SessionRecord};
 use crate::net;
 use crate::shutdown::{Phase, Shutdown};
@@ -67,6 +68,8 @@ struct Entry {
     peer: Option<SocketAddr>,
     /// The pipe each direction leased while on the splice path.
     pipes: [Option<Pipe>; 2],
+    /// This connection's session in the rule's traffic tap, if the rule has one.
+    tap: Option<TapSession>,
 }
 
 impl Entry {
@@ -476,6 +479,11 @@ impl Worker {
         };
         shard.accepted();
         let conn = Conn::connecting(now, rc.policy, self.pool.buf_size());
+        let tap = self
+            .metrics
+            .rule(ri)
+            .tap()
+            .map(|t| t.open_session(peer, rc.rule.upstream.primary()));
         let entry = Entry {
             conn,
             rule: ri,
@@ -483,6 +491,7 @@ impl Worker {
             upstream,
             peer,
             pipes: [None, None],
+            tap,
         };
         let (slot, generation) = match self.free.pop() {
             Some(s) => {
@@ -580,6 +589,11 @@ impl Worker {
                 self.push(sqe);
             }
             Action::Send { dir, buf, off, len } => {
+                if let (0, Some(session), Some(tap)) =
+                    (off, e.tap.as_ref(), self.metrics.rule(e.rule).tap())
+                {
+                    tap.data(session, dir, self.pool.filled(buf, len));
+                }
                 // SAFETY (pointer arithmetic): off + len <= the bytes received into `buf`,
                 // which is at most the buffer size.
                 let ptr = unsafe { self.pool.ptr(buf).add(off as usize) };
@@ -742,6 +756,9 @@ impl Worker {
             if let Some(p) = e.pipes[d as usize].take() {
                 self.pipes.give_back(p, !e.conn.pipe_has_bytes(d));
             }
+        }
+        if let (Some(session), Some(tap)) = (e.tap.take(), self.metrics.rule(e.rule).tap()) {
+            tap.close_session(session, reason);
         }
         let rule = &self.rules[e.rule].rule;
         let duration = now.saturating_duration_since(e.conn.accepted_at);
