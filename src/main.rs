@@ -66,6 +66,8 @@ fn run(args: &RunArgs) -> anyhow::Result<()> {
     shutdown::install_signal_handlers(&shutdown)?;
     shutdown.spawn_grace_timer(config.shutdown_grace);
 
+    let nofile = ringfwd::net::raise_nofile_limit();
+    tracing::debug!(nofile, "open-files limit");
     let engine = engine::resolve(config.engine)?;
     let names: Vec<&str> = config.rules.iter().map(|r| r.name.as_str()).collect();
     let metrics = Metrics::new(&names, config.worker_count());

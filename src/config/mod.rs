@@ -172,7 +172,7 @@ impl Default for UringTuning {
             buffer_size: ByteSize(32 << 10),
             buffers: 64,
             pipe_size: ByteSize(1 << 20),
-            pipes: 64,
+            pipes: 16,
             max_connections: 8192,
         }
     }
@@ -615,10 +615,10 @@ fn uring_tuning(raw: raw::RawUring, src: &Source<'_>) -> Result<UringTuning, Con
             format!("must be 4KiB..=16MiB, got {}", t.buffer_size),
         ));
     }
-    if !(1..=65536).contains(&t.buffers) {
+    if !(1..=32768).contains(&t.buffers) {
         return Err(bad(
             "buffers",
-            format!("must be 1..=65536, got {}", t.buffers),
+            format!("must be 1..=32768, got {}", t.buffers),
         ));
     }
     if !(4096..=(1 << 30)).contains(&t.pipe_size.bytes()) {

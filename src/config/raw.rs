@@ -75,7 +75,10 @@ impl<'de> Deserialize<'de> for WorkersValue {
 
 /// `keepalive = true`, `keepalive = false`, or a table with the probe timings.
 #[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
-#[serde(untagged)]
+#[serde(
+    untagged,
+    expecting = "keepalive must be true, false or a table such as { idle = \"60s\", interval = \"10s\", count = 5 }"
+)]
 pub enum KeepaliveValue {
     Enabled(bool),
     Tuned(KeepaliveTable),

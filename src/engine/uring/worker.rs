@@ -195,13 +195,12 @@ impl Worker {
             .map_err(|source| WorkerError::Pool { id, source })?;
         if let Some(e) = reg_err {
             let bytes = u64::from(count) * u64::from(buf_size);
-            if id == 0 {
-                tracing::warn!(
-                    error = %e,
-                    "cannot register {} KiB of buffers per worker with io_uring (RLIMIT_MEMLOCK too low: raise it with `ulimit -l`, LimitMEMLOCK= in the systemd unit, or CAP_IPC_LOCK; or lower [uring] buffers/buffer_size); continuing with unregistered buffers",
-                    bytes >> 10
-                );
-            }
+            tracing::warn!(
+                worker = id,
+                error = %e,
+                "cannot register {} KiB of buffers per worker with io_uring (RLIMIT_MEMLOCK too low: raise it with `ulimit -l`, LimitMEMLOCK= in the systemd unit, or CAP_IPC_LOCK; or lower [uring] buffers/buffer_size); continuing with unregistered buffers",
+                bytes >> 10
+            );
         }
         tracing::debug!(
             worker = id,
