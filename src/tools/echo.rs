@@ -70,7 +70,10 @@ pub fn run(args: EchoArgs) -> Result<(), ToolError> {
 
 async fn connection(mut stream: TcpStream, scanner: Option<Scanner>) {
     if let Err(e) = echo(&mut stream, scanner).await {
-        let peer = stream.peer_addr().map(|a| a.to_string()).unwrap_or_default();
+        let peer = stream
+            .peer_addr()
+            .map(|a| a.to_string())
+            .unwrap_or_default();
         match e {
             End::Refused(e) => tracing::warn!(%peer, "closing connection: {e}"),
             End::Io(e) => tracing::debug!(%peer, error = %e, "connection ended"),

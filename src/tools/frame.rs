@@ -258,7 +258,8 @@ impl Scanner {
                 want: HEADER_LEN,
             }),
             _ => {
-                let len = u32::from_be_bytes([self.head[1], self.head[2], self.head[3], self.head[4]]);
+                let len =
+                    u32::from_be_bytes([self.head[1], self.head[2], self.head[3], self.head[4]]);
                 let want = HEADER_LEN + len as usize;
                 Err(FrameError::Truncated {
                     got: want - self.remaining as usize,
@@ -313,7 +314,10 @@ mod tests {
         }
         .encode();
         let e = codec.decode(&head).unwrap_err();
-        assert!(matches!(e, FrameError::TooLarge { len: 17, max: 16 }), "{e}");
+        assert!(
+            matches!(e, FrameError::TooLarge { len: 17, max: 16 }),
+            "{e}"
+        );
         assert_eq!(
             e.to_string(),
             "frame announces a 17-byte payload, more than the maximum of 16 bytes"
@@ -351,7 +355,10 @@ mod tests {
         let whole = frame(1, b"payload");
         let mut r = &whole[..3];
         let e = codec.read_frame(&mut r, &mut p).await.unwrap_err();
-        assert!(matches!(e, FrameError::Truncated { got: 3, want: 5 }), "{e}");
+        assert!(
+            matches!(e, FrameError::Truncated { got: 3, want: 5 }),
+            "{e}"
+        );
         let mut r = &whole[..whole.len() - 2];
         let e = codec.read_frame(&mut r, &mut p).await.unwrap_err();
         assert!(

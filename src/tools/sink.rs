@@ -123,8 +123,20 @@ mod tests {
     fn chunk_continues_the_pattern_at_any_offset() {
         let c = chunk();
         assert_eq!(c.len() as u64 % PATTERN_PERIOD, 0);
-        for k in [0u64, 1, 250, 251, 1000, CHUNK_LEN as u64 - 1, CHUNK_LEN as u64 + 7] {
-            assert_eq!(c[(k % CHUNK_LEN as u64) as usize], pattern_byte(k), "offset {k}");
+        for k in [
+            0u64,
+            1,
+            250,
+            251,
+            1000,
+            CHUNK_LEN as u64 - 1,
+            CHUNK_LEN as u64 + 7,
+        ] {
+            assert_eq!(
+                c[(k % CHUNK_LEN as u64) as usize],
+                pattern_byte(k),
+                "offset {k}"
+            );
         }
     }
 }

@@ -16,7 +16,9 @@ use hdrhistogram::Histogram;
 
 use super::report::{Percentiles, Report, round3};
 use super::rr::{exchange, parse_payload, request};
-use super::{Common, Counters, ErrKind, Progress, Run, merge, new_histogram, record, spawn_progress, until};
+use super::{
+    Common, Counters, ErrKind, Progress, Run, merge, new_histogram, record, spawn_progress, until,
+};
 use crate::config::ByteSize;
 use crate::tools::ToolError;
 use crate::tools::frame::{Codec, HEADER_LEN};
@@ -35,11 +37,7 @@ pub struct ConnectArgs {
 
 const DEFAULT_DURATION: Duration = Duration::from_secs(10);
 
-pub async fn run(
-    args: &ConnectArgs,
-    target: SocketAddr,
-    conns: u32,
-) -> Result<Report, ToolError> {
+pub async fn run(args: &ConnectArgs, target: SocketAddr, conns: u32) -> Result<Report, ToolError> {
     let duration = args.common.duration.unwrap_or(DEFAULT_DURATION);
     let run = Arc::new(Run::new(&args.common, target, duration));
     let progress = spawn_progress(run.clone(), Progress::Connections, args.common.quiet);

@@ -68,8 +68,7 @@ pub struct Memory {
 /// `/proc/PID/status` unreadable (no such process) or without `VmRSS` (a kernel thread).
 pub fn read_memory(pid: u32) -> Result<Memory, String> {
     let path = format!("/proc/{pid}/status");
-    let status =
-        std::fs::read_to_string(&path).map_err(|e| format!("cannot read {path}: {e}"))?;
+    let status = std::fs::read_to_string(&path).map_err(|e| format!("cannot read {path}: {e}"))?;
     let rss_kib = field_kib(&status, "VmRSS").ok_or_else(|| format!("{path} has no VmRSS"))?;
     let pss_kib = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup"))
         .ok()
@@ -90,7 +89,8 @@ pub async fn run(args: &IdleArgs, target: SocketAddr, conns: u32) -> Result<Repo
     // The opening phase is bounded by the per-connection timeouts; give the run a deadline
     // that only those can reach.
     let waves = u64::from(conns.div_ceil(args.parallel));
-    let budget = (args.common.connect_timeout + args.timeout) * u32::try_from(waves).unwrap_or(u32::MAX)
+    let budget = (args.common.connect_timeout + args.timeout)
+        * u32::try_from(waves).unwrap_or(u32::MAX)
         + Duration::from_secs(1);
     let run = Arc::new(Run::new(&args.common, target, budget));
     let progress = spawn_progress(

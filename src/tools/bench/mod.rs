@@ -184,9 +184,10 @@ fn raise_fd_limit() -> u64 {
 async fn preflight(target: SocketAddr, timeout: Duration) -> Result<(), ToolError> {
     match tokio::time::timeout(timeout, TcpStream::connect(target)).await {
         Ok(Ok(_)) => Ok(()),
-        Ok(Err(e)) if e.kind() == io::ErrorKind::ConnectionRefused => {
-            Err(format!("cannot connect to {target}: connection refused (nothing listens there)").into())
-        }
+        Ok(Err(e)) if e.kind() == io::ErrorKind::ConnectionRefused => Err(format!(
+            "cannot connect to {target}: connection refused (nothing listens there)"
+        )
+        .into()),
         Ok(Err(e)) => Err(format!("cannot connect to {target}: {e}").into()),
         Err(_) => Err(format!(
             "cannot connect to {target}: no answer within {}",

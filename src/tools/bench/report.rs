@@ -407,9 +407,7 @@ fn append_csv(path: &Path, report: &Report) -> Result<(), ToolError> {
         .open(path)
         .map_err(fail)?;
     let mut first = String::new();
-    BufReader::new(&file)
-        .read_line(&mut first)
-        .map_err(fail)?;
+    BufReader::new(&file).read_line(&mut first).map_err(fail)?;
     let mut out = String::new();
     if first.is_empty() {
         out.push_str(&header);

@@ -28,7 +28,9 @@ use tokio::net::TcpStream;
 
 use super::pace::Pacer;
 use super::report::{Report, round3};
-use super::{Common, Counters, ErrKind, Progress, Run, merge, new_histogram, record, spawn_progress, until};
+use super::{
+    Common, Counters, ErrKind, Progress, Run, merge, new_histogram, record, spawn_progress, until,
+};
 use crate::config::{self, ByteSize};
 use crate::tools::ToolError;
 use crate::tools::frame::{Codec, HEADER_LEN, Header, KIND_DATA};
@@ -75,13 +77,10 @@ pub async fn run(args: &RrArgs, target: SocketAddr, conns: u32) -> Result<Report
     let req = Arc::new(request(args.size.as_usize())?);
     let tasks: Vec<_> = (0..conns)
         .map(|i| {
-            let schedule = args.rate.map(|rate| Schedule::new(run.start, rate, conns, i));
-            tokio::spawn(connection(
-                run.clone(),
-                req.clone(),
-                schedule,
-                args.timeout,
-            ))
+            let schedule = args
+                .rate
+                .map(|rate| Schedule::new(run.start, rate, conns, i));
+            tokio::spawn(connection(run.clone(), req.clone(), schedule, args.timeout))
         })
         .collect();
     let mut hist = new_histogram();
@@ -100,12 +99,14 @@ pub async fn run(args: &RrArgs, target: SocketAddr, conns: u32) -> Result<Report
     let mut r = Report {
         mode: "rr",
         size: Some(args.size.bytes()),
-        load: Some(if args.rate.is_some() { "open" } else { "closed" }),
+        load: Some(if args.rate.is_some() {
+            "open"
+        } else {
+            "closed"
+        }),
         rate: args.rate,
         requests: Some(hist.len()),
-        req_per_s: Some(round3(
-            hist.len() as f64 / measured.as_secs_f64().max(1e-9),
-        )),
+        req_per_s: Some(round3(hist.len() as f64 / measured.as_secs_f64().max(1e-9))),
         errors: c.errors(),
         error_kinds: c.error_kinds(),
         ..Report::default()
@@ -119,11 +120,8 @@ pub async fn run(args: &RrArgs, target: SocketAddr, conns: u32) -> Result<Report
 pub fn request(size: usize) -> Result<Vec<u8>, ToolError> {
     let payload: Vec<u8> = (0..size).map(|i| (i % 251) as u8).collect();
     let mut out = Vec::with_capacity(HEADER_LEN + size);
-    Codec::new(u32::try_from(size).map_err(|_| "frame too large")?).encode(
-        KIND_DATA,
-        &payload,
-        &mut out,
-    )?;
+    Codec::new(u32::try_from(size).map_err(|_| "frame too large")?)
+        .encode(KIND_DATA, &payload, &mut out)?;
     Ok(out)
 }
 
@@ -285,7 +283,11 @@ mod tests {
         assert!(parse_rate("-5").is_err());
         assert!(parse_rate("NaN").is_err());
         assert_eq!(parse_rate("2500").unwrap(), 2500.0);
-        assert!(parse_payload("17MiB").unwrap_err().contains("at most 16MiB"));
+        assert!(
+            parse_payload("17MiB")
+                .unwrap_err()
+                .contains("at most 16MiB")
+        );
     }
 
     #[test]
