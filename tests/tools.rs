@@ -150,7 +150,8 @@ fn echo_returns_every_byte_and_passes_half_close_on() {
     });
     let mut back = Vec::new();
     // read_to_end returns only at the echo's FIN: the half-close came back.
-    s.read_to_end(&mut back).expect("echo closes its side after echoing");
+    s.read_to_end(&mut back)
+        .expect("echo closes its side after echoing");
     w.join().unwrap();
     assert_eq!(back.len(), data.len());
     assert!(back == data, "echoed bytes differ");
@@ -301,22 +302,16 @@ fn bench_rr_closed_and_open_loop_against_echo() {
         "{closed}"
     );
 
-    let open = bench(&[
-        "rr",
-        &echo.target(),
-        "-c",
-        "2",
-        "-d",
-        "1s",
-        "--rate",
-        "400",
-    ]);
+    let open = bench(&["rr", &echo.target(), "-c", "2", "-d", "1s", "--rate", "400"]);
     assert_eq!(open["load"], "open");
     assert_eq!(open["rate"], 400.0);
     // The schedule holds 400 intended sends in the second; nearly all must complete.
     let n = num(&open, "requests");
     assert!((300.0..=400.0).contains(&n), "{open}");
     assert_eq!(open["errors"], 0, "{open}");
+    // The client's own pacing lateness is reported next to the latencies it inflates.
+    assert!(open["timer_late_p50_us"].is_number(), "{open}");
+    assert!(closed.get("timer_late_p50_us").is_none(), "{closed}");
 }
 
 #[test]
@@ -328,7 +323,14 @@ fn bench_throughput_each_direction() {
     assert!(num(&up, "bytes") > 1e6, "{up}");
     assert!(num(&up, "gbit_per_s") > 0.01, "{up}");
     // Download reconnects each time the 64 MiB of a connection are delivered.
-    let down = bench(&["throughput", &sink.target(), "-d", "500ms", "--direction", "down"]);
+    let down = bench(&[
+        "throughput",
+        &sink.target(),
+        "-d",
+        "500ms",
+        "--direction",
+        "down",
+    ]);
     assert!(num(&down, "bytes") > 1e6, "{down}");
     let both = bench(&[
         "throughput",
@@ -434,7 +436,10 @@ fn bench_writes_json_and_appends_csv_rows() {
     let rows = std::fs::read_to_string(&csv).unwrap();
     let lines: Vec<&str> = rows.lines().collect();
     assert_eq!(lines.len(), 3, "one header, two rows: {rows}");
-    assert!(lines[0].starts_with("unix_time,label,mode,target,"), "{rows}");
+    assert!(
+        lines[0].starts_with("unix_time,label,mode,target,"),
+        "{rows}"
+    );
     assert!(lines[1].contains(",\"tokio, copy\",rr,"), "{rows}");
     std::fs::remove_dir_all(&dir).unwrap();
 }

@@ -51,14 +51,14 @@ impl Pacer {
         Ok(Self { fd })
     }
 
-    /// Returns at `t` (at once if `t` has passed).
+    /// Returns at `t` (at once if `t` has passed); `true` if it had to wait for the timer.
     ///
     /// # Errors
     /// Arming or reading the timer failed.
-    pub async fn sleep_until(&self, t: Instant) -> io::Result<()> {
+    pub async fn sleep_until(&self, t: Instant) -> io::Result<bool> {
         let left = t.saturating_duration_since(Instant::now());
         if left < NOT_WORTH_WAITING {
-            return Ok(());
+            return Ok(false);
         }
         // A relative one-shot on CLOCK_MONOTONIC, the clock `Instant` reads: no conversion
         // between clocks, and the few nanoseconds since `now()` are negligible.
@@ -74,7 +74,7 @@ impl Pacer {
             let mut ready = self.fd.readable().await?;
             // Reading the expiration count disarms readiness; EAGAIN means a stale wake-up.
             match ready.try_io(|fd| fd.get_ref().0.wait().map_err(io::Error::from)) {
-                Ok(result) => return result,
+                Ok(result) => return result.map(|()| true),
                 Err(_would_block) => {}
             }
         }
@@ -90,12 +90,11 @@ mod tests {
         let p = Pacer::new().unwrap();
         for wait_us in [50u64, 300, 1500] {
             let target = Instant::now() + Duration::from_micros(wait_us);
-            p.sleep_until(target).await.unwrap();
+            assert!(p.sleep_until(target).await.unwrap(), "waited");
             assert!(Instant::now() >= target, "woke early for {wait_us} us");
         }
         // A past target returns at once.
-        p.sleep_until(Instant::now() - Duration::from_millis(1))
-            .await
-            .unwrap();
+        let past = Instant::now() - Duration::from_millis(1);
+        assert!(!p.sleep_until(past).await.unwrap());
     }
 }

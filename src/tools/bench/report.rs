@@ -94,6 +94,13 @@ pub struct Report {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub txn_max_us: Option<f64>,
 
+    /// Open-loop rr: how late the client's pacing timer woke when it had to wait. Charged
+    /// to the latencies above; a floor under them that the target did not cause.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub timer_late_p50_us: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub timer_late_p99_us: Option<f64>,
+
     #[serde(skip_serializing_if = "Option::is_none")]
     pub established: Option<u64>,
     /// idle: connections that were still open (not closed by the peer) after the hold.
@@ -148,6 +155,8 @@ pub const CSV_COLUMNS: &[&str] = &[
     "max_us",
     "txn_p50_us",
     "txn_p99_us",
+    "timer_late_p50_us",
+    "timer_late_p99_us",
     "established",
     "alive_after_hold",
     "rss_per_conn_bytes",
@@ -300,6 +309,12 @@ impl Report {
             rows.push((
                 "connect+request",
                 format!("p50 {p50} / p99 {p99} / max {max} us"),
+            ));
+        }
+        if let (Some(p50), Some(p99)) = (self.timer_late_p50_us, self.timer_late_p99_us) {
+            rows.push((
+                "pacing",
+                format!("own timer woke late by p50 {p50} / p99 {p99} us (included above)"),
             ));
         }
         if let Some(e) = self.established {
@@ -465,6 +480,8 @@ mod tests {
             txn_p50_us: Some(7.0),
             txn_p99_us: Some(8.0),
             txn_max_us: Some(9.0),
+            timer_late_p50_us: Some(1.0),
+            timer_late_p99_us: Some(2.0),
             established: Some(2),
             alive_after_hold: Some(2),
             settle_s: Some(1.0),

@@ -27,7 +27,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use super::pace::Pacer;
-use super::report::{Report, round3};
+use super::report::{Percentiles, Report, round3};
 use super::{
     Common, Counters, ErrKind, Progress, Run, merge, new_histogram, record, spawn_progress, until,
 };
@@ -84,9 +84,13 @@ pub async fn run(args: &RrArgs, target: SocketAddr, conns: u32) -> Result<Report
         })
         .collect();
     let mut hist = new_histogram();
+    let mut timer_late = new_histogram();
     for t in tasks {
         match t.await {
-            Ok(Ok(h)) => merge(&mut hist, &h),
+            Ok(Ok((h, late))) => {
+                merge(&mut hist, &h);
+                merge(&mut timer_late, &late);
+            }
             Ok(Err(e)) => return Err(e.into()),
             Err(e) => return Err(format!("connection task failed: {e}").into()),
         }
@@ -113,6 +117,10 @@ pub async fn run(args: &RrArgs, target: SocketAddr, conns: u32) -> Result<Report
     };
     r.set_duration(measured);
     r.set_latency("rtt", &hist);
+    if let Some(p) = Percentiles::of(&timer_late) {
+        r.timer_late_p50_us = Some(p.p50);
+        r.timer_late_p99_us = Some(p.p99);
+    }
     Ok(r)
 }
 
@@ -151,7 +159,9 @@ impl Schedule {
     }
 }
 
-/// One connection slot: (re)connects and exchanges requests until the deadline.
+/// One connection slot: (re)connects and exchanges requests until the deadline. Returns the
+/// round-trip histogram and, for an open loop, how late the pacing timer woke whenever the
+/// connection was ahead of schedule and had to wait (the client's own share of the latency).
 ///
 /// # Errors
 /// Only set-up (the pacing timer); connection failures are counted, not returned.
@@ -160,8 +170,9 @@ async fn connection(
     req: Arc<Vec<u8>>,
     schedule: Option<Schedule>,
     timeout: Duration,
-) -> Result<Histogram<u64>, String> {
+) -> Result<(Histogram<u64>, Histogram<u64>), String> {
     let mut hist = new_histogram();
+    let mut timer_late = new_histogram();
     let pacer = match schedule {
         Some(_) => Some(Pacer::new().map_err(|e| format!("cannot create a pacing timer: {e}"))?),
         None => None,
@@ -187,8 +198,13 @@ async fn connection(
                     if at >= run.deadline {
                         break 'connect;
                     }
-                    if until(run.deadline, p.sleep_until(at)).await.is_none() {
-                        break 'connect;
+                    match until(run.deadline, p.sleep_until(at)).await {
+                        None => break 'connect,
+                        Some(Ok(true)) if at >= run.measure_from => {
+                            record(&mut timer_late, Instant::now() - at);
+                        }
+                        Some(Ok(_)) => {}
+                        Some(Err(e)) => return Err(format!("pacing timer failed: {e}")),
                     }
                     at
                 }
@@ -222,7 +238,7 @@ async fn connection(
             }
         }
     }
-    Ok(hist)
+    Ok((hist, timer_late))
 }
 
 /// Sends the request and reads its answer, which must be the same frame type and length.
