@@ -253,6 +253,42 @@ fn ping_a_live_listener() {
 }
 
 #[test]
+fn ping_forever_stops_on_ctrl_c_with_a_summary() {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let target = l.local_addr().unwrap().to_string();
+    let mut child = Command::new(BIN)
+        .args(["ping", &target, "-c", "0", "-i", "20ms"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+    let stdout = child.stdout.take().unwrap();
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let mut lines = BufReader::new(stdout).lines();
+        // Wait for the second probe, then hand the rest of the output over.
+        let seen = lines
+            .by_ref()
+            .map_while(Result::ok)
+            .any(|l| l.contains("seq=2 "));
+        let _ = tx.send(seen);
+        let rest: Vec<String> = lines.map_while(Result::ok).collect();
+        let _ = tx.send(rest.iter().any(|l| l.contains(" ok, 0 failed")));
+    });
+    let seen = rx.recv_timeout(PATIENCE);
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGINT).unwrap();
+    assert_eq!(seen, Ok(true), "two probes ran");
+    let summary = rx.recv_timeout(PATIENCE);
+    if summary != Ok(true) {
+        let _ = child.kill();
+    }
+    let status = child.wait().unwrap();
+    assert_eq!(summary, Ok(true), "a summary was printed after SIGINT");
+    assert!(status.success(), "{status}");
+}
+
+#[test]
 fn ping_a_closed_port_fails_at_once_with_a_reason() {
     let target = closed_port().to_string();
     let out = ringfwd(&["ping", &target, "-c", "5"]);

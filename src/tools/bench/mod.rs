@@ -335,6 +335,37 @@ impl Run {
     }
 }
 
+/// Opens `n` connections at once, before a run's clock starts. A failed one is `None` (its
+/// task connects on its own later) and its error is returned to be counted.
+pub async fn open_all(
+    target: SocketAddr,
+    n: u32,
+    timeout: Duration,
+) -> (Vec<Option<TcpStream>>, Vec<ErrKind>) {
+    let mut opening = tokio::task::JoinSet::new();
+    for _ in 0..n {
+        opening.spawn(tokio::time::timeout(timeout, TcpStream::connect(target)));
+    }
+    let mut streams = Vec::with_capacity(n as usize);
+    let mut errors = Vec::new();
+    while let Some(joined) = opening.join_next().await {
+        let outcome = match joined {
+            Ok(Ok(Ok(s))) => Ok(s),
+            Ok(Ok(Err(e))) => Err(ErrKind::of(&e)),
+            Ok(Err(_elapsed)) => Err(ErrKind::Timeout),
+            Err(_panicked) => Err(ErrKind::Other),
+        };
+        match outcome {
+            Ok(s) => streams.push(Some(s)),
+            Err(k) => {
+                errors.push(k);
+                streams.push(None);
+            }
+        }
+    }
+    (streams, errors)
+}
+
 /// Runs `f` unless `deadline` comes first (`None`).
 pub async fn until<F: Future>(deadline: Instant, f: F) -> Option<F::Output> {
     tokio::time::timeout_at(deadline.into(), f).await.ok()

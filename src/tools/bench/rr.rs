@@ -29,7 +29,8 @@ use tokio::net::TcpStream;
 use super::pace::Pacer;
 use super::report::{Percentiles, Report, round3};
 use super::{
-    Common, Counters, ErrKind, Progress, Run, merge, new_histogram, record, spawn_progress, until,
+    Common, Counters, ErrKind, Progress, Run, merge, new_histogram, open_all, record,
+    spawn_progress, until,
 };
 use crate::config::{self, ByteSize};
 use crate::tools::ToolError;
@@ -72,15 +73,28 @@ const DEFAULT_DURATION: Duration = Duration::from_secs(10);
 
 pub async fn run(args: &RrArgs, target: SocketAddr, conns: u32) -> Result<Report, ToolError> {
     let duration = args.common.duration.unwrap_or(DEFAULT_DURATION);
-    let run = Arc::new(Run::new(&args.common, target, duration));
-    let progress = spawn_progress(run.clone(), Progress::Requests, args.common.quiet);
     let req = Arc::new(request(args.size.as_usize())?);
+    // Connect first and start the clock after: otherwise the first request of every
+    // connection (and, open loop, every request scheduled meanwhile) is charged the set-up.
+    let (mut ready, setup_errors) = open_all(target, conns, args.common.connect_timeout).await;
+    let run = Arc::new(Run::new(&args.common, target, duration));
+    for k in setup_errors {
+        run.counters.error(k);
+    }
+    let progress = spawn_progress(run.clone(), Progress::Requests, args.common.quiet);
     let tasks: Vec<_> = (0..conns)
         .map(|i| {
             let schedule = args
                 .rate
                 .map(|rate| Schedule::new(run.start, rate, conns, i));
-            tokio::spawn(connection(run.clone(), req.clone(), schedule, args.timeout))
+            let first = ready.pop().flatten();
+            tokio::spawn(connection(
+                run.clone(),
+                first,
+                req.clone(),
+                schedule,
+                args.timeout,
+            ))
         })
         .collect();
     let mut hist = new_histogram();
@@ -167,6 +181,7 @@ impl Schedule {
 /// Only set-up (the pacing timer); connection failures are counted, not returned.
 async fn connection(
     run: Arc<Run>,
+    mut first: Option<TcpStream>,
     req: Arc<Vec<u8>>,
     schedule: Option<Schedule>,
     timeout: Duration,
@@ -180,7 +195,14 @@ async fn connection(
     let codec = Codec::new((req.len() - HEADER_LEN) as u32);
     let mut resp = vec![0u8; req.len()];
     let mut k = 0u64;
-    'connect: while let Some(attempt) = run.connect().await {
+    'connect: loop {
+        let attempt = match first.take() {
+            Some(s) => Ok(s),
+            None => match run.connect().await {
+                Some(a) => a,
+                None => break,
+            },
+        };
         let mut stream = match attempt {
             Ok(s) => s,
             Err(e) => {
