@@ -29,7 +29,7 @@ impl fmt::Display for ByteSize {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         const UNITS: [(&str, u64); 3] = [("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)];
         for (name, mult) in UNITS {
-            if self.0 >= mult && self.0 % mult == 0 {
+            if self.0 >= mult && self.0.is_multiple_of(mult) {
                 return write!(f, "{}{}", self.0 / mult, name);
             }
         }
@@ -112,15 +112,15 @@ pub fn format_duration(d: Duration) -> String {
     let ms = d.as_millis();
     if d.subsec_nanos() == 0 {
         let s = d.as_secs();
-        if s != 0 && s % 3600 == 0 {
+        if s != 0 && s.is_multiple_of(3600) {
             return format!("{}h", s / 3600);
         }
-        if s != 0 && s % 60 == 0 {
+        if s != 0 && s.is_multiple_of(60) {
             return format!("{}m", s / 60);
         }
         return format!("{s}s");
     }
-    if d.as_nanos() % 1_000_000 == 0 {
+    if d.as_nanos().is_multiple_of(1_000_000) {
         return format!("{ms}ms");
     }
     format!("{}us", d.as_micros())

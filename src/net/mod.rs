@@ -202,9 +202,9 @@ pub fn available_cpus() -> usize {
 /// Pins the calling thread to one CPU. Failure is logged, not fatal.
 pub fn pin_current_thread(cpu: usize) {
     let mut set = nix::sched::CpuSet::new();
-    if set.set(cpu).is_ok() {
-        if let Err(e) = nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &set) {
-            tracing::warn!(cpu, error = %e, "could not pin worker thread");
-        }
+    if set.set(cpu).is_ok()
+        && let Err(e) = nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &set)
+    {
+        tracing::warn!(cpu, error = %e, "could not pin worker thread");
     }
 }
