@@ -14,7 +14,7 @@
 mod support;
 
 use std::io::Write;
-use std::net::{Shutdown, TcpStream};
+use std::net::{Shutdown, SocketAddr, TcpStream};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
@@ -570,13 +570,41 @@ fn no_fd_or_close_wait_leak(engine: &[&str]) {
     let relay = Relay::start_config(engine, &config, 2);
     let (live, dead) = (relay.addr_of("live"), relay.addr_of("refused"));
     let pid = relay.pid();
-    // 1. The relay's descriptors before any connection.
+    let only_listeners = || procfs::tcp_sockets(pid).iter().all(|e| e.state == "LISTEN");
+    // 1. A warm-up round of the same mix lets the engine create whatever it creates once
+    //    (runtime, pools); when its sessions are gone, note the relay's descriptors.
+    mixed_endings(live, dead, 7 * THREADS, THREADS);
+    assert!(
+        support::eventually(Duration::from_secs(5), only_listeners),
+        "warm-up sessions still open:\n{}",
+        procfs::describe_fds(pid).join("\n")
+    );
     let baseline = procfs::fd_count(pid);
     // 2. Connections ending every way there is, from a few threads at once.
+    mixed_endings(live, dead, CONNS, THREADS);
+    // 3. The relay returns to its baseline of descriptors ...
+    let mut now = usize::MAX;
+    let settled = support::eventually(Duration::from_secs(5), || {
+        now = procfs::fd_count(pid);
+        now <= baseline && only_listeners()
+    });
+    assert!(
+        settled,
+        "relay fds: {baseline} before, {now} after {CONNS} closed connections:\n{}",
+        procfs::describe_fds(pid).join("\n")
+    );
+    // 4. ... and holds no socket in CLOSE_WAIT.
+    let stuck = procfs::close_wait_sockets(pid);
+    assert!(stuck.is_empty(), "relay sockets in CLOSE_WAIT: {stuck:?}");
+}
+
+/// `count` connections through the scripted upstream of [`no_fd_or_close_wait_leak`] (or
+/// the refusing rule), cycling through every way a session can end, from `threads` threads.
+fn mixed_endings(live: SocketAddr, dead: SocketAddr, count: usize, threads: usize) {
     std::thread::scope(|s| {
-        for t in 0..THREADS {
+        for t in 0..threads {
             s.spawn(move || {
-                for i in (t..CONNS).step_by(THREADS) {
+                for i in (t..count).step_by(threads) {
                     match i % 7 {
                         // Clean close, client first.
                         0 => {
@@ -628,21 +656,6 @@ fn no_fd_or_close_wait_leak(engine: &[&str]) {
             });
         }
     });
-    // 3. The relay returns to its baseline of descriptors ...
-    let mut now = usize::MAX;
-    let settled = support::eventually(Duration::from_secs(5), || {
-        now = procfs::fd_count(pid);
-        now <= baseline
-    });
-    assert!(
-        settled,
-        "relay fds: {baseline} before, {now} after {CONNS} closed connections; \
-         CLOSE_WAIT sockets: {:?}",
-        procfs::close_wait_sockets(pid)
-    );
-    // 4. ... and holds no socket in CLOSE_WAIT.
-    let stuck = procfs::close_wait_sockets(pid);
-    assert!(stuck.is_empty(), "relay sockets in CLOSE_WAIT: {stuck:?}");
 }
 
 /// SIGTERM closes the listener at once, lets a live connection finish on its own time, and

@@ -27,12 +27,35 @@ pub fn socket_inodes(pid: i32) -> HashSet<u64> {
     .collect()
 }
 
-/// TCP state code of CLOSE_WAIT in `/proc/net/tcp`: the peer closed, the owner did not.
-const CLOSE_WAIT: &str = "08";
+/// One TCP socket as `/proc/net/tcp{,6}` lists it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TcpEntry {
+    pub inode: u64,
+    /// State name (`ESTABLISHED`, `CLOSE_WAIT`, …).
+    pub state: &'static str,
+    /// `local -> remote`, in the kernel's hex notation.
+    pub endpoints: String,
+}
 
-/// The TCP sockets (IPv4 and IPv6) owned by `pid` that sit in CLOSE_WAIT, as
-/// `local -> remote` strings for the failure message.
-pub fn close_wait_sockets(pid: i32) -> Vec<String> {
+/// Names of the kernel's TCP states, indexed by their code in `/proc/net/tcp`.
+const TCP_STATES: [&str; 13] = [
+    "?",
+    "ESTABLISHED",
+    "SYN_SENT",
+    "SYN_RECV",
+    "FIN_WAIT1",
+    "FIN_WAIT2",
+    "TIME_WAIT",
+    "CLOSE",
+    "CLOSE_WAIT",
+    "LAST_ACK",
+    "LISTEN",
+    "CLOSING",
+    "NEW_SYN_RECV",
+];
+
+/// The TCP sockets (IPv4 and IPv6) that `pid` holds open.
+pub fn tcp_sockets(pid: i32) -> Vec<TcpEntry> {
     let owned = socket_inodes(pid);
     let mut out = Vec::new();
     for table in ["/proc/net/tcp", "/proc/net/tcp6"] {
@@ -47,11 +70,54 @@ pub fn close_wait_sockets(pid: i32) -> Vec<String> {
             else {
                 continue;
             };
-            if *state == CLOSE_WAIT && inode.parse().is_ok_and(|i: u64| owned.contains(&i)) {
-                out.push(format!("{local} -> {remote} (inode {inode})"));
+            let Ok(inode) = inode.parse::<u64>() else {
+                continue;
+            };
+            if owned.contains(&inode) {
+                let code = usize::from_str_radix(state, 16).unwrap_or(0);
+                out.push(TcpEntry {
+                    inode,
+                    state: TCP_STATES.get(code).copied().unwrap_or("?"),
+                    endpoints: format!("{local} -> {remote}"),
+                });
             }
         }
     }
+    out
+}
+
+/// The TCP sockets of `pid` in CLOSE_WAIT: the peer closed, `pid` never did.
+pub fn close_wait_sockets(pid: i32) -> Vec<TcpEntry> {
+    tcp_sockets(pid)
+        .into_iter()
+        .filter(|e| e.state == "CLOSE_WAIT")
+        .collect()
+}
+
+/// Every open fd of `pid` with what it points to, and the TCP state for sockets; for
+/// failure messages.
+pub fn describe_fds(pid: i32) -> Vec<String> {
+    let tcp = tcp_sockets(pid);
+    let Ok(dir) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
+        return Vec::new();
+    };
+    let mut out: Vec<String> = dir
+        .filter_map(|e| {
+            let e = e.ok()?;
+            let target = std::fs::read_link(e.path()).ok()?;
+            let target = target.to_string_lossy().into_owned();
+            let tcp = tcp
+                .iter()
+                .find(|t| target == format!("socket:[{}]", t.inode))
+                .map(|t| format!(" {} {}", t.state, t.endpoints))
+                .unwrap_or_default();
+            Some(format!(
+                "{} -> {target}{tcp}",
+                e.file_name().to_string_lossy()
+            ))
+        })
+        .collect();
+    out.sort();
     out
 }
 
