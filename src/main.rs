@@ -8,6 +8,7 @@ use ringfwd::cli::{Cli, Command, RunArgs};
 use ringfwd::config::{Config, LogFormat};
 use ringfwd::engine::{self, RunContext};
 use ringfwd::metrics::Metrics;
+use ringfwd::metrics::hdrlog::HdrLog;
 use ringfwd::shutdown::{self, Shutdown};
 
 #[global_allocator]
@@ -81,15 +82,26 @@ fn run(args: &RunArgs) -> anyhow::Result<()> {
     shutdown::install_signal_handlers(&shutdown)?;
     shutdown.spawn_grace_timer(config.shutdown_grace);
 
+    let nofile = ringfwd::net::raise_nofile_limit();
+    tracing::debug!(nofile, "open-files limit");
     let engine = engine::resolve(config.engine)?;
     let names: Vec<&str> = config.rules.iter().map(|r| r.name.as_str()).collect();
     let metrics = Metrics::new(&names, config.worker_count());
     metrics.set_access_log(config.access_log);
+    metrics.open_taps(config.rules.iter().map(|r| r.tap.as_deref()))?;
     if let Some(addr) = config.admin {
         let bound = ringfwd::metrics::admin::spawn(addr, metrics.clone())
-            .map_err(|e| anyhow::anyhow!("cannot start the admin listener: {e}"))?;
-        tracing::info!(addr = %bound, "admin listening: /metrics /healthz /histograms");
+            .map_err(|e| anyhow::anyhow!("cannot start the admin listener on {addr}: {e}"))?;
+        tracing::info!(addr = %bound, "admin listening: /metrics /healthz /stats /histograms");
+        // Machine-readable, like the "listening" lines: tests bind port 0 and read it here.
+        let mut out = std::io::stdout().lock();
+        let _ = writeln!(out, "admin addr={bound}");
+        let _ = out.flush();
     }
+    let hdr_log = match &config.hdr_log {
+        Some(h) => Some(HdrLog::start(&h.path, h.interval, metrics.clone())?),
+        None => None,
+    };
     let ctx = RunContext { shutdown, metrics };
     engine::run(&config, engine, ctx, |addrs| {
         // One machine-readable line per rule on stdout: scripts and tests wait for it.
@@ -104,6 +116,9 @@ fn run(args: &RunArgs) -> anyhow::Result<()> {
         }
         let _ = out.flush();
     })?;
+    if let Some(log) = hdr_log {
+        log.finish();
+    }
     tracing::info!("stopped");
     Ok(())
 }

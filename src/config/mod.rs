@@ -172,7 +172,7 @@ impl Default for UringTuning {
             buffer_size: ByteSize(32 << 10),
             buffers: 64,
             pipe_size: ByteSize(1 << 20),
-            pipes: 64,
+            pipes: 16,
             max_connections: 8192,
         }
     }
@@ -186,13 +186,33 @@ pub struct Config {
     pub engine: EngineKind,
     pub mode: DataPath,
     pub shutdown_grace: Duration,
+    /// The admin listener (`/metrics`, `/healthz`, `/stats`, `/histograms`); off unless set.
+    /// The documented address is [`DEFAULT_ADMIN`], which `ringfwd stats` also defaults to.
     pub admin: Option<SocketAddr>,
     pub admin_allow_remote: bool,
     pub log_format: LogFormat,
     pub access_log: bool,
+    /// Periodic HdrHistogram interval log, if configured.
+    pub hdr_log: Option<HdrLogConfig>,
     pub uring: UringTuning,
     pub rules: Vec<Rule>,
 }
+
+/// Where the HdrHistogram interval log goes and how often an interval is written.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HdrLogConfig {
+    pub path: PathBuf,
+    pub interval: Duration,
+}
+
+/// The admin address the docs suggest (`admin = "127.0.0.1:9100"`) and `ringfwd stats` asks
+/// by default. The admin listener itself stays off unless `admin` is set.
+pub const DEFAULT_ADMIN: &str = "127.0.0.1:9100";
+pub const DEFAULT_HDR_LOG_INTERVAL: Duration = Duration::from_secs(10);
+/// Shortest and longest `hdr_log_interval`: below 100 ms the log is mostly headers and
+/// compression cost; above an hour it is no longer an interval log.
+pub const HDR_LOG_INTERVAL_RANGE: std::ops::RangeInclusive<Duration> =
+    Duration::from_millis(100)..=Duration::from_secs(3600);
 
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(600);
@@ -299,18 +319,7 @@ impl Config {
     fn from_raw(raw: RawConfig, src: &Source<'_>) -> Result<Self, ConfigError> {
         let workers = match raw.workers {
             None | Some(WorkersValue::Auto) => None,
-            Some(WorkersValue::Count(n)) => Some(
-                usize::try_from(n)
-                    .ok()
-                    .and_then(NonZeroUsize::new)
-                    .filter(|n| n.get() <= 1024)
-                    .ok_or_else(|| ConfigError {
-                        message: format!(
-                            "{}: workers: must be \"auto\" or 1..=1024, got {n}",
-                            src.name
-                        ),
-                    })?,
-            ),
+            Some(WorkersValue::Count(n)) => Some(n),
         };
         let engine = match &raw.engine {
             None => EngineKind::Auto,
@@ -370,29 +379,40 @@ impl Config {
                 Some(addr)
             }
         };
+        let hdr_log = hdr_log(raw.hdr_log.as_ref(), raw.hdr_log_interval.as_ref(), src)?;
         let uring = uring_tuning(raw.uring.unwrap_or_default(), src)?;
 
         let mut rules = Vec::with_capacity(raw.rules.len());
         for (i, r) in raw.rules.into_iter().enumerate() {
+            // Duplicates are found after conversion; keep where the second one was written.
+            let name_span = r
+                .name
+                .as_ref()
+                .map_or_else(|| r.listen.span(), |n| n.span());
+            let listen_span = r.listen.span();
             let rule = rule_from_raw(i, r, src)?;
             if let Some(prev) = rules.iter().find(|p: &&Rule| p.name == rule.name) {
-                return Err(ConfigError {
-                    message: format!(
-                        "{}: rule name {:?} is used twice (listen {} and {})",
-                        src.name, rule.name, prev.listen, rule.listen
+                return Err(src.error_at(
+                    name_span,
+                    "name",
+                    format!(
+                        "rule name {:?} is used twice (listen {} and {})",
+                        rule.name, prev.listen, rule.listen
                     ),
-                });
+                ));
             }
             if let Some(prev) = rules
                 .iter()
                 .find(|p: &&Rule| p.listen == rule.listen && p.listen.port() != 0)
             {
-                return Err(ConfigError {
-                    message: format!(
-                        "{}: rules {:?} and {:?} both listen on {}",
-                        src.name, prev.name, rule.name, rule.listen
+                return Err(src.error_at(
+                    listen_span,
+                    "listen",
+                    format!(
+                        "rules {:?} and {:?} both listen on {}",
+                        prev.name, rule.name, rule.listen
                     ),
-                });
+                ));
             }
             rules.push(rule);
         }
@@ -406,6 +426,7 @@ impl Config {
             admin_allow_remote,
             log_format,
             access_log: raw.access_log.unwrap_or(true),
+            hdr_log,
             uring,
             rules,
         })
@@ -460,6 +481,10 @@ impl Config {
             }
         );
         let _ = writeln!(out, "access_log = {}", self.access_log);
+        if let Some(h) = &self.hdr_log {
+            let _ = writeln!(out, "hdr_log = {:?}", h.path.display().to_string());
+            let _ = writeln!(out, "hdr_log_interval = {:?}", format_duration(h.interval));
+        }
         let u = &self.uring;
         let _ = writeln!(out, "\n[uring]");
         let _ = writeln!(out, "ring_entries = {}", u.ring_entries);
@@ -525,52 +550,96 @@ impl Config {
     }
 }
 
+fn hdr_log(
+    path: Option<&toml::Spanned<String>>,
+    interval: Option<&toml::Spanned<raw::DurationValue>>,
+    src: &Source<'_>,
+) -> Result<Option<HdrLogConfig>, ConfigError> {
+    if let Some(i) = interval {
+        let d = i.get_ref().0;
+        if !HDR_LOG_INTERVAL_RANGE.contains(&d) {
+            return Err(src.error_at(
+                i.span(),
+                "hdr_log_interval",
+                format!(
+                    "must be {}..={}, got {}",
+                    format_duration(*HDR_LOG_INTERVAL_RANGE.start()),
+                    format_duration(*HDR_LOG_INTERVAL_RANGE.end()),
+                    format_duration(d)
+                ),
+            ));
+        }
+    }
+    match (path, interval) {
+        (None, None) => Ok(None),
+        (None, Some(i)) => Err(src.error_at(
+            i.span(),
+            "hdr_log_interval",
+            "is set but hdr_log is not: add hdr_log = \"FILE\" or remove the interval",
+        )),
+        (Some(p), _) if p.get_ref().trim().is_empty() => Err(src.error_at(
+            p.span(),
+            "hdr_log",
+            "must be a file path, got an empty string",
+        )),
+        (Some(p), i) => Ok(Some(HdrLogConfig {
+            path: PathBuf::from(p.get_ref()),
+            interval: i.map_or(DEFAULT_HDR_LOG_INTERVAL, |i| i.get_ref().0),
+        })),
+    }
+}
+
 fn uring_tuning(raw: raw::RawUring, src: &Source<'_>) -> Result<UringTuning, ConfigError> {
+    // Defaults are in range; a value out of range is reported where it was written.
+    let count = |v: Option<toml::Spanned<u32>>, default: u32, lo: u32, hi: u32, key: &str| match v {
+        None => Ok(default),
+        Some(s) if (lo..=hi).contains(s.get_ref()) => Ok(*s.get_ref()),
+        Some(s) => Err(src.error_at(
+            s.span(),
+            &format!("uring.{key}"),
+            format!("must be {lo}..={hi}, got {}", s.get_ref()),
+        )),
+    };
+    let size = |v: Option<toml::Spanned<raw::SizeValue>>,
+                default: ByteSize,
+                lo: ByteSize,
+                hi: ByteSize,
+                key: &str| match v {
+        None => Ok(default),
+        Some(s) if (lo..=hi).contains(&s.get_ref().0) => Ok(s.get_ref().0),
+        Some(s) => Err(src.error_at(
+            s.span(),
+            &format!("uring.{key}"),
+            format!("must be {lo}..={hi}, got {}", s.get_ref().0),
+        )),
+    };
     let d = UringTuning::default();
     let t = UringTuning {
-        ring_entries: raw.ring_entries.unwrap_or(d.ring_entries),
-        buffer_size: raw.buffer_size.map_or(d.buffer_size, |s| s.0),
-        buffers: raw.buffers.unwrap_or(d.buffers),
-        pipe_size: raw.pipe_size.map_or(d.pipe_size, |s| s.0),
-        pipes: raw.pipes.unwrap_or(d.pipes),
-        max_connections: raw.max_connections.unwrap_or(d.max_connections),
-    };
-    let bad = |key: &str, why: String| ConfigError {
-        message: format!("{}: uring.{key}: {why}", src.name),
-    };
-    if !(8..=32768).contains(&t.ring_entries) {
-        return Err(bad(
-            "ring_entries",
-            format!("must be 8..=32768, got {}", t.ring_entries),
-        ));
-    }
-    if !(4096..=(16 << 20)).contains(&t.buffer_size.bytes()) {
-        return Err(bad(
+        ring_entries: count(raw.ring_entries, d.ring_entries, 8, 32768, "ring_entries")?,
+        buffer_size: size(
+            raw.buffer_size,
+            d.buffer_size,
+            ByteSize(4 << 10),
+            ByteSize(16 << 20),
             "buffer_size",
-            format!("must be 4KiB..=16MiB, got {}", t.buffer_size),
-        ));
-    }
-    if !(1..=65536).contains(&t.buffers) {
-        return Err(bad(
-            "buffers",
-            format!("must be 1..=65536, got {}", t.buffers),
-        ));
-    }
-    if !(4096..=(1 << 30)).contains(&t.pipe_size.bytes()) {
-        return Err(bad(
+        )?,
+        buffers: count(raw.buffers, d.buffers, 1, 32768, "buffers")?,
+        pipe_size: size(
+            raw.pipe_size,
+            d.pipe_size,
+            ByteSize(4 << 10),
+            ByteSize(1 << 30),
             "pipe_size",
-            format!("must be 4KiB..=1GiB, got {}", t.pipe_size),
-        ));
-    }
-    if t.pipes > 65536 {
-        return Err(bad("pipes", format!("must be 0..=65536, got {}", t.pipes)));
-    }
-    if !(1..=(1 << 20)).contains(&t.max_connections) {
-        return Err(bad(
+        )?,
+        pipes: count(raw.pipes, d.pipes, 0, 65536, "pipes")?,
+        max_connections: count(
+            raw.max_connections,
+            d.max_connections,
+            1,
+            1 << 20,
             "max_connections",
-            format!("must be 1..=1048576, got {}", t.max_connections),
-        ));
-    }
+        )?,
+    };
     Ok(t)
 }
 
@@ -586,34 +655,27 @@ fn rule_from_raw(index: usize, r: RawRule, src: &Source<'_>) -> Result<Rule, Con
         resolve_one(r.listen.get_ref()).map_err(|m| src.error_at(r.listen.span(), "listen", m))?;
     let upstream = resolve_upstream(r.upstream.get_ref())
         .map_err(|m| src.error_at(r.upstream.span(), "upstream", m))?;
+    // `keepalive.count = 0` is refused while deserializing, where its position is known.
     let keepalive = match r.keepalive {
         None | Some(KeepaliveValue::Enabled(false)) => None,
         Some(KeepaliveValue::Enabled(true)) => Some(Keepalive::default()),
-        Some(KeepaliveValue::Tuned(t)) => {
-            if t.count == Some(0) {
-                return Err(ConfigError {
-                    message: format!(
-                        "{}: rule {name:?}: keepalive.count must be at least 1",
-                        src.name
-                    ),
-                });
-            }
-            Some(Keepalive {
-                idle: t.idle.map(|d| d.0),
-                interval: t.interval.map(|d| d.0),
-                count: t.count,
-            })
-        }
+        Some(KeepaliveValue::Tuned(t)) => Some(Keepalive {
+            idle: t.idle.map(|d| d.0),
+            interval: t.interval.map(|d| d.0),
+            count: t.count,
+        }),
     };
-    let connect_timeout = r.connect_timeout.map_or(DEFAULT_CONNECT_TIMEOUT, |d| d.0);
-    if connect_timeout.is_zero() {
-        return Err(ConfigError {
-            message: format!(
-                "{}: rule {name:?}: connect_timeout must be more than 0s",
-                src.name
-            ),
-        });
-    }
+    let connect_timeout = match &r.connect_timeout {
+        None => DEFAULT_CONNECT_TIMEOUT,
+        Some(d) if d.get_ref().0.is_zero() => {
+            return Err(src.error_at(
+                d.span(),
+                "connect_timeout",
+                format!("rule {name:?}: must be more than 0s"),
+            ));
+        }
+        Some(d) => d.get_ref().0,
+    };
     let idle_timeout = match r.idle_timeout {
         None => Some(DEFAULT_IDLE_TIMEOUT),
         Some(d) if d.0.is_zero() => None,
@@ -660,6 +722,12 @@ pub fn resolve_upstream(text: &str) -> Result<Upstream, String> {
             "{text:?} is not an address: expected host:port, e.g. 127.0.0.1:8080 or [::1]:8080"
         ));
     };
+    if host.contains(':') && !(host.starts_with('[') && host.ends_with(']')) {
+        // "fe80::1:8080" could be an address without a port or one with port 8080.
+        return Err(format!(
+            "{text:?}: an IPv6 address needs brackets around it, e.g. [::1]:8080"
+        ));
+    }
     if port.parse::<u16>().is_err() {
         return Err(format!("{text:?}: invalid port {port:?}"));
     }
@@ -681,3 +749,59 @@ pub fn resolve_upstream(text: &str) -> Result<Upstream, String> {
 
 #[cfg(test)]
 mod tests;
+
+#[cfg(test)]
+mod metrics_key_tests {
+    use super::*;
+
+    const RULE: &str = "[[rule]]\nlisten = \"127.0.0.1:0\"\nupstream = \"127.0.0.1:9\"\n";
+
+    fn parse(top: &str) -> Result<Config, ConfigError> {
+        Config::parse("t.toml", &format!("{top}\n{RULE}"))
+    }
+
+    #[test]
+    fn hdr_log_has_a_default_interval_and_round_trips() {
+        let c = parse("hdr_log = \"/tmp/x.hlog\"").unwrap();
+        let h = c.hdr_log.clone().unwrap();
+        assert_eq!(h.path, PathBuf::from("/tmp/x.hlog"));
+        assert_eq!(h.interval, DEFAULT_HDR_LOG_INTERVAL);
+        let c = parse("hdr_log = \"x.hlog\"\nhdr_log_interval = \"250ms\"").unwrap();
+        assert_eq!(
+            c.hdr_log.as_ref().unwrap().interval,
+            Duration::from_millis(250)
+        );
+        assert!(
+            c.to_toml().contains("hdr_log_interval = \"250ms\""),
+            "{}",
+            c.to_toml()
+        );
+        assert_eq!(parse("").unwrap().hdr_log, None);
+    }
+
+    #[test]
+    fn hdr_log_mistakes_are_reported_at_their_key() {
+        let e = parse("hdr_log_interval = \"5s\"").unwrap_err();
+        assert!(e.message.starts_with("t.toml:1:"), "{e}");
+        assert!(e.message.contains("hdr_log is not"), "{e}");
+        let e = parse("hdr_log = \"x\"\nhdr_log_interval = \"10\"").unwrap_err();
+        assert!(e.message.contains("hdr_log_interval"), "{e}");
+        assert!(e.message.contains("unit"), "{e}");
+        let e = parse("hdr_log = \"x\"\nhdr_log_interval = \"10ms\"").unwrap_err();
+        assert!(e.message.contains("must be 100ms..=1h"), "{e}");
+        let e = parse("hdr_log = \" \"").unwrap_err();
+        assert!(e.message.contains("hdr_log: must be a file path"), "{e}");
+    }
+
+    #[test]
+    fn default_admin_is_a_loopback_address() {
+        let a = resolve_one(DEFAULT_ADMIN).unwrap();
+        assert!(a.ip().is_loopback());
+        assert_eq!(a.port(), 9100);
+        assert_eq!(
+            parse("").unwrap().admin,
+            None,
+            "admin stays off unless configured"
+        );
+    }
+}

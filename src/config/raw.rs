@@ -5,6 +5,7 @@
 //! [`super::Config::from_raw`]'s job. Every table denies unknown keys.
 
 use serde::{Deserialize, Deserializer};
+use std::num::NonZeroUsize;
 use std::time::Duration;
 use toml::Spanned;
 
@@ -16,10 +17,22 @@ pub struct DurationValue(pub Duration);
 
 impl<'de> Deserialize<'de> for DurationValue {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let text = String::deserialize(d)?;
-        parse_duration(&text)
-            .map(DurationValue)
-            .map_err(serde::de::Error::custom)
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Either {
+            Int(i64),
+            Text(String),
+        }
+        match Either::deserialize(d).map_err(|_| {
+            serde::de::Error::custom("expected a duration with a unit, such as \"5s\"")
+        })? {
+            Either::Int(n) => Err(serde::de::Error::custom(format!(
+                "invalid duration {n}: a unit is required, written as a string such as \"{n}s\""
+            ))),
+            Either::Text(t) => parse_duration(&t)
+                .map(DurationValue)
+                .map_err(serde::de::Error::custom),
+        }
     }
 }
 
@@ -46,39 +59,77 @@ impl<'de> Deserialize<'de> for SizeValue {
     }
 }
 
-/// `workers = "auto"` or `workers = 4`.
+/// `workers = "auto"` or `workers = 4` (1..=1024, checked here so the error has a position).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum WorkersValue {
     Auto,
-    Count(u64),
+    Count(NonZeroUsize),
 }
+
+/// The most worker threads a config may ask for.
+pub const MAX_WORKERS: usize = 1024;
 
 impl<'de> Deserialize<'de> for WorkersValue {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         #[derive(Deserialize)]
         #[serde(untagged)]
         enum Either {
-            Int(u64),
+            Int(i64),
             Text(String),
         }
-        match Either::deserialize(d)
-            .map_err(|_| serde::de::Error::custom("expected \"auto\" or a positive number"))?
-        {
-            Either::Int(n) => Ok(WorkersValue::Count(n)),
+        let expected = || format!("expected \"auto\" or 1..={MAX_WORKERS}");
+        match Either::deserialize(d).map_err(|_| serde::de::Error::custom(expected()))? {
+            Either::Int(n) => usize::try_from(n)
+                .ok()
+                .filter(|n| *n <= MAX_WORKERS)
+                .and_then(NonZeroUsize::new)
+                .map(WorkersValue::Count)
+                .ok_or_else(|| {
+                    serde::de::Error::custom(format!("invalid workers {n}: {}", expected()))
+                }),
             Either::Text(t) if t == "auto" => Ok(WorkersValue::Auto),
             Either::Text(t) => Err(serde::de::Error::custom(format!(
-                "invalid workers {t:?}: expected \"auto\" or a positive number"
+                "invalid workers {t:?}: {}",
+                expected()
             ))),
         }
     }
 }
 
 /// `keepalive = true`, `keepalive = false`, or a table with the probe timings.
-#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
-#[serde(untagged)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub enum KeepaliveValue {
     Enabled(bool),
     Tuned(KeepaliveTable),
+}
+
+impl<'de> Deserialize<'de> for KeepaliveValue {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        // Not `#[serde(untagged)]`: its error ("data did not match any variant") hides
+        // which key of the table was wrong.
+        struct Visitor;
+        impl<'de> serde::de::Visitor<'de> for Visitor {
+            type Value = KeepaliveValue;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("true, false, or a table such as { idle = \"60s\", interval = \"10s\", count = 5 }")
+            }
+            fn visit_bool<E: serde::de::Error>(self, v: bool) -> Result<Self::Value, E> {
+                Ok(KeepaliveValue::Enabled(v))
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                map: A,
+            ) -> Result<Self::Value, A::Error> {
+                let t =
+                    KeepaliveTable::deserialize(serde::de::value::MapAccessDeserializer::new(map))?;
+                if t.count == Some(0) {
+                    return Err(serde::de::Error::custom("count must be at least 1"));
+                }
+                Ok(KeepaliveValue::Tuned(t))
+            }
+        }
+        d.deserialize_any(Visitor)
+    }
 }
 
 #[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
@@ -100,6 +151,8 @@ pub struct RawConfig {
     pub admin_allow_remote: Option<bool>,
     pub log_format: Option<Spanned<String>>,
     pub access_log: Option<bool>,
+    pub hdr_log: Option<Spanned<String>>,
+    pub hdr_log_interval: Option<Spanned<DurationValue>>,
     pub uring: Option<RawUring>,
     #[serde(default, rename = "rule")]
     pub rules: Vec<RawRule>,
@@ -108,12 +161,12 @@ pub struct RawConfig {
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawUring {
-    pub ring_entries: Option<u32>,
-    pub buffer_size: Option<SizeValue>,
-    pub buffers: Option<u32>,
-    pub pipe_size: Option<SizeValue>,
-    pub pipes: Option<u32>,
-    pub max_connections: Option<u32>,
+    pub ring_entries: Option<Spanned<u32>>,
+    pub buffer_size: Option<Spanned<SizeValue>>,
+    pub buffers: Option<Spanned<u32>>,
+    pub pipe_size: Option<Spanned<SizeValue>>,
+    pub pipes: Option<Spanned<u32>>,
+    pub max_connections: Option<Spanned<u32>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -127,7 +180,7 @@ pub struct RawRule {
     pub linger: Option<DurationValue>,
     pub recv_buffer: Option<SizeValue>,
     pub send_buffer: Option<SizeValue>,
-    pub connect_timeout: Option<DurationValue>,
+    pub connect_timeout: Option<Spanned<DurationValue>>,
     pub idle_timeout: Option<DurationValue>,
     pub tap: Option<String>,
 }

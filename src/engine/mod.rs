@@ -33,17 +33,33 @@ pub struct Listeners {
 }
 
 /// Why an engine could not run.
+///
+/// `Listen` and `UringUnavailable` already carry their cause in their text, so they do not
+/// expose it again as an error `source`: `main` prints the whole chain (`{:#}`), and a source
+/// would repeat the message on the one error line.
 #[derive(Debug, thiserror::Error)]
 pub enum EngineError {
     #[error("{0}")]
-    Listen(#[from] ListenError),
+    Listen(ListenError),
     #[error("io_uring engine unavailable: {0}")]
-    UringUnavailable(#[from] uring::Unavailable),
+    UringUnavailable(uring::Unavailable),
     #[error("{what}: {source}")]
     Io {
         what: &'static str,
         source: std::io::Error,
     },
+}
+
+impl From<ListenError> for EngineError {
+    fn from(e: ListenError) -> Self {
+        Self::Listen(e)
+    }
+}
+
+impl From<uring::Unavailable> for EngineError {
+    fn from(e: uring::Unavailable) -> Self {
+        Self::UringUnavailable(e)
+    }
 }
 
 /// The engine that will actually run, after `auto` is resolved.

@@ -17,7 +17,8 @@ use socket2::SockRef;
 use super::{EngineError, Listeners, RunContext};
 use crate::config::{Config, Rule};
 use crate::metrics::{
-    CloseReason, ConnectError, Direction, Metrics, PathKind, RejectReason, SessionRecord,
+    CloseReason, ConnectError, Direction, Metrics, PathKind, RejectReason, SessionRecord, Tap,
+    TapSession,
 };
 use crate::net;
 use crate::shutdown::{Phase, Shutdown};
@@ -252,6 +253,10 @@ fn handle(
         }
     };
     rm.local().connected(accepted_at.elapsed());
+    let tap = rm
+        .tap()
+        .map(|t| (t, t.open_session(Some(peer), upstream_addr)));
+    let tap_ref = tap.as_ref().map(|(t, s)| (*t, s));
 
     let shared = Shared {
         abort: AtomicU8::new(0),
@@ -287,6 +292,7 @@ fn handle(
                             shared_ref,
                             shutdown,
                             Some(accepted_at),
+                            tap_ref,
                         );
                     });
                 if spawned.is_err() {
@@ -302,6 +308,7 @@ fn handle(
                     &shared,
                     shutdown,
                     None,
+                    tap_ref,
                 );
             });
             shared.aborted().unwrap_or(CloseReason::Eof)
@@ -313,6 +320,9 @@ fn handle(
     }
     drop(client);
     drop(upstream);
+    if let Some((t, s)) = tap {
+        t.close_session(s, reason);
+    }
     log(
         shared.bytes[0].load(Ordering::Relaxed),
         shared.bytes[1].load(Ordering::Relaxed),
@@ -333,6 +343,7 @@ fn pump(
     shared: &Shared,
     shutdown: &Shutdown,
     mut first_byte_since: Option<Instant>,
+    tap: Option<(&Tap, &TapSession)>,
 ) {
     let mut buf = vec![0u8; BUFFER_SIZE];
     loop {
@@ -363,6 +374,9 @@ fn pump(
             shard.first_byte(read_done - t);
         }
         shared.touch();
+        if let Some((t, s)) = tap {
+            t.data(s, dir, &buf[..n]);
+        }
         let mut off = 0;
         while off < n {
             match dst.write(&buf[off..n]) {

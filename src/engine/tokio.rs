@@ -19,7 +19,8 @@ use tokio::sync::{Notify, watch};
 use super::{EngineError, Listeners, RunContext};
 use crate::config::{Config, Rule};
 use crate::metrics::{
-    CloseReason, ConnectError, Direction, Metrics, PathKind, RejectReason, SessionRecord,
+    CloseReason, ConnectError, Direction, Metrics, PathKind, RejectReason, SessionRecord, Tap,
+    TapSession,
 };
 use crate::net;
 use crate::shutdown::Phase;
@@ -216,6 +217,9 @@ async fn handle(
         }
     };
     rm.local().connected(accepted_at.elapsed());
+    let tap = rm
+        .tap()
+        .map(|t| (t, t.open_session(Some(peer), upstream_addr)));
 
     let mut client = client;
     let mut upstream = upstream;
@@ -233,8 +237,12 @@ async fn handle(
         &counters,
         accepted_at,
         &mut phase,
+        tap.as_ref().map(|(t, s)| (*t, s)),
     )
     .await;
+    if let Some((t, s)) = tap {
+        t.close_session(s, reason);
+    }
     if matches!(reason, CloseReason::Reset | CloseReason::Error) {
         net::set_reset_on_close(SockRef::from(&client));
         net::set_reset_on_close(SockRef::from(&upstream));
@@ -283,6 +291,7 @@ async fn relay(
     counters: &Counters,
     accepted_at: Instant,
     phase: &mut watch::Receiver<Phase>,
+    tap: Option<(&Tap, &TapSession)>,
 ) -> CloseReason {
     let (mut cr, mut cw) = client.split();
     let (mut ur, mut uw) = upstream.split();
@@ -294,6 +303,7 @@ async fn relay(
         metrics,
         counters,
         None,
+        tap,
     );
     let u2c = pump(
         &mut ur,
@@ -303,6 +313,7 @@ async fn relay(
         metrics,
         counters,
         Some(accepted_at),
+        tap,
     );
     tokio::pin!(c2u, u2c);
     let (mut c2u_done, mut u2c_done) = (false, false);
@@ -346,6 +357,7 @@ fn close_reason(e: &io::Error) -> CloseReason {
 }
 
 /// Moves one direction until end of stream, then half-closes the writer.
+#[allow(clippy::too_many_arguments)]
 async fn pump(
     r: &mut tokio::net::tcp::ReadHalf<'_>,
     w: &mut tokio::net::tcp::WriteHalf<'_>,
@@ -354,6 +366,7 @@ async fn pump(
     metrics: &Metrics,
     counters: &Counters,
     mut first_byte_since: Option<Instant>,
+    tap: Option<(&Tap, &TapSession)>,
 ) -> io::Result<()> {
     let mut buf = vec![0u8; BUFFER_SIZE];
     loop {
@@ -370,6 +383,9 @@ async fn pump(
             shard.first_byte(read_done - t);
         }
         counters.touch();
+        if let Some((t, s)) = tap {
+            t.data(s, dir, &buf[..n]);
+        }
         w.write_all(&buf[..n]).await?;
         shard.transfer(dir, read_done.elapsed());
         shard.bytes(dir, PathKind::Copy, n as u64);

@@ -3,16 +3,27 @@
 //! Every worker (a uring core, a tokio runtime thread, a std connection thread) records into
 //! its own [`Shard`] of a rule with relaxed atomic adds — no lock on the data path. Readers
 //! (the admin endpoint, tests, `ringfwd stats`) merge the shards into a [`RuleSnapshot`].
+//!
+//! The export side lives in the submodules: [`prom`] (Prometheus/OpenMetrics text),
+//! [`report`] (the JSON `/stats` document `ringfwd stats` reads), [`admin`] (the HTTP listener
+//! serving both plus raw HDR histograms), [`hdrlog`] (periodic HdrHistogram interval logs) and
+//! [`tap`] (hexdumps of a rule's traffic, off the data path).
 
 pub mod admin;
+pub mod hdrlog;
 pub mod hist;
+pub mod prom;
+pub mod report;
+pub mod tap;
 
 use std::cell::Cell;
-use std::sync::Arc;
+use std::path::Path;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::time::Duration;
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
 
 pub use hist::AtomicHistogram;
+pub use tap::{Tap, TapError, TapSession};
 
 /// Which way bytes flow.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -205,13 +216,63 @@ impl Shard {
     }
 }
 
+/// The five latency histograms every rule keeps, by the name the admin endpoints use.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum HistogramKind {
+    /// From accept to the upstream connect completing.
+    UpstreamConnect,
+    /// From accept to the first byte read from the upstream.
+    FirstByte,
+    /// From accept to the session's end.
+    Session,
+    /// From a read's completion to the matching write's completion, per direction.
+    Transfer(Direction),
+}
+
+impl HistogramKind {
+    pub const ALL: [HistogramKind; 5] = [
+        Self::UpstreamConnect,
+        Self::FirstByte,
+        Self::Session,
+        Self::Transfer(Direction::ClientToUpstream),
+        Self::Transfer(Direction::UpstreamToClient),
+    ];
+
+    /// The name used by `/histograms?metric=`, `/stats` and the HDR log tags.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::UpstreamConnect => "upstream_connect",
+            Self::FirstByte => "first_byte",
+            Self::Session => "session",
+            Self::Transfer(Direction::ClientToUpstream) => "transfer_client_to_upstream",
+            Self::Transfer(Direction::UpstreamToClient) => "transfer_upstream_to_client",
+        }
+    }
+
+    pub fn parse(text: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|k| k.as_str() == text)
+    }
+
+    /// Every accepted name, for error messages.
+    pub fn names() -> String {
+        Self::ALL.map(Self::as_str).join(", ")
+    }
+}
+
 /// All shards of one rule.
 pub struct RuleMetrics {
     pub name: String,
     shards: Box<[Shard]>,
+    tap: OnceLock<Tap>,
 }
 
 impl RuleMetrics {
+    /// The rule's traffic tap, if one is configured: one atomic load when there is none.
+    #[inline]
+    pub fn tap(&self) -> Option<&Tap> {
+        self.tap.get()
+    }
+
     /// The shard a worker records into (`index` wraps around).
     #[inline]
     pub fn shard(&self, index: usize) -> &Shard {
@@ -290,6 +351,16 @@ impl RuleSnapshot {
     pub fn bytes_path(&self, dir: Direction, path: PathKind) -> u64 {
         self.bytes[dir as usize][path as usize]
     }
+
+    /// One of the five merged histograms (values in microseconds).
+    pub fn histogram(&self, kind: HistogramKind) -> &hdrhistogram::Histogram<u64> {
+        match kind {
+            HistogramKind::UpstreamConnect => &self.upstream_connect,
+            HistogramKind::FirstByte => &self.first_byte,
+            HistogramKind::Session => &self.session,
+            HistogramKind::Transfer(d) => &self.transfer[d as usize],
+        }
+    }
 }
 
 /// One finished session, as the access log prints it.
@@ -309,6 +380,7 @@ pub struct SessionRecord<'a> {
 pub struct Metrics {
     rules: Vec<RuleMetrics>,
     access_log: std::sync::atomic::AtomicBool,
+    created: Instant,
 }
 
 impl Metrics {
@@ -321,10 +393,38 @@ impl Metrics {
                 .map(|n| RuleMetrics {
                     name: n.as_ref().to_string(),
                     shards: (0..shards).map(|_| Shard::default()).collect(),
+                    tap: OnceLock::new(),
                 })
                 .collect(),
             access_log: std::sync::atomic::AtomicBool::new(false),
+            created: Instant::now(),
         })
+    }
+
+    /// Time since these metrics were created (the forwarder's uptime, near enough); readers
+    /// divide counter deltas by uptime deltas to get rates that do not depend on their own
+    /// clocks.
+    pub fn uptime(&self) -> Duration {
+        self.created.elapsed()
+    }
+
+    /// Opens the traffic tap of every rule that has one: `paths` is in rule order, `None` for
+    /// rules without a tap. A rule whose tap is already open keeps it.
+    ///
+    /// # Errors
+    /// A tap file cannot be opened or its writer thread cannot start.
+    pub fn open_taps<'a>(
+        &self,
+        paths: impl IntoIterator<Item = Option<&'a Path>>,
+    ) -> Result<(), TapError> {
+        for (rule, path) in self.rules.iter().zip(paths) {
+            if let Some(path) = path
+                && rule.tap.get().is_none()
+            {
+                let _ = rule.tap.set(Tap::open(path, &rule.name)?);
+            }
+        }
+        Ok(())
     }
 
     /// Turns the one-line-per-session access log on or off.

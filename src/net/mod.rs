@@ -208,3 +208,21 @@ pub fn pin_current_thread(cpu: usize) {
         tracing::warn!(cpu, error = %e, "could not pin worker thread");
     }
 }
+
+/// Raises the soft open-files limit to the hard limit: every connection costs two fds (and
+/// every pooled pipe two more), and the common soft default of 1024 would cap a forwarder at a
+/// few hundred connections. Returns the limit now in force.
+pub fn raise_nofile_limit() -> u64 {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    match getrlimit(Resource::RLIMIT_NOFILE) {
+        Ok((soft, hard)) if soft < hard => match setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
+            Ok(()) => hard,
+            Err(e) => {
+                tracing::debug!(error = %e, "cannot raise RLIMIT_NOFILE");
+                soft
+            }
+        },
+        Ok((soft, _)) => soft,
+        Err(_) => 0,
+    }
+}

@@ -1,9 +1,14 @@
 //! Network tools shipped in the same binary: the backends the tests and benchmarks forward
 //! to, TCP ping, the load generator, and the stats viewer.
+//!
+//! `echo` and `sink` share their listener and runtime set-up ([`serve`]); `echo` and `bench`
+//! share the TLV frame ([`frame`]). Usage of each tool is in `docs/TOOLS.md`.
 
 pub mod bench;
 pub mod echo;
+pub mod frame;
 pub mod ping;
+pub mod serve;
 pub mod sink;
 pub mod stats;
 

@@ -1,16 +1,292 @@
-//! `ringfwd stats` (not implemented yet).
+//! `ringfwd stats`: a per-rule table of a running forwarder, read from its admin endpoint's
+//! `/stats` JSON ([`crate::metrics::report`]).
+//!
+//! Rates need two samples: the tool fetches `/stats`, waits `--interval`, fetches again and
+//! divides the byte deltas by the forwarder's own uptime delta (so a slow fetch does not skew
+//! them). Percentiles are over the forwarder's whole run (cumulative HDR histograms). With
+//! `--watch` it keeps sampling and redraws every interval until interrupted.
+
+use std::fmt::Write as _;
+use std::io::Write as _;
+use std::net::SocketAddr;
+use std::time::Duration;
 
 use clap::Args;
+use http_body_util::{BodyExt, Empty};
+use hyper::body::Bytes;
 
 use super::ToolError;
+use crate::config::{self, DEFAULT_ADMIN};
+use crate::metrics::report::{RuleReport, StatsReport};
+use crate::metrics::{Direction, HistogramKind, PathKind};
+
+/// A fetch that takes longer than this is an error (the admin endpoint answers in
+/// milliseconds).
+const FETCH_TIMEOUT: Duration = Duration::from_secs(5);
 
 #[derive(Debug, Args)]
-pub struct StatsArgs {}
+pub struct StatsArgs {
+    /// Admin address of the forwarder (its `admin` setting).
+    #[arg(long, value_name = "ADDR", default_value = DEFAULT_ADMIN)]
+    pub admin: String,
+    /// Redraw every interval until Ctrl-C.
+    #[arg(long)]
+    pub watch: bool,
+    /// Time between the two samples rates are computed from (and between redraws), e.g. 1s.
+    #[arg(long, value_name = "DURATION", default_value = "1s", value_parser = parse_interval)]
+    pub interval: Duration,
+}
+
+fn parse_interval(s: &str) -> Result<Duration, String> {
+    let d = config::parse_duration(s)?;
+    if d < Duration::from_millis(10) || d > Duration::from_secs(3600) {
+        return Err(format!("interval must be 10ms..=1h, got {s}"));
+    }
+    Ok(d)
+}
 
 /// Runs the tool.
 ///
 /// # Errors
-/// Always, until implemented.
-pub fn run(_args: StatsArgs) -> Result<(), ToolError> {
-    Err("not implemented yet".into())
+/// A bad address, the forwarder cannot be reached, or its answer is not a stats document.
+pub fn run(args: StatsArgs) -> Result<(), ToolError> {
+    let addr = config::resolve_one(&args.admin).map_err(|m| format!("--admin: {m}"))?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let fetch = || rt.block_on(fetch_stats(addr));
+    let mut prev = fetch()?;
+    let stdout = std::io::stdout();
+    let tty = std::io::IsTerminal::is_terminal(&stdout);
+    loop {
+        std::thread::sleep(args.interval);
+        let cur = fetch()?;
+        let mut screen = String::new();
+        if args.watch && tty {
+            // Home and clear, so the table redraws in place.
+            screen.push_str("\x1b[H\x1b[2J");
+        }
+        screen.push_str(&render(&prev, &cur, addr));
+        let mut out = stdout.lock();
+        out.write_all(screen.as_bytes())?;
+        out.flush()?;
+        if !args.watch {
+            return Ok(());
+        }
+        prev = cur;
+    }
+}
+
+/// `GET /stats` with hyper's HTTP/1 client on one connection.
+async fn fetch_stats(addr: SocketAddr) -> Result<StatsReport, ToolError> {
+    let work = async {
+        let stream = tokio::net::TcpStream::connect(addr)
+            .await
+            .map_err(|e| format!("cannot reach the admin endpoint at {addr}: {e} (is the forwarder running with admin = \"{addr}\"?)"))?;
+        let (mut sender, conn) =
+            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await?;
+        let conn = tokio::spawn(conn);
+        let req = hyper::Request::get("/stats")
+            .header(hyper::header::HOST, addr.to_string())
+            .body(Empty::<Bytes>::new())?;
+        let resp = sender.send_request(req).await?;
+        let status = resp.status();
+        let body = resp.into_body().collect().await?.to_bytes();
+        conn.abort();
+        if !status.is_success() {
+            return Err(format!(
+                "{addr}/stats answered {status}: {}",
+                String::from_utf8_lossy(&body).trim()
+            )
+            .into());
+        }
+        serde_json::from_slice::<StatsReport>(&body)
+            .map_err(|e| format!("{addr}/stats is not a ringfwd stats document: {e}").into())
+    };
+    match tokio::time::timeout(FETCH_TIMEOUT, work).await {
+        Ok(r) => r,
+        Err(_) => Err(format!("{addr}/stats: no answer within {FETCH_TIMEOUT:?}").into()),
+    }
+}
+
+/// The table for two samples of the same forwarder, `prev` taken before `cur`.
+pub fn render(prev: &StatsReport, cur: &StatsReport, addr: SocketAddr) -> String {
+    let mut out = String::new();
+    let dt = cur.uptime_seconds - prev.uptime_seconds;
+    let _ = writeln!(
+        out,
+        "ringfwd at {addr} — up {}, rates over {:.1}s",
+        format_uptime(cur.uptime_seconds),
+        dt
+    );
+    for rule in &cur.rules {
+        let before = prev.rules.iter().find(|r| r.name == rule.name);
+        out.push('\n');
+        render_rule(&mut out, before, rule, dt);
+    }
+    out
+}
+
+fn render_rule(out: &mut String, prev: Option<&RuleReport>, r: &RuleReport, dt: f64) {
+    let rate = |dir: Direction| -> f64 {
+        let before = prev.map_or(0, |p| p.bytes_dir(dir));
+        if dt > 0.0 {
+            r.bytes_dir(dir).saturating_sub(before) as f64 / dt
+        } else {
+            0.0
+        }
+    };
+    let total: u64 = Direction::ALL.iter().map(|d| r.bytes_dir(*d)).sum();
+    let spliced: u64 = Direction::ALL
+        .iter()
+        .map(|d| r.bytes_path(*d, PathKind::Splice))
+        .sum();
+    let splice_share = if total == 0 {
+        "-".to_string()
+    } else {
+        format!("{:.1}%", 100.0 * spliced as f64 / total as f64)
+    };
+    let rejected: u64 = r.rejected.values().sum();
+    let errors: u64 = r.connect_errors.values().sum();
+    let _ = writeln!(
+        out,
+        "rule {}: active {}  accepted {}  rejected {}  connect errors {}",
+        r.name, r.active, r.accepted, rejected, errors
+    );
+    let _ = writeln!(
+        out,
+        "  client→upstream {}/s   upstream→client {}/s   splice share {}",
+        format_bytes(rate(Direction::ClientToUpstream)),
+        format_bytes(rate(Direction::UpstreamToClient)),
+        splice_share
+    );
+    let _ = writeln!(
+        out,
+        "  {:<28} {:>8} {:>9} {:>9} {:>9} {:>9} {:>9}",
+        "histogram", "count", "p50", "p90", "p99", "p99.9", "max"
+    );
+    for kind in HistogramKind::ALL {
+        let Some(h) = r.histograms.get(kind.as_str()) else {
+            continue;
+        };
+        let _ = write!(out, "  {:<28} {:>8}", kind.as_str(), h.count);
+        for v in h.values_us() {
+            let cell = if h.count == 0 {
+                "-".to_string()
+            } else {
+                format_micros(v)
+            };
+            let _ = write!(out, " {cell:>9}");
+        }
+        out.push('\n');
+    }
+}
+
+/// 850µs, 12.3ms, 4.56s.
+pub fn format_micros(us: u64) -> String {
+    if us < 1_000 {
+        format!("{us}µs")
+    } else if us < 1_000_000 {
+        format!("{:.1}ms", us as f64 / 1e3)
+    } else {
+        format!("{:.2}s", us as f64 / 1e6)
+    }
+}
+
+/// Bytes in binary units: 512 B, 1.5 KiB, 12.0 MiB.
+pub fn format_bytes(b: f64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = b;
+    let mut i = 0;
+    while v >= 1024.0 && i + 1 < UNITS.len() {
+        v /= 1024.0;
+        i += 1;
+    }
+    if i == 0 {
+        format!("{v:.0} B")
+    } else {
+        format!("{v:.1} {}", UNITS[i])
+    }
+}
+
+fn format_uptime(secs: f64) -> String {
+    let s = secs as u64;
+    match s {
+        0..=59 => format!("{s}s"),
+        60..=3599 => format!("{}m{:02}s", s / 60, s % 60),
+        _ => format!("{}h{:02}m", s / 3600, s % 3600 / 60),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::metrics::Metrics;
+    use clap::Parser;
+
+    #[test]
+    fn units_read_naturally() {
+        assert_eq!(format_micros(850), "850µs");
+        assert_eq!(format_micros(12_345), "12.3ms");
+        assert_eq!(format_micros(4_560_000), "4.56s");
+        assert_eq!(format_bytes(512.0), "512 B");
+        assert_eq!(format_bytes(1536.0), "1.5 KiB");
+        assert_eq!(format_bytes(12.0 * 1024.0 * 1024.0), "12.0 MiB");
+        assert_eq!(format_uptime(3725.0), "1h02m");
+    }
+
+    #[test]
+    fn table_shows_rates_from_two_samples_and_percentiles() {
+        let m = Metrics::new(&["web"], 1);
+        let r = m.rule(0);
+        r.shard(0).accepted();
+        r.shard(0)
+            .bytes(Direction::ClientToUpstream, PathKind::Copy, 1000);
+        let mut prev = StatsReport::collect(&m);
+        prev.uptime_seconds = 10.0;
+        r.shard(0)
+            .bytes(Direction::ClientToUpstream, PathKind::Copy, 2048);
+        r.shard(0)
+            .bytes(Direction::UpstreamToClient, PathKind::Splice, 3048);
+        r.shard(0).connected(Duration::from_micros(800));
+        let mut cur = StatsReport::collect(&m);
+        cur.uptime_seconds = 12.0;
+        let text = render(&prev, &cur, "127.0.0.1:9100".parse().unwrap());
+        assert!(text.contains("rule web: active 1  accepted 1"), "{text}");
+        // 2048 B over 2 s each way; half of all bytes moved by splice.
+        assert!(text.contains("client→upstream 1.0 KiB/s"), "{text}");
+        assert!(text.contains("upstream→client 1.5 KiB/s"), "{text}");
+        assert!(text.contains("splice share 50.0%"), "{text}");
+        let line = text
+            .lines()
+            .find(|l| l.trim_start().starts_with("upstream_connect"))
+            .unwrap();
+        assert_eq!(
+            line.split_whitespace().collect::<Vec<_>>()[1..],
+            ["1", "800µs", "800µs", "800µs", "800µs", "800µs"]
+        );
+        let line = text
+            .lines()
+            .find(|l| l.trim_start().starts_with("session"))
+            .unwrap();
+        assert!(line.ends_with("-         -         -         -         -"));
+    }
+
+    #[derive(Debug, clap::Parser)]
+    struct Wrap {
+        #[command(flatten)]
+        args: StatsArgs,
+    }
+
+    #[test]
+    fn flags_have_defaults_and_reject_bad_intervals() {
+        let w = Wrap::try_parse_from(["stats"]).unwrap();
+        assert_eq!(w.args.admin, "127.0.0.1:9100");
+        assert_eq!(w.args.interval, Duration::from_secs(1));
+        assert!(!w.args.watch);
+        let e = Wrap::try_parse_from(["stats", "--interval", "0s"]).unwrap_err();
+        assert!(e.to_string().contains("10ms..=1h"), "{e}");
+        let e = Wrap::try_parse_from(["stats", "--interval", "2"]).unwrap_err();
+        assert!(e.to_string().contains("unit"), "{e}");
+    }
 }

@@ -1,0 +1,604 @@
+//! One connection's relay logic, free of I/O: it takes a completion (and the time) and says
+//! what to do next. The worker ([`super::worker`]) owns the ring, the fds and the buffers and
+//! carries the [`Action`]s out; tests drive this machine with plain values.
+//!
+//! Each direction is `Reading → Writing → Reading … → Done`. EOF on a direction half-closes
+//! its destination (`shutdown(SHUT_WR)`) and the other direction keeps flowing; the
+//! connection closes when both are `Done`, or at once on a reset, an error, the idle timeout
+//! or shutdown. Every op submitted is counted in [`Conn::in_flight`] and the fds are released
+//! ([`Action::Finish`]) only when that count is back to zero, so no buffer, fd or slot is
+//! reused while the kernel may still touch it.
+
+use std::time::{Duration, Instant};
+
+use super::splice::{Pumped, SpliceDir};
+use crate::config::DataPath;
+use crate::metrics::{CloseReason, Direction, PathKind};
+
+/// Auto mode moves a direction to splice after this many consecutive full-buffer reads.
+pub const AUTO_UP_FULL_READS: u8 = 4;
+/// Auto mode moves a spliced direction back to copy after this many consecutive small pumps
+/// (less than half a copy buffer, pipe drained).
+pub const AUTO_DOWN_SMALL_PUMPS: u8 = 8;
+
+/// Where a direction is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DirState {
+    /// Waiting for the upstream connect; nothing in flight for this direction.
+    Connecting,
+    /// A recv is in flight; no buffer is held until data arrives.
+    Reading,
+    /// The recv found the buffer pool empty; queued until a buffer comes back.
+    WaitBuffer,
+    /// A send of `buf[off..len]` is in flight.
+    Writing { buf: u16, off: u32, len: u32 },
+    /// Waiting for the worker to lease a pipe (nothing in flight).
+    Switching,
+    /// On the splice path: a multishot POLLIN on the source, bytes moved by the pump.
+    Splicing(SpliceDir),
+    /// End of stream passed on (or the connection is closing).
+    Done,
+}
+
+/// Where the connection is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Phase {
+    Connecting,
+    Relaying,
+    /// Cancels issued; waiting for every in-flight op to complete.
+    Closing(CloseReason),
+}
+
+/// What happened, as the worker reports it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Event {
+    /// The connect completed (`res` 0 or `-errno`).
+    Connected { res: i32 },
+    /// The connect's link timeout completed (fired or cancelled: either way, one op less).
+    ConnectTimerDone,
+    /// A recv completed: bytes read, 0 for EOF, or `-errno`; `buf` is the selected buffer.
+    Received {
+        dir: Direction,
+        res: i32,
+        buf: Option<u16>,
+    },
+    /// A send completed: bytes written or `-errno`.
+    Sent { dir: Direction, res: i32 },
+    /// A cancel op completed.
+    CancelDone,
+    /// A buffer returned to the pool and this waiting direction may read again.
+    BufferAvailable { dir: Direction },
+    /// No bytes either way for the idle timeout.
+    IdleTimeout,
+    /// The forwarder is closing every connection.
+    Shutdown,
+    /// The worker leased a pipe of `capacity` bytes for the direction.
+    SpliceStarted { dir: Direction, capacity: usize },
+    /// No pipe was free: stay on copy.
+    SpliceUnavailable { dir: Direction },
+    /// The direction's source is readable (multishot poll; the op stays in flight).
+    Readable { dir: Direction },
+    /// The direction's destination is writable (one-shot poll completed).
+    Writable { dir: Direction },
+    /// The multishot poll on the direction's source ended.
+    PollEnded { dir: Direction },
+    /// The worker ran the direction's pump.
+    Pumped { dir: Direction, p: Pumped },
+}
+
+/// What the worker must do.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Action {
+    /// Submit a recv on the direction's source.
+    Recv(Direction),
+    /// Submit a send of `buf[off..off + len]` on the direction's destination.
+    Send {
+        dir: Direction,
+        buf: u16,
+        off: u32,
+        len: u32,
+    },
+    /// Give a buffer back to the pool.
+    Release(u16),
+    /// Queue the direction until a buffer is free.
+    WaitBuffer(Direction),
+    /// `shutdown(SHUT_WR)` the direction's destination.
+    ShutdownWrite(Direction),
+    /// Upstream connected: record the connect time.
+    Connected,
+    /// Upstream connect failed with this `-errno`.
+    ConnectFailed(i32),
+    /// First byte from upstream arrived.
+    FirstByte,
+    /// `n` bytes reached the direction's destination.
+    Bytes {
+        dir: Direction,
+        n: u64,
+        path: PathKind,
+    },
+    /// Lease a pipe and answer with `SpliceStarted` or `SpliceUnavailable`.
+    TrySplice(Direction),
+    /// Arm a multishot POLLIN on the direction's source.
+    PollIn(Direction),
+    /// Arm a one-shot POLLOUT on the direction's destination.
+    PollOut(Direction),
+    /// Run the direction's pump now.
+    Pump(Direction),
+    /// Run the direction's pump again after other connections had their turn.
+    PumpLater(Direction),
+    /// Back to copy: remove the multishot poll (one op) and give the (empty) pipe back.
+    LeaveSplice(Direction),
+    /// A whole buffer went from read completion to write completion in `took`.
+    Transferred { dir: Direction, took: Duration },
+    /// Cancel every op on both fds (two cancel ops).
+    CancelAll,
+    /// Every op is complete: close both fds (with RST if `reset`) and free the slot.
+    Finish { reason: CloseReason, reset: bool },
+}
+
+/// A small fixed-capacity list of actions (no allocation on the data path).
+#[derive(Debug, Default)]
+pub struct Actions {
+    items: [Option<Action>; 10],
+    len: usize,
+}
+
+impl Actions {
+    fn push(&mut self, a: Action) {
+        // Capacity is larger than any single transition emits (checked by tests).
+        self.items[self.len] = Some(a);
+        self.len += 1;
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = Action> + '_ {
+        self.items[..self.len].iter().flatten().copied()
+    }
+
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+}
+
+/// One connection's state.
+#[derive(Debug)]
+pub struct Conn {
+    phase: Phase,
+    dirs: [DirState; 2],
+    read_at: [Instant; 2],
+    /// Ops submitted for this connection whose completion has not arrived yet.
+    pub in_flight: u32,
+    pub bytes: [u64; 2],
+    /// Bytes delivered per path (copy, splice), both directions together.
+    pub bytes_path: [u64; 2],
+    pub accepted_at: Instant,
+    pub last_activity: Instant,
+    first_byte_seen: bool,
+    policy: DataPath,
+    buf_size: u32,
+    full_reads: [u8; 2],
+}
+
+fn is_reset_errno(res: i32) -> bool {
+    matches!(
+        -res,
+        libc::ECONNRESET
+            | libc::EPIPE
+            | libc::ECONNABORTED
+            | libc::ETIMEDOUT
+            | libc::EHOSTUNREACH
+            | libc::ENETUNREACH
+    )
+}
+
+impl Conn {
+    /// A freshly accepted connection whose connect (and its link timeout) the worker submits
+    /// right away: two ops in flight.
+    /// `policy` chooses the data path; `buf_size` is the copy buffer (a "full read").
+    pub fn connecting(now: Instant, policy: DataPath, buf_size: u32) -> Self {
+        Self {
+            phase: Phase::Connecting,
+            dirs: [DirState::Connecting; 2],
+            read_at: [now; 2],
+            in_flight: 2,
+            bytes: [0; 2],
+            bytes_path: [0; 2],
+            accepted_at: now,
+            last_activity: now,
+            first_byte_seen: false,
+            policy,
+            buf_size,
+            full_reads: [0; 2],
+        }
+    }
+
+    /// The spliced direction's state, for the worker's pump.
+    pub fn splice_mut(&mut self, d: Direction) -> Option<&mut SpliceDir> {
+        match &mut self.dirs[d as usize] {
+            DirState::Splicing(s) => Some(s),
+            _ => None,
+        }
+    }
+
+    /// Whether the direction's pipe (if any) still holds bytes.
+    pub fn pipe_has_bytes(&self, d: Direction) -> bool {
+        matches!(self.dirs[d as usize], DirState::Splicing(s) if s.in_pipe > 0)
+    }
+
+    fn wants_splice(&self, d: Direction) -> bool {
+        match self.policy {
+            DataPath::Copy => false,
+            DataPath::Splice => true,
+            DataPath::Auto => self.full_reads[d as usize] >= AUTO_UP_FULL_READS,
+        }
+    }
+
+    /// Starts reading a direction on the path its policy says.
+    fn start_reading(&mut self, d: Direction, out: &mut Actions) {
+        if self.wants_splice(d) {
+            self.dirs[d as usize] = DirState::Switching;
+            out.push(Action::TrySplice(d));
+        } else {
+            self.dirs[d as usize] = DirState::Reading;
+            self.in_flight += 1;
+            out.push(Action::Recv(d));
+        }
+    }
+
+    pub fn phase(&self) -> Phase {
+        self.phase
+    }
+
+    pub fn dir(&self, d: Direction) -> DirState {
+        self.dirs[d as usize]
+    }
+
+    pub fn is_closing(&self) -> bool {
+        matches!(self.phase, Phase::Closing(_))
+    }
+
+    /// True when no byte moved either way for `idle` (and the connection is not closing).
+    pub fn idle_expired(&self, now: Instant, idle: Duration) -> bool {
+        !self.is_closing() && now.saturating_duration_since(self.last_activity) >= idle
+    }
+
+    /// The one transition function.
+    pub fn handle(&mut self, ev: Event, now: Instant, out: &mut Actions) {
+        match ev {
+            Event::Connected { res } => {
+                self.op_done();
+                match self.phase {
+                    Phase::Connecting if res >= 0 => {
+                        self.phase = Phase::Relaying;
+                        self.last_activity = now;
+                        out.push(Action::Connected);
+                        for d in Direction::ALL {
+                            self.start_reading(d, out);
+                        }
+                    }
+                    Phase::Connecting => {
+                        out.push(Action::ConnectFailed(res));
+                        self.begin_close(CloseReason::Refused, out);
+                    }
+                    Phase::Relaying | Phase::Closing(_) => {}
+                }
+            }
+            Event::ConnectTimerDone | Event::CancelDone => self.op_done(),
+            Event::Received { dir, res, buf } => {
+                self.op_done();
+                self.received(dir, res, buf, now, out);
+            }
+            Event::Sent { dir, res } => {
+                self.op_done();
+                self.sent(dir, res, now, out);
+            }
+            Event::BufferAvailable { dir } => {
+                if !self.is_closing() && self.dirs[dir as usize] == DirState::WaitBuffer {
+                    self.dirs[dir as usize] = DirState::Reading;
+                    self.in_flight += 1;
+                    out.push(Action::Recv(dir));
+                }
+            }
+            Event::IdleTimeout => self.begin_close(CloseReason::Timeout, out),
+            Event::Shutdown => self.begin_close(CloseReason::Shutdown, out),
+            Event::SpliceStarted { dir, capacity } => {
+                if self.dirs[dir as usize] == DirState::Switching {
+                    self.dirs[dir as usize] = DirState::Splicing(SpliceDir::new(capacity));
+                    self.in_flight += 1;
+                    out.push(Action::PollIn(dir));
+                    out.push(Action::Pump(dir));
+                }
+            }
+            Event::SpliceUnavailable { dir } => {
+                if self.dirs[dir as usize] == DirState::Switching {
+                    self.full_reads[dir as usize] = 0;
+                    self.dirs[dir as usize] = DirState::Reading;
+                    self.in_flight += 1;
+                    out.push(Action::Recv(dir));
+                }
+            }
+            Event::Readable { dir } => {
+                if !self.is_closing() && matches!(self.dirs[dir as usize], DirState::Splicing(_)) {
+                    out.push(Action::Pump(dir));
+                }
+            }
+            Event::Writable { dir } => {
+                self.op_done();
+                if let DirState::Splicing(s) = &mut self.dirs[dir as usize] {
+                    s.pollout_armed = false;
+                    if !self.is_closing() {
+                        out.push(Action::Pump(dir));
+                    }
+                }
+            }
+            Event::PollEnded { dir } => {
+                self.op_done();
+                if !self.is_closing() && matches!(self.dirs[dir as usize], DirState::Splicing(_)) {
+                    self.in_flight += 1;
+                    out.push(Action::PollIn(dir));
+                }
+            }
+            Event::Pumped { dir, p } => self.pumped(dir, p, now, out),
+        }
+        self.maybe_finish(out);
+    }
+
+    fn pumped(&mut self, dir: Direction, p: Pumped, now: Instant, out: &mut Actions) {
+        let i = dir as usize;
+        if self.is_closing() {
+            return;
+        }
+        let DirState::Splicing(mut s) = self.dirs[i] else {
+            return;
+        };
+        if p.moved_in > 0 || p.moved_out > 0 {
+            self.last_activity = now;
+        }
+        if p.moved_out > 0 {
+            self.bytes[i] += p.moved_out;
+            self.bytes_path[PathKind::Splice as usize] += p.moved_out;
+            if dir == Direction::UpstreamToClient && !self.first_byte_seen {
+                self.first_byte_seen = true;
+                out.push(Action::FirstByte);
+            }
+            out.push(Action::Bytes {
+                dir,
+                n: p.moved_out,
+                path: PathKind::Splice,
+            });
+        }
+        if let Some(e) = p.error {
+            let why = if is_reset_errno(-e) {
+                CloseReason::Reset
+            } else {
+                CloseReason::Error
+            };
+            self.begin_close(why, out);
+            return;
+        }
+        if p.finished {
+            self.dirs[i] = DirState::Done;
+            out.push(Action::ShutdownWrite(dir));
+            if self.dirs[dir.reverse() as usize] == DirState::Done {
+                self.begin_close(CloseReason::Eof, out);
+            }
+            return;
+        }
+        if p.need_writable {
+            s.small_pumps = 0;
+            if !s.pollout_armed {
+                s.pollout_armed = true;
+                self.in_flight += 1;
+                out.push(Action::PollOut(dir));
+            }
+            self.dirs[i] = DirState::Splicing(s);
+            return;
+        }
+        if p.again {
+            self.dirs[i] = DirState::Splicing(s);
+            out.push(Action::PumpLater(dir));
+            return;
+        }
+        if self.policy == DataPath::Auto && p.moved_in > 0 && s.in_pipe == 0 && !s.pollout_armed {
+            if p.moved_in < u64::from(self.buf_size / 2) {
+                s.small_pumps += 1;
+            } else {
+                s.small_pumps = 0;
+            }
+            if s.small_pumps >= AUTO_DOWN_SMALL_PUMPS {
+                // Traffic turned small: back to copy, which serves it with fewer syscalls.
+                self.full_reads[i] = 0;
+                self.in_flight += 1;
+                out.push(Action::LeaveSplice(dir));
+                self.dirs[i] = DirState::Reading;
+                self.in_flight += 1;
+                out.push(Action::Recv(dir));
+                return;
+            }
+        }
+        self.dirs[i] = DirState::Splicing(s);
+    }
+
+    fn op_done(&mut self) {
+        debug_assert!(self.in_flight > 0, "completion without an op in flight");
+        self.in_flight = self.in_flight.saturating_sub(1);
+    }
+
+    fn received(
+        &mut self,
+        dir: Direction,
+        res: i32,
+        buf: Option<u16>,
+        now: Instant,
+        out: &mut Actions,
+    ) {
+        let i = dir as usize;
+        if self.is_closing() || self.dirs[i] != DirState::Reading {
+            if let Some(b) = buf {
+                out.push(Action::Release(b));
+            }
+            return;
+        }
+        match (res, buf) {
+            (n, Some(b)) if n > 0 => {
+                if n as u32 >= self.buf_size {
+                    self.full_reads[i] = self.full_reads[i].saturating_add(1);
+                } else {
+                    self.full_reads[i] = 0;
+                }
+                self.dirs[i] = DirState::Writing {
+                    buf: b,
+                    off: 0,
+                    len: n as u32,
+                };
+                self.read_at[i] = now;
+                self.last_activity = now;
+                if dir == Direction::UpstreamToClient && !self.first_byte_seen {
+                    self.first_byte_seen = true;
+                    out.push(Action::FirstByte);
+                }
+                self.in_flight += 1;
+                out.push(Action::Send {
+                    dir,
+                    buf: b,
+                    off: 0,
+                    len: n as u32,
+                });
+            }
+            (0, b) => {
+                if let Some(b) = b {
+                    out.push(Action::Release(b));
+                }
+                self.dirs[i] = DirState::Done;
+                self.last_activity = now;
+                out.push(Action::ShutdownWrite(dir));
+                if self.dirs[dir.reverse() as usize] == DirState::Done {
+                    self.begin_close(CloseReason::Eof, out);
+                }
+            }
+            (e, _) if -e == libc::ENOBUFS => {
+                self.dirs[i] = DirState::WaitBuffer;
+                out.push(Action::WaitBuffer(dir));
+            }
+            (e, b) if -e == libc::EINTR || -e == libc::EAGAIN => {
+                if let Some(b) = b {
+                    out.push(Action::Release(b));
+                }
+                self.in_flight += 1;
+                out.push(Action::Recv(dir));
+            }
+            (e, b) => {
+                if let Some(b) = b {
+                    out.push(Action::Release(b));
+                }
+                let why = if e > 0 || is_reset_errno(e) {
+                    CloseReason::Reset
+                } else {
+                    CloseReason::Error
+                };
+                self.begin_close(why, out);
+            }
+        }
+    }
+
+    fn sent(&mut self, dir: Direction, res: i32, now: Instant, out: &mut Actions) {
+        let i = dir as usize;
+        let DirState::Writing { buf, off, len } = self.dirs[i] else {
+            debug_assert!(false, "send completion while not writing");
+            return;
+        };
+        if self.is_closing() {
+            self.dirs[i] = DirState::Done;
+            out.push(Action::Release(buf));
+            return;
+        }
+        if res > 0 {
+            let n = res as u32;
+            self.bytes[i] += u64::from(n);
+            self.bytes_path[PathKind::Copy as usize] += u64::from(n);
+            self.last_activity = now;
+            out.push(Action::Bytes {
+                dir,
+                n: u64::from(n),
+                path: PathKind::Copy,
+            });
+            let off = off + n;
+            if off < len {
+                self.dirs[i] = DirState::Writing { buf, off, len };
+                self.in_flight += 1;
+                out.push(Action::Send {
+                    dir,
+                    buf,
+                    off,
+                    len: len - off,
+                });
+            } else {
+                out.push(Action::Release(buf));
+                out.push(Action::Transferred {
+                    dir,
+                    took: now.saturating_duration_since(self.read_at[i]),
+                });
+                self.start_reading(dir, out);
+            }
+        } else if -res == libc::EINTR || -res == libc::EAGAIN {
+            self.in_flight += 1;
+            out.push(Action::Send {
+                dir,
+                buf,
+                off,
+                len: len - off,
+            });
+        } else {
+            self.dirs[i] = DirState::Done;
+            out.push(Action::Release(buf));
+            let why = if res == 0 || is_reset_errno(res) {
+                CloseReason::Reset
+            } else {
+                CloseReason::Error
+            };
+            self.begin_close(why, out);
+        }
+    }
+
+    fn begin_close(&mut self, reason: CloseReason, out: &mut Actions) {
+        if self.is_closing() {
+            return;
+        }
+        self.phase = Phase::Closing(reason);
+        for d in &mut self.dirs {
+            if matches!(
+                *d,
+                DirState::Reading
+                    | DirState::WaitBuffer
+                    | DirState::Connecting
+                    | DirState::Switching
+            ) {
+                *d = DirState::Done;
+            }
+        }
+        if self.in_flight > 0 {
+            self.in_flight += 2;
+            out.push(Action::CancelAll);
+        }
+    }
+
+    fn maybe_finish(&mut self, out: &mut Actions) {
+        if let Phase::Closing(reason) = self.phase
+            && self.in_flight == 0
+        {
+            let reset = matches!(
+                reason,
+                CloseReason::Reset | CloseReason::Error | CloseReason::Refused
+            );
+            out.push(Action::Finish { reason, reset });
+            // Stay Closing with nothing in flight: a second Finish is never emitted
+            // because the worker frees the slot on the first.
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

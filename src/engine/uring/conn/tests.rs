@@ -1,0 +1,581 @@
+//! The relay state machine driven without a ring: fixtures build on each other
+//! (`connecting` → `relaying` → `half_closed` …), each step checks the actions.
+
+use super::*;
+use Direction::{ClientToUpstream as C2U, UpstreamToClient as U2C};
+
+fn t0() -> Instant {
+    Instant::now()
+}
+
+fn step(c: &mut Conn, ev: Event, now: Instant) -> Vec<Action> {
+    let mut out = Actions::default();
+    c.handle(ev, now, &mut out);
+    out.iter().collect()
+}
+
+const BUF: u32 = 1000;
+
+/// Accepted, connect and its timer in flight (copy path).
+fn connecting() -> (Conn, Instant) {
+    connecting_with(DataPath::Copy)
+}
+
+fn connecting_with(policy: DataPath) -> (Conn, Instant) {
+    let now = t0();
+    let c = Conn::connecting(now, policy, BUF);
+    assert_eq!(c.in_flight, 2);
+    (c, now)
+}
+
+/// Connected: both directions reading.
+fn relaying() -> (Conn, Instant) {
+    let (mut c, now) = connecting();
+    let a = step(&mut c, Event::Connected { res: 0 }, now);
+    assert_eq!(
+        a,
+        vec![Action::Connected, Action::Recv(C2U), Action::Recv(U2C)]
+    );
+    let a = step(&mut c, Event::ConnectTimerDone, now);
+    assert!(a.is_empty());
+    assert_eq!(c.phase(), Phase::Relaying);
+    assert_eq!(c.in_flight, 2);
+    (c, now)
+}
+
+/// The client sent EOF: upstream half-closed, the other direction still reading.
+fn client_half_closed() -> (Conn, Instant) {
+    let (mut c, now) = relaying();
+    let a = step(
+        &mut c,
+        Event::Received {
+            dir: C2U,
+            res: 0,
+            buf: None,
+        },
+        now,
+    );
+    assert_eq!(a, vec![Action::ShutdownWrite(C2U)]);
+    assert_eq!(c.dir(C2U), DirState::Done);
+    assert_eq!(c.dir(U2C), DirState::Reading);
+    (c, now)
+}
+
+#[test]
+fn data_is_sent_then_reading_resumes() {
+    let (mut c, now) = relaying();
+    let later = now + Duration::from_millis(5);
+    // 1. 100 bytes from the client land in buffer 3: send them upstream.
+    let a = step(
+        &mut c,
+        Event::Received {
+            dir: C2U,
+            res: 100,
+            buf: Some(3),
+        },
+        now,
+    );
+    assert_eq!(
+        a,
+        vec![Action::Send {
+            dir: C2U,
+            buf: 3,
+            off: 0,
+            len: 100
+        }]
+    );
+    // 2. Backpressure: no new recv for this direction while the send is in flight.
+    assert_eq!(
+        c.dir(C2U),
+        DirState::Writing {
+            buf: 3,
+            off: 0,
+            len: 100
+        }
+    );
+    // 3. A short write resubmits the rest from the same buffer.
+    let a = step(&mut c, Event::Sent { dir: C2U, res: 60 }, now);
+    assert_eq!(
+        a,
+        vec![
+            Action::Bytes {
+                dir: C2U,
+                n: 60,
+                path: PathKind::Copy
+            },
+            Action::Send {
+                dir: C2U,
+                buf: 3,
+                off: 60,
+                len: 40
+            }
+        ]
+    );
+    // 4. The rest goes: the buffer is released and the direction reads again.
+    let a = step(&mut c, Event::Sent { dir: C2U, res: 40 }, later);
+    assert_eq!(
+        a,
+        vec![
+            Action::Bytes {
+                dir: C2U,
+                n: 40,
+                path: PathKind::Copy
+            },
+            Action::Release(3),
+            Action::Transferred {
+                dir: C2U,
+                took: Duration::from_millis(5)
+            },
+            Action::Recv(C2U)
+        ]
+    );
+    assert_eq!(c.bytes, [100, 0]);
+    assert_eq!(c.in_flight, 2);
+}
+
+#[test]
+fn first_upstream_byte_is_reported_once() {
+    let (mut c, now) = relaying();
+    let a = step(
+        &mut c,
+        Event::Received {
+            dir: U2C,
+            res: 1,
+            buf: Some(0),
+        },
+        now,
+    );
+    assert_eq!(a[0], Action::FirstByte);
+    step(&mut c, Event::Sent { dir: U2C, res: 1 }, now);
+    let a = step(
+        &mut c,
+        Event::Received {
+            dir: U2C,
+            res: 1,
+            buf: Some(0),
+        },
+        now,
+    );
+    assert!(!a.contains(&Action::FirstByte));
+}
+
+#[test]
+fn half_close_keeps_the_other_direction_flowing() {
+    let (mut c, now) = client_half_closed();
+    let a = step(
+        &mut c,
+        Event::Received {
+            dir: U2C,
+            res: 10,
+            buf: Some(1),
+        },
+        now,
+    );
+    assert!(a.contains(&Action::Send {
+        dir: U2C,
+        buf: 1,
+        off: 0,
+        len: 10
+    }));
+    let a = step(&mut c, Event::Sent { dir: U2C, res: 10 }, now);
+    assert!(a.contains(&Action::Recv(U2C)));
+    assert_eq!(c.phase(), Phase::Relaying);
+}
+
+#[test]
+fn both_eofs_close_cleanly_after_every_op() {
+    let (mut c, now) = client_half_closed();
+    // The last EOF: nothing else in flight, so the connection finishes with FIN.
+    let a = step(
+        &mut c,
+        Event::Received {
+            dir: U2C,
+            res: 0,
+            buf: None,
+        },
+        now,
+    );
+    assert_eq!(
+        a,
+        vec![
+            Action::ShutdownWrite(U2C),
+            Action::Finish {
+                reason: CloseReason::Eof,
+                reset: false
+            }
+        ]
+    );
+    assert_eq!(c.in_flight, 0);
+}
+
+#[test]
+fn reset_on_one_side_cancels_then_finishes_with_rst() {
+    let (mut c, now) = relaying();
+    // 1. The upstream resets: cancel what is in flight (the client's recv).
+    let a = step(
+        &mut c,
+        Event::Received {
+            dir: U2C,
+            res: -libc::ECONNRESET,
+            buf: None,
+        },
+        now,
+    );
+    assert_eq!(a, vec![Action::CancelAll]);
+    assert_eq!(c.in_flight, 3, "one recv plus two cancels");
+    // 2. The cancelled recv and the two cancels complete; only then the fds close, with RST.
+    assert!(
+        step(
+            &mut c,
+            Event::Received {
+                dir: C2U,
+                res: -libc::ECANCELED,
+                buf: None
+            },
+            now
+        )
+        .is_empty()
+    );
+    assert!(step(&mut c, Event::CancelDone, now).is_empty());
+    let a = step(&mut c, Event::CancelDone, now);
+    assert_eq!(
+        a,
+        vec![Action::Finish {
+            reason: CloseReason::Reset,
+            reset: true
+        }]
+    );
+}
+
+#[test]
+fn a_buffer_that_arrives_while_closing_is_released() {
+    let (mut c, now) = relaying();
+    step(&mut c, Event::Shutdown, now);
+    let a = step(
+        &mut c,
+        Event::Received {
+            dir: C2U,
+            res: 50,
+            buf: Some(9),
+        },
+        now,
+    );
+    assert_eq!(a, vec![Action::Release(9)]);
+}
+
+#[test]
+fn a_send_cancelled_by_close_releases_its_buffer_only_on_its_completion() {
+    let (mut c, now) = relaying();
+    step(
+        &mut c,
+        Event::Received {
+            dir: C2U,
+            res: 10,
+            buf: Some(4),
+        },
+        now,
+    );
+    let a = step(&mut c, Event::IdleTimeout, now);
+    assert_eq!(a, vec![Action::CancelAll]);
+    assert_eq!(
+        c.dir(C2U),
+        DirState::Writing {
+            buf: 4,
+            off: 0,
+            len: 10
+        },
+        "buffer still owned by the send"
+    );
+    let a = step(
+        &mut c,
+        Event::Sent {
+            dir: C2U,
+            res: -libc::ECANCELED,
+        },
+        now,
+    );
+    assert_eq!(a, vec![Action::Release(4)]);
+}
+
+#[test]
+fn refused_connect_finishes_with_rst() {
+    let (mut c, now) = connecting();
+    let a = step(
+        &mut c,
+        Event::Connected {
+            res: -libc::ECONNREFUSED,
+        },
+        now,
+    );
+    assert_eq!(
+        a,
+        vec![
+            Action::ConnectFailed(-libc::ECONNREFUSED),
+            Action::CancelAll
+        ]
+    );
+    step(&mut c, Event::ConnectTimerDone, now);
+    step(&mut c, Event::CancelDone, now);
+    let a = step(&mut c, Event::CancelDone, now);
+    assert_eq!(
+        a,
+        vec![Action::Finish {
+            reason: CloseReason::Refused,
+            reset: true
+        }]
+    );
+}
+
+#[test]
+fn empty_pool_waits_then_resumes() {
+    let (mut c, now) = relaying();
+    let a = step(
+        &mut c,
+        Event::Received {
+            dir: C2U,
+            res: -libc::ENOBUFS,
+            buf: None,
+        },
+        now,
+    );
+    assert_eq!(a, vec![Action::WaitBuffer(C2U)]);
+    assert_eq!(c.in_flight, 1);
+    let a = step(&mut c, Event::BufferAvailable { dir: C2U }, now);
+    assert_eq!(a, vec![Action::Recv(C2U)]);
+    assert_eq!(c.in_flight, 2);
+}
+
+#[test]
+fn idle_expiry_follows_last_activity() {
+    let (mut c, now) = relaying();
+    let idle = Duration::from_secs(1);
+    assert!(!c.idle_expired(now + Duration::from_millis(900), idle));
+    step(
+        &mut c,
+        Event::Received {
+            dir: C2U,
+            res: 1,
+            buf: Some(0),
+        },
+        now + Duration::from_millis(900),
+    );
+    assert!(!c.idle_expired(now + Duration::from_millis(1500), idle));
+    assert!(c.idle_expired(now + Duration::from_millis(1900), idle));
+}
+
+#[test]
+fn write_error_resets() {
+    let (mut c, now) = relaying();
+    step(
+        &mut c,
+        Event::Received {
+            dir: U2C,
+            res: 10,
+            buf: Some(2),
+        },
+        now,
+    );
+    let a = step(
+        &mut c,
+        Event::Sent {
+            dir: U2C,
+            res: -libc::EPIPE,
+        },
+        now,
+    );
+    assert_eq!(a, vec![Action::Release(2), Action::CancelAll]);
+    assert_eq!(c.phase(), Phase::Closing(CloseReason::Reset));
+}
+
+/// Splice mode, connected: both directions asked for a pipe; the client side got one.
+fn spliced() -> (Conn, Instant) {
+    let (mut c, now) = connecting_with(DataPath::Splice);
+    let a = step(&mut c, Event::Connected { res: 0 }, now);
+    assert_eq!(
+        a,
+        vec![
+            Action::Connected,
+            Action::TrySplice(C2U),
+            Action::TrySplice(U2C)
+        ]
+    );
+    step(&mut c, Event::ConnectTimerDone, now);
+    let a = step(
+        &mut c,
+        Event::SpliceStarted {
+            dir: C2U,
+            capacity: 4096,
+        },
+        now,
+    );
+    assert_eq!(a, vec![Action::PollIn(C2U), Action::Pump(C2U)]);
+    // 2. No pipe left for the other direction: it stays on copy.
+    let a = step(&mut c, Event::SpliceUnavailable { dir: U2C }, now);
+    assert_eq!(a, vec![Action::Recv(U2C)]);
+    assert_eq!(c.in_flight, 2, "the multishot poll and the recv");
+    (c, now)
+}
+
+fn pumped(moved_in: u64, moved_out: u64) -> Pumped {
+    Pumped {
+        moved_in,
+        moved_out,
+        ..Pumped::default()
+    }
+}
+
+#[test]
+fn splice_counts_bytes_and_waits_for_writable() {
+    let (mut c, now) = spliced();
+    // 1. Readiness runs the pump.
+    assert_eq!(
+        step(&mut c, Event::Readable { dir: C2U }, now),
+        vec![Action::Pump(C2U)]
+    );
+    // 2. The destination blocked with bytes in the pipe: one POLLOUT, not two.
+    c.splice_mut(C2U).unwrap().in_pipe = 100;
+    let p = Pumped {
+        need_writable: true,
+        ..pumped(500, 400)
+    };
+    let a = step(&mut c, Event::Pumped { dir: C2U, p }, now);
+    assert_eq!(
+        a,
+        vec![
+            Action::Bytes {
+                dir: C2U,
+                n: 400,
+                path: PathKind::Splice
+            },
+            Action::PollOut(C2U)
+        ]
+    );
+    let a = step(
+        &mut c,
+        Event::Pumped {
+            dir: C2U,
+            p: Pumped {
+                need_writable: true,
+                ..Pumped::default()
+            },
+        },
+        now,
+    );
+    assert!(a.is_empty());
+    assert!(c.pipe_has_bytes(C2U));
+    // 3. Writable: pump again.
+    assert_eq!(
+        step(&mut c, Event::Writable { dir: C2U }, now),
+        vec![Action::Pump(C2U)]
+    );
+    assert_eq!(c.bytes_path, [0, 400]);
+}
+
+#[test]
+fn splice_eof_half_closes_after_the_pipe_drained() {
+    let (mut c, now) = spliced();
+    let p = Pumped {
+        finished: true,
+        ..pumped(10, 10)
+    };
+    let a = step(&mut c, Event::Pumped { dir: C2U, p }, now);
+    assert_eq!(
+        a,
+        vec![
+            Action::Bytes {
+                dir: C2U,
+                n: 10,
+                path: PathKind::Splice
+            },
+            Action::ShutdownWrite(C2U)
+        ]
+    );
+    assert_eq!(c.dir(C2U), DirState::Done);
+    assert_eq!(c.dir(U2C), DirState::Reading);
+}
+
+#[test]
+fn splice_reset_closes_with_rst_and_keeps_the_pipe_marked() {
+    let (mut c, now) = spliced();
+    c.splice_mut(C2U).unwrap().in_pipe = 7;
+    let p = Pumped {
+        error: Some(libc::ECONNRESET),
+        ..Pumped::default()
+    };
+    let a = step(&mut c, Event::Pumped { dir: C2U, p }, now);
+    assert_eq!(a, vec![Action::CancelAll]);
+    assert!(
+        c.pipe_has_bytes(C2U),
+        "a pipe with bytes must not go back to the pool"
+    );
+}
+
+#[test]
+fn auto_moves_to_splice_after_full_reads_and_back_when_small() {
+    let (mut c, now) = connecting_with(DataPath::Auto);
+    step(&mut c, Event::Connected { res: 0 }, now);
+    step(&mut c, Event::ConnectTimerDone, now);
+    // 1. Full-buffer reads: after enough of them the direction asks for a pipe.
+    let mut last = vec![];
+    for _ in 0..AUTO_UP_FULL_READS {
+        step(
+            &mut c,
+            Event::Received {
+                dir: C2U,
+                res: BUF as i32,
+                buf: Some(0),
+            },
+            now,
+        );
+        last = step(
+            &mut c,
+            Event::Sent {
+                dir: C2U,
+                res: BUF as i32,
+            },
+            now,
+        );
+    }
+    assert_eq!(last.last(), Some(&Action::TrySplice(C2U)));
+    step(
+        &mut c,
+        Event::SpliceStarted {
+            dir: C2U,
+            capacity: 1 << 20,
+        },
+        now,
+    );
+    // 2. Small pumps with the pipe drained: back to copy.
+    let mut a = vec![];
+    for _ in 0..AUTO_DOWN_SMALL_PUMPS {
+        a = step(
+            &mut c,
+            Event::Pumped {
+                dir: C2U,
+                p: pumped(64, 64),
+            },
+            now,
+        );
+    }
+    assert_eq!(a[1..], [Action::LeaveSplice(C2U), Action::Recv(C2U)]);
+    assert_eq!(c.dir(C2U), DirState::Reading);
+}
+
+#[test]
+fn small_reads_keep_auto_on_copy() {
+    let (mut c, now) = connecting_with(DataPath::Auto);
+    step(&mut c, Event::Connected { res: 0 }, now);
+    for _ in 0..20 {
+        step(
+            &mut c,
+            Event::Received {
+                dir: C2U,
+                res: 64,
+                buf: Some(0),
+            },
+            now,
+        );
+        let a = step(&mut c, Event::Sent { dir: C2U, res: 64 }, now);
+        assert_eq!(a.last(), Some(&Action::Recv(C2U)));
+    }
+}

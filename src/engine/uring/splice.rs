@@ -1,0 +1,276 @@
+//! The zero-copy path's pump: socket → pipe → socket with `splice(2)`, run on the worker
+//! thread when the ring reports readiness (DESIGN.md fact 1: io_uring's own SPLICE op always
+//! hands off to an io-wq thread, so readiness from the ring plus a direct non-blocking splice
+//! is the fast shape — HAProxy's).
+//!
+//! [`SpliceDir::pump`] holds the decisions (how much to ask for, when to stop, when to wait
+//! for the destination) over a [`PipeIo`] trait; the worker supplies the real syscalls and
+//! tests a fake. Occupancy of the pipe is tracked here because `EAGAIN` from splice does not
+//! say whether the socket was empty or the pipe full (fact 2), and no request is ever larger
+//! than the room left in the pipe.
+
+use std::io;
+use std::os::fd::{AsFd, OwnedFd};
+
+use nix::fcntl::{SpliceFFlags, splice};
+
+/// The two splices of one direction.
+pub trait PipeIo {
+    /// Source socket → pipe, at most `max` bytes. `Ok(0)` is end of stream.
+    fn splice_in(&mut self, max: usize) -> io::Result<usize>;
+    /// Pipe → destination socket, at most `max` bytes.
+    fn splice_out(&mut self, max: usize) -> io::Result<usize>;
+}
+
+/// One pipe of the per-worker pool.
+#[derive(Debug)]
+pub struct Pipe {
+    pub read: OwnedFd,
+    pub write: OwnedFd,
+    /// Capacity in bytes (`F_GETPIPE_SZ`).
+    pub capacity: usize,
+}
+
+/// The real syscalls for one direction.
+pub struct SysPipeIo<'a> {
+    pub src: &'a OwnedFd,
+    pub dst: &'a OwnedFd,
+    pub pipe: &'a Pipe,
+}
+
+fn to_io(e: nix::Error) -> io::Error {
+    io::Error::from_raw_os_error(e as i32)
+}
+
+impl PipeIo for SysPipeIo<'_> {
+    fn splice_in(&mut self, max: usize) -> io::Result<usize> {
+        splice(
+            self.src.as_fd(),
+            None,
+            self.pipe.write.as_fd(),
+            None,
+            max,
+            SpliceFFlags::SPLICE_F_NONBLOCK | SpliceFFlags::SPLICE_F_MOVE,
+        )
+        .map_err(to_io)
+    }
+
+    fn splice_out(&mut self, max: usize) -> io::Result<usize> {
+        splice(
+            self.pipe.read.as_fd(),
+            None,
+            self.dst.as_fd(),
+            None,
+            max,
+            SpliceFFlags::SPLICE_F_NONBLOCK | SpliceFFlags::SPLICE_F_MOVE,
+        )
+        .map_err(to_io)
+    }
+}
+
+/// What one pump did and what the direction waits for next.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Pumped {
+    pub moved_in: u64,
+    pub moved_out: u64,
+    /// The destination would block with bytes left in the pipe: wait until it is writable.
+    pub need_writable: bool,
+    /// The pump stopped on its fairness budget with work left: run it again soon.
+    pub again: bool,
+    /// End of stream seen and the pipe drained: half-close the destination.
+    pub finished: bool,
+    /// A socket error (`errno`).
+    pub error: Option<i32>,
+}
+
+/// A spliced direction's state.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SpliceDir {
+    /// Bytes sitting in the pipe.
+    pub in_pipe: usize,
+    pub capacity: usize,
+    pub src_eof: bool,
+    /// A one-shot POLLOUT on the destination is in flight.
+    pub pollout_armed: bool,
+    /// Consecutive pumps that moved little (for auto mode's return to copy).
+    pub small_pumps: u8,
+}
+
+/// Bytes one pump may move before it yields to other connections on the core.
+pub const FAIRNESS_BUDGET: usize = 4 << 20;
+
+impl SpliceDir {
+    pub fn new(capacity: usize) -> Self {
+        Self {
+            in_pipe: 0,
+            capacity,
+            src_eof: false,
+            pollout_armed: false,
+            small_pumps: 0,
+        }
+    }
+
+    /// Moves what can be moved now without blocking.
+    pub fn pump(&mut self, io: &mut impl PipeIo) -> Pumped {
+        let mut p = Pumped::default();
+        loop {
+            let mut progress = false;
+            if !self.src_eof && self.in_pipe < self.capacity {
+                match io.splice_in(self.capacity - self.in_pipe) {
+                    Ok(0) => self.src_eof = true,
+                    Ok(n) => {
+                        self.in_pipe += n;
+                        p.moved_in += n as u64;
+                        progress = true;
+                    }
+                    Err(e)
+                        if e.kind() == io::ErrorKind::WouldBlock
+                            || e.kind() == io::ErrorKind::Interrupted => {}
+                    Err(e) => {
+                        p.error = Some(e.raw_os_error().unwrap_or(libc::EIO));
+                        return p;
+                    }
+                }
+            }
+            if self.in_pipe > 0 {
+                match io.splice_out(self.in_pipe) {
+                    Ok(n) => {
+                        self.in_pipe -= n;
+                        p.moved_out += n as u64;
+                        progress |= n > 0;
+                    }
+                    Err(e)
+                        if e.kind() == io::ErrorKind::WouldBlock
+                            || e.kind() == io::ErrorKind::Interrupted =>
+                    {
+                        p.need_writable = true;
+                        return p;
+                    }
+                    Err(e) => {
+                        p.error = Some(e.raw_os_error().unwrap_or(libc::EIO));
+                        return p;
+                    }
+                }
+            }
+            if self.src_eof && self.in_pipe == 0 {
+                p.finished = true;
+                return p;
+            }
+            if !progress {
+                return p;
+            }
+            if p.moved_out as usize >= FAIRNESS_BUDGET {
+                p.again = true;
+                return p;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::VecDeque;
+
+    /// A fake socket pair around a pipe: `incoming` is what the source will yield per call
+    /// (`None` = would block, `Some(0)` = EOF), `out_room` what the destination accepts.
+    struct Fake {
+        incoming: VecDeque<Option<usize>>,
+        out_room: VecDeque<Option<usize>>,
+        asked_in: Vec<usize>,
+        delivered: usize,
+    }
+
+    impl PipeIo for Fake {
+        fn splice_in(&mut self, max: usize) -> io::Result<usize> {
+            self.asked_in.push(max);
+            match self.incoming.pop_front() {
+                Some(Some(n)) => Ok(n.min(max)),
+                _ => Err(io::ErrorKind::WouldBlock.into()),
+            }
+        }
+        fn splice_out(&mut self, max: usize) -> io::Result<usize> {
+            match self.out_room.pop_front() {
+                Some(Some(n)) => {
+                    let n = n.min(max);
+                    self.delivered += n;
+                    Ok(n)
+                }
+                _ => Err(io::ErrorKind::WouldBlock.into()),
+            }
+        }
+    }
+
+    fn fake(incoming: &[Option<usize>], out_room: &[Option<usize>]) -> Fake {
+        Fake {
+            incoming: incoming.iter().copied().collect(),
+            out_room: out_room.iter().copied().collect(),
+            asked_in: vec![],
+            delivered: 0,
+        }
+    }
+
+    #[test]
+    fn moves_until_the_source_is_empty() {
+        let mut d = SpliceDir::new(1000);
+        let mut io = fake(
+            &[Some(300), Some(200), None],
+            &[Some(1000), Some(1000), Some(1000)],
+        );
+        let p = d.pump(&mut io);
+        assert_eq!((p.moved_in, p.moved_out), (500, 500));
+        assert!(!p.need_writable && !p.finished && p.error.is_none());
+        assert_eq!(d.in_pipe, 0);
+    }
+
+    #[test]
+    fn never_asks_for_more_than_the_room_in_the_pipe() {
+        let mut d = SpliceDir::new(1000);
+        // The destination takes nothing: the pipe fills and the pump waits for POLLOUT.
+        let mut io = fake(&[Some(700), Some(700), Some(700)], &[Some(0), None]);
+        let p = d.pump(&mut io);
+        assert!(p.need_writable);
+        assert_eq!(d.in_pipe, 1000);
+        assert_eq!(io.asked_in, vec![1000, 300]);
+    }
+
+    #[test]
+    fn eof_is_passed_on_only_after_the_pipe_drains() {
+        let mut d = SpliceDir::new(1000);
+        // 1. 400 bytes then EOF, but the destination blocks after 100.
+        let mut io = fake(&[Some(400), Some(0)], &[Some(100), None]);
+        let p = d.pump(&mut io);
+        assert!(p.need_writable && !p.finished);
+        assert_eq!(d.in_pipe, 300);
+        // 2. The destination drains: now the half-close may be passed on.
+        let mut io = fake(&[Some(0)], &[Some(300)]);
+        let p = d.pump(&mut io);
+        assert!(p.finished);
+        assert_eq!(io.delivered, 300);
+    }
+
+    #[test]
+    fn socket_errors_are_reported() {
+        struct Reset;
+        impl PipeIo for Reset {
+            fn splice_in(&mut self, _: usize) -> io::Result<usize> {
+                Err(io::Error::from_raw_os_error(libc::ECONNRESET))
+            }
+            fn splice_out(&mut self, _: usize) -> io::Result<usize> {
+                unreachable!()
+            }
+        }
+        let p = SpliceDir::new(10).pump(&mut Reset);
+        assert_eq!(p.error, Some(libc::ECONNRESET));
+    }
+
+    #[test]
+    fn a_long_stream_yields_after_its_budget() {
+        let mut d = SpliceDir::new(1 << 20);
+        let chunks: Vec<Option<usize>> = std::iter::repeat_n(Some(1 << 20), 16).collect();
+        let mut io = fake(&chunks, &chunks);
+        let p = d.pump(&mut io);
+        assert!(p.again);
+        assert_eq!(p.moved_out as usize, FAIRNESS_BUDGET);
+    }
+}

@@ -1,0 +1,455 @@
+//! Prometheus exposition: a `prometheus-client` [`Collector`] that merges every rule's shards
+//! at scrape time and encodes them as OpenMetrics text.
+//!
+//! Nothing is kept between scrapes: the shards are the source of truth, so a scrape costs one
+//! merge and the data path never learns that Prometheus exists. Histograms are exported in
+//! seconds with log-spaced buckets (1, 2, 5 × 10^k from 10 µs to 50 s, then 60 s, the
+//! recording ceiling) computed from the merged HDR data, and their p50/p90/p99/p99.9/max as a
+//! gauge family `<histogram>_quantile{quantile="…"}` (`quantile="1"` is the max), because
+//! fixed buckets alone lose the tail HdrHistogram keeps.
+//!
+//! Bucket boundaries use HdrHistogram's lowest equivalent value of each recorded bucket, so a
+//! value is never counted above its bucket; one within HDR's 0.1 % precision above a boundary
+//! may be counted at it. Sums are `mean × count` over the HDR data (the same precision).
+
+use std::sync::Arc;
+
+use hdrhistogram::Histogram;
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric, NoLabelSet};
+use prometheus_client::metrics::MetricType;
+use prometheus_client::metrics::counter::ConstCounter;
+use prometheus_client::metrics::gauge::ConstGauge;
+use prometheus_client::registry::{Registry, Unit};
+
+use super::report::QUANTILES;
+use super::{
+    ConnectError, Direction, HistogramKind, Metrics, PathKind, RejectReason, RuleSnapshot,
+};
+
+/// The `Content-Type` of [`render`]'s output.
+pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
+/// Upper bounds of the histogram buckets, in microseconds (before `+Inf`).
+pub const BUCKET_BOUNDS_US: [u64; 23] = [
+    10,
+    20,
+    50,
+    100,
+    200,
+    500,
+    1_000,
+    2_000,
+    5_000,
+    10_000,
+    20_000,
+    50_000,
+    100_000,
+    200_000,
+    500_000,
+    1_000_000,
+    2_000_000,
+    5_000_000,
+    10_000_000,
+    20_000_000,
+    50_000_000,
+    60_000_000,
+    u64::MAX,
+];
+
+/// One labelled histogram series: its labels (without `le`/`quantile`) and its data.
+type Series<'a> = (Vec<(&'a str, &'a str)>, &'a Histogram<u64>);
+
+/// Merges and encodes [`Metrics`] on every scrape.
+pub struct MetricsCollector {
+    metrics: Arc<Metrics>,
+}
+
+impl std::fmt::Debug for MetricsCollector {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MetricsCollector")
+            .field("rules", &self.metrics.rules().len())
+            .finish()
+    }
+}
+
+impl MetricsCollector {
+    pub fn new(metrics: Arc<Metrics>) -> Self {
+        Self { metrics }
+    }
+}
+
+/// A registry holding only the ringfwd collector.
+pub fn registry(metrics: Arc<Metrics>) -> Registry {
+    let mut r = Registry::default();
+    r.register_collector(Box::new(MetricsCollector::new(metrics)));
+    r
+}
+
+/// Encodes a registry as OpenMetrics text (ends with `# EOF`).
+pub fn render(registry: &Registry) -> String {
+    let mut out = String::with_capacity(16 << 10);
+    // Writing to a String cannot fail, and the collector's encoders only fail on write errors.
+    let _ = prometheus_client::encoding::text::encode(&mut out, registry);
+    out
+}
+
+/// The per-rule histograms, with the metric name stem (before `_seconds`) and help text.
+const HISTOGRAMS: [(HistogramKind, &str, &str); 3] = [
+    (
+        HistogramKind::UpstreamConnect,
+        "ringfwd_upstream_connect",
+        "Time from accept to the upstream connect completing.",
+    ),
+    (
+        HistogramKind::FirstByte,
+        "ringfwd_first_byte",
+        "Time from accept to the first byte read from the upstream.",
+    ),
+    (
+        HistogramKind::Session,
+        "ringfwd_session_duration",
+        "Time from accept to the end of the session.",
+    ),
+];
+
+impl Collector for MetricsCollector {
+    fn encode(&self, mut enc: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let snaps: Vec<RuleSnapshot> = self.metrics.rules().iter().map(|r| r.snapshot()).collect();
+
+        let mut f = enc.encode_descriptor(
+            "ringfwd_connections_accepted",
+            "Client connections accepted.",
+            None,
+            MetricType::Counter,
+        )?;
+        for s in &snaps {
+            ConstCounter::new(s.accepted).encode(f.encode_family(&[("rule", s.name.as_str())])?)?;
+        }
+
+        let mut f = enc.encode_descriptor(
+            "ringfwd_connections_active",
+            "Sessions accepted and not yet closed.",
+            None,
+            MetricType::Gauge,
+        )?;
+        for s in &snaps {
+            ConstGauge::new(s.active).encode(f.encode_family(&[("rule", s.name.as_str())])?)?;
+        }
+
+        let mut f = enc.encode_descriptor(
+            "ringfwd_connections_rejected",
+            "Connections turned away before reaching the upstream, by reason.",
+            None,
+            MetricType::Counter,
+        )?;
+        for s in &snaps {
+            for r in RejectReason::ALL {
+                let labels = [("rule", s.name.as_str()), ("reason", r.as_str())];
+                ConstCounter::new(s.rejected[r as usize]).encode(f.encode_family(&labels)?)?;
+            }
+        }
+
+        let mut f = enc.encode_descriptor(
+            "ringfwd_upstream_connect_errors",
+            "Failed upstream connects, by reason.",
+            None,
+            MetricType::Counter,
+        )?;
+        for s in &snaps {
+            for e in ConnectError::ALL {
+                let labels = [("rule", s.name.as_str()), ("reason", e.as_str())];
+                ConstCounter::new(s.connect_errors[e as usize])
+                    .encode(f.encode_family(&labels)?)?;
+            }
+        }
+
+        let mut f = enc.encode_descriptor(
+            "ringfwd_bytes",
+            "Bytes forwarded, by direction and data path.",
+            None,
+            MetricType::Counter,
+        )?;
+        for s in &snaps {
+            for d in Direction::ALL {
+                for p in PathKind::ALL {
+                    let labels = [
+                        ("rule", s.name.as_str()),
+                        ("direction", d.as_str()),
+                        ("path", p.as_str()),
+                    ];
+                    ConstCounter::new(s.bytes_path(d, p)).encode(f.encode_family(&labels)?)?;
+                }
+            }
+        }
+
+        for (kind, stem, help) in HISTOGRAMS {
+            let series: Vec<Series<'_>> = snaps
+                .iter()
+                .map(|s| (vec![("rule", s.name.as_str())], s.histogram(kind)))
+                .collect();
+            encode_histogram_family(&mut enc, stem, help, &series)?;
+        }
+        let series: Vec<Series<'_>> = snaps
+            .iter()
+            .flat_map(|s| {
+                Direction::ALL.map(|d| {
+                    (
+                        vec![("rule", s.name.as_str()), ("direction", d.as_str())],
+                        &s.transfer[d as usize],
+                    )
+                })
+            })
+            .collect();
+        encode_histogram_family(
+            &mut enc,
+            "ringfwd_transfer",
+            "Time from a read's completion to the matching write's completion.",
+            &series,
+        )?;
+
+        let taps: Vec<(&str, u64)> = self
+            .metrics
+            .rules()
+            .iter()
+            .filter_map(|r| r.tap().map(|t| (r.name.as_str(), t.dropped().0)))
+            .collect();
+        if !taps.is_empty() {
+            let mut f = enc.encode_descriptor(
+                "ringfwd_tap_dropped_events",
+                "Tap events dropped because the tap writer fell behind (rules with a tap only).",
+                None,
+                MetricType::Counter,
+            )?;
+            for (rule, n) in taps {
+                ConstCounter::new(n).encode(f.encode_family(&[("rule", rule)])?)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Encodes `<stem>_seconds` (histogram) and `<stem>_seconds_quantile` (gauge) for each
+/// labelled series.
+fn encode_histogram_family(
+    enc: &mut DescriptorEncoder,
+    stem: &str,
+    help: &str,
+    series: &[Series<'_>],
+) -> Result<(), std::fmt::Error> {
+    {
+        let mut f =
+            enc.encode_descriptor(stem, help, Some(&Unit::Seconds), MetricType::Histogram)?;
+        for (labels, h) in series {
+            let buckets = buckets_seconds(h);
+            let sum = if h.is_empty() {
+                0.0
+            } else {
+                h.mean() * h.len() as f64 / 1e6
+            };
+            f.encode_family(labels)?.encode_histogram::<NoLabelSet>(
+                sum,
+                h.len(),
+                &buckets,
+                None,
+            )?;
+        }
+    }
+    let name = format!("{stem}_seconds_quantile");
+    let qhelp = format!("{help} Quantiles from the HDR histogram (quantile=\"1\" is the max).");
+    let mut f = enc.encode_descriptor(&name, &qhelp, None, MetricType::Gauge)?;
+    for (labels, h) in series {
+        for (q, label) in QUANTILES
+            .iter()
+            .map(|&q| (q, q.to_string()))
+            .chain([(1.0, "1".to_string())])
+        {
+            let v = if h.is_empty() {
+                f64::NAN
+            } else if q >= 1.0 {
+                h.max() as f64 / 1e6
+            } else {
+                h.value_at_quantile(q) as f64 / 1e6
+            };
+            let mut l = labels.clone();
+            l.push(("quantile", label.as_str()));
+            ConstGauge::new(v).encode(f.encode_family(&l)?)?;
+        }
+    }
+    Ok(())
+}
+
+/// Non-cumulative counts per bucket of [`BUCKET_BOUNDS_US`] (the encoder accumulates), with
+/// the bounds in seconds and the last one `+Inf`.
+fn buckets_seconds(h: &Histogram<u64>) -> Vec<(f64, u64)> {
+    let mut counts = [0u64; BUCKET_BOUNDS_US.len()];
+    for v in h.iter_recorded() {
+        let low = h.lowest_equivalent(v.value_iterated_to());
+        let i = BUCKET_BOUNDS_US.partition_point(|&b| b < low);
+        counts[i.min(counts.len() - 1)] += v.count_since_last_iteration();
+    }
+    BUCKET_BOUNDS_US
+        .iter()
+        .zip(counts)
+        .map(|(&b, n)| {
+            let le = if b == u64::MAX {
+                f64::INFINITY
+            } else {
+                b as f64 / 1e6
+            };
+            (le, n)
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    fn lines_with<'a>(text: &'a str, prefix: &str) -> Vec<&'a str> {
+        text.lines().filter(|l| l.starts_with(prefix)).collect()
+    }
+
+    fn sample() -> Arc<Metrics> {
+        let m = Metrics::new(&["web", "db"], 2);
+        let web = m.rule(0);
+        for i in 0..3 {
+            web.shard(i).accepted();
+        }
+        web.shard(1).closed(Duration::from_millis(150));
+        web.shard(0).rejected(RejectReason::MaxConnections);
+        web.shard(1).connect_error(ConnectError::Timeout);
+        web.shard(0)
+            .bytes(Direction::ClientToUpstream, PathKind::Copy, 1000);
+        web.shard(1)
+            .bytes(Direction::ClientToUpstream, PathKind::Splice, 24);
+        web.shard(1)
+            .bytes(Direction::UpstreamToClient, PathKind::Splice, 65536);
+        // Connect times: 15 µs, 40 µs, 3 ms, 3 ms.
+        web.shard(0).connected(Duration::from_micros(15));
+        web.shard(1).connected(Duration::from_micros(40));
+        web.shard(0).connected(Duration::from_millis(3));
+        web.shard(1).connected(Duration::from_millis(3));
+        web.shard(0)
+            .transfer(Direction::UpstreamToClient, Duration::from_micros(10));
+        m
+    }
+
+    #[test]
+    fn counters_and_gauges_have_the_documented_names_and_labels() {
+        let text = render(&registry(sample()));
+        assert!(text.ends_with("# EOF\n"), "{text}");
+        for want in [
+            "# TYPE ringfwd_connections_accepted counter",
+            "ringfwd_connections_accepted_total{rule=\"web\"} 3",
+            "ringfwd_connections_accepted_total{rule=\"db\"} 0",
+            "# TYPE ringfwd_connections_active gauge",
+            "ringfwd_connections_active{rule=\"web\"} 2",
+            "ringfwd_connections_rejected_total{rule=\"web\",reason=\"max_connections\"} 1",
+            "ringfwd_connections_rejected_total{rule=\"web\",reason=\"shutdown\"} 0",
+            "ringfwd_connections_rejected_total{rule=\"web\",reason=\"fd_exhausted\"} 0",
+            "ringfwd_upstream_connect_errors_total{rule=\"web\",reason=\"timeout\"} 1",
+            "ringfwd_upstream_connect_errors_total{rule=\"web\",reason=\"refused\"} 0",
+            "ringfwd_bytes_total{rule=\"web\",direction=\"client_to_upstream\",path=\"copy\"} 1000",
+            "ringfwd_bytes_total{rule=\"web\",direction=\"client_to_upstream\",path=\"splice\"} 24",
+            "ringfwd_bytes_total{rule=\"web\",direction=\"upstream_to_client\",path=\"splice\"} 65536",
+            "ringfwd_bytes_total{rule=\"web\",direction=\"upstream_to_client\",path=\"copy\"} 0",
+        ] {
+            assert!(
+                text.lines().any(|l| l == want),
+                "missing {want:?} in\n{text}"
+            );
+        }
+        // Every series of both rules, no more: 2 rules × (4 bytes + 3 rejected + 4 errors).
+        assert_eq!(lines_with(&text, "ringfwd_bytes_total{").len(), 8);
+        assert_eq!(
+            lines_with(&text, "ringfwd_connections_rejected_total{").len(),
+            6
+        );
+        assert_eq!(
+            lines_with(&text, "ringfwd_upstream_connect_errors_total{").len(),
+            8
+        );
+        assert!(!text.contains("ringfwd_tap_dropped"), "no tap configured");
+    }
+
+    #[test]
+    fn histograms_are_in_seconds_with_cumulative_hdr_buckets() {
+        let text = render(&registry(sample()));
+        assert!(text.contains("# TYPE ringfwd_upstream_connect_seconds histogram"));
+        assert!(text.contains("# UNIT ringfwd_upstream_connect_seconds seconds"));
+        let buckets: Vec<&str> = lines_with(&text, "ringfwd_upstream_connect_seconds_bucket{")
+            .into_iter()
+            .filter(|l| l.contains("rule=\"web\""))
+            .collect();
+        let expect = [
+            ("0.00001", 0),
+            ("0.00002", 1),
+            ("0.00005", 2),
+            ("0.0001", 2),
+            ("0.002", 2),
+            ("0.005", 4),
+            ("1.0", 4),
+            ("60.0", 4),
+            ("+Inf", 4),
+        ];
+        assert_eq!(buckets.len(), BUCKET_BOUNDS_US.len(), "{buckets:#?}");
+        for (le, n) in expect {
+            let want =
+                format!("ringfwd_upstream_connect_seconds_bucket{{le=\"{le}\",rule=\"web\"}} {n}");
+            assert!(
+                buckets.contains(&want.as_str()),
+                "missing {want:?} in {buckets:#?}"
+            );
+        }
+        assert!(text.contains("ringfwd_upstream_connect_seconds_count{rule=\"web\"} 4\n"));
+        let sum: f64 = lines_with(&text, "ringfwd_upstream_connect_seconds_sum{rule=\"web\"}")[0]
+            .rsplit(' ')
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap();
+        assert!((sum - 0.006055).abs() < 0.006055 * 0.001, "sum {sum}");
+        // Quantiles: p50 is the 2nd of 4 values (40 µs), p90 and max are 3 ms (within 0.1 %).
+        let q = |quantile: &str| -> f64 {
+            let prefix = format!(
+                "ringfwd_upstream_connect_seconds_quantile{{rule=\"web\",quantile=\"{quantile}\"}} "
+            );
+            lines_with(&text, &prefix)[0][prefix.len()..]
+                .parse()
+                .unwrap()
+        };
+        assert_eq!(q("0.5"), 40e-6);
+        for quantile in ["0.9", "0.99", "0.999", "1"] {
+            let v = q(quantile);
+            assert!((0.003..=0.003_003).contains(&v), "q{quantile} = {v}");
+        }
+        // An empty histogram has zero buckets and NaN quantiles, not made-up numbers.
+        assert!(text.contains("ringfwd_first_byte_seconds_count{rule=\"web\"} 0\n"));
+        assert!(
+            text.contains(
+                "ringfwd_first_byte_seconds_quantile{rule=\"web\",quantile=\"0.99\"} NaN\n"
+            )
+        );
+        assert!(text.contains("ringfwd_session_duration_seconds_count{rule=\"web\"} 1\n"));
+        assert!(text.contains(
+            "ringfwd_transfer_seconds_bucket{le=\"0.00001\",rule=\"web\",direction=\"upstream_to_client\"} 1\n"
+        ));
+        assert!(text.contains(
+            "ringfwd_transfer_seconds_count{rule=\"web\",direction=\"client_to_upstream\"} 0\n"
+        ));
+        assert!(text.contains("# TYPE ringfwd_transfer_seconds_quantile gauge"));
+    }
+
+    #[test]
+    fn rule_names_are_escaped_in_labels() {
+        let m = Metrics::new(&["a \"quoted\" \\ rule"], 1);
+        m.rule(0).shard(0).accepted();
+        let text = render(&registry(m));
+        assert!(
+            text.contains(r#"ringfwd_connections_accepted_total{rule="a \"quoted\" \\ rule"} 1"#),
+            "{text}"
+        );
+    }
+}
