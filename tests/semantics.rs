@@ -505,6 +505,7 @@ fn thousand_concurrent_connections(engine: &[&str]) {
     let _load = support::heavy();
     // Test side 2 fds per connection, the relay 2: ~4000 of the 20000 the box allows.
     const N: usize = 1000;
+    support::ensure_fd_limit(2 * N as u64 + 256);
     let backend = Backend::echo();
     let relay = Relay::start(engine, backend.addr(), &[]);
     // 1. Open all of them.

@@ -129,6 +129,25 @@ pub fn engine_available(engine: &[&str]) -> bool {
     }
 }
 
+/// Makes sure this test process may open `needed` file descriptors, raising its soft
+/// `RLIMIT_NOFILE` up to the hard limit if that is what it takes (many hosts default the soft
+/// limit to 1024).
+///
+/// # Panics
+/// The hard limit is below `needed`: the scenario cannot run here as written.
+pub fn ensure_fd_limit(needed: u64) {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    let (soft, hard) = getrlimit(Resource::RLIMIT_NOFILE).expect("getrlimit(RLIMIT_NOFILE)");
+    if soft >= needed {
+        return;
+    }
+    assert!(
+        hard >= needed,
+        "this scenario needs {needed} open files, the hard limit is {hard}: raise it (ulimit -Hn)"
+    );
+    setrlimit(Resource::RLIMIT_NOFILE, hard, hard).expect("setrlimit(RLIMIT_NOFILE)");
+}
+
 /// A file in the test-scratch directory that is removed when dropped.
 pub struct TempFile {
     pub path: PathBuf,
