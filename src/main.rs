@@ -28,10 +28,26 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("ringfwd: error: {e:#}");
+            eprintln!("ringfwd: error: {}", error_line(&e));
             ExitCode::FAILURE
         }
     }
+}
+
+/// The error and its causes on one line, each cause added only if the text so far does not
+/// already say it: several error types here embed their source in their own message *and*
+/// expose it as `source()`, and plain `{:#}` then printed the cause twice
+/// ("cannot listen on …: address already in use …: cannot listen on …: address already …").
+fn error_line(e: &anyhow::Error) -> String {
+    let mut line = e.to_string();
+    for cause in e.chain().skip(1) {
+        let text = cause.to_string();
+        if !line.contains(&text) {
+            line.push_str(": ");
+            line.push_str(&text);
+        }
+    }
+    line
 }
 
 fn init_logging(format: LogFormat) {

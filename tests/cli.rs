@@ -1,0 +1,192 @@
+//! Command-line behaviour of the binary, once (not per engine): `check` on good and broken
+//! files, `run` on a port already taken, and an IPv6 loopback rule.
+//!
+//! An operator meets these paths first, so the contract is the exit code and one clear line
+//! on stderr naming the file, line and key — never a panic or a backtrace (the commands run
+//! with `RUST_BACKTRACE=1`, so a panic could not hide).
+
+mod support;
+
+use std::io::Write;
+use std::net::{Shutdown, SocketAddr, TcpListener};
+
+use support::TempFile;
+use support::relay::{Relay, run_to_exit};
+use support::sock::{Upstream, connect, read_n, read_to_eof};
+
+/// The single non-empty line of `text`.
+///
+/// # Panics
+/// There is not exactly one, or it looks like a panic.
+fn one_line(text: &str) -> &str {
+    let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert_eq!(lines.len(), 1, "expected one line on stderr, got:\n{text}");
+    assert!(
+        !text.contains("panicked") && !text.contains("backtrace"),
+        "a panic instead of an error message:\n{text}"
+    );
+    lines[0]
+}
+
+const GOOD: &str = r#"engine = "std"
+shutdown_grace = "3s"
+
+[[rule]]
+name = "web"
+listen = "127.0.0.1:0"
+upstream = "127.0.0.1:8080"
+idle_timeout = "90s"
+"#;
+
+#[test]
+fn check_prints_the_effective_config() {
+    // 1. A good file is accepted and printed with every default filled in.
+    let file = TempFile::new("check-good", GOOD);
+    let path = file.path.display().to_string();
+    let out = run_to_exit(&["check", "--config", &path]);
+    assert!(out.status.success(), "exit {}: {}", out.status, out.stderr);
+    for expected in [
+        "engine = \"std\"",
+        "shutdown_grace = \"3s\"",
+        "name = \"web\"",
+        "listen = \"127.0.0.1:0\"",
+        "idle_timeout = \"90s\"",
+        "connect_timeout = \"5s\"",
+        "nodelay = true",
+    ] {
+        assert!(
+            out.stdout
+                .lines()
+                .any(|l| l.trim() == expected || l.starts_with(expected)),
+            "{expected:?} missing from:\n{}",
+            out.stdout
+        );
+    }
+    // 2. What it prints is itself a valid config that checks to the same output.
+    let again = TempFile::new("check-roundtrip", &out.stdout);
+    let path2 = again.path.display().to_string();
+    let out2 = run_to_exit(&["check", "--config", &path2]);
+    assert!(out2.status.success(), "re-check failed: {}", out2.stderr);
+    assert_eq!(
+        out2.stdout, out.stdout,
+        "the printed config does not round-trip"
+    );
+}
+
+#[test]
+fn check_rejects_broken_files_with_one_line() {
+    // (what is wrong, file text, the key the message must name, line it is on)
+    let rule = "[[rule]]\nlisten = \"127.0.0.1:0\"\nupstream = \"127.0.0.1:80\"\n";
+    let cases = [
+        (
+            "unknown key",
+            format!("{rule}bogus_key = 1\n"),
+            "bogus_key",
+            4,
+        ),
+        (
+            "bad duration",
+            format!("{rule}idle_timeout = \"10 fortnights\"\n"),
+            "idle_timeout",
+            4,
+        ),
+        (
+            "bad address",
+            "engine = \"std\"\n\n[[rule]]\nlisten = \"nope\"\nupstream = \"127.0.0.1:80\"\n".into(),
+            "listen",
+            4,
+        ),
+        (
+            "duration without a unit",
+            "shutdown_grace = \"10\"\n".into(),
+            "shutdown_grace",
+            1,
+        ),
+    ];
+    for (what, text, key, line) in cases {
+        let file = TempFile::new("check-bad", &text);
+        let path = file.path.display().to_string();
+        let out = run_to_exit(&["check", "--config", &path]);
+        assert_eq!(out.status.code(), Some(1), "{what}: exit {}", out.status);
+        assert!(
+            out.stdout.is_empty(),
+            "{what}: printed a config anyway:\n{}",
+            out.stdout
+        );
+        let msg = one_line(&out.stderr);
+        assert!(
+            msg.contains(&format!("{path}:{line}:")),
+            "{what}: message does not name {path}:{line}: {msg}"
+        );
+        assert!(
+            msg.contains(key),
+            "{what}: message does not name {key:?}: {msg}"
+        );
+    }
+}
+
+#[test]
+fn run_on_a_port_in_use_fails_with_one_line() {
+    // 1. Another process holds the port (a plain listener, without SO_REUSEPORT).
+    let holder = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = holder.local_addr().expect("address").to_string();
+    // 2. The forwarder cannot listen there: exit 1, one line that names the address once.
+    let out = run_to_exit(&[
+        "run",
+        "--listen",
+        &addr,
+        "--upstream",
+        "127.0.0.1:9",
+        "--engine",
+        "std",
+    ]);
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "exit {}: {}",
+        out.status,
+        out.stderr
+    );
+    let msg = one_line(&out.stderr);
+    assert!(msg.contains("address already in use"), "{msg}");
+    assert_eq!(
+        msg.matches(&addr).count(),
+        1,
+        "the cause is repeated: {msg}"
+    );
+    assert!(
+        !out.stdout.contains("listening"),
+        "claimed to listen: {}",
+        out.stdout
+    );
+}
+
+#[test]
+fn ipv6_loopback_rule_forwards() {
+    // 1. Only where the host has ::1.
+    let Ok(probe) = TcpListener::bind("[::1]:0") else {
+        eprintln!("note: no IPv6 loopback on this host; skipping the [::1] test");
+        return;
+    };
+    drop(probe);
+    // 2. A forwarder listening on [::1]:0 in front of an upstream on [::1].
+    let upstream = Upstream::bind_on("[::1]:0".parse().expect("v6 address"));
+    let relay = Relay::start_listen(&[], "[::1]:0", upstream.addr(), &[]);
+    let listen: SocketAddr = relay.addr();
+    assert!(
+        listen.is_ipv6() && listen.ip().is_loopback(),
+        "listening on {listen}"
+    );
+    // 3. Bytes go both ways and the ends propagate.
+    let mut client = connect(listen);
+    let mut server = upstream.accept();
+    assert!(server.peer_addr().expect("peer").is_ipv6());
+    client.write_all(b"over v6").expect("write");
+    assert_eq!(read_n(&mut server, 7), b"over v6");
+    server.write_all(b"ack").expect("write");
+    assert_eq!(read_n(&mut client, 3), b"ack");
+    client.shutdown(Shutdown::Write).expect("FIN");
+    assert!(read_to_eof(&mut server).is_empty());
+    drop(server);
+    assert!(read_to_eof(&mut client).is_empty());
+}

@@ -1,0 +1,191 @@
+//! Shared harness of the integration tests: the forwarder as a child process, in-test
+//! upstream servers, socket helpers that never block without a bound, `/proc` probes, and the
+//! engine gate.
+//!
+//! Every scenario is written once against this module and run for each engine, so nothing
+//! here knows which engine it drives: the engine is only a list of extra `run` flags
+//! (`["--engine", "std"]`). The forwarder is driven exactly as an operator would: spawned
+//! binary, readiness line on stdout, SIGTERM to stop. All sockets are loopback and bound to
+//! port 0; every wait has a deadline, so a broken engine fails a test instead of hanging it.
+//!
+//! Submodules:
+//! - [`relay`]: the `ringfwd run` child and its guard;
+//! - [`sock`]: upstream listeners, threaded backends, bounded reads and end-of-stream checks;
+//! - [`procfs`]: fd counts, RSS and CLOSE_WAIT sockets of the child;
+//! - [`data`]: seeded payloads and their hashes.
+#![allow(dead_code)] // Each test crate uses its own subset of the harness.
+
+pub mod data;
+pub mod procfs;
+pub mod relay;
+pub mod sock;
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Mutex, OnceLock, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::time::Duration;
+
+pub use relay::Relay;
+
+/// The longest any single step may take before the test fails as hung: generous, because the
+/// build box is shared, but finite.
+pub const STEP_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// Environment variable that turns a missing io_uring into skipped uring suites instead of
+/// failures.
+pub const SKIP_URING_ENV: &str = "RINGFWD_SKIP_URING";
+
+/// Scenarios that load the machine (bulk transfers, 1000 connections, memory measurements)
+/// hold this exclusively; every other scenario holds it shared. On a two-core box this keeps
+/// the timing-sensitive scenarios (latency, timeouts, grace) from being judged while another
+/// test saturates both cores, without asking anyone for `--test-threads=1`.
+static LOAD: RwLock<()> = RwLock::new(());
+
+/// Held by a scenario for its whole run; see [`heavy`] and [`light`].
+pub enum LoadGuard {
+    Shared(#[allow(dead_code)] RwLockReadGuard<'static, ()>),
+    Exclusive(#[allow(dead_code)] RwLockWriteGuard<'static, ()>),
+}
+
+/// For a scenario that saturates the machine or measures the child's resources: runs alone.
+pub fn heavy() -> LoadGuard {
+    LoadGuard::Exclusive(
+        LOAD.write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner),
+    )
+}
+
+/// For an ordinary scenario: runs beside other light ones, never beside a heavy one.
+pub fn light() -> LoadGuard {
+    LoadGuard::Shared(
+        LOAD.read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner),
+    )
+}
+
+/// True when `engine` names the io_uring engine, whose availability depends on the host.
+pub fn is_uring(engine: &[&str]) -> bool {
+    engine.iter().any(|a| a.contains("uring"))
+}
+
+/// Decides whether the suite for `engine` can run here.
+///
+/// Engines other than io_uring always can. For io_uring a forwarder is started once per flag
+/// set: if it reports `io_uring engine unavailable`, this panics with that message — a host
+/// without io_uring must not pass the uring suites silently — unless `RINGFWD_SKIP_URING=1`,
+/// in which case it prints a note and returns `false` so the test returns early.
+///
+/// # Panics
+/// io_uring is unavailable and the skip variable is not set, or the forwarder failed to start
+/// for another reason.
+pub fn engine_available(engine: &[&str]) -> bool {
+    if !is_uring(engine) {
+        return true;
+    }
+    /// Per flag set: `Ok` if the engine started, else the forwarder's reason.
+    type Verdicts = HashMap<Vec<String>, Result<(), String>>;
+    static CACHE: OnceLock<Mutex<Verdicts>> = OnceLock::new();
+    let key: Vec<String> = engine.iter().map(|s| (*s).to_string()).collect();
+    let mut cache = CACHE
+        .get_or_init(Default::default)
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let verdict = cache
+        .entry(key)
+        .or_insert_with(|| {
+            let mut args = vec![
+                "run",
+                "--listen",
+                "127.0.0.1:0",
+                "--upstream",
+                "127.0.0.1:9",
+            ];
+            args.extend_from_slice(engine);
+            match Relay::try_spawn(&args, 1) {
+                Ok(mut relay) => {
+                    relay.stop_and_wait();
+                    Ok(())
+                }
+                Err(failure) if failure.stderr.contains("io_uring engine unavailable") => {
+                    Err(failure.stderr.trim().to_string())
+                }
+                Err(failure) => panic!("the forwarder did not start with {engine:?}: {failure}"),
+            }
+        })
+        .clone();
+    match verdict {
+        Ok(()) => true,
+        Err(why) if std::env::var(SKIP_URING_ENV).as_deref() == Ok("1") => {
+            eprintln!(
+                "note: skipping an io_uring test ({engine:?}) because {SKIP_URING_ENV}=1: {why}"
+            );
+            false
+        }
+        Err(why) => panic!(
+            "io_uring is unavailable for {engine:?}: {why}\n\
+             (set {SKIP_URING_ENV}=1 to skip the io_uring suites on this host)"
+        ),
+    }
+}
+
+/// Makes sure this test process may open `needed` file descriptors, raising its soft
+/// `RLIMIT_NOFILE` up to the hard limit if that is what it takes (many hosts default the soft
+/// limit to 1024).
+///
+/// # Panics
+/// The hard limit is below `needed`: the scenario cannot run here as written.
+pub fn ensure_fd_limit(needed: u64) {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    let (soft, hard) = getrlimit(Resource::RLIMIT_NOFILE).expect("getrlimit(RLIMIT_NOFILE)");
+    if soft >= needed {
+        return;
+    }
+    assert!(
+        hard >= needed,
+        "this scenario needs {needed} open files, the hard limit is {hard}: raise it (ulimit -Hn)"
+    );
+    setrlimit(Resource::RLIMIT_NOFILE, hard, hard).expect("setrlimit(RLIMIT_NOFILE)");
+}
+
+/// A file in the test-scratch directory that is removed when dropped.
+pub struct TempFile {
+    pub path: PathBuf,
+}
+
+impl TempFile {
+    /// Writes `contents` to a fresh file whose name starts with `stem`.
+    ///
+    /// # Panics
+    /// The scratch directory is not writable.
+    pub fn new(stem: &str, contents: &str) -> Self {
+        static NEXT: AtomicUsize = AtomicUsize::new(0);
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let path = PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
+            .join(format!("{stem}-{}-{n}.toml", std::process::id()));
+        std::fs::write(&path, contents)
+            .unwrap_or_else(|e| panic!("cannot write {}: {e}", path.display()));
+        Self { path }
+    }
+}
+
+impl Drop for TempFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+/// Polls `cond` every few milliseconds until it holds or `within` passes; returns whether it
+/// held. For state that has no readiness notification (a `/proc` count, a child's exit).
+pub fn eventually(within: Duration, mut cond: impl FnMut() -> bool) -> bool {
+    let deadline = std::time::Instant::now() + within;
+    loop {
+        if cond() {
+            return true;
+        }
+        if std::time::Instant::now() >= deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
