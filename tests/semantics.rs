@@ -68,6 +68,9 @@ macro_rules! engine_suite {
 
 engine_suite!(std_engine, ["--engine", "std"]);
 engine_suite!(tokio_engine, ["--engine", "tokio"]);
+engine_suite!(uring_copy, ["--engine", "uring", "--mode", "copy"]);
+engine_suite!(uring_splice, ["--engine", "uring", "--mode", "splice"]);
+engine_suite!(uring_auto, ["--engine", "uring", "--mode", "auto"]);
 
 /// A client connected through the relay and the upstream end of the same connection.
 fn pair(relay: &Relay, upstream: &Upstream) -> (TcpStream, TcpStream) {
