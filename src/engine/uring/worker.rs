@@ -872,3 +872,16 @@ impl Worker {
         self.wake_waiters(now);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The per-connection memory target is 4 KiB; the slab entry is the only per-connection
+    /// allocation of the engine (buffers are pooled, fds and sockets live in the kernel).
+    #[test]
+    fn a_connection_slot_stays_small() {
+        let size = std::mem::size_of::<Slot>();
+        assert!(size <= 512, "Slot grew to {size} bytes");
+    }
+}
