@@ -16,7 +16,7 @@ set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
 args_given="$*"
-quick=0 rounds="" duration="" workers=1 peers=0 only="" out=""
+quick=0 rounds="" duration="" workers=1 peers=0 only="" out="" warmup=1s
 while [[ $# -gt 0 ]]; do
     case $1 in
         --quick) quick=1 ;;
@@ -73,11 +73,12 @@ start_listening() {
 
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 
-cpu_ticks() { # utime+stime of every pid given, in clock ticks
+cpu_ticks() { # utime+stime (+ reaped children's, for forking relays) of every pid given, in clock ticks
     local t=0 p
     for p in "$@"; do
         [[ -r /proc/$p/stat ]] || continue
-        t=$((t + $(awk '{print $14 + $15}' "/proc/$p/stat")))
+        # Fields after the ")" of the command name: utime is the 12th, cutime+cstime the 14th/15th.
+        t=$((t + $(sed 's/.*) //' "/proc/$p/stat" | awk '{print $12 + $13 + $14 + $15}')))
     done
     echo "$t"
 }
@@ -162,7 +163,7 @@ if [[ $peers == 1 ]]; then
             [[ $splice == splice ]] && opt="option splice-auto"
             cat >"$out/$name.cfg" <<EOF
 global
-    maxconn 20000
+    maxconn 4000
     nbthread $workers
 defaults
     mode tcp
@@ -192,12 +193,15 @@ EOF
     if command -v nginx >/dev/null; then
         name=nginx pe=$(free_port) ps=$(free_port) pr=$(free_port)
         mkdir -p "$out/nginx"
+        load=""
+        [[ -f /usr/lib/nginx/modules/ngx_stream_module.so ]] && load="load_module /usr/lib/nginx/modules/ngx_stream_module.so;"
         cat >"$out/nginx.conf" <<EOF
+$load
 worker_processes $workers;
 pid $out/nginx/nginx.pid;
 error_log $out/nginx/error.log;
 daemon off;
-events { worker_connections 20000; }
+events { worker_connections 9000; }
 stream {
     server { listen 127.0.0.1:$pe; proxy_pass $echo_addr; }
     server { listen 127.0.0.1:$ps; proxy_pass $sink_addr; }
@@ -255,18 +259,21 @@ run_one() {
     local json="$out/runs/$w.$v.$r.json"
     # shellcheck disable=SC2086
     local before; before=$(cpu_ticks ${relay_pids[$v]})
-    if ! "$BIN" bench "${args[@]}" -d "$duration" --warmup 1s -q --format json --json "$json" --label "$v" >/dev/null 2>"$out/runs/$w.$v.$r.err"; then
+    if ! "$BIN" bench "${args[@]}" -d "$duration" --warmup "$warmup" -q --format json --json "$json" --label "$v" >/dev/null 2>"$out/runs/$w.$v.$r.err"; then
         echo "  $w $v round $r FAILED: $(tail -2 "$out/runs/$w.$v.$r.err")"
         rm -f "$json"
         return
     fi
     # shellcheck disable=SC2086
     local after; after=$(cpu_ticks ${relay_pids[$v]})
-    python3 - "$json" "$((after - before))" "$(getconf CLK_TCK)" <<'PY'
+    python3 - "$json" "$((after - before))" "$(getconf CLK_TCK)" "$warmup" <<'PY'
 import json, sys
-path, ticks, hz = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+path, ticks, hz, warmup = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
 d = json.load(open(path))
+# CPU is read around the whole run, warm-up included; the report scales it to the
+# measured window (steady load assumed).
 d["relay_cpu_s"] = ticks / hz
+d["warmup_s"] = float(warmup.rstrip("s"))
 json.dump(d, open(path, "w"))
 PY
     printf '  %-10s %-14s round %s: %s\n' "$w" "$v" "$r" "$(python3 -c 'import json,sys; d=json.load(open(sys.argv[1])); print(", ".join(f"{k}={d[k]}" for k in ("gbit_per_s","req_per_s","conn_per_s","p99_us","relay_cpu_s") if k in d))' "$json")"
@@ -288,7 +295,13 @@ done
 echo "== idle memory ($idle_conns connections per relay)"
 for v in "${variants[@]}"; do
     [[ $v == direct ]] && continue
+    if [[ $v == socat ]]; then
+        echo "  socat: skipped (a process per connection; its memory is not one pid's)"
+        continue
+    fi
     main_pid=${relay_pids[$v]%% *}
+    # nginx relays in its worker process, not the master.
+    [[ $v == nginx ]] && main_pid=$(echo "${relay_pids[$v]}" | awk '{print $2}')
     "$BIN" bench idle -c "$idle_conns" --pid "$main_pid" --settle 1s -q --format json --json "$out/runs/idle.$v.1.json" --label "$v" "${relay_echo[$v]}" >/dev/null 2>"$out/runs/idle.$v.err" \
         && printf '  %-14s %s bytes/connection\n' "$v" "$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1])).get("rss_per_conn_bytes"))' "$out/runs/idle.$v.1.json")" \
         || echo "  $v idle FAILED: $(tail -2 "$out/runs/idle.$v.err")"
