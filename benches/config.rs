@@ -11,8 +11,11 @@ use ringfwd::config::Config;
 const RULES: u16 = 100;
 
 fn parse(c: &mut Criterion) {
-    let shipped = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/ringfwd.toml")).expect("ringfwd.toml");
-    c.bench_function("config: parse shipped ringfwd.toml", |b| b.iter(|| Config::parse("ringfwd.toml", black_box(&shipped)).expect("valid")));
+    let shipped = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/ringfwd.toml"))
+        .expect("ringfwd.toml");
+    c.bench_function("config: parse shipped ringfwd.toml", |b| {
+        b.iter(|| Config::parse("ringfwd.toml", black_box(&shipped)).expect("valid"))
+    });
     let mut big = String::new();
     for i in 0..RULES {
         let _ = write!(
@@ -22,7 +25,9 @@ fn parse(c: &mut Criterion) {
             30000 + i
         );
     }
-    c.bench_function("config: parse 100 rules", |b| b.iter(|| Config::parse("big.toml", black_box(&big)).expect("valid")));
+    c.bench_function("config: parse 100 rules", |b| {
+        b.iter(|| Config::parse("big.toml", black_box(&big)).expect("valid"))
+    });
 }
 
 criterion_group!(benches, parse);

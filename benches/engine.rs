@@ -25,7 +25,12 @@ fn tokens(c: &mut Criterion) {
     c.bench_function("token encode+decode", |b| {
         b.iter(|| {
             slot = slot.wrapping_add(7919);
-            let t = Token::new(slot, (slot & 0xffff) as u16, Direction::UpstreamToClient, OpKind::Send);
+            let t = Token::new(
+                slot,
+                (slot & 0xffff) as u16,
+                Direction::UpstreamToClient,
+                OpKind::Send,
+            );
             black_box(Token::decode(black_box(t.encode())))
         })
     });
@@ -40,8 +45,23 @@ fn state_machine(c: &mut Criterion) {
     c.bench_function("conn: recv completion + send completion", |b| {
         b.iter(|| {
             let mut out = Actions::default();
-            conn.handle(Event::Received { dir: Direction::ClientToUpstream, res: 1460, buf: Some(3) }, now, &mut out);
-            conn.handle(Event::Sent { dir: Direction::ClientToUpstream, res: 1460 }, now, &mut out);
+            conn.handle(
+                Event::Received {
+                    dir: Direction::ClientToUpstream,
+                    res: 1460,
+                    buf: Some(3),
+                },
+                now,
+                &mut out,
+            );
+            conn.handle(
+                Event::Sent {
+                    dir: Direction::ClientToUpstream,
+                    res: 1460,
+                },
+                now,
+                &mut out,
+            );
             black_box(out.len())
         })
     });

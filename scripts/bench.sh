@@ -3,7 +3,11 @@
 # data path, and (with --peers) through HAProxy, nginx stream and socat when installed.
 #
 #   scripts/bench.sh [--quick] [--rounds N] [--duration D] [--workers N] [--peers]
-#                    [--only "direct uring-copy ..."] [--out DIR]
+#                    [--metrics-cost] [--only "direct uring-copy ..."] [--workloads "bulk1 rr64"]
+#                    [--out DIR]
+#
+# --metrics-cost adds uring-auto-nometrics and tokio-nometrics: the same engines built with
+# the bench-no-metrics feature (no recording on the data path), to measure what metrics cost.
 #
 # Every variant runs in every round; the order alternates between rounds (rotated, and
 # reversed on odd rounds) so drift on a shared machine does not favour one variant. The report
@@ -16,7 +20,7 @@ set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
 args_given="$*"
-quick=0 rounds="" duration="" workers=1 peers=0 only="" out="" warmup=1s
+quick=0 rounds="" duration="" workers=1 peers=0 only="" out="" warmup=1s metrics_cost=0 workloads_given=""
 while [[ $# -gt 0 ]]; do
     case $1 in
         --quick) quick=1 ;;
@@ -24,6 +28,8 @@ while [[ $# -gt 0 ]]; do
         --duration) duration=$2; shift ;;
         --workers) workers=$2; shift ;;
         --peers) peers=1 ;;
+        --metrics-cost) metrics_cost=1 ;;
+        --workloads) workloads_given=$2; shift ;;
         --only) only=$2; shift ;;
         --out) out=$2; shift ;;
         -h|--help) sed -n '2,14p' "$0"; exit 0 ;;
@@ -40,6 +46,7 @@ else
     workloads=(bulk1 bulk1_down bulk8 rr64 rr64_open rr16k connect)
     idle_conns=2000
 fi
+[[ -n $workloads_given ]] && read -r -a workloads <<<"$workloads_given"
 stamp=$(date -u +%Y%m%d-%H%M%S)
 out=${out:-results/$stamp}
 mkdir -p "$out/runs"
@@ -48,6 +55,12 @@ out=$(cd "$out" && pwd)
 echo "== building release"
 cargo build --release --quiet
 BIN=$PWD/target/release/ringfwd
+NOMETRICS_BIN=$BIN
+if [[ $metrics_cost == 1 ]]; then
+    echo "== building release without metrics recording (bench-no-metrics)"
+    cargo build --release --quiet --features bench-no-metrics --target-dir target/nometrics
+    NOMETRICS_BIN=$PWD/target/nometrics/release/ringfwd
+fi
 
 pids=()
 cleanup() {
@@ -111,8 +124,8 @@ variants=(direct)
 relay_pids[direct]=""
 relay_echo[direct]=$echo_addr relay_sink[direct]=$sink_addr relay_src[direct]=$src_addr
 
-start_ringfwd() { # name engine mode
-    local name=$1 engine=$2 mode=$3 cfg="$out/$1.toml"
+start_ringfwd() { # name engine mode [binary]
+    local name=$1 engine=$2 mode=$3 bin=${4:-$BIN} cfg="$out/$1.toml"
     cat >"$cfg" <<EOF
 workers = $workers
 engine = "$engine"
@@ -131,7 +144,7 @@ name = "source"
 listen = "127.0.0.1:0"
 upstream = "$src_addr"
 EOF
-    "$BIN" run --config "$cfg" >"$out/$name.out" 2>"$out/$name.err" &
+    "$bin" run --config "$cfg" >"$out/$name.out" 2>"$out/$name.err" &
     local pid=$!
     pids+=("$pid")
     for _ in $(seq 1 200); do
@@ -152,6 +165,10 @@ start_ringfwd uring-splice uring splice
 start_ringfwd uring-auto uring auto
 start_ringfwd tokio tokio auto
 start_ringfwd std std auto
+if [[ $metrics_cost == 1 ]]; then
+    start_ringfwd uring-auto-nometrics uring auto "$NOMETRICS_BIN"
+    start_ringfwd tokio-nometrics tokio auto "$NOMETRICS_BIN"
+fi
 
 wait_port() { for _ in $(seq 1 100); do (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0; sleep 0.05; done; return 1; }
 

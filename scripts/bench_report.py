@@ -32,7 +32,8 @@ DESCRIPTION = {
     "rr16k": "16 KiB request/response, 8 connections, closed loop",
     "connect": "connection churn: connect, one 64-byte exchange, close (4 workers)",
 }
-ORDER = ["direct", "uring-copy", "uring-splice", "uring-auto", "tokio", "std",
+ORDER = ["direct", "uring-copy", "uring-splice", "uring-auto", "uring-auto-nometrics", "tokio",
+         "tokio-nometrics", "std",
          "haproxy-nosplice", "haproxy-splice", "nginx", "socat"]
 
 
@@ -89,7 +90,9 @@ def summarise(runs):
                 # Lower is better: keep "×" meaning "as good as" (direct/value).
                 row["x_direct"] = base["direct"] / value
                 row["x_tokio"] = (base["tokio"] / value) if base.get("tokio") else None
-            cpu = [r.get("relay_cpu_s") for r in rs]
+            # CPU was read around warm-up + measured window; keep the measured share.
+            cpu = [r["relay_cpu_s"] * r["duration_s"] / (r["duration_s"] + r.get("warmup_s", 1.0))
+                   if r.get("relay_cpu_s") is not None and r.get("duration_s") else None for r in rs]
             if v == "direct":
                 row["cpu_per"] = None
             elif field == "gbit_per_s":

@@ -172,6 +172,10 @@ pub struct Shard {
     pub transfer: [AtomicHistogram; 2],
 }
 
+/// False only in a build with the `bench-no-metrics` feature, which exists to measure what
+/// recording costs (`scripts/bench.sh --metrics-cost`); never ship it.
+const RECORD: bool = !cfg!(feature = "bench-no-metrics");
+
 impl Shard {
     #[inline]
     pub fn accepted(&self) {
@@ -181,6 +185,9 @@ impl Shard {
     /// A session that was counted by [`Shard::accepted`] ended (whatever the reason).
     #[inline]
     pub fn closed(&self, session: Duration) {
+        if !RECORD {
+            return;
+        }
         self.session.record(session);
         self.closed.fetch_add(1, Ordering::Relaxed);
     }
@@ -197,21 +204,33 @@ impl Shard {
 
     #[inline]
     pub fn bytes(&self, dir: Direction, path: PathKind, n: u64) {
+        if !RECORD {
+            return;
+        }
         self.bytes[dir as usize][path as usize].fetch_add(n, Ordering::Relaxed);
     }
 
     #[inline]
     pub fn connected(&self, took: Duration) {
+        if !RECORD {
+            return;
+        }
         self.upstream_connect.record(took);
     }
 
     #[inline]
     pub fn first_byte(&self, since_accept: Duration) {
+        if !RECORD {
+            return;
+        }
         self.first_byte.record(since_accept);
     }
 
     #[inline]
     pub fn transfer(&self, dir: Direction, took: Duration) {
+        if !RECORD {
+            return;
+        }
         self.transfer[dir as usize].record(took);
     }
 }

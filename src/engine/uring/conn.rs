@@ -515,16 +515,20 @@ impl Conn {
             out.push(Action::Release(buf));
             return;
         }
-        if res > 0 {
-            let n = res as u32;
-            self.bytes[i] += u64::from(n);
-            self.bytes_path[PathKind::Copy as usize] += u64::from(n);
-            self.last_activity = now;
-            out.push(Action::Bytes {
-                dir,
-                n: u64::from(n),
-                path: PathKind::Copy,
-            });
+        // EINTR/EAGAIN count as a write of nothing: the rest is resent like a short write.
+        let retry = -res == libc::EINTR || -res == libc::EAGAIN;
+        if res > 0 || retry {
+            let n = res.max(0) as u32;
+            if n > 0 {
+                self.bytes[i] += u64::from(n);
+                self.bytes_path[PathKind::Copy as usize] += u64::from(n);
+                self.last_activity = now;
+                out.push(Action::Bytes {
+                    dir,
+                    n: u64::from(n),
+                    path: PathKind::Copy,
+                });
+            }
             let off = off + n;
             if off < len {
                 self.dirs[i] = DirState::Writing { buf, off, len };
@@ -543,14 +547,6 @@ impl Conn {
                 });
                 self.start_reading(dir, out);
             }
-        } else if -res == libc::EINTR || -res == libc::EAGAIN {
-            self.in_flight += 1;
-            out.push(Action::Send {
-                dir,
-                buf,
-                off,
-                len: len - off,
-            });
         } else {
             self.dirs[i] = DirState::Done;
             out.push(Action::Release(buf));
