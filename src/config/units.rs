@@ -39,6 +39,12 @@ impl fmt::Display for ByteSize {
 
 /// Parses "64KiB", "1 MiB", "4096", "16k", "2M".
 ///
+/// ```
+/// use ringfwd::config::{ByteSize, parse_size};
+/// assert_eq!(parse_size("64KiB"), Ok(ByteSize(65536)));
+/// assert!(parse_size("64 parsecs").unwrap_err().contains("unknown unit"));
+/// ```
+///
 /// # Errors
 /// A message naming what was wrong with the text.
 pub fn parse_size(text: &str) -> Result<ByteSize, String> {
@@ -72,6 +78,13 @@ pub fn parse_size(text: &str) -> Result<ByteSize, String> {
 }
 
 /// Parses "250ms", "5s", "2m", "1h", "100us". A unit is required.
+///
+/// ```
+/// use std::time::Duration;
+/// use ringfwd::config::parse_duration;
+/// assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
+/// assert!(parse_duration("300").unwrap_err().contains("a unit is required"));
+/// ```
 ///
 /// # Errors
 /// A message naming what was wrong with the text.
