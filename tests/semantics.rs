@@ -58,6 +58,7 @@ macro_rules! engine_suite {
                 idle_timeout,
                 slow_reader_backpressure,
                 thousand_concurrent_connections,
+                fd_exhaustion_backs_off_and_recovers,
                 no_fd_or_close_wait_leak,
                 graceful_shutdown_drains,
                 shutdown_grace_ends_stuck_connections,
@@ -538,6 +539,72 @@ fn thousand_concurrent_connections(engine: &[&str]) {
             "conn {i}"
         );
     }
+}
+
+/// Out of file descriptors, the relay neither spins nor dies: it serves what fits, backs off,
+/// and serves again as soon as descriptors are free.
+fn fd_exhaustion_backs_off_and_recovers(engine: &[&str]) {
+    let _load = support::heavy();
+    const ROOM: usize = 16;
+    const CLIENTS: usize = 40;
+    let backend = Backend::echo();
+    let mut relay = Relay::start(engine, backend.addr(), &[]);
+    // 1. A working connection first (threads, rings and pools are all up), then cap the
+    //    relay's fds a few connections above what it holds now.
+    let mut warm = connect(relay.addr());
+    warm.write_all(b"warm").expect("write");
+    assert_eq!(read_n(&mut warm, 4), b"warm");
+    drop(warm);
+    let base = procfs::fd_count(relay.pid());
+    procfs::set_nofile_limit(relay.pid(), base + ROOM);
+    // 2. Far more clients than fit: each sends a byte; the handshakes complete in the kernel.
+    //    A client the relay accepts and resets at once (no fd for its upstream) may see the
+    //    reset as the connect's own result: that is a correct refusal, not a failure.
+    let mut clients: Vec<TcpStream> = (0..CLIENTS)
+        .filter_map(|_| sock::try_connect(relay.addr()).ok())
+        .collect();
+    for c in &mut clients {
+        let _ = c.write_all(b"x");
+    }
+    // 3. The relay reaches its limit (which of the clients got served first is a race
+    //    between accepts and upstream sockets) and stays alive.
+    assert!(support::eventually(STEP_TIMEOUT, || {
+        procfs::fd_count(relay.pid()) >= base + ROOM - 4
+    }));
+    assert!(
+        relay.is_running(),
+        "relay died out of fds:\n{}",
+        relay.stderr()
+    );
+    // 4. At the limit for a second: the accept path backs off instead of spinning.
+    let t0 = procfs::cpu_ticks(relay.pid());
+    std::thread::sleep(Duration::from_secs(1));
+    let used = procfs::cpu_ticks(relay.pid()) - t0;
+    assert!(
+        used < 40,
+        "relay used {used} ticks of CPU in 1 s while out of fds: spinning"
+    );
+    // 5. Everyone leaves; a new client is served again with no restart.
+    drop(clients);
+    let mut again = None;
+    assert!(
+        support::eventually(STEP_TIMEOUT, || {
+            let Ok(mut c) = sock::try_connect(relay.addr()) else {
+                return false;
+            };
+            if c.write_all(b"again").is_err() {
+                return false;
+            }
+            let mut buf = [0u8; 5];
+            let ok = std::io::Read::read_exact(&mut c, &mut buf).is_ok() && &buf == b"again";
+            if ok {
+                again = Some(c);
+            }
+            ok
+        }),
+        "no connection served after the fds were freed:\n{}",
+        relay.stderr()
+    );
 }
 
 /// After hundreds of connections with every kind of ending, the relay holds no more fds than

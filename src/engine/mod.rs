@@ -117,7 +117,8 @@ pub fn bind(config: &Config, per_rule: usize) -> Result<Listeners, EngineError> 
 }
 
 /// Runs the chosen engine until shutdown. `on_ready` is called once with every rule's bound
-/// address, after all listeners are open.
+/// address when the engine is ready to serve: listeners open and every worker (ring, pools,
+/// runtime) set up — so a "listening" line means connections are handled, not just queued.
 ///
 /// # Errors
 /// Listener, ring setup or runtime start-up failures. Per-connection errors never end a run.
@@ -138,10 +139,10 @@ pub fn run(
         .zip(&listeners.per_rule)
         .map(|(r, l)| (r.name.clone(), l[0].local_addr().unwrap_or(r.listen)))
         .collect();
-    on_ready(&addrs);
+    let ready = move || on_ready(&addrs);
     match engine {
-        Resolved::Uring => uring::run(config, listeners, ctx),
-        Resolved::Tokio => tokio::run(config, listeners, ctx),
-        Resolved::Std => threaded::run(config, listeners, ctx),
+        Resolved::Uring => uring::run(config, listeners, ctx, ready),
+        Resolved::Tokio => tokio::run(config, listeners, ctx, ready),
+        Resolved::Std => threaded::run(config, listeners, ctx, ready),
     }
 }

@@ -34,7 +34,12 @@ const STACK_SIZE: usize = 256 << 10;
 ///
 /// # Errors
 /// A listener could not be set up or an accept thread could not start.
-pub fn run(config: &Config, listeners: Listeners, ctx: RunContext) -> Result<(), EngineError> {
+pub fn run(
+    config: &Config,
+    listeners: Listeners,
+    ctx: RunContext,
+    ready: impl FnOnce(),
+) -> Result<(), EngineError> {
     let live = Arc::new(AtomicUsize::new(0));
     let mut accept_threads = Vec::new();
     for (idx, (rule, ls)) in config.rules.iter().zip(listeners.per_rule).enumerate() {
@@ -60,6 +65,7 @@ pub fn run(config: &Config, listeners: Listeners, ctx: RunContext) -> Result<(),
             );
         }
     }
+    ready();
     for t in accept_threads {
         let _ = t.join();
     }
@@ -84,6 +90,7 @@ fn accept_loop(
     shutdown: &Shutdown,
     live: &Arc<AtomicUsize>,
 ) {
+    let mut exhausted = net::ExhaustionLog::default();
     use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
     while shutdown.phase() == Phase::Running {
         let mut fds = [PollFd::new(listener.as_fd(), PollFlags::POLLIN)];
@@ -98,6 +105,9 @@ fn accept_loop(
         }
         match listener.accept() {
             Ok((stream, peer)) => {
+                if exhausted.recovered() {
+                    tracing::info!(rule = %rule.name, "accept: file descriptors available again");
+                }
                 live.fetch_add(1, Ordering::AcqRel);
                 let (rule2, metrics2, shutdown2, live2) = (
                     rule.clone(),
@@ -124,11 +134,11 @@ fn accept_loop(
             }
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
             Err(e) if net::is_resource_exhaustion(&e) => {
-                tracing::warn!(rule = %rule.name, error = %e, "accept: out of file descriptors; backing off");
-                metrics
-                    .rule(rule_idx)
-                    .local()
-                    .rejected(RejectReason::FdExhausted);
+                // The connection stays in the listen queue (accept takes the fd first):
+                // nothing is rejected; wait for descriptors to come back.
+                if let Some(held_back) = exhausted.hit(Instant::now()) {
+                    tracing::warn!(rule = %rule.name, error = %e, held_back, "accept: out of file descriptors; backing off");
+                }
                 std::thread::sleep(net::ACCEPT_BACKOFF);
             }
             Err(e) if net::is_transient_accept_error(&e) => {}

@@ -19,8 +19,7 @@ use tokio::sync::{Notify, watch};
 use super::{EngineError, Listeners, RunContext};
 use crate::config::{Config, Rule};
 use crate::metrics::{
-    CloseReason, ConnectError, Direction, Metrics, PathKind, RejectReason, SessionRecord, Tap,
-    TapSession,
+    CloseReason, ConnectError, Direction, Metrics, PathKind, SessionRecord, Tap, TapSession,
 };
 use crate::net;
 use crate::shutdown::Phase;
@@ -49,7 +48,12 @@ impl Drop for LiveGuard {
 ///
 /// # Errors
 /// The runtime could not be built or a listener could not be registered with it.
-pub fn run(config: &Config, listeners: Listeners, ctx: RunContext) -> Result<(), EngineError> {
+pub fn run(
+    config: &Config,
+    listeners: Listeners,
+    ctx: RunContext,
+    ready: impl FnOnce(),
+) -> Result<(), EngineError> {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(config.worker_count())
         .thread_name("ringfwd-tokio")
@@ -103,6 +107,7 @@ pub fn run(config: &Config, listeners: Listeners, ctx: RunContext) -> Result<(),
                 )));
             }
         }
+        ready();
         for a in accept_loops {
             let _ = a.await;
         }
@@ -128,6 +133,7 @@ async fn accept_loop(
     mut phase: watch::Receiver<Phase>,
     live: Arc<Live>,
 ) {
+    let mut exhausted = net::ExhaustionLog::default();
     loop {
         let accepted = tokio::select! {
             biased;
@@ -136,6 +142,9 @@ async fn accept_loop(
         };
         match accepted {
             Ok((stream, peer)) => {
+                if exhausted.recovered() {
+                    tracing::info!(rule = %rule.name, "accept: file descriptors available again");
+                }
                 live.count.fetch_add(1, Ordering::AcqRel);
                 let guard = LiveGuard(live.clone());
                 let (rule, metrics, phase) = (rule.clone(), metrics.clone(), phase.clone());
@@ -145,11 +154,11 @@ async fn accept_loop(
                 });
             }
             Err(e) if net::is_resource_exhaustion(&e) => {
-                tracing::warn!(rule = %rule.name, error = %e, "accept: out of file descriptors; backing off");
-                metrics
-                    .rule(rule_idx)
-                    .local()
-                    .rejected(RejectReason::FdExhausted);
+                // The connection stays in the listen queue (accept takes the fd first):
+                // nothing is rejected; wait for descriptors to come back.
+                if let Some(held_back) = exhausted.hit(Instant::now()) {
+                    tracing::warn!(rule = %rule.name, error = %e, held_back, "accept: out of file descriptors; backing off");
+                }
                 tokio::time::sleep(net::ACCEPT_BACKOFF).await;
             }
             Err(e) if net::is_transient_accept_error(&e) => {

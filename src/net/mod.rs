@@ -226,3 +226,58 @@ pub fn raise_nofile_limit() -> u64 {
         Err(_) => 0,
     }
 }
+
+/// How often an accept loop that stays out of file descriptors repeats its warning.
+pub const EXHAUSTION_LOG_EVERY: Duration = Duration::from_secs(10);
+
+/// Rate-limits an accept loop's "out of file descriptors" warning: the first of an episode is
+/// logged, then at most one every [`EXHAUSTION_LOG_EVERY`] with how many were held back — a
+/// loop backing off every 50 ms must not write 20 lines a second.
+#[derive(Debug, Default)]
+pub struct ExhaustionLog {
+    last: Option<std::time::Instant>,
+    held_back: u64,
+}
+
+impl ExhaustionLog {
+    /// Records one exhaustion; `Some(n)` when it should be logged now (`n` were held back).
+    pub fn hit(&mut self, now: std::time::Instant) -> Option<u64> {
+        match self.last {
+            Some(t) if now.saturating_duration_since(t) < EXHAUSTION_LOG_EVERY => {
+                self.held_back += 1;
+                None
+            }
+            _ => {
+                self.last = Some(now);
+                Some(std::mem::take(&mut self.held_back))
+            }
+        }
+    }
+
+    /// An accept succeeded: the episode is over (the next exhaustion is logged at once).
+    pub fn recovered(&mut self) -> bool {
+        let was = self.last.is_some();
+        self.last = None;
+        self.held_back = 0;
+        was
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Instant;
+
+    #[test]
+    fn exhaustion_warnings_are_rate_limited_per_episode() {
+        let mut log = ExhaustionLog::default();
+        let t = Instant::now();
+        assert_eq!(log.hit(t), Some(0));
+        assert_eq!(log.hit(t + Duration::from_millis(50)), None);
+        assert_eq!(log.hit(t + Duration::from_millis(100)), None);
+        assert_eq!(log.hit(t + EXHAUSTION_LOG_EVERY), Some(2));
+        assert!(log.recovered());
+        assert!(!log.recovered());
+        assert_eq!(log.hit(t + EXHAUSTION_LOG_EVERY), Some(0));
+    }
+}

@@ -146,3 +146,36 @@ pub fn rss(pid: i32) -> u64 {
 pub fn peak_rss(pid: i32) -> u64 {
     status_bytes(pid, "VmHWM")
 }
+
+/// CPU time (user + system) `pid` has used so far, in clock ticks (`CLK_TCK`, 100 per second
+/// on Linux).
+///
+/// # Panics
+/// The process is gone.
+pub fn cpu_ticks(pid: i32) -> u64 {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .unwrap_or_else(|e| panic!("read /proc/{pid}/stat: {e}"));
+    // Fields after the command name's closing parenthesis: state is the 1st, utime the 12th.
+    let rest = &text[text.rfind(')').expect("stat has a (comm)") + 2..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    f[11].parse::<u64>().expect("utime") + f[12].parse::<u64>().expect("stime")
+}
+
+/// Sets the open-files limit (soft and hard) of another process with util-linux's `prlimit`.
+///
+/// # Panics
+/// `prlimit` is missing or refuses: the caller's scenario cannot be run as written.
+pub fn set_nofile_limit(pid: i32, limit: usize) {
+    let out = std::process::Command::new("prlimit")
+        .arg(format!("--pid={pid}"))
+        .arg(format!("--nofile={limit}:{limit}"))
+        .output()
+        .unwrap_or_else(|e| {
+            panic!("cannot run prlimit (util-linux) to limit the relay's fds: {e}")
+        });
+    assert!(
+        out.status.success(),
+        "prlimit failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

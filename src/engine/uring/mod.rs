@@ -110,7 +110,12 @@ fn raise_memlock() {
 ///
 /// # Errors
 /// A worker's ring or buffer pool could not be set up.
-pub fn run(config: &Config, listeners: Listeners, ctx: RunContext) -> Result<(), EngineError> {
+pub fn run(
+    config: &Config,
+    listeners: Listeners,
+    ctx: RunContext,
+    ready: impl FnOnce(),
+) -> Result<(), EngineError> {
     raise_memlock();
     let n = config.worker_count();
     let cpus = net::allowed_cpus();
@@ -177,6 +182,7 @@ pub fn run(config: &Config, listeners: Listeners, ctx: RunContext) -> Result<(),
         }
         return Err(EngineError::UringUnavailable(Unavailable(e)));
     }
+    ready();
     for h in handles {
         let _ = h.join();
     }

@@ -57,6 +57,7 @@ struct Listener {
     fd: Option<OwnedFd>,
     rule: usize,
     state: ListenerState,
+    exhausted: net::ExhaustionLog,
 }
 
 /// A live connection in the slab.
@@ -229,6 +230,7 @@ impl Worker {
                 fd: Some(OwnedFd::from(l)),
                 rule,
                 state: ListenerState::Closed,
+                exhausted: net::ExhaustionLog::default(),
             })
             .collect();
         let max_connections = config.uring.max_connections as usize;
@@ -420,12 +422,11 @@ impl Worker {
                 l.state = ListenerState::Closed;
                 l.fd = None;
             } else if res < 0 && net::is_resource_exhaustion(&io::Error::from_raw_os_error(-res)) {
-                let rule = l.rule;
-                tracing::warn!(worker = self.id, rule = %self.rules[rule].rule.name, error = %io::Error::from_raw_os_error(-res), "accept: out of file descriptors; backing off");
-                self.metrics
-                    .rule(rule)
-                    .shard(self.id)
-                    .rejected(RejectReason::FdExhausted);
+                // io_uring's accept takes the fd before looking at the queue, so this also
+                // happens with nothing pending: no connection was rejected, none is lost.
+                if let Some(held_back) = l.exhausted.hit(now) {
+                    tracing::warn!(worker = self.id, rule = %self.rules[l.rule].rule.name, error = %io::Error::from_raw_os_error(-res), held_back, "accept: out of file descriptors; backing off");
+                }
                 l.state = ListenerState::Backoff(now + net::ACCEPT_BACKOFF);
             } else {
                 // Any other end (or a last connection delivered without MORE): re-arm.
@@ -437,6 +438,10 @@ impl Worker {
         }
         // SAFETY: a successful accept completion carries a new fd that nothing else owns.
         let client = unsafe { OwnedFd::from_raw_fd(res) };
+        if self.listeners[li].exhausted.recovered() {
+            let rule = &self.rules[self.listeners[li].rule].rule.name;
+            tracing::info!(worker = self.id, rule = %rule, "accept: file descriptors available again");
+        }
         self.accept_conn(li, client, now);
     }
 
