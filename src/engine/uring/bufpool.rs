@@ -41,6 +41,8 @@ pub struct BufPool {
     mask: u16,
     tail: u16,
     registered: bool,
+    /// Buffers published to the kernel and not yet taken by a recv.
+    in_ring: u16,
 }
 
 impl BufPool {
@@ -92,6 +94,7 @@ impl BufPool {
             mask: entries - 1,
             tail: 0,
             registered: false,
+            in_ring: 0,
         };
 
         let iovecs: Vec<libc::iovec> = (0..count)
@@ -166,6 +169,16 @@ impl BufPool {
         self.publish();
     }
 
+    /// A recv completion took a buffer out of the ring.
+    pub fn taken(&mut self) {
+        self.in_ring = self.in_ring.saturating_sub(1);
+    }
+
+    /// Buffers the kernel can pick right now.
+    pub fn in_ring(&self) -> u16 {
+        self.in_ring
+    }
+
     fn push(&mut self, bid: u16) {
         let idx = (self.tail & self.mask) as usize;
         // SAFETY: idx <= mask < entries, inside the ring mapping. The kernel reads only the
@@ -175,6 +188,7 @@ impl BufPool {
         entry.set_len(self.buf_size);
         entry.set_bid(bid);
         self.tail = self.tail.wrapping_add(1);
+        self.in_ring += 1;
     }
 
     fn publish(&self) {

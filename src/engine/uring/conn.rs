@@ -80,8 +80,8 @@ pub enum Event {
     Readable { dir: Direction },
     /// The direction's destination is writable (one-shot poll completed).
     Writable { dir: Direction },
-    /// The multishot poll on the direction's source ended.
-    PollEnded { dir: Direction },
+    /// The multishot poll on the direction's source ended (`res`: its last result).
+    PollEnded { dir: Direction, res: i32 },
     /// The worker ran the direction's pump.
     Pumped { dir: Direction, p: Pumped },
 }
@@ -261,8 +261,9 @@ impl Conn {
     }
 
     /// True when no byte moved either way for `idle` (and the connection is not closing).
+    /// Not while connecting: that is the connect timeout's job.
     pub fn idle_expired(&self, now: Instant, idle: Duration) -> bool {
-        !self.is_closing() && now.saturating_duration_since(self.last_activity) >= idle
+        self.phase == Phase::Relaying && now.saturating_duration_since(self.last_activity) >= idle
     }
 
     /// The one transition function.
@@ -334,11 +335,17 @@ impl Conn {
                     }
                 }
             }
-            Event::PollEnded { dir } => {
+            Event::PollEnded { dir, res } => {
                 self.op_done();
                 if !self.is_closing() && matches!(self.dirs[dir as usize], DirState::Splicing(_)) {
-                    self.in_flight += 1;
-                    out.push(Action::PollIn(dir));
+                    if res >= 0 {
+                        // Ended without error (e.g. completion-queue overflow): re-arm.
+                        self.in_flight += 1;
+                        out.push(Action::PollIn(dir));
+                    } else {
+                        // The kernel refused the poll itself: re-arming would only spin.
+                        self.begin_close(CloseReason::Error, out);
+                    }
                 }
             }
             Event::Pumped { dir, p } => self.pumped(dir, p, now, out),
@@ -384,6 +391,11 @@ impl Conn {
             out.push(Action::ShutdownWrite(dir));
             if self.dirs[dir.reverse() as usize] == DirState::Done {
                 self.begin_close(CloseReason::Eof, out);
+            } else {
+                // The other direction may run for long: give the drained pipe back now and
+                // stop the readiness poll on this finished source (one removal op).
+                self.in_flight += 1;
+                out.push(Action::LeaveSplice(dir));
             }
             return;
         }

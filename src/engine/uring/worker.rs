@@ -19,7 +19,7 @@ use io_uring::{IoUring, cqueue, opcode, squeue, types};
 use socket2::{SockAddr, SockRef};
 
 use super::bufpool::{BUFFER_GROUP, BufPool};
-use super::conn::{Action, Actions, Conn, Event};
+use super::conn::{Action, Actions, Conn, DirState, Event};
 use super::pipepool::PipePool;
 use super::splice::{Pipe, SysPipeIo};
 use super::token::{OpKind, Token};
@@ -118,8 +118,9 @@ pub struct Worker {
     live: usize,
     max_connections: usize,
     waiters: VecDeque<(u32, u16, Direction)>,
-    buffers_freed: usize,
-    backlog: VecDeque<squeue::Entry>,
+    /// SQEs that did not fit in the submission queue; a linked pair stays one element so it
+    /// is never split across two submissions (the link would be lost).
+    backlog: VecDeque<(squeue::Entry, Option<squeue::Entry>)>,
     /// Spliced directions that stopped on their fairness budget and must pump again.
     run_queue: VecDeque<(u32, u16, Direction)>,
     metrics: Arc<Metrics>,
@@ -258,7 +259,6 @@ impl Worker {
             live: 0,
             max_connections,
             waiters: VecDeque::new(),
-            buffers_freed: 0,
             backlog: VecDeque::new(),
             run_queue: VecDeque::new(),
             metrics,
@@ -327,36 +327,51 @@ impl Worker {
 
     /// The one place SQEs are queued.
     fn push(&mut self, entry: squeue::Entry) {
-        if !self.backlog.is_empty() {
-            self.backlog.push_back(entry);
-            return;
+        self.push_group(entry, None);
+    }
+
+    /// Queues `first` and, if given, `second` linked after it (`first` carries `IO_LINK`):
+    /// both go into the same submission or both wait in the backlog.
+    fn push_group(&mut self, first: squeue::Entry, second: Option<squeue::Entry>) {
+        if !self.backlog.is_empty() || !self.try_push_group(&first, second.as_ref()) {
+            self.backlog.push_back((first, second));
         }
+    }
+
+    fn try_push_group(&mut self, first: &squeue::Entry, second: Option<&squeue::Entry>) -> bool {
+        let need = 1 + usize::from(second.is_some());
+        let room = |ring: &mut IoUring| {
+            let sq = ring.submission();
+            sq.capacity() - sq.len()
+        };
+        if room(&mut self.ring) < need {
+            // Full: hand what is queued to the kernel first.
+            let _ = self.ring.submit();
+            if room(&mut self.ring) < need {
+                return false;
+            }
+        }
+        let mut sq = self.ring.submission();
         // SAFETY: every pointer an entry carries stays valid until its completion: buffers
         // are owned by the op until its CQE (the state machine releases them only then),
         // connect timespecs live in `self.rules` for the worker's lifetime, and the fds are
         // closed only after every op on them completed (`Conn::in_flight` reaches zero).
-        let pushed = unsafe { self.ring.submission().push(&entry) };
-        if pushed.is_err() {
-            // Full: hand what is queued to the kernel, then retry once before spilling.
-            let _ = self.ring.submit();
-            // SAFETY: as above.
-            if unsafe { self.ring.submission().push(&entry) }.is_err() {
-                self.backlog.push_back(entry);
+        // There is room for the whole group (checked above), so neither push fails.
+        unsafe {
+            let _ = sq.push(first);
+            if let Some(s) = second {
+                let _ = sq.push(s);
             }
         }
+        true
     }
 
     fn flush_backlog(&mut self) {
-        while let Some(e) = self.backlog.front() {
-            // SAFETY: see `push`; the entry was built under the same rules.
-            if unsafe { self.ring.submission().push(e) }.is_err() {
-                let _ = self.ring.submit();
-                // SAFETY: as above.
-                if unsafe { self.ring.submission().push(e) }.is_err() {
-                    return;
-                }
+        while let Some((first, second)) = self.backlog.pop_front() {
+            if !self.try_push_group(&first, second.as_ref()) {
+                self.backlog.push_front((first, second));
+                return;
             }
-            self.backlog.pop_front();
         }
     }
 
@@ -389,6 +404,9 @@ impl Worker {
             OpKind::ConnectTimeout => self.conn_event(t, Event::ConnectTimerDone, now),
             OpKind::Recv => {
                 let buf = cqueue::buffer_select(flags);
+                if buf.is_some() {
+                    self.pool.taken();
+                }
                 self.conn_event(
                     t,
                     Event::Received {
@@ -405,7 +423,7 @@ impl Worker {
                 let ev = if cqueue::more(flags) {
                     Event::Readable { dir: t.dir }
                 } else {
-                    Event::PollEnded { dir: t.dir }
+                    Event::PollEnded { dir: t.dir, res }
                 };
                 self.conn_event(t, ev, now);
             }
@@ -545,8 +563,7 @@ impl Worker {
                 )
                 .encode(),
             );
-        self.push(connect);
-        self.push(timeout);
+        self.push_group(connect, Some(timeout));
     }
 
     fn conn_event(&mut self, t: Token, ev: Event, now: Instant) {
@@ -567,7 +584,6 @@ impl Worker {
             tracing::error!(worker = self.id, ?t, ?ev, "stale completion");
             if let Event::Received { buf: Some(b), .. } = ev {
                 self.pool.recycle(b);
-                self.buffers_freed += 1;
             }
             return;
         };
@@ -611,10 +627,7 @@ impl Worker {
                 };
                 self.push(sqe.user_data(Token::new(slot, generation, dir, OpKind::Send).encode()));
             }
-            Action::Release(b) => {
-                self.pool.recycle(b);
-                self.buffers_freed += 1;
-            }
+            Action::Release(b) => self.pool.recycle(b),
             Action::WaitBuffer(dir) => self.waiters.push_back((slot, generation, dir)),
             Action::ShutdownWrite(dir) => {
                 let _ = SockRef::from(e.dst_fd(dir)).shutdown(std::net::Shutdown::Write);
@@ -703,6 +716,9 @@ impl Worker {
         let Some(e) = self.slots[slot as usize].entry.as_mut() else {
             return;
         };
+        if e.conn.is_closing() {
+            return;
+        }
         let Entry {
             conn,
             client,
@@ -786,17 +802,21 @@ impl Worker {
         drop(e);
     }
 
-    /// Lets directions that found the pool empty read again, one per freed buffer.
+    /// Lets directions that found the pool empty read again: as many as there are buffers in
+    /// the ring now. Waiters whose connection closed meanwhile are dropped without using one.
     fn wake_waiters(&mut self, now: Instant) {
-        while self.buffers_freed > 0 {
+        let mut budget = self.pool.in_ring();
+        while budget > 0 {
             let Some((slot, generation, dir)) = self.waiters.pop_front() else {
-                self.buffers_freed = 0;
                 return;
             };
-            let valid = self.slots[slot as usize].entry.is_some()
-                && self.slots[slot as usize].generation == generation;
-            if valid {
-                self.buffers_freed -= 1;
+            let waiting = self.slots[slot as usize]
+                .entry
+                .as_ref()
+                .filter(|_| self.slots[slot as usize].generation == generation)
+                .is_some_and(|e| !e.conn.is_closing() && e.conn.dir(dir) == DirState::WaitBuffer);
+            if waiting {
+                budget -= 1;
                 self.conn_event(
                     Token::new(slot, generation, dir, OpKind::Recv),
                     Event::BufferAvailable { dir },

@@ -487,9 +487,12 @@ fn splice_eof_half_closes_after_the_pipe_drained() {
                 n: 10,
                 path: PathKind::Splice
             },
-            Action::ShutdownWrite(C2U)
+            Action::ShutdownWrite(C2U),
+            // The other direction still runs: the drained pipe goes back to the pool now.
+            Action::LeaveSplice(C2U)
         ]
     );
+    assert_eq!(c.in_flight, 3, "poll, recv and the poll removal");
     assert_eq!(c.dir(C2U), DirState::Done);
     assert_eq!(c.dir(U2C), DirState::Reading);
 }
@@ -578,4 +581,40 @@ fn small_reads_keep_auto_on_copy() {
         let a = step(&mut c, Event::Sent { dir: C2U, res: 64 }, now);
         assert_eq!(a.last(), Some(&Action::Recv(C2U)));
     }
+}
+
+#[test]
+fn idle_timeout_does_not_cut_a_slow_connect() {
+    let (c, now) = connecting();
+    assert!(!c.idle_expired(now + Duration::from_secs(3600), Duration::from_secs(1)));
+}
+
+#[test]
+fn a_poll_the_kernel_refuses_closes_instead_of_spinning() {
+    let (mut c, now) = spliced();
+    let a = step(
+        &mut c,
+        Event::PollEnded {
+            dir: C2U,
+            res: -libc::ENOMEM,
+        },
+        now,
+    );
+    assert_eq!(a, vec![Action::CancelAll]);
+    assert_eq!(c.phase(), Phase::Closing(CloseReason::Error));
+}
+
+#[test]
+fn a_poll_ended_by_overflow_is_rearmed() {
+    let (mut c, now) = spliced();
+    let a = step(
+        &mut c,
+        Event::PollEnded {
+            dir: C2U,
+            res: libc::POLLIN as i32,
+        },
+        now,
+    );
+    assert_eq!(a, vec![Action::PollIn(C2U)]);
+    assert_eq!(c.in_flight, 2);
 }
