@@ -382,6 +382,18 @@ impl RuleSnapshot {
     }
 }
 
+/// Formats an optional address as the address or nothing, without building a `String`.
+struct OptAddr(Option<std::net::SocketAddr>);
+
+impl std::fmt::Display for OptAddr {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.0 {
+            Some(a) => a.fmt(f),
+            None => Ok(()),
+        }
+    }
+}
+
 /// One finished session, as the access log prints it.
 #[derive(Debug, Clone)]
 pub struct SessionRecord<'a> {
@@ -456,7 +468,7 @@ impl Metrics {
         if !self.access_log.load(Ordering::Relaxed) {
             return;
         }
-        let client = rec.client.map(|c| c.to_string()).unwrap_or_default();
+        let client = OptAddr(rec.client);
         tracing::info!(
             target: "ringfwd::access",
             rule = rec.rule,
