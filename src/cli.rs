@@ -120,6 +120,8 @@ impl RunArgs {
                 connect_timeout: config::DEFAULT_CONNECT_TIMEOUT,
                 idle_timeout: Some(config::DEFAULT_IDLE_TIMEOUT),
                 tap: None,
+                max_connections: std::num::NonZeroU32::new(config::DEFAULT_MAX_CONNECTIONS)
+                    .expect("non-zero"),
             }];
         }
         if let Some(e) = self.engine {
@@ -195,7 +197,7 @@ mod tests {
         .unwrap();
         assert_eq!(cfg.engine, EngineKind::Std);
         assert_eq!(cfg.rules.len(), 1);
-        assert_eq!(cfg.rules[0].upstream.primary().port(), 9);
+        assert_eq!(cfg.rules[0].upstream.members[0].addrs[0].port(), 9);
         assert_eq!(cfg.rules[0].idle_timeout, None);
     }
 

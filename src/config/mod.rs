@@ -10,7 +10,7 @@ pub mod units;
 
 use std::fmt;
 use std::net::{SocketAddr, ToSocketAddrs};
-use std::num::NonZeroUsize;
+use std::num::{NonZeroU32, NonZeroUsize};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -124,21 +124,148 @@ impl Default for TcpOptions {
     }
 }
 
-/// Where a rule forwards to: the text as written and what it resolved to at load time.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Upstream {
-    pub text: String,
-    pub addrs: Vec<SocketAddr>,
+/// How a rule spreads its connections over the members of its upstream pool.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Balance {
+    /// Smooth weighted round-robin (nginx's algorithm), per worker.
+    RoundRobin,
+    /// Fewest active connections per unit of weight, counted across every worker.
+    LeastConn,
+    /// Consistent (rendezvous) hash of the client IP: the same member order and hash give every
+    /// host the same answer, and removing a member moves only that member's clients.
+    SourceHash,
+    /// Power of two random choices on active connections per unit of weight.
+    RandomTwo,
 }
 
-impl Upstream {
-    /// The address connects go to (the first one the name resolved to).
-    pub fn primary(&self) -> SocketAddr {
-        self.addrs[0]
+impl Balance {
+    pub const NAMES: &'static str = "round_robin, least_conn, source_hash, random_two";
+
+    pub fn parse(text: &str) -> Option<Self> {
+        Some(match text {
+            "round_robin" => Self::RoundRobin,
+            "least_conn" => Self::LeastConn,
+            "source_hash" => Self::SourceHash,
+            "random_two" => Self::RandomTwo,
+            _ => return None,
+        })
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::RoundRobin => "round_robin",
+            Self::LeastConn => "least_conn",
+            Self::SourceHash => "source_hash",
+            Self::RandomTwo => "random_two",
+        }
     }
 }
 
-/// One listen address forwarded to one upstream.
+/// One upstream member as written: an address, or a host name whose every address is a member
+/// (re-resolved every `resolve_interval`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MemberSpec {
+    /// As written, e.g. `"10.0.0.5:8443"` or `"backend.svc:80"`.
+    pub text: String,
+    pub weight: NonZeroU32,
+    /// Gets traffic only when every non-backup member is down.
+    pub backup: bool,
+    /// What `text` resolved to at load time (one address for a literal address).
+    pub addrs: Vec<SocketAddr>,
+}
+
+impl MemberSpec {
+    /// A member of weight 1, not a backup.
+    pub fn new(text: impl Into<String>, addrs: Vec<SocketAddr>) -> Self {
+        Self {
+            text: text.into(),
+            weight: NonZeroU32::MIN,
+            backup: false,
+            addrs,
+        }
+    }
+
+    /// True when `text` is a host name (so DNS may change its addresses), not an address.
+    pub fn is_name(&self) -> bool {
+        self.text.parse::<SocketAddr>().is_err()
+    }
+}
+
+/// Active TCP-connect health checks of a pool's members, off the data path.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct HealthCheck {
+    /// Time between two probes of one member.
+    pub interval: Duration,
+    /// How long one probe's connect may take.
+    pub timeout: Duration,
+    /// Consecutive successes that bring a down member back.
+    pub rise: NonZeroU32,
+    /// Consecutive failures that take an up member out.
+    pub fall: NonZeroU32,
+}
+
+pub const DEFAULT_HEALTH_INTERVAL: Duration = Duration::from_secs(2);
+pub const DEFAULT_HEALTH_TIMEOUT: Duration = Duration::from_secs(1);
+pub const DEFAULT_HEALTH_RISE: NonZeroU32 = NonZeroU32::new(2).unwrap();
+pub const DEFAULT_HEALTH_FALL: NonZeroU32 = NonZeroU32::new(3).unwrap();
+
+impl Default for HealthCheck {
+    fn default() -> Self {
+        Self {
+            interval: DEFAULT_HEALTH_INTERVAL,
+            timeout: DEFAULT_HEALTH_TIMEOUT,
+            rise: DEFAULT_HEALTH_RISE,
+            fall: DEFAULT_HEALTH_FALL,
+        }
+    }
+}
+
+pub const DEFAULT_CONNECT_RETRIES: u32 = 2;
+pub const DEFAULT_MAX_FAILS: u32 = 1;
+pub const DEFAULT_FAIL_TIMEOUT: Duration = Duration::from_secs(10);
+pub const DEFAULT_RESOLVE_INTERVAL: Duration = Duration::from_secs(30);
+/// Per-rule cap on live connections, on every engine, when the config sets none.
+pub const DEFAULT_MAX_CONNECTIONS: u32 = 8192;
+
+/// Where a rule forwards to: a pool of members and how to choose among them.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Upstream {
+    /// Never empty.
+    pub members: Vec<MemberSpec>,
+    pub balance: Balance,
+    /// Further members tried after a refused, timed-out or unreachable connect (never the same
+    /// member twice in one session).
+    pub connect_retries: u32,
+    /// Connect failures within `fail_timeout` that take a member out for `fail_timeout`
+    /// (0: passive health checks off).
+    pub max_fails: u32,
+    pub fail_timeout: Duration,
+    pub health_check: Option<HealthCheck>,
+    /// How often host names are resolved again; `None`: only at start.
+    pub resolve_interval: Option<Duration>,
+}
+
+impl Upstream {
+    /// A pool of the given members with every other setting at its default.
+    pub fn with_members(members: Vec<MemberSpec>) -> Self {
+        Self {
+            members,
+            balance: Balance::RoundRobin,
+            connect_retries: DEFAULT_CONNECT_RETRIES,
+            max_fails: DEFAULT_MAX_FAILS,
+            fail_timeout: DEFAULT_FAIL_TIMEOUT,
+            health_check: None,
+            resolve_interval: Some(DEFAULT_RESOLVE_INTERVAL),
+        }
+    }
+
+    /// Every address the members resolved to at load time, in member order.
+    pub fn addrs(&self) -> impl Iterator<Item = SocketAddr> + '_ {
+        self.members.iter().flat_map(|m| m.addrs.iter().copied())
+    }
+}
+
+/// One listen address forwarded to one upstream pool.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Rule {
     pub name: String,
@@ -150,6 +277,9 @@ pub struct Rule {
     pub idle_timeout: Option<Duration>,
     /// Hexdump both directions into this file (forces the copy path).
     pub tap: Option<PathBuf>,
+    /// Live connections this rule may hold at once, across every worker and engine; one more
+    /// is reset at accept and counted as `rejected{reason="max_connections"}`.
+    pub max_connections: NonZeroU32,
 }
 
 /// io_uring engine sizing, per worker.
@@ -497,11 +627,17 @@ impl Config {
             let _ = writeln!(out, "\n[[rule]]");
             let _ = writeln!(out, "name = {:?}", r.name);
             let _ = writeln!(out, "listen = \"{}\"", r.listen);
-            let addrs: Vec<String> = r.upstream.addrs.iter().map(ToString::to_string).collect();
+            let addrs: Vec<String> = r.upstream.addrs().map(|a| a.to_string()).collect();
+            let texts: Vec<String> = r
+                .upstream
+                .members
+                .iter()
+                .map(|m| format!("{:?}", m.text))
+                .collect();
             let _ = writeln!(
                 out,
-                "upstream = {:?}  # resolves to {}",
-                r.upstream.text,
+                "upstream = [{}]  # resolves to {}",
+                texts.join(", "),
                 addrs.join(", ")
             );
             let _ = writeln!(out, "nodelay = {}", r.tcp.nodelay);
@@ -695,6 +831,7 @@ fn rule_from_raw(index: usize, r: RawRule, src: &Source<'_>) -> Result<Rule, Con
         connect_timeout,
         idle_timeout,
         tap: r.tap.map(PathBuf::from),
+        max_connections: NonZeroU32::new(DEFAULT_MAX_CONNECTIONS).expect("non-zero"),
     })
 }
 
@@ -703,19 +840,16 @@ fn rule_from_raw(index: usize, r: RawRule, src: &Source<'_>) -> Result<Rule, Con
 /// # Errors
 /// A message for the operator.
 pub fn resolve_one(text: &str) -> Result<SocketAddr, String> {
-    resolve_upstream(text).map(|u| u.primary())
+    resolve_addrs(text).map(|a| a[0])
 }
 
-/// Resolves an upstream "host:port" to every address it names.
+/// Resolves "host:port" to every address it names (never an empty list).
 ///
 /// # Errors
 /// A message for the operator.
-pub fn resolve_upstream(text: &str) -> Result<Upstream, String> {
+pub fn resolve_addrs(text: &str) -> Result<Vec<SocketAddr>, String> {
     if let Ok(addr) = text.parse::<SocketAddr>() {
-        return Ok(Upstream {
-            text: text.to_string(),
-            addrs: vec![addr],
-        });
+        return Ok(vec![addr]);
     }
     let Some((host, port)) = text.rsplit_once(':') else {
         return Err(format!(
@@ -741,10 +875,17 @@ pub fn resolve_upstream(text: &str) -> Result<Upstream, String> {
     if addrs.is_empty() {
         return Err(format!("cannot resolve {text:?}: no addresses"));
     }
-    Ok(Upstream {
-        text: text.to_string(),
-        addrs,
-    })
+    Ok(addrs)
+}
+
+/// Resolves a one-member upstream (the `--upstream` flag): every address the text names is a
+/// member, every pool setting at its default.
+///
+/// # Errors
+/// A message for the operator.
+pub fn resolve_upstream(text: &str) -> Result<Upstream, String> {
+    let addrs = resolve_addrs(text)?;
+    Ok(Upstream::with_members(vec![MemberSpec::new(text, addrs)]))
 }
 
 #[cfg(test)]

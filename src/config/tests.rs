@@ -45,8 +45,8 @@ fn a_minimal_rule_gets_defaults() {
     let r = &c.rules[0];
     assert_eq!(r.name, "rule1");
     assert_eq!(r.listen, "127.0.0.1:8080".parse().unwrap());
-    assert_eq!(r.upstream.text, "127.0.0.1:9000");
-    assert_eq!(r.upstream.primary(), "127.0.0.1:9000".parse().unwrap());
+    assert_eq!(r.upstream.members[0].text, "127.0.0.1:9000");
+    assert_eq!(r.upstream.members[0].addrs[0], "127.0.0.1:9000".parse().unwrap());
     assert_eq!(r.tcp, TcpOptions::default());
     assert!(r.tcp.nodelay);
     assert_eq!(r.connect_timeout, DEFAULT_CONNECT_TIMEOUT);
@@ -277,11 +277,11 @@ fn names_resolve_and_ipv6_needs_brackets() {
     let r = &c.rules[0];
     assert_eq!(r.listen, "[::1]:8080".parse().unwrap());
     assert!(r.listen.is_ipv6());
-    assert_eq!(r.upstream.text, "localhost:9000");
-    assert!(r.upstream.addrs.iter().all(|a| a.port() == 9000));
-    assert!(r.upstream.primary().ip().is_loopback());
+    assert_eq!(r.upstream.members[0].text, "localhost:9000");
+    assert!(r.upstream.addrs().all(|a| a.port() == 9000));
+    assert!(r.upstream.members[0].addrs[0].ip().is_loopback());
     let c = parse("[[rule]]\nlisten = \"0.0.0.0:80\"\nupstream = \"[::1]:9000\"\n");
-    assert_eq!(c.rules[0].upstream.primary(), "[::1]:9000".parse().unwrap());
+    assert_eq!(c.rules[0].upstream.members[0].addrs[0], "[::1]:9000".parse().unwrap());
 }
 
 #[test]

@@ -216,7 +216,7 @@ fn is_tick(e: &io::Error) -> bool {
 }
 
 fn connect(rule: &Rule) -> io::Result<TcpStream> {
-    let addr = rule.upstream.primary();
+    let addr = rule.upstream.members[0].addrs[0];
     let socket = net::upstream_socket(addr, &rule.tcp)?;
     socket.connect_timeout(&addr.into(), rule.connect_timeout)?;
     Ok(socket.into())
@@ -236,7 +236,7 @@ fn handle(
     if let Err(e) = net::apply_tcp_options(SockRef::from(&client), &rule.tcp) {
         tracing::debug!(error = %e, "socket option on client socket failed");
     }
-    let upstream_addr = rule.upstream.primary();
+    let upstream_addr = rule.upstream.members[0].addrs[0];
     let log = |c2u: u64, u2c: u64, reason: CloseReason| {
         let duration = accepted_at.elapsed();
         rm.local().closed(duration);

@@ -173,7 +173,7 @@ async fn accept_loop(
 }
 
 async fn connect(rule: &Rule) -> io::Result<TcpStream> {
-    let addr = rule.upstream.primary();
+    let addr = rule.upstream.members[0].addrs[0];
     let socket = net::upstream_socket(addr, &rule.tcp)?;
     socket.set_nonblocking(true)?;
     let socket = tokio::net::TcpSocket::from_std_stream(socket.into());
@@ -197,7 +197,7 @@ async fn handle(
     if let Err(e) = net::apply_tcp_options(SockRef::from(&client), &rule.tcp) {
         tracing::debug!(error = %e, "socket option on client socket failed");
     }
-    let upstream_addr = rule.upstream.primary();
+    let upstream_addr = rule.upstream.members[0].addrs[0];
     let upstream = tokio::select! {
         biased;
         _ = phase.wait_for(|p| *p >= Phase::Closing) => Err(io::Error::from_raw_os_error(libc::ECANCELED)),

@@ -176,8 +176,7 @@ fn catch_sigint(stop: &Shutdown) -> Result<(), ToolError> {
 /// # Errors
 /// Unresolvable or ill-formed target, connection refused, or no successful probe.
 pub fn run(args: PingArgs) -> Result<(), ToolError> {
-    let upstream = config::resolve_upstream(&args.target)?;
-    let addr = upstream.primary();
+    let addr = config::resolve_one(&args.target)?;
     let stop = Shutdown::new();
     catch_sigint(&stop)?;
 

@@ -220,7 +220,7 @@ impl Worker {
                 } else {
                     config.mode
                 },
-                upstream: SockAddr::from(r.upstream.primary()),
+                upstream: SockAddr::from(r.upstream.members[0].addrs[0]),
                 connect_timeout: types::Timespec::from(r.connect_timeout),
             })
             .collect();
@@ -487,7 +487,7 @@ impl Worker {
             .peer_addr()
             .ok()
             .and_then(|a| a.as_socket());
-        let upstream = match net::upstream_socket(rc.rule.upstream.primary(), &rc.rule.tcp)
+        let upstream = match net::upstream_socket(rc.rule.upstream.members[0].addrs[0], &rc.rule.tcp)
             .and_then(|s| {
                 s.set_nonblocking(true)?;
                 Ok(OwnedFd::from(s))
@@ -505,7 +505,7 @@ impl Worker {
             .metrics
             .rule(ri)
             .tap()
-            .map(|t| t.open_session(peer, rc.rule.upstream.primary()));
+            .map(|t| t.open_session(peer, rc.rule.upstream.members[0].addrs[0]));
         let entry = Entry {
             conn,
             rule: ri,
@@ -643,7 +643,7 @@ impl Worker {
                 } else {
                     err.to_string()
                 };
-                tracing::warn!(rule = %rule.name, upstream = %rule.upstream.primary(), error = %shown, "upstream connect failed");
+                tracing::warn!(rule = %rule.name, upstream = %rule.upstream.members[0].addrs[0], error = %shown, "upstream connect failed");
             }
             Action::FirstByte => {
                 shard.first_byte(now.saturating_duration_since(e.conn.accepted_at))
@@ -791,7 +791,7 @@ impl Worker {
         self.metrics.log_session(&SessionRecord {
             rule: &rule.name,
             client: e.peer,
-            upstream: rule.upstream.primary(),
+            upstream: rule.upstream.members[0].addrs[0],
             bytes_c2u: e.conn.bytes[0],
             bytes_u2c: e.conn.bytes[1],
             duration,
