@@ -38,8 +38,9 @@ fn tokens(c: &mut Criterion) {
 
 fn state_machine(c: &mut Criterion) {
     let now = Instant::now();
-    let mut conn = Conn::connecting(now, DataPath::Copy, BUF_SIZE);
+    let mut conn = Conn::new(now, DataPath::Copy, BUF_SIZE);
     let mut out = Actions::default();
+    conn.handle(Event::Start, now, &mut out);
     conn.handle(Event::Connected { res: 0 }, now, &mut out);
     conn.handle(Event::ConnectTimerDone, now, &mut out);
     c.bench_function("conn: recv completion + send completion", |b| {

@@ -4,6 +4,9 @@
 //! - [`config`]: the TOML file and flags, validated into a [`config::Config`];
 //! - [`engine`]: the engines that move bytes — io_uring thread-per-core ([`engine::uring`]),
 //!   and the `tokio` and `std` baselines that are also the fallback;
+//! - [`session`]: the session pipeline every engine shares (admission, upstream choice and
+//!   failover, close reasons, the session record), free of I/O;
+//! - [`upstream`]: upstream pools, balancing, health checks and DNS discovery;
 //! - [`net`]: listeners and socket options shared by the engines;
 //! - [`metrics`]: per-core counters and latency histograms, merged when read;
 //! - [`shutdown`]: the stop signal the engines obey;
@@ -19,5 +22,7 @@ pub mod config;
 pub mod engine;
 pub mod metrics;
 pub mod net;
+pub mod session;
 pub mod shutdown;
 pub mod tools;
+pub mod upstream;

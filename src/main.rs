@@ -102,7 +102,17 @@ fn run(args: &RunArgs) -> anyhow::Result<()> {
         Some(h) => Some(HdrLog::start(&h.path, h.interval, metrics.clone())?),
         None => None,
     };
-    let ctx = RunContext { shutdown, metrics };
+    let runtime = ringfwd::session::Runtime::new(&config);
+    ringfwd::upstream::control::spawn(
+        runtime.pools(),
+        std::sync::Arc::new(ringfwd::upstream::control::SystemResolver),
+    )
+    .map_err(|e| anyhow::anyhow!("cannot start the upstream health-check thread: {e}"))?;
+    let ctx = RunContext {
+        shutdown,
+        metrics,
+        runtime: runtime.clone(),
+    };
     engine::run(&config, engine, ctx, |addrs| {
         // One machine-readable line per rule on stdout: scripts and tests wait for it.
         let mut out = std::io::stdout().lock();
@@ -119,6 +129,6 @@ fn run(args: &RunArgs) -> anyhow::Result<()> {
     if let Some(log) = hdr_log {
         log.finish();
     }
-    tracing::info!("stopped");
+    tracing::info!(cut = runtime.cut(), "stopped");
     Ok(())
 }

@@ -46,7 +46,10 @@ fn a_minimal_rule_gets_defaults() {
     assert_eq!(r.name, "rule1");
     assert_eq!(r.listen, "127.0.0.1:8080".parse().unwrap());
     assert_eq!(r.upstream.members[0].text, "127.0.0.1:9000");
-    assert_eq!(r.upstream.members[0].addrs[0], "127.0.0.1:9000".parse().unwrap());
+    assert_eq!(
+        r.upstream.members[0].addrs[0],
+        "127.0.0.1:9000".parse().unwrap()
+    );
     assert_eq!(r.tcp, TcpOptions::default());
     assert!(r.tcp.nodelay);
     assert_eq!(r.connect_timeout, DEFAULT_CONNECT_TIMEOUT);
@@ -281,7 +284,10 @@ fn names_resolve_and_ipv6_needs_brackets() {
     assert!(r.upstream.addrs().all(|a| a.port() == 9000));
     assert!(r.upstream.members[0].addrs[0].ip().is_loopback());
     let c = parse("[[rule]]\nlisten = \"0.0.0.0:80\"\nupstream = \"[::1]:9000\"\n");
-    assert_eq!(c.rules[0].upstream.members[0].addrs[0], "[::1]:9000".parse().unwrap());
+    assert_eq!(
+        c.rules[0].upstream.members[0].addrs[0],
+        "[::1]:9000".parse().unwrap()
+    );
 }
 
 #[test]

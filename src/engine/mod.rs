@@ -19,12 +19,15 @@ use std::sync::Arc;
 use crate::config::{Config, EngineKind};
 use crate::metrics::Metrics;
 use crate::net::{self, ListenError};
+use crate::session::Runtime;
 use crate::shutdown::Shutdown;
 
 /// Everything an engine needs besides the config.
 pub struct RunContext {
     pub shutdown: Shutdown,
     pub metrics: Arc<Metrics>,
+    /// The session pipeline's shared state: each rule's pool and admission gate.
+    pub runtime: Arc<Runtime>,
 }
 
 /// Listeners bound for one run: `per_rule[r][w]` is worker `w`'s listener for rule `r`.

@@ -16,11 +16,10 @@ use socket2::SockRef;
 
 use super::{EngineError, Listeners, RunContext};
 use crate::config::{Config, Rule};
-use crate::metrics::{
-    CloseReason, ConnectError, Direction, Metrics, PathKind, RejectReason, SessionRecord, Tap,
-    TapSession,
-};
+use crate::metrics::{Direction, Metrics, PathKind, RejectReason, Shard, Tap, TapSession};
 use crate::net;
+use crate::session::outcome::{CloseReason, errno_of};
+use crate::session::{Dial, End, RuleRuntime, Runtime, Session};
 use crate::shutdown::{Phase, Shutdown};
 
 /// How often a blocked read or write wakes to look at the connection's state.
@@ -42,22 +41,23 @@ pub fn run(
 ) -> Result<(), EngineError> {
     let live = Arc::new(AtomicUsize::new(0));
     let mut accept_threads = Vec::new();
-    for (idx, (rule, ls)) in config.rules.iter().zip(listeners.per_rule).enumerate() {
+    let _ = config;
+    for (idx, ls) in listeners.per_rule.into_iter().enumerate() {
         for l in ls {
             l.set_nonblocking(true).map_err(|source| EngineError::Io {
                 what: "cannot set listener non-blocking",
                 source,
             })?;
-            let (rule, metrics, shutdown, live) = (
-                Arc::new(rule.clone()),
+            let (runtime, metrics, shutdown, live) = (
+                ctx.runtime.clone(),
                 ctx.metrics.clone(),
                 ctx.shutdown.clone(),
                 live.clone(),
             );
             accept_threads.push(
                 std::thread::Builder::new()
-                    .name(format!("ringfwd-accept-{}", rule.name))
-                    .spawn(move || accept_loop(&l, &rule, idx, &metrics, &shutdown, &live))
+                    .name(format!("ringfwd-accept-{}", runtime.rule(idx).rule.name))
+                    .spawn(move || accept_loop(&l, &runtime, idx, &metrics, &shutdown, &live))
                     .map_err(|source| EngineError::Io {
                         what: "cannot start an accept thread",
                         source,
@@ -84,13 +84,14 @@ pub fn run(
 
 fn accept_loop(
     listener: &TcpListener,
-    rule: &Arc<Rule>,
+    runtime: &Arc<Runtime>,
     rule_idx: usize,
     metrics: &Arc<Metrics>,
     shutdown: &Shutdown,
     live: &Arc<AtomicUsize>,
 ) {
     let mut exhausted = net::ExhaustionLog::default();
+    let rule = &runtime.rule(rule_idx).rule;
     use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
     while shutdown.phase() == Phase::Running {
         let mut fds = [PollFd::new(listener.as_fd(), PollFlags::POLLIN)];
@@ -109,8 +110,8 @@ fn accept_loop(
                     tracing::info!(rule = %rule.name, "accept: file descriptors available again");
                 }
                 live.fetch_add(1, Ordering::AcqRel);
-                let (rule2, metrics2, shutdown2, live2) = (
-                    rule.clone(),
+                let (runtime2, metrics2, shutdown2, live2) = (
+                    runtime.clone(),
                     metrics.clone(),
                     shutdown.clone(),
                     live.clone(),
@@ -119,7 +120,7 @@ fn accept_loop(
                     .name("ringfwd-conn".into())
                     .stack_size(STACK_SIZE)
                     .spawn(move || {
-                        handle(stream, peer, &rule2, rule_idx, &metrics2, &shutdown2);
+                        handle(stream, peer, runtime2.rule(rule_idx), &metrics2, &shutdown2);
                         live2.fetch_sub(1, Ordering::AcqRel);
                     });
                 if let Err(e) = spawned {
@@ -159,11 +160,10 @@ struct Shared {
     bytes: [AtomicU64; 2],
 }
 
-const REASONS: [CloseReason; 6] = [
+const REASONS: [CloseReason; 5] = [
     CloseReason::Eof,
     CloseReason::Reset,
-    CloseReason::Timeout,
-    CloseReason::Refused,
+    CloseReason::IdleTimeout,
     CloseReason::Shutdown,
     CloseReason::Error,
 ];
@@ -201,7 +201,7 @@ impl Shared {
         } else if let Some(idle) = rule.idle_timeout {
             let last = Duration::from_millis(self.last_activity_ms.load(Ordering::Relaxed));
             if self.start.elapsed() >= last + idle {
-                self.abort(CloseReason::Timeout);
+                self.abort(CloseReason::IdleTimeout);
             }
         }
         self.aborted()
@@ -215,54 +215,74 @@ fn is_tick(e: &io::Error) -> bool {
     )
 }
 
-fn connect(rule: &Rule) -> io::Result<TcpStream> {
-    let addr = rule.upstream.members[0].addrs[0];
-    let socket = net::upstream_socket(addr, &rule.tcp)?;
-    socket.connect_timeout(&addr.into(), rule.connect_timeout)?;
-    Ok(socket.into())
+/// Connects to the members the session picks until one answers or the attempts run out.
+fn connect(
+    session: &mut Session,
+    rt: &RuleRuntime,
+    shard: &Shard,
+    shutdown: &Shutdown,
+) -> Result<TcpStream, CloseReason> {
+    loop {
+        let addr = match rt.with_shared_picker(|p| session.dial(rt, p, Instant::now())) {
+            Dial::Connect(addr) => addr,
+            Dial::GiveUp(reason) => return Err(reason),
+        };
+        let socket = match net::upstream_socket(addr, &rt.rule.tcp) {
+            Ok(s) => s,
+            Err(e) => match session.socket_failed(rt, shard, errno_of(&e), Instant::now()) {
+                Some(reason) => return Err(reason),
+                None => continue,
+            },
+        };
+        match socket.connect_timeout(&addr.into(), rt.rule.connect_timeout) {
+            Ok(()) => {
+                session.connected(shard, Instant::now());
+                return Ok(socket.into());
+            }
+            Err(e) => {
+                session.connect_failed(rt, shard, errno_of(&e), Instant::now());
+                if shutdown.phase() >= Phase::Closing {
+                    return Err(CloseReason::Shutdown);
+                }
+            }
+        }
+    }
 }
 
 fn handle(
     client: TcpStream,
     peer: SocketAddr,
-    rule: &Rule,
-    rule_idx: usize,
+    rt: &RuleRuntime,
     metrics: &Metrics,
     shutdown: &Shutdown,
 ) {
-    let accepted_at = Instant::now();
+    let rule = &rt.rule;
+    let rule_idx = rt.index;
     let rm = metrics.rule(rule_idx);
-    rm.local().accepted();
+    let draining = shutdown.phase() >= Phase::Draining;
+    let Ok(mut session) = rt.admit(rm.local(), Some(peer), Instant::now(), draining) else {
+        net::set_reset_on_close(SockRef::from(&client));
+        return;
+    };
+    let accepted_at = session.accepted_at;
     if let Err(e) = net::apply_tcp_options(SockRef::from(&client), &rule.tcp) {
         tracing::debug!(error = %e, "socket option on client socket failed");
     }
-    let upstream_addr = rule.upstream.members[0].addrs[0];
-    let log = |c2u: u64, u2c: u64, reason: CloseReason| {
-        let duration = accepted_at.elapsed();
-        rm.local().closed(duration);
-        metrics.log_session(&SessionRecord {
-            rule: &rule.name,
-            client: Some(peer),
-            upstream: upstream_addr,
-            bytes_c2u: c2u,
-            bytes_u2c: u2c,
-            duration,
-            path: "copy",
-            reason,
-        });
-    };
-    let upstream = match connect(rule) {
+    let upstream = match connect(&mut session, rt, rm.local(), shutdown) {
         Ok(u) => u,
-        Err(e) => {
-            rm.local().connect_error(ConnectError::classify(&e));
-            tracing::warn!(rule = %rule.name, upstream = %upstream_addr, error = %e, "upstream connect failed");
+        Err(reason) => {
             net::set_reset_on_close(SockRef::from(&client));
             drop(client);
-            log(0, 0, CloseReason::Refused);
+            let end = End {
+                reason,
+                bytes: [0, 0],
+                path: "copy",
+            };
+            session.finish(rt, metrics, rm.local(), end, Instant::now());
             return;
         }
     };
-    rm.local().connected(accepted_at.elapsed());
+    let upstream_addr = session.upstream().unwrap_or(peer);
     let tap = rm
         .tap()
         .map(|t| (t, t.open_session(Some(peer), upstream_addr)));
@@ -324,7 +344,7 @@ fn handle(
             shared.aborted().unwrap_or(CloseReason::Eof)
         }
     };
-    if matches!(reason, CloseReason::Reset | CloseReason::Error) {
+    if reason.resets() {
         net::set_reset_on_close(SockRef::from(&client));
         net::set_reset_on_close(SockRef::from(&upstream));
     }
@@ -333,11 +353,15 @@ fn handle(
     if let Some((t, s)) = tap {
         t.close_session(s, reason);
     }
-    log(
-        shared.bytes[0].load(Ordering::Relaxed),
-        shared.bytes[1].load(Ordering::Relaxed),
+    let end = End {
         reason,
-    );
+        bytes: [
+            shared.bytes[0].load(Ordering::Relaxed),
+            shared.bytes[1].load(Ordering::Relaxed),
+        ],
+        path: "copy",
+    };
+    session.finish(rt, metrics, rm.local(), end, Instant::now());
 }
 
 /// Moves one direction until end of stream (then half-closes `dst`) or until the session is
@@ -370,11 +394,7 @@ fn pump(
                 continue;
             }
             Err(e) => {
-                shared.abort(if net::is_reset(&e) {
-                    CloseReason::Reset
-                } else {
-                    CloseReason::Error
-                });
+                shared.abort(CloseReason::from_io_error(&e));
                 return;
             }
         };
@@ -403,11 +423,7 @@ fn pump(
                     }
                 }
                 Err(e) => {
-                    shared.abort(if net::is_reset(&e) {
-                        CloseReason::Reset
-                    } else {
-                        CloseReason::Error
-                    });
+                    shared.abort(CloseReason::from_io_error(&e));
                     return;
                 }
             }

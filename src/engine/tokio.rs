@@ -18,10 +18,10 @@ use tokio::sync::{Notify, watch};
 
 use super::{EngineError, Listeners, RunContext};
 use crate::config::{Config, Rule};
-use crate::metrics::{
-    CloseReason, ConnectError, Direction, Metrics, PathKind, SessionRecord, Tap, TapSession,
-};
+use crate::metrics::{Direction, Metrics, PathKind, Shard, Tap, TapSession};
 use crate::net;
+use crate::session::outcome::{CloseReason, errno_of, is_fd_exhaustion};
+use crate::session::{Dial, End, RuleRuntime, Runtime, Session};
 use crate::shutdown::Phase;
 
 /// Bytes read per direction before writing them on.
@@ -87,7 +87,7 @@ pub fn run(
     let live = Arc::new(Live::default());
     rt.block_on(async {
         let mut accept_loops = Vec::new();
-        for (idx, (rule, ls)) in config.rules.iter().zip(listeners.per_rule).enumerate() {
+        for (idx, ls) in listeners.per_rule.into_iter().enumerate() {
             for l in ls {
                 l.set_nonblocking(true).map_err(|source| EngineError::Io {
                     what: "cannot set listener non-blocking",
@@ -99,7 +99,7 @@ pub fn run(
                 })?;
                 accept_loops.push(tokio::spawn(accept_loop(
                     l,
-                    Arc::new(rule.clone()),
+                    ctx.runtime.clone(),
                     idx,
                     ctx.metrics.clone(),
                     phase_rx.clone(),
@@ -127,13 +127,15 @@ pub fn run(
 
 async fn accept_loop(
     listener: TcpListener,
-    rule: Arc<Rule>,
+    runtime: Arc<Runtime>,
     rule_idx: usize,
     metrics: Arc<Metrics>,
     mut phase: watch::Receiver<Phase>,
     live: Arc<Live>,
 ) {
     let mut exhausted = net::ExhaustionLog::default();
+    let rt = runtime.rule(rule_idx);
+    let rule = &rt.rule;
     loop {
         let accepted = tokio::select! {
             biased;
@@ -145,11 +147,18 @@ async fn accept_loop(
                 if exhausted.recovered() {
                     tracing::info!(rule = %rule.name, "accept: file descriptors available again");
                 }
+                let shard = metrics.rule(rule_idx).local();
+                let draining = *phase.borrow() >= Phase::Draining;
+                let Ok(session) = rt.admit(shard, Some(peer), Instant::now(), draining) else {
+                    net::set_reset_on_close(SockRef::from(&stream));
+                    continue;
+                };
                 live.count.fetch_add(1, Ordering::AcqRel);
                 let guard = LiveGuard(live.clone());
-                let (rule, metrics, phase) = (rule.clone(), metrics.clone(), phase.clone());
+                let (runtime, metrics, phase) = (runtime.clone(), metrics.clone(), phase.clone());
                 tokio::spawn(async move {
-                    handle(stream, peer, &rule, rule_idx, &metrics, phase).await;
+                    let rt = runtime.rule(rule_idx);
+                    handle(stream, session, rt, &metrics, phase).await;
                     drop(guard);
                 });
             }
@@ -172,8 +181,8 @@ async fn accept_loop(
     }
 }
 
-async fn connect(rule: &Rule) -> io::Result<TcpStream> {
-    let addr = rule.upstream.members[0].addrs[0];
+/// One connect attempt, bounded by the rule's connect timeout.
+async fn connect_one(addr: SocketAddr, rule: &Rule) -> io::Result<TcpStream> {
     let socket = net::upstream_socket(addr, &rule.tcp)?;
     socket.set_nonblocking(true)?;
     let socket = tokio::net::TcpSocket::from_std_stream(socket.into());
@@ -183,52 +192,72 @@ async fn connect(rule: &Rule) -> io::Result<TcpStream> {
     }
 }
 
+/// Connects to the members the session picks until one answers or the attempts run out.
+async fn connect(
+    session: &mut Session,
+    rt: &RuleRuntime,
+    shard: &Shard,
+) -> Result<TcpStream, CloseReason> {
+    loop {
+        let addr = match rt.with_shared_picker(|p| session.dial(rt, p, Instant::now())) {
+            Dial::Connect(addr) => addr,
+            Dial::GiveUp(reason) => return Err(reason),
+        };
+        match connect_one(addr, &rt.rule).await {
+            Ok(s) => {
+                session.connected(shard, Instant::now());
+                return Ok(s);
+            }
+            // `socket(2)` itself failed: no connect was attempted.
+            Err(e) if e.raw_os_error().is_some_and(is_fd_exhaustion) => {
+                if let Some(reason) = session.socket_failed(rt, shard, errno_of(&e), Instant::now())
+                {
+                    return Err(reason);
+                }
+            }
+            Err(e) => session.connect_failed(rt, shard, errno_of(&e), Instant::now()),
+        }
+    }
+}
+
 async fn handle(
     client: TcpStream,
-    peer: SocketAddr,
-    rule: &Rule,
-    rule_idx: usize,
+    mut session: Session,
+    rt: &RuleRuntime,
     metrics: &Metrics,
     mut phase: watch::Receiver<Phase>,
 ) {
-    let accepted_at = Instant::now();
+    let rule = &rt.rule;
+    let rule_idx = rt.index;
+    let accepted_at = session.accepted_at;
+    let peer = session.client;
     let rm = metrics.rule(rule_idx);
-    rm.local().accepted();
     if let Err(e) = net::apply_tcp_options(SockRef::from(&client), &rule.tcp) {
         tracing::debug!(error = %e, "socket option on client socket failed");
     }
-    let upstream_addr = rule.upstream.members[0].addrs[0];
     let upstream = tokio::select! {
         biased;
-        _ = phase.wait_for(|p| *p >= Phase::Closing) => Err(io::Error::from_raw_os_error(libc::ECANCELED)),
-        r = connect(rule) => r,
+        _ = phase.wait_for(|p| *p >= Phase::Closing) => Err(CloseReason::Shutdown),
+        r = connect(&mut session, rt, rm.local()) => r,
     };
     let upstream = match upstream {
         Ok(u) => u,
-        Err(e) => {
-            let kind = ConnectError::classify(&e);
-            rm.local().connect_error(kind);
-            tracing::warn!(rule = %rule.name, upstream = %upstream_addr, error = %e, "upstream connect failed");
+        Err(reason) => {
             net::set_reset_on_close(SockRef::from(&client));
             drop(client);
-            rm.local().closed(accepted_at.elapsed());
-            metrics.log_session(&SessionRecord {
-                rule: &rule.name,
-                client: Some(peer),
-                upstream: upstream_addr,
-                bytes_c2u: 0,
-                bytes_u2c: 0,
-                duration: accepted_at.elapsed(),
+            let end = End {
+                reason,
+                bytes: [0, 0],
                 path: "copy",
-                reason: CloseReason::Refused,
-            });
+            };
+            session.finish(rt, metrics, rm.local(), end, Instant::now());
             return;
         }
     };
-    rm.local().connected(accepted_at.elapsed());
-    let tap = rm
-        .tap()
-        .map(|t| (t, t.open_session(Some(peer), upstream_addr)));
+    let upstream_addr = session
+        .upstream()
+        .unwrap_or(SocketAddr::from(([0, 0, 0, 0], 0)));
+    let tap = rm.tap().map(|t| (t, t.open_session(peer, upstream_addr)));
 
     let mut client = client;
     let mut upstream = upstream;
@@ -252,24 +281,21 @@ async fn handle(
     if let Some((t, s)) = tap {
         t.close_session(s, reason);
     }
-    if matches!(reason, CloseReason::Reset | CloseReason::Error) {
+    if reason.resets() {
         net::set_reset_on_close(SockRef::from(&client));
         net::set_reset_on_close(SockRef::from(&upstream));
     }
     drop(client);
     drop(upstream);
-    let duration = accepted_at.elapsed();
-    rm.local().closed(duration);
-    metrics.log_session(&SessionRecord {
-        rule: &rule.name,
-        client: Some(peer),
-        upstream: upstream_addr,
-        bytes_c2u: counters.bytes[0].load(Ordering::Relaxed),
-        bytes_u2c: counters.bytes[1].load(Ordering::Relaxed),
-        duration,
-        path: "copy",
+    let end = End {
         reason,
-    });
+        bytes: [
+            counters.bytes[0].load(Ordering::Relaxed),
+            counters.bytes[1].load(Ordering::Relaxed),
+        ],
+        path: "copy",
+    };
+    session.finish(rt, metrics, rm.local(), end, Instant::now());
 }
 
 struct Counters {
@@ -342,26 +368,18 @@ async fn relay(
         tokio::select! {
             r = &mut c2u, if !c2u_done => match r {
                 Ok(()) => c2u_done = true,
-                Err(e) => return close_reason(&e),
+                Err(e) => return CloseReason::from_io_error(&e),
             },
             r = &mut u2c, if !u2c_done => match r {
                 Ok(()) => u2c_done = true,
-                Err(e) => return close_reason(&e),
+                Err(e) => return CloseReason::from_io_error(&e),
             },
-            () = idle => return CloseReason::Timeout,
+            () = idle => return CloseReason::IdleTimeout,
             _ = phase.wait_for(|p| *p >= Phase::Closing) => return CloseReason::Shutdown,
         }
         if c2u_done && u2c_done {
             return CloseReason::Eof;
         }
-    }
-}
-
-fn close_reason(e: &io::Error) -> CloseReason {
-    if net::is_reset(e) {
-        CloseReason::Reset
-    } else {
-        CloseReason::Error
     }
 }
 

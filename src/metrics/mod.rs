@@ -25,137 +25,7 @@ use std::time::{Duration, Instant};
 pub use hist::AtomicHistogram;
 pub use tap::{Tap, TapError, TapSession};
 
-/// Which way bytes flow.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum Direction {
-    ClientToUpstream = 0,
-    UpstreamToClient = 1,
-}
-
-impl Direction {
-    pub const ALL: [Direction; 2] = [Direction::ClientToUpstream, Direction::UpstreamToClient];
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::ClientToUpstream => "client_to_upstream",
-            Self::UpstreamToClient => "upstream_to_client",
-        }
-    }
-
-    pub fn reverse(self) -> Self {
-        match self {
-            Self::ClientToUpstream => Self::UpstreamToClient,
-            Self::UpstreamToClient => Self::ClientToUpstream,
-        }
-    }
-}
-
-/// How bytes were moved.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum PathKind {
-    Copy = 0,
-    Splice = 1,
-}
-
-impl PathKind {
-    pub const ALL: [PathKind; 2] = [PathKind::Copy, PathKind::Splice];
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Copy => "copy",
-            Self::Splice => "splice",
-        }
-    }
-}
-
-/// Why an accepted connection was turned away before reaching the upstream.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum RejectReason {
-    /// The worker's connection table is full.
-    MaxConnections = 0,
-    /// The forwarder is shutting down.
-    Shutdown = 1,
-    /// No file descriptor for the upstream socket.
-    FdExhausted = 2,
-}
-
-impl RejectReason {
-    pub const ALL: [RejectReason; 3] = [Self::MaxConnections, Self::Shutdown, Self::FdExhausted];
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::MaxConnections => "max_connections",
-            Self::Shutdown => "shutdown",
-            Self::FdExhausted => "fd_exhausted",
-        }
-    }
-}
-
-/// Why an upstream connect failed.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum ConnectError {
-    Refused = 0,
-    Timeout = 1,
-    Unreachable = 2,
-    Other = 3,
-}
-
-impl ConnectError {
-    pub const ALL: [ConnectError; 4] =
-        [Self::Refused, Self::Timeout, Self::Unreachable, Self::Other];
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Refused => "refused",
-            Self::Timeout => "timeout",
-            Self::Unreachable => "unreachable",
-            Self::Other => "other",
-        }
-    }
-
-    /// Classifies a connect error by errno.
-    pub fn classify(e: &std::io::Error) -> Self {
-        match e.raw_os_error() {
-            Some(libc::ECONNREFUSED) => Self::Refused,
-            Some(libc::ETIMEDOUT) | Some(libc::ECANCELED) => Self::Timeout,
-            Some(libc::ENETUNREACH | libc::EHOSTUNREACH | libc::ENETDOWN | libc::EHOSTDOWN) => {
-                Self::Unreachable
-            }
-            _ if e.kind() == std::io::ErrorKind::TimedOut => Self::Timeout,
-            _ => Self::Other,
-        }
-    }
-}
-
-/// How a session ended, for the access log.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum CloseReason {
-    /// Both directions reached end of stream.
-    Eof,
-    /// One side reset; the other was reset too.
-    Reset,
-    /// No bytes either way for the idle timeout.
-    Timeout,
-    /// The upstream connect failed.
-    Refused,
-    /// The forwarder shut down before the session ended.
-    Shutdown,
-    /// Another I/O error.
-    Error,
-}
-
-impl CloseReason {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Eof => "eof",
-            Self::Reset => "reset",
-            Self::Timeout => "timeout",
-            Self::Refused => "refused",
-            Self::Shutdown => "shutdown",
-            Self::Error => "error",
-        }
-    }
-}
+pub use crate::session::outcome::{CloseReason, ConnectError, Direction, PathKind, RejectReason};
 
 /// One worker's counters and histograms for one rule. Written only with relaxed atomics.
 #[derive(Default)]
@@ -399,7 +269,10 @@ impl std::fmt::Display for OptAddr {
 pub struct SessionRecord<'a> {
     pub rule: &'a str,
     pub client: Option<std::net::SocketAddr>,
-    pub upstream: std::net::SocketAddr,
+    /// The member of the last connect attempt (none if no attempt was made).
+    pub upstream: Option<std::net::SocketAddr>,
+    /// Connect attempts made (failover tries further members).
+    pub attempts: u32,
     pub bytes_c2u: u64,
     pub bytes_u2c: u64,
     pub duration: Duration,
@@ -473,7 +346,8 @@ impl Metrics {
             target: "ringfwd::access",
             rule = rec.rule,
             client = %client,
-            upstream = %rec.upstream,
+            upstream = %OptAddr(rec.upstream),
+            attempts = rec.attempts,
             bytes_c2u = rec.bytes_c2u,
             bytes_u2c = rec.bytes_u2c,
             duration_ms = u64::try_from(rec.duration.as_millis()).unwrap_or(u64::MAX),

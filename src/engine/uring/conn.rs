@@ -2,12 +2,18 @@
 //! what to do next. The worker ([`super::worker`]) owns the ring, the fds and the buffers and
 //! carries the [`Action`]s out; tests drive this machine with plain values.
 //!
-//! Each direction is `Reading → Writing → Reading … → Done`. EOF on a direction half-closes
-//! its destination (`shutdown(SHUT_WR)`) and the other direction keeps flowing; the
-//! connection closes when both are `Done`, or at once on a reset, an error, the idle timeout
-//! or shutdown. Every op submitted is counted in [`Conn::in_flight`] and the fds are released
-//! ([`Action::Finish`]) only when that count is back to zero, so no buffer, fd or slot is
-//! reused while the kernel may still touch it.
+//! The connection owns its whole life: `Dialing` (the worker asks the session core for a
+//! member and submits the connect) → `Connecting` → `Relaying`, or on a failed connect
+//! `Redialing` until the attempt's ops are all complete, then `Dialing` again with another
+//! member (failover). Each direction is `Reading → Writing → Reading … → Done`. EOF on a
+//! direction half-closes its destination (`shutdown(SHUT_WR)`) and the other direction keeps
+//! flowing; the connection closes when both are `Done`, or at once on a reset, an error, the
+//! idle timeout or shutdown.
+//!
+//! The worker counts this connection's ops where it pushes them and where their last
+//! completion arrives, and says [`Event::OpsDrained`] when none is left: only then does the
+//! machine redial (the old socket may be closed) or finish ([`Action::Finish`]: the fds are
+//! released), so no buffer, fd or slot is reused while the kernel may still touch it.
 
 use std::time::{Duration, Instant};
 
@@ -43,7 +49,12 @@ pub enum DirState {
 /// Where the connection is.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Phase {
+    /// Waiting for the worker to pick a member and submit the connect.
+    Dialing,
+    /// A connect (and its link timeout) is in flight.
     Connecting,
+    /// The last connect failed; waiting for its ops to complete before dialing again.
+    Redialing,
     Relaying,
     /// Cancels issued; waiting for every in-flight op to complete.
     Closing(CloseReason),
@@ -52,9 +63,13 @@ pub enum Phase {
 /// What happened, as the worker reports it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Event {
+    /// A freshly admitted connection: start dialing.
+    Start,
+    /// The session core has no member left to try (or no descriptor for a socket).
+    GaveUp { reason: CloseReason },
     /// The connect completed (`res` 0 or `-errno`).
     Connected { res: i32 },
-    /// The connect's link timeout completed (fired or cancelled: either way, one op less).
+    /// The connect's link timeout completed (fired or cancelled).
     ConnectTimerDone,
     /// A recv completed: bytes read, 0 for EOF, or `-errno`; `buf` is the selected buffer.
     Received {
@@ -84,11 +99,16 @@ pub enum Event {
     PollEnded { dir: Direction, res: i32 },
     /// The worker ran the direction's pump.
     Pumped { dir: Direction, p: Pumped },
+    /// No op of this connection is in flight any more.
+    OpsDrained,
 }
 
 /// What the worker must do.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Action {
+    /// Ask the session core for a member, open a socket (closing the previous attempt's) and
+    /// submit the connect with its link timeout; answer `GaveUp` if there is none.
+    Dial,
     /// Submit a recv on the direction's source.
     Recv(Direction),
     /// Submit a send of `buf[off..off + len]` on the direction's destination.
@@ -130,7 +150,7 @@ pub enum Action {
     LeaveSplice(Direction),
     /// A whole buffer went from read completion to write completion in `took`.
     Transferred { dir: Direction, took: Duration },
-    /// Cancel every op on both fds (two cancel ops).
+    /// Cancel every op on the connection's fds (if any is in flight).
     CancelAll,
     /// Every op is complete: close both fds (with RST if `reset`) and free the slot.
     Finish { reason: CloseReason, reset: bool },
@@ -169,8 +189,6 @@ pub struct Conn {
     phase: Phase,
     dirs: [DirState; 2],
     read_at: [Instant; 2],
-    /// Ops submitted for this connection whose completion has not arrived yet.
-    pub in_flight: u32,
     pub bytes: [u64; 2],
     /// Bytes delivered per path (copy, splice), both directions together.
     pub bytes_path: [u64; 2],
@@ -182,28 +200,19 @@ pub struct Conn {
     full_reads: [u8; 2],
 }
 
-fn is_reset_errno(res: i32) -> bool {
-    matches!(
-        -res,
-        libc::ECONNRESET
-            | libc::EPIPE
-            | libc::ECONNABORTED
-            | libc::ETIMEDOUT
-            | libc::EHOSTUNREACH
-            | libc::ENETUNREACH
-    )
+/// How a relay ends after a recv, send or splice failed with `res` (`-errno`).
+fn io_end(res: i32) -> CloseReason {
+    CloseReason::from_io_errno(-res)
 }
 
 impl Conn {
-    /// A freshly accepted connection whose connect (and its link timeout) the worker submits
-    /// right away: two ops in flight.
+    /// A freshly admitted connection, nothing in flight; [`Event::Start`] sets it going.
     /// `policy` chooses the data path; `buf_size` is the copy buffer (a "full read").
-    pub fn connecting(now: Instant, policy: DataPath, buf_size: u32) -> Self {
+    pub fn new(now: Instant, policy: DataPath, buf_size: u32) -> Self {
         Self {
-            phase: Phase::Connecting,
+            phase: Phase::Dialing,
             dirs: [DirState::Connecting; 2],
             read_at: [now; 2],
-            in_flight: 2,
             bytes: [0; 2],
             bytes_path: [0; 2],
             accepted_at: now,
@@ -243,7 +252,6 @@ impl Conn {
             out.push(Action::TrySplice(d));
         } else {
             self.dirs[d as usize] = DirState::Reading;
-            self.in_flight += 1;
             out.push(Action::Recv(d));
         }
     }
@@ -260,6 +268,11 @@ impl Conn {
         matches!(self.phase, Phase::Closing(_))
     }
 
+    /// Whether the machine waits for [`Event::OpsDrained`] (to finish, or to dial again).
+    pub fn awaits_drain(&self) -> bool {
+        matches!(self.phase, Phase::Closing(_) | Phase::Redialing)
+    }
+
     /// True when no byte moved either way for `idle` (and the connection is not closing).
     /// Not while connecting: that is the connect timeout's job.
     pub fn idle_expired(&self, now: Instant, idle: Duration) -> bool {
@@ -269,46 +282,54 @@ impl Conn {
     /// The one transition function.
     pub fn handle(&mut self, ev: Event, now: Instant, out: &mut Actions) {
         match ev {
-            Event::Connected { res } => {
-                self.op_done();
-                match self.phase {
-                    Phase::Connecting if res >= 0 => {
-                        self.phase = Phase::Relaying;
-                        self.last_activity = now;
-                        out.push(Action::Connected);
-                        for d in Direction::ALL {
-                            self.start_reading(d, out);
-                        }
-                    }
-                    Phase::Connecting => {
-                        out.push(Action::ConnectFailed(res));
-                        self.begin_close(CloseReason::Refused, out);
-                    }
-                    Phase::Relaying | Phase::Closing(_) => {}
+            Event::Start => {
+                if self.phase == Phase::Dialing {
+                    self.phase = Phase::Connecting;
+                    out.push(Action::Dial);
                 }
             }
-            Event::ConnectTimerDone | Event::CancelDone => self.op_done(),
-            Event::Received { dir, res, buf } => {
-                self.op_done();
-                self.received(dir, res, buf, now, out);
-            }
-            Event::Sent { dir, res } => {
-                self.op_done();
-                self.sent(dir, res, now, out);
-            }
+            Event::GaveUp { reason } => self.begin_close(reason, out),
+            Event::Connected { res } => match self.phase {
+                Phase::Connecting if res >= 0 => {
+                    self.phase = Phase::Relaying;
+                    self.last_activity = now;
+                    out.push(Action::Connected);
+                    for d in Direction::ALL {
+                        self.start_reading(d, out);
+                    }
+                }
+                Phase::Connecting => {
+                    // Another member is tried once this attempt's ops are all complete.
+                    out.push(Action::ConnectFailed(res));
+                    self.phase = Phase::Redialing;
+                }
+                Phase::Dialing | Phase::Redialing | Phase::Relaying | Phase::Closing(_) => {}
+            },
+            Event::OpsDrained => match self.phase {
+                Phase::Redialing => {
+                    self.phase = Phase::Connecting;
+                    out.push(Action::Dial);
+                }
+                Phase::Closing(reason) => out.push(Action::Finish {
+                    reason,
+                    reset: reason.resets(),
+                }),
+                Phase::Dialing | Phase::Connecting | Phase::Relaying => {}
+            },
+            Event::ConnectTimerDone | Event::CancelDone => {}
+            Event::Received { dir, res, buf } => self.received(dir, res, buf, now, out),
+            Event::Sent { dir, res } => self.sent(dir, res, now, out),
             Event::BufferAvailable { dir } => {
                 if !self.is_closing() && self.dirs[dir as usize] == DirState::WaitBuffer {
                     self.dirs[dir as usize] = DirState::Reading;
-                    self.in_flight += 1;
                     out.push(Action::Recv(dir));
                 }
             }
-            Event::IdleTimeout => self.begin_close(CloseReason::Timeout, out),
+            Event::IdleTimeout => self.begin_close(CloseReason::IdleTimeout, out),
             Event::Shutdown => self.begin_close(CloseReason::Shutdown, out),
             Event::SpliceStarted { dir, capacity } => {
                 if self.dirs[dir as usize] == DirState::Switching {
                     self.dirs[dir as usize] = DirState::Splicing(SpliceDir::new(capacity));
-                    self.in_flight += 1;
                     out.push(Action::PollIn(dir));
                     out.push(Action::Pump(dir));
                 }
@@ -317,7 +338,6 @@ impl Conn {
                 if self.dirs[dir as usize] == DirState::Switching {
                     self.full_reads[dir as usize] = 0;
                     self.dirs[dir as usize] = DirState::Reading;
-                    self.in_flight += 1;
                     out.push(Action::Recv(dir));
                 }
             }
@@ -327,7 +347,6 @@ impl Conn {
                 }
             }
             Event::Writable { dir } => {
-                self.op_done();
                 if let DirState::Splicing(s) = &mut self.dirs[dir as usize] {
                     s.pollout_armed = false;
                     if !self.is_closing() {
@@ -336,11 +355,9 @@ impl Conn {
                 }
             }
             Event::PollEnded { dir, res } => {
-                self.op_done();
                 if !self.is_closing() && matches!(self.dirs[dir as usize], DirState::Splicing(_)) {
                     if res >= 0 {
                         // Ended without error (e.g. completion-queue overflow): re-arm.
-                        self.in_flight += 1;
                         out.push(Action::PollIn(dir));
                     } else {
                         // The kernel refused the poll itself: re-arming would only spin.
@@ -350,7 +367,6 @@ impl Conn {
             }
             Event::Pumped { dir, p } => self.pumped(dir, p, now, out),
         }
-        self.maybe_finish(out);
     }
 
     fn pumped(&mut self, dir: Direction, p: Pumped, now: Instant, out: &mut Actions) {
@@ -378,12 +394,7 @@ impl Conn {
             });
         }
         if let Some(e) = p.error {
-            let why = if is_reset_errno(-e) {
-                CloseReason::Reset
-            } else {
-                CloseReason::Error
-            };
-            self.begin_close(why, out);
+            self.begin_close(CloseReason::from_io_errno(e), out);
             return;
         }
         if p.finished {
@@ -394,7 +405,6 @@ impl Conn {
             } else {
                 // The other direction may run for long: give the drained pipe back now and
                 // stop the readiness poll on this finished source (one removal op).
-                self.in_flight += 1;
                 out.push(Action::LeaveSplice(dir));
             }
             return;
@@ -403,7 +413,6 @@ impl Conn {
             s.small_pumps = 0;
             if !s.pollout_armed {
                 s.pollout_armed = true;
-                self.in_flight += 1;
                 out.push(Action::PollOut(dir));
             }
             self.dirs[i] = DirState::Splicing(s);
@@ -423,20 +432,13 @@ impl Conn {
             if s.small_pumps >= AUTO_DOWN_SMALL_PUMPS {
                 // Traffic turned small: back to copy, which serves it with fewer syscalls.
                 self.full_reads[i] = 0;
-                self.in_flight += 1;
                 out.push(Action::LeaveSplice(dir));
                 self.dirs[i] = DirState::Reading;
-                self.in_flight += 1;
                 out.push(Action::Recv(dir));
                 return;
             }
         }
         self.dirs[i] = DirState::Splicing(s);
-    }
-
-    fn op_done(&mut self) {
-        debug_assert!(self.in_flight > 0, "completion without an op in flight");
-        self.in_flight = self.in_flight.saturating_sub(1);
     }
 
     fn received(
@@ -472,7 +474,6 @@ impl Conn {
                     self.first_byte_seen = true;
                     out.push(Action::FirstByte);
                 }
-                self.in_flight += 1;
                 out.push(Action::Send {
                     dir,
                     buf: b,
@@ -499,18 +500,14 @@ impl Conn {
                 if let Some(b) = b {
                     out.push(Action::Release(b));
                 }
-                self.in_flight += 1;
                 out.push(Action::Recv(dir));
             }
             (e, b) => {
                 if let Some(b) = b {
                     out.push(Action::Release(b));
                 }
-                let why = if e > 0 || is_reset_errno(e) {
-                    CloseReason::Reset
-                } else {
-                    CloseReason::Error
-                };
+                // A positive result without a buffer cannot carry data: treat it as a reset.
+                let why = if e > 0 { CloseReason::Reset } else { io_end(e) };
                 self.begin_close(why, out);
             }
         }
@@ -544,7 +541,6 @@ impl Conn {
             let off = off + n;
             if off < len {
                 self.dirs[i] = DirState::Writing { buf, off, len };
-                self.in_flight += 1;
                 out.push(Action::Send {
                     dir,
                     buf,
@@ -562,10 +558,11 @@ impl Conn {
         } else {
             self.dirs[i] = DirState::Done;
             out.push(Action::Release(buf));
-            let why = if res == 0 || is_reset_errno(res) {
+            // A send that wrote nothing means the peer is gone, as a reset does.
+            let why = if res == 0 {
                 CloseReason::Reset
             } else {
-                CloseReason::Error
+                io_end(res)
             };
             self.begin_close(why, out);
         }
@@ -587,24 +584,9 @@ impl Conn {
                 *d = DirState::Done;
             }
         }
-        if self.in_flight > 0 {
-            self.in_flight += 2;
-            out.push(Action::CancelAll);
-        }
-    }
-
-    fn maybe_finish(&mut self, out: &mut Actions) {
-        if let Phase::Closing(reason) = self.phase
-            && self.in_flight == 0
-        {
-            let reset = matches!(
-                reason,
-                CloseReason::Reset | CloseReason::Error | CloseReason::Refused
-            );
-            out.push(Action::Finish { reason, reset });
-            // Stay Closing with nothing in flight: a second Finish is never emitted
-            // because the worker frees the slot on the first.
-        }
+        // The worker cancels what is in flight (nothing to do if nothing is) and reports
+        // `OpsDrained` when the last completion arrived: then the machine finishes.
+        out.push(Action::CancelAll);
     }
 }
 

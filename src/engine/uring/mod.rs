@@ -1,14 +1,17 @@
 //! The io_uring thread-per-core engine.
 //!
 //! One [`worker::Worker`] per core, pinned, each with its own ring, its own `SO_REUSEPORT`
-//! listener per rule, its own registered buffer pool ([`bufpool`]) and its own slab of
-//! connections whose relay logic ([`conn`]) is free of I/O. Completions are routed by a typed
-//! `user_data` ([`token`]). See `docs/ARCHITECTURE.md` for the loop, the ops and their
+//! listener per rule, its own registered buffer pool ([`bufpool`]) and pipe pool
+//! ([`pipepool`]), and its own slab of connections ([`slab`]) whose state machine ([`conn`])
+//! is free of I/O. [`ring`] is the one place that pushes SQEs; completions are routed by a
+//! typed `user_data` ([`token`]); [`worker`] runs the loop and turns actions into ops. See `docs/ARCHITECTURE.md` for the loop, the ops and their
 //! lifetimes.
 
 pub mod bufpool;
 pub mod conn;
 pub mod pipepool;
+pub mod ring;
+pub mod slab;
 pub mod splice;
 pub mod token;
 pub mod worker;
@@ -69,7 +72,7 @@ const REQUIRED: [(u8, &str); 8] = [
 /// # Errors
 /// [`Unavailable`] saying why and how to enable io_uring.
 pub fn probe() -> Result<(), Unavailable> {
-    let (ring, _mode) = worker::build_ring(8).map_err(|e| explain_setup_error(&e))?;
+    let (ring, _mode) = ring::build(8).map_err(|e| explain_setup_error(&e))?;
     let mut probe = io_uring::Probe::new();
     ring.submitter().register_probe(&mut probe).map_err(|e| {
         Unavailable(format!(
@@ -130,8 +133,9 @@ pub fn run(
     let mut handles = Vec::with_capacity(n);
     for (id, ls) in per_worker.into_iter().enumerate() {
         let cpu = (n <= cpus.len()).then(|| cpus[id % cpus.len()]);
-        let (config, metrics, shutdown, ready) = (
+        let (config, runtime, metrics, shutdown, ready) = (
             config.clone(),
+            ctx.runtime.clone(),
             ctx.metrics.clone(),
             ctx.shutdown.clone(),
             ready_tx.clone(),
@@ -147,7 +151,7 @@ pub fn run(
                     cpu,
                     listeners: ls,
                 };
-                match worker::Worker::new(&config, setup, metrics, shutdown.clone()) {
+                match worker::Worker::new(&config, setup, runtime, metrics, shutdown.clone()) {
                     Ok(w) => {
                         let _ = ready.send(Ok(()));
                         w.run();

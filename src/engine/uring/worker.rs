@@ -1,46 +1,53 @@
 //! One worker: a thread pinned to a core that owns a ring, its listeners, its buffer pool and
 //! a slab of connections, and runs the event loop. Nothing here is shared with other workers
-//! except the read-only config, the metrics atomics and the shutdown flag.
+//! except the read-only config, the session runtime (atomics), the metrics atomics and the
+//! shutdown flag.
 //!
 //! The loop: submit what is queued and wait (bounded by the next tick) → take every
 //! completion → decode its [`Token`] → hand it to the connection's state machine
-//! ([`Conn::handle`]) → carry out the actions it returns. Every SQE goes through
-//! [`Worker::push`], the one place that submits.
+//! ([`Conn::handle`]) → carry out the actions it returns. Decisions about the session (which
+//! member, failover, limits, the record) are the session core's ([`crate::session`]); this
+//! module only turns them into ops. Every connection op goes through [`Worker::push_conn`],
+//! which counts it; its last completion uncounts it in [`Worker::dispatch`].
 #![allow(unsafe_code)]
 
 use std::collections::VecDeque;
 use std::io;
-use std::net::{SocketAddr, TcpListener};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::net::TcpListener;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use io_uring::{IoUring, cqueue, opcode, squeue, types};
+use io_uring::{cqueue, opcode, squeue, types};
 use socket2::{SockAddr, SockRef};
 
 use super::bufpool::{BUFFER_GROUP, BufPool};
 use super::conn::{Action, Actions, Conn, DirState, Event};
 use super::pipepool::PipePool;
-use super::splice::{Pipe, SysPipeIo};
+use super::ring::{self, Ring};
+use super::slab::{Entry, Slab};
+use super::splice::SysPipeIo;
 use super::token::{OpKind, Token};
-use crate::config::{Config, DataPath, Rule};
-use crate::metrics::tap::TapSession;
-use crate::metrics::{CloseReason, ConnectError, Direction, Metrics, RejectReason, SessionRecord};
+use crate::config::{Config, DataPath};
+use crate::metrics::{CloseReason, Direction, Metrics};
 use crate::net;
+use crate::session::outcome::errno_of;
+use crate::session::{Dial, End, Runtime};
 use crate::shutdown::{Phase, Shutdown};
+use crate::upstream::Picker;
 
 /// How often the worker looks at timeouts and the shutdown state when nothing else wakes it.
 const TICK: Duration = Duration::from_millis(100);
 
 /// Per-rule data the worker needs on the hot path.
 struct RuleCtx {
-    rule: Rule,
     /// The data path for this rule's connections (a tapped rule is always copy).
     policy: DataPath,
-    upstream: SockAddr,
     /// Read by the kernel when a connect's link timeout is submitted; lives as long as the
     /// worker and is never modified.
     connect_timeout: types::Timespec,
+    /// This worker's balancer state for the rule's pool.
+    picker: Picker,
 }
 
 #[derive(Debug, PartialEq, Eq)]
@@ -60,44 +67,6 @@ struct Listener {
     exhausted: net::ExhaustionLog,
 }
 
-/// A live connection in the slab.
-struct Entry {
-    conn: Conn,
-    rule: usize,
-    client: OwnedFd,
-    upstream: OwnedFd,
-    peer: Option<SocketAddr>,
-    /// The pipe each direction leased while on the splice path.
-    pipes: [Option<Pipe>; 2],
-    /// This connection's session in the rule's traffic tap, if the rule has one.
-    tap: Option<TapSession>,
-}
-
-impl Entry {
-    fn src(&self, dir: Direction) -> RawFd {
-        match dir {
-            Direction::ClientToUpstream => self.client.as_raw_fd(),
-            Direction::UpstreamToClient => self.upstream.as_raw_fd(),
-        }
-    }
-
-    fn dst(&self, dir: Direction) -> RawFd {
-        self.dst_fd(dir).as_raw_fd()
-    }
-
-    fn dst_fd(&self, dir: Direction) -> &OwnedFd {
-        match dir {
-            Direction::ClientToUpstream => &self.upstream,
-            Direction::UpstreamToClient => &self.client,
-        }
-    }
-}
-
-struct Slot {
-    generation: u16,
-    entry: Option<Entry>,
-}
-
 /// What a worker is built from.
 pub struct WorkerSetup {
     pub id: usize,
@@ -107,22 +76,17 @@ pub struct WorkerSetup {
 
 pub struct Worker {
     // Field order matters: the ring is dropped before the pool whose memory it references.
-    ring: IoUring,
+    ring: Ring,
     pool: BufPool,
     pipes: PipePool,
     id: usize,
     rules: Vec<RuleCtx>,
     listeners: Vec<Listener>,
-    slots: Vec<Slot>,
-    free: Vec<u32>,
-    live: usize,
-    max_connections: usize,
+    slab: Slab,
     waiters: VecDeque<(u32, u16, Direction)>,
-    /// SQEs that did not fit in the submission queue; a linked pair stays one element so it
-    /// is never split across two submissions (the link would be lost).
-    backlog: VecDeque<(squeue::Entry, Option<squeue::Entry>)>,
     /// Spliced directions that stopped on their fairness budget and must pump again.
     run_queue: VecDeque<(u32, u16, Direction)>,
+    runtime: Arc<Runtime>,
     metrics: Arc<Metrics>,
     shutdown: Shutdown,
     draining: bool,
@@ -142,32 +106,15 @@ pub enum WorkerError {
     },
 }
 
-/// Builds a ring with the best task-running mode the kernel has: SINGLE_ISSUER +
-/// DEFER_TASKRUN (6.1), else COOP_TASKRUN (5.19), else plain.
-pub fn build_ring(entries: u32) -> io::Result<(IoUring, &'static str)> {
-    let cq = entries.saturating_mul(4);
-    type Tune = fn(&mut io_uring::Builder);
-    let attempts: [(&'static str, Tune); 3] = [
-        ("single_issuer+defer_taskrun", |b| {
-            b.setup_single_issuer().setup_defer_taskrun();
-        }),
-        ("coop_taskrun", |b| {
-            b.setup_coop_taskrun().setup_taskrun_flag();
-        }),
-        ("plain", |_| {}),
-    ];
-    let mut last = None;
-    for (name, f) in attempts {
-        let mut b = IoUring::builder();
-        b.setup_cqsize(cq).setup_submit_all();
-        f(&mut b);
-        match b.build(entries) {
-            Ok(r) => return Ok((r, name)),
-            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => last = Some(e),
-            Err(e) => return Err(e),
-        }
-    }
-    Err(last.unwrap_or_else(|| io::Error::from_raw_os_error(libc::EINVAL)))
+/// The connection slots a worker reserves: every live connection of every rule could land on
+/// one worker (the kernel spreads `SO_REUSEPORT` connections by hash, not by load).
+pub fn slab_capacity(config: &Config) -> usize {
+    config
+        .rules
+        .iter()
+        .map(|r| r.max_connections.get() as usize)
+        .sum::<usize>()
+        .min(1 << 20)
 }
 
 impl Worker {
@@ -179,15 +126,16 @@ impl Worker {
     pub fn new(
         config: &Config,
         setup: WorkerSetup,
+        runtime: Arc<Runtime>,
         metrics: Arc<Metrics>,
         shutdown: Shutdown,
     ) -> Result<Self, WorkerError> {
         let id = setup.id;
-        let (ring, mode) = build_ring(config.uring.ring_entries)
+        let (ring, mode) = ring::build(config.uring.ring_entries)
             .map_err(|source| WorkerError::Ring { id, source })?;
         // Nothing on this engine's data path should need io-wq (splice runs on this thread after
-        // ring readiness); cap its workers so a surprise fallback cannot grow thousands of
-        // `iou-wrk` threads (DESIGN fact 1).
+        // ring readiness; io_uring's own SPLICE op would always hand off to an io-wq thread);
+        // cap its workers so a surprise fallback cannot grow thousands of `iou-wrk` threads.
         if let Err(e) = ring.submitter().register_iowq_max_workers(&mut [2, 2]) {
             tracing::debug!(worker = id, error = %e, "cannot cap io-wq workers");
         }
@@ -213,15 +161,15 @@ impl Worker {
         let rules = config
             .rules
             .iter()
-            .map(|r| RuleCtx {
-                rule: r.clone(),
+            .enumerate()
+            .map(|(i, r)| RuleCtx {
                 policy: if r.tap.is_some() {
                     DataPath::Copy
                 } else {
                     config.mode
                 },
-                upstream: SockAddr::from(r.upstream.members[0].addrs[0]),
                 connect_timeout: types::Timespec::from(r.connect_timeout),
+                picker: Picker::new(((id as u64) << 32) ^ (i as u64) ^ 0x5851_f42d_4c95_7f2d),
             })
             .collect();
         let listeners = setup
@@ -234,7 +182,6 @@ impl Worker {
                 exhausted: net::ExhaustionLog::default(),
             })
             .collect();
-        let max_connections = config.uring.max_connections as usize;
         let wants_pipes = config.mode != DataPath::Copy;
         let pipes = PipePool::new(
             id,
@@ -246,21 +193,16 @@ impl Worker {
             config.uring.pipe_size.as_usize(),
         );
         Ok(Self {
-            ring,
+            ring: Ring::new(ring),
             pool,
             pipes,
             id,
             rules,
             listeners,
-            // Reserved up front and never grown past: an entry's address stays put while the
-            // kernel may read from it.
-            slots: Vec::with_capacity(max_connections),
-            free: Vec::new(),
-            live: 0,
-            max_connections,
+            slab: Slab::with_capacity(slab_capacity(config)),
             waiters: VecDeque::new(),
-            backlog: VecDeque::new(),
             run_queue: VecDeque::new(),
+            runtime,
             metrics,
             shutdown,
             draining: false,
@@ -276,33 +218,19 @@ impl Worker {
         }
         let mut next_tick = Instant::now() + TICK;
         loop {
-            self.flush_backlog();
+            self.ring.flush_backlog();
             let wait = if self.run_queue.is_empty() {
                 next_tick.saturating_duration_since(Instant::now())
             } else {
                 Duration::ZERO
             };
-            let ts = types::Timespec::from(wait.max(Duration::from_micros(1)));
-            let args = types::SubmitArgs::new().timespec(&ts);
-            match self.ring.submitter().submit_with_args(1, &args) {
-                Ok(_) => {}
-                Err(e)
-                    if matches!(
-                        e.raw_os_error(),
-                        Some(libc::ETIME | libc::EINTR | libc::EBUSY | libc::EAGAIN)
-                    ) => {}
-                Err(e) => {
-                    tracing::error!(worker = self.id, error = %e, "io_uring_enter failed");
-                    std::thread::sleep(Duration::from_millis(10));
-                }
+            if let Err(e) = self.ring.submit_and_wait(wait) {
+                tracing::error!(worker = self.id, error = %e, "io_uring_enter failed");
+                std::thread::sleep(Duration::from_millis(10));
             }
             let now = Instant::now();
             self.cqes.clear();
-            self.cqes.extend(
-                self.ring
-                    .completion()
-                    .map(|c| (c.user_data(), c.result(), c.flags())),
-            );
+            self.ring.reap(&mut self.cqes);
             for i in 0..self.cqes.len() {
                 let (ud, res, flags) = self.cqes[i];
                 self.dispatch(ud, res, flags, now);
@@ -313,7 +241,7 @@ impl Worker {
                 next_tick = now + TICK;
             }
             if self.draining
-                && self.live == 0
+                && self.slab.is_empty()
                 && self
                     .listeners
                     .iter()
@@ -325,54 +253,25 @@ impl Worker {
         tracing::debug!(worker = self.id, "worker stopped");
     }
 
-    /// The one place SQEs are queued.
-    fn push(&mut self, entry: squeue::Entry) {
-        self.push_group(entry, None);
-    }
-
-    /// Queues `first` and, if given, `second` linked after it (`first` carries `IO_LINK`):
-    /// both go into the same submission or both wait in the backlog.
-    fn push_group(&mut self, first: squeue::Entry, second: Option<squeue::Entry>) {
-        if !self.backlog.is_empty() || !self.try_push_group(&first, second.as_ref()) {
-            self.backlog.push_back((first, second));
-        }
-    }
-
-    fn try_push_group(&mut self, first: &squeue::Entry, second: Option<&squeue::Entry>) -> bool {
-        let need = 1 + usize::from(second.is_some());
-        let room = |ring: &mut IoUring| {
-            let sq = ring.submission();
-            sq.capacity() - sq.len()
+    /// Pushes an op of connection `slot` and counts it in flight.
+    fn push_conn(
+        &mut self,
+        slot: u32,
+        generation: u16,
+        first: squeue::Entry,
+        second: Option<squeue::Entry>,
+    ) {
+        let Some(e) = self.slab.get_mut(slot, generation) else {
+            return;
         };
-        if room(&mut self.ring) < need {
-            // Full: hand what is queued to the kernel first.
-            let _ = self.ring.submit();
-            if room(&mut self.ring) < need {
-                return false;
-            }
-        }
-        let mut sq = self.ring.submission();
-        // SAFETY: every pointer an entry carries stays valid until its completion: buffers
-        // are owned by the op until its CQE (the state machine releases them only then),
+        e.in_flight += 1 + u32::from(second.is_some());
+        // SAFETY: the pointers these ops carry stay valid until their completions: buffers
+        // are owned by the op until its CQE (the state machine releases them only then), the
+        // connect's sockaddr lives in this slot's entry (the slab never moves or frees an
+        // entry while `in_flight > 0`: `Finish` and `Dial` come only after `OpsDrained`),
         // connect timespecs live in `self.rules` for the worker's lifetime, and the fds are
-        // closed only after every op on them completed (`Conn::in_flight` reaches zero).
-        // There is room for the whole group (checked above), so neither push fails.
-        unsafe {
-            let _ = sq.push(first);
-            if let Some(s) = second {
-                let _ = sq.push(s);
-            }
-        }
-        true
-    }
-
-    fn flush_backlog(&mut self) {
-        while let Some((first, second)) = self.backlog.pop_front() {
-            if !self.try_push_group(&first, second.as_ref()) {
-                self.backlog.push_front((first, second));
-                return;
-            }
-        }
+        // closed only once this connection's ops have all completed.
+        unsafe { self.ring.push_group(first, second) };
     }
 
     fn arm_accept(&mut self, i: usize) {
@@ -385,7 +284,9 @@ impl Worker {
             .build()
             .user_data(token.encode());
         self.listeners[i].state = ListenerState::Armed;
-        self.push(e);
+        // SAFETY: the accept carries no pointer; the listener fd is closed only after the
+        // accept's last completion (`ListenerState::Cancelling` → `Closed`).
+        unsafe { self.ring.push(e) };
     }
 
     fn dispatch(&mut self, ud: u64, res: i32, flags: u32, now: Instant) {
@@ -397,6 +298,23 @@ impl Worker {
             );
             return;
         };
+        if !matches!(t.kind, OpKind::Accept | OpKind::CancelAccept) {
+            // A connection op: its last completion (no F_MORE) takes it out of flight.
+            let last = !cqueue::more(flags);
+            match self.slab.get_mut(t.slot, t.generation) {
+                Some(e) if last => e.in_flight -= 1,
+                Some(_) => {}
+                None => {
+                    // Cannot happen while every op is counted; if it does, keep the buffer.
+                    tracing::error!(worker = self.id, ?t, res, "stale completion");
+                    if let Some(b) = cqueue::buffer_select(flags) {
+                        self.pool.taken();
+                        self.pool.recycle(b);
+                    }
+                    return;
+                }
+            }
+        }
         match t.kind {
             OpKind::Accept => self.on_accept(t.slot as usize, res, flags, now),
             OpKind::CancelAccept => {}
@@ -435,6 +353,7 @@ impl Worker {
     fn on_accept(&mut self, li: usize, res: i32, flags: u32, now: Instant) {
         if !cqueue::more(flags) {
             // The multishot accept ended: cancelled, or an error such as EMFILE.
+            let rule_name = &self.runtime.rule(self.listeners[li].rule).rule.name;
             let l = &mut self.listeners[li];
             if self.draining || l.state == ListenerState::Cancelling {
                 l.state = ListenerState::Closed;
@@ -443,7 +362,7 @@ impl Worker {
                 // io_uring's accept takes the fd before looking at the queue, so this also
                 // happens with nothing pending: no connection was rejected, none is lost.
                 if let Some(held_back) = l.exhausted.hit(now) {
-                    tracing::warn!(worker = self.id, rule = %self.rules[l.rule].rule.name, error = %io::Error::from_raw_os_error(-res), held_back, "accept: out of file descriptors; backing off");
+                    tracing::warn!(worker = self.id, rule = %rule_name, error = %io::Error::from_raw_os_error(-res), held_back, "accept: out of file descriptors; backing off");
                 }
                 l.state = ListenerState::Backoff(now + net::ACCEPT_BACKOFF);
             } else {
@@ -457,7 +376,7 @@ impl Worker {
         // SAFETY: a successful accept completion carries a new fd that nothing else owns.
         let client = unsafe { OwnedFd::from_raw_fd(res) };
         if self.listeners[li].exhausted.recovered() {
-            let rule = &self.rules[self.listeners[li].rule].rule.name;
+            let rule = &self.runtime.rule(self.listeners[li].rule).rule.name;
             tracing::info!(worker = self.id, rule = %rule, "accept: file descriptors available again");
         }
         self.accept_conn(li, client, now);
@@ -465,123 +384,53 @@ impl Worker {
 
     fn accept_conn(&mut self, li: usize, client: OwnedFd, now: Instant) {
         let ri = self.listeners[li].rule;
+        let rt = self.runtime.rule(ri);
         let shard = self.metrics.rule(ri).shard(self.id);
-        let reject = |why: RejectReason| {
-            shard.rejected(why);
-            net::set_reset_on_close(SockRef::from(&client));
-        };
-        if self.draining {
-            reject(RejectReason::Shutdown);
-            return;
-        }
-        if self.live >= self.max_connections {
-            reject(RejectReason::MaxConnections);
-            return;
-        }
-        let rc = &self.rules[ri];
-        let client_ref = SockRef::from(&client);
-        if let Err(e) = net::apply_tcp_options(client_ref, &rc.rule.tcp) {
-            tracing::debug!(error = %e, "socket option on client socket failed");
-        }
         let peer = SockRef::from(&client)
             .peer_addr()
             .ok()
             .and_then(|a| a.as_socket());
-        let upstream = match net::upstream_socket(rc.rule.upstream.members[0].addrs[0], &rc.rule.tcp)
-            .and_then(|s| {
-                s.set_nonblocking(true)?;
-                Ok(OwnedFd::from(s))
-            }) {
-            Ok(u) => u,
-            Err(e) => {
-                tracing::warn!(worker = self.id, rule = %rc.rule.name, error = %e, "cannot create upstream socket; connection dropped");
-                reject(RejectReason::FdExhausted);
-                return;
-            }
+        let Ok(session) = rt.admit(shard, peer, now, self.draining) else {
+            net::set_reset_on_close(SockRef::from(&client));
+            return;
         };
-        shard.accepted();
-        let conn = Conn::connecting(now, rc.policy, self.pool.buf_size());
-        let tap = self
-            .metrics
-            .rule(ri)
-            .tap()
-            .map(|t| t.open_session(peer, rc.rule.upstream.members[0].addrs[0]));
-        let entry = Entry {
-            conn,
-            rule: ri,
-            client,
-            upstream,
-            peer,
-            pipes: [None, None],
-            tap,
-        };
-        let (slot, generation) = match self.free.pop() {
-            Some(s) => {
-                let sl = &mut self.slots[s as usize];
-                sl.entry = Some(entry);
-                (s, sl.generation)
-            }
-            None => {
-                debug_assert!(self.slots.len() < self.slots.capacity());
-                self.slots.push(Slot {
-                    generation: 0,
-                    entry: Some(entry),
-                });
-                ((self.slots.len() - 1) as u32, 0)
-            }
-        };
-        self.live += 1;
-        let e = self.slots[slot as usize]
-            .entry
-            .as_ref()
-            .expect("just inserted");
-        let rc = &self.rules[ri];
-        let connect = opcode::Connect::new(
-            types::Fd(e.upstream.as_raw_fd()),
-            rc.upstream.as_ptr().cast(),
-            rc.upstream.len(),
-        )
-        .build()
-        .flags(squeue::Flags::IO_LINK)
-        .user_data(
+        if let Err(e) = net::apply_tcp_options(SockRef::from(&client), &rt.rule.tcp) {
+            tracing::debug!(error = %e, "socket option on client socket failed");
+        }
+        if !self.slab.has_room() {
+            // The slab holds every rule's max_connections, so the gate turns connections
+            // away before this; should it ever be full, close this one cleanly.
+            net::set_reset_on_close(SockRef::from(&client));
+            let end = End {
+                reason: CloseReason::Error,
+                bytes: [0, 0],
+                path: "copy",
+            };
+            session.finish(rt, &self.metrics, shard, end, now);
+            return;
+        }
+        let conn = Conn::new(now, self.rules[ri].policy, self.pool.buf_size());
+        let (slot, generation) = self.slab.insert(Entry::new(conn, session, ri, client));
+        self.conn_event(
             Token::new(
                 slot,
                 generation,
                 Direction::ClientToUpstream,
                 OpKind::Connect,
-            )
-            .encode(),
+            ),
+            Event::Start,
+            now,
         );
-        let timeout = opcode::LinkTimeout::new(&rc.connect_timeout)
-            .build()
-            .user_data(
-                Token::new(
-                    slot,
-                    generation,
-                    Direction::ClientToUpstream,
-                    OpKind::ConnectTimeout,
-                )
-                .encode(),
-            );
-        self.push_group(connect, Some(timeout));
     }
 
     fn conn_event(&mut self, t: Token, ev: Event, now: Instant) {
-        let Some(slot) = self.slots.get_mut(t.slot as usize) else {
+        let Some(entry) = self.slab.get_mut(t.slot, t.generation) else {
             tracing::error!(
                 worker = self.id,
                 ?t,
-                "completion for a slot that never existed"
+                ?ev,
+                "event for a connection that is gone"
             );
-            return;
-        };
-        let Some(entry) = slot
-            .entry
-            .as_mut()
-            .filter(|_| slot.generation == t.generation)
-        else {
-            // Cannot happen while every op is counted; if it does, at least keep the buffer.
-            tracing::error!(worker = self.id, ?t, ?ev, "stale completion");
             if let Event::Received { buf: Some(b), .. } = ev {
                 self.pool.recycle(b);
             }
@@ -592,25 +441,110 @@ impl Worker {
         for a in actions.iter() {
             self.act(t.slot, t.generation, a, now);
         }
+        // Nothing in flight any more: the machine may finish or dial the next member.
+        if let Some(e) = self.slab.get(t.slot, t.generation)
+            && e.in_flight == 0
+            && e.conn.awaits_drain()
+        {
+            self.conn_event(t, Event::OpsDrained, now);
+        }
+    }
+
+    /// Asks the session core for the next member, opens a socket to it and submits the
+    /// connect with its link timeout; tells the machine `GaveUp` when there is none.
+    fn dial(&mut self, slot: u32, generation: u16, now: Instant) {
+        let Some(e) = self.slab.get_mut(slot, generation) else {
+            return;
+        };
+        debug_assert_eq!(e.in_flight, 0, "dialing with ops in flight");
+        // The previous attempt's socket: every op on it has completed.
+        e.upstream = None;
+        let rt = self.runtime.rule(e.rule);
+        let shard = self.metrics.rule(e.rule).shard(self.id);
+        let picker = &mut self.rules[e.rule].picker;
+        let gave_up = loop {
+            let addr = match e.session.dial(rt, picker, now) {
+                Dial::Connect(addr) => addr,
+                Dial::GiveUp(reason) => break reason,
+            };
+            let socket = net::upstream_socket(addr, &rt.rule.tcp).and_then(|s| {
+                s.set_nonblocking(true)?;
+                Ok(OwnedFd::from(s))
+            });
+            match socket {
+                Ok(fd) => {
+                    e.upstream = Some(fd);
+                    e.target = SockAddr::from(addr);
+                    let connect = opcode::Connect::new(
+                        types::Fd(e.dst(Direction::ClientToUpstream)),
+                        e.target.as_ptr().cast(),
+                        e.target.len(),
+                    )
+                    .build()
+                    .flags(squeue::Flags::IO_LINK)
+                    .user_data(
+                        Token::new(
+                            slot,
+                            generation,
+                            Direction::ClientToUpstream,
+                            OpKind::Connect,
+                        )
+                        .encode(),
+                    );
+                    let timeout = opcode::LinkTimeout::new(&self.rules[e.rule].connect_timeout)
+                        .build()
+                        .user_data(
+                            Token::new(
+                                slot,
+                                generation,
+                                Direction::ClientToUpstream,
+                                OpKind::ConnectTimeout,
+                            )
+                            .encode(),
+                        );
+                    self.push_conn(slot, generation, connect, Some(timeout));
+                    return;
+                }
+                Err(err) => {
+                    if let Some(reason) = e.session.socket_failed(rt, shard, errno_of(&err), now) {
+                        tracing::warn!(worker = self.id, rule = %rt.rule.name, error = %err, "cannot create upstream socket; connection reset");
+                        break reason;
+                    }
+                }
+            }
+        };
+        self.conn_event(
+            Token::new(
+                slot,
+                generation,
+                Direction::ClientToUpstream,
+                OpKind::Connect,
+            ),
+            Event::GaveUp { reason: gave_up },
+            now,
+        );
     }
 
     fn act(&mut self, slot: u32, generation: u16, action: Action, now: Instant) {
-        let Some(e) = self.slots[slot as usize].entry.as_ref() else {
+        let Some(e) = self.slab.get(slot, generation) else {
             return;
         };
-        let shard = self.metrics.rule(e.rule).shard(self.id);
+        let ri = e.rule;
+        let shard = self.metrics.rule(ri).shard(self.id);
+        let token = |dir, kind| Token::new(slot, generation, dir, kind).encode();
         match action {
+            Action::Dial => self.dial(slot, generation, now),
             Action::Recv(dir) => {
                 let sqe = opcode::Recv::new(types::Fd(e.src(dir)), std::ptr::null_mut(), 0)
                     .buf_group(BUFFER_GROUP)
                     .build()
                     .flags(squeue::Flags::BUFFER_SELECT)
-                    .user_data(Token::new(slot, generation, dir, OpKind::Recv).encode());
-                self.push(sqe);
+                    .user_data(token(dir, OpKind::Recv));
+                self.push_conn(slot, generation, sqe, None);
             }
             Action::Send { dir, buf, off, len } => {
                 if let (0, Some(session), Some(tap)) =
-                    (off, e.tap.as_ref(), self.metrics.rule(e.rule).tap())
+                    (off, e.tap.as_ref(), self.metrics.rule(ri).tap())
                 {
                     tap.data(session, dir, self.pool.filled(buf, len));
                 }
@@ -625,35 +559,55 @@ impl Worker {
                         .flags(libc::MSG_NOSIGNAL)
                         .build()
                 };
-                self.push(sqe.user_data(Token::new(slot, generation, dir, OpKind::Send).encode()));
+                self.push_conn(
+                    slot,
+                    generation,
+                    sqe.user_data(token(dir, OpKind::Send)),
+                    None,
+                );
             }
             Action::Release(b) => self.pool.recycle(b),
             Action::WaitBuffer(dir) => self.waiters.push_back((slot, generation, dir)),
             Action::ShutdownWrite(dir) => {
-                let _ = SockRef::from(e.dst_fd(dir)).shutdown(std::net::Shutdown::Write);
+                let fd = e.dst(dir);
+                // The fd is open (owned by this entry); -1 (no upstream) fails harmlessly.
+                let _ = nix::sys::socket::shutdown(fd, nix::sys::socket::Shutdown::Write);
             }
-            Action::Connected => shard.connected(now.saturating_duration_since(e.conn.accepted_at)),
-            Action::ConnectFailed(res) => {
-                let err = io::Error::from_raw_os_error(-res);
-                let kind = ConnectError::classify(&err);
-                shard.connect_error(kind);
-                let rule = &self.rules[e.rule].rule;
-                let shown = if kind == ConnectError::Timeout {
-                    format!("timed out after {:?}", rule.connect_timeout)
-                } else {
-                    err.to_string()
+            Action::Connected => {
+                let rule = self.runtime.rule(ri);
+                let upstream = {
+                    let e = self.slab.get_mut(slot, generation).expect("live entry");
+                    e.session.connected(shard, now);
+                    e.session.upstream()
                 };
-                tracing::warn!(rule = %rule.name, upstream = %rule.upstream.members[0].addrs[0], error = %shown, "upstream connect failed");
+                if let (Some(tap), Some(up)) = (self.metrics.rule(ri).tap(), upstream) {
+                    let s = tap.open_session(
+                        self.slab
+                            .get(slot, generation)
+                            .and_then(|e| e.session.client),
+                        up,
+                    );
+                    if let Some(e) = self.slab.get_mut(slot, generation) {
+                        e.tap = Some(s);
+                    }
+                }
+                let _ = rule;
+            }
+            Action::ConnectFailed(res) => {
+                let rt = self.runtime.rule(ri);
+                if let Some(e) = self.slab.get_mut(slot, generation) {
+                    e.session.connect_failed(rt, shard, -res, now);
+                }
             }
             Action::FirstByte => {
-                shard.first_byte(now.saturating_duration_since(e.conn.accepted_at))
+                shard.first_byte(now.saturating_duration_since(e.conn.accepted_at));
             }
             Action::Bytes { dir, n, path } => shard.bytes(dir, path, n),
             Action::TrySplice(dir) => {
                 let ev = match self.pipes.lease() {
                     Some(p) => {
                         let capacity = p.capacity;
-                        if let Some(e) = self.slots[slot as usize].entry.as_mut() {
+                        if let Some(e) = self.slab.get_mut(slot, generation) {
                             e.pipes[dir as usize] = Some(p);
                         }
                         Event::SpliceStarted { dir, capacity }
@@ -669,26 +623,25 @@ impl Worker {
                 )
                 .multi(true)
                 .build()
-                .user_data(Token::new(slot, generation, dir, OpKind::Poll).encode());
-                self.push(sqe);
+                .user_data(token(dir, OpKind::Poll));
+                self.push_conn(slot, generation, sqe, None);
             }
             Action::PollOut(dir) => {
                 let sqe = opcode::PollAdd::new(types::Fd(e.dst(dir)), libc::POLLOUT as u32)
                     .build()
-                    .user_data(Token::new(slot, generation, dir, OpKind::PollOut).encode());
-                self.push(sqe);
+                    .user_data(token(dir, OpKind::PollOut));
+                self.push_conn(slot, generation, sqe, None);
             }
             Action::Pump(dir) => self.pump(slot, generation, dir, now),
             Action::PumpLater(dir) => self.run_queue.push_back((slot, generation, dir)),
             Action::LeaveSplice(dir) => {
-                let target = Token::new(slot, generation, dir, OpKind::Poll).encode();
-                let sqe = opcode::PollRemove::new(target)
+                let sqe = opcode::PollRemove::new(token(dir, OpKind::Poll))
                     .build()
-                    .user_data(Token::new(slot, generation, dir, OpKind::Cancel).encode());
-                self.push(sqe);
-                if let Some(p) = self.slots[slot as usize]
-                    .entry
-                    .as_mut()
+                    .user_data(token(dir, OpKind::Cancel));
+                self.push_conn(slot, generation, sqe, None);
+                if let Some(p) = self
+                    .slab
+                    .get_mut(slot, generation)
                     .and_then(|e| e.pipes[dir as usize].take())
                 {
                     self.pipes.give_back(p, true);
@@ -696,24 +649,25 @@ impl Worker {
             }
             Action::Transferred { dir, took } => shard.transfer(dir, took),
             Action::CancelAll => {
-                for (fd, dir) in [
-                    (e.client.as_raw_fd(), Direction::ClientToUpstream),
-                    (e.upstream.as_raw_fd(), Direction::UpstreamToClient),
-                ] {
+                if e.in_flight == 0 {
+                    return;
+                }
+                let fds: Vec<(i32, Direction)> = e.fds().collect();
+                for (fd, dir) in fds {
                     let sqe =
                         opcode::AsyncCancel2::new(types::CancelBuilder::fd(types::Fd(fd)).all())
                             .build()
-                            .user_data(Token::new(slot, generation, dir, OpKind::Cancel).encode());
-                    self.push(sqe);
+                            .user_data(token(dir, OpKind::Cancel));
+                    self.push_conn(slot, generation, sqe, None);
                 }
             }
-            Action::Finish { reason, reset } => self.finish(slot, reason, reset, now),
+            Action::Finish { reason, reset } => self.finish(slot, generation, reason, reset, now),
         }
     }
 
     /// Runs a spliced direction's pump (the splice syscalls) and feeds the outcome back.
     fn pump(&mut self, slot: u32, generation: u16, dir: Direction, now: Instant) {
-        let Some(e) = self.slots[slot as usize].entry.as_mut() else {
+        let Some(e) = self.slab.get_mut(slot, generation) else {
             return;
         };
         if e.conn.is_closing() {
@@ -727,12 +681,16 @@ impl Worker {
             rule,
             ..
         } = e;
-        let (Some(pipe), Some(state)) = (pipes[dir as usize].as_ref(), conn.splice_mut(dir)) else {
+        let (Some(upstream), Some(pipe), Some(state)) = (
+            upstream.as_ref(),
+            pipes[dir as usize].as_ref(),
+            conn.splice_mut(dir),
+        ) else {
             return;
         };
         let (src, dst) = match dir {
-            Direction::ClientToUpstream => (&*client, &*upstream),
-            Direction::UpstreamToClient => (&*upstream, &*client),
+            Direction::ClientToUpstream => (&*client, upstream),
+            Direction::UpstreamToClient => (upstream, &*client),
         };
         let started = Instant::now();
         let p = state.pump(&mut SysPipeIo { src, dst, pipe });
@@ -756,21 +714,26 @@ impl Worker {
             let Some((slot, generation, dir)) = self.run_queue.pop_front() else {
                 break;
             };
-            if self.slots[slot as usize].generation == generation {
-                self.pump(slot, generation, dir, now);
-            }
+            self.pump(slot, generation, dir, now);
         }
     }
 
-    fn finish(&mut self, slot: u32, reason: CloseReason, reset: bool, now: Instant) {
-        let s = &mut self.slots[slot as usize];
-        let Some(mut e) = s.entry.take() else { return };
-        s.generation = s.generation.wrapping_add(1);
-        self.free.push(slot);
-        self.live -= 1;
+    fn finish(
+        &mut self,
+        slot: u32,
+        generation: u16,
+        reason: CloseReason,
+        reset: bool,
+        now: Instant,
+    ) {
+        let Some(mut e) = self.slab.remove(slot, generation) else {
+            return;
+        };
         if reset {
             net::set_reset_on_close(SockRef::from(&e.client));
-            net::set_reset_on_close(SockRef::from(&e.upstream));
+            if let Some(u) = &e.upstream {
+                net::set_reset_on_close(SockRef::from(u));
+            }
         }
         for d in Direction::ALL {
             if let Some(p) = e.pipes[d as usize].take() {
@@ -780,26 +743,22 @@ impl Worker {
         if let (Some(session), Some(tap)) = (e.tap.take(), self.metrics.rule(e.rule).tap()) {
             tap.close_session(session, reason);
         }
-        let rule = &self.rules[e.rule].rule;
-        let duration = now.saturating_duration_since(e.conn.accepted_at);
         let path = match e.conn.bytes_path {
             [_, 0] => "copy",
             [0, _] => "splice",
             _ => "copy+splice",
         };
-        self.metrics.rule(e.rule).shard(self.id).closed(duration);
-        self.metrics.log_session(&SessionRecord {
-            rule: &rule.name,
-            client: e.peer,
-            upstream: rule.upstream.members[0].addrs[0],
-            bytes_c2u: e.conn.bytes[0],
-            bytes_u2c: e.conn.bytes[1],
-            duration,
-            path,
+        let end = End {
             reason,
-        });
-        // Dropping the entry closes both fds: every op on them has completed.
-        drop(e);
+            bytes: e.conn.bytes,
+            path,
+        };
+        let shard = self.metrics.rule(e.rule).shard(self.id);
+        // Dropping the fds closes them: every op on them has completed.
+        drop(e.upstream);
+        drop(e.client);
+        e.session
+            .finish(self.runtime.rule(e.rule), &self.metrics, shard, end, now);
     }
 
     /// Lets directions that found the pool empty read again: as many as there are buffers in
@@ -810,16 +769,31 @@ impl Worker {
             let Some((slot, generation, dir)) = self.waiters.pop_front() else {
                 return;
             };
-            let waiting = self.slots[slot as usize]
-                .entry
-                .as_ref()
-                .filter(|_| self.slots[slot as usize].generation == generation)
+            let waiting = self
+                .slab
+                .get(slot, generation)
                 .is_some_and(|e| !e.conn.is_closing() && e.conn.dir(dir) == DirState::WaitBuffer);
             if waiting {
                 budget -= 1;
                 self.conn_event(
                     Token::new(slot, generation, dir, OpKind::Recv),
                     Event::BufferAvailable { dir },
+                    now,
+                );
+            }
+        }
+    }
+
+    /// Feeds `ev` to every live connection.
+    fn broadcast(&mut self, ev: Event, now: Instant, only: impl Fn(&Entry) -> bool) {
+        for s in 0..self.slab.len() as u32 {
+            let Some(g) = self.slab.generation(s) else {
+                continue;
+            };
+            if self.slab.get(s, g).is_some_and(&only) {
+                self.conn_event(
+                    Token::new(s, g, Direction::ClientToUpstream, OpKind::Recv),
+                    ev,
                     now,
                 );
             }
@@ -846,7 +820,8 @@ impl Worker {
                             )
                             .encode(),
                         );
-                        self.push(sqe);
+                        // SAFETY: a cancel carries no pointer and names no fd.
+                        unsafe { self.ring.push(sqe) };
                     }
                     ListenerState::Backoff(_) | ListenerState::Closed => {
                         self.listeners[i].state = ListenerState::Closed;
@@ -858,16 +833,7 @@ impl Worker {
         }
         if phase == Phase::Closing && !self.closing {
             self.closing = true;
-            for s in 0..self.slots.len() {
-                if self.slots[s].entry.is_some() {
-                    let g = self.slots[s].generation;
-                    self.conn_event(
-                        Token::new(s as u32, g, Direction::ClientToUpstream, OpKind::Recv),
-                        Event::Shutdown,
-                        now,
-                    );
-                }
-            }
+            self.broadcast(Event::Shutdown, now, |_| true);
         }
         if !self.draining {
             for i in 0..self.listeners.len() {
@@ -878,35 +844,14 @@ impl Worker {
                 }
             }
         }
-        for s in 0..self.slots.len() {
-            let Some(e) = self.slots[s].entry.as_ref() else {
-                continue;
-            };
-            let Some(idle) = self.rules[e.rule].rule.idle_timeout else {
-                continue;
-            };
-            if e.conn.idle_expired(now, idle) {
-                let g = self.slots[s].generation;
-                self.conn_event(
-                    Token::new(s as u32, g, Direction::ClientToUpstream, OpKind::Recv),
-                    Event::IdleTimeout,
-                    now,
-                );
-            }
-        }
+        let runtime = self.runtime.clone();
+        self.broadcast(Event::IdleTimeout, now, |e| {
+            runtime
+                .rule(e.rule)
+                .rule
+                .idle_timeout
+                .is_some_and(|idle| e.conn.idle_expired(now, idle))
+        });
         self.wake_waiters(now);
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// The per-connection memory target is 4 KiB; the slab entry is the only per-connection
-    /// allocation of the engine (buffers are pooled, fds and sockets live in the kernel).
-    #[test]
-    fn a_connection_slot_stays_small() {
-        let size = std::mem::size_of::<Slot>();
-        assert!(size <= 512, "Slot grew to {size} bytes");
     }
 }

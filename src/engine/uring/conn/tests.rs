@@ -1,35 +1,114 @@
 //! The relay state machine driven without a ring: fixtures build on each other
 //! (`connecting` → `relaying` → `half_closed` …), each step checks the actions.
+//!
+//! [`Driver`] plays the worker's part in op accounting: it counts the ops each action would
+//! push and the completions each event stands for, and says `OpsDrained` when none is left,
+//! exactly when the worker would.
 
 use super::*;
+use crate::session::outcome::ConnectError;
 use Direction::{ClientToUpstream as C2U, UpstreamToClient as U2C};
 
 fn t0() -> Instant {
     Instant::now()
 }
 
-fn step(c: &mut Conn, ev: Event, now: Instant) -> Vec<Action> {
-    let mut out = Actions::default();
-    c.handle(ev, now, &mut out);
-    out.iter().collect()
+/// A connection and the ops the worker would have in flight for it.
+struct Driver {
+    conn: Conn,
+    in_flight: u32,
+}
+
+impl std::ops::Deref for Driver {
+    type Target = Conn;
+    fn deref(&self) -> &Conn {
+        &self.conn
+    }
+}
+
+impl std::ops::DerefMut for Driver {
+    fn deref_mut(&mut self) -> &mut Conn {
+        &mut self.conn
+    }
+}
+
+/// Ops the worker pushes for an action (cancels only when something is in flight).
+fn ops_pushed(a: Action, in_flight: u32) -> u32 {
+    match a {
+        Action::Dial => 2,
+        Action::Recv(_)
+        | Action::Send { .. }
+        | Action::PollIn(_)
+        | Action::PollOut(_)
+        | Action::LeaveSplice(_) => 1,
+        Action::CancelAll if in_flight > 0 => 2,
+        _ => 0,
+    }
+}
+
+/// Whether an event is the last completion of an op.
+fn completes_op(ev: Event) -> bool {
+    matches!(
+        ev,
+        Event::Connected { .. }
+            | Event::ConnectTimerDone
+            | Event::Received { .. }
+            | Event::Sent { .. }
+            | Event::CancelDone
+            | Event::Writable { .. }
+            | Event::PollEnded { .. }
+    )
+}
+
+fn step(d: &mut Driver, ev: Event, now: Instant) -> Vec<Action> {
+    if completes_op(ev) {
+        assert!(
+            d.in_flight > 0,
+            "completion without an op in flight: {ev:?}"
+        );
+        d.in_flight -= 1;
+    }
+    let mut all = Vec::new();
+    let mut ev = Some(ev);
+    while let Some(e) = ev.take() {
+        let mut out = Actions::default();
+        d.conn.handle(e, now, &mut out);
+        for a in out.iter() {
+            d.in_flight += ops_pushed(a, d.in_flight);
+            all.push(a);
+        }
+        if d.in_flight == 0
+            && d.conn.awaits_drain()
+            && !all.iter().any(|a| matches!(a, Action::Finish { .. }))
+        {
+            ev = Some(Event::OpsDrained);
+        }
+    }
+    all
 }
 
 const BUF: u32 = 1000;
 
 /// Accepted, connect and its timer in flight (copy path).
-fn connecting() -> (Conn, Instant) {
+fn connecting() -> (Driver, Instant) {
     connecting_with(DataPath::Copy)
 }
 
-fn connecting_with(policy: DataPath) -> (Conn, Instant) {
+fn connecting_with(policy: DataPath) -> (Driver, Instant) {
     let now = t0();
-    let c = Conn::connecting(now, policy, BUF);
+    let mut c = Driver {
+        conn: Conn::new(now, policy, BUF),
+        in_flight: 0,
+    };
+    assert_eq!(c.phase(), Phase::Dialing);
+    assert_eq!(step(&mut c, Event::Start, now), vec![Action::Dial]);
+    assert_eq!(c.phase(), Phase::Connecting);
     assert_eq!(c.in_flight, 2);
     (c, now)
 }
 
 /// Connected: both directions reading.
-fn relaying() -> (Conn, Instant) {
+fn relaying() -> (Driver, Instant) {
     let (mut c, now) = connecting();
     let a = step(&mut c, Event::Connected { res: 0 }, now);
     assert_eq!(
@@ -44,7 +123,7 @@ fn relaying() -> (Conn, Instant) {
 }
 
 /// The client sent EOF: upstream half-closed, the other direction still reading.
-fn client_half_closed() -> (Conn, Instant) {
+fn client_half_closed() -> (Driver, Instant) {
     let (mut c, now) = relaying();
     let a = step(
         &mut c,
@@ -199,13 +278,14 @@ fn both_eofs_close_cleanly_after_every_op() {
         a,
         vec![
             Action::ShutdownWrite(U2C),
+            Action::CancelAll,
             Action::Finish {
                 reason: CloseReason::Eof,
                 reset: false
             }
         ]
     );
-    assert_eq!(c.in_flight, 0);
+    assert_eq!(c.in_flight, 0, "no cancel pushed: nothing was in flight");
 }
 
 #[test]
@@ -298,8 +378,10 @@ fn a_send_cancelled_by_close_releases_its_buffer_only_on_its_completion() {
 }
 
 #[test]
-fn refused_connect_finishes_with_rst() {
+fn a_refused_connect_dials_again_once_its_ops_are_done() {
     let (mut c, now) = connecting();
+    // 1. The connect is refused: report it, but the link timeout is still in flight, so the
+    //    socket cannot be closed and no new one dialed yet.
     let a = step(
         &mut c,
         Event::Connected {
@@ -307,12 +389,74 @@ fn refused_connect_finishes_with_rst() {
         },
         now,
     );
+    assert_eq!(a, vec![Action::ConnectFailed(-libc::ECONNREFUSED)]);
+    assert_eq!(c.phase(), Phase::Redialing);
+    // 2. The timer's completion drains the attempt: dial the next member.
+    let a = step(&mut c, Event::ConnectTimerDone, now);
+    assert_eq!(a, vec![Action::Dial]);
+    assert_eq!(c.phase(), Phase::Connecting);
+    assert_eq!(c.in_flight, 2);
+    // 3. The next member answers: relay as usual.
+    let a = step(&mut c, Event::Connected { res: 0 }, now);
+    assert_eq!(
+        a,
+        vec![Action::Connected, Action::Recv(C2U), Action::Recv(U2C)]
+    );
+}
+
+#[test]
+fn when_no_member_is_left_the_client_is_reset() {
+    let (mut c, now) = connecting();
+    step(
+        &mut c,
+        Event::Connected {
+            res: -libc::ETIMEDOUT,
+        },
+        now,
+    );
+    assert_eq!(
+        step(&mut c, Event::ConnectTimerDone, now),
+        vec![Action::Dial]
+    );
+    step(
+        &mut c,
+        Event::Connected {
+            res: -libc::ECONNREFUSED,
+        },
+        now,
+    );
+    assert_eq!(
+        step(&mut c, Event::ConnectTimerDone, now),
+        vec![Action::Dial]
+    );
+    // The session core has nothing left: the worker's dial pushed nothing and says so; the
+    // client is closed at once (nothing in flight), with RST.
+    c.in_flight = 0;
+    let reason = CloseReason::Upstream(ConnectError::Refused);
+    let a = step(&mut c, Event::GaveUp { reason }, now);
     assert_eq!(
         a,
         vec![
-            Action::ConnectFailed(-libc::ECONNREFUSED),
-            Action::CancelAll
+            Action::CancelAll,
+            Action::Finish {
+                reason,
+                reset: true
+            }
         ]
+    );
+}
+
+#[test]
+fn shutdown_while_connecting_cancels_the_attempt_first() {
+    let (mut c, now) = connecting();
+    assert_eq!(step(&mut c, Event::Shutdown, now), vec![Action::CancelAll]);
+    assert_eq!(c.in_flight, 4, "connect, timer and two cancels");
+    step(
+        &mut c,
+        Event::Connected {
+            res: -libc::ECANCELED,
+        },
+        now,
     );
     step(&mut c, Event::ConnectTimerDone, now);
     step(&mut c, Event::CancelDone, now);
@@ -320,7 +464,7 @@ fn refused_connect_finishes_with_rst() {
     assert_eq!(
         a,
         vec![Action::Finish {
-            reason: CloseReason::Refused,
+            reason: CloseReason::Shutdown,
             reset: true
         }]
     );
@@ -388,7 +532,7 @@ fn write_error_resets() {
 }
 
 /// Splice mode, connected: both directions asked for a pipe; the client side got one.
-fn spliced() -> (Conn, Instant) {
+fn spliced() -> (Driver, Instant) {
     let (mut c, now) = connecting_with(DataPath::Splice);
     let a = step(&mut c, Event::Connected { res: 0 }, now);
     assert_eq!(

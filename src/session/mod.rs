@@ -1,0 +1,322 @@
+//! The session pipeline every engine shares: everything that happens to a connection before,
+//! around and after the relay, decided once and free of I/O.
+//!
+//! ```text
+//!  accept ─► admit ─► pick upstream ─► connect ─► (retry another member) ─► relay ─► close
+//!            (cap,     (balance,         (engine)   (passive health,           (engine)  (reason,
+//!             drain)    health tiers)                 failover)                           record)
+//! ```
+//! An engine accepts, asks [`RuleRuntime::admit`] for a [`Session`], asks the session where to
+//! connect ([`Session::dial`]), reports how the connect went ([`Session::connected`],
+//! [`Session::connect_failed`], [`Session::socket_failed`]), relays, and hands the session its
+//! end ([`Session::finish`]), which counts it, releases its slot and member, and writes the
+//! access-log record. The engine never classifies an errno, never chooses a member, never
+//! builds a record: [`outcome`] and this module do, for std, tokio and io_uring alike.
+//!
+//! Shared state (the per-rule live count, member health and counters) is atomics; the one
+//! mutable piece a pick needs — the balancer's state — is a [`Picker`] the caller owns (one
+//! per io_uring worker; one behind a mutex for the engines whose tasks move between threads).
+
+pub mod outcome;
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use crate::config::{Config, Rule};
+use crate::metrics::{Metrics, SessionRecord, Shard};
+use crate::upstream::member::{Transition, describe_errno};
+use crate::upstream::{MemberSet, Picker, Pool, Tried};
+use outcome::{CloseReason, ConnectError, RejectReason, is_fd_exhaustion};
+
+/// The run-time side of every rule, shared by the engines, the control thread and the admin
+/// endpoint for the life of the process.
+#[derive(Debug)]
+pub struct Runtime {
+    pub rules: Vec<RuleRuntime>,
+}
+
+impl Runtime {
+    /// Builds each rule's pool from the validated config.
+    pub fn new(config: &Config) -> Arc<Self> {
+        let epoch = Instant::now();
+        Arc::new(Self {
+            rules: config
+                .rules
+                .iter()
+                .enumerate()
+                .map(|(index, rule)| RuleRuntime {
+                    index,
+                    rule: rule.clone(),
+                    pool: Arc::new(Pool::new(&rule.name, &rule.upstream, epoch)),
+                    live: AtomicU32::new(0),
+                    shared_picker: Mutex::new(Picker::new(0x9e37_79b9_7f4a_7c15 ^ index as u64)),
+                    cut: AtomicU64::new(0),
+                })
+                .collect(),
+        })
+    }
+
+    pub fn rule(&self, index: usize) -> &RuleRuntime {
+        &self.rules[index]
+    }
+
+    /// Every rule's pool, for the control thread.
+    pub fn pools(&self) -> Vec<Arc<Pool>> {
+        self.rules.iter().map(|r| r.pool.clone()).collect()
+    }
+
+    /// Live sessions across every rule.
+    pub fn live(&self) -> u64 {
+        self.rules.iter().map(|r| u64::from(r.live())).sum()
+    }
+
+    /// Sessions cut by shutdown so far.
+    pub fn cut(&self) -> u64 {
+        self.rules
+            .iter()
+            .map(|r| r.cut.load(Ordering::Relaxed))
+            .sum()
+    }
+}
+
+/// One rule at run time: its config, its pool and its admission gate.
+#[derive(Debug)]
+pub struct RuleRuntime {
+    pub index: usize,
+    pub rule: Rule,
+    pub pool: Arc<Pool>,
+    /// Live sessions of this rule, across every worker (the `max_connections` gate).
+    live: AtomicU32,
+    /// Balancer state for engines whose connections are not tied to one thread.
+    shared_picker: Mutex<Picker>,
+    /// Sessions ended by shutdown before they finished (grace period over or second signal).
+    cut: AtomicU64,
+}
+
+/// Where to connect next, or why not.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Dial {
+    Connect(SocketAddr),
+    /// No attempt left: the client is closed with this reason.
+    GiveUp(CloseReason),
+}
+
+/// How a relay ended, as the engine saw it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct End<'a> {
+    pub reason: CloseReason,
+    /// Bytes delivered `[client → upstream, upstream → client]`.
+    pub bytes: [u64; 2],
+    /// "copy", "splice" or "copy+splice".
+    pub path: &'a str,
+}
+
+impl RuleRuntime {
+    /// Live sessions of this rule.
+    pub fn live(&self) -> u32 {
+        self.live.load(Ordering::Relaxed)
+    }
+
+    /// Admits a freshly accepted connection, or says why not (counted either way). A rejected
+    /// connection must be closed with RST at once.
+    ///
+    /// # Errors
+    /// The reason the connection is turned away.
+    pub fn admit(
+        &self,
+        shard: &Shard,
+        client: Option<SocketAddr>,
+        now: Instant,
+        draining: bool,
+    ) -> Result<Session, RejectReason> {
+        let why = if draining {
+            Some(RejectReason::Shutdown)
+        } else if self.live.fetch_add(1, Ordering::AcqRel) >= self.rule.max_connections.get() {
+            self.live.fetch_sub(1, Ordering::AcqRel);
+            Some(RejectReason::MaxConnections)
+        } else {
+            None
+        };
+        if let Some(why) = why {
+            shard.rejected(why);
+            return Err(why);
+        }
+        shard.accepted();
+        Ok(Session {
+            accepted_at: now,
+            client,
+            set: self.pool.members(),
+            current: None,
+            tried: Tried::default(),
+            last_error: None,
+            connected: false,
+        })
+    }
+
+    /// Runs `f` with the rule's shared picker (for the std and tokio engines).
+    pub fn with_shared_picker<R>(&self, f: impl FnOnce(&mut Picker) -> R) -> R {
+        let mut p = self
+            .shared_picker
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        f(&mut p)
+    }
+}
+
+/// One admitted connection's progress through the pipeline.
+#[derive(Debug)]
+pub struct Session {
+    pub accepted_at: Instant,
+    pub client: Option<SocketAddr>,
+    /// The member set this session dials from (kept to its end: indices stay valid).
+    set: Arc<MemberSet>,
+    /// Index of the member of the current (or last) attempt.
+    current: Option<u32>,
+    tried: Tried,
+    last_error: Option<ConnectError>,
+    connected: bool,
+}
+
+impl Session {
+    /// The next member to connect to, or the end of the session when every attempt was used.
+    pub fn dial(&mut self, rt: &RuleRuntime, picker: &mut Picker, now: Instant) -> Dial {
+        let give_up = CloseReason::Upstream(self.last_error.unwrap_or(ConnectError::Other));
+        if self.tried.len() >= rt.pool.max_attempts(&self.set) {
+            return Dial::GiveUp(give_up);
+        }
+        let now_ms = rt.pool.clock.ms(now);
+        let client = self.client.map(|c| c.ip());
+        match picker.pick(&self.set, rt.pool.balance, client, &self.tried, now_ms) {
+            Some(i) => {
+                self.tried.insert(i);
+                self.current = Some(i as u32);
+                Dial::Connect(self.set.members[i].addr)
+            }
+            None => Dial::GiveUp(give_up),
+        }
+    }
+
+    /// Connect attempts made so far.
+    pub fn attempts(&self) -> usize {
+        self.tried.len()
+    }
+
+    /// The member of the current (or last) attempt.
+    pub fn upstream(&self) -> Option<SocketAddr> {
+        self.current.map(|i| self.set.members[i as usize].addr)
+    }
+
+    /// Whether the session reached an upstream.
+    pub fn is_connected(&self) -> bool {
+        self.connected
+    }
+
+    /// The upstream connect completed.
+    pub fn connected(&mut self, shard: &Shard, now: Instant) {
+        shard.connected(now.saturating_duration_since(self.accepted_at));
+        if let Some(i) = self.current {
+            self.set.members[i as usize].connected();
+            self.connected = true;
+        }
+    }
+
+    /// The upstream connect failed with `errno` (positive). Counts it against the member
+    /// (passive health), logs it (rate-limited per member); the engine then dials again.
+    pub fn connect_failed(&mut self, rt: &RuleRuntime, shard: &Shard, errno: i32, now: Instant) {
+        let kind = ConnectError::from_errno(errno);
+        self.last_error = Some(kind);
+        shard.connect_error(kind);
+        let Some(i) = self.current else { return };
+        let m = &self.set.members[i as usize];
+        let pool = &rt.pool;
+        let now_ms = pool.clock.ms(now);
+        let transition = m.connect_failed(kind, errno, now_ms, pool.max_fails, pool.fail_timeout);
+        if let Some(held_back) = m.may_log(now_ms) {
+            let error = if kind == ConnectError::Timeout {
+                format!(
+                    "timed out after {}",
+                    crate::config::format_duration(rt.rule.connect_timeout)
+                )
+            } else {
+                describe_errno(errno)
+            };
+            let left = pool
+                .max_attempts(&self.set)
+                .saturating_sub(self.tried.len());
+            tracing::warn!(
+                rule = %rt.rule.name,
+                upstream = %m.addr,
+                %error,
+                attempt = self.tried.len(),
+                attempts_left = left,
+                held_back,
+                "upstream connect failed"
+            );
+        }
+        if transition == Some(Transition::Down) {
+            tracing::warn!(
+                rule = %rt.rule.name,
+                upstream = %m.addr,
+                member = %m.name,
+                max_fails = pool.max_fails,
+                fail_timeout = %crate::config::format_duration(pool.fail_timeout),
+                "upstream member down: too many connect failures; out for fail_timeout"
+            );
+        }
+    }
+
+    /// The upstream socket could not even be created. Out of descriptors or socket memory
+    /// ends the session (`rejected{fd_exhausted}`); anything else (say, an address family
+    /// this host lacks) is the member's failure, and `None` tells the engine to dial again.
+    pub fn socket_failed(
+        &mut self,
+        rt: &RuleRuntime,
+        shard: &Shard,
+        errno: i32,
+        now: Instant,
+    ) -> Option<CloseReason> {
+        if is_fd_exhaustion(errno) {
+            shard.rejected(RejectReason::FdExhausted);
+            return Some(CloseReason::FdExhausted);
+        }
+        self.connect_failed(rt, shard, errno, now);
+        None
+    }
+
+    /// The session is over: counts it, frees its place under `max_connections` and on its
+    /// member, and writes its access-log record.
+    pub fn finish(
+        self,
+        rt: &RuleRuntime,
+        metrics: &Metrics,
+        shard: &Shard,
+        end: End<'_>,
+        now: Instant,
+    ) {
+        let duration = now.saturating_duration_since(self.accepted_at);
+        shard.closed(duration);
+        rt.live.fetch_sub(1, Ordering::AcqRel);
+        if end.reason == CloseReason::Shutdown {
+            rt.cut.fetch_add(1, Ordering::Relaxed);
+        }
+        if let (true, Some(i)) = (self.connected, self.current) {
+            self.set.members[i as usize].released();
+        }
+        metrics.log_session(&SessionRecord {
+            rule: &rt.rule.name,
+            client: self.client,
+            upstream: self.upstream(),
+            attempts: self.tried.len() as u32,
+            bytes_c2u: end.bytes[0],
+            bytes_u2c: end.bytes[1],
+            duration,
+            path: end.path,
+            reason: end.reason,
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,275 @@
+//! The upstream control thread: active health checks and DNS re-resolution, off the data
+//! path.
+//!
+//! One thread with a small tokio runtime serves every pool: per pool with a `health_check`, a
+//! loop probes every member each `interval` (a TCP connect bounded by `timeout`, the probe
+//! `ringfwd ping` makes) and flips members after `rise`/`fall` results in a row; per pool with
+//! host names and a `resolve_interval`, a loop resolves the names again and publishes the new
+//! member set. Workers only ever read what this thread writes (atomics and an `ArcSwap`), so
+//! a slow probe or a hung resolver never delays a byte. Each state change is logged once.
+
+use std::io;
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use super::member::{Transition, describe_errno};
+use super::pool::{Pool, Refresh};
+use crate::config::HealthCheck;
+
+/// Resolves a member's host name ("host:port") to addresses. The system resolver in
+/// production; tests substitute their own.
+pub trait Resolver: Send + Sync + 'static {
+    /// # Errors
+    /// The lookup failed (the pool keeps the last good addresses).
+    fn resolve(&self, name: &str) -> io::Result<Vec<SocketAddr>>;
+}
+
+/// `getaddrinfo(3)` through the standard library.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct SystemResolver;
+
+impl Resolver for SystemResolver {
+    fn resolve(&self, name: &str) -> io::Result<Vec<SocketAddr>> {
+        Ok(name.to_socket_addrs()?.collect())
+    }
+}
+
+/// Whether any pool needs the control thread.
+pub fn needed(pools: &[Arc<Pool>]) -> bool {
+    pools
+        .iter()
+        .any(|p| p.health_check.is_some() || (p.has_names() && p.resolve_interval.is_some()))
+}
+
+/// Starts the control thread if any pool has health checks or names to follow.
+///
+/// # Errors
+/// The thread or its runtime could not start.
+pub fn spawn(pools: Vec<Arc<Pool>>, resolver: Arc<dyn Resolver>) -> io::Result<()> {
+    if !needed(&pools) {
+        return Ok(());
+    }
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    std::thread::Builder::new()
+        .name("ringfwd-upstreams".into())
+        .spawn(move || {
+            rt.block_on(async move {
+                let mut tasks = Vec::new();
+                for pool in pools {
+                    if let Some(hc) = pool.health_check {
+                        tasks.push(tokio::spawn(health_loop(pool.clone(), hc)));
+                    }
+                    if let (true, Some(every)) = (pool.has_names(), pool.resolve_interval) {
+                        tasks.push(tokio::spawn(resolve_loop(pool, every, resolver.clone())));
+                    }
+                }
+                for t in tasks {
+                    let _ = t.await;
+                }
+            });
+        })?;
+    Ok(())
+}
+
+async fn health_loop(pool: Arc<Pool>, hc: HealthCheck) {
+    let mut next = tokio::time::Instant::now();
+    loop {
+        let set = pool.members();
+        let probes = set.members.iter().map(|m| probe(m.addr, hc.timeout));
+        let results = futures_join_all(probes).await;
+        let now_ms = pool.clock.ms(Instant::now());
+        for (m, result) in set.members.iter().zip(results) {
+            let (ok, errno) = match result {
+                Ok(()) => (true, 0),
+                Err(errno) => (false, errno),
+            };
+            match m.record_probe(ok, errno, now_ms, hc.rise.get(), hc.fall.get()) {
+                Some(Transition::Down) => tracing::warn!(
+                    rule = %pool.rule,
+                    upstream = %m.addr,
+                    member = %m.name,
+                    error = %describe_errno(errno),
+                    fall = hc.fall.get(),
+                    "upstream member down: health check failed {} times in a row",
+                    hc.fall.get()
+                ),
+                Some(Transition::Up) => tracing::info!(
+                    rule = %pool.rule,
+                    upstream = %m.addr,
+                    member = %m.name,
+                    rise = hc.rise.get(),
+                    "upstream member up: health check passed {} times in a row",
+                    hc.rise.get()
+                ),
+                None => {}
+            }
+        }
+        next += hc.interval;
+        let now = tokio::time::Instant::now();
+        if next < now {
+            next = now;
+        }
+        tokio::time::sleep_until(next).await;
+    }
+}
+
+/// One TCP-connect probe: `Ok` if the connect completed within `timeout`, else the errno.
+async fn probe(addr: SocketAddr, timeout: Duration) -> Result<(), i32> {
+    match tokio::time::timeout(timeout, tokio::net::TcpStream::connect(addr)).await {
+        Ok(Ok(_stream)) => Ok(()),
+        Ok(Err(e)) => Err(e.raw_os_error().unwrap_or(libc::EIO)),
+        Err(_) => Err(libc::ETIMEDOUT),
+    }
+}
+
+/// Runs the probes concurrently on this task, keeping their order.
+async fn futures_join_all<F: std::future::Future<Output = Result<(), i32>>>(
+    futs: impl Iterator<Item = F>,
+) -> Vec<Result<(), i32>> {
+    let mut pending: Vec<std::pin::Pin<Box<F>>> = futs.map(Box::pin).collect();
+    let mut out: Vec<Option<Result<(), i32>>> = vec![None; pending.len()];
+    std::future::poll_fn(|cx| {
+        let mut all = true;
+        for (f, slot) in pending.iter_mut().zip(out.iter_mut()) {
+            if slot.is_none() {
+                match f.as_mut().poll(cx) {
+                    std::task::Poll::Ready(r) => *slot = Some(r),
+                    std::task::Poll::Pending => all = false,
+                }
+            }
+        }
+        if all {
+            std::task::Poll::Ready(())
+        } else {
+            std::task::Poll::Pending
+        }
+    })
+    .await;
+    out.into_iter()
+        .map(|r| r.unwrap_or(Err(libc::EIO)))
+        .collect()
+}
+
+async fn resolve_loop(pool: Arc<Pool>, every: Duration, resolver: Arc<dyn Resolver>) {
+    let mut warnings = LookupWarnings::new(pool.specs.len());
+    loop {
+        tokio::time::sleep(every).await;
+        let names: Vec<Option<String>> = pool
+            .specs
+            .iter()
+            .map(|s| s.is_name().then(|| s.text.clone()))
+            .collect();
+        let r = resolver.clone();
+        let answers = match tokio::task::spawn_blocking(move || {
+            names
+                .into_iter()
+                .map(|n| n.map(|n| r.resolve(&n)))
+                .collect::<Vec<_>>()
+        })
+        .await
+        {
+            Ok(a) => a,
+            Err(_) => continue,
+        };
+        let refresh = pool.refresh(&answers);
+        if refresh.changed() {
+            tracing::info!(
+                rule = %pool.rule,
+                added = ?refresh.added,
+                removed = ?refresh.removed,
+                members = pool.members().len(),
+                "upstream members changed after DNS lookup"
+            );
+        }
+        for line in warnings.note(&pool, &refresh) {
+            tracing::warn!(rule = %pool.rule, "{line}");
+        }
+    }
+}
+
+/// Says a failing lookup once per episode (and once when it recovers), not every interval.
+#[derive(Debug)]
+pub struct LookupWarnings {
+    failing: Vec<bool>,
+}
+
+impl LookupWarnings {
+    pub fn new(specs: usize) -> Self {
+        Self {
+            failing: vec![false; specs],
+        }
+    }
+
+    /// The lines to log for this refresh.
+    pub fn note(&mut self, pool: &Pool, refresh: &Refresh) -> Vec<String> {
+        let mut lines = Vec::new();
+        for (i, spec) in pool.specs.iter().enumerate() {
+            if !spec.is_name() {
+                continue;
+            }
+            let failure = refresh.failed.iter().find(|(n, _)| *n == spec.text);
+            match (failure, self.failing[i]) {
+                (Some((name, e)), false) => {
+                    self.failing[i] = true;
+                    lines.push(format!(
+                        "cannot resolve upstream {name}: {e}; keeping its last known addresses"
+                    ));
+                }
+                (None, true) => {
+                    self.failing[i] = false;
+                    lines.push(format!("upstream {} resolves again", spec.text));
+                }
+                _ => {}
+            }
+        }
+        lines
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{MemberSpec, Upstream};
+
+    #[test]
+    fn a_failing_lookup_is_said_once_per_episode() {
+        let pool = Pool::new(
+            "web",
+            &Upstream::with_members(vec![MemberSpec::new(
+                "svc:80",
+                vec!["10.0.0.1:80".parse().unwrap()],
+            )]),
+            Instant::now(),
+        );
+        let mut w = LookupWarnings::new(1);
+        let fail = || vec![Some(Err(io::Error::other("SERVFAIL")))];
+        let r = pool.refresh(&fail());
+        assert_eq!(w.note(&pool, &r).len(), 1);
+        let r = pool.refresh(&fail());
+        assert!(w.note(&pool, &r).is_empty());
+        let r = pool.refresh(&[Some(Ok(vec!["10.0.0.1:80".parse().unwrap()]))]);
+        assert_eq!(w.note(&pool, &r), vec!["upstream svc:80 resolves again"]);
+    }
+
+    #[test]
+    fn the_system_resolver_finds_localhost() {
+        let addrs = SystemResolver.resolve("localhost:80").unwrap();
+        assert!(!addrs.is_empty());
+        assert!(addrs.iter().all(|a| a.ip().is_loopback() && a.port() == 80));
+    }
+
+    #[tokio::test]
+    async fn a_probe_tells_open_from_closed() {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let open = l.local_addr().unwrap();
+        assert_eq!(probe(open, Duration::from_secs(2)).await, Ok(()));
+        drop(l);
+        assert_eq!(
+            probe(open, Duration::from_secs(2)).await,
+            Err(libc::ECONNREFUSED)
+        );
+    }
+}
