@@ -234,7 +234,7 @@ impl Worker {
                 exhausted: net::ExhaustionLog::default(),
             })
             .collect();
-        let max_connections = config.uring.max_connections as usize;
+        let max_connections = config.live_connections_bound();
         let wants_pipes = config.mode != DataPath::Copy;
         let pipes = PipePool::new(
             id,
