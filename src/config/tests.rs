@@ -932,3 +932,38 @@ fn live_connections_bound_is_capped() {
     assert_eq!(c.live_connections_bound(), 1 << 20);
     assert_eq!(parse("").live_connections_bound(), 0);
 }
+
+#[test]
+fn the_shipped_config_parses_without_warnings_and_its_pool_example_works() {
+    let shipped = include_str!("../../ringfwd.toml");
+    let c = parse(shipped);
+    assert!(c.warnings.is_empty(), "{:?}", c.warnings);
+    assert_eq!(c.rules.len(), 1);
+    assert_eq!(c.rules[0].listen, "127.0.0.1:8080".parse().unwrap());
+    // The commented-out pool and health check, uncommented in place of the single upstream.
+    let mut text = String::new();
+    let mut in_pool = false;
+    for line in shipped.lines() {
+        let uncommented = line.strip_prefix("# ").unwrap_or(line);
+        if line == "upstream = \"127.0.0.1:9000\"" {
+            continue;
+        }
+        if uncommented.starts_with("upstream = [") {
+            in_pool = true;
+        }
+        let keep = in_pool
+            || uncommented == "[rule.health_check]"
+            || (text.contains("[rule.health_check]") && uncommented.contains(" = "));
+        text.push_str(if keep { uncommented } else { line });
+        text.push('\n');
+        if in_pool && uncommented == "]" {
+            in_pool = false;
+        }
+    }
+    let c = parse(&text);
+    let up = &c.rules[0].upstream;
+    assert_eq!(up.members.len(), 3, "{text}");
+    assert_eq!(up.members[0].weight.get(), 3);
+    assert!(up.members[2].backup);
+    assert_eq!(up.health_check, Some(HealthCheck::default()));
+}
