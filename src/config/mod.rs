@@ -890,6 +890,9 @@ fn hdr_log(
             "hdr_log",
             "must be a file path, got an empty string",
         )),
+        (Some(p), _) if let Err(m) = check_writable(Path::new(p.get_ref())) => {
+            Err(src.error_at(p.span(), "hdr_log", m))
+        }
         (Some(p), i) => Ok(Some(HdrLogConfig {
             path: PathBuf::from(p.get_ref()),
             interval: i.map_or(DEFAULT_HDR_LOG_INTERVAL, |i| i.get_ref().0),

@@ -888,6 +888,14 @@ fn tap_must_be_writable_without_being_created() {
     let e = err(&tap(&under_file));
     assert!(e.contains("Not a directory"), "{e}");
     assert_eq!(
+        err(&format!("hdr_log = {:?}", missing.display().to_string())),
+        format!(
+            "cfg.toml:1:11: hdr_log: cannot create {:?}: directory {:?} does not exist",
+            missing.display().to_string(),
+            dir.join("no-such-dir").display().to_string()
+        )
+    );
+    assert_eq!(
         err(&rule_with("tap = \"\"")),
         "cfg.toml:4:7: tap: must be a file path, got an empty string"
     );
