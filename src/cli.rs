@@ -9,7 +9,9 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 
-use crate::config::{self, Config, ConfigError, DataPath, EngineKind, Rule, TcpOptions};
+use crate::config::{
+    self, Balance, Config, ConfigError, DataPath, EngineKind, Rule, TcpOptions, format_duration,
+};
 
 /// ringfwd: a TCP port forwarder for Linux edge hosts (io_uring, thread-per-core).
 #[derive(Debug, Parser)]
@@ -45,9 +47,14 @@ pub struct RunArgs {
     /// Listen address of a single rule given on the command line (replaces the file's rules).
     #[arg(long, value_name = "ADDR", requires = "upstream")]
     pub listen: Option<String>,
-    /// Upstream address of that rule.
-    #[arg(long, value_name = "ADDR", requires = "listen")]
+    /// Upstream of that rule: one address, or a comma-separated pool of members
+    /// (127.0.0.1:9001,127.0.0.1:9002), each of weight 1.
+    #[arg(long, value_name = "ADDR[,ADDR...]", requires = "listen")]
     pub upstream: Option<String>,
+    /// How every rule spreads connections over its pool: round_robin, least_conn,
+    /// source_hash or random_two.
+    #[arg(long, value_name = "NAME", value_parser = parse_balance)]
+    pub balance: Option<Balance>,
     /// Engine: auto (io_uring, else tokio), uring, tokio or std.
     #[arg(long, value_name = "ENGINE", value_parser = parse_engine)]
     pub engine: Option<EngineKind>,
@@ -85,6 +92,31 @@ fn parse_engine(s: &str) -> Result<EngineKind, String> {
             EngineKind::NAMES
         )
     })
+}
+
+fn parse_balance(s: &str) -> Result<Balance, String> {
+    Balance::parse(s)
+        .ok_or_else(|| format!("unknown balance {s:?} (expected one of {})", Balance::NAMES))
+}
+
+/// A duration flag within the range of its key, worded like the key's error.
+fn flag_duration(
+    name: &str,
+    d: Duration,
+    zero_allowed: bool,
+    max: Duration,
+) -> Result<Duration, ConfigError> {
+    if (d.is_zero() && !zero_allowed) || d > max {
+        let want = if zero_allowed {
+            format!("0s..={}", format_duration(max))
+        } else {
+            format!("more than 0s and at most {}", format_duration(max))
+        };
+        return Err(ConfigError {
+            message: format!("--{name}: must be {want}, got {}", format_duration(d)),
+        });
+    }
+    Ok(d)
 }
 
 fn parse_mode(s: &str) -> Result<DataPath, String> {
@@ -147,19 +179,26 @@ impl RunArgs {
             cfg.admin = Some(addr);
         }
         if let Some(g) = self.shutdown_grace {
-            cfg.shutdown_grace = g;
+            cfg.shutdown_grace =
+                flag_duration("shutdown-grace", g, true, config::MAX_SHUTDOWN_GRACE)?;
         }
+        let connect_timeout = self
+            .connect_timeout
+            .map(|t| flag_duration("connect-timeout", t, false, config::MAX_CONNECT_TIMEOUT))
+            .transpose()?;
+        let idle_timeout = self
+            .idle_timeout
+            .map(|t| flag_duration("idle-timeout", t, true, config::MAX_IDLE_TIMEOUT))
+            .transpose()?;
         for r in &mut cfg.rules {
-            if let Some(t) = self.connect_timeout {
-                if t.is_zero() {
-                    return Err(ConfigError {
-                        message: "--connect-timeout: must be more than 0s".into(),
-                    });
-                }
+            if let Some(t) = connect_timeout {
                 r.connect_timeout = t;
             }
-            if let Some(t) = self.idle_timeout {
+            if let Some(t) = idle_timeout {
                 r.idle_timeout = (!t.is_zero()).then_some(t);
+            }
+            if let Some(b) = self.balance {
+                r.upstream.balance = b;
             }
         }
         cfg.ensure_runnable()?;
@@ -199,6 +238,85 @@ mod tests {
         assert_eq!(cfg.rules.len(), 1);
         assert_eq!(cfg.rules[0].upstream.members[0].addrs[0].port(), 9);
         assert_eq!(cfg.rules[0].idle_timeout, None);
+        assert_eq!(
+            cfg.rules[0].max_connections.get(),
+            config::DEFAULT_MAX_CONNECTIONS
+        );
+    }
+
+    fn cli_rule(extra: &[&str]) -> Result<Config, ConfigError> {
+        let mut args = vec!["--listen", "127.0.0.1:0"];
+        args.extend_from_slice(extra);
+        run_args(&args).unwrap().to_config()
+    }
+
+    #[test]
+    fn upstream_takes_a_comma_separated_pool() {
+        let cfg = cli_rule(&["--upstream", "127.0.0.1:9001,127.0.0.1:9002"]).unwrap();
+        let up = &cfg.rules[0].upstream;
+        let texts: Vec<&str> = up.members.iter().map(|m| m.text.as_str()).collect();
+        assert_eq!(texts, ["127.0.0.1:9001", "127.0.0.1:9002"]);
+        assert!(up.members.iter().all(|m| m.weight.get() == 1 && !m.backup));
+        assert_eq!(up.balance, Balance::RoundRobin);
+        assert_eq!(up.connect_retries, config::DEFAULT_CONNECT_RETRIES);
+        assert_eq!(
+            up.addrs().map(|a| a.port()).collect::<Vec<_>>(),
+            [9001, 9002]
+        );
+        // Spaces after the commas are forgiven.
+        let cfg = cli_rule(&["--upstream", "127.0.0.1:9001, [::1]:9002"]).unwrap();
+        assert_eq!(cfg.rules[0].upstream.members.len(), 2);
+    }
+
+    #[test]
+    fn bad_upstream_pools_are_rejected() {
+        let e = cli_rule(&["--upstream", "127.0.0.1:9001,127.0.0.1:9001"]).unwrap_err();
+        assert_eq!(
+            e.message,
+            "--upstream: 127.0.0.1:9001 is in the pool twice (members \"127.0.0.1:9001\" and \"127.0.0.1:9001\"); list each address once"
+        );
+        let e = cli_rule(&["--upstream", "127.0.0.1:9001,"]).unwrap_err();
+        assert!(e.message.contains("empty member"), "{e}");
+        let e = cli_rule(&["--upstream", "127.0.0.1:0"]).unwrap_err();
+        assert!(
+            e.message.starts_with("--upstream: upstream port 0 in"),
+            "{e}"
+        );
+        let e = cli_rule(&["--upstream", "127.0.0.1:1,nope"]).unwrap_err();
+        assert!(e.message.contains("\"nope\" is not an address"), "{e}");
+    }
+
+    #[test]
+    fn balance_flag_sets_every_rule() {
+        let cfg = cli_rule(&["--upstream", "127.0.0.1:9", "--balance", "least_conn"]).unwrap();
+        assert_eq!(cfg.rules[0].upstream.balance, Balance::LeastConn);
+        let e = run_args(&["--balance", "fastest"]).unwrap_err();
+        assert!(
+            e.to_string().contains(
+                "unknown balance \"fastest\" (expected one of round_robin, least_conn, source_hash, random_two)"
+            ),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn duration_flags_have_the_keys_bounds() {
+        let e = cli_rule(&["--upstream", "127.0.0.1:9", "--connect-timeout", "0s"]).unwrap_err();
+        assert_eq!(
+            e.message,
+            "--connect-timeout: must be more than 0s and at most 1h, got 0s"
+        );
+        let e = cli_rule(&["--upstream", "127.0.0.1:9", "--connect-timeout", "2h"]).unwrap_err();
+        assert_eq!(
+            e.message,
+            "--connect-timeout: must be more than 0s and at most 1h, got 2h"
+        );
+        let e = cli_rule(&["--upstream", "127.0.0.1:9", "--idle-timeout", "200h"]).unwrap_err();
+        assert_eq!(e.message, "--idle-timeout: must be 0s..=168h, got 200h");
+        let e = cli_rule(&["--upstream", "127.0.0.1:9", "--shutdown-grace", "25h"]).unwrap_err();
+        assert_eq!(e.message, "--shutdown-grace: must be 0s..=24h, got 25h");
+        let e = run_args(&["--connect-timeout", "18446744073709551615h"]).unwrap_err();
+        assert!(e.to_string().contains("too large"), "{e}");
     }
 
     #[test]

@@ -71,6 +71,9 @@ fn tool(f: impl FnOnce() -> Result<(), ringfwd::tools::ToolError>) -> anyhow::Re
 fn check(path: &std::path::Path) -> anyhow::Result<()> {
     let cfg = Config::load(path)?;
     cfg.ensure_runnable()?;
+    for w in &cfg.warnings {
+        eprintln!("ringfwd: warning: {w}");
+    }
     print!("{}", cfg.to_toml());
     Ok(())
 }
@@ -78,6 +81,9 @@ fn check(path: &std::path::Path) -> anyhow::Result<()> {
 fn run(args: &RunArgs) -> anyhow::Result<()> {
     let config = args.to_config()?;
     init_logging(config.log_format);
+    for w in &config.warnings {
+        tracing::warn!("{w}");
+    }
     let shutdown = Shutdown::new();
     shutdown::install_signal_handlers(&shutdown)?;
     shutdown.spawn_grace_timer(config.shutdown_grace);

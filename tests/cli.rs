@@ -9,6 +9,7 @@ mod support;
 
 use std::io::Write;
 use std::net::{Shutdown, SocketAddr, TcpListener};
+use std::path::Path;
 
 use support::TempFile;
 use support::relay::{Relay, run_to_exit};
@@ -189,4 +190,133 @@ fn ipv6_loopback_rule_forwards() {
     assert!(read_to_eof(&mut server).is_empty());
     drop(server);
     assert!(read_to_eof(&mut client).is_empty());
+}
+
+#[test]
+fn check_prints_pools_with_what_they_resolved_to() {
+    // A pool of weighted, backup and named members, with a health check.
+    let text = "engine = \"std\"\n\n[[rule]]\nname = \"pool\"\nlisten = \"127.0.0.1:0\"\nupstream = [{ addr = \"localhost:9000\", weight = 3 }, \"127.0.0.1:9001\", { addr = \"127.0.0.2:9002\", backup = true }]\nbalance = \"least_conn\"\nresolve_interval = \"0s\"\nmax_connections = 77\n\n[rule.health_check]\nrise = 5\n";
+    let file = TempFile::new("check-pool", text);
+    let path = file.path.display().to_string();
+    let out = run_to_exit(&["check", "--config", &path]);
+    assert!(out.status.success(), "exit {}: {}", out.status, out.stderr);
+    assert!(out.stderr.is_empty(), "stderr: {}", out.stderr);
+    for expected in [
+        "    { addr = \"localhost:9000\", weight = 3, backup = false },",
+        "    { addr = \"127.0.0.1:9001\", weight = 1, backup = false },",
+        "    { addr = \"127.0.0.2:9002\", weight = 1, backup = true },",
+        "# member \"127.0.0.1:9001\" resolves to 127.0.0.1:9001",
+        "balance = \"least_conn\"",
+        "resolve_interval = \"0s\"",
+        "max_connections = 77",
+        "[rule.health_check]",
+        "rise = 5",
+        "fall = 3",
+    ] {
+        assert!(
+            out.stdout.lines().any(|l| l == expected),
+            "{expected:?} missing from:\n{}",
+            out.stdout
+        );
+    }
+    assert!(
+        out.stdout
+            .lines()
+            .any(|l| l.starts_with("# member \"localhost:9000\" resolves to ")),
+        "{}",
+        out.stdout
+    );
+    // And the printed pool checks to the same output.
+    let again = TempFile::new("check-pool-again", &out.stdout);
+    let out2 = run_to_exit(&["check", "--config", &again.path.display().to_string()]);
+    assert!(out2.status.success(), "re-check failed: {}", out2.stderr);
+    assert_eq!(out2.stdout, out.stdout);
+}
+
+#[test]
+fn deprecated_uring_max_connections_warns_in_check_and_run() {
+    // 1. A port another process holds, so `run` gets past loading and logging, then stops.
+    let holder = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = holder.local_addr().expect("address");
+    let text = format!(
+        "engine = \"std\"\n\n[uring]\nmax_connections = 300\n\n[[rule]]\nlisten = \"{addr}\"\nupstream = \"127.0.0.1:9\"\n"
+    );
+    let file = TempFile::new("deprecated", &text);
+    let path = file.path.display().to_string();
+    let warning = format!(
+        "{path}:4:19: uring.max_connections is deprecated: it is now the default max_connections of each [[rule]] that sets none (300); set max_connections in the rules instead"
+    );
+    // 2. check: exit 0, the config on stdout, the warning alone on stderr.
+    let out = run_to_exit(&["check", "--config", &path]);
+    assert!(out.status.success(), "exit {}: {}", out.status, out.stderr);
+    assert_eq!(
+        out.stderr.trim_end(),
+        format!("ringfwd: warning: {warning}")
+    );
+    assert!(
+        out.stdout.contains("max_connections = 300"),
+        "{}",
+        out.stdout
+    );
+    assert!(
+        !out.stdout.contains("[uring]\nmax_connections"),
+        "{}",
+        out.stdout
+    );
+    // 3. run: the warning is logged once, then the bind error ends it.
+    let out = run_to_exit(&["run", "--config", &path]);
+    assert_eq!(out.status.code(), Some(1), "{}", out.stderr);
+    let warns: Vec<&str> = out
+        .stderr
+        .lines()
+        .filter(|l| l.contains("is deprecated"))
+        .collect();
+    assert_eq!(warns.len(), 1, "{}", out.stderr);
+    assert!(
+        warns[0].contains("WARN") && warns[0].contains(&warning),
+        "{}",
+        warns[0]
+    );
+    assert!(
+        out.stderr.contains("address already in use"),
+        "{}",
+        out.stderr
+    );
+    drop(holder);
+}
+
+#[test]
+fn check_rejects_what_run_could_not_do() {
+    // (file text, the start of the message after the file name)
+    let cases = [
+        (
+            "[[rule]]\nlisten = \"127.0.0.1:0\"\nupstream = \"127.0.0.1:80\"\ntap = \"/nonexistent-ringfwd-dir/t.hex\"\n",
+            ":4:7: tap: cannot create \"/nonexistent-ringfwd-dir/t.hex\": directory \"/nonexistent-ringfwd-dir\" does not exist",
+        ),
+        (
+            "[[rule]]\nname = \"any\"\nlisten = \"0.0.0.0:7\"\nupstream = \"127.0.0.1:80\"\n\n[[rule]]\nname = \"lo\"\nlisten = \"127.0.0.1:7\"\nupstream = \"127.0.0.1:81\"\n",
+            ":8:10: listen: rules \"any\" and \"lo\" overlap: 0.0.0.0:7 already takes every connection to 127.0.0.1:7",
+        ),
+        (
+            "[[rule]]\nlisten = \"127.0.0.1:0\"\nupstream = \"127.0.0.1:0\"\n",
+            ":3:12: upstream: upstream port 0 in \"127.0.0.1:0\"",
+        ),
+        (
+            "[[rule]]\nlisten = \"127.0.0.1:0\"\nupstream = \"127.0.0.1:80\"\nconnect_timeout = \"18446744073709551615h\"\n",
+            ":4:19: connect_timeout: invalid duration \"18446744073709551615h\": too large",
+        ),
+    ];
+    for (text, want) in cases {
+        let file = TempFile::new("check-run", text);
+        let path = file.path.display().to_string();
+        let out = run_to_exit(&["check", "--config", &path]);
+        assert_eq!(out.status.code(), Some(1), "{text}: {}", out.stderr);
+        let msg = one_line(&out.stderr);
+        let want = format!("ringfwd: error: {path}{want}");
+        assert!(msg.starts_with(&want), "got  {msg}\nwant {want}");
+    }
+    assert!(
+        !Path::new("/nonexistent-ringfwd-dir").exists(),
+        "check created the tap directory"
+    );
 }

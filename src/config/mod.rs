@@ -16,7 +16,7 @@ use std::time::Duration;
 
 pub use units::{ByteSize, format_duration, parse_duration, parse_size};
 
-use raw::{KeepaliveValue, RawConfig, RawRule, WorkersValue};
+use raw::{KeepaliveValue, MemberValue, RawConfig, RawRule, UpstreamValue, WorkersValue};
 
 /// Which engine moves the bytes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -227,6 +227,35 @@ pub const DEFAULT_RESOLVE_INTERVAL: Duration = Duration::from_secs(30);
 /// Per-rule cap on live connections, on every engine, when the config sets none.
 pub const DEFAULT_MAX_CONNECTIONS: u32 = 8192;
 
+/// Highest `max_connections` of a rule (and of the deprecated `[uring] max_connections`).
+pub const MAX_RULE_CONNECTIONS: u32 = 1 << 20;
+/// Highest `weight` of one member.
+pub const MAX_WEIGHT: u32 = 1000;
+/// Highest `connect_retries`.
+pub const MAX_CONNECT_RETRIES: u32 = 16;
+/// Highest `max_fails`.
+pub const MAX_MAX_FAILS: u32 = 1000;
+/// Highest `health_check.rise` and `health_check.fall`.
+pub const MAX_HEALTH_RISE_FALL: u32 = 100;
+
+// Longest value of each duration key: far beyond any sensible setting, and short enough that
+// adding it to an `Instant` or passing it to the kernel can never overflow.
+/// Longest `connect_timeout`.
+pub const MAX_CONNECT_TIMEOUT: Duration = Duration::from_secs(3600);
+/// Longest `idle_timeout` other than `"0s"` (never): a week.
+pub const MAX_IDLE_TIMEOUT: Duration = Duration::from_secs(7 * 24 * 3600);
+/// Longest `shutdown_grace`.
+pub const MAX_SHUTDOWN_GRACE: Duration = Duration::from_secs(24 * 3600);
+/// Longest `linger` (`SO_LINGER` blocks a close for at most this long).
+pub const MAX_LINGER: Duration = Duration::from_secs(3600);
+/// Longest `fail_timeout`.
+pub const MAX_FAIL_TIMEOUT: Duration = Duration::from_secs(24 * 3600);
+/// Shortest and longest `resolve_interval` other than `"0s"` (only at start).
+pub const RESOLVE_INTERVAL_RANGE: std::ops::RangeInclusive<Duration> =
+    Duration::from_secs(1)..=Duration::from_secs(24 * 3600);
+/// Longest `health_check.interval` and `health_check.timeout`.
+pub const MAX_HEALTH_TIME: Duration = Duration::from_secs(3600);
+
 /// Where a rule forwards to: a pool of members and how to choose among them.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Upstream {
@@ -290,20 +319,20 @@ pub struct UringTuning {
     pub buffers: u32,
     pub pipe_size: ByteSize,
     pub pipes: u32,
-    pub max_connections: u32,
 }
 
 impl Default for UringTuning {
     fn default() -> Self {
-        // 64 × 32 KiB = 2 MiB registered per worker: two workers fit under the 8 MiB
-        // RLIMIT_MEMLOCK an unprivileged user gets by default.
+        // 64 × 32 KiB = 2 MiB of registered buffers per worker, plus about 140 KiB of ring
+        // memory (SQEs, CQ ring, buffer ring) the kernel also charges to RLIMIT_MEMLOCK:
+        // three workers fit under the 8 MiB an unprivileged user gets by default, a fourth
+        // does not (it warns and runs with unregistered buffers).
         Self {
             ring_entries: 1024,
             buffer_size: ByteSize(32 << 10),
             buffers: 64,
             pipe_size: ByteSize(1 << 20),
             pipes: 16,
-            max_connections: 8192,
         }
     }
 }
@@ -326,6 +355,9 @@ pub struct Config {
     pub hdr_log: Option<HdrLogConfig>,
     pub uring: UringTuning,
     pub rules: Vec<Rule>,
+    /// Things that work but should be changed (deprecated keys), each one line worded
+    /// `FILE:LINE:COL: KEY is deprecated: ...`; `run` logs them, `check` prints them.
+    pub warnings: Vec<String>,
 }
 
 /// Where the HdrHistogram interval log goes and how often an interval is written.
@@ -393,10 +425,64 @@ impl Source<'_> {
         key: &str,
         msg: impl fmt::Display,
     ) -> ConfigError {
-        let (line, col) = self.line_col(span.start);
         ConfigError {
-            message: format!("{}:{line}:{col}: {key}: {msg}", self.name),
+            message: self.at(span, key, msg),
         }
+    }
+
+    /// `FILE:LINE:COL: KEY: MSG`.
+    fn at(&self, span: std::ops::Range<usize>, key: &str, msg: impl fmt::Display) -> String {
+        let (line, col) = self.line_col(span.start);
+        format!("{}:{line}:{col}: {key}: {msg}", self.name)
+    }
+
+    /// A duration key checked against its range. `zero`: what `"0s"` means where it is
+    /// allowed (`None`: it is not); the caller maps a zero to its meaning.
+    fn duration(
+        &self,
+        s: &toml::Spanned<raw::DurationValue>,
+        key: &str,
+        zero: Option<&str>,
+        range: std::ops::RangeInclusive<Duration>,
+    ) -> Result<Duration, ConfigError> {
+        let d = s.get_ref().0;
+        if (d.is_zero() && zero.is_some()) || (!d.is_zero() && range.contains(&d)) {
+            return Ok(d);
+        }
+        let (lo, hi) = (
+            format_duration(*range.start()),
+            format_duration(*range.end()),
+        );
+        let want = match zero {
+            None => format!("more than 0s and at most {hi}"),
+            Some(_) if range.start().is_zero() => format!("0s..={hi}"),
+            Some(meaning) => format!("0s ({meaning}) or {lo}..={hi}"),
+        };
+        Err(self.error_at(
+            s.span(),
+            key,
+            format!("must be {want}, got {}", format_duration(d)),
+        ))
+    }
+
+    /// An integer key checked against `lo..=hi`.
+    fn count(
+        &self,
+        s: &toml::Spanned<i64>,
+        key: &str,
+        lo: u32,
+        hi: u32,
+    ) -> Result<u32, ConfigError> {
+        u32::try_from(*s.get_ref())
+            .ok()
+            .filter(|v| (lo..=hi).contains(v))
+            .ok_or_else(|| {
+                self.error_at(
+                    s.span(),
+                    key,
+                    format!("must be {lo}..={hi}, got {}", s.get_ref()),
+                )
+            })
     }
 }
 
@@ -510,7 +596,34 @@ impl Config {
             }
         };
         let hdr_log = hdr_log(raw.hdr_log.as_ref(), raw.hdr_log_interval.as_ref(), src)?;
-        let uring = uring_tuning(raw.uring.unwrap_or_default(), src)?;
+        let shutdown_grace = match &raw.shutdown_grace {
+            None => DEFAULT_SHUTDOWN_GRACE,
+            Some(d) => src.duration(
+                d,
+                "shutdown_grace",
+                Some("close at once"),
+                Duration::ZERO..=MAX_SHUTDOWN_GRACE,
+            )?,
+        };
+        let mut raw_uring = raw.uring.unwrap_or_default();
+        let mut warnings = Vec::new();
+        // `[uring] max_connections` was a per-worker table size; it survives as the default of
+        // the per-rule cap so that old files keep their limit, with a warning.
+        let default_max_connections = match raw_uring.max_connections.take() {
+            None => NonZeroU32::new(DEFAULT_MAX_CONNECTIONS).expect("non-zero"),
+            Some(m) => {
+                let n = src.count(&m, "uring.max_connections", 1, MAX_RULE_CONNECTIONS)?;
+                warnings.push(src.at(
+                    m.span(),
+                    "uring.max_connections is deprecated",
+                    format!(
+                        "it is now the default max_connections of each [[rule]] that sets none ({n}); set max_connections in the rules instead"
+                    ),
+                ));
+                NonZeroU32::new(n).expect("checked at least 1")
+            }
+        };
+        let uring = uring_tuning(raw_uring, src)?;
 
         let mut rules = Vec::with_capacity(raw.rules.len());
         for (i, r) in raw.rules.into_iter().enumerate() {
@@ -520,7 +633,7 @@ impl Config {
                 .as_ref()
                 .map_or_else(|| r.listen.span(), |n| n.span());
             let listen_span = r.listen.span();
-            let rule = rule_from_raw(i, r, src)?;
+            let rule = rule_from_raw(i, r, default_max_connections, src)?;
             if let Some(prev) = rules.iter().find(|p: &&Rule| p.name == rule.name) {
                 return Err(src.error_at(
                     name_span,
@@ -544,6 +657,24 @@ impl Config {
                     ),
                 ));
             }
+            if let Some(prev) = rules
+                .iter()
+                .find(|p: &&Rule| overlaps(p.listen, rule.listen))
+            {
+                let (wide, narrow) = if prev.listen.ip().is_unspecified() {
+                    (prev.listen, rule.listen)
+                } else {
+                    (rule.listen, prev.listen)
+                };
+                return Err(src.error_at(
+                    listen_span,
+                    "listen",
+                    format!(
+                        "rules {:?} and {:?} overlap: {wide} already takes every connection to {narrow}; give them different ports, or drop one",
+                        prev.name, rule.name
+                    ),
+                ));
+            }
             rules.push(rule);
         }
 
@@ -551,7 +682,7 @@ impl Config {
             workers,
             engine,
             mode,
-            shutdown_grace: raw.shutdown_grace.map_or(DEFAULT_SHUTDOWN_GRACE, |d| d.0),
+            shutdown_grace,
             admin,
             admin_allow_remote,
             log_format,
@@ -559,6 +690,7 @@ impl Config {
             hdr_log,
             uring,
             rules,
+            warnings,
         })
     }
 
@@ -573,6 +705,17 @@ impl Config {
             });
         }
         Ok(())
+    }
+
+    /// The most connections the whole process may hold at once: the rules' `max_connections`
+    /// summed, capped at 2^20. What one uring worker reserves its connection table for, since
+    /// any worker may be handed every connection of a rule.
+    pub fn live_connections_bound(&self) -> usize {
+        self.rules
+            .iter()
+            .map(|r| r.max_connections.get() as usize)
+            .sum::<usize>()
+            .min(MAX_RULE_CONNECTIONS as usize)
     }
 
     /// The number of worker threads to run: configured, or the CPUs this process may use.
@@ -622,24 +765,12 @@ impl Config {
         let _ = writeln!(out, "buffers = {}", u.buffers);
         let _ = writeln!(out, "pipe_size = \"{}\"", u.pipe_size);
         let _ = writeln!(out, "pipes = {}", u.pipes);
-        let _ = writeln!(out, "max_connections = {}", u.max_connections);
         for r in &self.rules {
             let _ = writeln!(out, "\n[[rule]]");
             let _ = writeln!(out, "name = {:?}", r.name);
             let _ = writeln!(out, "listen = \"{}\"", r.listen);
-            let addrs: Vec<String> = r.upstream.addrs().map(|a| a.to_string()).collect();
-            let texts: Vec<String> = r
-                .upstream
-                .members
-                .iter()
-                .map(|m| format!("{:?}", m.text))
-                .collect();
-            let _ = writeln!(
-                out,
-                "upstream = [{}]  # resolves to {}",
-                texts.join(", "),
-                addrs.join(", ")
-            );
+            write_upstream(&mut out, &r.upstream);
+            let _ = writeln!(out, "max_connections = {}", r.max_connections);
             let _ = writeln!(out, "nodelay = {}", r.tcp.nodelay);
             match r.tcp.keepalive {
                 None => {
@@ -681,9 +812,50 @@ impl Config {
             if let Some(t) = &r.tap {
                 let _ = writeln!(out, "tap = {:?}", t.display().to_string());
             }
+            // A sub-table ends the rule's own keys, so it comes last.
+            if let Some(h) = &r.upstream.health_check {
+                let _ = writeln!(out, "\n[rule.health_check]");
+                let _ = writeln!(out, "interval = {:?}", format_duration(h.interval));
+                let _ = writeln!(out, "timeout = {:?}", format_duration(h.timeout));
+                let _ = writeln!(out, "rise = {}", h.rise);
+                let _ = writeln!(out, "fall = {}", h.fall);
+            }
         }
         out
     }
+}
+
+/// A rule's pool keys: members as inline tables, each followed by what it resolved to.
+fn write_upstream(out: &mut String, up: &Upstream) {
+    use std::fmt::Write;
+    let _ = writeln!(out, "upstream = [");
+    for m in &up.members {
+        let _ = writeln!(
+            out,
+            "    {{ addr = {:?}, weight = {}, backup = {} }},",
+            m.text, m.weight, m.backup
+        );
+    }
+    let _ = writeln!(out, "]");
+    for m in &up.members {
+        let addrs: Vec<String> = m.addrs.iter().map(ToString::to_string).collect();
+        let _ = writeln!(
+            out,
+            "# member {:?} resolves to {}",
+            m.text,
+            addrs.join(", ")
+        );
+    }
+    let _ = writeln!(out, "balance = {:?}", up.balance.as_str());
+    let _ = writeln!(out, "connect_retries = {}", up.connect_retries);
+    let _ = writeln!(out, "max_fails = {}", up.max_fails);
+    let _ = writeln!(out, "fail_timeout = {:?}", format_duration(up.fail_timeout));
+    let _ = writeln!(
+        out,
+        "resolve_interval = {:?}",
+        up.resolve_interval
+            .map_or("0s".to_string(), format_duration)
+    );
 }
 
 fn hdr_log(
@@ -718,6 +890,9 @@ fn hdr_log(
             "hdr_log",
             "must be a file path, got an empty string",
         )),
+        (Some(p), _) if let Err(m) = check_writable(Path::new(p.get_ref())) => {
+            Err(src.error_at(p.span(), "hdr_log", m))
+        }
         (Some(p), i) => Ok(Some(HdrLogConfig {
             path: PathBuf::from(p.get_ref()),
             interval: i.map_or(DEFAULT_HDR_LOG_INTERVAL, |i| i.get_ref().0),
@@ -768,18 +943,16 @@ fn uring_tuning(raw: raw::RawUring, src: &Source<'_>) -> Result<UringTuning, Con
             "pipe_size",
         )?,
         pipes: count(raw.pipes, d.pipes, 0, 65536, "pipes")?,
-        max_connections: count(
-            raw.max_connections,
-            d.max_connections,
-            1,
-            1 << 20,
-            "max_connections",
-        )?,
     };
     Ok(t)
 }
 
-fn rule_from_raw(index: usize, r: RawRule, src: &Source<'_>) -> Result<Rule, ConfigError> {
+fn rule_from_raw(
+    index: usize,
+    r: RawRule,
+    default_max_connections: NonZeroU32,
+    src: &Source<'_>,
+) -> Result<Rule, ConfigError> {
     let name = match &r.name {
         Some(n) if n.get_ref().trim().is_empty() => {
             return Err(src.error_at(n.span(), "name", "must not be empty"));
@@ -789,8 +962,7 @@ fn rule_from_raw(index: usize, r: RawRule, src: &Source<'_>) -> Result<Rule, Con
     };
     let listen =
         resolve_one(r.listen.get_ref()).map_err(|m| src.error_at(r.listen.span(), "listen", m))?;
-    let upstream = resolve_upstream(r.upstream.get_ref())
-        .map_err(|m| src.error_at(r.upstream.span(), "upstream", m))?;
+    let upstream = upstream_from_raw(&r, src)?;
     // `keepalive.count = 0` is refused while deserializing, where its position is known.
     let keepalive = match r.keepalive {
         None | Some(KeepaliveValue::Enabled(false)) => None,
@@ -803,19 +975,44 @@ fn rule_from_raw(index: usize, r: RawRule, src: &Source<'_>) -> Result<Rule, Con
     };
     let connect_timeout = match &r.connect_timeout {
         None => DEFAULT_CONNECT_TIMEOUT,
-        Some(d) if d.get_ref().0.is_zero() => {
-            return Err(src.error_at(
-                d.span(),
-                "connect_timeout",
-                format!("rule {name:?}: must be more than 0s"),
-            ));
-        }
-        Some(d) => d.get_ref().0,
+        Some(d) => src.duration(
+            d,
+            "connect_timeout",
+            None,
+            Duration::ZERO..=MAX_CONNECT_TIMEOUT,
+        )?,
     };
-    let idle_timeout = match r.idle_timeout {
+    let idle_timeout = match &r.idle_timeout {
         None => Some(DEFAULT_IDLE_TIMEOUT),
-        Some(d) if d.0.is_zero() => None,
-        Some(d) => Some(d.0),
+        Some(d) => Some(src.duration(
+            d,
+            "idle_timeout",
+            Some("never"),
+            Duration::ZERO..=MAX_IDLE_TIMEOUT,
+        )?)
+        .filter(|d| !d.is_zero()),
+    };
+    let linger = match &r.linger {
+        None => None,
+        Some(d) => Some(src.duration(
+            d,
+            "linger",
+            Some("every close is a reset"),
+            Duration::ZERO..=MAX_LINGER,
+        )?),
+    };
+    let max_connections = match &r.max_connections {
+        None => default_max_connections,
+        Some(m) => NonZeroU32::new(src.count(m, "max_connections", 1, MAX_RULE_CONNECTIONS)?)
+            .expect("checked at least 1"),
+    };
+    let tap = match &r.tap {
+        None => None,
+        Some(t) => {
+            let path = PathBuf::from(t.get_ref());
+            check_writable(&path).map_err(|m| src.error_at(t.span(), "tap", m))?;
+            Some(path)
+        }
     };
     Ok(Rule {
         name,
@@ -824,15 +1021,197 @@ fn rule_from_raw(index: usize, r: RawRule, src: &Source<'_>) -> Result<Rule, Con
         tcp: TcpOptions {
             nodelay: r.nodelay.unwrap_or(true),
             keepalive,
-            linger: r.linger.map(|d| d.0),
+            linger,
             recv_buffer: r.recv_buffer.map(|s| s.0),
             send_buffer: r.send_buffer.map(|s| s.0),
         },
         connect_timeout,
         idle_timeout,
-        tap: r.tap.map(PathBuf::from),
-        max_connections: NonZeroU32::new(DEFAULT_MAX_CONNECTIONS).expect("non-zero"),
+        tap,
+        max_connections,
     })
+}
+
+/// The pool of a rule: its members, resolved and checked, and how to use them.
+fn upstream_from_raw(r: &RawRule, src: &Source<'_>) -> Result<Upstream, ConfigError> {
+    let whole = r.upstream.span();
+    // (where it was written, text, weight, backup)
+    let written: Vec<(std::ops::Range<usize>, &str, Option<i64>, bool)> = match r.upstream.get_ref()
+    {
+        UpstreamValue::One(text) => vec![(whole.clone(), text.as_str(), None, false)],
+        UpstreamValue::Pool(list) if list.is_empty() => {
+            return Err(src.error_at(
+                whole,
+                "upstream",
+                "an empty array has no member to forward to: give at least one \"host:port\"",
+            ));
+        }
+        UpstreamValue::Pool(list) => list
+            .iter()
+            .map(|m| match m.get_ref() {
+                MemberValue::Text(t) => (m.span(), t.as_str(), None, false),
+                MemberValue::Table(t) => (
+                    m.span(),
+                    t.addr.as_str(),
+                    t.weight,
+                    t.backup.unwrap_or(false),
+                ),
+            })
+            .collect(),
+    };
+    let mut members: Vec<MemberSpec> = Vec::with_capacity(written.len());
+    for (span, text, weight, backup) in written {
+        let addrs = resolve_member(text).map_err(|m| src.error_at(span.clone(), "upstream", m))?;
+        let weight = match weight {
+            None => NonZeroU32::MIN,
+            Some(w) => u32::try_from(w)
+                .ok()
+                .filter(|w| (1..=MAX_WEIGHT).contains(w))
+                .and_then(NonZeroU32::new)
+                .ok_or_else(|| {
+                    src.error_at(
+                        span.clone(),
+                        "upstream",
+                        format!("member {text:?}: weight must be 1..={MAX_WEIGHT}, got {w}"),
+                    )
+                })?,
+        };
+        for prev in &members {
+            if let Some(a) = addrs.iter().find(|a| prev.addrs.contains(a)) {
+                return Err(src.error_at(
+                    span,
+                    "upstream",
+                    format!(
+                        "{a} is in the pool twice (members {:?} and {text:?}); list each address once",
+                        prev.text
+                    ),
+                ));
+            }
+        }
+        members.push(MemberSpec {
+            text: text.to_string(),
+            weight,
+            backup,
+            addrs,
+        });
+    }
+    if members.iter().all(|m| m.backup) {
+        return Err(src.error_at(
+            whole,
+            "upstream",
+            "every member is a backup: at least one member must have backup = false",
+        ));
+    }
+    let mut up = Upstream::with_members(members);
+    if let Some(b) = &r.balance {
+        up.balance = Balance::parse(b.get_ref()).ok_or_else(|| {
+            src.error_at(
+                b.span(),
+                "balance",
+                format!(
+                    "unknown balance {:?} (expected one of {})",
+                    b.get_ref(),
+                    Balance::NAMES
+                ),
+            )
+        })?;
+    }
+    if let Some(n) = &r.connect_retries {
+        up.connect_retries = src.count(n, "connect_retries", 0, MAX_CONNECT_RETRIES)?;
+    }
+    if let Some(n) = &r.max_fails {
+        up.max_fails = src.count(n, "max_fails", 0, MAX_MAX_FAILS)?;
+    }
+    if let Some(d) = &r.fail_timeout {
+        up.fail_timeout =
+            src.duration(d, "fail_timeout", None, Duration::ZERO..=MAX_FAIL_TIMEOUT)?;
+    }
+    if let Some(d) = &r.resolve_interval {
+        let d = src.duration(
+            d,
+            "resolve_interval",
+            Some("resolve only at start"),
+            RESOLVE_INTERVAL_RANGE,
+        )?;
+        up.resolve_interval = (!d.is_zero()).then_some(d);
+    }
+    if let Some(h) = &r.health_check {
+        let time = |v: &Option<toml::Spanned<raw::DurationValue>>, key: &str, default| match v {
+            None => Ok(default),
+            Some(d) => src.duration(
+                d,
+                &format!("health_check.{key}"),
+                None,
+                Duration::ZERO..=MAX_HEALTH_TIME,
+            ),
+        };
+        let times = |v: &Option<toml::Spanned<i64>>, key: &str, default: NonZeroU32| match v {
+            None => Ok(default),
+            Some(n) => src
+                .count(n, &format!("health_check.{key}"), 1, MAX_HEALTH_RISE_FALL)
+                .map(|n| NonZeroU32::new(n).expect("checked at least 1")),
+        };
+        up.health_check = Some(HealthCheck {
+            interval: time(&h.interval, "interval", DEFAULT_HEALTH_INTERVAL)?,
+            timeout: time(&h.timeout, "timeout", DEFAULT_HEALTH_TIMEOUT)?,
+            rise: times(&h.rise, "rise", DEFAULT_HEALTH_RISE)?,
+            fall: times(&h.fall, "fall", DEFAULT_HEALTH_FALL)?,
+        });
+    }
+    Ok(up)
+}
+
+/// True when two listen addresses cannot both be bound: same family and port, one of them the
+/// unspecified address (`0.0.0.0:P` takes `127.0.0.1:P` too; `[::]:P` takes `[::1]:P`).
+/// Equal addresses are reported separately; port 0 never collides.
+fn overlaps(a: SocketAddr, b: SocketAddr) -> bool {
+    a.port() != 0
+        && a.port() == b.port()
+        && a.is_ipv4() == b.is_ipv4()
+        && a.ip() != b.ip()
+        && (a.ip().is_unspecified() || b.ip().is_unspecified())
+}
+
+/// Whether `run` could open `path` for appending: checked with `stat`/`access(2)`, without
+/// creating or truncating anything.
+fn check_writable(path: &Path) -> Result<(), String> {
+    use nix::unistd::{AccessFlags, access};
+    let shown = path.display();
+    if path.as_os_str().is_empty() {
+        return Err("must be a file path, got an empty string".into());
+    }
+    match std::fs::metadata(path) {
+        Ok(m) if m.is_dir() => Err(format!("{shown:?} is a directory, not a file")),
+        Ok(_) => access(path, AccessFlags::W_OK)
+            .map_err(|e| format!("cannot write {shown:?}: {}", e.desc())),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let dir = match path.parent() {
+                Some(d) if !d.as_os_str().is_empty() => d,
+                _ => Path::new("."),
+            };
+            match std::fs::metadata(dir) {
+                Ok(m) if m.is_dir() => {
+                    access(dir, AccessFlags::W_OK | AccessFlags::X_OK).map_err(|e| {
+                        format!(
+                            "cannot create {shown:?}: directory {:?} is not writable ({})",
+                            dir.display(),
+                            e.desc()
+                        )
+                    })
+                }
+                Ok(_) => Err(format!(
+                    "cannot create {shown:?}: {:?} is not a directory",
+                    dir.display()
+                )),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => Err(format!(
+                    "cannot create {shown:?}: directory {:?} does not exist",
+                    dir.display()
+                )),
+                Err(e) => Err(format!("cannot create {shown:?}: {:?}: {e}", dir.display())),
+            }
+        }
+        Err(e) => Err(format!("cannot open {shown:?}: {e}")),
+    }
 }
 
 /// Resolves "host:port" / "[v6]:port" to one address (the first the resolver gives).
@@ -868,24 +1247,65 @@ pub fn resolve_addrs(text: &str) -> Result<Vec<SocketAddr>, String> {
     if host.is_empty() {
         return Err(format!("{text:?}: missing host before the port"));
     }
-    let addrs: Vec<SocketAddr> = text
+    let mut addrs: Vec<SocketAddr> = Vec::new();
+    for a in text
         .to_socket_addrs()
         .map_err(|e| format!("cannot resolve {text:?}: {e}"))?
-        .collect();
+    {
+        // The resolver may list an address twice (e.g. two /etc/hosts lines): keep one.
+        if !addrs.contains(&a) {
+            addrs.push(a);
+        }
+    }
     if addrs.is_empty() {
         return Err(format!("cannot resolve {text:?}: no addresses"));
     }
     Ok(addrs)
 }
 
-/// Resolves a one-member upstream (the `--upstream` flag): every address the text names is a
-/// member, every pool setting at its default.
+/// Resolves one upstream member's text: [`resolve_addrs`], and no port 0 (a listen address
+/// may ask the kernel for any port; a connect cannot).
 ///
 /// # Errors
 /// A message for the operator.
-pub fn resolve_upstream(text: &str) -> Result<Upstream, String> {
+pub fn resolve_member(text: &str) -> Result<Vec<SocketAddr>, String> {
     let addrs = resolve_addrs(text)?;
-    Ok(Upstream::with_members(vec![MemberSpec::new(text, addrs)]))
+    if addrs.iter().any(|a| a.port() == 0) {
+        return Err(format!(
+            "upstream port 0 in {text:?}: give the port the upstream listens on"
+        ));
+    }
+    Ok(addrs)
+}
+
+/// Resolves the `--upstream` flag: one member, or a comma-separated list of members
+/// (`127.0.0.1:9001,127.0.0.1:9002`), each of weight 1, every pool setting at its default.
+///
+/// # Errors
+/// A message for the operator: a member that does not resolve, port 0, an empty member, or an
+/// address listed twice.
+pub fn resolve_upstream(text: &str) -> Result<Upstream, String> {
+    let mut members: Vec<MemberSpec> = Vec::new();
+    for part in text.split(',').map(str::trim) {
+        if part.is_empty() {
+            return Err(format!(
+                "{text:?}: empty member in the list; separate members with single commas"
+            ));
+        }
+        let addrs = resolve_member(part)?;
+        if let Some((prev, a)) = members.iter().find_map(|m| {
+            addrs
+                .iter()
+                .find(|a| m.addrs.contains(a))
+                .map(|a| (&m.text, a))
+        }) {
+            return Err(format!(
+                "{a} is in the pool twice (members {prev:?} and {part:?}); list each address once"
+            ));
+        }
+        members.push(MemberSpec::new(part, addrs));
+    }
+    Ok(Upstream::with_members(members))
 }
 
 #[cfg(test)]

@@ -9,7 +9,13 @@ use std::num::NonZeroUsize;
 use std::time::Duration;
 use toml::Spanned;
 
-use super::units::{ByteSize, parse_duration, parse_size};
+use super::units::{ByteSize, format_duration, parse_duration, parse_size};
+
+/// `TCP_KEEPCNT` above this is refused by Linux (`MAX_TCP_KEEPCNT`).
+pub const MAX_KEEPALIVE_COUNT: u32 = 127;
+/// `TCP_KEEPIDLE` / `TCP_KEEPINTVL` take whole seconds, 1..=32767 (`MAX_TCP_KEEPIDLE`).
+pub const KEEPALIVE_TIME_RANGE: std::ops::RangeInclusive<Duration> =
+    Duration::from_secs(1)..=Duration::from_secs(32767);
 
 /// A duration written with a unit, e.g. `"5s"`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -125,6 +131,23 @@ impl<'de> Deserialize<'de> for KeepaliveValue {
                 if t.count == Some(0) {
                     return Err(serde::de::Error::custom("count must be at least 1"));
                 }
+                if let Some(c) = t.count.filter(|c| *c > MAX_KEEPALIVE_COUNT) {
+                    return Err(serde::de::Error::custom(format!(
+                        "count must be 1..={MAX_KEEPALIVE_COUNT} (the kernel's limit), got {c}"
+                    )));
+                }
+                for (key, d) in [("idle", t.idle), ("interval", t.interval)] {
+                    if let Some(DurationValue(d)) = d
+                        && (!KEEPALIVE_TIME_RANGE.contains(&d) || d.subsec_nanos() != 0)
+                    {
+                        return Err(serde::de::Error::custom(format!(
+                            "{key} must be whole seconds, {}..={} (the kernel's unit and limit), got {}",
+                            format_duration(*KEEPALIVE_TIME_RANGE.start()),
+                            format_duration(*KEEPALIVE_TIME_RANGE.end()),
+                            format_duration(d)
+                        )));
+                    }
+                }
                 Ok(KeepaliveValue::Tuned(t))
             }
         }
@@ -146,7 +169,7 @@ pub struct RawConfig {
     pub workers: Option<WorkersValue>,
     pub engine: Option<Spanned<String>>,
     pub mode: Option<Spanned<String>>,
-    pub shutdown_grace: Option<DurationValue>,
+    pub shutdown_grace: Option<Spanned<DurationValue>>,
     pub admin: Option<Spanned<String>>,
     pub admin_allow_remote: Option<bool>,
     pub log_format: Option<Spanned<String>>,
@@ -166,7 +189,8 @@ pub struct RawUring {
     pub buffers: Option<Spanned<u32>>,
     pub pipe_size: Option<Spanned<SizeValue>>,
     pub pipes: Option<Spanned<u32>>,
-    pub max_connections: Option<Spanned<u32>>,
+    /// Deprecated: the default of every rule's `max_connections`.
+    pub max_connections: Option<Spanned<i64>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -174,13 +198,105 @@ pub struct RawUring {
 pub struct RawRule {
     pub name: Option<Spanned<String>>,
     pub listen: Spanned<String>,
-    pub upstream: Spanned<String>,
+    pub upstream: Spanned<UpstreamValue>,
+    pub balance: Option<Spanned<String>>,
+    pub connect_retries: Option<Spanned<i64>>,
+    pub max_fails: Option<Spanned<i64>>,
+    pub fail_timeout: Option<Spanned<DurationValue>>,
+    pub resolve_interval: Option<Spanned<DurationValue>>,
+    pub health_check: Option<RawHealthCheck>,
+    pub max_connections: Option<Spanned<i64>>,
     pub nodelay: Option<bool>,
     pub keepalive: Option<KeepaliveValue>,
-    pub linger: Option<DurationValue>,
+    pub linger: Option<Spanned<DurationValue>>,
     pub recv_buffer: Option<SizeValue>,
     pub send_buffer: Option<SizeValue>,
     pub connect_timeout: Option<Spanned<DurationValue>>,
-    pub idle_timeout: Option<DurationValue>,
-    pub tap: Option<String>,
+    pub idle_timeout: Option<Spanned<DurationValue>>,
+    pub tap: Option<Spanned<String>>,
+}
+
+/// `[rule.health_check]`: every key optional, an empty table means the defaults.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawHealthCheck {
+    pub interval: Option<Spanned<DurationValue>>,
+    pub timeout: Option<Spanned<DurationValue>>,
+    pub rise: Option<Spanned<i64>>,
+    pub fall: Option<Spanned<i64>>,
+}
+
+/// `upstream = "host:port"` or an array of members (strings or tables, mixed if need be).
+#[derive(Debug)]
+pub enum UpstreamValue {
+    One(String),
+    Pool(Vec<Spanned<MemberValue>>),
+}
+
+impl<'de> Deserialize<'de> for UpstreamValue {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        // A visitor rather than `#[serde(untagged)]`, whose "did not match any variant" would
+        // hide which member was wrong and why.
+        struct Visitor;
+        impl<'de> serde::de::Visitor<'de> for Visitor {
+            type Value = UpstreamValue;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("\"host:port\", or an array of \"host:port\" strings or { addr = \"host:port\", weight = N, backup = BOOL } tables")
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Self::Value, E> {
+                Ok(UpstreamValue::One(v.to_string()))
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                self,
+                mut seq: A,
+            ) -> Result<Self::Value, A::Error> {
+                let mut members = Vec::new();
+                while let Some(m) = seq.next_element::<Spanned<MemberValue>>()? {
+                    members.push(m);
+                }
+                Ok(UpstreamValue::Pool(members))
+            }
+        }
+        d.deserialize_any(Visitor)
+    }
+}
+
+/// One member of an `upstream` array: `"host:port"` or `{ addr, weight, backup }`.
+#[derive(Debug)]
+pub enum MemberValue {
+    Text(String),
+    Table(RawMember),
+}
+
+impl<'de> Deserialize<'de> for MemberValue {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl<'de> serde::de::Visitor<'de> for Visitor {
+            type Value = MemberValue;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str(
+                    "a member \"host:port\" or { addr = \"host:port\", weight = N, backup = BOOL }",
+                )
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Self::Value, E> {
+                Ok(MemberValue::Text(v.to_string()))
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                map: A,
+            ) -> Result<Self::Value, A::Error> {
+                RawMember::deserialize(serde::de::value::MapAccessDeserializer::new(map))
+                    .map(MemberValue::Table)
+            }
+        }
+        d.deserialize_any(Visitor)
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawMember {
+    pub addr: String,
+    pub weight: Option<i64>,
+    pub backup: Option<bool>,
 }

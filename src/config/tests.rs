@@ -55,6 +55,15 @@ fn a_minimal_rule_gets_defaults() {
     assert_eq!(r.connect_timeout, DEFAULT_CONNECT_TIMEOUT);
     assert_eq!(r.idle_timeout, Some(DEFAULT_IDLE_TIMEOUT));
     assert_eq!(r.tap, None);
+    assert_eq!(r.max_connections.get(), DEFAULT_MAX_CONNECTIONS);
+    assert_eq!(
+        r.upstream,
+        Upstream::with_members(vec![MemberSpec::new(
+            "127.0.0.1:9000",
+            vec!["127.0.0.1:9000".parse().unwrap()]
+        )])
+    );
+    assert!(c.warnings.is_empty());
 }
 
 #[test]
@@ -75,12 +84,17 @@ buffer_size = "64KiB"
 buffers = 128
 pipe_size = "256KiB"
 pipes = 0
-max_connections = 1000
 
 [[rule]]
 name = "web"
 listen = "127.0.0.1:8080"
-upstream = "127.0.0.1:9000"
+upstream = [{ addr = "127.0.0.1:9000", weight = 5 }, { addr = "127.0.0.1:9001", backup = true }]
+balance = "least_conn"
+connect_retries = 0
+max_fails = 3
+fail_timeout = "30s"
+resolve_interval = "0s"
+max_connections = 100
 nodelay = false
 keepalive = { idle = "60s", interval = "10s", count = 5 }
 linger = "1s"
@@ -89,8 +103,15 @@ send_buffer = 65536
 connect_timeout = "250ms"
 idle_timeout = "0s"
 tap = "/tmp/web.hex"
+
+[rule.health_check]
+interval = "5s"
+timeout = "500ms"
+rise = 1
+fall = 10
 "#,
     );
+    assert!(c.warnings.is_empty(), "{:?}", c.warnings);
     assert_eq!(c.workers, NonZeroUsize::new(3));
     assert_eq!(c.engine, EngineKind::Tokio);
     assert_eq!(c.mode, DataPath::Splice);
@@ -106,7 +127,6 @@ tap = "/tmp/web.hex"
             buffers: 128,
             pipe_size: ByteSize(256 << 10),
             pipes: 0,
-            max_connections: 1000,
         }
     );
     let r = &c.rules[0];
@@ -128,6 +148,39 @@ tap = "/tmp/web.hex"
     assert_eq!(r.connect_timeout, Duration::from_millis(250));
     assert_eq!(r.idle_timeout, None, "0s means no idle timeout");
     assert_eq!(r.tap, Some(PathBuf::from("/tmp/web.hex")));
+    assert_eq!(r.max_connections.get(), 100);
+    let up = &r.upstream;
+    assert_eq!(
+        up.members,
+        [
+            MemberSpec {
+                text: "127.0.0.1:9000".into(),
+                weight: NonZeroU32::new(5).unwrap(),
+                backup: false,
+                addrs: vec!["127.0.0.1:9000".parse().unwrap()],
+            },
+            MemberSpec {
+                text: "127.0.0.1:9001".into(),
+                weight: NonZeroU32::MIN,
+                backup: true,
+                addrs: vec!["127.0.0.1:9001".parse().unwrap()],
+            },
+        ]
+    );
+    assert_eq!(up.balance, Balance::LeastConn);
+    assert_eq!(up.connect_retries, 0);
+    assert_eq!(up.max_fails, 3);
+    assert_eq!(up.fail_timeout, Duration::from_secs(30));
+    assert_eq!(up.resolve_interval, None, "0s: resolve only at start");
+    assert_eq!(
+        up.health_check,
+        Some(HealthCheck {
+            interval: Duration::from_secs(5),
+            timeout: Duration::from_millis(500),
+            rise: NonZeroU32::new(1).unwrap(),
+            fall: NonZeroU32::new(10).unwrap(),
+        })
+    );
 }
 
 #[test]
@@ -186,7 +239,7 @@ fn bad_durations_are_reported_at_their_key() {
     );
     assert_eq!(
         err(&rule_with("connect_timeout = \"0s\"")),
-        "cfg.toml:4:19: connect_timeout: rule \"rule1\": must be more than 0s"
+        "cfg.toml:4:19: connect_timeout: must be more than 0s and at most 1h, got 0s"
     );
 }
 
@@ -361,17 +414,20 @@ fn uring_bounds_are_enforced_at_the_value() {
             "max_connections = 0",
             "cfg.toml:2:19: uring.max_connections: must be 1..=1048576, got 0",
         ),
+        (
+            "max_connections = -1",
+            "cfg.toml:2:19: uring.max_connections: must be 1..=1048576, got -1",
+        ),
     ];
     for (line, want) in cases {
         assert_eq!(err(&format!("[uring]\n{line}\n")), want);
     }
     // The edges themselves are accepted.
     let c = parse(
-        "[uring]\nring_entries = 8\nbuffer_size = \"16MiB\"\nbuffers = 32768\npipe_size = \"4KiB\"\npipes = 65536\nmax_connections = 1048576\n",
+        "[uring]\nring_entries = 8\nbuffer_size = \"16MiB\"\nbuffers = 32768\npipe_size = \"4KiB\"\npipes = 65536\n",
     );
     assert_eq!(c.uring.ring_entries, 8);
     assert_eq!(c.uring.buffer_size, ByteSize(16 << 20));
-    assert_eq!(c.uring.max_connections, 1 << 20);
 }
 
 #[test]
@@ -479,14 +535,23 @@ buffer_size = "16KiB"
 buffers = 8
 pipe_size = "64KiB"
 pipes = 2
-max_connections = 10
 
 [[rule]]
 name = "a \"quoted\" name"
 listen = "[::1]:0"
-upstream = "localhost:9000"
+upstream = [
+    { addr = "localhost:9000", weight = 7 },
+    "127.0.0.2:9000",
+    { addr = "[::1]:9001", backup = true, weight = 1000 },
+]
+balance = "source_hash"
+connect_retries = 16
+max_fails = 0
+fail_timeout = "1500ms"
+resolve_interval = "0s"
+max_connections = 1048576
 nodelay = false
-keepalive = { idle = "90s", interval = "100us", count = 2 }
+keepalive = { idle = "90s", interval = "1s", count = 2 }
 linger = "0s"
 recv_buffer = "100"
 send_buffer = "3MiB"
@@ -494,10 +559,23 @@ connect_timeout = "1h"
 idle_timeout = "0s"
 tap = "/tmp/tap file.hex"
 
+
+[rule.health_check]
+fall = 1
+
 [[rule]]
 listen = "127.0.0.1:0"
 upstream = "127.0.0.1:1"
 keepalive = true
+balance = "random_two"
+resolve_interval = "5m"
+
+[rule.health_check]
+
+[[rule]]
+listen = "127.0.0.1:0"
+upstream = ["127.0.0.1:1", "127.0.0.1:2"]
+max_connections = 1
 "#
         .to_string(),
     ];
@@ -507,5 +585,393 @@ keepalive = true
         let again = Config::parse("printed", &printed)
             .unwrap_or_else(|e| panic!("to_toml output does not parse: {e}\n{printed}"));
         assert_eq!(again, c, "round trip changed the config:\n{printed}");
+        assert_eq!(again.to_toml(), printed, "printing is not stable");
     }
+}
+
+/// A rule listening on 127.0.0.1:8080 whose upstream line (line 3) is `upstream = {value}`.
+fn upstream_is(value: &str) -> String {
+    format!("[[rule]]\nlisten = \"127.0.0.1:8080\"\nupstream = {value}\n")
+}
+
+#[test]
+fn upstream_takes_a_string_an_array_of_strings_or_of_tables() {
+    let members = |value: &str| parse(&upstream_is(value)).rules[0].upstream.members.clone();
+    let one = members("[\"127.0.0.1:9000\"]");
+    assert_eq!(one, members("\"127.0.0.1:9000\""));
+    assert_eq!(one, members("[{ addr = \"127.0.0.1:9000\" }]"));
+    let m = members("[\"127.0.0.1:1\", { addr = \"127.0.0.1:2\", weight = 1000, backup = true }]");
+    assert_eq!(m.len(), 2);
+    assert_eq!((m[0].weight.get(), m[0].backup), (1, false));
+    assert_eq!((m[1].weight.get(), m[1].backup), (1000, true));
+    // A host name is one member with every address it resolves to.
+    let m = members("[\"localhost:9000\"]");
+    assert_eq!(m.len(), 1);
+    assert!(!m[0].addrs.is_empty());
+    assert!(m[0].is_name());
+}
+
+#[test]
+fn bad_pools_are_reported_at_the_member() {
+    assert_eq!(
+        err(&upstream_is("[]")),
+        "cfg.toml:3:12: upstream: an empty array has no member to forward to: give at least one \"host:port\""
+    );
+    assert_eq!(
+        err(&upstream_is("[\"127.0.0.1:1\", \"127.0.0.1:0\"]")),
+        "cfg.toml:3:28: upstream: upstream port 0 in \"127.0.0.1:0\": give the port the upstream listens on"
+    );
+    assert_eq!(
+        err(&upstream_is("\"127.0.0.1:0\"")),
+        "cfg.toml:3:12: upstream: upstream port 0 in \"127.0.0.1:0\": give the port the upstream listens on"
+    );
+    assert_eq!(
+        err(&upstream_is(
+            "[\"127.0.0.1:1\", { addr = \"127.0.0.1:1\", weight = 2 }]"
+        )),
+        "cfg.toml:3:28: upstream: 127.0.0.1:1 is in the pool twice (members \"127.0.0.1:1\" and \"127.0.0.1:1\"); list each address once"
+    );
+    assert_eq!(
+        err(&upstream_is("[{ addr = \"127.0.0.1:1\", weight = 0 }]")),
+        "cfg.toml:3:13: upstream: member \"127.0.0.1:1\": weight must be 1..=1000, got 0"
+    );
+    assert_eq!(
+        err(&upstream_is("[{ addr = \"127.0.0.1:1\", weight = 1001 }]")),
+        "cfg.toml:3:13: upstream: member \"127.0.0.1:1\": weight must be 1..=1000, got 1001"
+    );
+    assert_eq!(
+        err(&upstream_is("[{ addr = \"127.0.0.1:1\", backup = true }]")),
+        "cfg.toml:3:12: upstream: every member is a backup: at least one member must have backup = false"
+    );
+    let e = err(&upstream_is("[{ addr = \"127.0.0.1:1\", wieght = 2 }]"));
+    assert!(e.starts_with("cfg.toml:3:"), "{e}");
+    assert!(
+        e.contains("unknown field `wieght`, expected one of `addr`, `weight`, `backup`"),
+        "{e}"
+    );
+    let e = err(&upstream_is("[{ weight = 2 }]"));
+    assert!(e.contains("missing field `addr`"), "{e}");
+    let e = err(&upstream_is("[1]"));
+    assert!(e.contains("expected a member \"host:port\""), "{e}");
+    let e = err(&upstream_is("5"));
+    assert!(e.starts_with("cfg.toml:3:12: upstream: invalid type: integer `5`, expected \"host:port\", or an array"), "{e}");
+    assert_eq!(
+        err(&upstream_is("[\"127.0.0.1:1\", \"nope\"]")),
+        "cfg.toml:3:28: upstream: \"nope\" is not an address: expected host:port, e.g. 127.0.0.1:8080 or [::1]:8080"
+    );
+}
+
+#[test]
+fn pool_keys_have_defaults_and_ranges() {
+    let up = parse(RULE).rules[0].upstream.clone();
+    assert_eq!(up.balance, Balance::RoundRobin);
+    assert_eq!(up.connect_retries, DEFAULT_CONNECT_RETRIES);
+    assert_eq!(up.max_fails, DEFAULT_MAX_FAILS);
+    assert_eq!(up.fail_timeout, DEFAULT_FAIL_TIMEOUT);
+    assert_eq!(up.resolve_interval, Some(DEFAULT_RESOLVE_INTERVAL));
+    assert_eq!(up.health_check, None);
+    for (text, b) in [
+        ("round_robin", Balance::RoundRobin),
+        ("least_conn", Balance::LeastConn),
+        ("source_hash", Balance::SourceHash),
+        ("random_two", Balance::RandomTwo),
+    ] {
+        let c = parse(&rule_with(&format!("balance = {text:?}")));
+        assert_eq!(c.rules[0].upstream.balance, b);
+        assert_eq!(b.as_str(), text);
+    }
+    let cases = [
+        (
+            "balance = \"fastest\"",
+            "cfg.toml:4:11: balance: unknown balance \"fastest\" (expected one of round_robin, least_conn, source_hash, random_two)",
+        ),
+        (
+            "connect_retries = 17",
+            "cfg.toml:4:19: connect_retries: must be 0..=16, got 17",
+        ),
+        (
+            "connect_retries = -1",
+            "cfg.toml:4:19: connect_retries: must be 0..=16, got -1",
+        ),
+        (
+            "max_fails = 1001",
+            "cfg.toml:4:13: max_fails: must be 0..=1000, got 1001",
+        ),
+        (
+            "fail_timeout = \"0s\"",
+            "cfg.toml:4:16: fail_timeout: must be more than 0s and at most 24h, got 0s",
+        ),
+        (
+            "fail_timeout = \"25h\"",
+            "cfg.toml:4:16: fail_timeout: must be more than 0s and at most 24h, got 25h",
+        ),
+        (
+            "resolve_interval = \"500ms\"",
+            "cfg.toml:4:20: resolve_interval: must be 0s (resolve only at start) or 1s..=24h, got 500ms",
+        ),
+        (
+            "max_connections = 0",
+            "cfg.toml:4:19: max_connections: must be 1..=1048576, got 0",
+        ),
+        (
+            "max_connections = 1048577",
+            "cfg.toml:4:19: max_connections: must be 1..=1048576, got 1048577",
+        ),
+        (
+            "connect_retries = \"2\"",
+            "cfg.toml:4:19: connect_retries: invalid type: string \"2\", expected i64",
+        ),
+    ];
+    for (line, want) in cases {
+        assert_eq!(err(&rule_with(line)), want, "{line}");
+    }
+    // The edges are accepted.
+    let c = parse(&rule_with(
+        "connect_retries = 16\nmax_fails = 1000\nfail_timeout = \"24h\"\nresolve_interval = \"24h\"\nmax_connections = 1048576",
+    ));
+    let r = &c.rules[0];
+    assert_eq!(r.upstream.connect_retries, 16);
+    assert_eq!(r.upstream.max_fails, 1000);
+    assert_eq!(
+        r.upstream.resolve_interval,
+        Some(Duration::from_secs(86400))
+    );
+    assert_eq!(r.max_connections.get(), 1 << 20);
+}
+
+#[test]
+fn health_check_table_defaults_and_bounds() {
+    let hc = |extra: &str| {
+        parse(&format!("{RULE}\n[rule.health_check]\n{extra}\n")).rules[0]
+            .upstream
+            .health_check
+    };
+    assert_eq!(hc(""), Some(HealthCheck::default()));
+    assert_eq!(
+        hc("rise = 100\nfall = 1\ninterval = \"1h\"\ntimeout = \"1ms\""),
+        Some(HealthCheck {
+            interval: Duration::from_secs(3600),
+            timeout: Duration::from_millis(1),
+            rise: NonZeroU32::new(100).unwrap(),
+            fall: NonZeroU32::MIN,
+        })
+    );
+    let bad = |extra: &str| err(&format!("{RULE}\n[rule.health_check]\n{extra}\n"));
+    assert_eq!(
+        bad("rise = 0"),
+        "cfg.toml:6:8: health_check.rise: must be 1..=100, got 0"
+    );
+    assert_eq!(
+        bad("fall = 101"),
+        "cfg.toml:6:8: health_check.fall: must be 1..=100, got 101"
+    );
+    assert_eq!(
+        bad("interval = \"0s\""),
+        "cfg.toml:6:12: health_check.interval: must be more than 0s and at most 1h, got 0s"
+    );
+    assert_eq!(
+        bad("timeout = \"2h\""),
+        "cfg.toml:6:11: health_check.timeout: must be more than 0s and at most 1h, got 2h"
+    );
+    let e = bad("port = 80");
+    assert!(
+        e.starts_with("cfg.toml:6:1: unknown field `port`, expected one of `interval`, `timeout`, `rise`, `fall`"),
+        "{e}"
+    );
+}
+
+#[test]
+fn every_duration_key_has_a_maximum() {
+    let cases = [
+        (
+            rule_with("connect_timeout = \"18446744073709551615h\""),
+            "cfg.toml:4:19: connect_timeout: invalid duration \"18446744073709551615h\": too large",
+        ),
+        (
+            rule_with("connect_timeout = \"61m\""),
+            "cfg.toml:4:19: connect_timeout: must be more than 0s and at most 1h, got 61m",
+        ),
+        (
+            rule_with("idle_timeout = \"169h\""),
+            "cfg.toml:4:16: idle_timeout: must be 0s..=168h, got 169h",
+        ),
+        (
+            rule_with("linger = \"2h\""),
+            "cfg.toml:4:10: linger: must be 0s..=1h, got 2h",
+        ),
+        (
+            "shutdown_grace = \"25h\"".to_string(),
+            "cfg.toml:1:18: shutdown_grace: must be 0s..=24h, got 25h",
+        ),
+        (
+            rule_with("keepalive = { idle = \"32768s\" }"),
+            "cfg.toml:4:13: keepalive: idle must be whole seconds, 1s..=32767s (the kernel's unit and limit), got 32768s",
+        ),
+        (
+            rule_with("keepalive = { interval = \"1500ms\" }"),
+            "cfg.toml:4:13: keepalive: interval must be whole seconds, 1s..=32767s (the kernel's unit and limit), got 1500ms",
+        ),
+        (
+            rule_with("keepalive = { count = 128 }"),
+            "cfg.toml:4:13: keepalive: count must be 1..=127 (the kernel's limit), got 128",
+        ),
+    ];
+    for (text, want) in cases {
+        assert_eq!(err(&text), want);
+    }
+    let c = parse(&format!(
+        "shutdown_grace = \"24h\"\n{RULE}idle_timeout = \"168h\"\nlinger = \"1h\"\nconnect_timeout = \"1h\"\nkeepalive = {{ idle = \"32767s\", interval = \"1s\", count = 127 }}\n"
+    ));
+    assert_eq!(c.rules[0].idle_timeout, Some(MAX_IDLE_TIMEOUT));
+    assert_eq!(c.shutdown_grace, MAX_SHUTDOWN_GRACE);
+}
+
+#[test]
+fn overlapping_listens_name_both_rules() {
+    let two = |a: &str, b: &str| {
+        format!(
+            "[[rule]]\nname = \"a\"\nlisten = \"{a}\"\nupstream = \"127.0.0.1:9000\"\n\n[[rule]]\nname = \"b\"\nlisten = \"{b}\"\nupstream = \"127.0.0.1:9001\"\n"
+        )
+    };
+    assert_eq!(
+        err(&two("0.0.0.0:8080", "127.0.0.1:8080")),
+        "cfg.toml:8:10: listen: rules \"a\" and \"b\" overlap: 0.0.0.0:8080 already takes every connection to 127.0.0.1:8080; give them different ports, or drop one"
+    );
+    assert_eq!(
+        err(&two("[::1]:8080", "[::]:8080")),
+        "cfg.toml:8:10: listen: rules \"a\" and \"b\" overlap: [::]:8080 already takes every connection to [::1]:8080; give them different ports, or drop one"
+    );
+    // Other family, other port, two specific addresses, port 0: no overlap.
+    for (a, b) in [
+        ("0.0.0.0:8080", "[::]:8080"),
+        ("0.0.0.0:8080", "[::1]:8080"),
+        ("0.0.0.0:8080", "127.0.0.1:8081"),
+        ("127.0.0.1:8080", "127.0.0.2:8080"),
+        ("0.0.0.0:0", "127.0.0.1:0"),
+    ] {
+        assert_eq!(parse(&two(a, b)).rules.len(), 2, "{a} {b}");
+    }
+}
+
+#[test]
+fn tap_must_be_writable_without_being_created() {
+    let dir = std::env::temp_dir().join(format!("ringfwd-tap-test-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let tap = |p: &Path| rule_with(&format!("tap = {:?}", p.display().to_string()));
+    // A new file in a writable directory: accepted, and not created by the check.
+    let fresh = dir.join("new.hex");
+    assert_eq!(parse(&tap(&fresh)).rules[0].tap.as_deref(), Some(&*fresh));
+    assert!(!fresh.exists(), "check created the tap file");
+    // An existing file keeps its contents.
+    let old = dir.join("old.hex");
+    std::fs::write(&old, b"keep").unwrap();
+    parse(&tap(&old));
+    assert_eq!(std::fs::read(&old).unwrap(), b"keep");
+    // Missing directory, a directory, a file as a directory.
+    let missing = dir.join("no-such-dir/x.hex");
+    assert_eq!(
+        err(&tap(&missing)),
+        format!(
+            "cfg.toml:4:7: tap: cannot create {:?}: directory {:?} does not exist",
+            missing.display().to_string(),
+            dir.join("no-such-dir").display().to_string()
+        )
+    );
+    assert_eq!(
+        err(&tap(&dir)),
+        format!(
+            "cfg.toml:4:7: tap: {:?} is a directory, not a file",
+            dir.display().to_string()
+        )
+    );
+    let under_file = old.join("x.hex");
+    let e = err(&tap(&under_file));
+    assert!(e.contains("Not a directory"), "{e}");
+    assert_eq!(
+        err(&format!("hdr_log = {:?}", missing.display().to_string())),
+        format!(
+            "cfg.toml:1:11: hdr_log: cannot create {:?}: directory {:?} does not exist",
+            missing.display().to_string(),
+            dir.join("no-such-dir").display().to_string()
+        )
+    );
+    assert_eq!(
+        err(&rule_with("tap = \"\"")),
+        "cfg.toml:4:7: tap: must be a file path, got an empty string"
+    );
+    // A read-only directory (root may write anywhere, so only asserted when it bites).
+    let ro = dir.join("ro");
+    std::fs::create_dir_all(&ro).unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&ro, std::fs::Permissions::from_mode(0o555)).unwrap();
+    if nix::unistd::access(&ro, nix::unistd::AccessFlags::W_OK).is_err() {
+        let e = err(&tap(&ro.join("x.hex")));
+        assert!(e.contains("is not writable (Permission denied)"), "{e}");
+    }
+    std::fs::set_permissions(&ro, std::fs::Permissions::from_mode(0o755)).unwrap();
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn uring_max_connections_is_a_deprecated_rule_default() {
+    let c = parse(&format!(
+        "[uring]\nmax_connections = 300\n\n{RULE}\n[[rule]]\nlisten = \"127.0.0.1:0\"\nupstream = \"127.0.0.1:1\"\nmax_connections = 5\n"
+    ));
+    assert_eq!(c.rules[0].max_connections.get(), 300);
+    assert_eq!(c.rules[1].max_connections.get(), 5);
+    assert_eq!(
+        c.warnings,
+        [
+            "cfg.toml:2:19: uring.max_connections is deprecated: it is now the default max_connections of each [[rule]] that sets none (300); set max_connections in the rules instead"
+        ]
+    );
+    assert_eq!(c.live_connections_bound(), 305);
+    // Printed back, the limit moves into the rules and the warning goes away.
+    let again = Config::parse("printed", &c.to_toml()).unwrap();
+    assert!(again.warnings.is_empty());
+    assert_eq!(again.rules, c.rules);
+}
+
+#[test]
+fn live_connections_bound_is_capped() {
+    let c = parse(&format!(
+        "{RULE}max_connections = 1048576\n[[rule]]\nlisten = \"127.0.0.1:0\"\nupstream = \"127.0.0.1:1\"\n"
+    ));
+    assert_eq!(c.live_connections_bound(), 1 << 20);
+    assert_eq!(parse("").live_connections_bound(), 0);
+}
+
+#[test]
+fn the_shipped_config_parses_without_warnings_and_its_pool_example_works() {
+    let shipped = include_str!("../../ringfwd.toml");
+    let c = parse(shipped);
+    assert!(c.warnings.is_empty(), "{:?}", c.warnings);
+    assert_eq!(c.rules.len(), 1);
+    assert_eq!(c.rules[0].listen, "127.0.0.1:8080".parse().unwrap());
+    // The commented-out pool and health check, uncommented in place of the single upstream.
+    let mut text = String::new();
+    let mut in_pool = false;
+    for line in shipped.lines() {
+        let uncommented = line.strip_prefix("# ").unwrap_or(line);
+        if line == "upstream = \"127.0.0.1:9000\"" {
+            continue;
+        }
+        if uncommented.starts_with("upstream = [") {
+            in_pool = true;
+        }
+        let keep = in_pool
+            || uncommented == "[rule.health_check]"
+            || (text.contains("[rule.health_check]") && uncommented.contains(" = "));
+        text.push_str(if keep { uncommented } else { line });
+        text.push('\n');
+        if in_pool && uncommented == "]" {
+            in_pool = false;
+        }
+    }
+    let c = parse(&text);
+    let up = &c.rules[0].upstream;
+    assert_eq!(up.members.len(), 3, "{text}");
+    assert_eq!(up.members[0].weight.get(), 3);
+    assert!(up.members[2].backup);
+    assert_eq!(up.health_check, Some(HealthCheck::default()));
 }

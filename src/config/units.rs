@@ -100,12 +100,15 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
     let n: u64 = num
         .parse()
         .map_err(|_| format!("invalid duration {text:?}: number too large"))?;
+    // Saturating here once let "18446744073709551615h" through as ~585 billion years, which
+    // later overflowed `Instant + Duration`: a value that does not fit is an error instead.
+    let too_large = || format!("invalid duration {text:?}: too large");
     let d = match unit.trim() {
         "us" | "µs" => Duration::from_micros(n),
         "ms" => Duration::from_millis(n),
         "s" => Duration::from_secs(n),
-        "m" | "min" => Duration::from_secs(n.saturating_mul(60)),
-        "h" => Duration::from_secs(n.saturating_mul(3600)),
+        "m" | "min" => Duration::from_secs(n.checked_mul(60).ok_or_else(too_large)?),
+        "h" => Duration::from_secs(n.checked_mul(3600).ok_or_else(too_large)?),
         "" => {
             return Err(format!(
                 "invalid duration {text:?}: a unit is required (us, ms, s, m or h)"
@@ -181,6 +184,23 @@ mod tests {
             parse_duration("3 fortnights")
                 .unwrap_err()
                 .contains("unknown unit")
+        );
+    }
+
+    #[test]
+    fn durations_that_overflow_are_rejected() {
+        for text in [
+            "18446744073709551615h",
+            "307445734561825861m",
+            "99999999999999999999s",
+        ] {
+            let e = parse_duration(text).unwrap_err();
+            assert!(e.contains("too large"), "{text}: {e}");
+        }
+        // The largest whole number of seconds still parses.
+        assert_eq!(
+            parse_duration("18446744073709551615s").unwrap(),
+            Duration::from_secs(u64::MAX)
         );
     }
 

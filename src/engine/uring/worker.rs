@@ -106,17 +106,6 @@ pub enum WorkerError {
     },
 }
 
-/// The connection slots a worker reserves: every live connection of every rule could land on
-/// one worker (the kernel spreads `SO_REUSEPORT` connections by hash, not by load).
-pub fn slab_capacity(config: &Config) -> usize {
-    config
-        .rules
-        .iter()
-        .map(|r| r.max_connections.get() as usize)
-        .sum::<usize>()
-        .min(1 << 20)
-}
-
 impl Worker {
     /// Sets up the ring and the pool. Must run on the worker's own thread (SINGLE_ISSUER binds
     /// the ring to the thread that creates it).
@@ -199,7 +188,9 @@ impl Worker {
             id,
             rules,
             listeners,
-            slab: Slab::with_capacity(slab_capacity(config)),
+            // Every live connection of every rule could land on one worker (the kernel spreads
+            // SO_REUSEPORT connections by hash, not by load).
+            slab: Slab::with_capacity(config.live_connections_bound()),
             waiters: VecDeque::new(),
             run_queue: VecDeque::new(),
             runtime,
