@@ -473,8 +473,10 @@ fn failover_when_a_member_is_killed(engine: &[&str]) {
     // 5. The client's verdict.
     let (failures, starts) = client.join().expect("client thread");
     let after_death = starts.iter().filter(|s| **s > reaped_at).count();
+    // Normally ~1 500; a descheduled main thread may kill late, and 200 still exercise
+    // failover (the first session after the death already meets the refused member).
     assert!(
-        after_death >= SESSIONS / 2,
+        after_death >= 200,
         "only {after_death} sessions started after the member died: the kill came too late to \
          test failover"
     );
