@@ -93,6 +93,8 @@ fn run(args: &RunArgs) -> anyhow::Result<()> {
     let engine = engine::resolve(config.engine)?;
     let names: Vec<&str> = config.rules.iter().map(|r| r.name.as_str()).collect();
     let metrics = Metrics::new(&names, config.worker_count());
+    let runtime = ringfwd::session::Runtime::new(&config);
+    metrics.set_runtime(runtime.clone());
     metrics.set_access_log(config.access_log);
     metrics.open_taps(config.rules.iter().map(|r| r.tap.as_deref()))?;
     if let Some(addr) = config.admin {
@@ -108,7 +110,6 @@ fn run(args: &RunArgs) -> anyhow::Result<()> {
         Some(h) => Some(HdrLog::start(&h.path, h.interval, metrics.clone())?),
         None => None,
     };
-    let runtime = ringfwd::session::Runtime::new(&config);
     ringfwd::upstream::control::spawn(
         runtime.pools(),
         std::sync::Arc::new(ringfwd::upstream::control::SystemResolver),

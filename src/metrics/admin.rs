@@ -1,5 +1,5 @@
 //! The admin HTTP listener: `/metrics` (OpenMetrics text), `/healthz`, `/stats` (JSON for
-//! `ringfwd stats`) and `/histograms` (one merged HDR histogram, V2 + DEFLATE, base64).
+//! `ringfwd stats`), `/upstreams` (every pool member's state, JSON) and `/histograms` (one merged HDR histogram, V2 + DEFLATE, base64).
 //!
 //! It runs on a thread of its own with a current-thread tokio runtime and hyper's HTTP/1
 //! server, so a scrape never runs on an engine's worker and an engine never waits for a
@@ -25,6 +25,7 @@ use prometheus_client::registry::Registry;
 use tokio::sync::Semaphore;
 
 use super::report::StatsReport;
+use super::upstreams::UpstreamsReport;
 use super::{HistogramKind, Metrics, prom};
 
 /// Connections served at once; more wait in the listen backlog.
@@ -136,10 +137,20 @@ fn route(state: &State, req: &Request<Incoming>) -> Response<Full<Bytes>> {
             ),
         },
         "/histograms" => histogram(&state.metrics, req.uri().query().unwrap_or("")),
+        "/upstreams" => match state.metrics.runtime().map(|rt| UpstreamsReport::collect(rt)) {
+            Some(report) => match serde_json::to_vec(&report) {
+                Ok(json) => respond(StatusCode::OK, "application/json", json),
+                Err(e) => text(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    format!("cannot encode upstreams: {e}\n"),
+                ),
+            },
+            None => text(StatusCode::SERVICE_UNAVAILABLE, "no rules are running yet\n"),
+        },
         other => text(
             StatusCode::NOT_FOUND,
             format!(
-                "no such endpoint {other:?}: try /metrics, /healthz, /stats or /histograms?rule=R&metric=M\n"
+                "no such endpoint {other:?}: try /metrics, /healthz, /stats, /upstreams or /histograms?rule=R&metric=M\n"
             ),
         ),
     }

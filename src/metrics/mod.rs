@@ -15,6 +15,7 @@ pub mod hist;
 pub mod prom;
 pub mod report;
 pub mod tap;
+pub mod upstreams;
 
 use std::cell::Cell;
 use std::path::Path;
@@ -283,6 +284,8 @@ pub struct SessionRecord<'a> {
 /// Every rule's metrics, shared by the engines and the readers.
 pub struct Metrics {
     rules: Vec<RuleMetrics>,
+    /// The session runtime, for the per-member series and `/upstreams` (set once at start).
+    runtime: OnceLock<Arc<crate::session::Runtime>>,
     access_log: std::sync::atomic::AtomicBool,
     created: Instant,
 }
@@ -300,6 +303,7 @@ impl Metrics {
                     tap: OnceLock::new(),
                 })
                 .collect(),
+            runtime: OnceLock::new(),
             access_log: std::sync::atomic::AtomicBool::new(false),
             created: Instant::now(),
         })
@@ -329,6 +333,17 @@ impl Metrics {
             }
         }
         Ok(())
+    }
+
+    /// Makes the pools' members visible to the exporters (`/upstreams`, the per-member
+    /// Prometheus series). Later calls are ignored.
+    pub fn set_runtime(&self, runtime: Arc<crate::session::Runtime>) {
+        let _ = self.runtime.set(runtime);
+    }
+
+    /// The session runtime, once [`Metrics::set_runtime`] was called.
+    pub fn runtime(&self) -> Option<&Arc<crate::session::Runtime>> {
+        self.runtime.get()
     }
 
     /// Turns the one-line-per-session access log on or off.

@@ -1,0 +1,88 @@
+//! The JSON document served at `/upstreams` and read by `ringfwd stats`: every rule's pool,
+//! each member with its state, load, counters and last error.
+//!
+//! One set of types serves both ends, like [`super::report`].
+
+use std::collections::BTreeMap;
+use std::time::Instant;
+
+use serde::{Deserialize, Serialize};
+
+use crate::session::Runtime;
+use crate::session::outcome::ConnectError;
+
+/// The whole `/upstreams` document.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UpstreamsReport {
+    pub rules: Vec<PoolReport>,
+}
+
+/// One rule's pool.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PoolReport {
+    pub rule: String,
+    pub balance: String,
+    pub members: Vec<MemberReport>,
+}
+
+/// One member: `addr` is the address connected to, `name` the member as written in the
+/// config (the host name it resolved from, or the address itself).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MemberReport {
+    pub addr: String,
+    pub name: String,
+    pub weight: u32,
+    pub backup: bool,
+    pub up: bool,
+    pub active: u64,
+    /// Connections established to this member.
+    pub connections: u64,
+    /// Failed connects, all reasons together.
+    pub connect_errors: u64,
+    /// Failed connects by reason (`refused`, `timeout`, `unreachable`, `other`).
+    pub connect_errors_by_reason: BTreeMap<String, u64>,
+    /// Active health checks by result (`ok`, `fail`).
+    pub health_checks: BTreeMap<String, u64>,
+    pub last_error: Option<String>,
+}
+
+impl UpstreamsReport {
+    /// Every pool's members now.
+    pub fn collect(runtime: &Runtime) -> Self {
+        let now = Instant::now();
+        Self {
+            rules: runtime
+                .rules
+                .iter()
+                .map(|r| PoolReport {
+                    rule: r.rule.name.clone(),
+                    balance: r.pool.balance.as_str().to_string(),
+                    members: r
+                        .pool
+                        .snapshot(now)
+                        .into_iter()
+                        .map(|m| MemberReport {
+                            addr: m.addr.to_string(),
+                            name: m.name,
+                            weight: m.weight,
+                            backup: m.backup,
+                            up: m.up,
+                            active: m.active,
+                            connections: m.connections,
+                            connect_errors: m.connect_errors.iter().sum(),
+                            connect_errors_by_reason: ConnectError::ALL
+                                .iter()
+                                .map(|e| (e.as_str().to_string(), m.connect_errors[*e as usize]))
+                                .collect(),
+                            health_checks: [("ok", m.checks[0]), ("fail", m.checks[1])]
+                                .into_iter()
+                                .map(|(k, v)| (k.to_string(), v))
+                                .collect(),
+                            last_error: m.last_error,
+                        })
+                        .collect(),
+                })
+                .collect(),
+        }
+    }
+}
