@@ -1,0 +1,209 @@
+//! Robustness against the operating environment rather than the traffic: dead log pipes, a
+//! second instance on the same port, a starved admin endpoint.
+//!
+//! Same layout as `tests/semantics.rs`: each scenario is a plain function taking the engine's
+//! extra `run` flags, and [`engine_suite!`] turns the list into one module per engine. The
+//! forwarder is the real binary, every socket is on loopback port 0, every wait is bounded.
+
+mod support;
+
+use std::io::{BufRead, BufReader, Write};
+use std::net::{Shutdown, SocketAddr, TcpListener};
+use std::process::{ChildStdout, Command, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+
+use support::Relay;
+use support::relay::BIN;
+use support::sock::{Backend, connect, read_n, read_to_eof};
+
+/// Lists every scenario once; each becomes a `#[test]` in every engine's module.
+macro_rules! scenarios {
+    ($($name:ident),* $(,)?) => {
+        $(
+            #[test]
+            fn $name() {
+                if crate::support::engine_available(ENGINE) {
+                    crate::$name(ENGINE);
+                }
+            }
+        )*
+    };
+}
+
+/// One module of tests for one engine, given as the extra flags of `ringfwd run`.
+macro_rules! engine_suite {
+    ($suite:ident, [$($arg:literal),* $(,)?]) => {
+        mod $suite {
+            const ENGINE: &[&str] = &[$($arg),*];
+            scenarios!(
+                dead_log_pipes_neither_kill_nor_wedge,
+                second_instance_on_a_used_port_is_refused_v4,
+                second_instance_on_a_used_port_is_refused_v6,
+            );
+        }
+    };
+}
+
+engine_suite!(std_engine, ["--engine", "std"]);
+engine_suite!(tokio_engine, ["--engine", "tokio"]);
+engine_suite!(uring_copy, ["--engine", "uring", "--mode", "copy"]);
+engine_suite!(uring_splice, ["--engine", "uring", "--mode", "splice"]);
+
+/// How long a SIGTERM'd forwarder with no live sessions may take to exit.
+const PROMPT_EXIT: Duration = Duration::from_secs(5);
+
+/// One echo round trip through `addr`, then a clean close both ways.
+fn round_trip(addr: SocketAddr, payload: &[u8]) {
+    let mut client = connect(addr);
+    client.write_all(payload).expect("write through the relay");
+    assert_eq!(read_n(&mut client, payload.len()), payload);
+    client.shutdown(Shutdown::Write).expect("FIN");
+    assert!(read_to_eof(&mut client).is_empty());
+}
+
+/// Reads the child's stdout up to its `listening` line (bounded) and hands the pipe back, so
+/// the test can close it.
+fn wait_listening(stdout: ChildStdout) -> (SocketAddr, ChildStdout) {
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let mut reader = BufReader::new(stdout);
+        let mut line = String::new();
+        loop {
+            line.clear();
+            match reader.read_line(&mut line) {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {}
+            }
+            if let Some(addr) = line.strip_prefix("listening ").and_then(|rest| {
+                rest.split_whitespace()
+                    .find_map(|w| w.strip_prefix("addr="))
+            }) {
+                let addr: SocketAddr = addr.parse().expect("addr= is an address");
+                let _ = tx.send((addr, reader.into_inner()));
+                return;
+            }
+        }
+    });
+    rx.recv_timeout(Duration::from_secs(20))
+        .expect("the forwarder printed no listening line")
+}
+
+/// `ringfwd run … | head -1` with the log on a pipe that is closed too (journald restarting,
+/// a log shipper gone): every later log line and access-log line fails with EPIPE. Steps:
+/// 1. start with stdout and stderr on pipes, read the `listening` line; 2. close both read
+/// ends; 3. two sessions are still forwarded (the first one's access-log line was written in
+/// between); 4. SIGTERM: the process exits 0 promptly.
+fn dead_log_pipes_neither_kill_nor_wedge(engine: &[&str]) {
+    let _load = support::light();
+    let backend = Backend::echo();
+    let upstream = backend.addr().to_string();
+    let mut args = vec!["run", "--listen", "127.0.0.1:0", "--upstream", &upstream];
+    args.extend_from_slice(engine);
+    let mut child = Command::new(BIN)
+        .args(&args)
+        .env("RUST_LOG", "info")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot spawn {BIN}: {e}"));
+    let guard = ChildGuard(child.id());
+    // 1. Ready.
+    let (addr, stdout) = wait_listening(child.stdout.take().expect("stdout is piped"));
+    // 2. Nobody reads the logs any more.
+    drop(stdout);
+    drop(child.stderr.take());
+    // 3. Still forwarding, also after a session's access-log line hit the dead pipe.
+    round_trip(addr, b"first");
+    round_trip(addr, b"second");
+    assert!(
+        child.try_wait().expect("waitpid").is_none(),
+        "the forwarder died after writing to a closed log pipe"
+    );
+    // 4. SIGTERM still stops it, cleanly and promptly.
+    let pid = nix::unistd::Pid::from_raw(i32::try_from(child.id()).expect("pid"));
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).expect("SIGTERM");
+    let mut status = None;
+    support::eventually(PROMPT_EXIT, || {
+        status = child.try_wait().expect("waitpid");
+        status.is_some()
+    });
+    let Some(status) = status else {
+        let _ = child.kill();
+        let _ = child.wait();
+        panic!("the forwarder ignored SIGTERM for {PROMPT_EXIT:?} once its log pipes were closed");
+    };
+    assert_eq!(
+        status.code(),
+        Some(0),
+        "the forwarder did not exit cleanly after closed log pipes: {status}"
+    );
+    std::mem::forget(guard);
+}
+
+/// Kills the child by pid if the test panics before it was reaped.
+struct ChildGuard(u32);
+
+impl Drop for ChildGuard {
+    fn drop(&mut self) {
+        if let Ok(pid) = i32::try_from(self.0) {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
+    }
+}
+
+/// Steps: 1. a forwarder listens on `listen` (port 0); 2. a second one is started on the
+/// port the first one got; 3. the second exits 1 with the one-line "address already in use"
+/// error and never claims to listen; 4. the first still serves every connection.
+fn second_instance_is_refused(engine: &[&str], listen: &str) {
+    let _load = support::light();
+    let backend = Backend::echo();
+    let upstream = backend.addr();
+    // 1. The first instance.
+    let mut first = Relay::start_listen(engine, listen, upstream, &[]);
+    let taken = first.addr().to_string();
+    // 2. The second, on the same address.
+    let upstream = upstream.to_string();
+    let mut args = vec!["run", "--listen", &taken, "--upstream", &upstream];
+    args.extend_from_slice(engine);
+    // 3. Refused, with the same error as any other port in use.
+    match Relay::try_spawn(&args, 1) {
+        Ok(mut second) => {
+            second.stop_and_wait();
+            panic!("a second forwarder started listening on {taken}, already served by the first");
+        }
+        Err(failure) => {
+            assert_eq!(
+                failure.status.and_then(|s| s.code()),
+                Some(1),
+                "the second forwarder: {failure}"
+            );
+            let err = failure.stderr.trim();
+            assert!(
+                err.contains(&format!("cannot listen on {taken}: address already in use")),
+                "the second forwarder: {err}"
+            );
+        }
+    }
+    // 4. The first one is untouched: every connection still reaches it.
+    for i in 0..8u8 {
+        round_trip(first.addr(), &[i; 3]);
+    }
+    first.stop_and_wait();
+}
+
+fn second_instance_on_a_used_port_is_refused_v4(engine: &[&str]) {
+    second_instance_is_refused(engine, "127.0.0.1:0");
+}
+
+fn second_instance_on_a_used_port_is_refused_v6(engine: &[&str]) {
+    if TcpListener::bind("[::1]:0").is_err() {
+        eprintln!("note: no IPv6 loopback on this host; skipping the [::1] test");
+        return;
+    }
+    second_instance_is_refused(engine, "[::1]:0");
+}
