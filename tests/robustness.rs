@@ -13,9 +13,9 @@ use std::process::{ChildStdout, Command, Stdio};
 use std::sync::mpsc;
 use std::time::Duration;
 
-use support::Relay;
 use support::relay::BIN;
 use support::sock::{Backend, connect, read_n, read_to_eof};
+use support::{Relay, STEP_TIMEOUT};
 
 /// Lists every scenario once; each becomes a `#[test]` in every engine's module.
 macro_rules! scenarios {
@@ -40,6 +40,7 @@ macro_rules! engine_suite {
                 dead_log_pipes_neither_kill_nor_wedge,
                 second_instance_on_a_used_port_is_refused_v4,
                 second_instance_on_a_used_port_is_refused_v6,
+                restart_on_the_same_port_despite_time_wait,
             );
         }
     };
@@ -206,4 +207,48 @@ fn second_instance_on_a_used_port_is_refused_v6(engine: &[&str]) {
         return;
     }
     second_instance_is_refused(engine, "[::1]:0");
+}
+
+/// Sockets in TIME_WAIT whose local port is `port`, from `/proc/net/tcp` (IPv4).
+fn time_wait_on_port(port: u16) -> usize {
+    let table = std::fs::read_to_string("/proc/net/tcp").expect("read /proc/net/tcp");
+    table
+        .lines()
+        .skip(1)
+        .filter(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            f.len() > 3
+                && f[3] == "06"
+                && f[1].rsplit(':').next() == Some(format!("{port:04X}").as_str())
+        })
+        .count()
+}
+
+/// The refusal above must not refuse a plain restart: the stopped forwarder's closed sessions
+/// leave TIME_WAIT sockets on the port, which `SO_REUSEADDR` lets a new listener bind over.
+/// Steps: 1. a forwarder whose upstream closes first, so the forwarder sends the first FIN
+/// and its side of the session ends in TIME_WAIT; 2. stop it; 3. a new forwarder on the same
+/// port starts and serves.
+fn restart_on_the_same_port_despite_time_wait(engine: &[&str]) {
+    let _load = support::light();
+    let closing = Backend::spawn(drop);
+    // 1. Sessions the forwarder closes first.
+    let mut first = Relay::start(engine, closing.addr(), &[]);
+    let addr = first.addr();
+    for _ in 0..3 {
+        let mut client = connect(addr);
+        assert!(read_to_eof(&mut client).is_empty());
+    }
+    assert!(
+        support::eventually(STEP_TIMEOUT, || time_wait_on_port(addr.port()) > 0),
+        "no TIME_WAIT socket on {addr}: the scenario did not set up what it tests"
+    );
+    // 2. Stopped.
+    first.stop_and_wait();
+    // 3. Restarted on the same address.
+    let echo = Backend::echo();
+    let mut second = Relay::start_listen(engine, &addr.to_string(), echo.addr(), &[]);
+    assert_eq!(second.addr(), addr);
+    round_trip(addr, b"again");
+    second.stop_and_wait();
 }
