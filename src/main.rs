@@ -124,8 +124,7 @@ fn run(args: &RunArgs) -> anyhow::Result<()> {
     metrics.set_access_log(config.access_log);
     metrics.open_taps(config.rules.iter().map(|r| r.tap.as_deref()))?;
     if let Some(addr) = config.admin {
-        let bound = ringfwd::metrics::admin::spawn(addr, metrics.clone())
-            .map_err(|e| anyhow::anyhow!("cannot start the admin listener on {addr}: {e}"))?;
+        let bound = ringfwd::metrics::admin::spawn(addr, metrics.clone())?;
         tracing::info!(addr = %bound, "admin listening: /metrics /healthz /stats /histograms");
         // Machine-readable, like the "listening" lines: tests bind port 0 and read it here.
         let mut out = std::io::stdout().lock();

@@ -7,15 +7,15 @@
 
 mod support;
 
-use std::io::{BufRead, BufReader, Write};
-use std::net::{Shutdown, SocketAddr, TcpListener};
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::process::{ChildStdout, Command, Stdio};
 use std::sync::mpsc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use support::relay::BIN;
 use support::sock::{Backend, connect, read_n, read_to_eof};
-use support::{Relay, STEP_TIMEOUT};
+use support::{Relay, STEP_TIMEOUT, procfs};
 
 /// Lists every scenario once; each becomes a `#[test]` in every engine's module.
 macro_rules! scenarios {
@@ -251,4 +251,139 @@ fn restart_on_the_same_port_despite_time_wait(engine: &[&str]) {
     assert_eq!(second.addr(), addr);
     round_trip(addr, b"again");
     second.stop_and_wait();
+}
+
+/// `GET path` on the admin endpoint with a raw HTTP/1.1 request, the whole exchange bounded by
+/// `within`; the status line and body, or what went wrong.
+fn admin_get(admin: SocketAddr, path: &str, within: Duration) -> Result<String, String> {
+    let started = Instant::now();
+    let mut s = TcpStream::connect_timeout(&admin, within).map_err(|e| format!("connect: {e}"))?;
+    s.set_read_timeout(Some(within))
+        .map_err(|e| e.to_string())?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: ringfwd\r\nConnection: close\r\n\r\n"
+    )
+    .map_err(|e| format!("write: {e}"))?;
+    let mut reply = Vec::new();
+    s.read_to_end(&mut reply)
+        .map_err(|e| format!("no full reply after {:?}: {e}", started.elapsed()))?;
+    if started.elapsed() > within {
+        return Err(format!("reply took {:?}", started.elapsed()));
+    }
+    Ok(String::from_utf8_lossy(&reply).into_owned())
+}
+
+/// A Kubernetes liveness probe must not fail because of other clients. Steps: 1. a forwarder
+/// with its admin endpoint; 2. 200 connections to the admin port, each sending one byte and
+/// then nothing (slowloris); 3. while they are held, `/healthz` answers within 1 s, again and
+/// again.
+#[test]
+fn admin_healthz_answers_while_200_clients_hold_connections() {
+    let _load = support::light();
+    support::ensure_fd_limit(1024);
+    let mut relay = Relay::start(
+        &["--engine", "tokio"],
+        "127.0.0.1:9".parse().expect("address"),
+        &["--admin", "127.0.0.1:0"],
+    );
+    let admin = relay
+        .admin
+        .expect("the forwarder printed its admin address");
+    // 1. Healthy to begin with.
+    let ok = admin_get(admin, "/healthz", STEP_TIMEOUT).expect("/healthz before the load");
+    assert!(
+        ok.starts_with("HTTP/1.1 200") && ok.ends_with("ok\n"),
+        "{ok}"
+    );
+    // 2. 200 silent clients.
+    let held: Vec<TcpStream> = (0..200)
+        .map(|_| {
+            let mut s = connect(admin);
+            s.write_all(b"G").expect("one byte");
+            s
+        })
+        .collect();
+    // 3. Still answering, promptly.
+    for probe in 0..5 {
+        match admin_get(admin, "/healthz", Duration::from_secs(1)) {
+            Ok(reply) => assert!(
+                reply.starts_with("HTTP/1.1 200") && reply.ends_with("ok\n"),
+                "probe {probe}: {reply}"
+            ),
+            Err(why) => panic!("/healthz probe {probe} with 200 idle admin clients: {why}"),
+        }
+    }
+    drop(held);
+    relay.stop_and_wait();
+}
+
+/// Steps: 1. another socket holds a port; 2. the forwarder is asked to put its admin endpoint
+/// there; 3. it exits 1 with one line in the style of a rule listener's, naming the address
+/// once, and never claims to listen.
+#[test]
+fn admin_port_in_use_is_one_clear_line() {
+    let _load = support::light();
+    let holder = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let taken = holder.local_addr().expect("address").to_string();
+    let out = support::relay::run_to_exit(&[
+        "run",
+        "--listen",
+        "127.0.0.1:0",
+        "--upstream",
+        "127.0.0.1:9",
+        "--engine",
+        "std",
+        "--admin",
+        &taken,
+    ]);
+    assert_eq!(out.status.code(), Some(1), "{}", out.stderr);
+    let lines: Vec<&str> = out.stderr.lines().filter(|l| l.contains("error")).collect();
+    assert_eq!(lines.len(), 1, "{}", out.stderr);
+    let line = lines[0];
+    assert!(
+        line.contains(&format!("cannot listen on {taken}: address already in use")),
+        "{line}"
+    );
+    assert_eq!(line.matches(&taken).count(), 1, "{line}");
+    assert!(line.contains("admin"), "{line}");
+    assert!(!out.stdout.contains("listening"), "{}", out.stdout);
+}
+
+/// Steps: 1. a forwarder with its admin endpoint, its open-files limit then capped just above
+/// what it holds; 2. more admin clients than fit, so the admin accept loop keeps hitting
+/// EMFILE; 3. over 1.5 s it says so at most twice, not 20 times a second; 4. it still runs.
+#[test]
+fn admin_out_of_fds_warns_rarely() {
+    let _load = support::heavy();
+    let mut relay = Relay::start(
+        &["--engine", "tokio"],
+        "127.0.0.1:9".parse().expect("address"),
+        &["--admin", "127.0.0.1:0"],
+    );
+    let admin = relay
+        .admin
+        .expect("the forwarder printed its admin address");
+    let ok = admin_get(admin, "/healthz", STEP_TIMEOUT).expect("/healthz");
+    assert!(ok.starts_with("HTTP/1.1 200"), "{ok}");
+    // 1. Room for two more fds.
+    let base = procfs::fd_count(relay.pid());
+    procfs::set_nofile_limit(relay.pid(), base + 2);
+    // 2. Twenty clients: the kernel completes their handshakes, the admin cannot accept them.
+    let clients: Vec<TcpStream> = (0..20).map(|_| connect(admin)).collect();
+    assert!(support::eventually(STEP_TIMEOUT, || {
+        procfs::fd_count(relay.pid()) >= base + 2
+    }));
+    // 3. The accept loop retries every 50 ms; its warning must not.
+    std::thread::sleep(Duration::from_millis(1500));
+    let warnings = relay.stderr().matches("admin accept failed").count();
+    assert!(
+        (1..=2).contains(&warnings),
+        "{warnings} 'admin accept failed' lines in 1.5 s:\n{}",
+        relay.stderr()
+    );
+    // 4. Alive, and SIGTERM still stops it.
+    assert!(relay.is_running());
+    drop(clients);
+    relay.stop_and_wait();
 }
