@@ -119,8 +119,14 @@ fn run(args: &RunArgs) -> anyhow::Result<()> {
     let nofile = ringfwd::net::raise_nofile_limit();
     tracing::debug!(nofile, "open-files limit");
     let engine = engine::resolve(config.engine)?;
+    // The data path that runs: the uring engine's configured one; the others only copy.
+    let mode = match engine {
+        engine::Resolved::Uring => config.mode.as_str(),
+        engine::Resolved::Tokio | engine::Resolved::Std => "copy",
+    };
     let names: Vec<&str> = config.rules.iter().map(|r| r.name.as_str()).collect();
     let metrics = Metrics::new(&names, config.worker_count());
+    metrics.set_build_info(engine.as_str(), mode);
     metrics.set_access_log(config.access_log);
     metrics.open_taps(config.rules.iter().map(|r| r.tap.as_deref()))?;
     if let Some(addr) = config.admin {
@@ -140,7 +146,7 @@ fn run(args: &RunArgs) -> anyhow::Result<()> {
         // One machine-readable line per rule on stdout: scripts and tests wait for it.
         let mut out = std::io::stdout().lock();
         for (name, addr) in addrs {
-            tracing::info!(rule = %name, %addr, engine = engine.as_str(), mode = config.mode.as_str(), workers = config.worker_count(), "listening");
+            tracing::info!(rule = %name, %addr, engine = engine.as_str(), mode, workers = config.worker_count(), "listening");
             let _ = writeln!(
                 out,
                 "listening rule={name} addr={addr} engine={}",
