@@ -91,10 +91,11 @@ fn wait_listening(stdout: ChildStdout) -> (SocketAddr, ChildStdout) {
 }
 
 /// `ringfwd run … | head -1` with the log on a pipe that is closed too (journald restarting,
-/// a log shipper gone): every later log line and access-log line fails with EPIPE. Steps:
-/// 1. start with stdout and stderr on pipes, read the `listening` line; 2. close both read
-/// ends; 3. two sessions are still forwarded (the first one's access-log line was written in
-/// between); 4. SIGTERM: the process exits 0 promptly.
+/// a log shipper gone): every later log line and access-log line fails with EPIPE.
+///
+/// Steps: 1. start with stdout and stderr on pipes, read the `listening` line; 2. close both
+/// read ends; 3. two sessions are still forwarded (the first one's access-log line was
+/// written in between); 4. SIGTERM: the process exits 0 promptly.
 fn dead_log_pipes_neither_kill_nor_wedge(engine: &[&str]) {
     let _load = support::light();
     let backend = Backend::echo();
