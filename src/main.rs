@@ -28,7 +28,8 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("ringfwd: error: {}", error_line(&e));
+            // Not `eprintln!`: it panics (exit 101) when stderr is a closed pipe.
+            let _ = writeln!(std::io::stderr(), "ringfwd: error: {}", error_line(&e));
             ExitCode::FAILURE
         }
     }
@@ -55,12 +56,45 @@ fn init_logging(format: LogFormat) {
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
+        .with_writer(|| LogWriter)
+        // On a failed write tracing-subscriber would otherwise `eprintln!` about it, and
+        // `eprintln!` panics when stderr is the very pipe that is gone.
+        .log_internal_errors(false)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
     let _ = match format {
         LogFormat::Text => builder.try_init(),
         LogFormat::Json => builder.json().try_init(),
     };
+}
+
+/// Set once a log write failed with EPIPE: nobody will ever read this stderr again (a closed
+/// `| head`, a restarted journald or log shipper), so later lines are not even attempted.
+static LOG_PIPE_GONE: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Stderr for the log, never failing: a log line that cannot be written is dropped. Logging
+/// must never end the process or a thread of it (the signal thread logs each signal).
+struct LogWriter;
+
+impl Write for LogWriter {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.write_all(buf)?;
+        Ok(buf.len())
+    }
+
+    fn write_all(&mut self, buf: &[u8]) -> std::io::Result<()> {
+        use std::sync::atomic::Ordering;
+        if !LOG_PIPE_GONE.load(Ordering::Relaxed)
+            && let Err(e) = std::io::stderr().write_all(buf)
+            && e.kind() == std::io::ErrorKind::BrokenPipe
+        {
+            LOG_PIPE_GONE.store(true, Ordering::Relaxed);
+        }
+        Ok(())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
 }
 
 fn tool(f: impl FnOnce() -> Result<(), ringfwd::tools::ToolError>) -> anyhow::Result<()> {
@@ -72,9 +106,9 @@ fn check(path: &std::path::Path) -> anyhow::Result<()> {
     let cfg = Config::load(path)?;
     cfg.ensure_runnable()?;
     for w in &cfg.warnings {
-        eprintln!("ringfwd: warning: {w}");
+        let _ = writeln!(std::io::stderr(), "ringfwd: warning: {w}");
     }
-    print!("{}", cfg.to_toml());
+    let _ = write!(std::io::stdout(), "{}", cfg.to_toml());
     Ok(())
 }
 
@@ -91,15 +125,20 @@ fn run(args: &RunArgs) -> anyhow::Result<()> {
     let nofile = ringfwd::net::raise_nofile_limit();
     tracing::debug!(nofile, "open-files limit");
     let engine = engine::resolve(config.engine)?;
+    // The data path that runs: the uring engine's configured one; the others only copy.
+    let mode = match engine {
+        engine::Resolved::Uring => config.mode.as_str(),
+        engine::Resolved::Tokio | engine::Resolved::Std => "copy",
+    };
     let names: Vec<&str> = config.rules.iter().map(|r| r.name.as_str()).collect();
     let metrics = Metrics::new(&names, config.worker_count());
     let runtime = ringfwd::session::Runtime::new(&config);
     metrics.set_runtime(runtime.clone());
+    metrics.set_build_info(engine.as_str(), mode);
     metrics.set_access_log(config.access_log);
     metrics.open_taps(config.rules.iter().map(|r| r.tap.as_deref()))?;
     if let Some(addr) = config.admin {
-        let bound = ringfwd::metrics::admin::spawn(addr, metrics.clone())
-            .map_err(|e| anyhow::anyhow!("cannot start the admin listener on {addr}: {e}"))?;
+        let bound = ringfwd::metrics::admin::spawn(addr, metrics.clone())?;
         tracing::info!(addr = %bound, "admin listening: /metrics /healthz /stats /histograms");
         // Machine-readable, like the "listening" lines: tests bind port 0 and read it here.
         let mut out = std::io::stdout().lock();
@@ -124,7 +163,7 @@ fn run(args: &RunArgs) -> anyhow::Result<()> {
         // One machine-readable line per rule on stdout: scripts and tests wait for it.
         let mut out = std::io::stdout().lock();
         for (name, addr) in addrs {
-            tracing::info!(rule = %name, %addr, engine = engine.as_str(), mode = config.mode.as_str(), workers = config.worker_count(), "listening");
+            tracing::info!(rule = %name, %addr, engine = engine.as_str(), mode, workers = config.worker_count(), "listening");
             let _ = writeln!(
                 out,
                 "listening rule={name} addr={addr} engine={}",

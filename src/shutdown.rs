@@ -102,8 +102,8 @@ impl Shutdown {
             .spawn(move || {
                 s.wait_for(Phase::Draining, None);
                 if !s.wait_for(Phase::Closing, Some(grace)) {
-                    tracing::info!(grace = ?grace, "shutdown grace period over: closing remaining connections");
                     s.advance(Phase::Closing);
+                    log_never_panics(|| tracing::info!(grace = ?grace, "shutdown grace period over: closing remaining connections"));
                 }
             })
             .expect("spawn grace timer thread");
@@ -128,20 +128,29 @@ pub fn install_signal_handlers(shutdown: &Shutdown) -> nix::Result<()> {
         .spawn(move || {
             loop {
                 let Ok(sig) = set.wait() else { continue };
+                // The phase moves first and the log line follows: whatever becomes of the log
+                // (a closed pipe, a panicking writer), this thread must live on, or every later
+                // SIGTERM would stay blocked and ignored while the process holds its ports.
                 match s.phase() {
                     Phase::Running => {
-                        tracing::info!(signal = %sig, "stopping: no new connections, live ones may finish");
                         s.advance(Phase::Draining);
+                        log_never_panics(|| tracing::info!(signal = %sig, "stopping: no new connections, live ones may finish"));
                     }
                     _ => {
-                        tracing::info!(signal = %sig, "second signal: closing every connection now");
                         s.advance(Phase::Closing);
+                        log_never_panics(|| tracing::info!(signal = %sig, "second signal: closing every connection now"));
                     }
                 }
             }
         })
         .map_err(|_| nix::Error::EAGAIN)?;
     Ok(())
+}
+
+/// Runs a logging statement on a thread that must survive it: a panic in the log's writer
+/// is swallowed (the line is lost, the thread keeps its job).
+fn log_never_panics(log: impl FnOnce()) {
+    let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(log));
 }
 
 #[cfg(test)]

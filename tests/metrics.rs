@@ -340,6 +340,36 @@ fn counters_are_exact_with_the_uring_splice_path() {
     counters_are_exact("uring:splice", PathKind::Splice);
 }
 
+/// `ringfwd_build_info` names the engine and data path that actually run: `engine` is the
+/// engine asked for (no silent fallback in these runs), `mode` the uring data path, or `copy`
+/// for an engine that only copies, whatever `--mode` says.
+fn build_info_names_the_running_engine(engine: &str, want_mode: &str) {
+    let backend = Backend::start(0, <[u8]>::to_vec);
+    let fwd = Forwarder::simple(engine, backend.addr);
+    let (status, text) = fwd.get("/metrics");
+    assert_eq!(status, 200, "{text}");
+    assert!(text.contains("# TYPE ringfwd_build_info gauge"), "{text}");
+    let engine = engine.split(':').next().unwrap();
+    let want = format!(
+        "ringfwd_build_info{{version=\"{}\",engine=\"{engine}\",mode=\"{want_mode}\"}}",
+        env!("CARGO_PKG_VERSION")
+    );
+    assert_eq!(metric_value(&text, &want), 1.0, "{text}");
+    backend.join();
+}
+
+#[test]
+fn build_info_with_the_tokio_engine() {
+    // `--mode auto` is what `Forwarder::simple` passes: tokio still only copies.
+    build_info_names_the_running_engine("tokio", "copy");
+}
+
+#[test]
+fn build_info_with_the_uring_engine() {
+    build_info_names_the_running_engine("uring:splice", "splice");
+    build_info_names_the_running_engine("uring", "auto");
+}
+
 #[test]
 fn admin_endpoints_answer_and_reject_clearly() {
     let backend = Backend::start(0, <[u8]>::to_vec);

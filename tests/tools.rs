@@ -390,6 +390,58 @@ fn bench_throughput_each_direction() {
     }
 }
 
+/// A throughput run against the wrong backend measured nothing and must say so (exit 1, a
+/// reason naming the right backend) instead of printing 0 B, or the few MiB the socket
+/// buffers took, as a rate: up against an echo nobody reads (stalls once the buffers are
+/// full), down against an echo (never sends), both against a sink (never answers).
+#[test]
+fn bench_throughput_refuses_a_run_that_moved_nothing() {
+    let sink = Server::start(&["sink", "--listen", "127.0.0.1:0"]);
+    let echo = Server::start(&["echo", "--listen", "127.0.0.1:0"]);
+    for (target, direction, says) in [
+        (echo.target(), "up", "`ringfwd sink`"),
+        (echo.target(), "down", "sink --send"),
+        (sink.target(), "both", "`ringfwd echo`"),
+    ] {
+        let out = ringfwd(&[
+            "bench",
+            "throughput",
+            &target,
+            "-d",
+            "1s",
+            "--direction",
+            direction,
+            "--quiet",
+        ]);
+        let err = text(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{direction}: {err}");
+        assert!(err.contains(says), "{direction}: {err}");
+        assert!(
+            !text(&out.stdout).contains("Gbit"),
+            "{direction}: {}",
+            text(&out.stdout)
+        );
+    }
+}
+
+#[test]
+fn bench_help_names_the_backend_of_each_mode() {
+    let out = ringfwd(&["bench", "--help"]);
+    let help = text(&out.stdout);
+    for (mode, backend) in [
+        ("throughput", "ringfwd sink"),
+        ("rr", "ringfwd echo"),
+        ("connect", "ringfwd echo"),
+        ("idle", "ringfwd echo"),
+    ] {
+        let line = help
+            .lines()
+            .find(|l| l.trim_start().starts_with(mode))
+            .unwrap_or_else(|| panic!("no {mode} in\n{help}"));
+        assert!(line.contains(backend), "{mode}: {line}");
+    }
+}
+
 #[test]
 fn bench_connect_churns_against_echo() {
     let echo = Server::start(&["echo", "--listen", "127.0.0.1:0"]);

@@ -7,35 +7,55 @@
 //! the thread starts, so "address in use" is reported at start-up and the bound address
 //! (port 0 resolved) is known to the caller.
 
+use std::collections::VecDeque;
 use std::convert::Infallible;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
-use std::time::Duration;
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
 
 use base64::Engine as _;
 use hdrhistogram::serialization::{Serializer, V2DeflateSerializer};
 use http_body_util::Full;
-use hyper::body::{Bytes, Incoming};
+use hyper::body::{Body, Bytes, Frame, Incoming, SizeHint};
 use hyper::header::{CONTENT_TYPE, HeaderValue};
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
 use prometheus_client::registry::Registry;
-use tokio::sync::Semaphore;
+use tokio::sync::Notify;
 
 use super::report::StatsReport;
 use super::upstreams::UpstreamsReport;
 use super::{HistogramKind, Metrics, prom};
+use crate::net::{self, ExhaustionLog, ListenError};
 
-/// Connections served at once; more wait in the listen backlog.
-const MAX_CONNECTIONS: usize = 64;
-/// A client that has not sent its request headers by then is dropped.
-const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+/// Connections open at once. At the cap a new connection takes the place of the oldest one
+/// that is not being answered (clients that never sent a request go first); if every one is
+/// being answered, the new one is closed at once. Either way a slow or silent client cannot
+/// keep `/healthz` waiting in the listen backlog, and the admin port cannot eat the fds the
+/// engines need.
+pub const MAX_CONNECTIONS: usize = 64;
+/// A client that has not sent its request headers by then is dropped; the clock also runs on
+/// a kept-alive connection waiting for its next request.
+pub const HEADER_TIMEOUT: Duration = Duration::from_secs(5);
 
 struct State {
     metrics: Arc<Metrics>,
     registry: Registry,
+}
+
+/// Why the admin endpoint could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum AdminError {
+    /// The admin address cannot be listened on; worded like a rule listener's error.
+    #[error("admin endpoint: {0}")]
+    Listen(#[from] ListenError),
+    #[error("admin endpoint: cannot start its thread or runtime: {0}")]
+    Start(#[from] std::io::Error),
 }
 
 /// Binds `addr` and serves the admin endpoints on a new thread until the process exits.
@@ -43,8 +63,8 @@ struct State {
 ///
 /// # Errors
 /// The address cannot be bound, or the thread or its runtime cannot start.
-pub fn spawn(addr: SocketAddr, metrics: Arc<Metrics>) -> std::io::Result<SocketAddr> {
-    let listener = std::net::TcpListener::bind(addr)?;
+pub fn spawn(addr: SocketAddr, metrics: Arc<Metrics>) -> Result<SocketAddr, AdminError> {
+    let listener = net::bind_listener(addr, false)?;
     listener.set_nonblocking(true)?;
     let bound = listener.local_addr()?;
     let rt = tokio::runtime::Builder::new_current_thread()
@@ -60,6 +80,70 @@ pub fn spawn(addr: SocketAddr, metrics: Arc<Metrics>) -> std::io::Result<SocketA
     Ok(bound)
 }
 
+/// Where one admin connection is, for choosing which one gives way at the cap.
+#[derive(Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+enum ConnState {
+    /// Connected, no request yet: the first to go.
+    Fresh = 0,
+    /// A request is being answered (its response body not yet written): never evicted.
+    Busy = 1,
+    /// Answered at least one request, kept alive waiting for the next.
+    Idle = 2,
+}
+
+/// One live admin connection, shared between the accept loop and its task.
+#[derive(Default)]
+struct Slot {
+    state: AtomicU8,
+    /// Set by the task when the connection is gone.
+    done: AtomicBool,
+    /// Tells the task to drop its connection now.
+    evict: Notify,
+}
+
+impl Slot {
+    fn state(&self) -> ConnState {
+        match self.state.load(Ordering::Relaxed) {
+            0 => ConnState::Fresh,
+            1 => ConnState::Busy,
+            _ => ConnState::Idle,
+        }
+    }
+}
+
+/// The live connections in accept order and the cap on them.
+struct Slots {
+    live: VecDeque<Arc<Slot>>,
+    cap: usize,
+}
+
+impl Slots {
+    fn new(cap: usize) -> Self {
+        Self {
+            live: VecDeque::with_capacity(cap),
+            cap,
+        }
+    }
+
+    /// A slot for a new connection, evicting the oldest fresh or else the oldest idle
+    /// connection at the cap; `None` when every connection is busy (close the new one).
+    fn admit(&mut self) -> Option<Arc<Slot>> {
+        self.live.retain(|s| !s.done.load(Ordering::Acquire));
+        if self.live.len() >= self.cap {
+            let victim = [ConnState::Fresh, ConnState::Idle]
+                .into_iter()
+                .find_map(|want| self.live.iter().position(|s| s.state() == want))?;
+            if let Some(v) = self.live.remove(victim) {
+                v.evict.notify_one();
+            }
+        }
+        let slot = Arc::new(Slot::default());
+        self.live.push_back(slot.clone());
+        Some(slot)
+    }
+}
+
 async fn serve(listener: std::net::TcpListener, state: Arc<State>) {
     let listener = match tokio::net::TcpListener::from_std(listener) {
         Ok(l) => l,
@@ -68,34 +152,109 @@ async fn serve(listener: std::net::TcpListener, state: Arc<State>) {
             return;
         }
     };
-    let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    let mut slots = Slots::new(MAX_CONNECTIONS);
+    let mut failures = ExhaustionLog::default();
     loop {
-        let Ok(permit) = slots.clone().acquire_owned().await else {
-            return;
-        };
-        let (stream, _) = match listener.accept().await {
-            Ok(s) => s,
+        let stream = match listener.accept().await {
+            Ok((s, _)) => {
+                if failures.recovered() {
+                    tracing::info!("admin accept works again");
+                }
+                s
+            }
+            Err(e) if net::is_transient_accept_error(&e) => continue,
             Err(e) => {
-                // EMFILE and friends: back off instead of spinning.
-                tracing::warn!(error = %e, "admin accept failed");
-                tokio::time::sleep(crate::net::ACCEPT_BACKOFF).await;
+                // EMFILE and friends: back off instead of spinning, and say so once per
+                // episode (then every few seconds), not at every retry.
+                if let Some(held_back) = failures.hit(Instant::now()) {
+                    tracing::warn!(error = %e, held_back, "admin accept failed; retrying");
+                }
+                tokio::time::sleep(net::ACCEPT_BACKOFF).await;
                 continue;
             }
         };
-        let state = state.clone();
-        tokio::spawn(async move {
-            let service = service_fn(move |req| {
-                let state = state.clone();
-                async move { Ok::<_, Infallible>(route(&state, &req)) }
-            });
-            let _ = http1::Builder::new()
-                .timer(hyper_util::rt::TokioTimer::new())
-                .header_read_timeout(HEADER_TIMEOUT)
-                .keep_alive(true)
-                .serve_connection(TokioIo::new(stream), service)
-                .await;
-            drop(permit);
-        });
+        let Some(slot) = slots.admit() else {
+            drop(stream);
+            continue;
+        };
+        tokio::spawn(serve_connection(stream, state.clone(), slot));
+    }
+}
+
+/// Marks its connection's slot when the task ends, however it ends.
+struct DoneGuard(Arc<Slot>);
+
+impl Drop for DoneGuard {
+    fn drop(&mut self) {
+        self.0.done.store(true, Ordering::Release);
+    }
+}
+
+async fn serve_connection(stream: tokio::net::TcpStream, state: Arc<State>, slot: Arc<Slot>) {
+    let done = DoneGuard(slot.clone());
+    let service = {
+        let slot = slot.clone();
+        service_fn(move |req| {
+            let state = state.clone();
+            let busy = BusyGuard::new(slot.clone());
+            async move {
+                let resp = route(&state, &req);
+                Ok::<_, Infallible>(resp.map(|body| Tracked { body, _busy: busy }))
+            }
+        })
+    };
+    let conn = http1::Builder::new()
+        .timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(HEADER_TIMEOUT)
+        .keep_alive(true)
+        .serve_connection(TokioIo::new(stream), service);
+    tokio::select! {
+        _ = conn => {}
+        () = slot.evict.notified() => {}
+    }
+    drop(done);
+}
+
+/// Keeps a connection [`ConnState::Busy`] from its request until its response body is
+/// written (or dropped).
+struct BusyGuard(Arc<Slot>);
+
+impl BusyGuard {
+    fn new(slot: Arc<Slot>) -> Self {
+        slot.state.store(ConnState::Busy as u8, Ordering::Relaxed);
+        Self(slot)
+    }
+}
+
+impl Drop for BusyGuard {
+    fn drop(&mut self) {
+        self.0.state.store(ConnState::Idle as u8, Ordering::Relaxed);
+    }
+}
+
+/// A response body that holds its connection's [`BusyGuard`].
+struct Tracked {
+    body: Full<Bytes>,
+    _busy: BusyGuard,
+}
+
+impl Body for Tracked {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+        Pin::new(&mut self.get_mut().body).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.body.size_hint()
     }
 }
 
@@ -137,7 +296,11 @@ fn route(state: &State, req: &Request<Incoming>) -> Response<Full<Bytes>> {
             ),
         },
         "/histograms" => histogram(&state.metrics, req.uri().query().unwrap_or("")),
-        "/upstreams" => match state.metrics.runtime().map(|rt| UpstreamsReport::collect(rt)) {
+        "/upstreams" => match state
+            .metrics
+            .runtime()
+            .map(|rt| UpstreamsReport::collect(rt))
+        {
             Some(report) => match serde_json::to_vec(&report) {
                 Ok(json) => respond(StatusCode::OK, "application/json", json),
                 Err(e) => text(
@@ -145,7 +308,10 @@ fn route(state: &State, req: &Request<Incoming>) -> Response<Full<Bytes>> {
                     format!("cannot encode upstreams: {e}\n"),
                 ),
             },
-            None => text(StatusCode::SERVICE_UNAVAILABLE, "no rules are running yet\n"),
+            None => text(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "no rules are running yet\n",
+            ),
         },
         other => text(
             StatusCode::NOT_FOUND,
@@ -213,5 +379,37 @@ fn histogram(metrics: &Metrics, query: &str) -> Response<Full<Bytes>> {
             StatusCode::INTERNAL_SERVER_ERROR,
             format!("cannot encode histogram: {e:?}\n"),
         ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn set(slot: &Slot, state: ConnState) {
+        slot.state.store(state as u8, Ordering::Relaxed);
+    }
+
+    #[test]
+    fn at_the_cap_the_oldest_unanswered_connection_gives_way() {
+        let mut slots = Slots::new(3);
+        let a = slots.admit().unwrap();
+        let b = slots.admit().unwrap();
+        let c = slots.admit().unwrap();
+        set(&a, ConnState::Busy);
+        set(&b, ConnState::Idle);
+        // c never sent a request: it goes first, though b is older.
+        let d = slots.admit().unwrap();
+        assert!(slots.live.iter().all(|s| !Arc::ptr_eq(s, &c)));
+        // Then the oldest idle one (b), never the busy one (a).
+        set(&d, ConnState::Busy);
+        let e = slots.admit().unwrap();
+        assert!(slots.live.iter().all(|s| !Arc::ptr_eq(s, &b)));
+        set(&e, ConnState::Busy);
+        // Everyone busy: the newcomer is refused.
+        assert!(slots.admit().is_none());
+        // A finished connection frees its place.
+        a.done.store(true, Ordering::Release);
+        assert!(slots.admit().is_some());
     }
 }

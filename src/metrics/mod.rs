@@ -288,6 +288,8 @@ pub struct Metrics {
     runtime: OnceLock<Arc<crate::session::Runtime>>,
     access_log: std::sync::atomic::AtomicBool,
     created: Instant,
+    /// `(engine, mode)` of this run, for `ringfwd_build_info`; set once the engine is resolved.
+    build_info: OnceLock<(&'static str, &'static str)>,
 }
 
 impl Metrics {
@@ -306,6 +308,7 @@ impl Metrics {
             runtime: OnceLock::new(),
             access_log: std::sync::atomic::AtomicBool::new(false),
             created: Instant::now(),
+            build_info: OnceLock::new(),
         })
     }
 
@@ -344,6 +347,18 @@ impl Metrics {
     /// The session runtime, once [`Metrics::set_runtime`] was called.
     pub fn runtime(&self) -> Option<&Arc<crate::session::Runtime>> {
         self.runtime.get()
+    }
+
+    /// Records the engine that actually runs (after `auto` and any fallback are resolved) and
+    /// its data path (`copy` for the engines that only copy), exported as
+    /// `ringfwd_build_info{version,engine,mode} 1`. The first call wins.
+    pub fn set_build_info(&self, engine: &'static str, mode: &'static str) {
+        let _ = self.build_info.set((engine, mode));
+    }
+
+    /// What [`Metrics::set_build_info`] recorded, if it was called.
+    pub fn build_info(&self) -> Option<(&'static str, &'static str)> {
+        self.build_info.get().copied()
     }
 
     /// Turns the one-line-per-session access log on or off.

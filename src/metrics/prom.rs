@@ -117,6 +117,21 @@ impl Collector for MetricsCollector {
     fn encode(&self, mut enc: DescriptorEncoder) -> Result<(), std::fmt::Error> {
         let snaps: Vec<RuleSnapshot> = self.metrics.rules().iter().map(|r| r.snapshot()).collect();
 
+        if let Some((engine, mode)) = self.metrics.build_info() {
+            let mut f = enc.encode_descriptor(
+                "ringfwd_build_info",
+                "Always 1; the labels say which version runs, with which engine and data path.",
+                None,
+                MetricType::Gauge,
+            )?;
+            let labels = [
+                ("version", env!("CARGO_PKG_VERSION")),
+                ("engine", engine),
+                ("mode", mode),
+            ];
+            ConstGauge::new(1i64).encode(f.encode_family(&labels)?)?;
+        }
+
         let mut f = enc.encode_descriptor(
             "ringfwd_connections_accepted",
             "Client connections accepted.",
@@ -372,6 +387,24 @@ mod tests {
             8
         );
         assert!(!text.contains("ringfwd_tap_dropped"), "no tap configured");
+        assert!(
+            !text.contains("ringfwd_build_info"),
+            "no engine resolved yet"
+        );
+    }
+
+    #[test]
+    fn build_info_names_version_engine_and_mode() {
+        let m = sample();
+        m.set_build_info("tokio", "copy");
+        m.set_build_info("uring", "splice"); // the first call wins
+        let text = render(&registry(m));
+        assert!(text.contains("# TYPE ringfwd_build_info gauge"), "{text}");
+        let want = format!(
+            "ringfwd_build_info{{version=\"{}\",engine=\"tokio\",mode=\"copy\"}} 1",
+            env!("CARGO_PKG_VERSION")
+        );
+        assert_eq!(lines_with(&text, "ringfwd_build_info{"), [want.as_str()]);
     }
 
     #[test]

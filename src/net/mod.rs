@@ -37,12 +37,30 @@ impl ListenError {
     }
 }
 
+/// How a listener takes part in an `SO_REUSEPORT` group.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Share {
+    /// No `SO_REUSEPORT`: the port is ours alone.
+    No,
+    /// The first of a group: bound *without* `SO_REUSEPORT`, so the bind fails if any socket
+    /// already listens on the address — even another process's `SO_REUSEPORT` group, which a
+    /// sharing bind would silently join — and only then marked for sharing, before `listen`,
+    /// so that the rest of our group can join it.
+    Founder,
+    /// Joins the group a [`Share::Founder`] opened.
+    Join,
+}
+
 /// Opens one TCP listener with `SO_REUSEADDR` and, when `reuseport`, `SO_REUSEPORT` so that
 /// every worker can own a listener on the same port and the kernel spreads connections.
 ///
 /// # Errors
 /// [`ListenError`] naming the address and the likely cause.
 pub fn bind_listener(addr: SocketAddr, reuseport: bool) -> Result<TcpListener, ListenError> {
+    open_listener(addr, if reuseport { Share::Join } else { Share::No })
+}
+
+fn open_listener(addr: SocketAddr, share: Share) -> Result<TcpListener, ListenError> {
     let wrap = |e| ListenError::new(addr, e);
     let socket = Socket::new(
         Domain::for_address(addr),
@@ -51,7 +69,7 @@ pub fn bind_listener(addr: SocketAddr, reuseport: bool) -> Result<TcpListener, L
     )
     .map_err(wrap)?;
     socket.set_reuse_address(true).map_err(wrap)?;
-    if reuseport {
+    if share == Share::Join {
         socket.set_reuse_port(true).map_err(wrap)?;
     }
     if addr.is_ipv6() {
@@ -59,6 +77,11 @@ pub fn bind_listener(addr: SocketAddr, reuseport: bool) -> Result<TcpListener, L
         socket.set_only_v6(true).map_err(wrap)?;
     }
     socket.bind(&addr.into()).map_err(wrap)?;
+    if share == Share::Founder {
+        // Linux reads SO_REUSEPORT at `listen` (to create the group) and at each later bind
+        // (conflict check), not only at this socket's own bind.
+        socket.set_reuse_port(true).map_err(wrap)?;
+    }
     socket.listen(LISTEN_BACKLOG).map_err(wrap)?;
     Ok(socket.into())
 }
@@ -66,15 +89,21 @@ pub fn bind_listener(addr: SocketAddr, reuseport: bool) -> Result<TcpListener, L
 /// Opens `count` listeners on `addr` sharing one port via `SO_REUSEPORT`. With port 0 the
 /// first listener picks the port and the others join it.
 ///
+/// An address on which any other socket already listens — including another forwarder's
+/// `SO_REUSEPORT` listeners, which the kernel would otherwise let us join and split
+/// connections with — fails with [`ListenError::InUse`]: the first listener is bound without
+/// `SO_REUSEPORT` (see [`Share::Founder`]), so the check is the bind itself, with no window
+/// between a probe and the real bind.
+///
 /// # Errors
 /// See [`bind_listener`].
 pub fn bind_listeners(addr: SocketAddr, count: usize) -> Result<Vec<TcpListener>, ListenError> {
     let mut out = Vec::with_capacity(count);
-    let first = bind_listener(addr, true)?;
+    let first = open_listener(addr, Share::Founder)?;
     let actual = first.local_addr().map_err(|e| ListenError::new(addr, e))?;
     out.push(first);
     for _ in 1..count {
-        out.push(bind_listener(actual, true)?);
+        out.push(open_listener(actual, Share::Join)?);
     }
     Ok(out)
 }
@@ -267,6 +296,34 @@ impl ExhaustionLog {
 mod tests {
     use super::*;
     use std::time::Instant;
+
+    #[test]
+    fn a_listener_group_does_not_join_a_foreign_reuseport_group() {
+        // Another process's forwarder, simulated: one SO_REUSEPORT listener.
+        let theirs = bind_listeners("127.0.0.1:0".parse().unwrap(), 1).unwrap();
+        let addr = theirs[0].local_addr().unwrap();
+        match bind_listeners(addr, 2) {
+            Err(ListenError::InUse { addr: a }) => assert_eq!(a, addr),
+            other => panic!("expected InUse, got {other:?}"),
+        }
+        // Our own group still forms: every member listens on the same port.
+        let ours = bind_listeners("127.0.0.1:0".parse().unwrap(), 3).unwrap();
+        let port = ours[0].local_addr().unwrap().port();
+        assert!(ours.iter().all(|l| l.local_addr().unwrap().port() == port));
+        // ... and it is one group: the kernel spreads connections over every member (60
+        // connections leave one of 3 members empty with odds of (2/3)^60).
+        let clients: Vec<_> = (0..60)
+            .map(|_| std::net::TcpStream::connect(ours[0].local_addr().unwrap()).unwrap())
+            .collect();
+        for l in &ours {
+            l.set_nonblocking(true).unwrap();
+            assert!(
+                l.accept().is_ok(),
+                "a member of the group got no connection"
+            );
+        }
+        drop(clients);
+    }
 
     #[test]
     fn exhaustion_warnings_are_rate_limited_per_episode() {

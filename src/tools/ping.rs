@@ -118,6 +118,14 @@ impl Stats {
         self.hist.saturating_record(ns);
     }
 
+    /// The connect time at quantile `q`, within the measured `min..=max`. The histogram
+    /// answers with the top of the value's bucket (3 significant digits), which can lie above
+    /// the largest time actually seen: a p99 printed above the max.
+    fn quantile(&self, q: f64) -> Duration {
+        let ns = self.hist.value_at_quantile(q);
+        Duration::from_nanos(ns).clamp(self.min.min(self.max), self.max)
+    }
+
     fn summary(&self, target: &str, elapsed: Duration) -> String {
         let failed = self.sent - self.ok;
         let pct = if self.sent == 0 {
@@ -133,7 +141,7 @@ impl Stats {
         );
         if self.ok > 0 {
             let avg = self.total / u32::try_from(self.ok).unwrap_or(u32::MAX);
-            let p = |q: f64| self.hist.value_at_quantile(q) as f64 / 1e6;
+            let p = |q: f64| ms(self.quantile(q));
             s.push_str(&format!(
                 "connect min/avg/max = {:.3}/{:.3}/{:.3} ms, p50 = {:.3} ms, p99 = {:.3} ms\n",
                 ms(self.min),
@@ -256,6 +264,50 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("p50 = 0.100 ms, p99 = 0.300 ms"), "{text}");
+    }
+
+    #[test]
+    fn percentiles_never_exceed_the_max() {
+        // Times that are not on a histogram bucket boundary: the bucket's top lies above them.
+        for times in [
+            vec![1_234_567u64],
+            vec![100_001, 1_234_567],
+            (1..=200).map(|i| 1_000_003 * i).collect(),
+            vec![999_999_999, 5, 77_777_777],
+        ] {
+            let mut s = Stats::new();
+            for &t in &times {
+                s.sent += 1;
+                s.record(Duration::from_nanos(t));
+            }
+            let (p50, p99) = (s.quantile(0.5), s.quantile(0.99));
+            assert!(
+                s.min <= p50 && p50 <= p99 && p99 <= s.max,
+                "{times:?}: min {:?} p50 {p50:?} p99 {p99:?} max {:?}",
+                s.min,
+                s.max
+            );
+            // And so in the printed summary.
+            let text = s.summary("h:1", Duration::from_secs(1));
+            let num = |key: &str| -> f64 {
+                let at = text.find(key).unwrap() + key.len();
+                text[at..].split(' ').next().unwrap().parse().unwrap()
+            };
+            let max: f64 = text
+                .split("ms, p50")
+                .next()
+                .unwrap()
+                .rsplit('/')
+                .next()
+                .unwrap()
+                .trim()
+                .parse()
+                .unwrap();
+            assert!(
+                num("p50 = ") <= num("p99 = ") && num("p99 = ") <= max,
+                "{text}"
+            );
+        }
     }
 
     #[test]

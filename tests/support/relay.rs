@@ -106,6 +106,8 @@ pub struct Relay {
     child: Child,
     /// `(rule name, bound address)` in the order the forwarder printed them.
     pub rules: Vec<(String, SocketAddr)>,
+    /// The admin endpoint's bound address, when the forwarder printed `admin addr=…`.
+    pub admin: Option<SocketAddr>,
     stderr: Arc<Mutex<Vec<u8>>>,
     status: Option<ExitStatus>,
     _config: Option<TempFile>,
@@ -198,6 +200,7 @@ impl Relay {
         let mut relay = Self {
             child,
             rules: Vec::new(),
+            admin: None,
             stderr,
             status: None,
             _config: None,
@@ -234,6 +237,10 @@ impl Relay {
             let left = deadline.saturating_duration_since(Instant::now());
             match lines.recv_timeout(left) {
                 Ok(line) => {
+                    if let Some(admin) = line.strip_prefix("admin addr=") {
+                        self.admin = admin.parse().ok();
+                        continue;
+                    }
                     let Some(rest) = line.strip_prefix("listening ") else {
                         continue;
                     };

@@ -58,13 +58,17 @@ pub struct BenchArgs {
 
 #[derive(Debug, Subcommand)]
 pub enum Mode {
-    /// Streaming throughput in Gbit/s (up to a sink, down from `sink --send`, both via echo).
+    /// Streaming throughput in Gbit/s. Target: `ringfwd sink` (--direction up), `ringfwd sink
+    /// --send SIZE` (down) or `ringfwd echo` (both), directly or behind the relay.
     Throughput(throughput::ThroughputArgs),
-    /// Request/response rate and round-trip percentiles over TLV frames (against echo).
+    /// Request/response rate and round-trip percentiles over TLV frames. Target: `ringfwd
+    /// echo` (or any echo server).
     Rr(rr::RrArgs),
-    /// Connection churn: connect, one request/response, close; connections/s and connect times.
+    /// Connection churn: connect, one request/response, close; connections/s and connect
+    /// times. Target: `ringfwd echo`.
     Connect(connect::ConnectArgs),
-    /// Hold idle connections and report a process's memory per connection.
+    /// Hold idle connections and report a process's memory per connection. Target: `ringfwd
+    /// echo` (any listener with --no-exchange).
     Idle(idle::IdleArgs),
 }
 

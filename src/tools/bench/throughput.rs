@@ -24,7 +24,8 @@ use crate::tools::ToolError;
 pub struct ThroughputArgs {
     #[command(flatten)]
     pub common: Common,
-    /// up: client → target; down: target → client; both: each way at once.
+    /// up: client → target (target: `ringfwd sink`); down: target → client (target:
+    /// `ringfwd sink --send SIZE`); both: each way at once (target: `ringfwd echo`).
     #[arg(long, value_enum, default_value_t = Direction::Up)]
     pub direction: Direction,
     /// Bytes per write and per read call, e.g. 128KiB.
@@ -76,6 +77,11 @@ pub async fn run(
     let snapshot = || (Counters::get(&c.up), Counters::get(&c.down), Instant::now());
     tokio::time::sleep_until(run.measure_from.into()).await;
     let (up0, down0, t0) = snapshot();
+    // Halfway through the window too: a run whose bytes all moved in the first half is a
+    // target that stopped taking or sending data (an echo that nobody reads from), not a rate.
+    let halfway = run.measure_from + run.deadline.saturating_duration_since(run.measure_from) / 2;
+    tokio::time::sleep_until(halfway.into()).await;
+    let (up_h, down_h, _) = snapshot();
     tokio::time::sleep_until(run.deadline.into()).await;
     let (up1, down1, t1) = snapshot();
     for t in tasks {
@@ -88,6 +94,12 @@ pub async fn run(
     let secs = t1.duration_since(t0).as_secs_f64().max(1e-9);
     let gbit = |bytes: u64| round3(bytes as f64 * 8.0 / secs / 1e9);
     let (up, down) = (up1 - up0, down1 - down0);
+    let moved = Moved {
+        up,
+        down,
+        second_half: (up1 + down1) - (up_h + down_h),
+    };
+    moved.check(args.direction, target, t1.duration_since(t0))?;
     let mut r = Report {
         mode: "throughput",
         direction: Some(args.direction.as_str()),
@@ -106,6 +118,61 @@ pub async fn run(
     }
     r.set_duration(t1.duration_since(t0));
     Ok(r)
+}
+
+/// What a run moved in its measured window.
+struct Moved {
+    up: u64,
+    down: u64,
+    /// Both directions, in the second half of the window.
+    second_half: u64,
+}
+
+impl Moved {
+    /// Refuses a run that measured no transfer: nothing moved, nothing came back (`both`), or
+    /// the transfer stopped early. Each is a target of the wrong kind for the direction, and a
+    /// number printed for it (0 B, or the few MiB the socket buffers took) would be a lie.
+    fn check(
+        &self,
+        direction: Direction,
+        target: SocketAddr,
+        window: Duration,
+    ) -> Result<(), ToolError> {
+        let need = backend_needed(direction);
+        let secs = config::format_duration(window);
+        let total = self.up + self.down;
+        if total == 0 {
+            return Err(format!("no data moved to or from {target} in {secs}: {need}").into());
+        }
+        if direction == Direction::Both && (self.up == 0 || self.down == 0) {
+            let (dir, what) = if self.down == 0 {
+                ("target to client", "nothing came back")
+            } else {
+                ("client to target", "nothing was taken")
+            };
+            return Err(format!("{what} ({dir}) from {target} in {secs}: {need}").into());
+        }
+        if self.second_half == 0 {
+            return Err(format!(
+                "the transfer with {target} stalled: {total} bytes moved early, none in the second half of {secs} (the target stopped reading or sending): {need}"
+            )
+            .into());
+        }
+        Ok(())
+    }
+}
+
+/// The backend a direction needs, as said in errors and `--help`.
+fn backend_needed(direction: Direction) -> &'static str {
+    match direction {
+        Direction::Up => {
+            "--direction up needs a target that reads and discards, like `ringfwd sink`"
+        }
+        Direction::Down => {
+            "--direction down needs a target that sends, like `ringfwd sink --send 100GiB`"
+        }
+        Direction::Both => "--direction both needs a target that echoes, like `ringfwd echo`",
+    }
 }
 
 /// One connection slot: (re)connects and streams until the deadline.
@@ -173,4 +240,36 @@ async fn stream_until_deadline(
         }
     };
     until(run.deadline, work).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn check(up: u64, down: u64, second_half: u64, d: Direction) -> Result<(), String> {
+        let target: SocketAddr = "127.0.0.1:9".parse().unwrap();
+        Moved {
+            up,
+            down,
+            second_half,
+        }
+        .check(d, target, Duration::from_secs(10))
+        .map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn a_run_that_measured_no_transfer_is_refused() {
+        let e = check(0, 0, 0, Direction::Down).unwrap_err();
+        assert!(
+            e.contains("no data moved") && e.contains("sink --send"),
+            "{e}"
+        );
+        // Up against an echo nobody reads: the socket buffers fill, then nothing.
+        let e = check(80 << 20, 0, 0, Direction::Up).unwrap_err();
+        assert!(e.contains("stalled") && e.contains("`ringfwd sink`"), "{e}");
+        let e = check(1 << 30, 0, 1 << 29, Direction::Both).unwrap_err();
+        assert!(e.contains("nothing came back") && e.contains("echo"), "{e}");
+        assert!(check(1 << 30, 0, 1 << 29, Direction::Up).is_ok());
+        assert!(check(1 << 30, 1 << 30, 1 << 29, Direction::Both).is_ok());
+    }
 }
