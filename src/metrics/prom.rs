@@ -26,6 +26,7 @@ use super::report::QUANTILES;
 use super::{
     ConnectError, Direction, HistogramKind, Metrics, PathKind, RejectReason, RuleSnapshot,
 };
+use crate::upstream::MemberSnapshot;
 
 /// The `Content-Type` of [`render`]'s output.
 pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
@@ -56,6 +57,64 @@ pub const BUCKET_BOUNDS_US: [u64; 23] = [
     60_000_000,
     u64::MAX,
 ];
+
+/// The per-member families: up, connections, active connections, health checks.
+fn encode_members(
+    enc: &mut DescriptorEncoder,
+    pools: &[(&str, Vec<MemberSnapshot>)],
+) -> Result<(), std::fmt::Error> {
+    let all: Vec<(&str, String, &MemberSnapshot)> = pools
+        .iter()
+        .flat_map(|(rule, ms)| ms.iter().map(move |m| (*rule, m.addr.to_string(), m)))
+        .collect();
+    let mut f = enc.encode_descriptor(
+        "ringfwd_upstream_up",
+        "1 if the member takes traffic (health checks pass, not ejected after connect failures).",
+        None,
+        MetricType::Gauge,
+    )?;
+    for (rule, addr, m) in &all {
+        ConstGauge::new(i64::from(m.up))
+            .encode(f.encode_family(&[("rule", *rule), ("upstream", addr.as_str())])?)?;
+    }
+    let mut f = enc.encode_descriptor(
+        "ringfwd_upstream_connections",
+        "Connections established to the member.",
+        None,
+        MetricType::Counter,
+    )?;
+    for (rule, addr, m) in &all {
+        ConstCounter::new(m.connections)
+            .encode(f.encode_family(&[("rule", *rule), ("upstream", addr.as_str())])?)?;
+    }
+    let mut f = enc.encode_descriptor(
+        "ringfwd_upstream_connections_active",
+        "Live connections to the member, across every worker.",
+        None,
+        MetricType::Gauge,
+    )?;
+    for (rule, addr, m) in &all {
+        ConstGauge::new(m.active)
+            .encode(f.encode_family(&[("rule", *rule), ("upstream", addr.as_str())])?)?;
+    }
+    let mut f = enc.encode_descriptor(
+        "ringfwd_health_checks",
+        "Active health-check probes of the member, by result.",
+        None,
+        MetricType::Counter,
+    )?;
+    for (rule, addr, m) in &all {
+        for (i, result) in ["ok", "fail"].into_iter().enumerate() {
+            let labels = [
+                ("rule", *rule),
+                ("upstream", addr.as_str()),
+                ("result", result),
+            ];
+            ConstCounter::new(m.checks[i]).encode(f.encode_family(&labels)?)?;
+        }
+    }
+    Ok(())
+}
 
 /// One labelled histogram series: its labels (without `le`/`quantile`) and its data.
 type Series<'a> = (Vec<(&'a str, &'a str)>, &'a Histogram<u64>);
@@ -165,19 +224,48 @@ impl Collector for MetricsCollector {
             }
         }
 
+        let pools: Vec<(&str, Vec<MemberSnapshot>)> = self
+            .metrics
+            .runtime()
+            .map(|rt| {
+                let now = std::time::Instant::now();
+                rt.rules
+                    .iter()
+                    .map(|r| (r.rule.name.as_str(), r.pool.snapshot(now)))
+                    .collect()
+            })
+            .unwrap_or_default();
         let mut f = enc.encode_descriptor(
             "ringfwd_upstream_connect_errors",
-            "Failed upstream connects, by reason.",
+            "Failed upstream connects, by member and reason.",
             None,
             MetricType::Counter,
         )?;
-        for s in &snaps {
-            for e in ConnectError::ALL {
-                let labels = [("rule", s.name.as_str()), ("reason", e.as_str())];
-                ConstCounter::new(s.connect_errors[e as usize])
-                    .encode(f.encode_family(&labels)?)?;
+        if pools.is_empty() {
+            // No pools to read (a bare `Metrics`, as in unit tests): per rule only.
+            for s in &snaps {
+                for e in ConnectError::ALL {
+                    let labels = [("rule", s.name.as_str()), ("reason", e.as_str())];
+                    ConstCounter::new(s.connect_errors[e as usize])
+                        .encode(f.encode_family(&labels)?)?;
+                }
             }
         }
+        for (rule, members) in &pools {
+            for m in members {
+                let addr = m.addr.to_string();
+                for e in ConnectError::ALL {
+                    let labels = [
+                        ("rule", *rule),
+                        ("upstream", addr.as_str()),
+                        ("reason", e.as_str()),
+                    ];
+                    ConstCounter::new(m.connect_errors[e as usize])
+                        .encode(f.encode_family(&labels)?)?;
+                }
+            }
+        }
+        encode_members(&mut enc, &pools)?;
 
         let mut f = enc.encode_descriptor(
             "ringfwd_bytes",
