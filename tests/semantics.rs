@@ -55,6 +55,7 @@ macro_rules! engine_suite {
                 client_reset_reaches_upstream,
                 refused_upstream_closes_client,
                 connect_timeout_closes_client,
+                connect_failures_are_logged_at_most_once_a_second,
                 idle_timeout,
                 slow_reader_backpressure,
                 thousand_concurrent_connections,
@@ -379,6 +380,41 @@ fn connect_timeout_closes_client(engine: &[&str]) {
     assert!(
         took >= Duration::from_millis(900) && took < Duration::from_secs(3),
         "closed after {took:?}, expected about the 1s connect timeout"
+    );
+    // 4. The access log calls it a connect timeout, not a refusal.
+    let line = support::wait_for_line(&relay, "session closed", STEP_TIMEOUT);
+    assert!(
+        line.contains("reason=\"connect_timeout\"") || line.contains("reason=connect_timeout"),
+        "{line}"
+    );
+}
+
+/// During an outage every client fails, but the log does not: one line per member per
+/// second at most, with how many were held back.
+fn connect_failures_are_logged_at_most_once_a_second(engine: &[&str]) {
+    let _load = support::light();
+    const CLIENTS: usize = 100;
+    // 1. An upstream that refuses every connect.
+    let port = ClosedPort::new();
+    let relay = Relay::start(engine, port.addr(), &[]);
+    // 2. A burst of clients, each closed promptly.
+    let started = Instant::now();
+    for i in 0..CLIENTS {
+        let (end, took) = sock::connect_expect_closed(relay.addr(), Duration::from_secs(2));
+        assert!(end.is_closed(), "client {i}: {end:?} after {took:?}");
+    }
+    let seconds = started.elapsed().as_secs() + 1;
+    // 3. Every session ended (one access-log line each), but the warnings are few.
+    let deadline = Instant::now() + STEP_TIMEOUT;
+    while relay.stderr().matches("session closed").count() < CLIENTS && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let log = relay.stderr();
+    assert_eq!(log.matches("session closed").count(), CLIENTS, "{log}");
+    let warnings = log.matches("upstream connect failed").count() as u64;
+    assert!(
+        (1..=seconds + 1).contains(&warnings),
+        "{warnings} connect-failure lines for {CLIENTS} clients in {seconds}s"
     );
 }
 
@@ -783,10 +819,11 @@ fn shutdown_grace_ends_stuck_connections(engine: &[&str]) {
     relay.sigterm();
     live.write_all(b"still").expect("write during grace");
     assert_eq!(read_n(&mut live, 5), b"still");
-    // 3. About a second later the relay closes it ...
+    // 3. About a second later the relay cuts it, with RST: a cut transfer must never read
+    //    as a clean end of stream ...
     let (end, _) = wait_end(&mut live, Duration::from_secs(5));
     let took = signalled.elapsed();
-    assert!(end.is_closed(), "{end:?} {took:?} after SIGTERM");
+    assert_eq!(end, End::Reset, "{took:?} after SIGTERM");
     assert!(
         took >= Duration::from_millis(900) && took < Duration::from_secs(3),
         "closed {took:?} after SIGTERM, expected about the 1s grace"

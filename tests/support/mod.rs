@@ -190,3 +190,22 @@ pub fn eventually(within: Duration, mut cond: impl FnMut() -> bool) -> bool {
         std::thread::sleep(Duration::from_millis(10));
     }
 }
+
+/// Waits until the forwarder's stderr has a line containing `needle`, and returns that line.
+///
+/// # Panics
+/// No such line within `within`.
+pub fn wait_for_line(relay: &Relay, needle: &str, within: Duration) -> String {
+    let deadline = std::time::Instant::now() + within;
+    loop {
+        if let Some(line) = relay.stderr().lines().find(|l| l.contains(needle)) {
+            return line.to_string();
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no line with {needle:?} within {within:?}:\n{}",
+            relay.stderr()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
