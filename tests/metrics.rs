@@ -455,6 +455,12 @@ fn stats_tool_shows_live_sessions_and_percentiles() {
     }
     // The session is still open: nothing recorded for its duration yet.
     assert_eq!(row("session")[1..], ["0", "-", "-", "-", "-", "-"]);
+    // The rule's one member is listed, up, holding the live connection.
+    assert_eq!(
+        row(&backend.addr.to_string())[1..4],
+        ["up", "1", "1"],
+        "{text}"
+    );
 
     s.shutdown(Shutdown::Write).unwrap();
     let mut rest = Vec::new();

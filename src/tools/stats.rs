@@ -18,6 +18,7 @@ use hyper::body::Bytes;
 use super::ToolError;
 use crate::config::{self, DEFAULT_ADMIN};
 use crate::metrics::report::{RuleReport, StatsReport};
+use crate::metrics::upstreams::{PoolReport, UpstreamsReport};
 use crate::metrics::{Direction, HistogramKind, PathKind};
 
 /// A fetch that takes longer than this is an error (the admin endpoint answers in
@@ -54,19 +55,25 @@ pub fn run(args: StatsArgs) -> Result<(), ToolError> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
-    let fetch = || rt.block_on(fetch_stats(addr));
+    let fetch = || rt.block_on(fetch_json::<StatsReport>(addr, "/stats"));
+    // Members are optional: a forwarder without pools to show (or an older one) has none.
+    let members = || {
+        rt.block_on(fetch_json::<UpstreamsReport>(addr, "/upstreams"))
+            .ok()
+    };
     let mut prev = fetch()?;
     let stdout = std::io::stdout();
     let tty = std::io::IsTerminal::is_terminal(&stdout);
     loop {
         std::thread::sleep(args.interval);
         let cur = fetch()?;
+        let pools = members();
         let mut screen = String::new();
         if args.watch && tty {
             // Home and clear, so the table redraws in place.
             screen.push_str("\x1b[H\x1b[2J");
         }
-        screen.push_str(&render(&prev, &cur, addr));
+        screen.push_str(&render(&prev, &cur, pools.as_ref(), addr));
         let mut out = stdout.lock();
         out.write_all(screen.as_bytes())?;
         out.flush()?;
@@ -77,8 +84,11 @@ pub fn run(args: StatsArgs) -> Result<(), ToolError> {
     }
 }
 
-/// `GET /stats` with hyper's HTTP/1 client on one connection.
-async fn fetch_stats(addr: SocketAddr) -> Result<StatsReport, ToolError> {
+/// `GET path` (a JSON document) with hyper's HTTP/1 client on one connection.
+async fn fetch_json<T: serde::de::DeserializeOwned>(
+    addr: SocketAddr,
+    path: &str,
+) -> Result<T, ToolError> {
     let work = async {
         let stream = tokio::net::TcpStream::connect(addr)
             .await
@@ -86,7 +96,7 @@ async fn fetch_stats(addr: SocketAddr) -> Result<StatsReport, ToolError> {
         let (mut sender, conn) =
             hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await?;
         let conn = tokio::spawn(conn);
-        let req = hyper::Request::get("/stats")
+        let req = hyper::Request::get(path)
             .header(hyper::header::HOST, addr.to_string())
             .body(Empty::<Bytes>::new())?;
         let resp = sender.send_request(req).await?;
@@ -95,22 +105,28 @@ async fn fetch_stats(addr: SocketAddr) -> Result<StatsReport, ToolError> {
         conn.abort();
         if !status.is_success() {
             return Err(format!(
-                "{addr}/stats answered {status}: {}",
+                "{addr}{path} answered {status}: {}",
                 String::from_utf8_lossy(&body).trim()
             )
             .into());
         }
-        serde_json::from_slice::<StatsReport>(&body)
-            .map_err(|e| format!("{addr}/stats is not a ringfwd stats document: {e}").into())
+        serde_json::from_slice::<T>(&body)
+            .map_err(|e| format!("{addr}{path} is not a ringfwd document: {e}").into())
     };
     match tokio::time::timeout(FETCH_TIMEOUT, work).await {
         Ok(r) => r,
-        Err(_) => Err(format!("{addr}/stats: no answer within {FETCH_TIMEOUT:?}").into()),
+        Err(_) => Err(format!("{addr}{path}: no answer within {FETCH_TIMEOUT:?}").into()),
     }
 }
 
-/// The table for two samples of the same forwarder, `prev` taken before `cur`.
-pub fn render(prev: &StatsReport, cur: &StatsReport, addr: SocketAddr) -> String {
+/// The table for two samples of the same forwarder, `prev` taken before `cur`, with each
+/// rule's pool members when `pools` is given.
+pub fn render(
+    prev: &StatsReport,
+    cur: &StatsReport,
+    pools: Option<&UpstreamsReport>,
+    addr: SocketAddr,
+) -> String {
     let mut out = String::new();
     let dt = cur.uptime_seconds - prev.uptime_seconds;
     let _ = writeln!(
@@ -123,8 +139,38 @@ pub fn render(prev: &StatsReport, cur: &StatsReport, addr: SocketAddr) -> String
         let before = prev.rules.iter().find(|r| r.name == rule.name);
         out.push('\n');
         render_rule(&mut out, before, rule, dt);
+        if let Some(pool) = pools.and_then(|p| p.rules.iter().find(|p| p.rule == rule.name)) {
+            render_pool(&mut out, pool);
+        }
     }
     out
+}
+
+fn render_pool(out: &mut String, pool: &PoolReport) {
+    let _ = writeln!(
+        out,
+        "  {:<28} {:>5} {:>8} {:>11} {:>9}  {} ({})",
+        "upstream", "state", "active", "connections", "errors", "last error", pool.balance
+    );
+    for m in &pool.members {
+        let mut name = m.addr.clone();
+        if m.name != m.addr {
+            let _ = write!(name, " ({})", m.name);
+        }
+        if m.backup {
+            name.push_str(" backup");
+        }
+        let _ = writeln!(
+            out,
+            "  {:<28} {:>5} {:>8} {:>11} {:>9}  {}",
+            name,
+            if m.up { "up" } else { "DOWN" },
+            m.active,
+            m.connections,
+            m.connect_errors,
+            m.last_error.as_deref().unwrap_or("-")
+        );
+    }
 }
 
 fn render_rule(out: &mut String, prev: Option<&RuleReport>, r: &RuleReport, dt: f64) {
@@ -251,7 +297,7 @@ mod tests {
         r.shard(0).connected(Duration::from_micros(800));
         let mut cur = StatsReport::collect(&m);
         cur.uptime_seconds = 12.0;
-        let text = render(&prev, &cur, "127.0.0.1:9100".parse().unwrap());
+        let text = render(&prev, &cur, None, "127.0.0.1:9100".parse().unwrap());
         assert!(text.contains("rule web: active 1  accepted 1"), "{text}");
         // 2048 B over 2 s each way; half of all bytes moved by splice.
         assert!(text.contains("client→upstream 1.0 KiB/s"), "{text}");
@@ -270,6 +316,54 @@ mod tests {
             .find(|l| l.trim_start().starts_with("session"))
             .unwrap();
         assert!(line.ends_with("-         -         -         -         -"));
+    }
+
+    #[test]
+    fn members_are_listed_under_their_rule_with_state_and_last_error() {
+        use crate::metrics::upstreams::MemberReport;
+        let m = Metrics::new(&["web"], 1);
+        let cur = StatsReport::collect(&m);
+        let member = |addr: &str, name: &str, up: bool, err: Option<&str>| MemberReport {
+            addr: addr.into(),
+            name: name.into(),
+            weight: 1,
+            backup: false,
+            up,
+            active: 2,
+            connections: 7,
+            connect_errors: u64::from(!up),
+            connect_errors_by_reason: Default::default(),
+            health_checks: Default::default(),
+            last_error: err.map(str::to_string),
+        };
+        let pools = UpstreamsReport {
+            rules: vec![PoolReport {
+                rule: "web".into(),
+                balance: "least_conn".into(),
+                members: vec![
+                    member("10.0.0.1:80", "10.0.0.1:80", true, None),
+                    member(
+                        "10.0.0.2:80",
+                        "api.svc:80",
+                        false,
+                        Some("connection refused"),
+                    ),
+                ],
+            }],
+        };
+        let text = render(&cur, &cur, Some(&pools), "127.0.0.1:9100".parse().unwrap());
+        assert!(text.contains("(least_conn)"), "{text}");
+        let up = text.lines().find(|l| l.contains("10.0.0.1:80")).unwrap();
+        assert_eq!(
+            up.split_whitespace().collect::<Vec<_>>(),
+            ["10.0.0.1:80", "up", "2", "7", "0", "-"]
+        );
+        let down = text.lines().find(|l| l.contains("10.0.0.2:80")).unwrap();
+        assert!(
+            down.contains("(api.svc:80)") && down.contains("DOWN"),
+            "{down}"
+        );
+        assert!(down.ends_with("connection refused"), "{down}");
     }
 
     #[derive(Debug, clap::Parser)]
