@@ -149,8 +149,8 @@ pub fn render(
 fn render_pool(out: &mut String, pool: &PoolReport) {
     let _ = writeln!(
         out,
-        "  {:<28} {:>5} {:>8} {:>11} {:>9}  {} ({})",
-        "upstream", "state", "active", "connections", "errors", "last error", pool.balance
+        "  {:<28} {:>5} {:>8} {:>11} {:>9}  last error ({})",
+        "upstream", "state", "active", "connections", "errors", pool.balance
     );
     for m in &pool.members {
         let mut name = m.addr.clone();
