@@ -1,4 +1,5 @@
-//! The per-worker pipe pool of the splice path (DESIGN.md fact 3).
+//! The per-worker pipe pool of the splice path. Pipes are a limited resource: each costs two
+//! fds, and past `fs.pipe-user-pages-soft` an unprivileged user's new pipes get one page.
 //!
 //! Pipes are created up front at the configured size. A direction leases one while it is on
 //! the splice path and gives it back when it leaves it with the pipe empty; a pipe that still

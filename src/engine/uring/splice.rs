@@ -1,12 +1,12 @@
 //! The zero-copy path's pump: socket → pipe → socket with `splice(2)`, run on the worker
-//! thread when the ring reports readiness (DESIGN.md fact 1: io_uring's own SPLICE op always
+//! thread when the ring reports readiness (io_uring's own SPLICE op always
 //! hands off to an io-wq thread, so readiness from the ring plus a direct non-blocking splice
 //! is the fast shape — HAProxy's).
 //!
 //! [`SpliceDir::pump`] holds the decisions (how much to ask for, when to stop, when to wait
 //! for the destination) over a [`PipeIo`] trait; the worker supplies the real syscalls and
 //! tests a fake. Occupancy of the pipe is tracked here because `EAGAIN` from splice does not
-//! say whether the socket was empty or the pipe full (fact 2), and no request is ever larger
+//! say whether the socket was empty or the pipe full, and no request is ever larger
 //! than the room left in the pipe.
 
 use std::io;
