@@ -113,12 +113,35 @@ impl Forwarder {
     /// # Panics
     /// The forwarder exited (e.g. it rejected the config) or was not ready in time.
     pub fn start(engine: &[&str], rules: &str, rule_count: usize) -> Self {
+        Self::start_wrapped(&[], engine, rules, rule_count)
+    }
+
+    /// Like [`Forwarder::start`], with the binary run by `wrapper` (its program and leading
+    /// arguments; the binary and its arguments follow), e.g. `unshare -m sh -c '… exec "$0"
+    /// "$@"'`. The wrapper must `exec` the binary so that the child's pid is the forwarder's.
+    ///
+    /// # Panics
+    /// As [`Forwarder::start`].
+    pub fn start_wrapped(
+        wrapper: &[&str],
+        engine: &[&str],
+        rules: &str,
+        rule_count: usize,
+    ) -> Self {
         let config = format!("admin = \"127.0.0.1:0\"\n\n{rules}");
         let file = TempFile::new("ringfwd-pool", &config);
         let path = file.path.display().to_string();
         let mut args = vec!["run", "--config", path.as_str()];
         args.extend_from_slice(engine);
-        let mut child = Command::new(BIN)
+        let mut command = match wrapper.split_first() {
+            Some((program, lead)) => {
+                let mut c = Command::new(program);
+                c.args(lead).arg(BIN);
+                c
+            }
+            None => Command::new(BIN),
+        };
+        let mut child = command
             .args(&args)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
