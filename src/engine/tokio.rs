@@ -12,7 +12,7 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use socket2::SockRef;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Notify, watch};
 
@@ -24,7 +24,8 @@ use crate::session::outcome::{CloseReason, errno_of, is_fd_exhaustion};
 use crate::session::{Dial, End, RuleRuntime, Runtime, Session};
 use crate::shutdown::Phase;
 
-/// Bytes read per direction before writing them on.
+/// Bytes read per direction before writing them on (a [`Lease`]d buffer: held only while the
+/// direction has bytes to move).
 const BUFFER_SIZE: usize = 16 << 10;
 
 /// Live connection count, with a wake-up when it reaches zero.
@@ -395,28 +396,87 @@ async fn pump(
     mut first_byte_since: Option<Instant>,
     tap: Option<(&Tap, &TapSession)>,
 ) -> io::Result<()> {
-    let mut buf = vec![0u8; BUFFER_SIZE];
     loop {
-        let n = r.read(&mut buf).await?;
-        if n == 0 {
-            return match w.shutdown().await {
-                Err(e) if e.kind() == io::ErrorKind::NotConnected => Ok(()),
-                other => other,
+        // Idle: wait for bytes holding no buffer at all.
+        r.readable().await?;
+        let mut buf = Lease::take();
+        loop {
+            let n = match r.try_read(&mut buf) {
+                Ok(0) => {
+                    drop(buf);
+                    return match w.shutdown().await {
+                        Err(e) if e.kind() == io::ErrorKind::NotConnected => Ok(()),
+                        other => other,
+                    };
+                }
+                Ok(n) => n,
+                // Drained (or a spurious wake-up): give the buffer back and wait again.
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) => return Err(e),
             };
+            let read_done = Instant::now();
+            let shard = metrics.rule(rule_idx).local();
+            if let Some(t) = first_byte_since.take() {
+                shard.first_byte(read_done - t);
+            }
+            counters.touch();
+            if let Some((t, s)) = tap {
+                t.data(s, dir, &buf[..n]);
+            }
+            w.write_all(&buf[..n]).await?;
+            shard.transfer(dir, read_done.elapsed());
+            shard.bytes(dir, PathKind::Copy, n as u64);
+            counters.bytes[dir as usize].fetch_add(n as u64, Ordering::Relaxed);
+            counters.touch();
         }
-        let read_done = Instant::now();
-        let shard = metrics.rule(rule_idx).local();
-        if let Some(t) = first_byte_since.take() {
-            shard.first_byte(read_done - t);
+    }
+}
+
+/// A copy buffer lent to one direction while it moves bytes, from a small per-thread pool:
+/// an idle connection holds none (it waits for readability first), and a flowing one keeps
+/// its buffer across reads until the socket is drained. Returned to the pool of whichever
+/// thread drops it (tasks move between threads); each pool keeps at most [`POOL_KEEP`].
+struct Lease(Option<Box<[u8]>>);
+
+/// Buffers a thread's pool keeps for reuse; more are freed.
+const POOL_KEEP: usize = 64;
+
+thread_local! {
+    static POOL: std::cell::RefCell<Vec<Box<[u8]>>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+impl Lease {
+    fn take() -> Self {
+        let b = POOL
+            .with(|p| p.borrow_mut().pop())
+            .unwrap_or_else(|| vec![0u8; BUFFER_SIZE].into_boxed_slice());
+        Self(Some(b))
+    }
+}
+
+impl std::ops::Deref for Lease {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        self.0.as_deref().unwrap_or(&[])
+    }
+}
+
+impl std::ops::DerefMut for Lease {
+    fn deref_mut(&mut self) -> &mut [u8] {
+        self.0.as_deref_mut().unwrap_or(&mut [])
+    }
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        if let Some(b) = self.0.take() {
+            // `try_with`: a lease dropped while the thread itself is exiting is just freed.
+            let _ = POOL.try_with(|p| {
+                let mut p = p.borrow_mut();
+                if p.len() < POOL_KEEP {
+                    p.push(b);
+                }
+            });
         }
-        counters.touch();
-        if let Some((t, s)) = tap {
-            t.data(s, dir, &buf[..n]);
-        }
-        w.write_all(&buf[..n]).await?;
-        shard.transfer(dir, read_done.elapsed());
-        shard.bytes(dir, PathKind::Copy, n as u64);
-        counters.bytes[dir as usize].fetch_add(n as u64, Ordering::Relaxed);
-        counters.touch();
     }
 }
