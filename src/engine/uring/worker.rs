@@ -565,24 +565,13 @@ impl Worker {
                 let _ = nix::sys::socket::shutdown(fd, nix::sys::socket::Shutdown::Write);
             }
             Action::Connected => {
-                let rule = self.runtime.rule(ri);
-                let upstream = {
-                    let e = self.slab.get_mut(slot, generation).expect("live entry");
+                let tap = self.metrics.rule(ri).tap();
+                if let Some(e) = self.slab.get_mut(slot, generation) {
                     e.session.connected(shard, now);
-                    e.session.upstream()
-                };
-                if let (Some(tap), Some(up)) = (self.metrics.rule(ri).tap(), upstream) {
-                    let s = tap.open_session(
-                        self.slab
-                            .get(slot, generation)
-                            .and_then(|e| e.session.client),
-                        up,
-                    );
-                    if let Some(e) = self.slab.get_mut(slot, generation) {
-                        e.tap = Some(s);
+                    if let (Some(tap), Some(up)) = (tap, e.session.upstream()) {
+                        e.tap = Some(tap.open_session(e.session.client, up));
                     }
                 }
-                let _ = rule;
             }
             Action::ConnectFailed(res) => {
                 let rt = self.runtime.rule(ri);
