@@ -67,11 +67,28 @@ struct Listener {
     exhausted: net::ExhaustionLog,
 }
 
-/// What a worker is built from.
+/// What a worker is built from: its place, and what it may create at start (the engine sizes
+/// the pools to the process's fd and locked-memory limits, see [`super::Budget`]).
 pub struct WorkerSetup {
     pub id: usize,
     pub cpu: Option<usize>,
-    pub listeners: Vec<(usize, TcpListener)>,
+    /// Pipes for the splice pool (0 on the copy path).
+    pub pipes: usize,
+    /// Whether to register the copy buffers with the ring (locked memory).
+    pub register_buffers: bool,
+    /// Most connections this worker has accepted and not yet settled (relaying) or disposed
+    /// of (closed) before it stops accepting; see [`super::Budget::accept_bound`].
+    pub accept_bound: usize,
+}
+
+/// What did not go as asked while a worker set up, without stopping it; the engine reports
+/// every worker's notes in one line.
+#[derive(Debug, Default)]
+pub struct SetupNotes {
+    /// Pipes created, and why not all of them.
+    pub pipes_short: Option<(usize, String)>,
+    /// Why the buffers could not be registered.
+    pub registration: Option<String>,
 }
 
 pub struct Worker {
@@ -110,15 +127,19 @@ impl Worker {
     /// Sets up the ring and the pool. Must run on the worker's own thread (SINGLE_ISSUER binds
     /// the ring to the thread that creates it).
     ///
+    /// Nothing is logged here: what fell short is returned in [`SetupNotes`] for the engine
+    /// to report once for all workers.
+    ///
     /// # Errors
     /// [`WorkerError`] when the ring or the pool cannot be set up.
     pub fn new(
         config: &Config,
-        setup: WorkerSetup,
+        setup: &WorkerSetup,
         runtime: Arc<Runtime>,
         metrics: Arc<Metrics>,
         shutdown: Shutdown,
-    ) -> Result<Self, WorkerError> {
+    ) -> Result<(Self, SetupNotes), WorkerError> {
+        let mut notes = SetupNotes::default();
         let id = setup.id;
         let (ring, mode) = ring::build(config.uring.ring_entries)
             .map_err(|source| WorkerError::Ring { id, source })?;
@@ -130,17 +151,10 @@ impl Worker {
         }
         let count = u16::try_from(config.uring.buffers.min(1 << 15)).unwrap_or(1 << 15);
         let buf_size = u32::try_from(config.uring.buffer_size.bytes()).unwrap_or(u32::MAX);
-        let (pool, reg_err) = BufPool::new(&ring, count, buf_size)
-            .map_err(|source| WorkerError::Pool { id, source })?;
-        if let Some(e) = reg_err {
-            let bytes = u64::from(count) * u64::from(buf_size);
-            tracing::warn!(
-                worker = id,
-                error = %e,
-                "cannot register {} KiB of buffers per worker with io_uring (RLIMIT_MEMLOCK too low: raise it with `ulimit -l`, LimitMEMLOCK= in the systemd unit, or CAP_IPC_LOCK; or lower [uring] buffers/buffer_size); continuing with unregistered buffers",
-                bytes >> 10
-            );
-        }
+        let (pool, reg_err) =
+            BufPool::with_registration(&ring, count, buf_size, setup.register_buffers)
+                .map_err(|source| WorkerError::Pool { id, source })?;
+        notes.registration = reg_err.map(|e| e.to_string());
         tracing::debug!(
             worker = id,
             mode,
@@ -161,33 +175,15 @@ impl Worker {
                 picker: Picker::new(((id as u64) << 32) ^ (i as u64) ^ 0x5851_f42d_4c95_7f2d),
             })
             .collect();
-        let listeners = setup
-            .listeners
-            .into_iter()
-            .map(|(rule, l)| Listener {
-                fd: Some(OwnedFd::from(l)),
-                rule,
-                state: ListenerState::Closed,
-                exhausted: net::ExhaustionLog::default(),
-            })
-            .collect();
-        let wants_pipes = config.mode != DataPath::Copy;
-        let pipes = PipePool::new(
-            id,
-            if wants_pipes {
-                config.uring.pipes as usize
-            } else {
-                0
-            },
-            config.uring.pipe_size.as_usize(),
-        );
-        Ok(Self {
+        let (pipes, short) = PipePool::create(setup.pipes, config.uring.pipe_size.as_usize());
+        notes.pipes_short = short.map(|e| (pipes.available(), e.to_string()));
+        let worker = Self {
             ring: Ring::new(ring),
             pool,
             pipes,
             id,
             rules,
-            listeners,
+            listeners: Vec::new(),
             // Every live connection of every rule could land on one worker (the kernel spreads
             // SO_REUSEPORT connections by hash, not by load).
             slab: Slab::with_capacity(config.live_connections_bound()),
@@ -199,11 +195,22 @@ impl Worker {
             draining: false,
             closing: false,
             cqes: Vec::with_capacity(1024),
-        })
+        };
+        Ok((worker, notes))
     }
 
-    /// Runs the event loop until shutdown has drained every connection.
-    pub fn run(mut self) {
+    /// Runs the event loop on `listeners` (`(rule, listener)`) until shutdown has drained
+    /// every connection.
+    pub fn run(mut self, listeners: Vec<(usize, TcpListener)>) {
+        self.listeners = listeners
+            .into_iter()
+            .map(|(rule, l)| Listener {
+                fd: Some(OwnedFd::from(l)),
+                rule,
+                state: ListenerState::Closed,
+                exhausted: net::ExhaustionLog::default(),
+            })
+            .collect();
         for i in 0..self.listeners.len() {
             self.arm_accept(i);
         }
