@@ -26,7 +26,7 @@ use std::thread::JoinHandle;
 
 use nix::sys::resource::{RLIM_INFINITY, Resource, getrlimit};
 
-use super::{EngineError, Listeners, RunContext};
+use super::{Listeners, RunContext};
 use crate::config::{Config, DataPath};
 use crate::net;
 
@@ -303,8 +303,7 @@ impl Started {
 /// listeners come back in [`SetupFailed`], with one explanation for all workers.
 ///
 /// # Errors
-/// [`SetupFailed`] when a worker could not set up; [`EngineError`] inside it is never
-/// needed: a thread that cannot be spawned is reported the same way.
+/// [`SetupFailed`] when a worker could not set up or its thread could not be spawned.
 pub fn start(
     config: &Config,
     listeners: Listeners,
@@ -360,7 +359,20 @@ pub fn start(
                 if let Some(cpu) = cpu {
                     net::pin_current_thread(cpu);
                 }
-                match worker::Worker::new(&config, &setup, runtime, metrics, shutdown) {
+                // A panic while setting up is reported like a failure: the engine waits for
+                // one report per worker and must not wait forever.
+                let built = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    worker::Worker::new(&config, &setup, runtime, metrics, shutdown)
+                }));
+                let built = match built {
+                    Ok(b) => b,
+                    Err(_) => {
+                        let why = format!("worker {id}: panicked while setting up");
+                        let _ = report.send((id, Report::Failed(why, None, ls)));
+                        return;
+                    }
+                };
+                match built {
                     Ok((w, notes)) => {
                         let _ = report.send((id, Report::Ready(notes)));
                         if go_rx.recv() == Ok(true) {
@@ -488,18 +500,99 @@ fn report_notes(n: usize, notes: &[(usize, worker::SetupNotes)]) {
     }
 }
 
-/// Runs the engine: [`start`], then [`Started::run`].
-///
-/// # Errors
-/// A worker could not set up ([`EngineError::UringUnavailable`]).
-pub fn run(
-    config: &Config,
-    listeners: Listeners,
-    ctx: RunContext,
-    ready: impl FnOnce(),
-) -> Result<(), EngineError> {
-    let started =
-        start(config, listeners, &ctx).map_err(|f| EngineError::UringUnavailable(f.why))?;
-    started.run(ready);
-    Ok(())
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(mode: &str) -> Config {
+        let text = format!(
+            "mode = \"{mode}\"\n[[rule]]\nlisten = \"127.0.0.1:0\"\nupstream = \"127.0.0.1:9\"\n"
+        );
+        Config::parse("t.toml", &text).expect("valid config")
+    }
+
+    const ROOMY: Limits = Limits {
+        nofile: 20_000,
+        open: 10,
+        memlock: None,
+    };
+
+    #[test]
+    fn a_roomy_host_gets_the_configured_pools() {
+        let b = budget(&config("splice"), 2, ROOMY);
+        assert_eq!(b.pipes, 16);
+        assert!(b.register_buffers);
+        assert_eq!(b.accept_bound, ACCEPT_BOUND_MAX);
+        assert!(b.cuts.is_empty(), "{:?}", b.cuts);
+    }
+
+    #[test]
+    fn a_low_fd_limit_cuts_the_pipes_and_keeps_half_for_connections() {
+        let limits = Limits {
+            nofile: 64,
+            open: 7,
+            memlock: None,
+        };
+        let b = budget(&config("splice"), 2, limits);
+        // 64 - 7 open - 16 slack - 2 rings = 39 free; pipes take at most half.
+        assert_eq!(b.pipes, 4);
+        // 2 workers × 2 fds per pipe.
+        assert!(2 * 2 * b.pipes <= 39 / 2);
+        assert!(b.accept_bound >= 1);
+        assert_eq!(b.cuts.len(), 1);
+        assert!(b.cuts[0].contains("ulimit -n"), "{}", b.cuts[0]);
+        // A limit that cannot even hold the rings leaves no pipes, not an underflow.
+        let b = budget(
+            &config("auto"),
+            4,
+            Limits {
+                nofile: 16,
+                open: 10,
+                memlock: None,
+            },
+        );
+        assert_eq!((b.pipes, b.accept_bound), (0, 1));
+    }
+
+    #[test]
+    fn the_copy_path_asks_for_no_pipes_and_warns_of_none() {
+        let limits = Limits {
+            nofile: 64,
+            open: 7,
+            memlock: None,
+        };
+        let b = budget(&config("copy"), 2, limits);
+        assert_eq!(b.pipes, 0);
+        assert!(b.cuts.is_empty(), "{:?}", b.cuts);
+    }
+
+    #[test]
+    fn buffers_stay_unregistered_when_memlock_holds_only_the_rings() {
+        let c = config("copy");
+        let ring = ring_bytes(c.uring.ring_entries);
+        let memlock = Some(4 * ring + (1 << 20));
+        let b = budget(&c, 4, Limits { memlock, ..ROOMY });
+        assert!(!b.register_buffers);
+        assert!(b.cuts[0].contains("ulimit -l"), "{}", b.cuts[0]);
+        // Not even the rings fit: nothing to cut, set-up will fail and say so.
+        let b = budget(
+            &c,
+            4,
+            Limits {
+                memlock: Some(64 << 10),
+                ..ROOMY
+            },
+        );
+        assert!(b.register_buffers && b.cuts.is_empty());
+        // Enough for everything.
+        let b = budget(
+            &c,
+            4,
+            Limits {
+                memlock: Some(64 << 20),
+                ..ROOMY
+            },
+        );
+        assert!(b.register_buffers && b.cuts.is_empty());
+    }
 }
