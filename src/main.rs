@@ -126,7 +126,7 @@ fn run(args: &RunArgs) -> anyhow::Result<()> {
     tracing::debug!(nofile, "open-files limit");
     let engine = engine::resolve(config.engine)?;
     // The data path that runs: the uring engine's configured one; the others only copy.
-    let mode = match engine {
+    let mode_of = |engine| match engine {
         engine::Resolved::Uring => config.mode.as_str(),
         engine::Resolved::Tokio | engine::Resolved::Std => "copy",
     };
@@ -134,7 +134,6 @@ fn run(args: &RunArgs) -> anyhow::Result<()> {
     let metrics = Metrics::new(&names, config.worker_count());
     let runtime = ringfwd::session::Runtime::new(&config);
     metrics.set_runtime(runtime.clone());
-    metrics.set_build_info(engine.as_str(), mode);
     metrics.set_access_log(config.access_log);
     metrics.open_taps(config.rules.iter().map(|r| r.tap.as_deref()))?;
     if let Some(addr) = config.admin {
@@ -159,7 +158,12 @@ fn run(args: &RunArgs) -> anyhow::Result<()> {
         metrics,
         runtime: runtime.clone(),
     };
-    engine::run(&config, engine, ctx, |addrs| {
+    let build_info = ctx.metrics.clone();
+    // `engine` may still change here: `auto` falls back to tokio if an io_uring worker
+    // cannot set up, so the engine that runs is the one `run` reports.
+    engine::run(&config, engine, ctx, |engine, addrs| {
+        let mode = mode_of(engine);
+        build_info.set_build_info(engine.as_str(), mode);
         // One machine-readable line per rule on stdout: scripts and tests wait for it.
         let mut out = std::io::stdout().lock();
         for (name, addr) in addrs {

@@ -119,9 +119,15 @@ pub fn bind(config: &Config, per_rule: usize) -> Result<Listeners, EngineError> 
     Ok(Listeners { per_rule: out })
 }
 
-/// Runs the chosen engine until shutdown. `on_ready` is called once with every rule's bound
-/// address when the engine is ready to serve: listeners open and every worker (ring, pools,
-/// runtime) set up — so a "listening" line means connections are handled, not just queued.
+/// Runs the chosen engine until shutdown. `on_ready` is called once, with the engine that
+/// actually runs and every rule's bound address, when it is ready to serve: listeners open
+/// and every worker (ring, pools, runtime) set up — so a "listening" line means connections
+/// are handled, not just queued.
+///
+/// Under `engine = "auto"` the choice covers every set-up step, not only the probe: if any
+/// io_uring worker cannot set up (its ring, its pools), every worker stands down and the tokio
+/// engine serves the same listeners (still open: nothing queued on them is refused), after one
+/// warning naming the cause and the fix. Under `engine = "uring"` that is an error.
 ///
 /// # Errors
 /// Listener, ring setup or runtime start-up failures. Per-connection errors never end a run.
@@ -129,7 +135,7 @@ pub fn run(
     config: &Config,
     engine: Resolved,
     ctx: RunContext,
-    on_ready: impl FnOnce(&[(String, SocketAddr)]),
+    on_ready: impl FnOnce(Resolved, &[(String, SocketAddr)]),
 ) -> Result<(), EngineError> {
     let workers = match engine {
         Resolved::Uring => config.worker_count(),
@@ -142,10 +148,23 @@ pub fn run(
         .zip(&listeners.per_rule)
         .map(|(r, l)| (r.name.clone(), l[0].local_addr().unwrap_or(r.listen)))
         .collect();
-    let ready = move || on_ready(&addrs);
+    let ready = move |e: Resolved| on_ready(e, &addrs);
     match engine {
-        Resolved::Uring => uring::run(config, listeners, ctx, ready),
-        Resolved::Tokio => tokio::run(config, listeners, ctx, ready),
-        Resolved::Std => threaded::run(config, listeners, ctx, ready),
+        Resolved::Uring => match uring::start(config, listeners, &ctx) {
+            Ok(started) => {
+                started.run(|| ready(Resolved::Uring));
+                Ok(())
+            }
+            Err(failed) if config.engine == EngineKind::Auto => {
+                tracing::warn!(
+                    "io_uring unavailable, falling back to the tokio engine: {}",
+                    failed.why
+                );
+                tokio::run(config, failed.listeners, ctx, || ready(Resolved::Tokio))
+            }
+            Err(failed) => Err(EngineError::UringUnavailable(failed.why)),
+        },
+        Resolved::Tokio => tokio::run(config, listeners, ctx, || ready(Resolved::Tokio)),
+        Resolved::Std => threaded::run(config, listeners, ctx, || ready(Resolved::Std)),
     }
 }

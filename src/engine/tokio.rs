@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use socket2::SockRef;
 use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{Notify, watch};
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, watch};
 
 use super::{EngineError, Listeners, RunContext};
 use crate::config::{Config, Rule};
@@ -86,6 +86,12 @@ pub fn run(
     }
 
     let live = Arc::new(Live::default());
+    // Connections accepted and not yet connected upstream (or not yet disposed of): the
+    // accept loops wait for a permit before each accept, so a flood of connections that reset
+    // at once is accepted no faster than it is disposed of, as in the uring engine.
+    let unsettled = Arc::new(Semaphore::new(
+        super::uring::ACCEPT_BOUND_MAX * config.worker_count(),
+    ));
     rt.block_on(async {
         let mut accept_loops = Vec::new();
         for (idx, ls) in listeners.per_rule.into_iter().enumerate() {
@@ -105,6 +111,7 @@ pub fn run(
                     ctx.metrics.clone(),
                     phase_rx.clone(),
                     live.clone(),
+                    unsettled.clone(),
                 )));
             }
         }
@@ -133,11 +140,20 @@ async fn accept_loop(
     metrics: Arc<Metrics>,
     mut phase: watch::Receiver<Phase>,
     live: Arc<Live>,
+    unsettled: Arc<Semaphore>,
 ) {
     let mut exhausted = net::ExhaustionLog::default();
     let rt = runtime.rule(rule_idx);
     let rule = &rt.rule;
     loop {
+        let permit = tokio::select! {
+            biased;
+            _ = phase.wait_for(|p| *p >= Phase::Draining) => return,
+            p = unsettled.clone().acquire_owned() => match p {
+                Ok(p) => p,
+                Err(_) => return,
+            },
+        };
         let accepted = tokio::select! {
             biased;
             _ = phase.wait_for(|p| *p >= Phase::Draining) => return,
@@ -154,12 +170,25 @@ async fn accept_loop(
                     net::set_reset_on_close(SockRef::from(&stream));
                     continue;
                 };
+                if let Ok(Some(_)) | Err(_) = stream.take_error() {
+                    // The client reset while it waited in the listen queue: nothing to dial
+                    // for; close it at once (a flood of these must cost no upstream connect).
+                    net::set_reset_on_close(SockRef::from(&stream));
+                    drop(stream);
+                    let end = End {
+                        reason: CloseReason::Reset,
+                        bytes: [0, 0],
+                        path: "copy",
+                    };
+                    session.finish(rt, &metrics, shard, end, Instant::now());
+                    continue;
+                }
                 live.count.fetch_add(1, Ordering::AcqRel);
                 let guard = LiveGuard(live.clone());
                 let (runtime, metrics, phase) = (runtime.clone(), metrics.clone(), phase.clone());
                 tokio::spawn(async move {
                     let rt = runtime.rule(rule_idx);
-                    handle(stream, session, rt, &metrics, phase).await;
+                    handle(stream, session, rt, &metrics, phase, permit).await;
                     drop(guard);
                 });
             }
@@ -227,6 +256,7 @@ async fn handle(
     rt: &RuleRuntime,
     metrics: &Metrics,
     mut phase: watch::Receiver<Phase>,
+    unsettled: OwnedSemaphorePermit,
 ) {
     let rule = &rt.rule;
     let rule_idx = rt.index;
@@ -241,6 +271,8 @@ async fn handle(
         _ = phase.wait_for(|p| *p >= Phase::Closing) => Err(CloseReason::Shutdown),
         r = connect(&mut session, rt, rm.local()) => r,
     };
+    // Settled (relaying) or about to be disposed of: the accept loops may take another.
+    drop(unsettled);
     let upstream = match upstream {
         Ok(u) => u,
         Err(reason) => {

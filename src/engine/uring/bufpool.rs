@@ -57,6 +57,20 @@ impl BufPool {
         count: u16,
         buf_size: u32,
     ) -> Result<(Self, Option<io::Error>), PoolError> {
+        Self::with_registration(ring, count, buf_size, true)
+    }
+
+    /// [`BufPool::new`], registering the buffers only if `register` (the engine leaves them
+    /// unregistered when it knows the locked-memory limit cannot hold them).
+    ///
+    /// # Errors
+    /// The mapping or the provided-buffer ring could not be set up.
+    pub fn with_registration(
+        ring: &IoUring,
+        count: u16,
+        buf_size: u32,
+        register: bool,
+    ) -> Result<(Self, Option<io::Error>), PoolError> {
         let count = count.clamp(1, 1 << 15);
         let mem_len = count as usize * buf_size as usize;
         let entries = count.next_power_of_two();
@@ -103,14 +117,18 @@ impl BufPool {
                 iov_len: buf_size as usize,
             })
             .collect();
-        // SAFETY: every iovec lies inside `mem`, which stays mapped until Drop, and Drop runs
-        // after the ring (the owner of the registration) has been dropped.
-        let reg_error = match unsafe { ring.submitter().register_buffers(&iovecs) } {
-            Ok(()) => {
-                pool.registered = true;
-                None
+        let reg_error = if register {
+            // SAFETY: every iovec lies inside `mem`, which stays mapped until Drop, and Drop
+            // runs after the ring (the owner of the registration) has been dropped.
+            match unsafe { ring.submitter().register_buffers(&iovecs) } {
+                Ok(()) => {
+                    pool.registered = true;
+                    None
+                }
+                Err(e) => Some(e),
             }
-            Err(e) => Some(e),
+        } else {
+            None
         };
         // SAFETY: the ring memory is page aligned, `entries` long, zeroed (so the tail starts
         // at 0), and stays mapped until Drop, after the ring is gone.

@@ -20,8 +20,14 @@ use std::fmt;
 
 use io_uring::opcode;
 
-use super::{EngineError, Listeners, RunContext};
-use crate::config::Config;
+use std::net::TcpListener;
+use std::sync::mpsc;
+use std::thread::JoinHandle;
+
+use nix::sys::resource::{RLIM_INFINITY, Resource, getrlimit};
+
+use super::{Listeners, RunContext};
+use crate::config::{Config, DataPath};
 use crate::net;
 
 /// Why io_uring cannot be used here, with what to do about it.
@@ -49,7 +55,14 @@ fn explain_setup_error(e: &std::io::Error) -> Unavailable {
         Some(libc::EPERM) if sysctl == Some(2) => "io_uring is disabled by sysctl kernel.io_uring_disabled=2; enable it with `sysctl kernel.io_uring_disabled=0`".to_string(),
         Some(libc::EPERM) if sysctl == Some(1) => "io_uring is restricted by sysctl kernel.io_uring_disabled=1 to the group in kernel.io_uring_group; run ringfwd in that group or set `sysctl kernel.io_uring_disabled=0`".to_string(),
         Some(libc::EPERM) => "io_uring_setup was denied (EPERM): typically a seccomp profile such as Docker's default (25+) or containerd's; allow io_uring_setup/io_uring_enter/io_uring_register in the profile (e.g. docker run --security-opt seccomp=<profile>)".to_string(),
-        Some(libc::ENOMEM) => "io_uring_setup failed with ENOMEM: RLIMIT_MEMLOCK is too low for the ring on this kernel; raise it (ulimit -l)".to_string(),
+        Some(libc::ENOMEM) => format!(
+            "io_uring_setup failed with ENOMEM: the locked-memory limit (RLIMIT_MEMLOCK, {}) is too low for the rings; raise it (ulimit -l, LimitMEMLOCK= in a systemd unit, or CAP_IPC_LOCK), or lower workers / [uring] ring_entries",
+            limit_text(Resource::RLIMIT_MEMLOCK, "KiB", 10)
+        ),
+        Some(libc::EMFILE | libc::ENFILE) => format!(
+            "io_uring_setup failed: out of file descriptors (RLIMIT_NOFILE {}); raise it (ulimit -n, LimitNOFILE= in a systemd unit) or lower workers",
+            limit_text(Resource::RLIMIT_NOFILE, "", 0)
+        ),
         _ => format!("io_uring_setup failed: {e}"),
     };
     Unavailable(why)
@@ -98,9 +111,19 @@ pub fn probe() -> Result<(), Unavailable> {
     Ok(())
 }
 
+/// A resource limit's soft value for a message, `unlimited` or in `unit` (`value >> shift`).
+fn limit_text(resource: Resource, unit: &str, shift: u32) -> String {
+    match getrlimit(resource) {
+        Ok((soft, _)) if soft == RLIM_INFINITY => "unlimited".into(),
+        Ok((soft, _)) if unit.is_empty() => soft.to_string(),
+        Ok((soft, _)) => format!("{} {unit}", soft >> shift),
+        Err(_) => "unknown".into(),
+    }
+}
+
 /// Raises the soft `RLIMIT_MEMLOCK` to the hard limit so buffer registration has room.
 fn raise_memlock() {
-    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    use nix::sys::resource::setrlimit;
     if let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_MEMLOCK)
         && soft < hard
         && let Err(e) = setrlimit(Resource::RLIMIT_MEMLOCK, hard, hard)
@@ -109,86 +132,467 @@ fn raise_memlock() {
     }
 }
 
-/// Runs one worker per configured core until shutdown.
+/// Descriptors kept aside at start for what is not a connection: the admin endpoint and its
+/// clients, log and tap files, health-check sockets, the resolver.
+pub const FD_SLACK: usize = 16;
+/// Most connections a worker holds unsettled (accepted, not yet relaying) or closing (waiting
+/// for their ops) before it stops accepting until they drain.
+pub const ACCEPT_BOUND_MAX: usize = 256;
+/// The `CapEff` bit of CAP_IPC_LOCK (`linux/capability.h`).
+const CAP_IPC_LOCK: u32 = 14;
+
+/// What every worker may create at start, sized to the process's limits (after
+/// [`net::raise_nofile_limit`] and [`raise_memlock`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Budget {
+    /// Pipes per worker for the splice pool.
+    pub pipes: usize,
+    /// Whether the copy buffers are registered (pinned, counted as locked memory).
+    pub register_buffers: bool,
+    /// See [`worker::WorkerSetup::accept_bound`].
+    pub accept_bound: usize,
+    /// One line per cut, for the one start-up warning.
+    pub cuts: Vec<String>,
+}
+
+/// The process's limits and usage the budget is computed from.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// Soft RLIMIT_NOFILE.
+    pub nofile: u64,
+    /// Descriptors open now (listeners included).
+    pub open: usize,
+    /// Soft RLIMIT_MEMLOCK in bytes, `None` when it does not apply (unlimited, or
+    /// CAP_IPC_LOCK).
+    pub memlock: Option<u64>,
+}
+
+impl Limits {
+    /// This process's limits now.
+    pub fn current() -> Self {
+        let nofile = getrlimit(Resource::RLIMIT_NOFILE).map_or(u64::MAX, |(s, _)| s);
+        // The directory handle itself is one of the entries.
+        let open = std::fs::read_dir("/proc/self/fd").map_or(0, |d| d.count().saturating_sub(1));
+        let capped = !has_cap_ipc_lock();
+        let memlock = getrlimit(Resource::RLIMIT_MEMLOCK)
+            .ok()
+            .map(|(s, _)| s)
+            .filter(|&s| capped && s != RLIM_INFINITY);
+        Self {
+            nofile,
+            open,
+            memlock,
+        }
+    }
+}
+
+fn has_cap_ipc_lock() -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("CapEff:"))
+                .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+        })
+        .is_some_and(|caps| caps & (1 << CAP_IPC_LOCK) != 0)
+}
+
+/// Locked memory one ring of `entries` takes: SQEs (64 B), CQEs (16 B, four per SQE), the
+/// SQ index array, and a page of ring headers.
+fn ring_bytes(entries: u32) -> u64 {
+    let e = u64::from(entries.next_power_of_two());
+    e * 64 + e * 4 * 16 + e * 4 + 4096
+}
+
+/// Sizes the pools of `workers` workers to `limits`:
+///
+/// - **fds**: every worker's ring costs one and every pooled pipe two; after what is open and
+///   [`FD_SLACK`], the pipe pools get at most half of what is left, so connections always
+///   keep the other half (each costs two: client and upstream);
+/// - **locked memory**: when the rings and the registered buffers of every worker cannot all
+///   fit RLIMIT_MEMLOCK, the buffers are left unregistered (plain sends from the same
+///   memory) so that the rings fit;
+/// - **accepts**: each worker stops accepting while [`Budget::accept_bound`] connections
+///   are unsettled or closing, a quarter of the connections' share of fds spread over the
+///   workers (at most [`ACCEPT_BOUND_MAX`], at least 1).
+pub fn budget(config: &Config, workers: usize, limits: Limits) -> Budget {
+    let n = workers.max(1);
+    let mut cuts = Vec::new();
+    let nofile = usize::try_from(limits.nofile).unwrap_or(usize::MAX);
+    let free = nofile
+        .saturating_sub(limits.open)
+        .saturating_sub(FD_SLACK)
+        .saturating_sub(n);
+    let wanted = if config.mode == DataPath::Copy {
+        0
+    } else {
+        config.uring.pipes as usize
+    };
+    let pipes = wanted.min(free / 2 / (2 * n));
+    if pipes < wanted {
+        let needed = limits.open + FD_SLACK + n + 2 * (n * 2 * wanted);
+        cuts.push(format!(
+            "the open-files limit ({nofile}, {} in use) leaves room for {pipes} splice pipes per worker instead of {wanted} (each costs 2 fds; connections keep at least half of the {free} free fds): raise it to at least {needed} (ulimit -n, LimitNOFILE= in a systemd unit) or lower [uring] pipes",
+            limits.open
+        ));
+    }
+    let conn_fds = free - n * 2 * pipes;
+    let accept_bound = (conn_fds / 2 / n / 4).clamp(1, ACCEPT_BOUND_MAX);
+    let mut register_buffers = true;
+    if let Some(memlock) = limits.memlock {
+        let ring = ring_bytes(config.uring.ring_entries);
+        let buffers = u64::from(config.uring.buffers) * config.uring.buffer_size.bytes();
+        let all = n as u64 * (ring + buffers);
+        // When not even the rings fit, set-up fails and says so; nothing to cut here.
+        if all > memlock && n as u64 * ring <= memlock {
+            register_buffers = false;
+            cuts.push(format!(
+                "the locked-memory limit (RLIMIT_MEMLOCK, {} KiB) cannot hold {n} workers' rings and registered buffers ({} KiB): the buffers stay unregistered (plain sends, a little slower); raise it to at least {} KiB (ulimit -l, LimitMEMLOCK= in a systemd unit, or CAP_IPC_LOCK) or lower [uring] buffers / buffer_size",
+                memlock >> 10,
+                all >> 10,
+                all.div_ceil(1024)
+            ));
+        }
+    }
+    Budget {
+        pipes,
+        register_buffers,
+        accept_bound,
+        cuts,
+    }
+}
+
+/// The uring engine could not start; the listeners are handed back untouched (still open,
+/// their queued connections kept) so that another engine can serve them.
+pub struct SetupFailed {
+    pub why: Unavailable,
+    pub listeners: Listeners,
+}
+
+/// What a worker thread reports to the engine while starting.
+enum Report {
+    /// Set up; waits to be told to run or to stand down.
+    Ready(worker::SetupNotes),
+    /// Could not set up; its listeners come back.
+    Failed(String, Option<i32>, Vec<(usize, TcpListener)>),
+    /// Stood down; its listeners come back.
+    Returned(Vec<(usize, TcpListener)>),
+}
+
+/// Every worker set up and waiting for [`Started::run`].
+pub struct Started {
+    go: Vec<mpsc::Sender<bool>>,
+    handles: Vec<JoinHandle<()>>,
+}
+
+impl Started {
+    /// Lets every worker run; `ready` is called once they all do. Returns at shutdown.
+    pub fn run(self, ready: impl FnOnce()) {
+        for g in &self.go {
+            let _ = g.send(true);
+        }
+        ready();
+        for h in self.handles {
+            let _ = h.join();
+        }
+    }
+}
+
+/// Starts one worker per configured core and sets each up (ring, buffer pool, pipe pool),
+/// without running them yet. If any worker cannot set up, all of them stand down and the
+/// listeners come back in [`SetupFailed`], with one explanation for all workers.
 ///
 /// # Errors
-/// A worker's ring or buffer pool could not be set up.
-pub fn run(
+/// [`SetupFailed`] when a worker could not set up or its thread could not be spawned.
+pub fn start(
     config: &Config,
     listeners: Listeners,
-    ctx: RunContext,
-    ready: impl FnOnce(),
-) -> Result<(), EngineError> {
+    ctx: &RunContext,
+) -> Result<Started, Box<SetupFailed>> {
     raise_memlock();
     let n = config.worker_count();
+    let rules = listeners.per_rule.len();
+    let budget = budget(config, n, Limits::current());
+    if !budget.cuts.is_empty() {
+        tracing::warn!("{}", budget.cuts.join("; "));
+    }
     let cpus = net::allowed_cpus();
-    let mut per_worker: Vec<Vec<(usize, std::net::TcpListener)>> =
-        (0..n).map(|_| Vec::new()).collect();
+    let mut per_worker: Vec<Vec<(usize, TcpListener)>> = (0..n).map(|_| Vec::new()).collect();
     for (rule, ls) in listeners.per_rule.into_iter().enumerate() {
         for (w, l) in ls.into_iter().enumerate() {
             per_worker[w % n].push((rule, l));
         }
     }
-    let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Result<(), String>>();
+    let (report_tx, report_rx) = mpsc::channel::<(usize, Report)>();
+    let mut go = Vec::with_capacity(n);
     let mut handles = Vec::with_capacity(n);
+    let mut back: Vec<Vec<(usize, TcpListener)>> = (0..n).map(|_| Vec::new()).collect();
+    let mut spawn_error = None;
     for (id, ls) in per_worker.into_iter().enumerate() {
         let cpu = (n <= cpus.len()).then(|| cpus[id % cpus.len()]);
-        let (config, runtime, metrics, shutdown, ready) = (
+        let (config, runtime, metrics, shutdown, report) = (
             config.clone(),
             ctx.runtime.clone(),
             ctx.metrics.clone(),
             ctx.shutdown.clone(),
-            ready_tx.clone(),
+            report_tx.clone(),
         );
-        let h = std::thread::Builder::new()
+        let setup = worker::WorkerSetup {
+            id,
+            cpu,
+            pipes: budget.pipes,
+            register_buffers: budget.register_buffers,
+            accept_bound: budget.accept_bound,
+        };
+        let (go_tx, go_rx) = mpsc::channel::<bool>();
+        // The listeners travel with the thread; if it cannot be spawned they come back here.
+        let slot = std::sync::Arc::new(std::sync::Mutex::new(Some(ls)));
+        let theirs = slot.clone();
+        let spawned = std::thread::Builder::new()
             .name(format!("ringfwd-w{id}"))
             .spawn(move || {
+                let ls = theirs
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .take()
+                    .unwrap_or_default();
                 if let Some(cpu) = cpu {
                     net::pin_current_thread(cpu);
                 }
-                let setup = worker::WorkerSetup {
-                    id,
-                    cpu,
-                    listeners: ls,
+                // A panic while setting up is reported like a failure: the engine waits for
+                // one report per worker and must not wait forever.
+                let built = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    worker::Worker::new(&config, &setup, runtime, metrics, shutdown)
+                }));
+                let built = match built {
+                    Ok(b) => b,
+                    Err(_) => {
+                        let why = format!("worker {id}: panicked while setting up");
+                        let _ = report.send((id, Report::Failed(why, None, ls)));
+                        return;
+                    }
                 };
-                match worker::Worker::new(&config, setup, runtime, metrics, shutdown.clone()) {
-                    Ok(w) => {
-                        let _ = ready.send(Ok(()));
-                        w.run();
+                match built {
+                    Ok((w, notes)) => {
+                        let _ = report.send((id, Report::Ready(notes)));
+                        if go_rx.recv() == Ok(true) {
+                            w.run(ls);
+                        } else {
+                            drop(w);
+                            let _ = report.send((id, Report::Returned(ls)));
+                        }
                     }
                     Err(e) => {
-                        let _ = ready.send(Err(e.to_string()));
+                        let errno = match &e {
+                            worker::WorkerError::Ring { source, .. } => source.raw_os_error(),
+                            worker::WorkerError::Pool { .. } => None,
+                        };
+                        let _ = report.send((id, Report::Failed(e.to_string(), errno, ls)));
                     }
                 }
-            })
-            .map_err(|source| EngineError::Io {
-                what: "cannot start a worker thread",
-                source,
-            })?;
-        handles.push(h);
-    }
-    drop(ready_tx);
-    let mut first_err = None;
-    for _ in 0..n {
-        match ready_rx.recv() {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => {
-                first_err.get_or_insert(e);
+            });
+        match spawned {
+            Ok(h) => {
+                go.push(go_tx);
+                handles.push(h);
             }
-            Err(_) => break,
+            Err(e) => {
+                back[id] = slot
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .take()
+                    .unwrap_or_default();
+                spawn_error = Some(format!("cannot start worker thread {id}: {e}"));
+                break;
+            }
         }
     }
-    if let Some(e) = first_err {
-        // Stop the workers that did start, then report.
-        ctx.shutdown.advance(crate::shutdown::Phase::Closing);
-        for h in handles {
-            let _ = h.join();
+    drop(report_tx);
+    // Every spawned worker answers once: ready, or failed.
+    let mut failures: Vec<(usize, String, Option<i32>)> = Vec::new();
+    let mut notes = Vec::new();
+    for _ in 0..handles.len() {
+        match report_rx.recv() {
+            Ok((id, Report::Ready(n))) => notes.push((id, n)),
+            Ok((id, Report::Failed(e, errno, ls))) => {
+                back[id] = ls;
+                failures.push((id, e, errno));
+            }
+            Ok((_, Report::Returned(_))) | Err(_) => {}
         }
-        return Err(EngineError::UringUnavailable(Unavailable(e)));
     }
-    ready();
+    report_notes(n, &notes);
+    if failures.is_empty() && spawn_error.is_none() {
+        return Ok(Started { go, handles });
+    }
+    // Stand every ready worker down and take its listeners back.
+    for g in &go {
+        let _ = g.send(false);
+    }
+    for _ in 0..notes.len() {
+        if let Ok((id, Report::Returned(ls))) = report_rx.recv() {
+            back[id] = ls;
+        }
+    }
     for h in handles {
         let _ = h.join();
     }
-    Ok(())
+    let why = match spawn_error {
+        Some(e) => Unavailable(e),
+        None => explain_failures(n, &failures),
+    };
+    let mut per_rule: Vec<Vec<TcpListener>> = (0..rules).map(|_| Vec::new()).collect();
+    for ls in back {
+        for (rule, l) in ls {
+            per_rule[rule].push(l);
+        }
+    }
+    Err(Box::new(SetupFailed {
+        why,
+        listeners: Listeners { per_rule },
+    }))
+}
+
+/// One explanation for every worker that failed: the first failure, explained (what to
+/// raise), and how many workers failed.
+fn explain_failures(n: usize, failures: &[(usize, String, Option<i32>)]) -> Unavailable {
+    let (id, text, errno) = failures
+        .iter()
+        .min_by_key(|(id, ..)| *id)
+        .expect("at least one failure");
+    let cause = match errno {
+        Some(e) => explain_setup_error(&std::io::Error::from_raw_os_error(*e)).0,
+        None => text.clone(),
+    };
+    let who = if failures.len() == 1 {
+        format!("worker {id} of {n} could not set up")
+    } else {
+        format!("{} of {n} workers could not set up", failures.len())
+    };
+    Unavailable(format!("{who}: {cause}"))
+}
+
+/// Logs, once for all workers, what fell short while they set up (pipes, registration).
+fn report_notes(n: usize, notes: &[(usize, worker::SetupNotes)]) {
+    let short: Vec<&(usize, String)> = notes
+        .iter()
+        .filter_map(|(_, s)| s.pipes_short.as_ref())
+        .collect();
+    if let Some((_, why)) = short.first() {
+        let created: usize = short.iter().map(|(c, _)| c).sum();
+        tracing::warn!(
+            workers = short.len(),
+            of = n,
+            created,
+            "{why}; those workers have fewer splice pipes than asked and the rest of their traffic uses the copy path"
+        );
+    }
+    let unregistered: Vec<&String> = notes
+        .iter()
+        .filter_map(|(_, s)| s.registration.as_ref())
+        .collect();
+    if let Some(why) = unregistered.first() {
+        tracing::warn!(
+            workers = unregistered.len(),
+            of = n,
+            "cannot register the copy buffers with io_uring ({why}): RLIMIT_MEMLOCK too low; raise it with `ulimit -l`, LimitMEMLOCK= in the systemd unit, or CAP_IPC_LOCK, or lower [uring] buffers/buffer_size; continuing with unregistered buffers"
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(mode: &str) -> Config {
+        let text = format!(
+            "mode = \"{mode}\"\n[[rule]]\nlisten = \"127.0.0.1:0\"\nupstream = \"127.0.0.1:9\"\n"
+        );
+        Config::parse("t.toml", &text).expect("valid config")
+    }
+
+    const ROOMY: Limits = Limits {
+        nofile: 20_000,
+        open: 10,
+        memlock: None,
+    };
+
+    #[test]
+    fn a_roomy_host_gets_the_configured_pools() {
+        let b = budget(&config("splice"), 2, ROOMY);
+        assert_eq!(b.pipes, 16);
+        assert!(b.register_buffers);
+        assert_eq!(b.accept_bound, ACCEPT_BOUND_MAX);
+        assert!(b.cuts.is_empty(), "{:?}", b.cuts);
+    }
+
+    #[test]
+    fn a_low_fd_limit_cuts_the_pipes_and_keeps_half_for_connections() {
+        let limits = Limits {
+            nofile: 64,
+            open: 7,
+            memlock: None,
+        };
+        let b = budget(&config("splice"), 2, limits);
+        // 64 - 7 open - 16 slack - 2 rings = 39 free; pipes take at most half.
+        assert_eq!(b.pipes, 4);
+        // 2 workers × 2 fds per pipe.
+        assert!(2 * 2 * b.pipes <= 39 / 2);
+        assert!(b.accept_bound >= 1);
+        assert_eq!(b.cuts.len(), 1);
+        assert!(b.cuts[0].contains("ulimit -n"), "{}", b.cuts[0]);
+        // A limit that cannot even hold the rings leaves no pipes, not an underflow.
+        let b = budget(
+            &config("auto"),
+            4,
+            Limits {
+                nofile: 16,
+                open: 10,
+                memlock: None,
+            },
+        );
+        assert_eq!((b.pipes, b.accept_bound), (0, 1));
+    }
+
+    #[test]
+    fn the_copy_path_asks_for_no_pipes_and_warns_of_none() {
+        let limits = Limits {
+            nofile: 64,
+            open: 7,
+            memlock: None,
+        };
+        let b = budget(&config("copy"), 2, limits);
+        assert_eq!(b.pipes, 0);
+        assert!(b.cuts.is_empty(), "{:?}", b.cuts);
+    }
+
+    #[test]
+    fn buffers_stay_unregistered_when_memlock_holds_only_the_rings() {
+        let c = config("copy");
+        let ring = ring_bytes(c.uring.ring_entries);
+        let memlock = Some(4 * ring + (1 << 20));
+        let b = budget(&c, 4, Limits { memlock, ..ROOMY });
+        assert!(!b.register_buffers);
+        assert!(b.cuts[0].contains("ulimit -l"), "{}", b.cuts[0]);
+        // Not even the rings fit: nothing to cut, set-up will fail and say so.
+        let b = budget(
+            &c,
+            4,
+            Limits {
+                memlock: Some(64 << 10),
+                ..ROOMY
+            },
+        );
+        assert!(b.register_buffers && b.cuts.is_empty());
+        // Enough for everything.
+        let b = budget(
+            &c,
+            4,
+            Limits {
+                memlock: Some(64 << 20),
+                ..ROOMY
+            },
+        );
+        assert!(b.register_buffers && b.cuts.is_empty());
+    }
 }

@@ -57,30 +57,43 @@ impl PipePool {
     /// Creates up to `count` pipes of `size` bytes; stops early (with one warning) when the
     /// system says no, so the forwarder runs with fewer pipes rather than not at all.
     pub fn new(worker: usize, count: usize, size: usize) -> Self {
+        let (pool, short) = Self::create(count, size);
+        if let Some(e) = short {
+            tracing::warn!(
+                worker,
+                created = pool.target,
+                wanted = count,
+                "{e}; the rest of the traffic uses the copy path"
+            );
+        }
+        pool
+    }
+
+    /// Like [`PipePool::new`], but silent: says why it stopped short of `count`, so that the
+    /// engine can report every worker's shortfall in one line.
+    pub fn create(count: usize, size: usize) -> (Self, Option<PipeError>) {
         let mut free = Vec::with_capacity(count);
-        let mut warned = false;
+        let mut short = None;
         for _ in 0..count {
             match make_pipe(size) {
                 Ok(p) => free.push(p),
                 Err(e) => {
-                    tracing::warn!(
-                        worker,
-                        created = free.len(),
-                        wanted = count,
-                        "{e}; the rest of the traffic uses the copy path"
-                    );
-                    warned = true;
+                    short = Some(e);
                     break;
                 }
             }
         }
         let target = free.len();
-        Self {
-            free,
-            size,
-            target,
-            warned,
-        }
+        let warned = short.is_some();
+        (
+            Self {
+                free,
+                size,
+                target,
+                warned,
+            },
+            short,
+        )
     }
 
     /// A pipe for a direction moving to the splice path, if one is free.

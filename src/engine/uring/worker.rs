@@ -9,6 +9,11 @@
 //! member, failover, limits, the record) are the session core's ([`crate::session`]); this
 //! module only turns them into ops. Every connection op goes through [`Worker::push_conn`],
 //! which counts it; its last completion uncounts it in [`Worker::dispatch`].
+//!
+//! Accepting is paced: one-shot accepts, at most [`ACCEPT_WINDOW`] per listener in flight,
+//! and none while the worker holds its accept bound of connections that are not relaying
+//! yet or are closing ([`Worker::fill_accepts`]). A client that reset while it waited in
+//! the listen queue is closed at accept, without an upstream connect.
 #![allow(unsafe_code)]
 
 use std::collections::VecDeque;
@@ -22,7 +27,7 @@ use io_uring::{cqueue, opcode, squeue, types};
 use socket2::{SockAddr, SockRef};
 
 use super::bufpool::{BUFFER_GROUP, BufPool};
-use super::conn::{Action, Actions, Conn, DirState, Event};
+use super::conn::{Action, Actions, Conn, DirState, Event, Phase as ConnPhase};
 use super::pipepool::PipePool;
 use super::ring::{self, Ring};
 use super::slab::{Entry, Slab};
@@ -50,12 +55,19 @@ struct RuleCtx {
     picker: Picker,
 }
 
+/// One-shot accepts a listener keeps in flight at most (while the worker is under its
+/// accept bound). One-shot, not multishot: a multishot accept drains the whole listen queue
+/// into the completion queue at once (thousands of fds in one burst under a connection flood),
+/// where one-shot accepts let the worker take no more than it can dispose of.
+const ACCEPT_WINDOW: u32 = 64;
+
 #[derive(Debug, PartialEq, Eq)]
 enum ListenerState {
-    Armed,
-    /// Out of fds: re-arm after this instant.
+    /// Accepting (as many accepts in flight as the window and the accept bound allow).
+    Open,
+    /// Out of fds: no new accept before this instant.
     Backoff(Instant),
-    /// Cancel submitted; waiting for the accept's last completion.
+    /// Cancel submitted; waiting for the last accept in flight to complete.
     Cancelling,
     Closed,
 }
@@ -64,14 +76,33 @@ struct Listener {
     fd: Option<OwnedFd>,
     rule: usize,
     state: ListenerState,
+    /// One-shot accepts submitted and not yet completed.
+    in_flight: u32,
     exhausted: net::ExhaustionLog,
 }
 
-/// What a worker is built from.
+/// What a worker is built from: its place, and what it may create at start (the engine sizes
+/// the pools to the process's fd and locked-memory limits, see [`super::Budget`]).
 pub struct WorkerSetup {
     pub id: usize,
     pub cpu: Option<usize>,
-    pub listeners: Vec<(usize, TcpListener)>,
+    /// Pipes for the splice pool (0 on the copy path).
+    pub pipes: usize,
+    /// Whether to register the copy buffers with the ring (locked memory).
+    pub register_buffers: bool,
+    /// Most connections this worker has accepted and not yet settled (relaying) or disposed
+    /// of (closed) before it stops accepting; see [`super::Budget::accept_bound`].
+    pub accept_bound: usize,
+}
+
+/// What did not go as asked while a worker set up, without stopping it; the engine reports
+/// every worker's notes in one line.
+#[derive(Debug, Default)]
+pub struct SetupNotes {
+    /// Pipes created, and why not all of them.
+    pub pipes_short: Option<(usize, String)>,
+    /// Why the buffers could not be registered.
+    pub registration: Option<String>,
 }
 
 pub struct Worker {
@@ -92,6 +123,13 @@ pub struct Worker {
     draining: bool,
     closing: bool,
     cqes: Vec<(u64, i32, u32)>,
+    /// Connections accepted and not yet relaying, or closing: the fds the worker holds for
+    /// connections it has not settled or not yet disposed of.
+    unsettled: usize,
+    /// Accepts in flight over every listener.
+    accepts_in_flight: usize,
+    /// No new accept while `unsettled + accepts_in_flight` reaches this.
+    accept_bound: usize,
 }
 
 /// Why a worker could not start.
@@ -110,15 +148,19 @@ impl Worker {
     /// Sets up the ring and the pool. Must run on the worker's own thread (SINGLE_ISSUER binds
     /// the ring to the thread that creates it).
     ///
+    /// Nothing is logged here: what fell short is returned in [`SetupNotes`] for the engine
+    /// to report once for all workers.
+    ///
     /// # Errors
     /// [`WorkerError`] when the ring or the pool cannot be set up.
     pub fn new(
         config: &Config,
-        setup: WorkerSetup,
+        setup: &WorkerSetup,
         runtime: Arc<Runtime>,
         metrics: Arc<Metrics>,
         shutdown: Shutdown,
-    ) -> Result<Self, WorkerError> {
+    ) -> Result<(Self, SetupNotes), WorkerError> {
+        let mut notes = SetupNotes::default();
         let id = setup.id;
         let (ring, mode) = ring::build(config.uring.ring_entries)
             .map_err(|source| WorkerError::Ring { id, source })?;
@@ -130,17 +172,10 @@ impl Worker {
         }
         let count = u16::try_from(config.uring.buffers.min(1 << 15)).unwrap_or(1 << 15);
         let buf_size = u32::try_from(config.uring.buffer_size.bytes()).unwrap_or(u32::MAX);
-        let (pool, reg_err) = BufPool::new(&ring, count, buf_size)
-            .map_err(|source| WorkerError::Pool { id, source })?;
-        if let Some(e) = reg_err {
-            let bytes = u64::from(count) * u64::from(buf_size);
-            tracing::warn!(
-                worker = id,
-                error = %e,
-                "cannot register {} KiB of buffers per worker with io_uring (RLIMIT_MEMLOCK too low: raise it with `ulimit -l`, LimitMEMLOCK= in the systemd unit, or CAP_IPC_LOCK; or lower [uring] buffers/buffer_size); continuing with unregistered buffers",
-                bytes >> 10
-            );
-        }
+        let (pool, reg_err) =
+            BufPool::with_registration(&ring, count, buf_size, setup.register_buffers)
+                .map_err(|source| WorkerError::Pool { id, source })?;
+        notes.registration = reg_err.map(|e| e.to_string());
         tracing::debug!(
             worker = id,
             mode,
@@ -161,33 +196,15 @@ impl Worker {
                 picker: Picker::new(((id as u64) << 32) ^ (i as u64) ^ 0x5851_f42d_4c95_7f2d),
             })
             .collect();
-        let listeners = setup
-            .listeners
-            .into_iter()
-            .map(|(rule, l)| Listener {
-                fd: Some(OwnedFd::from(l)),
-                rule,
-                state: ListenerState::Closed,
-                exhausted: net::ExhaustionLog::default(),
-            })
-            .collect();
-        let wants_pipes = config.mode != DataPath::Copy;
-        let pipes = PipePool::new(
-            id,
-            if wants_pipes {
-                config.uring.pipes as usize
-            } else {
-                0
-            },
-            config.uring.pipe_size.as_usize(),
-        );
-        Ok(Self {
+        let (pipes, short) = PipePool::create(setup.pipes, config.uring.pipe_size.as_usize());
+        notes.pipes_short = short.map(|e| (pipes.available(), e.to_string()));
+        let worker = Self {
             ring: Ring::new(ring),
             pool,
             pipes,
             id,
             rules,
-            listeners,
+            listeners: Vec::new(),
             // Every live connection of every rule could land on one worker (the kernel spreads
             // SO_REUSEPORT connections by hash, not by load).
             slab: Slab::with_capacity(config.live_connections_bound()),
@@ -199,16 +216,29 @@ impl Worker {
             draining: false,
             closing: false,
             cqes: Vec::with_capacity(1024),
-        })
+            unsettled: 0,
+            accepts_in_flight: 0,
+            accept_bound: setup.accept_bound.max(1),
+        };
+        Ok((worker, notes))
     }
 
-    /// Runs the event loop until shutdown has drained every connection.
-    pub fn run(mut self) {
-        for i in 0..self.listeners.len() {
-            self.arm_accept(i);
-        }
+    /// Runs the event loop on `listeners` (`(rule, listener)`) until shutdown has drained
+    /// every connection.
+    pub fn run(mut self, listeners: Vec<(usize, TcpListener)>) {
+        self.listeners = listeners
+            .into_iter()
+            .map(|(rule, l)| Listener {
+                fd: Some(OwnedFd::from(l)),
+                rule,
+                state: ListenerState::Open,
+                in_flight: 0,
+                exhausted: net::ExhaustionLog::default(),
+            })
+            .collect();
         let mut next_tick = Instant::now() + TICK;
         loop {
+            self.fill_accepts();
             self.ring.flush_backlog();
             let wait = if self.run_queue.is_empty() {
                 next_tick.saturating_duration_since(Instant::now())
@@ -265,19 +295,36 @@ impl Worker {
         unsafe { self.ring.push_group(first, second) };
     }
 
-    fn arm_accept(&mut self, i: usize) {
-        let Some(fd) = self.listeners[i].fd.as_ref().map(AsRawFd::as_raw_fd) else {
+    /// Tops up every open listener's one-shot accepts, as long as the worker holds fewer
+    /// than its accept bound of unsettled or closing connections (plus accepts in flight): a
+    /// flood of connections that reset at once is then accepted no faster than it is disposed
+    /// of, and the rest waits in the kernel's listen queue instead of costing fds here.
+    fn fill_accepts(&mut self) {
+        if self.draining {
             return;
-        };
-        let token = Token::new(i as u32, 0, Direction::ClientToUpstream, OpKind::Accept);
-        let e = opcode::AcceptMulti::new(types::Fd(fd))
-            .flags(libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC)
-            .build()
-            .user_data(token.encode());
-        self.listeners[i].state = ListenerState::Armed;
-        // SAFETY: the accept carries no pointer; the listener fd is closed only after the
-        // accept's last completion (`ListenerState::Cancelling` → `Closed`).
-        unsafe { self.ring.push(e) };
+        }
+        for i in 0..self.listeners.len() {
+            while self.listeners[i].state == ListenerState::Open
+                && self.listeners[i].in_flight < ACCEPT_WINDOW
+                && self.unsettled + self.accepts_in_flight < self.accept_bound
+            {
+                let Some(fd) = self.listeners[i].fd.as_ref().map(AsRawFd::as_raw_fd) else {
+                    break;
+                };
+                let token = Token::new(i as u32, 0, Direction::ClientToUpstream, OpKind::Accept);
+                let e =
+                    opcode::Accept::new(types::Fd(fd), std::ptr::null_mut(), std::ptr::null_mut())
+                        .flags(libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC)
+                        .build()
+                        .user_data(token.encode());
+                self.listeners[i].in_flight += 1;
+                self.accepts_in_flight += 1;
+                // SAFETY: the accept carries no pointer (null address and length); the
+                // listener fd is closed only once no accept is in flight on it
+                // (`ListenerState::Cancelling` → `Closed`).
+                unsafe { self.ring.push(e) };
+            }
+        }
     }
 
     fn dispatch(&mut self, ud: u64, res: i32, flags: u32, now: Instant) {
@@ -307,7 +354,7 @@ impl Worker {
             }
         }
         match t.kind {
-            OpKind::Accept => self.on_accept(t.slot as usize, res, flags, now),
+            OpKind::Accept => self.on_accept(t.slot as usize, res, now),
             OpKind::CancelAccept => {}
             OpKind::Connect => self.conn_event(t, Event::Connected { res }, now),
             OpKind::ConnectTimeout => self.conn_event(t, Event::ConnectTimerDone, now),
@@ -341,25 +388,24 @@ impl Worker {
         self.wake_waiters(now);
     }
 
-    fn on_accept(&mut self, li: usize, res: i32, flags: u32, now: Instant) {
-        if !cqueue::more(flags) {
-            // The multishot accept ended: cancelled, or an error such as EMFILE.
-            let rule_name = &self.runtime.rule(self.listeners[li].rule).rule.name;
-            let l = &mut self.listeners[li];
-            if self.draining || l.state == ListenerState::Cancelling {
+    fn on_accept(&mut self, li: usize, res: i32, now: Instant) {
+        // A one-shot accept: every completion is its last.
+        self.accepts_in_flight = self.accepts_in_flight.saturating_sub(1);
+        let rule_name = &self.runtime.rule(self.listeners[li].rule).rule.name;
+        let l = &mut self.listeners[li];
+        l.in_flight = l.in_flight.saturating_sub(1);
+        if l.state == ListenerState::Cancelling {
+            if l.in_flight == 0 {
                 l.state = ListenerState::Closed;
                 l.fd = None;
-            } else if res < 0 && net::is_resource_exhaustion(&io::Error::from_raw_os_error(-res)) {
-                // io_uring's accept takes the fd before looking at the queue, so this also
-                // happens with nothing pending: no connection was rejected, none is lost.
-                if let Some(held_back) = l.exhausted.hit(now) {
-                    tracing::warn!(worker = self.id, rule = %rule_name, error = %io::Error::from_raw_os_error(-res), held_back, "accept: out of file descriptors; backing off");
-                }
-                l.state = ListenerState::Backoff(now + net::ACCEPT_BACKOFF);
-            } else {
-                // Any other end (or a last connection delivered without MORE): re-arm.
-                self.arm_accept(li);
             }
+        } else if res < 0 && net::is_resource_exhaustion(&io::Error::from_raw_os_error(-res)) {
+            // io_uring's accept takes the fd before looking at the queue, so this also
+            // happens with nothing pending: no connection was rejected, none is lost.
+            if let Some(held_back) = l.exhausted.hit(now) {
+                tracing::warn!(worker = self.id, rule = %rule_name, error = %io::Error::from_raw_os_error(-res), held_back, "accept: out of file descriptors; backing off");
+            }
+            l.state = ListenerState::Backoff(now + net::ACCEPT_BACKOFF);
         }
         if res < 0 {
             return;
@@ -385,6 +431,19 @@ impl Worker {
             net::set_reset_on_close(SockRef::from(&client));
             return;
         };
+        if peer.is_none() {
+            // getpeername failed (ENOTCONN): the client reset or vanished while it waited in
+            // the listen queue. Nothing to dial for; close it at once (a flood of such
+            // connections must cost no upstream connect).
+            net::set_reset_on_close(SockRef::from(&client));
+            let end = End {
+                reason: CloseReason::Reset,
+                bytes: [0, 0],
+                path: "copy",
+            };
+            session.finish(rt, &self.metrics, shard, end, now);
+            return;
+        }
         if let Err(e) = net::apply_tcp_options(SockRef::from(&client), &rt.rule.tcp) {
             tracing::debug!(error = %e, "socket option on client socket failed");
         }
@@ -402,6 +461,7 @@ impl Worker {
         }
         let conn = Conn::new(now, self.rules[ri].policy, self.pool.buf_size());
         let (slot, generation) = self.slab.insert(Entry::new(conn, session, ri, client));
+        self.unsettled += 1;
         self.conn_event(
             Token::new(
                 slot,
@@ -428,7 +488,13 @@ impl Worker {
             return;
         };
         let mut actions = Actions::default();
+        let was_relaying = entry.conn.phase() == ConnPhase::Relaying;
         entry.conn.handle(ev, now, &mut actions);
+        match (was_relaying, entry.conn.phase() == ConnPhase::Relaying) {
+            (false, true) => self.unsettled = self.unsettled.saturating_sub(1),
+            (true, false) => self.unsettled += 1,
+            _ => {}
+        }
         for a in actions.iter() {
             self.act(t.slot, t.generation, a, now);
         }
@@ -709,6 +775,8 @@ impl Worker {
         let Some(mut e) = self.slab.remove(slot, generation) else {
             return;
         };
+        // A finishing connection is closing, so it was counted unsettled.
+        self.unsettled = self.unsettled.saturating_sub(1);
         if reset {
             net::set_reset_on_close(SockRef::from(&e.client));
             if let Some(u) = &e.upstream {
@@ -785,30 +853,31 @@ impl Worker {
         if phase >= Phase::Draining && !self.draining {
             self.draining = true;
             for i in 0..self.listeners.len() {
-                match self.listeners[i].state {
-                    ListenerState::Armed => {
-                        self.listeners[i].state = ListenerState::Cancelling;
-                        let target =
-                            Token::new(i as u32, 0, Direction::ClientToUpstream, OpKind::Accept)
-                                .encode();
-                        let sqe = opcode::AsyncCancel::new(target).build().user_data(
-                            Token::new(
-                                i as u32,
-                                0,
-                                Direction::ClientToUpstream,
-                                OpKind::CancelAccept,
-                            )
-                            .encode(),
-                        );
-                        // SAFETY: a cancel carries no pointer and names no fd.
-                        unsafe { self.ring.push(sqe) };
-                    }
-                    ListenerState::Backoff(_) | ListenerState::Closed => {
-                        self.listeners[i].state = ListenerState::Closed;
-                        self.listeners[i].fd = None;
-                    }
-                    ListenerState::Cancelling => {}
+                let l = &mut self.listeners[i];
+                if l.state == ListenerState::Cancelling || l.state == ListenerState::Closed {
+                    continue;
                 }
+                if l.in_flight == 0 {
+                    l.state = ListenerState::Closed;
+                    l.fd = None;
+                    continue;
+                }
+                l.state = ListenerState::Cancelling;
+                let target =
+                    Token::new(i as u32, 0, Direction::ClientToUpstream, OpKind::Accept).encode();
+                let sqe = opcode::AsyncCancel2::new(types::CancelBuilder::user_data(target).all())
+                    .build()
+                    .user_data(
+                        Token::new(
+                            i as u32,
+                            0,
+                            Direction::ClientToUpstream,
+                            OpKind::CancelAccept,
+                        )
+                        .encode(),
+                    );
+                // SAFETY: a cancel carries no pointer and names no fd.
+                unsafe { self.ring.push(sqe) };
             }
         }
         if phase == Phase::Closing && !self.closing {
@@ -816,11 +885,11 @@ impl Worker {
             self.broadcast(Event::Shutdown, now, |_| true);
         }
         if !self.draining {
-            for i in 0..self.listeners.len() {
-                if let ListenerState::Backoff(until) = self.listeners[i].state
+            for l in &mut self.listeners {
+                if let ListenerState::Backoff(until) = l.state
                     && now >= until
                 {
-                    self.arm_accept(i);
+                    l.state = ListenerState::Open;
                 }
             }
         }
