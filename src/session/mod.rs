@@ -18,6 +18,7 @@
 //! per io_uring worker; one behind a mutex for the engines whose tasks move between threads).
 
 pub mod outcome;
+pub mod proxy;
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
