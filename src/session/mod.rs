@@ -19,6 +19,7 @@
 
 pub mod outcome;
 pub mod proxy;
+pub mod sni;
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
