@@ -17,6 +17,7 @@
 //! mutable piece a pick needs — the balancer's state — is a [`Picker`] the caller owns (one
 //! per io_uring worker; one behind a mutex for the engines whose tasks move between threads).
 
+pub mod acl;
 pub mod outcome;
 pub mod proxy;
 pub mod sni;
