@@ -18,6 +18,7 @@
 //! per io_uring worker; one behind a mutex for the engines whose tasks move between threads).
 
 pub mod acl;
+pub mod limits;
 pub mod outcome;
 pub mod proxy;
 pub mod sni;
