@@ -12,6 +12,8 @@
 //! address not denied is admitted. A client reported as an IPv4-mapped IPv6 address
 //! (`::ffff:10.1.2.3`, from a dual-stack listener) is matched as the IPv4 address it is.
 
+#![warn(missing_docs)]
+
 use std::fmt;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::str::FromStr;
@@ -34,16 +36,26 @@ pub enum CidrError {
     #[error(
         "\"{input}\": not an IP address or prefix (expected e.g. 10.0.0.0/8, 192.0.2.7 or 2001:db8::/32)"
     )]
-    BadAddress { input: String },
+    BadAddress {
+        /// What was written.
+        input: String,
+    },
     /// The part after `/` is not a decimal number.
     #[error("\"{input}\": the prefix length after '/' must be a number of bits, e.g. /24")]
-    BadPrefix { input: String },
+    BadPrefix {
+        /// What was written.
+        input: String,
+    },
     /// The prefix length exceeds the address size.
     #[error("\"{input}\": prefix /{prefix} is longer than the {max} bits of an {family} address")]
     PrefixTooLong {
+        /// What was written.
         input: String,
+        /// The prefix length given.
         prefix: u32,
+        /// The family's address size in bits: 32 or 128.
         max: u8,
+        /// "IPv4" or "IPv6".
         family: &'static str,
     },
     /// Bits are set past the prefix: a typo, or a host address where a network was meant.
@@ -51,8 +63,11 @@ pub enum CidrError {
         "\"{input}\": host bits are set past the /{prefix} prefix, so it names no network; did you mean {network}?"
     )]
     HostBitsSet {
+        /// What was written.
         input: String,
+        /// The prefix length given.
         prefix: u8,
+        /// The network with the host bits cleared: probably what was meant.
         network: Cidr,
     },
 }

@@ -27,6 +27,8 @@
 //! prefix ([`LimitsConfig::ipv6_prefix`]; 128, one address, by default) since one host
 //! usually owns a whole /64.
 
+#![warn(missing_docs)]
+
 use std::collections::hash_map::RandomState;
 use std::fmt;
 use std::hash::BuildHasher;
@@ -668,11 +670,11 @@ mod tests {
                             mine.push((k, p));
                         }
                         // Release in a different order than acquired.
-                        if r % 3 == 0 || mine.len() > 4 {
-                            if let Some((k, p)) = mine.pop() {
-                                holders[k].fetch_sub(1, Ordering::SeqCst);
-                                l.release(p);
-                            }
+                        if (r % 3 == 0 || mine.len() > 4)
+                            && let Some((k, p)) = mine.pop()
+                        {
+                            holders[k].fetch_sub(1, Ordering::SeqCst);
+                            l.release(p);
                         }
                     }
                     for (k, p) in mine {

@@ -18,6 +18,8 @@
 //! bad header as early as the bytes show it (a wrong signature at the first byte, an
 //! oversized v2 length at the 16th).
 
+#![warn(missing_docs)]
+
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
 /// Longest valid v1 header, `"PROXY "` through CRLF (spec, section 2.1).
@@ -62,7 +64,9 @@ pub enum Command {
 /// A decoded header: who the client and the address it reached really are.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct ProxyHeader {
+    /// The protocol version the header used.
     pub version: Version,
+    /// LOCAL or PROXY.
     pub command: Command,
     /// The original client. `None` for LOCAL, v1 `UNKNOWN` and v2 `AF_UNSPEC`: relay with the
     /// connection's own addresses.
@@ -75,11 +79,16 @@ pub struct ProxyHeader {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Parse {
     /// Not enough bytes yet to decide; at least `at_least` (≥ 1) more are needed.
-    NeedMore { at_least: usize },
+    NeedMore {
+        /// A lower bound on the bytes still missing.
+        at_least: usize,
+    },
     /// A complete, valid header. It ends at byte `consumed` of the input; the bytes after it
     /// are the client's own and must be relayed.
     Done {
+        /// What the header says.
         header: ProxyHeader,
+        /// The header's length: where the client's own bytes start.
         consumed: usize,
     },
     /// The bytes are not a valid header; the connection should be closed.
@@ -394,10 +403,10 @@ impl ProxyParser {
                 )
             }
         };
-        if family != Family::Unspec {
-            if let Err(e) = check_tlvs(&block[addr_len..]) {
-                return Parse::Invalid(e);
-            }
+        if family != Family::Unspec
+            && let Err(e) = check_tlvs(&block[addr_len..])
+        {
+            return Parse::Invalid(e);
         }
         Parse::Done {
             header: ProxyHeader {

@@ -17,6 +17,8 @@
 //! [`ClientHelloParser::with_cap`] can change), spread over at most [`MAX_RECORDS`] records,
 //! so an engine never buffers more than [`ClientHelloParser::max_buffer_len`] bytes for it.
 
+#![warn(missing_docs)]
+
 use std::collections::HashMap;
 use std::fmt;
 
@@ -72,15 +74,27 @@ impl fmt::Display for ServerName {
 }
 
 /// What [`ClientHelloParser::feed`] makes of the bytes so far.
+///
+/// 264 bytes, because `Done` holds the name inline: boxing it would allocate per connection.
+#[allow(
+    clippy::large_enum_variant,
+    reason = "the name is inline so that no connection allocates"
+)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Hello {
     /// The ClientHello is not complete; at least `at_least` (≥ 1) more bytes are needed.
-    NeedMore { at_least: usize },
+    NeedMore {
+        /// A lower bound on the bytes still missing.
+        at_least: usize,
+    },
     /// The first bytes are not a TLS handshake record (plain HTTP, SSH, an SSLv2-style
     /// hello...): route to the default route and relay the bytes as they are.
     NotTls,
     /// A complete, well-formed ClientHello, with its host name if it carries one.
-    Done { sni: Option<ServerName> },
+    Done {
+        /// The host_name of the server_name extension, lower-case; `None` without one.
+        sni: Option<ServerName>,
+    },
     /// It looks like TLS but is malformed or over the bounds; the connection should be closed.
     Invalid(HelloError),
 }
@@ -531,7 +545,9 @@ pub struct SniRoutes {
     "SNI pattern \"{pattern}\" of route {route}: not a host name (letters, digits, hyphens, dots; labels of 1 to 63, at most 253 in all) nor \"*.\" followed by one"
 )]
 pub struct SniPatternError {
+    /// The route index the pattern was given for.
     pub route: usize,
+    /// The pattern as written.
     pub pattern: String,
 }
 
@@ -913,7 +929,10 @@ mod tests {
         );
         assert_eq!(sni(&one(&[])), None, "empty extensions block");
         let e = sni_ext(&[(0, b"A.Example.COM")]);
-        assert_eq!(sni(&one(&[e.clone()])).as_deref(), Some("a.example.com"));
+        assert_eq!(
+            sni(&one(std::slice::from_ref(&e))).as_deref(),
+            Some("a.example.com")
+        );
         assert_eq!(invalid(&one(&[e.clone(), e.clone()])), DuplicateServerName);
         assert_eq!(
             invalid(&one(&[sni_ext(&[(0, b"a.com"), (0, b"b.com")])])),
@@ -982,6 +1001,14 @@ mod tests {
                 String::from_utf8_lossy(bad)
             );
         }
+    }
+
+    #[test]
+    fn answer_sizes() {
+        // Returned by value on every feed: keep them small enough to copy, and as documented.
+        assert_eq!(std::mem::size_of::<ServerName>(), 254);
+        assert!(std::mem::size_of::<Hello>() <= 264);
+        assert!(std::mem::size_of::<ClientHelloParser>() <= 320);
     }
 
     #[test]
