@@ -17,7 +17,11 @@
 //! mutable piece a pick needs — the balancer's state — is a [`Picker`] the caller owns (one
 //! per io_uring worker; one behind a mutex for the engines whose tasks move between threads).
 
+pub mod acl;
+pub mod limits;
 pub mod outcome;
+pub mod proxy;
+pub mod sni;
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
