@@ -154,6 +154,9 @@ impl RunArgs {
                 tap: None,
                 max_connections: std::num::NonZeroU32::new(config::DEFAULT_MAX_CONNECTIONS)
                     .expect("non-zero"),
+                proxy_protocol: config::ProxyProtocol::Off,
+                accept_proxy: None,
+                admission: config::Admission::default(),
             }];
         }
         if let Some(e) = self.engine {

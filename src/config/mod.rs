@@ -294,6 +294,76 @@ impl Upstream {
     }
 }
 
+/// Whether (and how) the upstream is told the client's address with a PROXY protocol header.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub enum ProxyProtocol {
+    #[default]
+    Off,
+    /// The text header (`PROXY TCP4 …\r\n`).
+    V1,
+    /// The binary header.
+    V2,
+}
+
+impl ProxyProtocol {
+    pub const NAMES: &'static str = "off, v1, v2";
+
+    pub fn parse(text: &str) -> Option<Self> {
+        Some(match text {
+            "off" => Self::Off,
+            "v1" => Self::V1,
+            "v2" => Self::V2,
+            _ => return None,
+        })
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Off => "off",
+            Self::V1 => "v1",
+            Self::V2 => "v2",
+        }
+    }
+}
+
+/// `accept_proxy = true`: every connection must start with a PROXY protocol header (v1 or
+/// v2), and only from a trusted source.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AcceptProxy {
+    /// Sources allowed to send a header; a connection from anywhere else is rejected before
+    /// anything is read (`untrusted_proxy`). Never empty.
+    pub trusted: Vec<crate::session::acl::Cidr>,
+    /// How long the whole header may take to arrive.
+    pub header_timeout: Duration,
+}
+
+pub const DEFAULT_PROXY_HEADER_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// Who may connect, and how much: checked on the client's address (the PROXY header's source
+/// when `accept_proxy` is on) before any upstream socket exists.
+#[derive(Clone, Debug, PartialEq, Eq, Default)]
+pub struct Admission {
+    /// With any entry, only these sources are admitted.
+    pub allow: Vec<crate::session::acl::Cidr>,
+    /// Never admitted (wins over `allow`).
+    pub deny: Vec<crate::session::acl::Cidr>,
+    /// Connections one client address may hold at once.
+    pub max_connections_per_ip: Option<NonZeroU32>,
+    /// New connections one client address may open per period (token bucket, burst of one
+    /// period's worth).
+    pub max_new_connections_per_ip: Option<crate::session::limits::Rate>,
+}
+
+impl Admission {
+    /// Whether any check applies at all (a rule without one pays nothing for them).
+    pub fn is_empty(&self) -> bool {
+        self.allow.is_empty()
+            && self.deny.is_empty()
+            && self.max_connections_per_ip.is_none()
+            && self.max_new_connections_per_ip.is_none()
+    }
+}
+
 /// One listen address forwarded to one upstream pool.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Rule {
@@ -309,6 +379,12 @@ pub struct Rule {
     /// Live connections this rule may hold at once, across every worker and engine; one more
     /// is reset at accept and counted as `rejected{reason="max_connections"}`.
     pub max_connections: NonZeroU32,
+    /// The PROXY protocol header sent to the upstream before the first relayed byte.
+    pub proxy_protocol: ProxyProtocol,
+    /// Require a PROXY protocol header from the client (a load balancer in front).
+    pub accept_proxy: Option<AcceptProxy>,
+    /// ACLs and per-client limits.
+    pub admission: Admission,
 }
 
 /// io_uring engine sizing, per worker.
@@ -1029,6 +1105,9 @@ fn rule_from_raw(
         idle_timeout,
         tap,
         max_connections,
+        proxy_protocol: ProxyProtocol::Off,
+        accept_proxy: None,
+        admission: Admission::default(),
     })
 }
 
