@@ -19,7 +19,7 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use support::data::{self, Hash};
-use support::netns::{Impairment, Link};
+use support::netns::{self, Impairment, Link};
 use support::sock::{self, Backend, End, Upstream, connect, read_n, wait_end};
 use support::{Relay, STEP_TIMEOUT, procfs};
 
@@ -58,7 +58,7 @@ engine_suite!(uring_splice, ["--engine", "uring", "--mode", "splice"]);
 /// Waits until the relay holds no connection (only its listeners) and returns its fd count.
 fn settled_fds(relay: &Relay) -> usize {
     let pid = relay.pid();
-    let only_listeners = || procfs::tcp_sockets(pid).iter().all(|e| e.state == "LISTEN");
+    let only_listeners = || netns::tcp_states(pid).iter().all(|s| *s == "LISTEN");
     assert!(
         support::eventually(Duration::from_secs(5), only_listeners),
         "connections still open:\n{}",
@@ -85,10 +85,16 @@ fn blackholed_upstream_times_out(engine: &[&str]) {
                 s.spawn(move || sock::connect_expect_closed(addr, Duration::from_secs(6)))
             })
             .collect();
-        handles.into_iter().map(|h| h.join().expect("client")).collect()
+        handles
+            .into_iter()
+            .map(|h| h.join().expect("client"))
+            .collect()
     });
     for (end, took) in &ends {
-        assert!(end.is_closed(), "a client was not closed: {end:?} after {took:?}");
+        assert!(
+            end.is_closed(),
+            "a client was not closed: {end:?} after {took:?}"
+        );
         assert!(
             *took >= Duration::from_millis(900) && *took < Duration::from_millis(2500),
             "closed after {took:?}, expected about the 1 s connect timeout"
@@ -99,7 +105,10 @@ fn blackholed_upstream_times_out(engine: &[&str]) {
     assert!(dropped >= CLIENTS as u64, "only {dropped} packets dropped");
     assert_eq!(forwarded, 0);
     let now = settled_fds(&relay);
-    assert!(now <= baseline, "fds {baseline} -> {now}: a timed-out connection leaked");
+    assert!(
+        now <= baseline,
+        "fds {baseline} -> {now}: a timed-out connection leaked"
+    );
 }
 
 /// Bulk data flows both ways over a real link when the upstream resets: the client's read
@@ -143,7 +152,10 @@ fn upstream_reset_mid_stream_reaches_client(engine: &[&str]) {
             // 2. The upstream reads some of the client's stream, then resets mid-flow.
             read_n(&mut server, 256 << 10);
             let sent = up_sender.join().expect("upstream sender");
-            assert!(sent >= 512 << 10, "the upstream could only send {sent} bytes");
+            assert!(
+                sent >= 512 << 10,
+                "the upstream could only send {sent} bytes"
+            );
             sock::reset(server.try_clone().expect("clone"));
             drop(server);
             // 3. The client drains what arrived and then sees the reset.

@@ -18,8 +18,8 @@
 //! Where namespaces or `/dev/net/tun` are missing the fault tests fail, naming the cause,
 //! unless `RINGFWD_SKIP_NETNS=1` says to skip them ([`available`]).
 
-use std::collections::BinaryHeap;
 use std::cmp::Reverse;
+use std::collections::BinaryHeap;
 use std::fs::{File, OpenOptions};
 use std::io::{self, Read, Write};
 use std::net::{IpAddr, SocketAddr};
@@ -54,7 +54,9 @@ pub fn available() -> bool {
     match verdict {
         Ok(()) => true,
         Err(why) if std::env::var(SKIP_NETNS_ENV).as_deref() == Ok("1") => {
-            eprintln!("note: skipping a network-namespace fault test because {SKIP_NETNS_ENV}=1: {why}");
+            eprintln!(
+                "note: skipping a network-namespace fault test because {SKIP_NETNS_ENV}=1: {why}"
+            );
             false
         }
         Err(why) => panic!(
@@ -67,10 +69,19 @@ pub fn available() -> bool {
 fn probe() -> Result<(), String> {
     match Command::new("ip").arg("-V").output() {
         Ok(o) if o.status.success() => {}
-        Ok(o) => return Err(format!("`ip -V` failed: {}", String::from_utf8_lossy(&o.stderr))),
+        Ok(o) => {
+            return Err(format!(
+                "`ip -V` failed: {}",
+                String::from_utf8_lossy(&o.stderr)
+            ));
+        }
         Err(e) => return Err(format!("cannot run `ip` (install iproute2): {e}")),
     }
-    if let Err(e) = OpenOptions::new().read(true).write(true).open("/dev/net/tun") {
+    if let Err(e) = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/net/tun")
+    {
         return Err(format!("cannot open /dev/net/tun: {e}"));
     }
     let ns = Netns::try_new().map_err(|e| format!("cannot create a network namespace: {e}"))?;
@@ -154,7 +165,10 @@ impl Netns {
 impl Drop for Netns {
     fn drop(&mut self) {
         if let Err(e) = run_ip(&["netns", "del", &self.name]) {
-            eprintln!("warning: could not delete network namespace {}: {e}", self.name);
+            eprintln!(
+                "warning: could not delete network namespace {}: {e}",
+                self.name
+            );
         }
     }
 }
@@ -265,11 +279,7 @@ impl Link {
         b.ip(&["addr", "add", &format!("{}/24", Self::B_ADDR), "dev", "rfb"]);
         a.ip(&["link", "set", "rfa", "up"]);
         b.ip(&["link", "set", "rfb", "up"]);
-        Self {
-            bridge: None,
-            a,
-            b,
-        }
+        Self { bridge: None, a, b }
     }
 
     /// Two namespaces, each with a TUN device (MTU `mtu`), joined by a bridge thread pair
@@ -279,8 +289,10 @@ impl Link {
         let ta = a.run(|| Tun::open("rft0"));
         let tb = b.run(|| Tun::open("rft0"));
         let mtu = mtu.to_string();
-        for (ns, local, peer) in [(&a, Self::A_ADDR, Self::B_ADDR), (&b, Self::B_ADDR, Self::A_ADDR)]
-        {
+        for (ns, local, peer) in [
+            (&a, Self::A_ADDR, Self::B_ADDR),
+            (&b, Self::B_ADDR, Self::A_ADDR),
+        ] {
             ns.ip(&["link", "set", "rft0", "mtu", &mtu]);
             ns.ip(&["addr", "add", local, "peer", peer, "dev", "rft0"]);
             ns.ip(&["link", "set", "rft0", "up"]);
@@ -345,11 +357,7 @@ impl Tun {
         // SAFETY: TUNSETIFF reads and writes a `struct ifreq`, which `IfReq` lays out (40
         // bytes); the pointer is valid for the call.
         let rc = unsafe { libc::ioctl(file.as_raw_fd(), libc::TUNSETIFF, &raw mut req) };
-        assert!(
-            rc == 0,
-            "TUNSETIFF {name}: {}",
-            io::Error::last_os_error()
-        );
+        assert!(rc == 0, "TUNSETIFF {name}: {}", io::Error::last_os_error());
         Self { file }
     }
 }
@@ -463,4 +471,43 @@ fn pump(mut from: Tun, mut to: Tun, imp: Impairment, stop: &AtomicBool, stats: &
             }
         }
     }
+}
+
+/// TCP states (`/proc/net/tcp` names) of the sockets `pid` holds, read through `pid`'s own
+/// `/proc/PID/net`, so that it works for a process inside another namespace
+/// (`procfs::tcp_sockets` reads the test process's namespace).
+pub fn tcp_states(pid: i32) -> Vec<&'static str> {
+    const STATES: [&str; 13] = [
+        "?",
+        "ESTABLISHED",
+        "SYN_SENT",
+        "SYN_RECV",
+        "FIN_WAIT1",
+        "FIN_WAIT2",
+        "TIME_WAIT",
+        "CLOSE",
+        "CLOSE_WAIT",
+        "LAST_ACK",
+        "LISTEN",
+        "CLOSING",
+        "NEW_SYN_RECV",
+    ];
+    let owned = super::procfs::socket_inodes(pid);
+    let mut out = Vec::new();
+    for table in ["tcp", "tcp6"] {
+        let Ok(text) = std::fs::read_to_string(format!("/proc/{pid}/net/{table}")) else {
+            continue;
+        };
+        for line in text.lines().skip(1) {
+            let cols: Vec<&str> = line.split_whitespace().collect();
+            let (Some(state), Some(inode)) = (cols.get(3), cols.get(9)) else {
+                continue;
+            };
+            if inode.parse::<u64>().is_ok_and(|i| owned.contains(&i)) {
+                let code = usize::from_str_radix(state, 16).unwrap_or(0);
+                out.push(STATES.get(code).copied().unwrap_or("?"));
+            }
+        }
+    }
+    out
 }
