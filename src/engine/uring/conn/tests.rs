@@ -879,7 +879,7 @@ mod prop {
         /// Completes op `i` with a result picked by `r`; `closing` picks cancelled results.
         fn complete(&mut self, conn: &mut Conn, i: usize, r: u16, now: Instant) {
             let op = self.ops.swap_remove(i);
-            let cancelled = self.cancelled && r % 2 == 0;
+            let cancelled = self.cancelled && r.is_multiple_of(2);
             let ev = match op {
                 Op::Connect => Event::Connected {
                     res: match (cancelled, r % 5) {
@@ -902,7 +902,7 @@ mod prop {
                             let b = self.next_buf;
                             assert!(!self.held.contains(&b), "buffer ids wrapped");
                             self.held.push(b);
-                            let n = if r % 3 == 0 {
+                            let n = if r.is_multiple_of(3) {
                                 BUF
                             } else {
                                 1 + u32::from(r) % BUF
