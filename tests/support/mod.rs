@@ -16,6 +16,7 @@
 #![allow(dead_code)] // Each test crate uses its own subset of the harness.
 
 pub mod data;
+pub mod netns;
 pub mod pool;
 pub mod procfs;
 pub mod relay;

@@ -762,3 +762,239 @@ fn a_poll_ended_by_overflow_is_rearmed() {
     assert_eq!(a, vec![Action::PollIn(C2U)]);
     assert_eq!(c.in_flight, 2);
 }
+
+/// Property tests: the machine under random completion orders and results, with the
+/// worker's side modelled op by op (copy path; a requested pipe is never free, so the
+/// splice and auto policies stay on copy too). Whatever happens, the connection finishes
+/// exactly once, only when no op is in flight, and every buffer a recv took is released
+/// exactly once, after any send from it completed.
+mod prop {
+    use super::*;
+    use proptest::prelude::*;
+
+    /// One op the worker has in flight for the connection.
+    #[derive(Clone, Copy, Debug)]
+    enum Op {
+        Connect,
+        Timer,
+        Recv(Direction),
+        Send { dir: Direction, buf: u16, len: u32 },
+        Cancel,
+    }
+
+    /// The worker's side: ops in flight, buffers handed to the connection, queued directions.
+    #[derive(Default)]
+    struct World {
+        ops: Vec<Op>,
+        held: Vec<u16>,
+        next_buf: u16,
+        waiting: Vec<Direction>,
+        cancelled: bool,
+        dials: u32,
+        finishes: u32,
+        log: Vec<String>,
+    }
+
+    impl World {
+        /// Feeds `ev` and every event the worker answers with synchronously.
+        fn feed(&mut self, conn: &mut Conn, ev: Event, now: Instant) {
+            let mut queue = vec![ev];
+            while let Some(ev) = queue.pop() {
+                assert_eq!(self.finishes, 0, "event {ev:?} after Finish");
+                self.log.push(format!("{ev:?}"));
+                let mut out = Actions::default();
+                conn.handle(ev, now, &mut out);
+                for a in out.iter() {
+                    self.log.push(format!("  -> {a:?}"));
+                    match a {
+                        Action::Dial => {
+                            self.dials += 1;
+                            if self.dials > 3 {
+                                // The session core has no member left: nothing is pushed.
+                                queue.push(Event::GaveUp {
+                                    reason: CloseReason::Upstream(ConnectError::Refused),
+                                });
+                            } else {
+                                self.ops.push(Op::Connect);
+                                self.ops.push(Op::Timer);
+                            }
+                        }
+                        Action::Recv(d) => self.ops.push(Op::Recv(d)),
+                        Action::Send { dir, buf, off, len } => {
+                            assert!(self.held.contains(&buf), "send from unheld buffer {buf}");
+                            assert!(len > 0 && off + len <= BUF, "send of {off}+{len}");
+                            self.ops.push(Op::Send { dir, buf, len });
+                        }
+                        Action::Release(b) => {
+                            let i = self.held.iter().position(|&h| h == b).unwrap_or_else(|| {
+                                panic!("Release({b}) of a buffer not held (double release?)")
+                            });
+                            assert!(
+                                !self
+                                    .ops
+                                    .iter()
+                                    .any(|o| matches!(o, Op::Send { buf, .. } if *buf == b)),
+                                "Release({b}) while a send from it is in flight"
+                            );
+                            self.held.swap_remove(i);
+                        }
+                        Action::WaitBuffer(d) => self.waiting.push(d),
+                        Action::TrySplice(d) => queue.push(Event::SpliceUnavailable { dir: d }),
+                        Action::CancelAll => {
+                            if !self.ops.is_empty() {
+                                self.ops.push(Op::Cancel);
+                                self.ops.push(Op::Cancel);
+                                self.cancelled = true;
+                            }
+                        }
+                        Action::Finish { .. } => {
+                            assert!(
+                                self.ops.is_empty(),
+                                "Finish with ops in flight: {:?}",
+                                self.ops
+                            );
+                            self.finishes += 1;
+                        }
+                        Action::PollIn(_)
+                        | Action::PollOut(_)
+                        | Action::Pump(_)
+                        | Action::PumpLater(_)
+                        | Action::LeaveSplice(_) => {
+                            panic!("{a:?} without a leased pipe")
+                        }
+                        Action::ShutdownWrite(_)
+                        | Action::Connected
+                        | Action::ConnectFailed(_)
+                        | Action::FirstByte
+                        | Action::Bytes { .. }
+                        | Action::Transferred { .. } => {}
+                    }
+                }
+                if self.finishes == 0 && self.ops.is_empty() && conn.awaits_drain() {
+                    queue.push(Event::OpsDrained);
+                }
+            }
+        }
+
+        /// Completes op `i` with a result picked by `r`; `closing` picks cancelled results.
+        fn complete(&mut self, conn: &mut Conn, i: usize, r: u16, now: Instant) {
+            let op = self.ops.swap_remove(i);
+            let cancelled = self.cancelled && r.is_multiple_of(2);
+            let ev = match op {
+                Op::Connect => Event::Connected {
+                    res: match (cancelled, r % 5) {
+                        (true, _) => -libc::ECANCELED,
+                        (false, 0) => -libc::ECONNREFUSED,
+                        (false, 1) => -libc::ETIMEDOUT,
+                        _ => 0,
+                    },
+                },
+                Op::Timer => Event::ConnectTimerDone,
+                Op::Cancel => Event::CancelDone,
+                Op::Recv(dir) => {
+                    let (res, buf) = match (cancelled, r % 8) {
+                        (true, _) => (-libc::ECANCELED, None),
+                        (false, 0) => (0, None),
+                        (false, 1) => (-libc::ECONNRESET, None),
+                        (false, 2) => (-libc::ENOBUFS, None),
+                        (false, _) => {
+                            self.next_buf = self.next_buf.wrapping_add(1);
+                            let b = self.next_buf;
+                            assert!(!self.held.contains(&b), "buffer ids wrapped");
+                            self.held.push(b);
+                            let n = if r.is_multiple_of(3) {
+                                BUF
+                            } else {
+                                1 + u32::from(r) % BUF
+                            };
+                            (n as i32, Some(b))
+                        }
+                    };
+                    Event::Received { dir, res, buf }
+                }
+                Op::Send { dir, len, .. } => Event::Sent {
+                    dir,
+                    res: match (cancelled, r % 6) {
+                        (true, _) => -libc::ECANCELED,
+                        (false, 0) => -libc::EPIPE,
+                        (false, 1) => (1 + u32::from(r / 6) % len) as i32,
+                        _ => len as i32,
+                    },
+                },
+            };
+            self.feed(conn, ev, now);
+        }
+    }
+
+    fn run(policy: u8, steps: &[(u8, u16)]) {
+        let now = t0();
+        let policy = [DataPath::Copy, DataPath::Auto, DataPath::Splice][usize::from(policy % 3)];
+        let mut conn = Conn::new(now, policy, BUF);
+        let mut w = World::default();
+        w.feed(&mut conn, Event::Start, now);
+        // 1. Random completions, with now and then a buffer coming back, the idle timeout or
+        //    a shutdown.
+        for &(kind, r) in steps {
+            if w.finishes > 0 {
+                break;
+            }
+            match kind % 32 {
+                0 => w.feed(&mut conn, Event::Shutdown, now),
+                1 => w.feed(&mut conn, Event::IdleTimeout, now),
+                2..=5 if !w.waiting.is_empty() => {
+                    let d = w.waiting.remove(0);
+                    // The worker skips queued directions of a closing connection.
+                    if !conn.is_closing() {
+                        w.feed(&mut conn, Event::BufferAvailable { dir: d }, now);
+                    }
+                }
+                _ if !w.ops.is_empty() => {
+                    let i = usize::from(r) % w.ops.len();
+                    w.complete(&mut conn, i, r.rotate_left(u32::from(kind % 16)), now);
+                }
+                _ => {}
+            }
+        }
+        // 2. Whatever state that left, a shutdown and the completion of everything in flight
+        //    must finish the connection.
+        if w.finishes == 0 {
+            w.feed(&mut conn, Event::Shutdown, now);
+        }
+        let mut guard = 0;
+        while w.finishes == 0 {
+            guard += 1;
+            assert!(
+                guard < 10_000,
+                "no Finish after draining:\n{}",
+                w.log.join("\n")
+            );
+            assert!(
+                !w.ops.is_empty(),
+                "stuck: nothing in flight, not finished, phase {:?}:\n{}",
+                conn.phase(),
+                w.log.join("\n")
+            );
+            w.complete(&mut conn, 0, 0, now);
+        }
+        assert_eq!(w.finishes, 1);
+        assert!(w.ops.is_empty(), "ops in flight after Finish: {:?}", w.ops);
+        assert!(
+            w.held.is_empty(),
+            "buffers never released: {:?}\n{}",
+            w.held,
+            w.log.join("\n")
+        );
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(2000))]
+
+        #[test]
+        fn random_completion_orders_finish_once_and_leak_nothing(
+            policy in 0u8..3,
+            steps in proptest::collection::vec((any::<u8>(), any::<u16>()), 0..300),
+        ) {
+            run(policy, &steps);
+        }
+    }
+}
