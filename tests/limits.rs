@@ -237,6 +237,9 @@ fn serves(relay: &Limited, conns: u64) {
 
 /// Lines of the child's stderr at WARN level.
 fn warnings(relay: &Limited) -> Vec<String> {
+    // The warnings come before the `listening` line on stdout, but stderr is read by its own
+    // thread: give it a moment to catch up before taking the snapshot.
+    support::eventually(Duration::from_secs(2), || relay.stderr().contains("WARN"));
     relay
         .stderr()
         .lines()

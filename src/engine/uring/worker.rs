@@ -363,6 +363,22 @@ impl Worker {
                 if buf.is_some() {
                     self.pool.taken();
                 }
+                // A recv of 0 is end of stream — or a reset whose error another op on the same
+                // socket (a send) already took: the socket then reads as empty and closed.
+                // While we still write to that socket, a FIN leaves it in CLOSE_WAIT and only
+                // a reset in CLOSE; after our own FIN a clean close ends in CLOSE too, so the
+                // state is asked only while the reverse direction still flows. A reset must
+                // never pass on as FIN.
+                let res = match self.slab.get(t.slot, t.generation) {
+                    Some(e)
+                        if res == 0
+                            && e.conn.dir(t.dir.reverse()) != DirState::Done
+                            && was_reset(e.src(t.dir)) =>
+                    {
+                        -libc::ECONNRESET
+                    }
+                    _ => res,
+                };
                 self.conn_event(
                     t,
                     Event::Received {
@@ -904,3 +920,27 @@ impl Worker {
         self.wake_waiters(now);
     }
 }
+
+/// Whether a socket that read as end of stream, and that we have not shut down for writing,
+/// was in fact reset: its TCP state is CLOSE (a FIN alone leaves it in CLOSE_WAIT).
+fn was_reset(fd: std::os::fd::RawFd) -> bool {
+    let mut info = std::mem::MaybeUninit::<libc::tcp_info>::zeroed();
+    let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
+    // SAFETY: `info` is a writable `tcp_info` of `len` bytes that outlives the call, and the
+    // kernel writes at most `len` bytes into it; `fd` is owned by a live slab entry.
+    let rc = unsafe {
+        libc::getsockopt(
+            fd,
+            libc::IPPROTO_TCP,
+            libc::TCP_INFO,
+            info.as_mut_ptr().cast(),
+            &mut len,
+        )
+    };
+    // SAFETY: zero-initialised, and possibly (partly) written by the kernel: valid either way.
+    let state = unsafe { info.assume_init() }.tcpi_state;
+    rc == 0 && state == TCP_CLOSE
+}
+
+/// `TCP_CLOSE` in the kernel's `tcp_states.h` (not exported by libc).
+const TCP_CLOSE: u8 = 7;
