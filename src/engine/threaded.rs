@@ -19,7 +19,7 @@ use crate::config::{Config, Rule};
 use crate::metrics::{Direction, Metrics, PathKind, RejectReason, Shard, Tap, TapSession};
 use crate::net;
 use crate::session::outcome::{CloseReason, errno_of};
-use crate::session::{Dial, End, RuleRuntime, Runtime, Session};
+use crate::session::{Dial, End, HeaderStep, RuleRuntime, Runtime, Session, proxy};
 use crate::shutdown::{Phase, Shutdown};
 
 /// How often a blocked read or write wakes to look at the connection's state.
@@ -215,6 +215,42 @@ fn is_tick(e: &io::Error) -> bool {
     )
 }
 
+/// Reads the client's PROXY header when the rule requires one, within its timeout; returns
+/// the bytes that came after it (the start of the client's stream).
+fn read_header(
+    client: &TcpStream,
+    session: &mut Session,
+    rt: &RuleRuntime,
+    shard: &Shard,
+) -> Result<Vec<u8>, CloseReason> {
+    if !session.awaits_header() {
+        return Ok(Vec::new());
+    }
+    let (cap, timeout) = rt.header_limits();
+    let deadline = session.accepted_at + timeout;
+    let mut buf = Vec::with_capacity(256);
+    let mut chunk = [0u8; 512];
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(session.header_failed(shard, true));
+        }
+        let _ = client.set_read_timeout(Some(left));
+        let want = chunk.len().min(cap.saturating_sub(buf.len()).max(1));
+        match (&*client).read(&mut chunk[..want]) {
+            Ok(0) => return Err(session.header_failed(shard, false)),
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            Err(e) if is_tick(&e) => continue,
+            Err(_) => return Err(session.header_failed(shard, false)),
+        }
+        match session.feed_header(rt, shard, &buf, Instant::now()) {
+            HeaderStep::NeedMore => {}
+            HeaderStep::Ready { consumed } => return Ok(buf.split_off(consumed)),
+            HeaderStep::Reject(why) => return Err(CloseReason::Rejected(why)),
+        }
+    }
+}
+
 /// Connects to the members the session picks until one answers or the attempts run out.
 fn connect(
     session: &mut Session,
@@ -268,7 +304,12 @@ fn handle(
     if let Err(e) = net::apply_tcp_options(SockRef::from(&client), &rule.tcp) {
         tracing::debug!(error = %e, "socket option on client socket failed");
     }
-    let upstream = match connect(&mut session, rt, rm.local(), shutdown) {
+    if rt.wants_local_addr() {
+        session.set_local(client.local_addr().ok());
+    }
+    let preamble = read_header(&client, &mut session, rt, rm.local())
+        .and_then(|early| connect(&mut session, rt, rm.local(), shutdown).map(|u| (u, early)));
+    let (upstream, early) = match preamble {
         Ok(u) => u,
         Err(reason) => {
             net::set_reset_on_close(SockRef::from(&client));
@@ -285,7 +326,7 @@ fn handle(
     let upstream_addr = session.upstream().unwrap_or(peer);
     let tap = rm
         .tap()
-        .map(|t| (t, t.open_session(Some(peer), upstream_addr)));
+        .map(|t| (t, t.open_session(session.client, upstream_addr)));
     let tap_ref = tap.as_ref().map(|(t, s)| (*t, s));
 
     let shared = Shared {
@@ -294,6 +335,24 @@ fn handle(
         last_activity_ms: AtomicU64::new(0),
         bytes: [AtomicU64::new(0), AtomicU64::new(0)],
     };
+    // The PROXY header for the upstream, then what the client sent after its own header.
+    let mut header = [0u8; proxy::V1_BUF_LEN];
+    let n = session.upstream_header(rt, &mut header);
+    if n > 0 || !early.is_empty() {
+        let sent = (&upstream)
+            .write_all(&header[..n])
+            .and_then(|()| (&upstream).write_all(&early));
+        if let Err(e) = sent {
+            shared.abort(CloseReason::from_io_error(&e));
+        } else if !early.is_empty() {
+            rm.local().bytes(
+                Direction::ClientToUpstream,
+                PathKind::Copy,
+                early.len() as u64,
+            );
+            shared.bytes[0].fetch_add(early.len() as u64, Ordering::Relaxed);
+        }
+    }
     let setup = (|| -> io::Result<(TcpStream, TcpStream)> {
         for s in [&client, &upstream] {
             s.set_read_timeout(Some(TICK))?;

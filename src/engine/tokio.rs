@@ -21,7 +21,7 @@ use crate::config::{Config, Rule};
 use crate::metrics::{Direction, Metrics, PathKind, Shard, Tap, TapSession};
 use crate::net;
 use crate::session::outcome::{CloseReason, errno_of, is_fd_exhaustion};
-use crate::session::{Dial, End, RuleRuntime, Runtime, Session};
+use crate::session::{Dial, End, HeaderStep, RuleRuntime, Runtime, Session, proxy};
 use crate::shutdown::Phase;
 
 /// Bytes read per direction before writing them on (a [`Lease`]d buffer: held only while the
@@ -211,6 +211,46 @@ async fn accept_loop(
     }
 }
 
+/// Reads the client's PROXY header when the rule requires one, within its timeout; returns
+/// the bytes that came after it (the start of the client's stream).
+async fn read_header(
+    client: &TcpStream,
+    session: &mut Session,
+    rt: &RuleRuntime,
+    shard: &Shard,
+) -> Result<Vec<u8>, CloseReason> {
+    if !session.awaits_header() {
+        return Ok(Vec::new());
+    }
+    let (cap, timeout) = rt.header_limits();
+    let deadline = tokio::time::Instant::from_std(session.accepted_at + timeout);
+    let mut buf = Vec::with_capacity(256);
+    let mut chunk = [0u8; 512];
+    loop {
+        let want = chunk.len().min(cap.saturating_sub(buf.len()).max(1));
+        let read = tokio::time::timeout_at(deadline, async {
+            loop {
+                client.readable().await?;
+                match client.try_read(&mut chunk[..want]) {
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                    r => return r,
+                }
+            }
+        })
+        .await;
+        match read {
+            Err(_) => return Err(session.header_failed(shard, true)),
+            Ok(Ok(0) | Err(_)) => return Err(session.header_failed(shard, false)),
+            Ok(Ok(n)) => buf.extend_from_slice(&chunk[..n]),
+        }
+        match session.feed_header(rt, shard, &buf, Instant::now()) {
+            HeaderStep::NeedMore => {}
+            HeaderStep::Ready { consumed } => return Ok(buf.split_off(consumed)),
+            HeaderStep::Reject(why) => return Err(CloseReason::Rejected(why)),
+        }
+    }
+}
+
 /// One connect attempt, bounded by the rule's connect timeout.
 async fn connect_one(addr: SocketAddr, rule: &Rule) -> io::Result<TcpStream> {
     let socket = net::upstream_socket(addr, &rule.tcp)?;
@@ -261,19 +301,30 @@ async fn handle(
     let rule = &rt.rule;
     let rule_idx = rt.index;
     let accepted_at = session.accepted_at;
-    let peer = session.client;
     let rm = metrics.rule(rule_idx);
     if let Err(e) = net::apply_tcp_options(SockRef::from(&client), &rule.tcp) {
         tracing::debug!(error = %e, "socket option on client socket failed");
     }
+    if rt.wants_local_addr() {
+        session.set_local(client.local_addr().ok());
+    }
+    // A client still sending its PROXY header holds one fd and a few hundred bytes: it does
+    // not count against the accept bound, or a slowloris on the header would stall accepts.
+    let mut unsettled = Some(unsettled);
+    if session.awaits_header() {
+        unsettled = None;
+    }
     let upstream = tokio::select! {
         biased;
         _ = phase.wait_for(|p| *p >= Phase::Closing) => Err(CloseReason::Shutdown),
-        r = connect(&mut session, rt, rm.local()) => r,
+        r = async {
+            let early = read_header(&client, &mut session, rt, rm.local()).await?;
+            connect(&mut session, rt, rm.local()).await.map(|u| (u, early))
+        } => r,
     };
     // Settled (relaying) or about to be disposed of: the accept loops may take another.
     drop(unsettled);
-    let upstream = match upstream {
+    let (upstream, early) = match upstream {
         Ok(u) => u,
         Err(reason) => {
             net::set_reset_on_close(SockRef::from(&client));
@@ -290,7 +341,9 @@ async fn handle(
     let upstream_addr = session
         .upstream()
         .unwrap_or(SocketAddr::from(([0, 0, 0, 0], 0)));
-    let tap = rm.tap().map(|t| (t, t.open_session(peer, upstream_addr)));
+    let tap = rm
+        .tap()
+        .map(|t| (t, t.open_session(session.client, upstream_addr)));
 
     let mut client = client;
     let mut upstream = upstream;
@@ -299,18 +352,44 @@ async fn handle(
         last_activity_ms: AtomicU64::new(0),
         start: Instant::now(),
     };
-    let reason = relay(
-        &mut client,
-        &mut upstream,
-        rule,
-        rule_idx,
-        metrics,
-        &counters,
-        accepted_at,
-        &mut phase,
-        tap.as_ref().map(|(t, s)| (*t, s)),
-    )
-    .await;
+    // The PROXY header for the upstream, then what the client sent after its own header.
+    let mut header = [0u8; proxy::V1_BUF_LEN];
+    let n = session.upstream_header(rt, &mut header);
+    let mut preamble_failed = None;
+    if n > 0 || !early.is_empty() {
+        let sent = async {
+            upstream.write_all(&header[..n]).await?;
+            upstream.write_all(&early).await
+        };
+        match sent.await {
+            Ok(()) => {
+                rm.local().bytes(
+                    Direction::ClientToUpstream,
+                    PathKind::Copy,
+                    early.len() as u64,
+                );
+                counters.bytes[0].fetch_add(early.len() as u64, Ordering::Relaxed);
+            }
+            Err(e) => preamble_failed = Some(CloseReason::from_io_error(&e)),
+        }
+    }
+    let reason = match preamble_failed {
+        Some(reason) => reason,
+        None => {
+            relay(
+                &mut client,
+                &mut upstream,
+                rule,
+                rule_idx,
+                metrics,
+                &counters,
+                accepted_at,
+                &mut phase,
+                tap.as_ref().map(|(t, s)| (*t, s)),
+            )
+            .await
+        }
+    };
     if let Some((t, s)) = tap {
         t.close_session(s, reason);
     }

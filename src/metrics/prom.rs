@@ -464,11 +464,12 @@ mod tests {
                 "missing {want:?} in\n{text}"
             );
         }
-        // Every series of both rules, no more: 2 rules × (4 bytes + 3 rejected + 4 errors).
+        // Every series of both rules, no more: 2 rules × (4 bytes + every reject reason + 4
+        // errors).
         assert_eq!(lines_with(&text, "ringfwd_bytes_total{").len(), 8);
         assert_eq!(
             lines_with(&text, "ringfwd_connections_rejected_total{").len(),
-            6
+            2 * RejectReason::COUNT
         );
         assert_eq!(
             lines_with(&text, "ringfwd_upstream_connect_errors_total{").len(),

@@ -23,16 +23,19 @@ pub mod outcome;
 pub mod proxy;
 pub mod sni;
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
-use crate::config::{Config, Rule};
+use crate::config::{Config, ProxyProtocol, Rule};
 use crate::metrics::{Metrics, SessionRecord, Shard};
 use crate::upstream::member::{Transition, describe_errno};
 use crate::upstream::{MemberSet, Picker, Pool, Tried};
+use acl::Acl;
+use limits::{IpLimits, LimitExceeded, LimitsConfig, Permit};
 use outcome::{CloseReason, ConnectError, RejectReason, is_fd_exhaustion};
+use proxy::{Command, Parse, ProxyParser};
 
 /// The run-time side of every rule, shared by the engines, the control thread and the admin
 /// endpoint for the life of the process.
@@ -54,6 +57,26 @@ impl Runtime {
                     index,
                     rule: rule.clone(),
                     pool: Arc::new(Pool::new(&rule.name, &rule.upstream, epoch)),
+                    acl: (!rule.admission.allow.is_empty() || !rule.admission.deny.is_empty())
+                        .then(|| Acl::new(&rule.admission.allow, &rule.admission.deny)),
+                    limits: (rule.admission.max_connections_per_ip.is_some()
+                        || rule.admission.max_new_connections_per_ip.is_some())
+                    .then(|| {
+                        IpLimits::new(
+                            &LimitsConfig {
+                                max_connections_per_ip: rule.admission.max_connections_per_ip,
+                                max_new_connections_per_ip: rule
+                                    .admission
+                                    .max_new_connections_per_ip,
+                                ..LimitsConfig::default()
+                            },
+                            epoch,
+                        )
+                    }),
+                    trusted: rule
+                        .accept_proxy
+                        .as_ref()
+                        .map(|a| Acl::new(&a.trusted, &[])),
                     live: AtomicU32::new(0),
                     shared_picker: Mutex::new(Picker::new(0x9e37_79b9_7f4a_7c15 ^ index as u64)),
                     cut: AtomicU64::new(0),
@@ -91,6 +114,12 @@ pub struct RuleRuntime {
     pub index: usize,
     pub rule: Rule,
     pub pool: Arc<Pool>,
+    /// `allow`/`deny`, if any entry was configured.
+    acl: Option<Acl>,
+    /// Per-client limits, if any was configured (a fixed table shared by every worker).
+    limits: Option<IpLimits>,
+    /// `accept_proxy`: the sources allowed to send a PROXY header.
+    trusted: Option<Acl>,
     /// Live sessions of this rule, across every worker (the `max_connections` gate).
     live: AtomicU32,
     /// Balancer state for engines whose connections are not tied to one thread.
@@ -105,6 +134,27 @@ pub enum Dial {
     Connect(SocketAddr),
     /// No attempt left: the client is closed with this reason.
     GiveUp(CloseReason),
+}
+
+/// A session's PROXY protocol state.
+#[derive(Debug)]
+struct ProxyState {
+    /// The address the client connected to (for the PROXY header sent upstream).
+    local: Option<SocketAddr>,
+    /// `accept_proxy`: the header has not been read yet.
+    awaits_header: bool,
+    parser: ProxyParser,
+}
+
+/// What reading a client's PROXY header came to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum HeaderStep {
+    /// Read more (within the limits of [`RuleRuntime::header_limits`]).
+    NeedMore,
+    /// The header is `consumed` bytes long; what follows is the client's stream.
+    Ready { consumed: usize },
+    /// Close the connection with RST (counted).
+    Reject(RejectReason),
 }
 
 /// How a relay ended, as the engine saw it.
@@ -126,6 +176,10 @@ impl RuleRuntime {
     /// Admits a freshly accepted connection, or says why not (counted either way). A rejected
     /// connection must be closed with RST at once.
     ///
+    /// Without `accept_proxy`, the ACL and the per-client limits are checked here on the
+    /// peer's address; with it, only that the peer is a trusted proxy — the client's own
+    /// address is known once the header is read ([`Session::feed_header`]).
+    ///
     /// # Errors
     /// The reason the connection is turned away.
     pub fn admit(
@@ -135,28 +189,95 @@ impl RuleRuntime {
         now: Instant,
         draining: bool,
     ) -> Result<Session, RejectReason> {
-        let why = if draining {
-            Some(RejectReason::Shutdown)
-        } else if self.live.fetch_add(1, Ordering::AcqRel) >= self.rule.max_connections.get() {
-            self.live.fetch_sub(1, Ordering::AcqRel);
-            Some(RejectReason::MaxConnections)
-        } else {
-            None
-        };
-        if let Some(why) = why {
+        let reject = |why| {
             shard.rejected(why);
-            return Err(why);
+            Err(why)
+        };
+        if draining {
+            return reject(RejectReason::Shutdown);
         }
+        let ip = client.map(|c| c.ip());
+        match (&self.trusted, ip) {
+            (Some(trusted), Some(ip)) if !trusted.admits(ip) => {
+                return reject(RejectReason::UntrustedProxy);
+            }
+            (Some(_), None) => return reject(RejectReason::UntrustedProxy),
+            (Some(_), Some(_)) => {}
+            (None, _) => {
+                if let Err(why) = self.check_acl(ip) {
+                    return reject(why);
+                }
+            }
+        }
+        if self.live.fetch_add(1, Ordering::AcqRel) >= self.rule.max_connections.get() {
+            self.live.fetch_sub(1, Ordering::AcqRel);
+            return reject(RejectReason::MaxConnections);
+        }
+        let permit = if self.trusted.is_none() {
+            match self.acquire(ip, now) {
+                Ok(p) => p,
+                Err(why) => {
+                    self.live.fetch_sub(1, Ordering::AcqRel);
+                    return reject(why);
+                }
+            }
+        } else {
+            Permit::none()
+        };
         shard.accepted();
         Ok(Session {
             accepted_at: now,
             client,
+            proxy: (self.trusted.is_some() || self.wants_local_addr()).then(|| {
+                Box::new(ProxyState {
+                    local: None,
+                    awaits_header: self.trusted.is_some(),
+                    parser: ProxyParser::new(),
+                })
+            }),
+            permit,
             set: self.pool.members(),
             current: None,
             tried: Tried::default(),
             last_error: None,
             connected: false,
         })
+    }
+
+    fn check_acl(&self, ip: Option<IpAddr>) -> Result<(), RejectReason> {
+        match (&self.acl, ip) {
+            (Some(acl), Some(ip)) if !acl.admits(ip) => Err(RejectReason::Acl),
+            (Some(_), None) => Err(RejectReason::Acl),
+            _ => Ok(()),
+        }
+    }
+
+    fn acquire(&self, ip: Option<IpAddr>, now: Instant) -> Result<Permit, RejectReason> {
+        match (&self.limits, ip) {
+            (Some(limits), Some(ip)) => limits.try_acquire(ip, now).map_err(|e| match e {
+                LimitExceeded::PerIp => RejectReason::PerIpLimit,
+                LimitExceeded::Rate => RejectReason::RateLimit,
+            }),
+            _ => Ok(Permit::none()),
+        }
+    }
+
+    /// Whether sessions of this rule need the accepted socket's own address
+    /// ([`Session::set_local`]): to put it in the PROXY header sent upstream.
+    pub fn wants_local_addr(&self) -> bool {
+        self.rule.proxy_protocol != ProxyProtocol::Off
+    }
+
+    /// The longest a PROXY header from a client may be (what an engine's header buffer may
+    /// grow to), and how long it may take.
+    pub fn header_limits(&self) -> (usize, Duration) {
+        (
+            ProxyParser::new().max_header_len(),
+            self.rule
+                .accept_proxy
+                .as_ref()
+                .map_or(Duration::ZERO, |a| a.header_timeout),
+        )
     }
 
     /// Runs `f` with the rule's shared picker (for the std and tokio engines).
@@ -173,7 +294,13 @@ impl RuleRuntime {
 #[derive(Debug)]
 pub struct Session {
     pub accepted_at: Instant,
+    /// The client: the peer, or the source a PROXY header named.
     pub client: Option<SocketAddr>,
+    /// PROXY protocol state, only for rules that read or send a header (kept out of line:
+    /// every other connection pays one pointer for it).
+    proxy: Option<Box<ProxyState>>,
+    /// The client's place under the per-client limits.
+    permit: Permit,
     /// The member set this session dials from (kept to its end: indices stay valid).
     set: Arc<MemberSet>,
     /// Index of the member of the current (or last) attempt.
@@ -184,6 +311,96 @@ pub struct Session {
 }
 
 impl Session {
+    /// Records the address the client connected to (see [`RuleRuntime::wants_local_addr`]).
+    pub fn set_local(&mut self, local: Option<SocketAddr>) {
+        if let Some(p) = &mut self.proxy {
+            p.local = local;
+        }
+    }
+
+    /// Whether a PROXY header must be read from the client before dialing.
+    pub fn awaits_header(&self) -> bool {
+        self.proxy.as_ref().is_some_and(|p| p.awaits_header)
+    }
+
+    /// Feeds every byte read from the client so far (each call extends the previous one)
+    /// while [`Session::awaits_header`]. On `Ready`, the header's client is the session's
+    /// client (ACL and limits are checked on it here) and the bytes after `consumed` belong
+    /// to the stream: relay them first. A rejection is counted; close with
+    /// `CloseReason::Rejected`.
+    pub fn feed_header(
+        &mut self,
+        rt: &RuleRuntime,
+        shard: &Shard,
+        read: &[u8],
+        now: Instant,
+    ) -> HeaderStep {
+        let Some(state) = self.proxy.as_mut().filter(|p| p.awaits_header) else {
+            return HeaderStep::Ready { consumed: 0 };
+        };
+        let (header, consumed) = match state.parser.feed(read) {
+            Parse::NeedMore { .. } => return HeaderStep::NeedMore,
+            Parse::Invalid(_) => return self.reject_header(shard, RejectReason::BadProxyHeader),
+            Parse::Done { header, consumed } => (header, consumed),
+        };
+        state.awaits_header = false;
+        if let (Command::Proxy, Some(src)) = (header.command, header.source) {
+            self.client = Some(src);
+            state.local = header.destination.or(state.local);
+        }
+        let ip = self.client.map(|c| c.ip());
+        let admitted = rt.check_acl(ip).and_then(|()| rt.acquire(ip, now));
+        match admitted {
+            Ok(permit) => {
+                self.permit = permit;
+                HeaderStep::Ready { consumed }
+            }
+            Err(why) => self.reject_header(shard, why),
+        }
+    }
+
+    /// The client closed, or the header did not come in time: counted, and the reason to
+    /// close with.
+    pub fn header_failed(&mut self, shard: &Shard, timed_out: bool) -> CloseReason {
+        let why = if timed_out {
+            RejectReason::ProxyHeaderTimeout
+        } else {
+            RejectReason::BadProxyHeader
+        };
+        match self.reject_header(shard, why) {
+            HeaderStep::Reject(r) => CloseReason::Rejected(r),
+            HeaderStep::NeedMore | HeaderStep::Ready { .. } => CloseReason::Rejected(why),
+        }
+    }
+
+    fn reject_header(&mut self, shard: &Shard, why: RejectReason) -> HeaderStep {
+        if let Some(p) = &mut self.proxy {
+            p.awaits_header = false;
+        }
+        shard.rejected(why);
+        HeaderStep::Reject(why)
+    }
+
+    /// The PROXY protocol header to send to the upstream before any relayed byte, written
+    /// into `out`; returns its length (0 when the rule sends none).
+    pub fn upstream_header(&self, rt: &RuleRuntime, out: &mut [u8; proxy::V1_BUF_LEN]) -> usize {
+        let unknown = SocketAddr::from(([0, 0, 0, 0], 0));
+        let (src, dst) = (
+            self.client.unwrap_or(unknown),
+            self.proxy.as_ref().and_then(|p| p.local).unwrap_or(unknown),
+        );
+        match rt.rule.proxy_protocol {
+            ProxyProtocol::Off => 0,
+            ProxyProtocol::V1 => proxy::encode_v1(src, dst, out),
+            ProxyProtocol::V2 => {
+                let mut v2 = [0u8; proxy::V2_BUF_LEN];
+                let n = proxy::encode_v2(src, dst, &mut v2);
+                out[..n].copy_from_slice(&v2[..n]);
+                n
+            }
+        }
+    }
+
     /// The next member to connect to, or the end of the session when every attempt was used.
     pub fn dial(&mut self, rt: &RuleRuntime, picker: &mut Picker, now: Instant) -> Dial {
         let give_up = CloseReason::Upstream(self.last_error.unwrap_or(ConnectError::Other));
@@ -292,7 +509,7 @@ impl Session {
     /// The session is over: counts it, frees its place under `max_connections` and on its
     /// member, and writes its access-log record.
     pub fn finish(
-        self,
+        mut self,
         rt: &RuleRuntime,
         metrics: &Metrics,
         shard: &Shard,
@@ -302,6 +519,9 @@ impl Session {
         let duration = now.saturating_duration_since(self.accepted_at);
         shard.closed(duration);
         rt.live.fetch_sub(1, Ordering::AcqRel);
+        if let Some(limits) = &rt.limits {
+            limits.release(std::mem::replace(&mut self.permit, Permit::none()));
+        }
         if end.reason == CloseReason::Shutdown {
             rt.cut.fetch_add(1, Ordering::Relaxed);
         }

@@ -60,16 +60,45 @@ pub enum RejectReason {
     Shutdown = 1,
     /// No file descriptor (or socket memory) for the upstream socket.
     FdExhausted = 2,
+    /// The client's address is denied by the rule's `allow`/`deny`.
+    Acl = 3,
+    /// The client's address already holds `max_connections_per_ip` connections.
+    PerIpLimit = 4,
+    /// The client's address opens connections faster than `max_new_connections_per_ip`.
+    RateLimit = 5,
+    /// `accept_proxy`: the connection does not come from a `proxy_trusted` source.
+    UntrustedProxy = 6,
+    /// `accept_proxy`: the PROXY header is malformed or too long, or the client closed first.
+    BadProxyHeader = 7,
+    /// `accept_proxy`: the PROXY header did not arrive within `proxy_header_timeout`.
+    ProxyHeaderTimeout = 8,
 }
 
 impl RejectReason {
-    pub const ALL: [RejectReason; 3] = [Self::MaxConnections, Self::Shutdown, Self::FdExhausted];
+    pub const COUNT: usize = 9;
+    pub const ALL: [RejectReason; Self::COUNT] = [
+        Self::MaxConnections,
+        Self::Shutdown,
+        Self::FdExhausted,
+        Self::Acl,
+        Self::PerIpLimit,
+        Self::RateLimit,
+        Self::UntrustedProxy,
+        Self::BadProxyHeader,
+        Self::ProxyHeaderTimeout,
+    ];
 
     pub fn as_str(self) -> &'static str {
         match self {
             Self::MaxConnections => "max_connections",
             Self::Shutdown => "shutdown",
             Self::FdExhausted => "fd_exhausted",
+            Self::Acl => "acl",
+            Self::PerIpLimit => "per_ip_limit",
+            Self::RateLimit => "rate_limit",
+            Self::UntrustedProxy => "untrusted_proxy",
+            Self::BadProxyHeader => "bad_proxy_header",
+            Self::ProxyHeaderTimeout => "proxy_header_timeout",
         }
     }
 }
@@ -133,6 +162,9 @@ pub enum CloseReason {
     Upstream(ConnectError),
     /// No file descriptor for the upstream socket.
     FdExhausted,
+    /// Turned away after it was accepted (an ACL or limit on the address a PROXY header
+    /// gave, a bad or late header).
+    Rejected(RejectReason),
     /// The forwarder shut down (grace period over, or a second signal) before the session
     /// ended: the transfer was cut.
     Shutdown,
@@ -151,6 +183,7 @@ impl CloseReason {
             Self::Upstream(ConnectError::Unreachable) => "unreachable",
             Self::Upstream(ConnectError::Other) => "connect_error",
             Self::FdExhausted => "fd_exhausted",
+            Self::Rejected(why) => why.as_str(),
             Self::Shutdown => "shutdown",
             Self::Error => "error",
         }
@@ -161,9 +194,12 @@ impl CloseReason {
     pub fn resets(self) -> bool {
         match self {
             Self::Eof | Self::IdleTimeout => false,
-            Self::Reset | Self::Upstream(_) | Self::FdExhausted | Self::Shutdown | Self::Error => {
-                true
-            }
+            Self::Reset
+            | Self::Upstream(_)
+            | Self::FdExhausted
+            | Self::Rejected(_)
+            | Self::Shutdown
+            | Self::Error => true,
         }
     }
 

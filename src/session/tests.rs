@@ -167,3 +167,145 @@ fn finishing_releases_the_member_and_counts_cuts() {
     assert_eq!(snap.active, 0);
     assert_eq!(snap.upstream_connect.len(), 1);
 }
+
+fn cidrs(list: &[&str]) -> Vec<crate::session::acl::Cidr> {
+    list.iter().map(|c| c.parse().expect("cidr")).collect()
+}
+
+fn peer(s: &str) -> Option<SocketAddr> {
+    Some(s.parse().unwrap())
+}
+
+#[test]
+fn the_acl_and_per_client_limits_turn_connections_away_before_any_upstream_socket() {
+    let mut c = config(&["127.0.0.1:1"], 2, 100);
+    c.rules[0].admission.allow = cidrs(&["127.0.0.0/16"]);
+    c.rules[0].admission.deny = cidrs(&["127.0.3.0/24"]);
+    c.rules[0].admission.max_connections_per_ip = NonZeroU32::new(2);
+    let rt = Runtime::new(&c);
+    let m = Metrics::new(&["r"], 1);
+    let (r, shard) = (rt.rule(0), m.rule(0).shard(0));
+    let now = Instant::now();
+    // 1. Denied, and outside the allow list.
+    assert_eq!(
+        r.admit(shard, peer("127.0.3.7:1000"), now, false)
+            .unwrap_err(),
+        RejectReason::Acl
+    );
+    assert_eq!(
+        r.admit(shard, peer("127.1.0.1:1000"), now, false)
+            .unwrap_err(),
+        RejectReason::Acl
+    );
+    // 2. Two per address, a third is turned away; another address is not affected.
+    let a = r.admit(shard, peer("127.0.1.1:1000"), now, false).unwrap();
+    let _b = r.admit(shard, peer("127.0.1.1:1001"), now, false).unwrap();
+    assert_eq!(
+        r.admit(shard, peer("127.0.1.1:1002"), now, false)
+            .unwrap_err(),
+        RejectReason::PerIpLimit
+    );
+    assert!(r.admit(shard, peer("127.0.1.2:1000"), now, false).is_ok());
+    // 3. A finished session gives its place back.
+    let end = End {
+        reason: CloseReason::Eof,
+        bytes: [0, 0],
+        path: "copy",
+    };
+    a.finish(r, &m, shard, end, now);
+    assert!(r.admit(shard, peer("127.0.1.1:1003"), now, false).is_ok());
+    let s = m.rule(0).snapshot();
+    assert_eq!(s.rejected[RejectReason::Acl as usize], 2);
+    assert_eq!(s.rejected[RejectReason::PerIpLimit as usize], 1);
+}
+
+#[test]
+fn accept_proxy_trusts_only_its_proxies_and_judges_the_client_from_the_header() {
+    let mut c = config(&["127.0.0.1:1"], 2, 100);
+    c.rules[0].accept_proxy = Some(crate::config::AcceptProxy {
+        trusted: cidrs(&["127.0.0.2/32"]),
+        header_timeout: Duration::from_secs(3),
+    });
+    c.rules[0].admission.deny = cidrs(&["10.9.0.0/16"]);
+    c.rules[0].proxy_protocol = crate::config::ProxyProtocol::V1;
+    let rt = Runtime::new(&c);
+    let m = Metrics::new(&["r"], 1);
+    let (r, shard) = (rt.rule(0), m.rule(0).shard(0));
+    let now = Instant::now();
+    // 1. Not a trusted proxy: rejected before anything is read.
+    assert_eq!(
+        r.admit(shard, peer("127.0.0.3:5000"), now, false)
+            .unwrap_err(),
+        RejectReason::UntrustedProxy
+    );
+    // 2. The proxy's header names the client: it becomes the session's client, and the
+    //    stream's first bytes after it are left for the relay.
+    let mut s = r.admit(shard, peer("127.0.0.2:5000"), now, false).unwrap();
+    assert!(s.awaits_header());
+    let wire = b"PROXY TCP4 192.0.2.7 198.51.100.1 40000 443\r\nGET /";
+    assert_eq!(
+        s.feed_header(r, shard, &wire[..10], now),
+        HeaderStep::NeedMore
+    );
+    assert_eq!(
+        s.feed_header(r, shard, wire, now),
+        HeaderStep::Ready {
+            consumed: wire.len() - 5
+        }
+    );
+    assert_eq!(s.client, peer("192.0.2.7:40000"));
+    // 3. ...and the header sent upstream carries the original client and destination.
+    let mut out = [0u8; crate::session::proxy::V1_BUF_LEN];
+    let n = s.upstream_header(r, &mut out);
+    assert_eq!(
+        &out[..n],
+        b"PROXY TCP4 192.0.2.7 198.51.100.1 40000 443\r\n"
+    );
+    // 4. A denied client behind a trusted proxy, a malformed header, a late one.
+    let mut s = r.admit(shard, peer("127.0.0.2:5001"), now, false).unwrap();
+    let denied = b"PROXY TCP4 10.9.1.1 10.0.0.1 1 2\r\n";
+    assert_eq!(
+        s.feed_header(r, shard, denied, now),
+        HeaderStep::Reject(RejectReason::Acl)
+    );
+    let mut s = r.admit(shard, peer("127.0.0.2:5002"), now, false).unwrap();
+    assert_eq!(
+        s.feed_header(r, shard, b"GET / HTTP/1.1\r\n", now),
+        HeaderStep::Reject(RejectReason::BadProxyHeader)
+    );
+    let mut s = r.admit(shard, peer("127.0.0.2:5003"), now, false).unwrap();
+    assert_eq!(
+        s.header_failed(shard, true),
+        CloseReason::Rejected(RejectReason::ProxyHeaderTimeout)
+    );
+    let snap = m.rule(0).snapshot();
+    for (why, n) in [
+        (RejectReason::UntrustedProxy, 1),
+        (RejectReason::Acl, 1),
+        (RejectReason::BadProxyHeader, 1),
+        (RejectReason::ProxyHeaderTimeout, 1),
+    ] {
+        assert_eq!(snap.rejected[why as usize], n, "{why:?}");
+    }
+}
+
+#[test]
+fn a_local_header_keeps_the_connections_own_addresses() {
+    let mut c = config(&["127.0.0.1:1"], 2, 100);
+    c.rules[0].accept_proxy = Some(crate::config::AcceptProxy {
+        trusted: cidrs(&["127.0.0.0/8"]),
+        header_timeout: Duration::from_secs(3),
+    });
+    let rt = Runtime::new(&c);
+    let m = Metrics::new(&["r"], 1);
+    let (r, shard) = (rt.rule(0), m.rule(0).shard(0));
+    let now = Instant::now();
+    let mut s = r.admit(shard, peer("127.0.0.9:7000"), now, false).unwrap();
+    let mut local = crate::session::proxy::V2_SIGNATURE.to_vec();
+    local.extend_from_slice(&[0x20, 0x00, 0x00, 0x00]);
+    assert_eq!(
+        s.feed_header(r, shard, &local, now),
+        HeaderStep::Ready { consumed: 16 }
+    );
+    assert_eq!(s.client, peer("127.0.0.9:7000"));
+}

@@ -49,10 +49,16 @@ pub enum DirState {
 /// Where the connection is.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Phase {
+    /// `accept_proxy`: reading the client's PROXY header (into the connection's own small
+    /// buffer, never a pool buffer).
+    ReadingHeader,
     /// Waiting for the worker to pick a member and submit the connect.
     Dialing,
     /// A connect (and its link timeout) is in flight.
     Connecting,
+    /// Connected; the PROXY header for the upstream (and the client's bytes that came with
+    /// its own header) are being sent before the relay starts.
+    SendingPreamble,
     /// The last connect failed; waiting for its ops to complete before dialing again.
     Redialing,
     Relaying,
@@ -65,8 +71,19 @@ pub enum Phase {
 pub enum Event {
     /// A freshly admitted connection: start dialing.
     Start,
-    /// The session core has no member left to try (or no descriptor for a socket).
+    /// The session core has no member left to try (or no descriptor for a socket), or turned
+    /// the connection away after reading its header.
     GaveUp { reason: CloseReason },
+    /// The client's header is not complete yet: read more.
+    HeaderIncomplete,
+    /// The client's header is complete and admitted: dial.
+    HeaderRead,
+    /// Part of the preamble went out; send the rest.
+    PreambleProgress,
+    /// The whole preamble went out: relay.
+    PreambleDone,
+    /// Sending the preamble failed (`res`: 0 or `-errno`).
+    PreambleFailed { res: i32 },
     /// The connect completed (`res` 0 or `-errno`).
     Connected { res: i32 },
     /// The connect's link timeout completed (fired or cancelled).
@@ -106,9 +123,14 @@ pub enum Event {
 /// What the worker must do.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Action {
+    /// Submit a recv of the client's header into the connection's header buffer.
+    RecvHeader,
     /// Ask the session core for a member, open a socket (closing the previous attempt's) and
     /// submit the connect with its link timeout; answer `GaveUp` if there is none.
     Dial,
+    /// Send (the rest of) the preamble to the upstream; answer `PreambleDone` at once if
+    /// there is nothing to send.
+    SendPreamble,
     /// Submit a recv on the direction's source.
     Recv(Direction),
     /// Submit a send of `buf[off..off + len]` on the direction's destination.
@@ -198,6 +220,11 @@ pub struct Conn {
     policy: DataPath,
     buf_size: u32,
     full_reads: [u8; 2],
+    /// Read a PROXY header before dialing.
+    reads_header: bool,
+    /// Something may have to go to the upstream before the relay (a PROXY header, or the
+    /// client's bytes that came with its own header).
+    sends_preamble: bool,
 }
 
 /// How a relay ends after a recv, send or splice failed with `res` (`-errno`).
@@ -209,7 +236,22 @@ impl Conn {
     /// A freshly admitted connection, nothing in flight; [`Event::Start`] sets it going.
     /// `policy` chooses the data path; `buf_size` is the copy buffer (a "full read").
     pub fn new(now: Instant, policy: DataPath, buf_size: u32) -> Self {
+        Self::with_preamble(now, policy, buf_size, false, false)
+    }
+
+    /// [`Conn::new`] for a rule that reads a PROXY header from the client first
+    /// (`reads_header`) and/or may send something to the upstream before relaying
+    /// (`sends_preamble`).
+    pub fn with_preamble(
+        now: Instant,
+        policy: DataPath,
+        buf_size: u32,
+        reads_header: bool,
+        sends_preamble: bool,
+    ) -> Self {
         Self {
+            reads_header,
+            sends_preamble: sends_preamble || reads_header,
             phase: Phase::Dialing,
             dirs: [DirState::Connecting; 2],
             read_at: [now; 2],
@@ -268,6 +310,21 @@ impl Conn {
         matches!(self.phase, Phase::Closing(_))
     }
 
+    /// Whether the connection counts as settled for the worker's accept bound: relaying, or
+    /// only waiting for its client's header (one fd, no upstream socket, a deadline).
+    pub fn is_settled(&self) -> bool {
+        matches!(self.phase, Phase::Relaying | Phase::ReadingHeader)
+    }
+
+    /// Both directions start reading (after the connect, and the preamble if any).
+    fn start_relaying(&mut self, now: Instant, out: &mut Actions) {
+        self.phase = Phase::Relaying;
+        self.last_activity = now;
+        for d in Direction::ALL {
+            self.start_reading(d, out);
+        }
+    }
+
     /// Whether the machine waits for [`Event::OpsDrained`] (to finish, or to dial again).
     pub fn awaits_drain(&self) -> bool {
         matches!(self.phase, Phase::Closing(_) | Phase::Redialing)
@@ -283,19 +340,52 @@ impl Conn {
     pub fn handle(&mut self, ev: Event, now: Instant, out: &mut Actions) {
         match ev {
             Event::Start => {
-                if self.phase == Phase::Dialing {
+                if self.phase == Phase::Dialing && self.reads_header {
+                    self.phase = Phase::ReadingHeader;
+                    out.push(Action::RecvHeader);
+                } else if self.phase == Phase::Dialing {
                     self.phase = Phase::Connecting;
                     out.push(Action::Dial);
                 }
             }
             Event::GaveUp { reason } => self.begin_close(reason, out),
+            Event::HeaderIncomplete => {
+                if self.phase == Phase::ReadingHeader {
+                    out.push(Action::RecvHeader);
+                }
+            }
+            Event::HeaderRead => {
+                if self.phase == Phase::ReadingHeader {
+                    self.phase = Phase::Connecting;
+                    out.push(Action::Dial);
+                }
+            }
+            Event::PreambleProgress => {
+                if self.phase == Phase::SendingPreamble {
+                    out.push(Action::SendPreamble);
+                }
+            }
+            Event::PreambleDone => {
+                if self.phase == Phase::SendingPreamble {
+                    self.start_relaying(now, out);
+                }
+            }
+            Event::PreambleFailed { res } => {
+                let why = if res == 0 {
+                    CloseReason::Reset
+                } else {
+                    io_end(res)
+                };
+                self.begin_close(why, out);
+            }
             Event::Connected { res } => match self.phase {
                 Phase::Connecting if res >= 0 => {
-                    self.phase = Phase::Relaying;
-                    self.last_activity = now;
                     out.push(Action::Connected);
-                    for d in Direction::ALL {
-                        self.start_reading(d, out);
+                    if self.sends_preamble {
+                        self.phase = Phase::SendingPreamble;
+                        out.push(Action::SendPreamble);
+                    } else {
+                        self.start_relaying(now, out);
                     }
                 }
                 Phase::Connecting => {
@@ -303,7 +393,12 @@ impl Conn {
                     out.push(Action::ConnectFailed(res));
                     self.phase = Phase::Redialing;
                 }
-                Phase::Dialing | Phase::Redialing | Phase::Relaying | Phase::Closing(_) => {}
+                Phase::ReadingHeader
+                | Phase::Dialing
+                | Phase::SendingPreamble
+                | Phase::Redialing
+                | Phase::Relaying
+                | Phase::Closing(_) => {}
             },
             Event::OpsDrained => match self.phase {
                 Phase::Redialing => {
@@ -314,7 +409,11 @@ impl Conn {
                     reason,
                     reset: reason.resets(),
                 }),
-                Phase::Dialing | Phase::Connecting | Phase::Relaying => {}
+                Phase::ReadingHeader
+                | Phase::Dialing
+                | Phase::Connecting
+                | Phase::SendingPreamble
+                | Phase::Relaying => {}
             },
             Event::ConnectTimerDone | Event::CancelDone => {}
             Event::Received { dir, res, buf } => self.received(dir, res, buf, now, out),

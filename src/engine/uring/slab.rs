@@ -8,8 +8,6 @@
 use std::net::SocketAddr;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 
-use socket2::SockAddr;
-
 use super::conn::Conn;
 use super::splice::Pipe;
 use crate::metrics::Direction;
@@ -25,13 +23,31 @@ pub struct Entry {
     /// The current attempt's socket (none between a failed attempt and the next dial).
     pub upstream: Option<OwnedFd>,
     /// The current attempt's address; the kernel reads it until the connect completes.
-    pub target: SockAddr,
+    pub target: Target,
     /// Ops pushed for this connection whose last completion has not arrived.
     pub in_flight: u32,
     /// The pipe each direction leased while on the splice path.
     pub pipes: [Option<Pipe>; 2],
     /// This connection's session in the rule's traffic tap, if the rule has one.
     pub tap: Option<TapSession>,
+    /// Header and preamble bytes, only for rules that read or send a PROXY header.
+    pub preamble: Option<Box<Preamble>>,
+}
+
+/// A connection's own small buffer for the PROXY header it reads and the preamble it sends.
+/// The kernel writes into (or reads from) `buf` while an op is in flight, so it is resized
+/// only between completions.
+#[derive(Debug, Default)]
+pub struct Preamble {
+    /// Header bytes read so far live in `buf[..filled]`; after the header, what goes to the
+    /// upstream lives in `buf[sent..filled]`.
+    pub buf: Vec<u8>,
+    pub filled: usize,
+    pub sent: usize,
+    /// `buf` holds the outgoing preamble (built once, at the first send).
+    pub outgoing: bool,
+    /// The header must be complete by then.
+    pub deadline: Option<std::time::Instant>,
 }
 
 impl Entry {
@@ -43,10 +59,11 @@ impl Entry {
             rule,
             client,
             upstream: None,
-            target: SockAddr::from(SocketAddr::from(([0, 0, 0, 0], 0))),
+            target: Target::from(SocketAddr::from(([0, 0, 0, 0], 0))),
             in_flight: 0,
             pipes: [None, None],
             tap: None,
+            preamble: None,
         }
     }
 
@@ -79,6 +96,59 @@ impl Entry {
                 .as_ref()
                 .map(|u| (u.as_raw_fd(), Direction::UpstreamToClient)),
         )
+    }
+}
+
+/// A connect's target as the kernel reads it: a `sockaddr_in` or `sockaddr_in6` (32 bytes
+/// at most, where a generic `sockaddr_storage` would take 128 in every slot).
+#[derive(Clone, Copy)]
+pub enum Target {
+    V4(libc::sockaddr_in),
+    V6(libc::sockaddr_in6),
+}
+
+impl From<SocketAddr> for Target {
+    fn from(addr: SocketAddr) -> Self {
+        match addr {
+            SocketAddr::V4(a) => Self::V4(libc::sockaddr_in {
+                sin_family: libc::AF_INET as libc::sa_family_t,
+                sin_port: a.port().to_be(),
+                sin_addr: libc::in_addr {
+                    s_addr: u32::from_ne_bytes(a.ip().octets()),
+                },
+                sin_zero: [0; 8],
+            }),
+            SocketAddr::V6(a) => Self::V6(libc::sockaddr_in6 {
+                sin6_family: libc::AF_INET6 as libc::sa_family_t,
+                sin6_port: a.port().to_be(),
+                sin6_flowinfo: a.flowinfo(),
+                sin6_addr: libc::in6_addr {
+                    s6_addr: a.ip().octets(),
+                },
+                sin6_scope_id: a.scope_id(),
+            }),
+        }
+    }
+}
+
+impl Target {
+    /// The address for the kernel (valid as long as `self` does not move).
+    pub fn as_ptr(&self) -> *const libc::sockaddr {
+        match self {
+            Self::V4(a) => std::ptr::from_ref(a).cast(),
+            Self::V6(a) => std::ptr::from_ref(a).cast(),
+        }
+    }
+
+    pub fn len(&self) -> libc::socklen_t {
+        match self {
+            Self::V4(_) => std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t,
+            Self::V6(_) => std::mem::size_of::<libc::sockaddr_in6>() as libc::socklen_t,
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        false
     }
 }
 
@@ -188,6 +258,25 @@ mod tests {
 
     /// The per-connection memory target is 4 KiB; the slab entry is the only per-connection
     /// allocation of the engine (buffers are pooled, fds and sockets live in the kernel).
+    #[test]
+    #[allow(unsafe_code)]
+    fn a_target_is_what_socket2_would_hand_the_kernel() {
+        for text in ["10.1.2.3:8443", "[2001:db8::7]:443", "[fe80::1%2]:80"] {
+            let addr: SocketAddr = text.parse().unwrap();
+            let ours = Target::from(addr);
+            let theirs = socket2::SockAddr::from(addr);
+            assert_eq!(ours.len(), theirs.len(), "{text}");
+            // SAFETY: both pointers are valid for `len` bytes for the duration of the test.
+            let (a, b) = unsafe {
+                (
+                    std::slice::from_raw_parts(ours.as_ptr().cast::<u8>(), ours.len() as usize),
+                    std::slice::from_raw_parts(theirs.as_ptr().cast::<u8>(), theirs.len() as usize),
+                )
+            };
+            assert_eq!(a, b, "{text}");
+        }
+    }
+
     #[test]
     fn a_connection_slot_stays_small() {
         let size = std::mem::size_of::<Slot>();

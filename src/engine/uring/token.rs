@@ -29,6 +29,10 @@ pub enum OpKind {
     Poll = 8,
     /// One-shot POLLOUT on a spliced direction's destination.
     PollOut = 9,
+    /// Recv of the client's PROXY header into the connection's header buffer.
+    HeaderRecv = 10,
+    /// Send of the preamble (PROXY header, early client bytes) to the upstream.
+    PreambleSend = 11,
 }
 
 impl OpKind {
@@ -43,6 +47,8 @@ impl OpKind {
             7 => Self::CancelAccept,
             8 => Self::Poll,
             9 => Self::PollOut,
+            10 => Self::HeaderRecv,
+            11 => Self::PreambleSend,
             _ => return None,
         })
     }

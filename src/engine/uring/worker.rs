@@ -24,22 +24,26 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use io_uring::{cqueue, opcode, squeue, types};
-use socket2::{SockAddr, SockRef};
+use socket2::SockRef;
 
 use super::bufpool::{BUFFER_GROUP, BufPool};
 use super::conn::{Action, Actions, Conn, DirState, Event, Phase as ConnPhase};
 use super::pipepool::PipePool;
 use super::ring::{self, Ring};
-use super::slab::{Entry, Slab};
+use super::slab::{Entry, Preamble, Slab, Target};
 use super::splice::SysPipeIo;
 use super::token::{OpKind, Token};
 use crate::config::{Config, DataPath};
-use crate::metrics::{CloseReason, Direction, Metrics};
+use crate::metrics::{CloseReason, Direction, Metrics, PathKind};
 use crate::net;
 use crate::session::outcome::errno_of;
-use crate::session::{Dial, End, Runtime};
+use crate::session::{Dial, End, HeaderStep, Runtime, proxy};
 use crate::shutdown::{Phase, Shutdown};
 use crate::upstream::Picker;
+
+/// The header buffer a connection starts with (grown by doubling up to the header's cap):
+/// a slowloris on the PROXY header costs this, not a pool buffer.
+const HEADER_BUF_START: usize = 256;
 
 /// How often the worker looks at timeouts and the shutdown state when nothing else wakes it.
 const TICK: Duration = Duration::from_millis(100);
@@ -400,6 +404,28 @@ impl Worker {
                 self.conn_event(t, ev, now);
             }
             OpKind::PollOut => self.conn_event(t, Event::Writable { dir: t.dir }, now),
+            OpKind::HeaderRecv => {
+                let ev = self.header_received(t, res, now);
+                self.conn_event(t, ev, now);
+            }
+            OpKind::PreambleSend => {
+                let ev = match self.slab.get_mut(t.slot, t.generation) {
+                    Some(e) if e.conn.phase() != ConnPhase::SendingPreamble => Event::CancelDone,
+                    Some(e) if res > 0 => {
+                        let p = e.preamble.as_mut().expect("a preamble is being sent");
+                        p.sent += res as usize;
+                        if p.sent >= p.filled {
+                            // Sent: the buffer's job is done, give its memory back.
+                            e.preamble = None;
+                            Event::PreambleDone
+                        } else {
+                            Event::PreambleProgress
+                        }
+                    }
+                    _ => Event::PreambleFailed { res },
+                };
+                self.conn_event(t, ev, now);
+            }
         }
         self.wake_waiters(now);
     }
@@ -475,8 +501,38 @@ impl Worker {
             session.finish(rt, &self.metrics, shard, end, now);
             return;
         }
-        let conn = Conn::new(now, self.rules[ri].policy, self.pool.buf_size());
-        let (slot, generation) = self.slab.insert(Entry::new(conn, session, ri, client));
+        let mut session = session;
+        if rt.wants_local_addr() {
+            session.set_local(
+                SockRef::from(&client)
+                    .local_addr()
+                    .ok()
+                    .and_then(|a| a.as_socket()),
+            );
+        }
+        let reads_header = session.awaits_header();
+        let sends_header = rt.rule.proxy_protocol != crate::config::ProxyProtocol::Off;
+        let conn = Conn::with_preamble(
+            now,
+            self.rules[ri].policy,
+            self.pool.buf_size(),
+            reads_header,
+            sends_header,
+        );
+        let mut entry = Entry::new(conn, session, ri, client);
+        if reads_header || sends_header {
+            let (_, timeout) = rt.header_limits();
+            entry.preamble = Some(Box::new(Preamble {
+                buf: if reads_header {
+                    vec![0; HEADER_BUF_START]
+                } else {
+                    Vec::new()
+                },
+                deadline: reads_header.then(|| now + timeout),
+                ..Preamble::default()
+            }));
+        }
+        let (slot, generation) = self.slab.insert(entry);
         self.unsettled += 1;
         self.conn_event(
             Token::new(
@@ -504,9 +560,9 @@ impl Worker {
             return;
         };
         let mut actions = Actions::default();
-        let was_relaying = entry.conn.phase() == ConnPhase::Relaying;
+        let was_settled = entry.conn.is_settled();
         entry.conn.handle(ev, now, &mut actions);
-        match (was_relaying, entry.conn.phase() == ConnPhase::Relaying) {
+        match (was_settled, entry.conn.is_settled()) {
             (false, true) => self.unsettled = self.unsettled.saturating_sub(1),
             (true, false) => self.unsettled += 1,
             _ => {}
@@ -520,6 +576,39 @@ impl Worker {
             && e.conn.awaits_drain()
         {
             self.conn_event(t, Event::OpsDrained, now);
+        }
+    }
+
+    /// Feeds a header recv's bytes to the session core: read more, dial, or close.
+    fn header_received(&mut self, t: Token, res: i32, now: Instant) -> Event {
+        let Some(e) = self.slab.get_mut(t.slot, t.generation) else {
+            return Event::CancelDone;
+        };
+        if e.conn.phase() != ConnPhase::ReadingHeader {
+            // Cancelled by a close already under way.
+            return Event::CancelDone;
+        }
+        let rt = self.runtime.rule(e.rule);
+        let shard = self.metrics.rule(e.rule).shard(self.id);
+        let p = e.preamble.as_mut().expect("a header is being read");
+        if res <= 0 {
+            // The client closed or failed before its header was complete.
+            return Event::GaveUp {
+                reason: e.session.header_failed(shard, false),
+            };
+        }
+        p.filled += res as usize;
+        match e.session.feed_header(rt, shard, &p.buf[..p.filled], now) {
+            HeaderStep::NeedMore => Event::HeaderIncomplete,
+            HeaderStep::Ready { consumed } => {
+                // What follows the header is the client's stream: it goes out first.
+                p.sent = consumed;
+                p.deadline = None;
+                Event::HeaderRead
+            }
+            HeaderStep::Reject(why) => Event::GaveUp {
+                reason: CloseReason::Rejected(why),
+            },
         }
     }
 
@@ -547,10 +636,10 @@ impl Worker {
             match socket {
                 Ok(fd) => {
                     e.upstream = Some(fd);
-                    e.target = SockAddr::from(addr);
+                    e.target = Target::from(addr);
                     let connect = opcode::Connect::new(
                         types::Fd(e.dst(Direction::ClientToUpstream)),
-                        e.target.as_ptr().cast(),
+                        e.target.as_ptr(),
                         e.target.len(),
                     )
                     .build()
@@ -607,6 +696,31 @@ impl Worker {
         let token = |dir, kind| Token::new(slot, generation, dir, kind).encode();
         match action {
             Action::Dial => self.dial(slot, generation, now),
+            Action::RecvHeader => {
+                let cap = self.runtime.rule(ri).header_limits().0;
+                let Some(p) = self
+                    .slab
+                    .get_mut(slot, generation)
+                    .and_then(|e| e.preamble.as_mut())
+                else {
+                    return;
+                };
+                if p.filled == p.buf.len() {
+                    // Grown only here, between completions: no recv is writing into it.
+                    let grown = (p.buf.len() * 2).clamp(HEADER_BUF_START, cap.max(1));
+                    p.buf.resize(grown, 0);
+                }
+                let room = u32::try_from(p.buf.len() - p.filled).unwrap_or(u32::MAX);
+                // SAFETY (pointer arithmetic): `filled < buf.len()` (the header parser
+                // rejects a header before it reaches `cap`), so the pointer stays in `buf`.
+                let ptr = unsafe { p.buf.as_mut_ptr().add(p.filled) };
+                let fd = e_client_fd(&self.slab, slot, generation);
+                let sqe = opcode::Recv::new(types::Fd(fd), ptr, room)
+                    .build()
+                    .user_data(token(Direction::ClientToUpstream, OpKind::HeaderRecv));
+                self.push_conn(slot, generation, sqe, None);
+            }
+            Action::SendPreamble => self.send_preamble(slot, generation, now),
             Action::Recv(dir) => {
                 let sqe = opcode::Recv::new(types::Fd(e.src(dir)), std::ptr::null_mut(), 0)
                     .buf_group(BUFFER_GROUP)
@@ -725,6 +839,84 @@ impl Worker {
             }
             Action::Finish { reason, reset } => self.finish(slot, generation, reason, reset, now),
         }
+    }
+
+    /// Sends (the rest of) the preamble to the upstream: built once from the PROXY header the
+    /// session core writes and the client's bytes that came after its own header.
+    fn send_preamble(&mut self, slot: u32, generation: u16, now: Instant) {
+        let Some(e) = self.slab.get_mut(slot, generation) else {
+            return;
+        };
+        let rt = self.runtime.rule(e.rule);
+        let shard = self.metrics.rule(e.rule).shard(self.id);
+        let Entry {
+            preamble,
+            session,
+            conn,
+            ..
+        } = e;
+        let Some(p) = preamble.as_mut() else {
+            return self.conn_event(
+                Token::new(
+                    slot,
+                    generation,
+                    Direction::ClientToUpstream,
+                    OpKind::PreambleSend,
+                ),
+                Event::PreambleDone,
+                now,
+            );
+        };
+        if !p.outgoing {
+            let mut header = [0u8; proxy::V1_BUF_LEN];
+            let n = session.upstream_header(rt, &mut header);
+            let early = p.buf.get(p.sent..p.filled).unwrap_or(&[]);
+            let mut out = Vec::with_capacity(n + early.len());
+            out.extend_from_slice(&header[..n]);
+            out.extend_from_slice(early);
+            if !early.is_empty() {
+                conn.bytes[0] += early.len() as u64;
+                shard.bytes(
+                    Direction::ClientToUpstream,
+                    PathKind::Copy,
+                    early.len() as u64,
+                );
+            }
+            p.filled = out.len();
+            p.buf = out;
+            p.sent = 0;
+            p.outgoing = true;
+        }
+        if p.sent >= p.filled {
+            *preamble = None;
+            return self.conn_event(
+                Token::new(
+                    slot,
+                    generation,
+                    Direction::ClientToUpstream,
+                    OpKind::PreambleSend,
+                ),
+                Event::PreambleDone,
+                now,
+            );
+        }
+        let len = u32::try_from(p.filled - p.sent).unwrap_or(u32::MAX);
+        // SAFETY (pointer arithmetic): `sent < filled <= buf.len()`.
+        let ptr = unsafe { p.buf.as_ptr().add(p.sent) };
+        let fd = e.dst(Direction::ClientToUpstream);
+        let sqe = opcode::Send::new(types::Fd(fd), ptr, len)
+            .flags(libc::MSG_NOSIGNAL)
+            .build()
+            .user_data(
+                Token::new(
+                    slot,
+                    generation,
+                    Direction::ClientToUpstream,
+                    OpKind::PreambleSend,
+                )
+                .encode(),
+            );
+        self.push_conn(slot, generation, sqe, None);
     }
 
     /// Runs a spliced direction's pump (the splice syscalls) and feeds the outcome back.
@@ -864,6 +1056,34 @@ impl Worker {
         }
     }
 
+    /// Closes connections whose PROXY header did not arrive within `proxy_header_timeout`.
+    fn expire_headers(&mut self, now: Instant) {
+        for s in 0..self.slab.len() as u32 {
+            let Some(g) = self.slab.generation(s) else {
+                continue;
+            };
+            let id = self.id;
+            let reason = match self.slab.get_mut(s, g) {
+                Some(e)
+                    if e.conn.phase() == ConnPhase::ReadingHeader
+                        && e.preamble
+                            .as_ref()
+                            .and_then(|p| p.deadline)
+                            .is_some_and(|d| now >= d) =>
+                {
+                    let shard = self.metrics.rule(e.rule).shard(id);
+                    e.session.header_failed(shard, true)
+                }
+                _ => continue,
+            };
+            self.conn_event(
+                Token::new(s, g, Direction::ClientToUpstream, OpKind::HeaderRecv),
+                Event::GaveUp { reason },
+                now,
+            );
+        }
+    }
+
     fn tick(&mut self, now: Instant) {
         let phase = self.shutdown.phase();
         if phase >= Phase::Draining && !self.draining {
@@ -910,6 +1130,7 @@ impl Worker {
             }
         }
         let runtime = self.runtime.clone();
+        self.expire_headers(now);
         self.broadcast(Event::IdleTimeout, now, |e| {
             runtime
                 .rule(e.rule)
@@ -944,3 +1165,9 @@ fn was_reset(fd: std::os::fd::RawFd) -> bool {
 
 /// `TCP_CLOSE` in the kernel's `tcp_states.h` (not exported by libc).
 const TCP_CLOSE: u8 = 7;
+
+/// The client fd of a live entry (-1 if it is gone: the op then fails with EBADF).
+fn e_client_fd(slab: &Slab, slot: u32, generation: u16) -> std::os::fd::RawFd {
+    slab.get(slot, generation)
+        .map_or(-1, |e| e.src(Direction::ClientToUpstream))
+}

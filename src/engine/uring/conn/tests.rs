@@ -819,6 +819,9 @@ mod prop {
                                 self.ops.push(Op::Timer);
                             }
                         }
+                        Action::RecvHeader | Action::SendPreamble => {
+                            panic!("a connection without a preamble asked for one: {a:?}")
+                        }
                         Action::Recv(d) => self.ops.push(Op::Recv(d)),
                         Action::Send { dir, buf, off, len } => {
                             assert!(self.held.contains(&buf), "send from unheld buffer {buf}");
@@ -997,4 +1000,80 @@ mod prop {
             run(policy, &steps);
         }
     }
+}
+
+#[test]
+fn a_proxy_header_is_read_before_dialing_and_a_preamble_sent_before_relaying() {
+    let now = t0();
+    let mut c = Driver {
+        conn: Conn::with_preamble(now, DataPath::Copy, BUF, true, true),
+        in_flight: 0,
+    };
+    // 1. The header is read first (one recv into the connection's own buffer).
+    assert_eq!(step(&mut c, Event::Start, now), vec![Action::RecvHeader]);
+    assert_eq!(c.phase(), Phase::ReadingHeader);
+    assert!(
+        c.is_settled(),
+        "a connection reading its header does not hold up accepts"
+    );
+    c.in_flight = 1; // the worker pushed the recv
+    c.in_flight -= 1; // ... and it completed with part of the header
+    assert_eq!(
+        step(&mut c, Event::HeaderIncomplete, now),
+        vec![Action::RecvHeader]
+    );
+    // 2. Complete: dial.
+    assert_eq!(step(&mut c, Event::HeaderRead, now), vec![Action::Dial]);
+    // 3. Connected: the preamble goes out before any relay op.
+    let a = step(&mut c, Event::Connected { res: 0 }, now);
+    assert_eq!(a, vec![Action::Connected, Action::SendPreamble]);
+    assert_eq!(c.phase(), Phase::SendingPreamble);
+    assert!(!c.is_settled());
+    assert_eq!(
+        step(&mut c, Event::PreambleProgress, now),
+        vec![Action::SendPreamble]
+    );
+    let a = step(&mut c, Event::PreambleDone, now);
+    assert_eq!(a, vec![Action::Recv(C2U), Action::Recv(U2C)]);
+    assert_eq!(c.phase(), Phase::Relaying);
+}
+
+#[test]
+fn a_header_rejected_or_late_closes_with_rst_and_nothing_dialed() {
+    let now = t0();
+    let mut c = Driver {
+        conn: Conn::with_preamble(now, DataPath::Copy, BUF, true, false),
+        in_flight: 0,
+    };
+    step(&mut c, Event::Start, now);
+    let reason = CloseReason::Rejected(crate::session::outcome::RejectReason::ProxyHeaderTimeout);
+    let a = step(&mut c, Event::GaveUp { reason }, now);
+    assert_eq!(
+        a,
+        vec![
+            Action::CancelAll,
+            Action::Finish {
+                reason,
+                reset: true
+            }
+        ]
+    );
+}
+
+#[test]
+fn a_failed_preamble_send_resets() {
+    let (mut c, now) = connecting();
+    c.conn = Conn::with_preamble(now, DataPath::Copy, BUF, false, true);
+    c.in_flight = 0;
+    assert_eq!(step(&mut c, Event::Start, now), vec![Action::Dial]);
+    step(&mut c, Event::Connected { res: 0 }, now);
+    let a = step(
+        &mut c,
+        Event::PreambleFailed {
+            res: -libc::ECONNRESET,
+        },
+        now,
+    );
+    assert!(a.contains(&Action::CancelAll), "{a:?}");
+    assert!(matches!(c.phase(), Phase::Closing(CloseReason::Reset)));
 }
