@@ -1291,3 +1291,30 @@ fn check_prints_the_effective_acls_and_limits() {
     }
     assert!(!plain.contains("proxy_trusted"), "{plain}");
 }
+
+#[test]
+fn the_shipped_edge_admission_examples_parse_when_uncommented() {
+    let shipped = include_str!("../../ringfwd.toml");
+    let mut text = String::new();
+    let mut in_edge = false;
+    for line in shipped.lines() {
+        if line.starts_with("# --- Edge admission") {
+            in_edge = true;
+        } else if in_edge && line.starts_with("# [rule.health_check]") {
+            in_edge = false;
+        }
+        let example = line
+            .strip_prefix("# ")
+            .filter(|l| in_edge && l.split_once(" = ").is_some_and(|(k, _)| !k.contains(' ')));
+        text.push_str(example.unwrap_or(line));
+        text.push('\n');
+    }
+    let r = &parse(&text).rules[0];
+    assert_eq!(r.proxy_protocol, ProxyProtocol::V2);
+    let a = r.accept_proxy.as_ref().expect("accept_proxy example");
+    assert_eq!(a.trusted.len(), 3);
+    assert_eq!(a.header_timeout, DEFAULT_PROXY_HEADER_TIMEOUT);
+    assert_eq!((r.admission.allow.len(), r.admission.deny.len()), (2, 1));
+    assert_eq!(r.admission.max_connections_per_ip, NonZeroU32::new(100));
+    assert!(r.admission.max_new_connections_per_ip.is_some());
+}
