@@ -98,6 +98,24 @@ fn check_rejects_broken_files_with_one_line() {
             4,
         ),
         (
+            "bad CIDR on its own line",
+            format!("{rule}deny = [\n    \"10.0.0.0/8\",\n    \"10.0.0.1/8\",\n]\n"),
+            "deny",
+            6,
+        ),
+        (
+            "accept_proxy without proxy_trusted",
+            format!("{rule}accept_proxy = true\n"),
+            "proxy_trusted",
+            4,
+        ),
+        (
+            "bad rate",
+            format!("{rule}max_new_connections_per_ip = \"50/d\"\n"),
+            "max_new_connections_per_ip",
+            4,
+        ),
+        (
             "duration without a unit",
             "shutdown_grace = \"10\"\n".into(),
             "shutdown_grace",
@@ -231,6 +249,53 @@ fn check_prints_pools_with_what_they_resolved_to() {
     let out2 = run_to_exit(&["check", "--config", &again.path.display().to_string()]);
     assert!(out2.status.success(), "re-check failed: {}", out2.stderr);
     assert_eq!(out2.stdout, out.stdout);
+}
+
+#[test]
+fn check_prints_the_effective_acls_and_limits() {
+    let text = "engine = \"std\"\n\n[[rule]]\nname = \"edge\"\nlisten = \"127.0.0.1:0\"\nupstream = \"127.0.0.1:9000\"\nproxy_protocol = \"v1\"\naccept_proxy = true\nproxy_trusted = [\"10.0.0.0/8\", \"::1\"]\nallow = [\"192.0.2.0/24\"]\ndeny = [\"192.0.2.7\"]\nmax_connections_per_ip = 20\nmax_new_connections_per_ip = \"600/m\"\n\n[[rule]]\nname = \"plain\"\nlisten = \"127.0.0.1:0\"\nupstream = \"127.0.0.1:9001\"\n";
+    let file = TempFile::new("check-edge", text);
+    let path = file.path.display().to_string();
+    let out = run_to_exit(&["check", "--config", &path]);
+    assert!(out.status.success(), "exit {}: {}", out.status, out.stderr);
+    assert!(out.stderr.is_empty(), "stderr: {}", out.stderr);
+    let stdout = &out.stdout;
+    let (edge, plain) = stdout.split_once("name = \"plain\"").expect("both rules");
+    for expected in [
+        "proxy_protocol = \"v1\"",
+        "accept_proxy = true",
+        "    \"10.0.0.0/8\",",
+        "    \"::1/128\",",
+        "proxy_header_timeout = \"3s\"",
+        "    \"192.0.2.0/24\",",
+        "    \"192.0.2.7/32\",",
+        "max_connections_per_ip = 20",
+        "max_new_connections_per_ip = \"600/m\"",
+        "# a new client address may open 10 at once, then one every 100ms",
+    ] {
+        assert!(
+            edge.lines().any(|l| l == expected),
+            "{expected:?} missing from:\n{stdout}"
+        );
+    }
+    for expected in [
+        "proxy_protocol = \"off\"",
+        "accept_proxy = false",
+        "allow = []",
+        "deny = []",
+        "# max_connections_per_ip: unset, no limit",
+        "# max_new_connections_per_ip: unset, no limit",
+    ] {
+        assert!(
+            plain.lines().any(|l| l == expected),
+            "{expected:?} missing from:\n{stdout}"
+        );
+    }
+    // What check prints is a config that checks to the same output.
+    let again = TempFile::new("check-edge-again", stdout);
+    let out2 = run_to_exit(&["check", "--config", &again.path.display().to_string()]);
+    assert!(out2.status.success(), "re-check failed: {}", out2.stderr);
+    assert_eq!(&out2.stdout, stdout);
 }
 
 #[test]

@@ -338,6 +338,13 @@ pub struct AcceptProxy {
 }
 
 pub const DEFAULT_PROXY_HEADER_TIMEOUT: Duration = Duration::from_secs(3);
+/// Shortest and longest `proxy_header_timeout`: a load balancer sends its header with the
+/// first packet, so even a slow path needs far less than a minute, and a long wait only holds
+/// a slot for a client that never sends one.
+pub const PROXY_HEADER_TIMEOUT_RANGE: std::ops::RangeInclusive<Duration> =
+    Duration::from_millis(100)..=Duration::from_secs(60);
+/// Highest `max_connections_per_ip` (the highest `max_connections` of a rule).
+pub const MAX_CONNECTIONS_PER_IP: u32 = MAX_RULE_CONNECTIONS;
 
 /// Who may connect, and how much: checked on the client's address (the PROXY header's source
 /// when `accept_proxy` is on) before any upstream socket exists.
@@ -349,8 +356,9 @@ pub struct Admission {
     pub deny: Vec<crate::session::acl::Cidr>,
     /// Connections one client address may hold at once.
     pub max_connections_per_ip: Option<NonZeroU32>,
-    /// New connections one client address may open per period (token bucket, burst of one
-    /// period's worth).
+    /// New connections one client address may open per period (token bucket; a fresh
+    /// address may open what the rate allows in one second, at least 1, at once: see
+    /// [`crate::session::limits::Rate::burst`]).
     pub max_new_connections_per_ip: Option<crate::session::limits::Rate>,
 }
 
@@ -888,6 +896,7 @@ impl Config {
             if let Some(t) = &r.tap {
                 let _ = writeln!(out, "tap = {:?}", t.display().to_string());
             }
+            write_edge(&mut out, r);
             // A sub-table ends the rule's own keys, so it comes last.
             if let Some(h) = &r.upstream.health_check {
                 let _ = writeln!(out, "\n[rule.health_check]");
@@ -932,6 +941,63 @@ fn write_upstream(out: &mut String, up: &Upstream) {
         up.resolve_interval
             .map_or("0s".to_string(), format_duration)
     );
+}
+
+/// A rule's edge-admission keys, every one printed (unset limits as a comment), so that
+/// `check` shows the effective ACLs and limits.
+fn write_edge(out: &mut String, r: &Rule) {
+    use std::fmt::Write;
+    let list = |out: &mut String, key: &str, l: &[crate::session::acl::Cidr]| {
+        if l.is_empty() {
+            let _ = writeln!(out, "{key} = []");
+        } else {
+            let _ = writeln!(out, "{key} = [");
+            for c in l {
+                let _ = writeln!(out, "    \"{c}\",");
+            }
+            let _ = writeln!(out, "]");
+        }
+    };
+    let _ = writeln!(out, "proxy_protocol = {:?}", r.proxy_protocol.as_str());
+    match &r.accept_proxy {
+        None => {
+            let _ = writeln!(out, "accept_proxy = false");
+        }
+        Some(a) => {
+            let _ = writeln!(out, "accept_proxy = true");
+            list(out, "proxy_trusted", &a.trusted);
+            let _ = writeln!(
+                out,
+                "proxy_header_timeout = {:?}",
+                format_duration(a.header_timeout)
+            );
+        }
+    }
+    let a = &r.admission;
+    list(out, "allow", &a.allow);
+    list(out, "deny", &a.deny);
+    match a.max_connections_per_ip {
+        None => {
+            let _ = writeln!(out, "# max_connections_per_ip: unset, no limit");
+        }
+        Some(n) => {
+            let _ = writeln!(out, "max_connections_per_ip = {n}");
+        }
+    }
+    match a.max_new_connections_per_ip {
+        None => {
+            let _ = writeln!(out, "# max_new_connections_per_ip: unset, no limit");
+        }
+        Some(rate) => {
+            let _ = writeln!(out, "max_new_connections_per_ip = \"{rate}\"");
+            let _ = writeln!(
+                out,
+                "# a new client address may open {} at once, then one every {:?}",
+                rate.burst(),
+                rate.interval()
+            );
+        }
+    }
 }
 
 fn hdr_log(
@@ -1039,6 +1105,7 @@ fn rule_from_raw(
     let listen =
         resolve_one(r.listen.get_ref()).map_err(|m| src.error_at(r.listen.span(), "listen", m))?;
     let upstream = upstream_from_raw(&r, src)?;
+    let (proxy_protocol, accept_proxy, admission) = edge_from_raw(&r, src)?;
     // `keepalive.count = 0` is refused while deserializing, where its position is known.
     let keepalive = match r.keepalive {
         None | Some(KeepaliveValue::Enabled(false)) => None,
@@ -1105,10 +1172,145 @@ fn rule_from_raw(
         idle_timeout,
         tap,
         max_connections,
-        proxy_protocol: ProxyProtocol::Off,
-        accept_proxy: None,
-        admission: Admission::default(),
+        proxy_protocol,
+        accept_proxy,
+        admission,
     })
+}
+
+/// A rule's edge-admission keys: the PROXY header it sends, the one it accepts, its ACLs and
+/// its per-client limits.
+fn edge_from_raw(
+    r: &RawRule,
+    src: &Source<'_>,
+) -> Result<(ProxyProtocol, Option<AcceptProxy>, Admission), ConfigError> {
+    let proxy_protocol = match &r.proxy_protocol {
+        None => ProxyProtocol::Off,
+        Some(p) => ProxyProtocol::parse(p.get_ref()).ok_or_else(|| {
+            src.error_at(
+                p.span(),
+                "proxy_protocol",
+                format!(
+                    "unknown version {:?} (expected one of {})",
+                    p.get_ref(),
+                    ProxyProtocol::NAMES
+                ),
+            )
+        })?,
+    };
+
+    let accept = r.accept_proxy.as_ref().map(|a| *a.get_ref());
+    // The keys that only mean something with accept_proxy = true.
+    if accept != Some(true) {
+        let lonely = [
+            r.proxy_trusted
+                .as_ref()
+                .map(|t| ("proxy_trusted", t.span())),
+            r.proxy_header_timeout
+                .as_ref()
+                .map(|t| ("proxy_header_timeout", t.span())),
+        ];
+        if let Some((key, span)) = lonely.into_iter().flatten().next() {
+            let msg = match accept {
+                None => format!(
+                    "is set but accept_proxy = true is missing: add accept_proxy = true, or remove {key}"
+                ),
+                _ => format!(
+                    "is set but accept_proxy is false: set accept_proxy = true, or remove {key}"
+                ),
+            };
+            return Err(src.error_at(span, key, msg));
+        }
+    }
+    let accept_proxy = match (&r.accept_proxy, &r.proxy_trusted) {
+        (Some(a), None) if *a.get_ref() => {
+            return Err(src.error_at(
+                a.span(),
+                "accept_proxy",
+                "is true but proxy_trusted is missing: list the sources allowed to send a PROXY header (your load balancers), e.g. proxy_trusted = [\"10.0.0.0/8\"]",
+            ));
+        }
+        (Some(a), Some(t)) if *a.get_ref() => {
+            if t.get_ref().0.is_empty() {
+                return Err(src.error_at(
+                    t.span(),
+                    "proxy_trusted",
+                    "an empty list trusts no one, so every connection would be refused: list the sources allowed to send a PROXY header (your load balancers), e.g. [\"10.0.0.0/8\"]",
+                ));
+            }
+            let header_timeout = match &r.proxy_header_timeout {
+                None => DEFAULT_PROXY_HEADER_TIMEOUT,
+                Some(d) => {
+                    let v = d.get_ref().0;
+                    if !PROXY_HEADER_TIMEOUT_RANGE.contains(&v) {
+                        return Err(src.error_at(
+                            d.span(),
+                            "proxy_header_timeout",
+                            format!(
+                                "must be {}..={}, got {}",
+                                format_duration(*PROXY_HEADER_TIMEOUT_RANGE.start()),
+                                format_duration(*PROXY_HEADER_TIMEOUT_RANGE.end()),
+                                format_duration(v)
+                            ),
+                        ));
+                    }
+                    v
+                }
+            };
+            Some(AcceptProxy {
+                trusted: cidrs(t.get_ref(), "proxy_trusted", src)?,
+                header_timeout,
+            })
+        }
+        _ => None,
+    };
+
+    let list = |l: &Option<toml::Spanned<raw::CidrList>>, key: &str| match l {
+        None => Ok(Vec::new()),
+        Some(l) => cidrs(l.get_ref(), key, src),
+    };
+    let allow = list(&r.allow, "allow")?;
+    let deny = list(&r.deny, "deny")?;
+    let max_connections_per_ip = match &r.max_connections_per_ip {
+        None => None,
+        Some(n) => Some(
+            NonZeroU32::new(src.count(n, "max_connections_per_ip", 1, MAX_CONNECTIONS_PER_IP)?)
+                .expect("checked at least 1"),
+        ),
+    };
+    let max_new_connections_per_ip = match &r.max_new_connections_per_ip {
+        None => None,
+        Some(t) => Some(
+            crate::session::limits::Rate::parse(&t.get_ref().0)
+                .map_err(|e| src.error_at(t.span(), "max_new_connections_per_ip", e))?,
+        ),
+    };
+    Ok((
+        proxy_protocol,
+        accept_proxy,
+        Admission {
+            allow,
+            deny,
+            max_connections_per_ip,
+            max_new_connections_per_ip,
+        },
+    ))
+}
+
+/// Parses every entry of a CIDR list, reporting a bad one at its own position. A bare address
+/// is one host (`/32` or `/128`).
+fn cidrs(
+    list: &raw::CidrList,
+    key: &str,
+    src: &Source<'_>,
+) -> Result<Vec<crate::session::acl::Cidr>, ConfigError> {
+    list.0
+        .iter()
+        .map(|e| {
+            crate::session::acl::Cidr::parse(e.get_ref())
+                .map_err(|m| src.error_at(e.span(), key, m))
+        })
+        .collect()
 }
 
 /// The pool of a rule: its members, resolved and checked, and how to use them.

@@ -214,6 +214,71 @@ pub struct RawRule {
     pub connect_timeout: Option<Spanned<DurationValue>>,
     pub idle_timeout: Option<Spanned<DurationValue>>,
     pub tap: Option<Spanned<String>>,
+    pub proxy_protocol: Option<Spanned<String>>,
+    pub accept_proxy: Option<Spanned<bool>>,
+    pub proxy_trusted: Option<Spanned<CidrList>>,
+    pub proxy_header_timeout: Option<Spanned<DurationValue>>,
+    pub allow: Option<Spanned<CidrList>>,
+    pub deny: Option<Spanned<CidrList>>,
+    pub max_connections_per_ip: Option<Spanned<i64>>,
+    pub max_new_connections_per_ip: Option<Spanned<RateText>>,
+}
+
+/// An array of CIDR strings (`allow`, `deny`, `proxy_trusted`), each kept with its position
+/// so that a bad entry is reported where it was written. The entries are parsed later, by
+/// [`crate::session::acl::Cidr::parse`].
+#[derive(Debug, Default)]
+pub struct CidrList(pub Vec<Spanned<String>>);
+
+impl<'de> Deserialize<'de> for CidrList {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        // A visitor, so that `allow = "10.0.0.0/8"` says what to write instead of only
+        // "invalid type: string, expected a sequence".
+        struct Visitor;
+        impl<'de> serde::de::Visitor<'de> for Visitor {
+            type Value = CidrList;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str(
+                    "an array of addresses or prefixes, such as [\"10.0.0.0/8\", \"2001:db8::/32\"]",
+                )
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                self,
+                mut seq: A,
+            ) -> Result<Self::Value, A::Error> {
+                let mut entries = Vec::new();
+                while let Some(e) = seq.next_element::<Spanned<String>>()? {
+                    entries.push(e);
+                }
+                Ok(CidrList(entries))
+            }
+        }
+        d.deserialize_any(Visitor)
+    }
+}
+
+/// A rate written as a string, e.g. `"50/s"`; parsed later by
+/// [`crate::session::limits::Rate::parse`], whose errors quote it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RateText(pub String);
+
+impl<'de> Deserialize<'de> for RateText {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Either {
+            Int(i64),
+            Text(String),
+        }
+        match Either::deserialize(d).map_err(|_| {
+            serde::de::Error::custom("expected a rate such as \"50/s\", \"600/m\" or \"100/h\"")
+        })? {
+            Either::Int(n) => Err(serde::de::Error::custom(format!(
+                "invalid rate {n}: a period is required, written as a string such as \"{n}/s\""
+            ))),
+            Either::Text(t) => Ok(RateText(t)),
+        }
+    }
 }
 
 /// `[rule.health_check]`: every key optional, an empty table means the defaults.

@@ -56,6 +56,10 @@ fn a_minimal_rule_gets_defaults() {
     assert_eq!(r.idle_timeout, Some(DEFAULT_IDLE_TIMEOUT));
     assert_eq!(r.tap, None);
     assert_eq!(r.max_connections.get(), DEFAULT_MAX_CONNECTIONS);
+    assert_eq!(r.proxy_protocol, ProxyProtocol::Off);
+    assert_eq!(r.accept_proxy, None);
+    assert_eq!(r.admission, Admission::default());
+    assert!(r.admission.is_empty());
     assert_eq!(
         r.upstream,
         Upstream::with_members(vec![MemberSpec::new(
@@ -576,6 +580,30 @@ resolve_interval = "5m"
 listen = "127.0.0.1:0"
 upstream = ["127.0.0.1:1", "127.0.0.1:2"]
 max_connections = 1
+proxy_protocol = "v2"
+accept_proxy = true
+proxy_trusted = ["10.0.0.0/8", "2001:db8::/32", "127.0.0.1", "::ffff:192.168.0.0/112"]
+proxy_header_timeout = "150ms"
+allow = ["0.0.0.0/0", "::/0"]
+deny = ["10.1.0.0/16", "192.0.2.7", "2001:db8:1::/48", "::1"]
+max_connections_per_ip = 1048576
+max_new_connections_per_ip = "600/m"
+
+[[rule]]
+listen = "127.0.0.1:0"
+upstream = "127.0.0.1:1"
+proxy_protocol = "v1"
+accept_proxy = false
+allow = []
+deny = ["0.0.0.0/0"]
+max_connections_per_ip = 1
+
+[[rule]]
+listen = "127.0.0.1:0"
+upstream = "127.0.0.1:1"
+accept_proxy = true
+proxy_trusted = ["127.0.0.1/32"]
+max_new_connections_per_ip = " 7 / h "
 "#
         .to_string(),
     ];
@@ -974,4 +1002,319 @@ fn the_shipped_config_parses_without_warnings_and_its_pool_example_works() {
     assert_eq!(up.members[0].weight.get(), 3);
     assert!(up.members[2].backup);
     assert_eq!(up.health_check, Some(HealthCheck::default()));
+}
+
+#[test]
+fn edge_admission_keys_are_read() {
+    use crate::session::acl::Cidr;
+    use crate::session::limits::Rate;
+    let c = parse(&rule_with(
+        r#"proxy_protocol = "v1"
+accept_proxy = true
+proxy_trusted = ["10.0.0.0/8", "2001:db8::/32", "127.0.0.1"]
+proxy_header_timeout = "500ms"
+allow = ["192.0.2.0/24", "::1"]
+deny = ["192.0.2.7/32"]
+max_connections_per_ip = 10
+max_new_connections_per_ip = "50/s""#,
+    ));
+    let r = &c.rules[0];
+    let cidrs = |l: &[&str]| {
+        l.iter()
+            .map(|t| Cidr::parse(t).unwrap())
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(r.proxy_protocol, ProxyProtocol::V1);
+    assert_eq!(
+        r.accept_proxy,
+        Some(AcceptProxy {
+            trusted: cidrs(&["10.0.0.0/8", "2001:db8::/32", "127.0.0.1/32"]),
+            header_timeout: Duration::from_millis(500),
+        })
+    );
+    assert_eq!(
+        r.admission,
+        Admission {
+            allow: cidrs(&["192.0.2.0/24", "::1/128"]),
+            deny: cidrs(&["192.0.2.7/32"]),
+            max_connections_per_ip: NonZeroU32::new(10),
+            max_new_connections_per_ip: Some(Rate::parse("50/s").unwrap()),
+        }
+    );
+    // Each value on its own, and the defaults of the others.
+    let one = |extra: &str| parse(&rule_with(extra)).rules.remove(0);
+    for (text, want) in [
+        ("off", ProxyProtocol::Off),
+        ("v1", ProxyProtocol::V1),
+        ("v2", ProxyProtocol::V2),
+    ] {
+        assert_eq!(
+            one(&format!("proxy_protocol = {text:?}")).proxy_protocol,
+            want
+        );
+    }
+    let a = one("accept_proxy = true\nproxy_trusted = [\"10.0.0.1\"]").accept_proxy;
+    assert_eq!(
+        a.map(|a| a.header_timeout),
+        Some(DEFAULT_PROXY_HEADER_TIMEOUT)
+    );
+    assert_eq!(one("accept_proxy = false").accept_proxy, None);
+    for bound in ["100ms", "60s", "1m"] {
+        let text = format!(
+            "accept_proxy = true\nproxy_trusted = [\"10.0.0.1\"]\nproxy_header_timeout = {bound:?}"
+        );
+        assert!(one(&text).accept_proxy.is_some(), "{bound}");
+    }
+    // Empty lists are allowed and mean no entry; so the rule has no check at all.
+    let r = one("allow = []\ndeny = []");
+    assert!(r.admission.is_empty());
+    assert_eq!(
+        one("max_connections_per_ip = 1048576")
+            .admission
+            .max_connections_per_ip,
+        NonZeroU32::new(1 << 20)
+    );
+    let rate = one("max_new_connections_per_ip = \"5/m\"")
+        .admission
+        .max_new_connections_per_ip
+        .unwrap();
+    assert_eq!(
+        (rate.count(), rate.period(), rate.burst()),
+        (5, Duration::from_secs(60), 1)
+    );
+    let rate = one("max_new_connections_per_ip = \"7200/h\"")
+        .admission
+        .max_new_connections_per_ip
+        .unwrap();
+    assert_eq!(rate.burst(), 2, "burst: one second's worth, rounded up");
+}
+
+#[test]
+fn proxy_protocol_mistakes_are_reported_at_the_value() {
+    assert_eq!(
+        err(&rule_with("proxy_protocol = \"v3\"")),
+        "cfg.toml:4:18: proxy_protocol: unknown version \"v3\" (expected one of off, v1, v2)"
+    );
+    assert_eq!(
+        err(&rule_with("proxy_protocol = true")),
+        "cfg.toml:4:18: proxy_protocol: invalid type: boolean `true`, expected a string"
+    );
+    assert_eq!(
+        err(&rule_with("accept_proxy = \"yes\"")),
+        "cfg.toml:4:16: accept_proxy: invalid type: string \"yes\", expected a boolean"
+    );
+}
+
+#[test]
+fn accept_proxy_and_its_keys_need_each_other() {
+    // accept_proxy = true without a trusted list: at accept_proxy, naming the missing key.
+    assert_eq!(
+        err(&rule_with("accept_proxy = true")),
+        "cfg.toml:4:16: accept_proxy: is true but proxy_trusted is missing: list the sources allowed to send a PROXY header (your load balancers), e.g. proxy_trusted = [\"10.0.0.0/8\"]"
+    );
+    assert_eq!(
+        err(&rule_with("accept_proxy = true\nproxy_trusted = []")),
+        "cfg.toml:5:17: proxy_trusted: an empty list trusts no one, so every connection would be refused: list the sources allowed to send a PROXY header (your load balancers), e.g. [\"10.0.0.0/8\"]"
+    );
+    // The keys that need accept_proxy = true, without it: at the key, naming what is missing.
+    assert_eq!(
+        err(&rule_with("proxy_trusted = [\"10.0.0.0/8\"]")),
+        "cfg.toml:4:17: proxy_trusted: is set but accept_proxy = true is missing: add accept_proxy = true, or remove proxy_trusted"
+    );
+    assert_eq!(
+        err(&rule_with("accept_proxy = false\nproxy_trusted = []")),
+        "cfg.toml:5:17: proxy_trusted: is set but accept_proxy is false: set accept_proxy = true, or remove proxy_trusted"
+    );
+    assert_eq!(
+        err(&rule_with("proxy_header_timeout = \"1s\"")),
+        "cfg.toml:4:24: proxy_header_timeout: is set but accept_proxy = true is missing: add accept_proxy = true, or remove proxy_header_timeout"
+    );
+    assert_eq!(
+        err(&rule_with(
+            "accept_proxy = false\nproxy_header_timeout = \"1s\""
+        )),
+        "cfg.toml:5:24: proxy_header_timeout: is set but accept_proxy is false: set accept_proxy = true, or remove proxy_header_timeout"
+    );
+    // The timeout's range, at the value.
+    let with_timeout = |t: &str| {
+        rule_with(&format!(
+            "accept_proxy = true\nproxy_trusted = [\"10.0.0.0/8\"]\nproxy_header_timeout = {t}"
+        ))
+    };
+    assert_eq!(
+        err(&with_timeout("\"99ms\"")),
+        "cfg.toml:6:24: proxy_header_timeout: must be 100ms..=1m, got 99ms"
+    );
+    assert_eq!(
+        err(&with_timeout("\"61s\"")),
+        "cfg.toml:6:24: proxy_header_timeout: must be 100ms..=1m, got 61s"
+    );
+    assert_eq!(
+        err(&with_timeout("\"0s\"")),
+        "cfg.toml:6:24: proxy_header_timeout: must be 100ms..=1m, got 0s"
+    );
+    assert_eq!(
+        err(&with_timeout("3")),
+        "cfg.toml:6:24: proxy_header_timeout: invalid duration 3: a unit is required, written as a string such as \"3s\""
+    );
+}
+
+#[test]
+fn bad_cidrs_are_reported_at_their_own_entry() {
+    // Every list, an entry on the first line and one further along or on a later line.
+    for key in ["allow", "deny", "proxy_trusted"] {
+        let prefix = if key == "proxy_trusted" {
+            "accept_proxy = true\n"
+        } else {
+            ""
+        };
+        let line = if key == "proxy_trusted" { 5 } else { 4 };
+        let col = key.len() + 5;
+        let text = rule_with(&format!("{prefix}{key} = [\"10.0.0.1/8\"]"));
+        assert_eq!(
+            err(&text),
+            format!(
+                "cfg.toml:{line}:{col}: {key}: \"10.0.0.1/8\": host bits are set past the /8 prefix, so it names no network; did you mean 10.0.0.0/8?"
+            )
+        );
+        let text = rule_with(&format!(
+            "{prefix}{key} = [\n    \"10.0.0.0/8\",\n    \"192.0.2.0/24\", \"2001:db8::/129\",\n]"
+        ));
+        assert_eq!(
+            err(&text),
+            format!(
+                "cfg.toml:{}:21: {key}: \"2001:db8::/129\": prefix /129 is longer than the 128 bits of an IPv6 address",
+                line + 2
+            )
+        );
+    }
+    assert_eq!(
+        err(&rule_with("deny = [\"10.0.0.0/8\", \"example.com\"]")),
+        "cfg.toml:4:23: deny: \"example.com\": not an IP address or prefix (expected e.g. 10.0.0.0/8, 192.0.2.7 or 2001:db8::/32)"
+    );
+    assert_eq!(
+        err(&rule_with("allow = [\"10.0.0.0/x\"]")),
+        "cfg.toml:4:10: allow: \"10.0.0.0/x\": the prefix length after '/' must be a number of bits, e.g. /24"
+    );
+    // Not an array, or an entry that is not a string.
+    assert_eq!(
+        err(&rule_with("allow = \"10.0.0.0/8\"")),
+        "cfg.toml:4:9: allow: invalid type: string \"10.0.0.0/8\", expected an array of addresses or prefixes, such as [\"10.0.0.0/8\", \"2001:db8::/32\"]"
+    );
+    assert_eq!(
+        err(&rule_with("deny = [\"10.0.0.0/8\", 10]")),
+        "cfg.toml:4:23: deny: invalid type: integer `10`, expected a string"
+    );
+}
+
+#[test]
+fn per_ip_limits_have_ranges_and_rate_syntax() {
+    for bad in ["0", "1048577", "-1"] {
+        assert_eq!(
+            err(&rule_with(&format!("max_connections_per_ip = {bad}"))),
+            format!("cfg.toml:4:26: max_connections_per_ip: must be 1..=1048576, got {bad}")
+        );
+    }
+    assert_eq!(
+        err(&rule_with("max_connections_per_ip = \"10\"")),
+        "cfg.toml:4:26: max_connections_per_ip: invalid type: string \"10\", expected i64"
+    );
+    let rate = |v: &str| err(&rule_with(&format!("max_new_connections_per_ip = {v}")));
+    for bad in [
+        "50",
+        "50/",
+        "/s",
+        "50/sec",
+        "50/d",
+        "1.5/s",
+        "-1/s",
+        "4294967296/s",
+    ] {
+        assert_eq!(
+            rate(&format!("{bad:?}")),
+            format!(
+                "cfg.toml:4:30: max_new_connections_per_ip: {bad:?}: expected a number of connections per second, minute or hour, e.g. \"50/s\", \"600/m\""
+            )
+        );
+    }
+    assert_eq!(
+        rate("\"0/m\""),
+        "cfg.toml:4:30: max_new_connections_per_ip: \"0/m\": the count must be at least 1 (to disable the limit, leave it out)"
+    );
+    assert_eq!(
+        rate("50"),
+        "cfg.toml:4:30: max_new_connections_per_ip: invalid rate 50: a period is required, written as a string such as \"50/s\""
+    );
+    assert_eq!(
+        rate("true"),
+        "cfg.toml:4:30: max_new_connections_per_ip: expected a rate such as \"50/s\", \"600/m\" or \"100/h\""
+    );
+}
+
+#[test]
+fn check_prints_the_effective_acls_and_limits() {
+    let c = parse(&rule_with(
+        "accept_proxy = true\nproxy_trusted = [\"10.0.0.0/8\", \"::ffff:192.168.0.0/112\"]\ndeny = [\"192.0.2.7\"]\nmax_new_connections_per_ip = \"600/m\"",
+    ));
+    let printed = c.to_toml();
+    for line in [
+        "proxy_protocol = \"off\"",
+        "accept_proxy = true",
+        "proxy_trusted = [",
+        "    \"10.0.0.0/8\",",
+        "    \"192.168.0.0/16\",",
+        "proxy_header_timeout = \"3s\"",
+        "allow = []",
+        "deny = [",
+        "    \"192.0.2.7/32\",",
+        "# max_connections_per_ip: unset, no limit",
+        "max_new_connections_per_ip = \"600/m\"",
+        "# a new client address may open 10 at once, then one every 100ms",
+    ] {
+        assert!(
+            printed.lines().any(|l| l == line),
+            "{line:?} missing from:\n{printed}"
+        );
+    }
+    let plain = parse(RULE).to_toml();
+    for line in [
+        "proxy_protocol = \"off\"",
+        "accept_proxy = false",
+        "allow = []",
+        "deny = []",
+        "# max_new_connections_per_ip: unset, no limit",
+    ] {
+        assert!(
+            plain.lines().any(|l| l == line),
+            "{line:?} missing from:\n{plain}"
+        );
+    }
+    assert!(!plain.contains("proxy_trusted"), "{plain}");
+}
+
+#[test]
+fn the_shipped_edge_admission_examples_parse_when_uncommented() {
+    let shipped = include_str!("../../ringfwd.toml");
+    let mut text = String::new();
+    let mut in_edge = false;
+    for line in shipped.lines() {
+        if line.starts_with("# --- Edge admission") {
+            in_edge = true;
+        } else if in_edge && line.starts_with("# [rule.health_check]") {
+            in_edge = false;
+        }
+        let example = line
+            .strip_prefix("# ")
+            .filter(|l| in_edge && l.split_once(" = ").is_some_and(|(k, _)| !k.contains(' ')));
+        text.push_str(example.unwrap_or(line));
+        text.push('\n');
+    }
+    let r = &parse(&text).rules[0];
+    assert_eq!(r.proxy_protocol, ProxyProtocol::V2);
+    let a = r.accept_proxy.as_ref().expect("accept_proxy example");
+    assert_eq!(a.trusted.len(), 3);
+    assert_eq!(a.header_timeout, DEFAULT_PROXY_HEADER_TIMEOUT);
+    assert_eq!((r.admission.allow.len(), r.admission.deny.len()), (2, 1));
+    assert_eq!(r.admission.max_connections_per_ip, NonZeroU32::new(100));
+    assert!(r.admission.max_new_connections_per_ip.is_some());
 }
