@@ -12,10 +12,14 @@
 //! - [`relay`]: the `ringfwd run` child and its guard;
 //! - [`sock`]: upstream listeners, threaded backends, bounded reads and end-of-stream checks;
 //! - [`procfs`]: fd counts, RSS and CLOSE_WAIT sockets of the child;
-//! - [`data`]: seeded payloads and their hashes.
+//! - [`data`]: seeded payloads and their hashes;
+//! - [`edge`]: PROXY-protocol peers (HAProxy, nginx), hand-built headers, rejection counters;
+//! - [`netns`]: network namespaces, veth pairs and the user-space impairment bridge;
+//! - [`pool`]: a forwarder with its admin endpoint, pool members, `/upstreams` and `/metrics`.
 #![allow(dead_code)] // Each test crate uses its own subset of the harness.
 
 pub mod data;
+pub mod edge;
 pub mod netns;
 pub mod pool;
 pub mod procfs;
