@@ -307,10 +307,18 @@ impl Worker {
         if self.draining {
             return;
         }
+        // Every listener gets its share of the bound (at least one accept), so a worker with
+        // many rules cannot spend the whole bound on its first listeners and never accept on
+        // the others.
+        let n = self.listeners.len().max(1);
+        let fair = u32::try_from(self.accept_bound / n)
+            .unwrap_or(u32::MAX)
+            .clamp(1, ACCEPT_WINDOW);
         for i in 0..self.listeners.len() {
             while self.listeners[i].state == ListenerState::Open
-                && self.listeners[i].in_flight < ACCEPT_WINDOW
-                && self.unsettled + self.accepts_in_flight < self.accept_bound
+                && self.listeners[i].in_flight < fair
+                && self.unsettled < self.accept_bound
+                && self.unsettled + self.accepts_in_flight < self.accept_bound + n
             {
                 let Some(fd) = self.listeners[i].fd.as_ref().map(AsRawFd::as_raw_fd) else {
                     break;
