@@ -121,15 +121,11 @@ fn run(args: &RunArgs) -> anyhow::Result<()> {
     // Decided before anything is bound: a `user` that cannot be switched to is an error now,
     // not after the listeners are open.
     let privileges = ringfwd::privdrop::plan(config.run_as.as_ref()).map_err(anyhow::Error::msg)?;
-    match &privileges {
-        ringfwd::privdrop::Plan::StayRoot => tracing::warn!(
-            "running as root; set user = \"NAME\" (e.g. \"ringfwd\") in the config to drop privileges once listeners are bound"
-        ),
-        ringfwd::privdrop::Plan::Drop(to) => tracing::debug!(
+    if let ringfwd::privdrop::Plan::Drop(to) = &privileges {
+        tracing::debug!(
             user = %to.user, uid = to.uid, group = %to.group, gid = to.gid,
             "will drop root once ready"
-        ),
-        ringfwd::privdrop::Plan::Unprivileged => {}
+        );
     }
     let shutdown = Shutdown::new();
     shutdown::install_signal_handlers(&shutdown)?;
@@ -176,6 +172,13 @@ fn run(args: &RunArgs) -> anyhow::Result<()> {
         // Everything privileged is done: listeners bound (any port), files opened, every
         // worker's ring, registered buffers and pipes set up. Switch every thread to `user`
         // before announcing readiness, so a "listening" line means privileges are dropped.
+        // Staying root is warned about here, once serving: a run that fails before it is
+        // ready reports its error alone.
+        if privileges == ringfwd::privdrop::Plan::StayRoot {
+            tracing::warn!(
+                "running as root; set user = \"NAME\" (e.g. \"ringfwd\") in the config to drop privileges once listeners are bound"
+            );
+        }
         if let ringfwd::privdrop::Plan::Drop(to) = &privileges {
             if let Err(e) = ringfwd::privdrop::drop_to(to) {
                 // Possibly half-switched: never serve another connection like this.
