@@ -217,7 +217,8 @@ impl RunAs {
     /// group). Error messages name the value, for the config to prefix with file, line and key.
     ///
     /// # Errors
-    /// `UserError` for the user, `GroupError` for the group.
+    /// [`ResolveError::User`] for the user (unknown, uid 0, lookup failure),
+    /// [`ResolveError::Group`] for the group (unknown, gid 0, empty).
     pub fn resolve(user: &str, group: Option<&str>) -> Result<Self, ResolveError> {
         if user.is_empty() {
             return Err(ResolveError::User(
