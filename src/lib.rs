@@ -9,6 +9,7 @@
 //! - [`upstream`]: upstream pools, balancing, health checks and DNS discovery;
 //! - [`net`]: listeners and socket options shared by the engines;
 //! - [`metrics`]: per-core counters and latency histograms, merged when read;
+//! - [`privdrop`]: switching from root to the configured `user` / `group` once set up;
 //! - [`shutdown`]: the stop signal the engines obey;
 //! - [`tools`]: the network tools that ship in the same binary (echo and sink backends,
 //!   TCP ping, the load generator).
@@ -22,6 +23,7 @@ pub mod config;
 pub mod engine;
 pub mod metrics;
 pub mod net;
+pub mod privdrop;
 pub mod session;
 pub mod shutdown;
 pub mod tools;

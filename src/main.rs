@@ -118,6 +118,15 @@ fn run(args: &RunArgs) -> anyhow::Result<()> {
     for w in &config.warnings {
         tracing::warn!("{w}");
     }
+    // Decided before anything is bound: a `user` that cannot be switched to is an error now,
+    // not after the listeners are open.
+    let privileges = ringfwd::privdrop::plan(config.run_as.as_ref()).map_err(anyhow::Error::msg)?;
+    if let ringfwd::privdrop::Plan::Drop(to) = &privileges {
+        tracing::debug!(
+            user = %to.user, uid = to.uid, group = %to.group, gid = to.gid,
+            "will drop root once ready"
+        );
+    }
     let shutdown = Shutdown::new();
     shutdown::install_signal_handlers(&shutdown)?;
     shutdown.spawn_grace_timer(config.shutdown_grace);
@@ -164,6 +173,32 @@ fn run(args: &RunArgs) -> anyhow::Result<()> {
     engine::run(&config, engine, ctx, |engine, addrs| {
         let mode = mode_of(engine);
         build_info.set_build_info(engine.as_str(), mode);
+        // Everything privileged is done: listeners bound (any port), files opened, every
+        // worker's ring, registered buffers and pipes set up. Switch every thread to `user`
+        // before announcing readiness, so a "listening" line means privileges are dropped.
+        // Staying root is warned about here, once serving: a run that fails before it is
+        // ready reports its error alone.
+        if privileges == ringfwd::privdrop::Plan::StayRoot {
+            tracing::warn!(
+                "running as root; set user = \"NAME\" (e.g. \"ringfwd\") in the config to drop privileges once listeners are bound"
+            );
+        }
+        if let ringfwd::privdrop::Plan::Drop(to) = &privileges {
+            if let Err(e) = ringfwd::privdrop::drop_to(to) {
+                // Possibly half-switched: never serve another connection like this.
+                let _ = writeln!(
+                    std::io::stderr(),
+                    "ringfwd: error: cannot drop privileges to user {:?} group {:?}: {e}",
+                    to.user,
+                    to.group
+                );
+                std::process::exit(1);
+            }
+            tracing::info!(
+                user = %to.user, uid = to.uid, group = %to.group, gid = to.gid,
+                groups = ?to.groups, "dropped root privileges"
+            );
+        }
         // One machine-readable line per rule on stdout: scripts and tests wait for it.
         let mut out = std::io::stdout().lock();
         for (name, addr) in addrs {

@@ -437,6 +437,9 @@ pub struct Config {
     pub access_log: bool,
     /// Periodic HdrHistogram interval log, if configured.
     pub hdr_log: Option<HdrLogConfig>,
+    /// Who `run` becomes once it is set up, when started as root (`user` / `group` keys,
+    /// resolved at load time). `None`: no switch.
+    pub run_as: Option<crate::privdrop::RunAs>,
     pub uring: UringTuning,
     pub rules: Vec<Rule>,
     /// Things that work but should be changed (deprecated keys), each one line worded
@@ -680,6 +683,7 @@ impl Config {
             }
         };
         let hdr_log = hdr_log(raw.hdr_log.as_ref(), raw.hdr_log_interval.as_ref(), src)?;
+        let run_as = run_as(raw.user.as_ref(), raw.group.as_ref(), src)?;
         let shutdown_grace = match &raw.shutdown_grace {
             None => DEFAULT_SHUTDOWN_GRACE,
             Some(d) => src.duration(
@@ -772,6 +776,7 @@ impl Config {
             log_format,
             access_log: raw.access_log.unwrap_or(true),
             hdr_log,
+            run_as,
             uring,
             rules,
             warnings,
@@ -841,6 +846,10 @@ impl Config {
         if let Some(h) = &self.hdr_log {
             let _ = writeln!(out, "hdr_log = {:?}", h.path.display().to_string());
             let _ = writeln!(out, "hdr_log_interval = {:?}", format_duration(h.interval));
+        }
+        if let Some(r) = &self.run_as {
+            let _ = writeln!(out, "user = {:?}", r.user);
+            let _ = writeln!(out, "group = {:?}", r.group);
         }
         let u = &self.uring;
         let _ = writeln!(out, "\n[uring]");
@@ -998,6 +1007,34 @@ fn write_edge(out: &mut String, r: &Rule) {
             );
         }
     }
+}
+
+/// The `user` and `group` keys, resolved against the user and group databases now, so that an
+/// unknown name is reported at its key rather than when `run` is about to drop root.
+fn run_as(
+    user: Option<&toml::Spanned<String>>,
+    group: Option<&toml::Spanned<String>>,
+    src: &Source<'_>,
+) -> Result<Option<crate::privdrop::RunAs>, ConfigError> {
+    use crate::privdrop::{ResolveError, RunAs};
+    let Some(user) = user else {
+        return match group {
+            None => Ok(None),
+            Some(g) => Err(src.error_at(
+                g.span(),
+                "group",
+                "is set but user is not: add user = \"NAME\" (the group applies to the user ringfwd switches to)",
+            )),
+        };
+    };
+    RunAs::resolve(user.get_ref(), group.map(|g| g.get_ref().as_str()))
+        .map(Some)
+        .map_err(|e| match (e, group) {
+            (ResolveError::Group(m), Some(g)) => src.error_at(g.span(), "group", m),
+            (ResolveError::User(m) | ResolveError::Group(m), _) => {
+                src.error_at(user.span(), "user", m)
+            }
+        })
 }
 
 fn hdr_log(

@@ -176,6 +176,8 @@ pub struct RawConfig {
     pub access_log: Option<bool>,
     pub hdr_log: Option<Spanned<String>>,
     pub hdr_log_interval: Option<Spanned<DurationValue>>,
+    pub user: Option<Spanned<String>>,
+    pub group: Option<Spanned<String>>,
     pub uring: Option<RawUring>,
     #[serde(default, rename = "rule")]
     pub rules: Vec<RawRule>,

@@ -1318,3 +1318,59 @@ fn the_shipped_edge_admission_examples_parse_when_uncommented() {
     assert_eq!(r.admission.max_connections_per_ip, NonZeroU32::new(100));
     assert!(r.admission.max_new_connections_per_ip.is_some());
 }
+
+#[test]
+fn user_resolves_with_its_primary_group_and_round_trips() {
+    assert_eq!(parse("").run_as, None);
+    // `nobody` exists on every Linux distribution this is built on.
+    let pw = crate::privdrop::lookup_user("nobody")
+        .unwrap()
+        .expect("a nobody user");
+    let c = parse(&format!("user = \"nobody\"\n{RULE}"));
+    let r = c.run_as.clone().expect("run_as");
+    assert_eq!((r.user.as_str(), r.uid, r.gid), ("nobody", pw.uid, pw.gid));
+    assert!(r.groups.contains(&pw.gid), "{r:?}");
+    let printed = c.to_toml();
+    assert!(printed.contains("user = \"nobody\"\n"), "{printed}");
+    assert!(
+        printed.contains(&format!("group = {:?}\n", r.group)),
+        "{printed}"
+    );
+    assert_eq!(parse(&printed).run_as, c.run_as);
+    // An explicit group, by number.
+    let c = parse(&format!("user = \"nobody\"\ngroup = \"{}\"\n", pw.gid));
+    assert_eq!(c.run_as.unwrap().gid, pw.gid);
+}
+
+#[test]
+fn user_and_group_mistakes_are_reported_at_their_key() {
+    let e = err("user = \"ringfwd-no-such-user\"");
+    assert!(
+        e.starts_with("cfg.toml:1:8: user: unknown user \"ringfwd-no-such-user\""),
+        "{e}"
+    );
+    let e = err("user = \"root\"");
+    assert!(
+        e.starts_with("cfg.toml:1:8: user: \"root\" is uid 0"),
+        "{e}"
+    );
+    let e = err("user = \"\"");
+    assert!(e.starts_with("cfg.toml:1:8: user: must name a user"), "{e}");
+    let e = err("user = \"nobody\"\ngroup = \"ringfwd-no-such-group\"");
+    assert_eq!(
+        e,
+        "cfg.toml:2:9: group: unknown group \"ringfwd-no-such-group\""
+    );
+    let e = err("user = \"nobody\"\ngroup = \"0\"");
+    assert!(
+        e.starts_with("cfg.toml:2:9: group: group \"root\" is gid 0"),
+        "{e}"
+    );
+    let e = err("group = \"nogroup\"");
+    assert!(
+        e.starts_with("cfg.toml:1:9: group: is set but user is not"),
+        "{e}"
+    );
+    let e = err("user = 1000");
+    assert!(e.starts_with("cfg.toml:1:8: user: invalid type"), "{e}");
+}

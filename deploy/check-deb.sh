@@ -1,0 +1,105 @@
+#!/usr/bin/env bash
+# Checks the Debian package that `cargo deb` built, and the systemd units in it.
+#
+#   deploy/check-deb.sh [--install] [PACKAGE.deb]     (default: the newest target/debian/ringfwd_*.deb)
+#
+# 1. `dpkg -c` lists every file the package must install; the control archive has the
+#    conffile, the postinst that creates the user, and the adduser dependency.
+# 2. The packaged binary accepts the packaged config (`ringfwd check`).
+# 3. `systemd-analyze verify --root` on the packaged unit, alone and with the
+#    root-then-drop.conf drop-in, in a root made of the package's files plus this host's
+#    systemd units. It needs no running systemd (CI has none as PID 1). It only warns about
+#    unknown keys, so any line it prints is a failure here.
+# 4. With --install (CI, as root, where ringfwd is neither installed nor a user): installs the
+#    package the way README says (apt install ./FILE), installs it again (postinst must be
+#    idempotent), checks the user, the conffile and the binary, then purges it and removes
+#    the user it created.
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+
+install=0
+if [[ ${1:-} == --install ]]; then
+    install=1
+    shift
+fi
+deb=${1:-$(ls -t target/debian/ringfwd_*.deb 2>/dev/null | head -n 1)}
+[[ -n $deb && -f $deb ]] || { echo "check-deb: no package (run cargo deb first)" >&2; exit 1; }
+echo "package: $deb ($(du -h "$deb" | cut -f1))"
+
+fail() { echo "check-deb: $*" >&2; exit 1; }
+
+listing=$(dpkg -c "$deb" | awk '{ print $NF }' | sed 's|^\./|/|')
+for f in \
+    /usr/bin/ringfwd \
+    /etc/ringfwd/ringfwd.toml \
+    /usr/lib/systemd/system/ringfwd.service \
+    /usr/share/ringfwd/sysctl/90-ringfwd.conf \
+    /usr/share/ringfwd/systemd/root-then-drop.conf \
+    /usr/share/ringfwd/seccomp/seccomp-io_uring.json \
+    /usr/share/doc/ringfwd/DEPLOY.md \
+    /usr/share/doc/ringfwd/copyright; do
+    grep -qxF "$f" <<<"$listing" || fail "dpkg -c does not list $f"
+done
+[[ $(dpkg -c "$deb" | awk '$NF == "./usr/bin/ringfwd" { print $1 }') == -rwxr-xr-x ]] ||
+    fail "/usr/bin/ringfwd is not mode 755"
+echo "dpkg -c: all $(wc -l <<<"$listing") entries present as expected"
+
+work=$(mktemp -d)
+trap 'rm -rf "$work"' EXIT
+dpkg-deb -e "$deb" "$work/control"
+grep -qxF /etc/ringfwd/ringfwd.toml "$work/control/conffiles" || fail "ringfwd.toml is not a conffile"
+grep -q 'adduser --system --group --no-create-home' "$work/control/postinst" || fail "postinst does not create the user"
+dpkg-deb -f "$deb" Depends | grep -qw adduser || fail "Depends lacks adduser"
+echo "control: conffile, postinst (adduser), Depends: $(dpkg-deb -f "$deb" Depends)"
+
+root=$work/root
+dpkg-deb -x "$deb" "$root"
+"$root/usr/bin/ringfwd" check --config "$root/etc/ringfwd/ringfwd.toml" >/dev/null ||
+    fail "the packaged binary rejects the packaged config"
+echo "ringfwd check: the packaged config is valid"
+
+if command -v systemd-analyze >/dev/null; then
+    # The host's units (targets the service is ordered against), never over the package's.
+    mkdir -p "$root/usr/lib/systemd/system" "$root/bin"
+    cp -an /usr/lib/systemd/system/. "$root/usr/lib/systemd/system/" 2>/dev/null || true
+    cp /bin/kill "$root/bin/kill" # ExecReload's command
+    verify() {
+        local out
+        out=$(systemd-analyze verify --root="$root" ringfwd.service 2>&1) || fail "systemd-analyze verify ($1): $out"
+        [[ -z $out ]] || fail "systemd-analyze verify ($1) printed: $out"
+        echo "systemd-analyze verify ($1): clean"
+    }
+    verify "ringfwd.service"
+    mkdir -p "$root/etc/systemd/system/ringfwd.service.d"
+    cp "$root/usr/share/ringfwd/systemd/root-then-drop.conf" "$root/etc/systemd/system/ringfwd.service.d/"
+    verify "ringfwd.service + root-then-drop.conf"
+else
+    fail "systemd-analyze not found (apt-get install systemd)"
+fi
+
+if ((install)); then
+    if [[ $(id -u) != 0 ]] || dpkg -s ringfwd >/dev/null 2>&1 || getent passwd ringfwd >/dev/null; then
+        echo "install test skipped: needs root, and neither the package nor a ringfwd user present"
+        exit 0
+    fi
+    cleanup() {
+        dpkg --purge ringfwd >/dev/null 2>&1 || true
+        if getent passwd ringfwd >/dev/null; then deluser --system ringfwd >/dev/null 2>&1 || true; fi
+        if getent group ringfwd >/dev/null; then delgroup --system ringfwd >/dev/null 2>&1 || true; fi
+        rm -rf "$work"
+    }
+    trap cleanup EXIT
+    deb_abs=$(realpath "$deb")
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -q "$deb_abs" >"$work/apt.log" 2>&1 ||
+        { cat "$work/apt.log" >&2; fail "apt install failed"; }
+    getent passwd ringfwd >/dev/null || fail "postinst did not create the ringfwd user"
+    getent group ringfwd >/dev/null || fail "postinst did not create the ringfwd group"
+    uid=$(id -u ringfwd)
+    dpkg -i "$deb_abs" >"$work/dpkg.log" 2>&1 || { cat "$work/dpkg.log" >&2; fail "re-install failed"; }
+    [[ $(id -u ringfwd) == "$uid" ]] || fail "re-install changed the ringfwd user"
+    /usr/bin/ringfwd check --config /etc/ringfwd/ringfwd.toml >/dev/null || fail "installed config rejected"
+    echo "apt install, re-install: ringfwd user $(getent passwd ringfwd | cut -d: -f1,3,4,6,7), config valid"
+    dpkg --purge ringfwd >/dev/null
+    [[ ! -e /etc/ringfwd/ringfwd.toml ]] || fail "purge left /etc/ringfwd/ringfwd.toml"
+    echo "purge: removed (the test's ringfwd user is removed too)"
+fi

@@ -1,0 +1,540 @@
+//! Dropping root once the forwarder is set up: the `user` / `group` config keys.
+//!
+//! `run` started as root binds its listeners (ports below 1024 included), opens its log and
+//! tap files, and sets up every worker (rings, registered buffers, pipes) with root's
+//! privileges and without root's resource limits; then, once everything is ready and before
+//! the readiness lines are printed, [`drop_to`] switches the **whole process** to the
+//! configured user and group:
+//!
+//! 1. `setgroups`: the user's supplementary groups (from the group database), or none but the
+//!    target group;
+//! 2. `setresgid(gid, gid, gid)`;
+//! 3. `setresuid(uid, uid, uid)`: going from uid 0 to a non-zero uid with no
+//!    `SECBIT_KEEP_CAPS` / `SECBIT_NO_SETUID_FIXUP` makes the kernel clear the permitted,
+//!    effective and ambient capability sets.
+//!
+//! At the syscall level Linux changes credentials per thread. The glibc wrappers used here
+//! (through `libc`) apply each change to every thread of the process (nptl's "setxid"
+//! broadcast), which is why this module never issues the raw syscalls. [`verify`] then checks
+//! the result rather than trusting it: real, effective and saved ids, the group list,
+//! `setuid(0)` / `setgid(0)` refused, and every thread in `/proc/self/task/*/status` with the
+//! new uid and gid and empty permitted, effective and ambient capability sets.
+//!
+//! Names are resolved when the config is loaded ([`RunAs::resolve`]), so an unknown user is a
+//! config error naming the key, and the drop itself makes no NSS lookups.
+#![allow(unsafe_code)]
+
+use std::ffi::{CStr, CString};
+use std::io;
+
+/// Who `run` becomes once it is set up.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RunAs {
+    /// The `user` key as written (a name).
+    pub user: String,
+    pub uid: u32,
+    /// The group's name, or its number when the group database has no name for it.
+    pub group: String,
+    pub gid: u32,
+    /// Supplementary groups after the drop: the user's groups in the group database plus
+    /// `gid`, sorted and without duplicates.
+    pub groups: Vec<u32>,
+}
+
+/// One entry of the user database.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Passwd {
+    pub name: String,
+    pub uid: u32,
+    /// Primary group.
+    pub gid: u32,
+}
+
+/// Buffer for the `get*_r` calls; grown on `ERANGE`.
+const FIRST_BUF: usize = 1024;
+const MAX_BUF: usize = 1 << 20;
+
+fn cstring(what: &str, s: &str) -> Result<CString, String> {
+    CString::new(s).map_err(|_| format!("{what} {s:?} contains a NUL byte"))
+}
+
+/// Looks a user up by name in the user database (`/etc/passwd`, NSS).
+///
+/// # Errors
+/// The lookup itself failed (not "no such user", which is `Ok(None)`).
+pub fn lookup_user(name: &str) -> Result<Option<Passwd>, String> {
+    let c = cstring("user", name)?;
+    let mut buf = vec![0u8; FIRST_BUF];
+    loop {
+        // SAFETY: `pwd` and `buf` outlive the call; getpwnam_r writes only within them and
+        // points `result` either at `pwd` or to null.
+        let mut pwd: libc::passwd = unsafe { std::mem::zeroed() };
+        let mut result: *mut libc::passwd = std::ptr::null_mut();
+        let rc = unsafe {
+            libc::getpwnam_r(
+                c.as_ptr(),
+                &mut pwd,
+                buf.as_mut_ptr().cast(),
+                buf.len(),
+                &mut result,
+            )
+        };
+        if rc == libc::ERANGE && buf.len() < MAX_BUF {
+            buf.resize(buf.len() * 2, 0);
+            continue;
+        }
+        if rc != 0 {
+            return Err(format!(
+                "cannot look up user {name:?}: {}",
+                io::Error::from_raw_os_error(rc)
+            ));
+        }
+        if result.is_null() {
+            return Ok(None);
+        }
+        return Ok(Some(Passwd {
+            name: name.to_string(),
+            uid: pwd.pw_uid,
+            gid: pwd.pw_gid,
+        }));
+    }
+}
+
+/// `Some(gid, name)` for a group looked up by name (`by_name`) or by number.
+fn lookup_group_with(key: GroupKey<'_>) -> Result<Option<(u32, String)>, String> {
+    let c = match key {
+        GroupKey::Name(n) => Some(cstring("group", n)?),
+        GroupKey::Id(_) => None,
+    };
+    let mut buf = vec![0u8; FIRST_BUF];
+    loop {
+        // SAFETY: as in `lookup_user`.
+        let mut grp: libc::group = unsafe { std::mem::zeroed() };
+        let mut result: *mut libc::group = std::ptr::null_mut();
+        let rc = unsafe {
+            match (&c, key) {
+                (Some(c), _) => libc::getgrnam_r(
+                    c.as_ptr(),
+                    &mut grp,
+                    buf.as_mut_ptr().cast(),
+                    buf.len(),
+                    &mut result,
+                ),
+                (None, GroupKey::Id(gid)) => libc::getgrgid_r(
+                    gid,
+                    &mut grp,
+                    buf.as_mut_ptr().cast(),
+                    buf.len(),
+                    &mut result,
+                ),
+                (None, GroupKey::Name(_)) => unreachable!("a name always has its CString"),
+            }
+        };
+        if rc == libc::ERANGE && buf.len() < MAX_BUF {
+            buf.resize(buf.len() * 2, 0);
+            continue;
+        }
+        if rc != 0 {
+            return Err(format!(
+                "cannot look up group {key}: {}",
+                io::Error::from_raw_os_error(rc)
+            ));
+        }
+        if result.is_null() {
+            return Ok(None);
+        }
+        // SAFETY: on success gr_name points at a NUL-terminated string inside `buf`.
+        let name = unsafe { CStr::from_ptr(grp.gr_name) }
+            .to_string_lossy()
+            .into_owned();
+        return Ok(Some((grp.gr_gid, name)));
+    }
+}
+
+#[derive(Clone, Copy)]
+enum GroupKey<'a> {
+    Name(&'a str),
+    Id(u32),
+}
+
+impl std::fmt::Display for GroupKey<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Name(n) => write!(f, "{n:?}"),
+            Self::Id(g) => write!(f, "{g}"),
+        }
+    }
+}
+
+/// A group by name, or by number (a string of digits with no such name): `(gid, name)`.
+///
+/// # Errors
+/// The lookup itself failed (not "no such group", which is `Ok(None)`).
+pub fn lookup_group(name: &str) -> Result<Option<(u32, String)>, String> {
+    if let Some(found) = lookup_group_with(GroupKey::Name(name))? {
+        return Ok(Some(found));
+    }
+    match name.parse::<u32>() {
+        Ok(gid) => Ok(Some((gid, group_name(gid)?))),
+        Err(_) => Ok(None),
+    }
+}
+
+/// The name of a group, or its number as text when the database has none.
+fn group_name(gid: u32) -> Result<String, String> {
+    Ok(lookup_group_with(GroupKey::Id(gid))?.map_or_else(|| gid.to_string(), |(_, n)| n))
+}
+
+/// The groups `user` belongs to in the group database, plus `gid`: sorted, deduplicated.
+///
+/// # Errors
+/// `getgrouplist` failed even with room for every possible group.
+pub fn user_groups(user: &str, gid: u32) -> Result<Vec<u32>, String> {
+    let c = cstring("user", user)?;
+    let mut n: libc::c_int = 32;
+    loop {
+        let mut groups = vec![0 as libc::gid_t; usize::try_from(n).unwrap_or(0).max(1)];
+        let mut count = n;
+        // SAFETY: `groups` has room for `count` entries; getgrouplist writes at most that many
+        // and sets `count` to how many there are (or would be).
+        let rc = unsafe { libc::getgrouplist(c.as_ptr(), gid, groups.as_mut_ptr(), &mut count) };
+        if rc >= 0 {
+            groups.truncate(usize::try_from(count).unwrap_or(0));
+            groups.push(gid);
+            groups.sort_unstable();
+            groups.dedup();
+            return Ok(groups);
+        }
+        if count <= n || n >= 65536 {
+            return Err(format!("cannot list the groups of user {user:?}"));
+        }
+        n = count;
+    }
+}
+
+impl RunAs {
+    /// Resolves the `user` key and the optional `group` key (default: the user's primary
+    /// group). Error messages name the value, for the config to prefix with file, line and key.
+    ///
+    /// # Errors
+    /// [`ResolveError::User`] for the user (unknown, uid 0, lookup failure),
+    /// [`ResolveError::Group`] for the group (unknown, gid 0, empty).
+    pub fn resolve(user: &str, group: Option<&str>) -> Result<Self, ResolveError> {
+        if user.is_empty() {
+            return Err(ResolveError::User(
+                "must name a user, such as \"ringfwd\"".into(),
+            ));
+        }
+        let pw = lookup_user(user)
+            .map_err(ResolveError::User)?
+            .ok_or_else(|| {
+                ResolveError::User(format!(
+                    "unknown user {user:?} (no such entry in the user database; create it, e.g. adduser --system --group --no-create-home {user})"
+                ))
+            })?;
+        if pw.uid == 0 {
+            return Err(ResolveError::User(format!(
+                "{user:?} is uid 0: name an unprivileged user to drop to, or remove the key to keep running as root"
+            )));
+        }
+        let (gid, group) = match group {
+            None => (pw.gid, group_name(pw.gid).map_err(ResolveError::Group)?),
+            Some("") => {
+                return Err(ResolveError::Group(
+                    "must name a group, such as \"ringfwd\"; remove the key for the user's primary group".into(),
+                ));
+            }
+            Some(g) => lookup_group(g)
+                .map_err(ResolveError::Group)?
+                .ok_or_else(|| ResolveError::Group(format!("unknown group {g:?}")))?,
+        };
+        if gid == 0 {
+            return Err(ResolveError::Group(format!(
+                "group {group:?} is gid 0 (root's group): name an unprivileged group"
+            )));
+        }
+        let groups = user_groups(user, gid).map_err(ResolveError::User)?;
+        Ok(Self {
+            user: user.to_string(),
+            uid: pw.uid,
+            group,
+            gid,
+            groups,
+        })
+    }
+}
+
+/// Which key a resolution error belongs to.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ResolveError {
+    User(String),
+    Group(String),
+}
+
+/// What `run` does about privileges, decided before anything is bound.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Plan {
+    /// Root, and `user` is set: drop to it once ready.
+    Drop(RunAs),
+    /// Root without `user`: keep running as root (warn once).
+    StayRoot,
+    /// Not root, and either no `user` or already running as exactly that user and group.
+    Unprivileged,
+}
+
+/// Decides what to do about privileges from who the process is now.
+///
+/// # Errors
+/// `user` is set but the process is neither root nor already that user and group: it could
+/// not switch.
+pub fn plan(run_as: Option<&RunAs>) -> Result<Plan, String> {
+    let (ruid, euid, _) = resuid();
+    let (_, egid, _) = resgid();
+    match run_as {
+        Some(r) if euid == 0 => Ok(Plan::Drop(r.clone())),
+        None if euid == 0 => Ok(Plan::StayRoot),
+        Some(r) if ruid == r.uid && euid == r.uid && egid == r.gid => Ok(Plan::Unprivileged),
+        Some(r) => Err(format!(
+            "user = {:?}: switching to uid {} gid {} needs root, but ringfwd runs as uid {euid} gid {egid}; start it as root, or as that user and remove the key",
+            r.user, r.uid, r.gid
+        )),
+        None => Ok(Plan::Unprivileged),
+    }
+}
+
+fn resuid() -> (u32, u32, u32) {
+    let (mut r, mut e, mut s) = (0, 0, 0);
+    // SAFETY: three valid out-pointers; getresuid cannot fail with them.
+    unsafe { libc::getresuid(&mut r, &mut e, &mut s) };
+    (r, e, s)
+}
+
+fn resgid() -> (u32, u32, u32) {
+    let (mut r, mut e, mut s) = (0, 0, 0);
+    // SAFETY: as in `resuid`.
+    unsafe { libc::getresgid(&mut r, &mut e, &mut s) };
+    (r, e, s)
+}
+
+fn check(what: &str, rc: libc::c_int) -> Result<(), String> {
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(format!("{what}: {}", io::Error::last_os_error()))
+    }
+}
+
+/// Switches every thread of the process to `to` (see the module docs), then [`verify`]s it.
+///
+/// # Errors
+/// A step failed or the result is not what was asked for; the process must then stop, since
+/// it may be partly privileged.
+pub fn drop_to(to: &RunAs) -> Result<(), String> {
+    // SAFETY (all three): plain libc calls with a valid pointer/length pair or integers. The
+    // glibc wrappers broadcast each change to every thread of the process.
+    check(&format!("setgroups({:?})", to.groups), unsafe {
+        libc::setgroups(to.groups.len(), to.groups.as_ptr())
+    })?;
+    check(&format!("setresgid({})", to.gid), unsafe {
+        libc::setresgid(to.gid, to.gid, to.gid)
+    })?;
+    check(&format!("setresuid({})", to.uid), unsafe {
+        libc::setresuid(to.uid, to.uid, to.uid)
+    })?;
+    verify(to)
+}
+
+/// Checks that the process is `to` and can't become root again: real, effective and saved
+/// uid and gid, the group list, `setuid(0)` and `setgid(0)` refused, and in every thread's
+/// `/proc/self/task/*/status` the new ids (all four: real, effective, saved, filesystem) and
+/// empty `CapPrm`, `CapEff` and `CapAmb`.
+///
+/// # Errors
+/// The first thing found that is not as it should be.
+pub fn verify(to: &RunAs) -> Result<(), String> {
+    let want_u = (to.uid, to.uid, to.uid);
+    let want_g = (to.gid, to.gid, to.gid);
+    if resuid() != want_u {
+        return Err(format!(
+            "uids are {:?} after the switch, not {want_u:?}",
+            resuid()
+        ));
+    }
+    if resgid() != want_g {
+        return Err(format!(
+            "gids are {:?} after the switch, not {want_g:?}",
+            resgid()
+        ));
+    }
+    let groups = current_groups()?;
+    if groups != to.groups {
+        return Err(format!(
+            "supplementary groups are {groups:?} after the switch, not {:?}",
+            to.groups
+        ));
+    }
+    // SAFETY: plain libc calls. Unprivileged, they fail on the calling thread and are not
+    // broadcast; if one succeeded the process would be root again, which is reported.
+    if unsafe { libc::setuid(0) } == 0 {
+        return Err("setuid(0) succeeded after the switch: root could be regained".into());
+    }
+    if unsafe { libc::setgid(0) } == 0 {
+        return Err("setgid(0) succeeded after the switch: root's group could be regained".into());
+    }
+    let tasks = std::fs::read_dir("/proc/self/task")
+        .map_err(|e| format!("cannot read /proc/self/task to check every thread: {e}"))?;
+    let mut checked = 0;
+    for task in tasks {
+        let Ok(task) = task else { continue };
+        let path = task.path().join("status");
+        // A thread that exited since the listing has nothing left to check.
+        let Ok(status) = std::fs::read_to_string(&path) else {
+            continue;
+        };
+        let creds = TaskCreds::parse(&status)
+            .ok_or_else(|| format!("{}: no Uid/Gid/Cap lines", path.display()))?;
+        if let Some(bad) = creds.mismatch(to.uid, to.gid) {
+            return Err(format!(
+                "thread {} ({}): {bad}",
+                task.file_name().to_string_lossy(),
+                creds.name
+            ));
+        }
+        checked += 1;
+    }
+    if checked == 0 {
+        return Err("no thread found in /proc/self/task to check".into());
+    }
+    Ok(())
+}
+
+fn current_groups() -> Result<Vec<u32>, String> {
+    // SAFETY: a zero size only asks for the count; then a buffer of that many entries.
+    let n = unsafe { libc::getgroups(0, std::ptr::null_mut()) };
+    let n = usize::try_from(n).map_err(|_| format!("getgroups: {}", io::Error::last_os_error()))?;
+    let mut groups = vec![0 as libc::gid_t; n];
+    let got = unsafe { libc::getgroups(n as libc::c_int, groups.as_mut_ptr()) };
+    let got =
+        usize::try_from(got).map_err(|_| format!("getgroups: {}", io::Error::last_os_error()))?;
+    groups.truncate(got);
+    groups.sort_unstable();
+    groups.dedup();
+    Ok(groups)
+}
+
+/// The credentials lines of one `/proc/<pid>/task/<tid>/status`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TaskCreds {
+    pub name: String,
+    /// Real, effective, saved, filesystem.
+    pub uids: [u32; 4],
+    pub gids: [u32; 4],
+    pub cap_prm: u64,
+    pub cap_eff: u64,
+    pub cap_amb: u64,
+}
+
+impl TaskCreds {
+    /// Parses the `Name`, `Uid`, `Gid`, `CapPrm`, `CapEff` and `CapAmb` lines.
+    pub fn parse(status: &str) -> Option<Self> {
+        let field = |key: &str| {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix(key)?.strip_prefix(':'))
+                .map(str::trim)
+        };
+        let ids = |key: &str| -> Option<[u32; 4]> {
+            let v: Vec<u32> = field(key)?
+                .split_whitespace()
+                .map(str::parse)
+                .collect::<Result<_, _>>()
+                .ok()?;
+            v.try_into().ok()
+        };
+        let cap = |key: &str| u64::from_str_radix(field(key)?, 16).ok();
+        Some(Self {
+            name: field("Name").unwrap_or("?").to_string(),
+            uids: ids("Uid")?,
+            gids: ids("Gid")?,
+            cap_prm: cap("CapPrm")?,
+            cap_eff: cap("CapEff")?,
+            // Absent before Linux 4.3, where there is no ambient set to hold anything.
+            cap_amb: cap("CapAmb").unwrap_or(0),
+        })
+    }
+
+    /// What is wrong for a thread that should be `uid`/`gid` with no capabilities, if anything.
+    pub fn mismatch(&self, uid: u32, gid: u32) -> Option<String> {
+        if self.uids != [uid; 4] {
+            return Some(format!("uids {:?}, expected {uid} in all four", self.uids));
+        }
+        if self.gids != [gid; 4] {
+            return Some(format!("gids {:?}, expected {gid} in all four", self.gids));
+        }
+        if self.cap_prm != 0 || self.cap_eff != 0 || self.cap_amb != 0 {
+            return Some(format!(
+                "capabilities left: CapPrm {:016x} CapEff {:016x} CapAmb {:016x} (securebits keeping capabilities across setuid?)",
+                self.cap_prm, self.cap_eff, self.cap_amb
+            ));
+        }
+        None
+    }
+}
+
+/// Whether the process runs as root (effective uid 0).
+pub fn is_root() -> bool {
+    resuid().1 == 0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const STATUS: &str = "Name:\tringfwd-w0\nUmask:\t0022\nState:\tS (sleeping)\n\
+        Uid:\t65534\t65534\t65534\t65534\nGid:\t65534\t65534\t65534\t65534\n\
+        CapInh:\t0000000000000000\nCapPrm:\t0000000000000000\nCapEff:\t0000000000000000\n\
+        CapBnd:\t000001ffffffffff\nCapAmb:\t0000000000000000\n";
+
+    #[test]
+    fn status_lines_are_parsed() {
+        let c = TaskCreds::parse(STATUS).unwrap();
+        assert_eq!(c.name, "ringfwd-w0");
+        assert_eq!(c.uids, [65534; 4]);
+        assert_eq!(c.gids, [65534; 4]);
+        assert_eq!((c.cap_prm, c.cap_eff, c.cap_amb), (0, 0, 0));
+        assert_eq!(c.mismatch(65534, 65534), None);
+        assert!(c.mismatch(65534, 1).unwrap().contains("gids"));
+    }
+
+    #[test]
+    fn a_saved_root_uid_or_a_capability_is_a_mismatch() {
+        let saved = STATUS.replace(
+            "Uid:\t65534\t65534\t65534\t65534",
+            "Uid:\t65534\t65534\t0\t65534",
+        );
+        let c = TaskCreds::parse(&saved).unwrap();
+        assert!(c.mismatch(65534, 65534).unwrap().contains("uids"));
+        let caps = STATUS.replace("CapEff:\t0000000000000000", "CapEff:\t0000000000000400");
+        let c = TaskCreds::parse(&caps).unwrap();
+        assert!(
+            c.mismatch(65534, 65534)
+                .unwrap()
+                .contains("CapEff 0000000000000400")
+        );
+    }
+
+    #[test]
+    fn root_and_unknown_users_are_refused() {
+        assert!(matches!(
+            RunAs::resolve("root", None),
+            Err(ResolveError::User(m)) if m.contains("uid 0")
+        ));
+        assert!(matches!(
+            RunAs::resolve("ringfwd-no-such-user", None),
+            Err(ResolveError::User(m)) if m.contains("unknown user")
+        ));
+        assert_eq!(lookup_user("ringfwd-no-such-user"), Ok(None));
+        assert_eq!(lookup_group("ringfwd-no-such-group"), Ok(None));
+        assert_eq!(lookup_group("0").unwrap().unwrap().0, 0);
+    }
+}
