@@ -162,6 +162,19 @@ fn run(args: &RunArgs) -> anyhow::Result<()> {
         std::sync::Arc::new(ringfwd::upstream::control::SystemResolver),
     )
     .map_err(|e| anyhow::anyhow!("cannot start the upstream health-check thread: {e}"))?;
+    // Live sessions when draining begins: at the end, those not cut were drained.
+    let live_at_drain = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    {
+        let (s, rt, at) = (shutdown.clone(), runtime.clone(), live_at_drain.clone());
+        let _ = std::thread::Builder::new()
+            .name("ringfwd-drain".into())
+            .spawn(move || {
+                s.wait_for(shutdown::Phase::Draining, None);
+                let live = rt.live();
+                at.store(live, std::sync::atomic::Ordering::Relaxed);
+                tracing::info!(live, "draining: no new connections; live ones may finish");
+            });
+    }
     let ctx = RunContext {
         shutdown,
         metrics,
@@ -214,6 +227,14 @@ fn run(args: &RunArgs) -> anyhow::Result<()> {
     if let Some(log) = hdr_log {
         log.finish();
     }
-    tracing::info!(cut = runtime.cut(), "stopped");
+    let cut = runtime.cut();
+    let drained = live_at_drain
+        .load(std::sync::atomic::Ordering::Relaxed)
+        .saturating_sub(cut);
+    tracing::info!(
+        drained,
+        cut,
+        "stopped: {drained} connections drained, {cut} cut"
+    );
     Ok(())
 }

@@ -630,7 +630,7 @@ fn serves_clients_under_a_low_fd_limit(engine: &[&str]) {
         }
     }
     let stderr = relay.stderr();
-    let warnings = stderr.lines().filter(|l| l.contains("WARN")).count();
+    let warnings = support::warnings(&stderr).len();
     assert!(
         warnings <= 1,
         "{warnings} warnings under {LOW_NOFILE} (expected at most one):\n{stderr}"
@@ -691,7 +691,7 @@ fn auto_falls_back_to_tokio_when_a_worker_cannot_set_up() {
     }
     // 3.
     let stderr = relay.stderr();
-    let warnings: Vec<&str> = stderr.lines().filter(|l| l.contains("WARN")).collect();
+    let warnings: Vec<&str> = support::warnings(&stderr);
     assert_eq!(warnings.len(), 1, "expected one warning:\n{stderr}");
     assert!(
         warnings[0].contains("falling back to the tokio engine")

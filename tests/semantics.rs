@@ -802,6 +802,13 @@ fn graceful_shutdown_drains(engine: &[&str]) {
         Some(status) => assert!(status.success(), "exit status {status}"),
         None => panic!("still running 5 s after its last connection ended"),
     }
+    // 5. It says what happened to the connections it had.
+    // (At least the live one: a connection that closed on its own after SIGTERM counts too.)
+    let line = support::wait_for_line(&relay, "stopped:", STEP_TIMEOUT);
+    assert!(
+        line.contains("connections drained, 0 cut") && !line.contains(" 0 connections drained"),
+        "{line}"
+    );
 }
 
 /// With `--shutdown-grace 1s`, a connection that never ends is closed about a second after
@@ -828,9 +835,11 @@ fn shutdown_grace_ends_stuck_connections(engine: &[&str]) {
         took >= Duration::from_millis(900) && took < Duration::from_secs(3),
         "closed {took:?} after SIGTERM, expected about the 1s grace"
     );
-    // 4. ... and exits.
+    // 4. ... and exits, saying it cut one.
     match relay.wait_exit(Duration::from_secs(3)) {
         Some(status) => assert!(status.success(), "exit status {status}"),
         None => panic!("still running {:?} after SIGTERM", signalled.elapsed()),
     }
+    let line = support::wait_for_line(&relay, "stopped:", STEP_TIMEOUT);
+    assert!(line.contains("connections drained, 1 cut"), "{line}");
 }

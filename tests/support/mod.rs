@@ -214,3 +214,16 @@ pub fn wait_for_line(relay: &Relay, needle: &str, within: Duration) -> String {
         std::thread::sleep(Duration::from_millis(20));
     }
 }
+
+/// The notice `run` gives once when it stays root (no `user` in the config), as every test
+/// forwarder does on a root CI runner.
+pub const ROOT_NOTICE: &str = "running as root; set user = ";
+
+/// The forwarder's WARN lines, except [`ROOT_NOTICE`]: what a scenario about some other
+/// condition counts.
+pub fn warnings(stderr: &str) -> Vec<&str> {
+    stderr
+        .lines()
+        .filter(|l| l.contains("WARN") && !l.contains(ROOT_NOTICE))
+        .collect()
+}
