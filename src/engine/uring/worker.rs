@@ -852,28 +852,31 @@ impl Worker {
     /// Sends (the rest of) the preamble to the upstream: built once from the PROXY header the
     /// session core writes and the client's bytes that came after its own header.
     fn send_preamble(&mut self, slot: u32, generation: u16, now: Instant) {
+        let token = Token::new(
+            slot,
+            generation,
+            Direction::ClientToUpstream,
+            OpKind::PreambleSend,
+        );
         let Some(e) = self.slab.get_mut(slot, generation) else {
             return;
         };
         let rt = self.runtime.rule(e.rule);
         let shard = self.metrics.rule(e.rule).shard(self.id);
+        let fd = e.dst(Direction::ClientToUpstream);
         let Entry {
             preamble,
             session,
             conn,
             ..
         } = e;
-        let Some(p) = preamble.as_mut() else {
-            return self.conn_event(
-                Token::new(
-                    slot,
-                    generation,
-                    Direction::ClientToUpstream,
-                    OpKind::PreambleSend,
-                ),
-                Event::PreambleDone,
-                now,
-            );
+        let pending = preamble
+            .as_mut()
+            .filter(|p| !p.outgoing || p.sent < p.filled);
+        let Some(p) = pending else {
+            // Nothing (left) to send: the buffer's job is done.
+            *preamble = None;
+            return self.conn_event(token, Event::PreambleDone, now);
         };
         if !p.outgoing {
             let mut header = [0u8; proxy::V1_BUF_LEN];
@@ -894,36 +897,18 @@ impl Worker {
             p.buf = out;
             p.sent = 0;
             p.outgoing = true;
-        }
-        if p.sent >= p.filled {
-            *preamble = None;
-            return self.conn_event(
-                Token::new(
-                    slot,
-                    generation,
-                    Direction::ClientToUpstream,
-                    OpKind::PreambleSend,
-                ),
-                Event::PreambleDone,
-                now,
-            );
+            if p.filled == 0 {
+                *preamble = None;
+                return self.conn_event(token, Event::PreambleDone, now);
+            }
         }
         let len = u32::try_from(p.filled - p.sent).unwrap_or(u32::MAX);
         // SAFETY (pointer arithmetic): `sent < filled <= buf.len()`.
         let ptr = unsafe { p.buf.as_ptr().add(p.sent) };
-        let fd = e.dst(Direction::ClientToUpstream);
         let sqe = opcode::Send::new(types::Fd(fd), ptr, len)
             .flags(libc::MSG_NOSIGNAL)
             .build()
-            .user_data(
-                Token::new(
-                    slot,
-                    generation,
-                    Direction::ClientToUpstream,
-                    OpKind::PreambleSend,
-                )
-                .encode(),
-            );
+            .user_data(token.encode());
         self.push_conn(slot, generation, sqe, None);
     }
 
