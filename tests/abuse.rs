@@ -26,26 +26,11 @@ use support::relay::BIN;
 use support::sock::{self, Upstream, connect};
 use support::{Relay, procfs};
 
-macro_rules! scenarios {
-    ($($name:ident),* $(,)?) => {
-        $(
-            #[test]
-            fn $name() {
-                if crate::support::netns::available()
-                    && crate::support::engine_available(ENGINE)
-                {
-                    crate::$name(ENGINE);
-                }
-            }
-        )*
-    };
-}
-
 macro_rules! engine_suite {
     ($suite:ident, [$($arg:literal),* $(,)?]) => {
         mod $suite {
             const ENGINE: &[&str] = &[$($arg),*];
-            scenarios!(
+            crate::support::scenarios!(netns:
                 idle_connections_cost_bounded_memory,
                 connect_close_churn_leaks_nothing,
                 rst_flood_leaks_nothing,

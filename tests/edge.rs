@@ -38,27 +38,13 @@ use support::pool::{connect_from, wait_until};
 use support::sock::{self, Backend, End};
 use support::{STEP_TIMEOUT, procfs};
 
-/// Lists scenarios; each becomes a `#[test]` in the engine's module.
-macro_rules! scenarios {
-    ($($name:ident),* $(,)?) => {
-        $(
-            #[test]
-            fn $name() {
-                if crate::support::engine_available(ENGINE) {
-                    crate::$name(ENGINE);
-                }
-            }
-        )*
-    };
-}
-
 /// One module of tests for one engine (the extra flags of `ringfwd run`): every common
 /// scenario, plus the ones listed after the flags.
 macro_rules! engine_suite {
     ($suite:ident, [$($arg:literal),* $(,)?] $(, $extra:ident)* $(,)?) => {
         mod $suite {
             const ENGINE: &[&str] = &[$($arg),*];
-            scenarios!(
+            crate::support::scenarios!(
                 haproxy_send_proxy_v1_and_v2_reach_ringfwd_accept_proxy,
                 ringfwd_proxy_protocol_reaches_a_checking_server,
                 untrusted_source_is_rejected_without_reading,

@@ -23,26 +23,11 @@ use support::netns::{self, Impairment, Link};
 use support::sock::{self, Backend, End, Upstream, connect, read_n, wait_end};
 use support::{Relay, STEP_TIMEOUT, procfs};
 
-macro_rules! scenarios {
-    ($($name:ident),* $(,)?) => {
-        $(
-            #[test]
-            fn $name() {
-                if crate::support::netns::available()
-                    && crate::support::engine_available(ENGINE)
-                {
-                    crate::$name(ENGINE);
-                }
-            }
-        )*
-    };
-}
-
 macro_rules! engine_suite {
     ($suite:ident, [$($arg:literal),* $(,)?]) => {
         mod $suite {
             const ENGINE: &[&str] = &[$($arg),*];
-            scenarios!(
+            crate::support::scenarios!(netns:
                 blackholed_upstream_times_out,
                 upstream_reset_mid_stream_reaches_client,
                 impaired_path_is_byte_exact_both_ways,

@@ -35,26 +35,12 @@ use support::pool::{
 };
 use support::sock::{self, ClosedPort};
 
-/// Lists every scenario once; each becomes a `#[test]` in every engine's module.
-macro_rules! scenarios {
-    ($($name:ident),* $(,)?) => {
-        $(
-            #[test]
-            fn $name() {
-                if crate::support::engine_available(ENGINE) {
-                    crate::$name(ENGINE);
-                }
-            }
-        )*
-    };
-}
-
 /// One module of tests for one engine, given as the extra flags of `ringfwd run`.
 macro_rules! engine_suite {
     ($suite:ident, [$($arg:literal),* $(,)?]) => {
         mod $suite {
             const ENGINE: &[&str] = &[$($arg),*];
-            scenarios!(
+            crate::support::scenarios!(
                 round_robin_splits_evenly,
                 weights_split_3_1_1,
                 least_conn_balances_long_lived,

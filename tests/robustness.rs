@@ -18,26 +18,12 @@ use support::relay::BIN;
 use support::sock::{Backend, connect, read_n, read_to_eof};
 use support::{Relay, STEP_TIMEOUT, procfs};
 
-/// Lists every scenario once; each becomes a `#[test]` in every engine's module.
-macro_rules! scenarios {
-    ($($name:ident),* $(,)?) => {
-        $(
-            #[test]
-            fn $name() {
-                if crate::support::engine_available(ENGINE) {
-                    crate::$name(ENGINE);
-                }
-            }
-        )*
-    };
-}
-
 /// One module of tests for one engine, given as the extra flags of `ringfwd run`.
 macro_rules! engine_suite {
     ($suite:ident, [$($arg:literal),* $(,)?]) => {
         mod $suite {
             const ENGINE: &[&str] = &[$($arg),*];
-            scenarios!(
+            crate::support::scenarios!(
                 dead_log_pipes_neither_kill_nor_wedge,
                 second_instance_on_a_used_port_is_refused_v4,
                 second_instance_on_a_used_port_is_refused_v6,

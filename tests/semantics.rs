@@ -27,26 +27,12 @@ use support::sock::{
 };
 use support::{Relay, STEP_TIMEOUT, procfs};
 
-/// Lists every scenario once; each becomes a `#[test]` in every engine's module.
-macro_rules! scenarios {
-    ($($name:ident),* $(,)?) => {
-        $(
-            #[test]
-            fn $name() {
-                if crate::support::engine_available(ENGINE) {
-                    crate::$name(ENGINE);
-                }
-            }
-        )*
-    };
-}
-
 /// One module of tests for one engine, given as the extra flags of `ringfwd run`.
 macro_rules! engine_suite {
     ($suite:ident, [$($arg:literal),* $(,)?]) => {
         mod $suite {
             const ENGINE: &[&str] = &[$($arg),*];
-            scenarios!(
+            crate::support::scenarios!(
                 ping_pong,
                 large_payloads_both_ways,
                 client_half_close_then_reply,

@@ -227,3 +227,36 @@ pub fn warnings(stderr: &str) -> Vec<&str> {
         .filter(|l| l.contains("WARN") && !l.contains(ROOT_NOTICE))
         .collect()
 }
+
+/// `#[test]` wrappers, one per scenario (`fn name(engine: &[&str])` at the test crate's root),
+/// for the engine named by the enclosing module's `ENGINE` flags: each runs the scenario only
+/// where that engine is available (see [`engine_available`]) — and, after `netns:`, only where
+/// network namespaces are (see [`netns::available`]). A test file's `engine_suite!` puts one
+/// call in a module per engine.
+#[allow(unused_macros)] // Each test crate uses its own subset of the harness.
+macro_rules! scenarios {
+    (netns: $($name:ident),* $(,)?) => {
+        $(
+            #[test]
+            fn $name() {
+                if crate::support::netns::available()
+                    && crate::support::engine_available(ENGINE)
+                {
+                    crate::$name(ENGINE);
+                }
+            }
+        )*
+    };
+    ($($name:ident),* $(,)?) => {
+        $(
+            #[test]
+            fn $name() {
+                if crate::support::engine_available(ENGINE) {
+                    crate::$name(ENGINE);
+                }
+            }
+        )*
+    };
+}
+#[allow(unused_imports)]
+pub(crate) use scenarios;
