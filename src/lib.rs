@@ -15,7 +15,8 @@
 //!   TCP ping, the load generator).
 //!
 //! `unsafe` is denied everywhere except the few modules of the io_uring engine that submit
-//! SQEs and register memory with the kernel.
+//! SQEs and register memory with the kernel, and [`privdrop`], which calls the libc user and
+//! credential functions; every block there says why it is sound.
 #![deny(unsafe_code)]
 
 pub mod cli;
