@@ -174,10 +174,16 @@ wait_port() { for _ in $(seq 1 100); do (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev
 
 if [[ $peers == 1 ]]; then
     if command -v haproxy >/dev/null; then
-        for splice in nosplice splice; do
+        # haproxy-splice forces splice both ways (the strongest HAProxy: with `option
+        # splice-auto` it almost never splices on loopback); haproxy-splice-auto is kept as a
+        # second row.
+        for splice in nosplice splice splice-auto; do
             name=haproxy-$splice pe=$(free_port) ps=$(free_port) pr=$(free_port)
-            opt=""
-            [[ $splice == splice ]] && opt="option splice-auto"
+            case $splice in
+                nosplice) opt="" ;;
+                splice) opt=$'option splice-request\n    option splice-response' ;;
+                splice-auto) opt="option splice-auto" ;;
+            esac
             cat >"$out/$name.cfg" <<EOF
 global
     maxconn 4000

@@ -34,7 +34,7 @@ DESCRIPTION = {
 }
 ORDER = ["direct", "uring-copy", "uring-splice", "uring-auto", "uring-auto-nometrics", "tokio",
          "tokio-nometrics", "std",
-         "haproxy-nosplice", "haproxy-splice", "nginx", "socat"]
+         "haproxy-nosplice", "haproxy-splice", "haproxy-splice-auto", "nginx", "socat"]
 
 
 def load(folder):
