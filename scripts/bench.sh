@@ -4,7 +4,12 @@
 #
 #   scripts/bench.sh [--quick] [--rounds N] [--duration D] [--workers N] [--peers]
 #                    [--metrics-cost] [--only "direct uring-copy ..."] [--workloads "bulk1 rr64"]
-#                    [--out DIR]
+#                    [--setsid] [--out DIR]
+#
+# --setsid starts every relay in a session of its own, as a service manager would (the
+# round trip of `rr1`, one 64-byte ping-pong connection, depends on where the scheduler puts
+# a relay relative to its peers, and a relay started from the benchmarking shell is placed
+# next to them).
 #
 # --metrics-cost adds uring-auto-nometrics and tokio-nometrics: the same engines built with
 # the bench-no-metrics feature (no recording on the data path), to measure what metrics cost.
@@ -20,7 +25,7 @@ set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
 args_given="$*"
-quick=0 rounds="" duration="" workers=1 peers=0 only="" out="" warmup=1s metrics_cost=0 workloads_given=""
+quick=0 rounds="" duration="" workers=1 peers=0 only="" out="" warmup=1s metrics_cost=0 workloads_given="" setsid=()
 while [[ $# -gt 0 ]]; do
     case $1 in
         --quick) quick=1 ;;
@@ -31,8 +36,9 @@ while [[ $# -gt 0 ]]; do
         --metrics-cost) metrics_cost=1 ;;
         --workloads) workloads_given=$2; shift ;;
         --only) only=$2; shift ;;
+        --setsid) setsid=(setsid) ;;
         --out) out=$2; shift ;;
-        -h|--help) sed -n '2,14p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,20p' "$0"; exit 0 ;;
         *) echo "bench.sh: unknown option $1 (see --help)" >&2; exit 2 ;;
     esac
     shift
@@ -144,7 +150,7 @@ name = "source"
 listen = "127.0.0.1:0"
 upstream = "$src_addr"
 EOF
-    "$bin" run --config "$cfg" >"$out/$name.out" 2>"$out/$name.err" &
+    "${setsid[@]}" "$bin" run --config "$cfg" >"$out/$name.out" 2>"$out/$name.err" &
     local pid=$!
     pids+=("$pid")
     for _ in $(seq 1 200); do
@@ -204,7 +210,7 @@ listen source
     bind 127.0.0.1:$pr
     server s $src_addr
 EOF
-            haproxy -f "$out/$name.cfg" -db >"$out/$name.out" 2>&1 &
+            "${setsid[@]}" haproxy -f "$out/$name.cfg" -db >"$out/$name.out" 2>&1 &
             pid=$!; pids+=("$pid")
             wait_port "$pe" && wait_port "$ps" && wait_port "$pr" || { echo "bench.sh: haproxy did not start: $(tail -3 "$out/$name.out")" >&2; exit 1; }
             relay_pids[$name]=$pid relay_echo[$name]=127.0.0.1:$pe relay_sink[$name]=127.0.0.1:$ps relay_src[$name]=127.0.0.1:$pr
@@ -231,7 +237,7 @@ stream {
     server { listen 127.0.0.1:$pr; proxy_pass $src_addr; }
 }
 EOF
-        nginx -c "$out/nginx.conf" -p "$out/nginx" >"$out/nginx.out" 2>&1 &
+        "${setsid[@]}" nginx -c "$out/nginx.conf" -p "$out/nginx" >"$out/nginx.out" 2>&1 &
         pid=$!; pids+=("$pid")
         if wait_port "$pe" && wait_port "$ps" && wait_port "$pr"; then
             # nginx forks its workers: measure the whole process group's CPU.
@@ -275,6 +281,7 @@ run_one() {
         bulk1_down) args=(throughput --direction down -c 1 "${relay_src[$v]}") ;;
         bulk8) args=(throughput --direction up -c 8 "${relay_sink[$v]}") ;;
         rr64) args=(rr --size 64 -c 8 "${relay_echo[$v]}") ;;
+        rr1) args=(rr --size 64 -c 1 "${relay_echo[$v]}") ;;
         rr64_open) args=(rr --size 64 -c 8 --rate 10000 "${relay_echo[$v]}") ;;
         rr16k) args=(rr --size 16KiB -c 8 "${relay_echo[$v]}") ;;
         connect) args=(connect -c 4 --size 64 "${relay_echo[$v]}") ;;
