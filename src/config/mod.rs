@@ -403,6 +403,10 @@ pub struct UringTuning {
     pub buffers: u32,
     pub pipe_size: ByteSize,
     pub pipes: u32,
+    /// `mode = "auto"`: consecutive full-buffer reads that move a direction to splice.
+    pub auto_up_reads: u8,
+    /// `mode = "auto"`: consecutive small pumps (pipe drained) that move it back to copy.
+    pub auto_down_pumps: u8,
 }
 
 impl Default for UringTuning {
@@ -417,6 +421,8 @@ impl Default for UringTuning {
             buffers: 64,
             pipe_size: ByteSize(1 << 20),
             pipes: 16,
+            auto_up_reads: 4,
+            auto_down_pumps: 8,
         }
     }
 }
@@ -858,6 +864,8 @@ impl Config {
         let _ = writeln!(out, "buffers = {}", u.buffers);
         let _ = writeln!(out, "pipe_size = \"{}\"", u.pipe_size);
         let _ = writeln!(out, "pipes = {}", u.pipes);
+        let _ = writeln!(out, "auto_up_reads = {}", u.auto_up_reads);
+        let _ = writeln!(out, "auto_down_pumps = {}", u.auto_down_pumps);
         for r in &self.rules {
             let _ = writeln!(out, "\n[[rule]]");
             let _ = writeln!(out, "name = {:?}", r.name);
@@ -1122,6 +1130,20 @@ fn uring_tuning(raw: raw::RawUring, src: &Source<'_>) -> Result<UringTuning, Con
             "pipe_size",
         )?,
         pipes: count(raw.pipes, d.pipes, 0, 65536, "pipes")?,
+        auto_up_reads: count(
+            raw.auto_up_reads,
+            d.auto_up_reads.into(),
+            1,
+            255,
+            "auto_up_reads",
+        )? as u8,
+        auto_down_pumps: count(
+            raw.auto_down_pumps,
+            d.auto_down_pumps.into(),
+            1,
+            255,
+            "auto_down_pumps",
+        )? as u8,
     };
     Ok(t)
 }

@@ -191,6 +191,8 @@ pub struct RawUring {
     pub buffers: Option<Spanned<u32>>,
     pub pipe_size: Option<Spanned<SizeValue>>,
     pub pipes: Option<Spanned<u32>>,
+    pub auto_up_reads: Option<Spanned<u32>>,
+    pub auto_down_pumps: Option<Spanned<u32>>,
     /// Deprecated: the default of every rule's `max_connections`.
     pub max_connections: Option<Spanned<i64>>,
 }

@@ -88,6 +88,8 @@ buffer_size = "64KiB"
 buffers = 128
 pipe_size = "256KiB"
 pipes = 0
+auto_up_reads = 2
+auto_down_pumps = 16
 
 [[rule]]
 name = "web"
@@ -131,6 +133,8 @@ fall = 10
             buffers: 128,
             pipe_size: ByteSize(256 << 10),
             pipes: 0,
+            auto_up_reads: 2,
+            auto_down_pumps: 16,
         }
     );
     let r = &c.rules[0];
@@ -413,6 +417,14 @@ fn uring_bounds_are_enforced_at_the_value() {
         (
             "pipes = 65537",
             "cfg.toml:2:9: uring.pipes: must be 0..=65536, got 65537",
+        ),
+        (
+            "auto_up_reads = 0",
+            "cfg.toml:2:17: uring.auto_up_reads: must be 1..=255, got 0",
+        ),
+        (
+            "auto_down_pumps = 256",
+            "cfg.toml:2:19: uring.auto_down_pumps: must be 1..=255, got 256",
         ),
         (
             "max_connections = 0",

@@ -21,10 +21,11 @@ use super::splice::{Pumped, SpliceDir};
 use crate::config::DataPath;
 use crate::metrics::{CloseReason, Direction, PathKind};
 
-/// Auto mode moves a direction to splice after this many consecutive full-buffer reads.
+/// Auto mode moves a direction to splice after this many consecutive full-buffer reads (the
+/// default of `[uring] auto_up_reads`).
 pub const AUTO_UP_FULL_READS: u8 = 4;
 /// Auto mode moves a spliced direction back to copy after this many consecutive small pumps
-/// (less than half a copy buffer, pipe drained).
+/// (less than half a copy buffer, pipe drained): the default of `[uring] auto_down_pumps`.
 pub const AUTO_DOWN_SMALL_PUMPS: u8 = 8;
 
 /// Where a direction is.
@@ -220,6 +221,9 @@ pub struct Conn {
     policy: DataPath,
     buf_size: u32,
     full_reads: [u8; 2],
+    /// Auto mode's thresholds (full reads up to splice, small pumps back to copy).
+    auto_up: u8,
+    auto_down: u8,
     /// Read a PROXY header before dialing.
     reads_header: bool,
     /// Something may have to go to the upstream before the relay (a PROXY header, or the
@@ -263,7 +267,17 @@ impl Conn {
             policy,
             buf_size,
             full_reads: [0; 2],
+            auto_up: AUTO_UP_FULL_READS,
+            auto_down: AUTO_DOWN_SMALL_PUMPS,
         }
+    }
+
+    /// Auto mode's thresholds instead of the defaults ([`AUTO_UP_FULL_READS`],
+    /// [`AUTO_DOWN_SMALL_PUMPS`]); values below 1 count as 1.
+    pub fn with_auto_thresholds(mut self, up: u8, down: u8) -> Self {
+        self.auto_up = up.max(1);
+        self.auto_down = down.max(1);
+        self
     }
 
     /// The spliced direction's state, for the worker's pump.
@@ -283,7 +297,7 @@ impl Conn {
         match self.policy {
             DataPath::Copy => false,
             DataPath::Splice => true,
-            DataPath::Auto => self.full_reads[d as usize] >= AUTO_UP_FULL_READS,
+            DataPath::Auto => self.full_reads[d as usize] >= self.auto_up,
         }
     }
 
@@ -528,7 +542,7 @@ impl Conn {
             } else {
                 s.small_pumps = 0;
             }
-            if s.small_pumps >= AUTO_DOWN_SMALL_PUMPS {
+            if s.small_pumps >= self.auto_down {
                 // Traffic turned small: back to copy, which serves it with fewer syscalls.
                 self.full_reads[i] = 0;
                 out.push(Action::LeaveSplice(dir));

@@ -134,6 +134,8 @@ pub struct Worker {
     accepts_in_flight: usize,
     /// No new accept while `unsettled + accepts_in_flight` reaches this.
     accept_bound: usize,
+    /// `[uring] auto_up_reads`, `auto_down_pumps`.
+    auto_thresholds: (u8, u8),
 }
 
 /// Why a worker could not start.
@@ -223,6 +225,7 @@ impl Worker {
             unsettled: 0,
             accepts_in_flight: 0,
             accept_bound: setup.accept_bound.max(1),
+            auto_thresholds: (config.uring.auto_up_reads, config.uring.auto_down_pumps),
         };
         Ok((worker, notes))
     }
@@ -526,7 +529,8 @@ impl Worker {
             self.pool.buf_size(),
             reads_header,
             sends_header,
-        );
+        )
+        .with_auto_thresholds(self.auto_thresholds.0, self.auto_thresholds.1);
         let mut entry = Entry::new(conn, session, ri, client);
         if reads_header || sends_header {
             let (_, timeout) = rt.header_limits();

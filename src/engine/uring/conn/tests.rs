@@ -1077,3 +1077,34 @@ fn a_failed_preamble_send_resets() {
     assert!(a.contains(&Action::CancelAll), "{a:?}");
     assert!(matches!(c.phase(), Phase::Closing(CloseReason::Reset)));
 }
+
+#[test]
+fn auto_thresholds_come_from_the_config() {
+    // `[uring] auto_up_reads = 1`: the first full-buffer read already asks for a pipe.
+    let now = t0();
+    let mut c = Driver {
+        conn: Conn::new(now, DataPath::Auto, BUF).with_auto_thresholds(1, 8),
+        in_flight: 0,
+    };
+    step(&mut c, Event::Start, now);
+    step(&mut c, Event::Connected { res: 0 }, now);
+    step(&mut c, Event::ConnectTimerDone, now);
+    step(
+        &mut c,
+        Event::Received {
+            dir: C2U,
+            res: BUF as i32,
+            buf: Some(0),
+        },
+        now,
+    );
+    let a = step(
+        &mut c,
+        Event::Sent {
+            dir: C2U,
+            res: BUF as i32,
+        },
+        now,
+    );
+    assert_eq!(a.last(), Some(&Action::TrySplice(C2U)));
+}
