@@ -30,6 +30,7 @@ macro_rules! engine_suite {
                 restart_on_the_same_port_despite_time_wait,
                 serves_clients_under_a_low_fd_limit,
                 rst_flood_keeps_fds_bounded_and_serves,
+                a_hanging_rule_does_not_stall_another,
             );
         }
     };
@@ -889,4 +890,53 @@ fn rst_flood_keeps_fds_bounded_and_serves(engine: &[&str]) {
     // 5.
     round_trip(addr, b"after");
     relay.stop_and_wait();
+}
+
+/// Connections one rule holds while its upstream never answers (more than a worker's whole
+/// accept bound, on two workers).
+const HANGING: usize = 800;
+
+/// One rule's upstream drops every SYN, so its connections sit connecting for the connect
+/// timeout; meanwhile another rule of the same forwarder serves at once. (Accept pacing used
+/// to bound unsettled connections per worker, not per listener: the hanging rule used up the
+/// bound and the other rule's listener got no accept.)
+fn a_hanging_rule_does_not_stall_another(engine: &[&str]) {
+    let _load = support::heavy();
+    // 1. Two rules: "hang" to an upstream whose handshakes never complete, "live" to an echo.
+    let blackhole = support::sock::Unresponsive::new();
+    let echo = Backend::echo();
+    let toml = format!(
+        "[[rule]]\nname = \"hang\"\nlisten = \"127.0.0.1:0\"\nupstream = \"{}\"\n\
+         connect_timeout = \"20s\"\n\n[[rule]]\nname = \"live\"\nlisten = \"127.0.0.1:0\"\n\
+         upstream = \"{}\"\n",
+        blackhole.addr(),
+        echo.addr()
+    );
+    let relay = Relay::start_config(engine, &toml, 2);
+    // 2. Flood "hang" with connections that all wait on their upstream connect.
+    let hang = relay.addr_of("hang");
+    let held: Vec<TcpStream> = (0..HANGING)
+        .filter_map(|_| TcpStream::connect(hang).ok())
+        .collect();
+    assert!(
+        held.len() > HANGING / 2,
+        "only {} connections to the hanging rule",
+        held.len()
+    );
+    std::thread::sleep(Duration::from_millis(300)); // let the relay take what it will
+    // 3. "live" still answers promptly, over more connections than any accept window (a
+    //    listener's pre-armed accepts alone would not last).
+    let live = relay.addr_of("live");
+    for i in 0..=255u8 {
+        let started = Instant::now();
+        if let Err(why) = bounded_round_trip(live, &[i; 8], Duration::from_secs(3)) {
+            panic!("round trip {i} on the live rule while the other hangs: {why}");
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(2),
+            "round trip {i} on the live rule took {:?}",
+            started.elapsed()
+        );
+    }
+    drop(held);
 }

@@ -86,12 +86,20 @@ pub fn run(
     }
 
     let live = Arc::new(Live::default());
-    // Connections accepted and not yet connected upstream (or not yet disposed of): the
-    // accept loops wait for a permit before each accept, so a flood of connections that reset
-    // at once is accepted no faster than it is disposed of, as in the uring engine.
-    let unsettled = Arc::new(Semaphore::new(
+    // Connections accepted and not yet connected upstream (or not yet disposed of): each
+    // accept loop waits for a permit of its own listener before each accept, so a flood of
+    // connections that reset at once is accepted no faster than it is disposed of, as in the
+    // uring engine — and one rule whose upstream hangs cannot stall another rule's accepts.
+    let listener_count = listeners
+        .per_rule
+        .iter()
+        .map(Vec::len)
+        .sum::<usize>()
+        .max(1);
+    let per_listener = super::uring::listener_share(
         super::uring::ACCEPT_BOUND_MAX * config.worker_count(),
-    ));
+        listener_count,
+    );
     rt.block_on(async {
         let mut accept_loops = Vec::new();
         for (idx, ls) in listeners.per_rule.into_iter().enumerate() {
@@ -111,7 +119,7 @@ pub fn run(
                     ctx.metrics.clone(),
                     phase_rx.clone(),
                     live.clone(),
-                    unsettled.clone(),
+                    Arc::new(Semaphore::new(per_listener)),
                 )));
             }
         }

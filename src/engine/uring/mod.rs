@@ -138,6 +138,13 @@ pub const FD_SLACK: usize = 16;
 /// Most connections a worker holds unsettled (accepted, not yet relaying) or closing (waiting
 /// for their ops) before it stops accepting until they drain.
 pub const ACCEPT_BOUND_MAX: usize = 256;
+
+/// One listener's share of an accept bound split over `listeners`: an even split, but never
+/// below 32 (or the whole bound, if that is smaller), so a rule among many still accepts in
+/// bursts. Each listener is bounded on its own connections.
+pub fn listener_share(bound: usize, listeners: usize) -> usize {
+    (bound / listeners.max(1)).max(bound.min(32)).max(1)
+}
 /// The `CapEff` bit of CAP_IPC_LOCK (`linux/capability.h`).
 const CAP_IPC_LOCK: u32 = 14;
 

@@ -130,6 +130,10 @@ pub struct Worker {
     /// Connections accepted and not yet relaying, or closing: the fds the worker holds for
     /// connections it has not settled or not yet disposed of.
     unsettled: usize,
+    /// `unsettled`, per rule (each rule's listeners are bounded on their own connections).
+    unsettled_by_rule: Vec<usize>,
+    /// This worker's listeners per rule.
+    listeners_by_rule: Vec<usize>,
     /// Accepts in flight over every listener.
     accepts_in_flight: usize,
     /// No new accept while `unsettled + accepts_in_flight` reaches this.
@@ -223,6 +227,8 @@ impl Worker {
             closing: false,
             cqes: Vec::with_capacity(1024),
             unsettled: 0,
+            unsettled_by_rule: vec![0; config.rules.len()],
+            listeners_by_rule: vec![0; config.rules.len()],
             accepts_in_flight: 0,
             accept_bound: setup.accept_bound.max(1),
             auto_thresholds: (config.uring.auto_up_reads, config.uring.auto_down_pumps),
@@ -233,6 +239,9 @@ impl Worker {
     /// Runs the event loop on `listeners` (`(rule, listener)`) until shutdown has drained
     /// every connection.
     pub fn run(mut self, listeners: Vec<(usize, TcpListener)>) {
+        for (rule, _) in &listeners {
+            self.listeners_by_rule[*rule] += 1;
+        }
         self.listeners = listeners
             .into_iter()
             .map(|(rule, l)| Listener {
@@ -310,18 +319,21 @@ impl Worker {
         if self.draining {
             return;
         }
-        // Every listener gets its share of the bound (at least one accept), so a worker with
-        // many rules cannot spend the whole bound on its first listeners and never accept on
-        // the others.
+        // Every listener gets its own share of the bound, counted on its own connections: a
+        // rule whose upstream hangs (its connections stay unsettled) cannot stall another
+        // rule's accepts, and a worker with many rules cannot spend the bound on its first
+        // listeners. The window per listener is the same share, at most ACCEPT_WINDOW.
         let n = self.listeners.len().max(1);
-        let fair = u32::try_from(self.accept_bound / n)
+        let share = super::listener_share(self.accept_bound, n);
+        let window = u32::try_from(share)
             .unwrap_or(u32::MAX)
             .clamp(1, ACCEPT_WINDOW);
         for i in 0..self.listeners.len() {
+            let rule = self.listeners[i].rule;
             while self.listeners[i].state == ListenerState::Open
-                && self.listeners[i].in_flight < fair
-                && self.unsettled < self.accept_bound
-                && self.unsettled + self.accepts_in_flight < self.accept_bound + n
+                && self.listeners[i].in_flight < window
+                && self.unsettled_by_rule[rule] + (self.listeners[i].in_flight as usize)
+                    < share * self.listeners_by_rule[rule]
             {
                 let Some(fd) = self.listeners[i].fd.as_ref().map(AsRawFd::as_raw_fd) else {
                     break;
@@ -546,6 +558,7 @@ impl Worker {
         }
         let (slot, generation) = self.slab.insert(entry);
         self.unsettled += 1;
+        self.unsettled_by_rule[ri] += 1;
         self.conn_event(
             Token::new(
                 slot,
@@ -572,11 +585,18 @@ impl Worker {
             return;
         };
         let mut actions = Actions::default();
+        let rule = entry.rule;
         let was_settled = entry.conn.is_settled();
         entry.conn.handle(ev, now, &mut actions);
         match (was_settled, entry.conn.is_settled()) {
-            (false, true) => self.unsettled = self.unsettled.saturating_sub(1),
-            (true, false) => self.unsettled += 1,
+            (false, true) => {
+                self.unsettled = self.unsettled.saturating_sub(1);
+                self.unsettled_by_rule[rule] = self.unsettled_by_rule[rule].saturating_sub(1);
+            }
+            (true, false) => {
+                self.unsettled += 1;
+                self.unsettled_by_rule[rule] += 1;
+            }
             _ => {}
         }
         for a in actions.iter() {
@@ -982,6 +1002,7 @@ impl Worker {
         };
         // A finishing connection is closing, so it was counted unsettled.
         self.unsettled = self.unsettled.saturating_sub(1);
+        self.unsettled_by_rule[e.rule] = self.unsettled_by_rule[e.rule].saturating_sub(1);
         if reset {
             net::set_reset_on_close(SockRef::from(&e.client));
             if let Some(u) = &e.upstream {
