@@ -4,12 +4,13 @@
 #
 #   scripts/bench.sh [--quick] [--rounds N] [--duration D] [--workers N] [--peers]
 #                    [--metrics-cost] [--only "direct uring-copy ..."] [--workloads "bulk1 rr64"]
-#                    [--setsid] [--out DIR]
+#                    [--setsid] [--uring "key = value; ..."] [--out DIR]
 #
 # --setsid starts every relay in a session of its own, as a service manager would (the
 # round trip of `rr1`, one 64-byte ping-pong connection, depends on where the scheduler puts
 # a relay relative to its peers, and a relay started from the benchmarking shell is placed
-# next to them).
+# next to them). --uring adds keys to the [uring] table of every ringfwd relay, e.g.
+# --uring "auto_up_reads = 2; auto_down_pumps = 16" (scripts/sweep_auto.sh uses it).
 #
 # --metrics-cost adds uring-auto-nometrics and tokio-nometrics: the same engines built with
 # the bench-no-metrics feature (no recording on the data path), to measure what metrics cost.
@@ -25,7 +26,7 @@ set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
 args_given="$*"
-quick=0 rounds="" duration="" workers=1 peers=0 only="" out="" warmup=1s metrics_cost=0 workloads_given="" setsid=()
+quick=0 rounds="" duration="" workers=1 peers=0 only="" out="" warmup=1s metrics_cost=0 workloads_given="" setsid=() uring_extra=""
 while [[ $# -gt 0 ]]; do
     case $1 in
         --quick) quick=1 ;;
@@ -37,8 +38,9 @@ while [[ $# -gt 0 ]]; do
         --workloads) workloads_given=$2; shift ;;
         --only) only=$2; shift ;;
         --setsid) setsid=(setsid) ;;
+        --uring) uring_extra=$2; shift ;;
         --out) out=$2; shift ;;
-        -h|--help) sed -n '2,20p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,22p' "$0"; exit 0 ;;
         *) echo "bench.sh: unknown option $1 (see --help)" >&2; exit 2 ;;
     esac
     shift
@@ -130,6 +132,8 @@ variants=(direct)
 relay_pids[direct]=""
 relay_echo[direct]=$echo_addr relay_sink[direct]=$sink_addr relay_src[direct]=$src_addr
 
+uring_lines=${uring_extra//; /$'\n'}
+
 start_ringfwd() { # name engine mode [binary]
     local name=$1 engine=$2 mode=$3 bin=${4:-$BIN} cfg="$out/$1.toml"
     cat >"$cfg" <<EOF
@@ -137,6 +141,8 @@ workers = $workers
 engine = "$engine"
 mode = "$mode"
 access_log = false
+[uring]
+$uring_lines
 [[rule]]
 name = "echo"
 listen = "127.0.0.1:0"
