@@ -92,44 +92,6 @@ fn relay_for(engine: &[&str], upstream: SocketAddr, max: usize) -> Relay {
     Relay::start_config(engine, &toml, 1)
 }
 
-/// What the relay's fds point at, counted by kind (for failure messages).
-fn fd_targets(pid: i32) -> std::collections::BTreeMap<String, usize> {
-    let mut kinds = std::collections::BTreeMap::new();
-    if let Ok(dir) = std::fs::read_dir(format!("/proc/{pid}/fd")) {
-        for e in dir.flatten() {
-            let target = std::fs::read_link(e.path())
-                .map(|t| t.display().to_string())
-                .unwrap_or_default();
-            // "socket:[123]" → "socket"; "anon_inode:[eventfd]" stays whole.
-            let kind = match target.split_once(':') {
-                Some(("anon_inode", what)) => format!("anon_inode:{what}"),
-                Some(("socket", inode)) => {
-                    let inode = inode.trim_matches(|c| c == '[' || c == ']');
-                    let state = ["tcp", "tcp6", "unix", "udp"]
-                        .iter()
-                        .find_map(|t| {
-                            let table =
-                                std::fs::read_to_string(format!("/proc/{pid}/net/{t}")).ok()?;
-                            table
-                                .lines()
-                                .find(|l| l.split_whitespace().any(|f| f == inode))
-                                .map(|l| {
-                                    let f: Vec<&str> = l.split_whitespace().collect();
-                                    format!("{t} {}", f.get(3).unwrap_or(&"?"))
-                                })
-                        })
-                        .unwrap_or_else(|| "unlisted (TCP CLOSE?)".to_string());
-                    format!("socket {state}")
-                }
-                Some((kind, _)) => kind.to_string(),
-                None => target,
-            };
-            *kinds.entry(kind).or_insert(0) += 1;
-        }
-    }
-    kinds
-}
-
 /// Waits until the relay holds only its listeners, then returns its fd count.
 fn settle(relay: &Relay) -> usize {
     let pid = relay.pid();
@@ -315,7 +277,7 @@ fn rst_flood_leaks_nothing(engine: &[&str]) {
     let pid = relay.pid();
     warm_up(&relay);
     let fds0 = settle(&relay);
-    let kinds0 = fd_targets(pid);
+    let fds_before = procfs::describe_fds(pid);
     let rss0 = procfs::rss(pid);
     let started = Instant::now();
     std::thread::scope(|s| {
@@ -357,8 +319,8 @@ fn rst_flood_leaks_nothing(engine: &[&str]) {
     );
     assert!(
         fds <= fds0,
-        "relay fds {fds0} -> {fds} after the flood: {:?} (before: {kinds0:?})",
-        fd_targets(pid)
+        "relay fds {fds0} -> {fds} after the flood: {:#?}\nbefore: {fds_before:#?}",
+        procfs::describe_fds(pid)
     );
     assert!(
         rss < rss0 + 16 * MIB,

@@ -473,41 +473,11 @@ fn pump(mut from: Tun, mut to: Tun, imp: Impairment, stop: &AtomicBool, stats: &
     }
 }
 
-/// TCP states (`/proc/net/tcp` names) of the sockets `pid` holds, read through `pid`'s own
-/// `/proc/PID/net`, so that it works for a process inside another namespace
-/// (`procfs::tcp_sockets` reads the test process's namespace).
+/// TCP states (`/proc/net/tcp` names) of the sockets `pid` holds, also for a process inside
+/// another namespace (see [`super::procfs::tcp_sockets`]).
 pub fn tcp_states(pid: i32) -> Vec<&'static str> {
-    const STATES: [&str; 13] = [
-        "?",
-        "ESTABLISHED",
-        "SYN_SENT",
-        "SYN_RECV",
-        "FIN_WAIT1",
-        "FIN_WAIT2",
-        "TIME_WAIT",
-        "CLOSE",
-        "CLOSE_WAIT",
-        "LAST_ACK",
-        "LISTEN",
-        "CLOSING",
-        "NEW_SYN_RECV",
-    ];
-    let owned = super::procfs::socket_inodes(pid);
-    let mut out = Vec::new();
-    for table in ["tcp", "tcp6"] {
-        let Ok(text) = std::fs::read_to_string(format!("/proc/{pid}/net/{table}")) else {
-            continue;
-        };
-        for line in text.lines().skip(1) {
-            let cols: Vec<&str> = line.split_whitespace().collect();
-            let (Some(state), Some(inode)) = (cols.get(3), cols.get(9)) else {
-                continue;
-            };
-            if inode.parse::<u64>().is_ok_and(|i| owned.contains(&i)) {
-                let code = usize::from_str_radix(state, 16).unwrap_or(0);
-                out.push(STATES.get(code).copied().unwrap_or("?"));
-            }
-        }
-    }
-    out
+    super::procfs::tcp_sockets(pid)
+        .into_iter()
+        .map(|e| e.state)
+        .collect()
 }

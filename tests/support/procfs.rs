@@ -54,12 +54,13 @@ const TCP_STATES: [&str; 13] = [
     "NEW_SYN_RECV",
 ];
 
-/// The TCP sockets (IPv4 and IPv6) that `pid` holds open.
+/// The TCP sockets (IPv4 and IPv6) that `pid` holds open, read through `pid`'s own
+/// `/proc/PID/net`, so that it also works for a process in another network namespace.
 pub fn tcp_sockets(pid: i32) -> Vec<TcpEntry> {
     let owned = socket_inodes(pid);
     let mut out = Vec::new();
-    for table in ["/proc/net/tcp", "/proc/net/tcp6"] {
-        let Ok(text) = std::fs::read_to_string(table) else {
+    for table in ["tcp", "tcp6"] {
+        let Ok(text) = std::fs::read_to_string(format!("/proc/{pid}/net/{table}")) else {
             continue;
         };
         for line in text.lines().skip(1) {
