@@ -117,12 +117,7 @@ fn dead_log_pipes_neither_kill_nor_wedge(engine: &[&str]) {
     // 4. SIGTERM still stops it, cleanly and promptly.
     let pid = nix::unistd::Pid::from_raw(i32::try_from(child.id()).expect("pid"));
     nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).expect("SIGTERM");
-    let mut status = None;
-    support::eventually(PROMPT_EXIT, || {
-        status = child.try_wait().expect("waitpid");
-        status.is_some()
-    });
-    let Some(status) = status else {
+    let Some(status) = support::wait_child(&mut child, PROMPT_EXIT) else {
         let _ = child.kill();
         let _ = child.wait();
         panic!("the forwarder ignored SIGTERM for {PROMPT_EXIT:?} once its log pipes were closed");

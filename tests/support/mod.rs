@@ -260,3 +260,16 @@ macro_rules! scenarios {
 }
 #[allow(unused_imports)]
 pub(crate) use scenarios;
+
+/// Waits up to `within` for a child to exit; its status, or `None` if it is still running.
+pub fn wait_child(
+    child: &mut std::process::Child,
+    within: Duration,
+) -> Option<std::process::ExitStatus> {
+    let mut status = None;
+    eventually(within, || {
+        status = child.try_wait().expect("waitpid");
+        status.is_some()
+    });
+    status
+}

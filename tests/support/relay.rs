@@ -84,12 +84,7 @@ pub fn run_to_exit(args: &[&str]) -> Finished {
             .take()
             .map(|p| Box::new(p) as Box<dyn Read + Send>),
     );
-    let mut status = None;
-    super::eventually(STEP_TIMEOUT, || {
-        status = child.try_wait().expect("waitpid");
-        status.is_some()
-    });
-    let Some(status) = status else {
+    let Some(status) = super::wait_child(&mut child, STEP_TIMEOUT) else {
         let _ = child.kill();
         let _ = child.wait();
         panic!("ringfwd {args:?} did not exit within {STEP_TIMEOUT:?}");
