@@ -450,19 +450,7 @@ impl Limited {
         let mut child = cmd
             .spawn()
             .unwrap_or_else(|e| panic!("cannot spawn prlimit/setpriv (util-linux): {e}"));
-        let stderr = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
-        {
-            let mut pipe = child.stderr.take().expect("stderr is piped");
-            let sink = stderr.clone();
-            std::thread::spawn(move || {
-                let mut buf = [0u8; 8192];
-                while let Ok(n @ 1..) = pipe.read(&mut buf) {
-                    sink.lock()
-                        .unwrap_or_else(std::sync::PoisonError::into_inner)
-                        .extend_from_slice(&buf[..n]);
-                }
-            });
-        }
+        let stderr = support::drain_into(child.stderr.take().expect("stderr is piped"));
         let (tx, lines) = mpsc::channel();
         let out = child.stdout.take().expect("stdout is piped");
         std::thread::spawn(move || {

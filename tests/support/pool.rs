@@ -32,21 +32,6 @@ const HOLD: Duration = Duration::from_secs(120);
 /// Poll period of [`wait_until`].
 const POLL: Duration = Duration::from_millis(20);
 
-/// A child's stderr, collected by a background thread so the child never blocks on it.
-fn drain_into(mut pipe: impl Read + Send + 'static) -> Arc<Mutex<Vec<u8>>> {
-    let sink = Arc::new(Mutex::new(Vec::new()));
-    let out = sink.clone();
-    std::thread::spawn(move || {
-        let mut buf = [0u8; 8192];
-        while let Ok(n @ 1..) = pipe.read(&mut buf) {
-            out.lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner)
-                .extend_from_slice(&buf[..n]);
-        }
-    });
-    sink
-}
-
 /// A child's stdout as lines on a channel; the thread keeps reading after the receiver is
 /// gone, so a late line never meets a closed pipe.
 fn stdout_lines(pipe: impl Read + Send + 'static) -> Receiver<String> {
@@ -148,7 +133,7 @@ impl Forwarder {
             .stderr(Stdio::piped())
             .spawn()
             .unwrap_or_else(|e| panic!("cannot spawn {BIN}: {e}"));
-        let stderr = drain_into(child.stderr.take().expect("stderr is piped"));
+        let stderr = super::drain_into(child.stderr.take().expect("stderr is piped"));
         let lines = stdout_lines(child.stdout.take().expect("stdout is piped"));
         let want_engine = engine
             .windows(2)
@@ -675,7 +660,7 @@ impl EchoChild {
             .stderr(Stdio::piped())
             .spawn()
             .unwrap_or_else(|e| panic!("cannot spawn {BIN} echo: {e}"));
-        let stderr = drain_into(child.stderr.take().expect("stderr is piped"));
+        let stderr = super::drain_into(child.stderr.take().expect("stderr is piped"));
         let lines = stdout_lines(child.stdout.take().expect("stdout is piped"));
         let failed = |child: &mut Child, why: &str| {
             let _ = child.kill();

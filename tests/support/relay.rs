@@ -166,19 +166,7 @@ impl Relay {
             .stderr(Stdio::piped())
             .spawn()
             .unwrap_or_else(|e| panic!("cannot spawn {BIN}: {e}"));
-        let stderr = Arc::new(Mutex::new(Vec::new()));
-        {
-            let mut pipe = child.stderr.take().expect("stderr is piped");
-            let sink = stderr.clone();
-            std::thread::spawn(move || {
-                let mut buf = [0u8; 8192];
-                while let Ok(n @ 1..) = pipe.read(&mut buf) {
-                    sink.lock()
-                        .unwrap_or_else(std::sync::PoisonError::into_inner)
-                        .extend_from_slice(&buf[..n]);
-                }
-            });
-        }
+        let stderr = super::drain_into(child.stderr.take().expect("stderr is piped"));
         let lines = {
             let pipe = child.stdout.take().expect("stdout is piped");
             let (tx, rx) = mpsc::channel();
