@@ -1,6 +1,7 @@
 //! What the session pipeline adds per connection: choosing a member (each balancing algorithm,
 //! small and large pools) and a whole session's bookkeeping (admit → dial → connected →
-//! finish, access log off), so the cost of pools is a figure, not a guess.
+//! finish, access log off), and the same with SNI routing (the ClientHello read and matched),
+//! so the cost of pools and routes is a figure, not a guess.
 
 use std::hint::black_box;
 use std::net::{IpAddr, SocketAddr};
@@ -55,12 +56,12 @@ fn session(c: &mut Criterion) {
         "[[rule]]\nlisten = \"127.0.0.1:0\"\nupstream = \"127.0.0.1:9\"\n",
     )
     .expect("config");
-    config.rules[0].upstream = Upstream::with_members(members(3));
+    config.rules[0].upstream = Some(Upstream::with_members(members(3)));
     let runtime = Runtime::new(&config);
     let metrics = Metrics::new(&["bench"], 1);
     let rt = runtime.rule(0);
     let shard = metrics.rule(0).shard(0);
-    let mut picker = Picker::new(7);
+    let mut picker = rt.pickers(7);
     let client = Some(SocketAddr::from(([192, 168, 1, 2], 40000)));
     c.bench_function(
         "session: admit + dial + connected + finish (3 members)",
@@ -84,5 +85,78 @@ fn session(c: &mut Criterion) {
     );
 }
 
-criterion_group!(benches, pick, session);
+/// A ClientHello as a TLS 1.3 client sends it (one record, a 32-byte session id, a few
+/// cipher suites, a server_name extension and 200 bytes of other extensions), naming `name`.
+fn client_hello(name: &str) -> Vec<u8> {
+    let be16 = |n: usize| u16::try_from(n).expect("fits").to_be_bytes();
+    let mut sni = vec![0];
+    sni.extend(be16(name.len()));
+    sni.extend(name.as_bytes());
+    let mut exts = vec![0, 0];
+    exts.extend(be16(sni.len() + 2));
+    exts.extend(be16(sni.len()));
+    exts.extend(sni);
+    // An opaque extension standing for supported_groups, key_share and the rest.
+    exts.extend([0xfe, 0x0d]);
+    exts.extend(be16(200));
+    exts.extend([0x5a; 200]);
+    let mut body = vec![3, 3];
+    body.extend([0xaa; 32]);
+    body.push(32);
+    body.extend([0x55; 32]);
+    body.extend([0, 6, 0x13, 0x01, 0x13, 0x02, 0x13, 0x03, 1, 0]);
+    body.extend(be16(exts.len()));
+    body.extend(exts);
+    let mut msg = vec![1, 0];
+    msg.extend(be16(body.len()));
+    msg.extend(body);
+    let mut record = vec![22, 3, 1];
+    record.extend(be16(msg.len()));
+    record.extend(msg);
+    record
+}
+
+fn routed_session(c: &mut Criterion) {
+    let config = Config::parse(
+        "bench.toml",
+        "[[rule]]\nlisten = \"127.0.0.1:0\"\nupstream = \"127.0.0.1:9\"\n\
+         [[rule.route]]\nsni = [\"api.example.com\"]\nupstream = \"127.0.0.1:10\"\n\
+         [[rule.route]]\nsni = [\"*.example.com\", \"example.org\"]\nupstream = [\"127.0.0.1:11\", \"127.0.0.1:12\"]\n",
+    )
+    .expect("config");
+    let runtime = Runtime::new(&config);
+    let metrics = Metrics::new(&["bench"], 1);
+    let rt = runtime.rule(0);
+    let shard = metrics.rule(0).shard(0);
+    let mut pickers = rt.pickers(7);
+    let client = Some(SocketAddr::from(([192, 168, 1, 2], 40000)));
+    let hello = client_hello("www.example.com");
+    c.bench_function(
+        &format!(
+            "session: admit + route on a {}-byte ClientHello (wildcard match) + dial + connected + finish",
+            hello.len()
+        ),
+        |b| {
+            b.iter(|| {
+                let now = Instant::now();
+                let mut s = rt.admit(shard, client, now, false).expect("admitted");
+                let step = s.feed_header(rt, shard, black_box(&hello), now);
+                assert_eq!(step, ringfwd::session::HeaderStep::Ready { consumed: 0 });
+                let Dial::Connect(addr) = s.dial(rt, &mut pickers, now) else {
+                    panic!("no member")
+                };
+                black_box(addr);
+                s.connected(shard, now);
+                let end = End {
+                    reason: CloseReason::Eof,
+                    bytes: [1, 1],
+                    path: "copy",
+                };
+                s.finish(rt, &metrics, shard, end, now);
+            })
+        },
+    );
+}
+
+criterion_group!(benches, pick, session, routed_session);
 criterion_main!(benches);

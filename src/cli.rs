@@ -147,7 +147,10 @@ impl RunArgs {
             cfg.rules = vec![Rule {
                 name: "default".into(),
                 listen: config::resolve_one(listen).map_err(|m| flag("listen", m))?,
-                upstream: config::resolve_upstream(upstream).map_err(|m| flag("upstream", m))?,
+                upstream: Some(
+                    config::resolve_upstream(upstream).map_err(|m| flag("upstream", m))?,
+                ),
+                routes: Vec::new(),
                 tcp: TcpOptions::default(),
                 connect_timeout: config::DEFAULT_CONNECT_TIMEOUT,
                 idle_timeout: Some(config::DEFAULT_IDLE_TIMEOUT),
@@ -156,6 +159,7 @@ impl RunArgs {
                     .expect("non-zero"),
                 proxy_protocol: config::ProxyProtocol::Off,
                 accept_proxy: None,
+                header_timeout: config::DEFAULT_PROXY_HEADER_TIMEOUT,
                 admission: config::Admission::default(),
             }];
         }
@@ -201,7 +205,13 @@ impl RunArgs {
                 r.idle_timeout = (!t.is_zero()).then_some(t);
             }
             if let Some(b) = self.balance {
-                r.upstream.balance = b;
+                for up in r
+                    .upstream
+                    .iter_mut()
+                    .chain(r.routes.iter_mut().map(|r| &mut r.upstream))
+                {
+                    up.balance = b;
+                }
             }
         }
         cfg.ensure_runnable()?;
@@ -239,7 +249,10 @@ mod tests {
         .unwrap();
         assert_eq!(cfg.engine, EngineKind::Std);
         assert_eq!(cfg.rules.len(), 1);
-        assert_eq!(cfg.rules[0].upstream.members[0].addrs[0].port(), 9);
+        assert_eq!(
+            cfg.rules[0].upstream.as_ref().unwrap().members[0].addrs[0].port(),
+            9
+        );
         assert_eq!(cfg.rules[0].idle_timeout, None);
         assert_eq!(
             cfg.rules[0].max_connections.get(),
@@ -256,7 +269,7 @@ mod tests {
     #[test]
     fn upstream_takes_a_comma_separated_pool() {
         let cfg = cli_rule(&["--upstream", "127.0.0.1:9001,127.0.0.1:9002"]).unwrap();
-        let up = &cfg.rules[0].upstream;
+        let up = cfg.rules[0].upstream.as_ref().unwrap();
         let texts: Vec<&str> = up.members.iter().map(|m| m.text.as_str()).collect();
         assert_eq!(texts, ["127.0.0.1:9001", "127.0.0.1:9002"]);
         assert!(up.members.iter().all(|m| m.weight.get() == 1 && !m.backup));
@@ -268,7 +281,7 @@ mod tests {
         );
         // Spaces after the commas are forgiven.
         let cfg = cli_rule(&["--upstream", "127.0.0.1:9001, [::1]:9002"]).unwrap();
-        assert_eq!(cfg.rules[0].upstream.members.len(), 2);
+        assert_eq!(cfg.rules[0].upstream.as_ref().unwrap().members.len(), 2);
     }
 
     #[test]
@@ -292,7 +305,10 @@ mod tests {
     #[test]
     fn balance_flag_sets_every_rule() {
         let cfg = cli_rule(&["--upstream", "127.0.0.1:9", "--balance", "least_conn"]).unwrap();
-        assert_eq!(cfg.rules[0].upstream.balance, Balance::LeastConn);
+        assert_eq!(
+            cfg.rules[0].upstream.as_ref().unwrap().balance,
+            Balance::LeastConn
+        );
         let e = run_args(&["--balance", "fastest"]).unwrap_err();
         assert!(
             e.to_string().contains(

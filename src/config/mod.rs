@@ -333,8 +333,6 @@ pub struct AcceptProxy {
     /// Sources allowed to send a header; a connection from anywhere else is rejected before
     /// anything is read (`untrusted_proxy`). Never empty.
     pub trusted: Vec<crate::session::acl::Cidr>,
-    /// How long the whole header may take to arrive.
-    pub header_timeout: Duration,
 }
 
 pub const DEFAULT_PROXY_HEADER_TIMEOUT: Duration = Duration::from_secs(3);
@@ -372,12 +370,29 @@ impl Admission {
     }
 }
 
-/// One listen address forwarded to one upstream pool.
+/// One `[[rule.route]]`: the TLS server names whose connections go to its own pool.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Route {
+    /// `name`, or the first pattern; unique within the rule, never `"default"`.
+    pub name: String,
+    /// Exact names and `*.` wildcards, as written (matched case-insensitively).
+    pub sni: Vec<String>,
+    pub upstream: Upstream,
+}
+
+/// The name of a rule's own upstream when it has routes (and of every rule's only route).
+pub const DEFAULT_ROUTE: &str = "default";
+
+/// One listen address forwarded to one upstream pool, or routed by TLS server name.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Rule {
     pub name: String,
     pub listen: SocketAddr,
-    pub upstream: Upstream,
+    /// The rule's own pool: the default route. `None` only with routes (then a connection no
+    /// route matches is rejected as `no_route`).
+    pub upstream: Option<Upstream>,
+    /// SNI routes, tried before the default (empty: the ClientHello is not read).
+    pub routes: Vec<Route>,
     pub tcp: TcpOptions,
     pub connect_timeout: Duration,
     /// `None`: connections may stay idle forever.
@@ -391,8 +406,21 @@ pub struct Rule {
     pub proxy_protocol: ProxyProtocol,
     /// Require a PROXY protocol header from the client (a load balancer in front).
     pub accept_proxy: Option<AcceptProxy>,
+    /// How long the PROXY header and the ClientHello (with routes) may take to arrive, from
+    /// accept (`proxy_header_timeout`).
+    pub header_timeout: Duration,
     /// ACLs and per-client limits.
     pub admission: Admission,
+}
+
+impl Rule {
+    /// Every pool of the rule with its route name: the routes in order, then the default.
+    pub fn pools(&self) -> impl Iterator<Item = (&str, &Upstream)> + '_ {
+        self.routes
+            .iter()
+            .map(|r| (r.name.as_str(), &r.upstream))
+            .chain(self.upstream.iter().map(|u| (DEFAULT_ROUTE, u)))
+    }
 }
 
 /// io_uring engine sizing, per worker.
@@ -870,7 +898,15 @@ impl Config {
             let _ = writeln!(out, "\n[[rule]]");
             let _ = writeln!(out, "name = {:?}", r.name);
             let _ = writeln!(out, "listen = \"{}\"", r.listen);
-            write_upstream(&mut out, &r.upstream);
+            match &r.upstream {
+                Some(up) => write_upstream(&mut out, up),
+                None => {
+                    let _ = writeln!(
+                        out,
+                        "# no upstream: a connection no route matches is rejected (no_route)"
+                    );
+                }
+            }
             let _ = writeln!(out, "max_connections = {}", r.max_connections);
             let _ = writeln!(out, "nodelay = {}", r.tcp.nodelay);
             match r.tcp.keepalive {
@@ -915,16 +951,30 @@ impl Config {
             }
             write_edge(&mut out, r);
             // A sub-table ends the rule's own keys, so it comes last.
-            if let Some(h) = &r.upstream.health_check {
-                let _ = writeln!(out, "\n[rule.health_check]");
-                let _ = writeln!(out, "interval = {:?}", format_duration(h.interval));
-                let _ = writeln!(out, "timeout = {:?}", format_duration(h.timeout));
-                let _ = writeln!(out, "rise = {}", h.rise);
-                let _ = writeln!(out, "fall = {}", h.fall);
+            if let Some(h) = r.upstream.as_ref().and_then(|u| u.health_check.as_ref()) {
+                write_health_check(&mut out, "rule.health_check", h);
+            }
+            for route in &r.routes {
+                let _ = writeln!(out, "\n[[rule.route]]");
+                let _ = writeln!(out, "name = {:?}", route.name);
+                let _ = writeln!(out, "sni = {:?}", route.sni);
+                write_upstream(&mut out, &route.upstream);
+                if let Some(h) = &route.upstream.health_check {
+                    write_health_check(&mut out, "rule.route.health_check", h);
+                }
             }
         }
         out
     }
+}
+
+fn write_health_check(out: &mut String, table: &str, h: &HealthCheck) {
+    use std::fmt::Write;
+    let _ = writeln!(out, "\n[{table}]");
+    let _ = writeln!(out, "interval = {:?}", format_duration(h.interval));
+    let _ = writeln!(out, "timeout = {:?}", format_duration(h.timeout));
+    let _ = writeln!(out, "rise = {}", h.rise);
+    let _ = writeln!(out, "fall = {}", h.fall);
 }
 
 /// A rule's pool keys: members as inline tables, each followed by what it resolved to.
@@ -983,12 +1033,14 @@ fn write_edge(out: &mut String, r: &Rule) {
         Some(a) => {
             let _ = writeln!(out, "accept_proxy = true");
             list(out, "proxy_trusted", &a.trusted);
-            let _ = writeln!(
-                out,
-                "proxy_header_timeout = {:?}",
-                format_duration(a.header_timeout)
-            );
         }
+    }
+    if r.accept_proxy.is_some() || !r.routes.is_empty() {
+        let _ = writeln!(
+            out,
+            "proxy_header_timeout = {:?}",
+            format_duration(r.header_timeout)
+        );
     }
     let a = &r.admission;
     list(out, "allow", &a.allow);
@@ -1163,8 +1215,8 @@ fn rule_from_raw(
     };
     let listen =
         resolve_one(r.listen.get_ref()).map_err(|m| src.error_at(r.listen.span(), "listen", m))?;
-    let upstream = upstream_from_raw(&r, src)?;
-    let (proxy_protocol, accept_proxy, admission) = edge_from_raw(&r, src)?;
+    let (upstream, routes) = pools_from_raw(&r, src)?;
+    let (proxy_protocol, accept_proxy, header_timeout, admission) = edge_from_raw(&r, src)?;
     // `keepalive.count = 0` is refused while deserializing, where its position is known.
     let keepalive = match r.keepalive {
         None | Some(KeepaliveValue::Enabled(false)) => None,
@@ -1220,6 +1272,7 @@ fn rule_from_raw(
         name,
         listen,
         upstream,
+        routes,
         tcp: TcpOptions {
             nodelay: r.nodelay.unwrap_or(true),
             keepalive,
@@ -1233,6 +1286,7 @@ fn rule_from_raw(
         max_connections,
         proxy_protocol,
         accept_proxy,
+        header_timeout,
         admission,
     })
 }
@@ -1242,7 +1296,7 @@ fn rule_from_raw(
 fn edge_from_raw(
     r: &RawRule,
     src: &Source<'_>,
-) -> Result<(ProxyProtocol, Option<AcceptProxy>, Admission), ConfigError> {
+) -> Result<(ProxyProtocol, Option<AcceptProxy>, Duration, Admission), ConfigError> {
     let proxy_protocol = match &r.proxy_protocol {
         None => ProxyProtocol::Off,
         Some(p) => ProxyProtocol::parse(p.get_ref()).ok_or_else(|| {
@@ -1259,7 +1313,8 @@ fn edge_from_raw(
     };
 
     let accept = r.accept_proxy.as_ref().map(|a| *a.get_ref());
-    // The keys that only mean something with accept_proxy = true.
+    // The keys that only mean something with accept_proxy = true (the timeout also bounds
+    // the ClientHello of a rule with routes).
     if accept != Some(true) {
         let lonely = [
             r.proxy_trusted
@@ -1267,10 +1322,14 @@ fn edge_from_raw(
                 .map(|t| ("proxy_trusted", t.span())),
             r.proxy_header_timeout
                 .as_ref()
+                .filter(|_| r.routes.is_empty())
                 .map(|t| ("proxy_header_timeout", t.span())),
         ];
         if let Some((key, span)) = lonely.into_iter().flatten().next() {
             let msg = match accept {
+                None if key == "proxy_header_timeout" => format!(
+                    "is set but neither accept_proxy = true nor a [[rule.route]] is there to wait for: add one, or remove {key}"
+                ),
                 None => format!(
                     "is set but accept_proxy = true is missing: add accept_proxy = true, or remove {key}"
                 ),
@@ -1281,6 +1340,25 @@ fn edge_from_raw(
             return Err(src.error_at(span, key, msg));
         }
     }
+    let header_timeout = match &r.proxy_header_timeout {
+        None => DEFAULT_PROXY_HEADER_TIMEOUT,
+        Some(d) => {
+            let v = d.get_ref().0;
+            if !PROXY_HEADER_TIMEOUT_RANGE.contains(&v) {
+                return Err(src.error_at(
+                    d.span(),
+                    "proxy_header_timeout",
+                    format!(
+                        "must be {}..={}, got {}",
+                        format_duration(*PROXY_HEADER_TIMEOUT_RANGE.start()),
+                        format_duration(*PROXY_HEADER_TIMEOUT_RANGE.end()),
+                        format_duration(v)
+                    ),
+                ));
+            }
+            v
+        }
+    };
     let accept_proxy = match (&r.accept_proxy, &r.proxy_trusted) {
         (Some(a), None) if *a.get_ref() => {
             return Err(src.error_at(
@@ -1297,28 +1375,8 @@ fn edge_from_raw(
                     "an empty list trusts no one, so every connection would be refused: list the sources allowed to send a PROXY header (your load balancers), e.g. [\"10.0.0.0/8\"]",
                 ));
             }
-            let header_timeout = match &r.proxy_header_timeout {
-                None => DEFAULT_PROXY_HEADER_TIMEOUT,
-                Some(d) => {
-                    let v = d.get_ref().0;
-                    if !PROXY_HEADER_TIMEOUT_RANGE.contains(&v) {
-                        return Err(src.error_at(
-                            d.span(),
-                            "proxy_header_timeout",
-                            format!(
-                                "must be {}..={}, got {}",
-                                format_duration(*PROXY_HEADER_TIMEOUT_RANGE.start()),
-                                format_duration(*PROXY_HEADER_TIMEOUT_RANGE.end()),
-                                format_duration(v)
-                            ),
-                        ));
-                    }
-                    v
-                }
-            };
             Some(AcceptProxy {
                 trusted: cidrs(t.get_ref(), "proxy_trusted", src)?,
-                header_timeout,
             })
         }
         _ => None,
@@ -1347,6 +1405,7 @@ fn edge_from_raw(
     Ok((
         proxy_protocol,
         accept_proxy,
+        header_timeout,
         Admission {
             allow,
             deny,
@@ -1372,8 +1431,143 @@ fn cidrs(
         .collect()
 }
 
-/// The pool of a rule: its members, resolved and checked, and how to use them.
-fn upstream_from_raw(r: &RawRule, src: &Source<'_>) -> Result<Upstream, ConfigError> {
+/// The pool keys of a rule or of one of its routes, as written.
+struct PoolKeys<'a> {
+    upstream: &'a toml::Spanned<UpstreamValue>,
+    balance: Option<&'a toml::Spanned<String>>,
+    connect_retries: Option<&'a toml::Spanned<i64>>,
+    max_fails: Option<&'a toml::Spanned<i64>>,
+    fail_timeout: Option<&'a toml::Spanned<raw::DurationValue>>,
+    resolve_interval: Option<&'a toml::Spanned<raw::DurationValue>>,
+    health_check: Option<&'a raw::RawHealthCheck>,
+}
+
+/// A rule's own pool (its default route) and its SNI routes, each with its own pool.
+fn pools_from_raw(
+    r: &RawRule,
+    src: &Source<'_>,
+) -> Result<(Option<Upstream>, Vec<Route>), ConfigError> {
+    let upstream = match &r.upstream {
+        Some(u) => Some(upstream_from_raw(
+            &PoolKeys {
+                upstream: u,
+                balance: r.balance.as_ref(),
+                connect_retries: r.connect_retries.as_ref(),
+                max_fails: r.max_fails.as_ref(),
+                fail_timeout: r.fail_timeout.as_ref(),
+                resolve_interval: r.resolve_interval.as_ref(),
+                health_check: r.health_check.as_ref(),
+            },
+            src,
+        )?),
+        None if r.routes.is_empty() => {
+            return Err(src.error_at(
+                r.listen.span(),
+                "upstream",
+                "missing: give the rule an upstream = \"host:port\" (or [[rule.route]] tables with upstreams of their own)",
+            ));
+        }
+        None => {
+            let lonely = [
+                r.balance.as_ref().map(|k| ("balance", k.span())),
+                r.connect_retries
+                    .as_ref()
+                    .map(|k| ("connect_retries", k.span())),
+                r.max_fails.as_ref().map(|k| ("max_fails", k.span())),
+                r.fail_timeout.as_ref().map(|k| ("fail_timeout", k.span())),
+                r.resolve_interval
+                    .as_ref()
+                    .map(|k| ("resolve_interval", k.span())),
+                r.health_check
+                    .as_ref()
+                    .map(|_| ("health_check", r.listen.span())),
+            ];
+            if let Some((key, span)) = lonely.into_iter().flatten().next() {
+                return Err(src.error_at(
+                    span,
+                    key,
+                    "is set but the rule has no upstream of its own (no default route): set it in the [[rule.route]] tables, or give the rule an upstream",
+                ));
+            }
+            None
+        }
+    };
+    let mut routes: Vec<Route> = Vec::with_capacity(r.routes.len());
+    // Lower-cased pattern → the route that listed it first.
+    let mut seen: std::collections::HashMap<String, String> = std::collections::HashMap::new();
+    for (i, rr) in r.routes.iter().enumerate() {
+        let patterns = rr.sni.get_ref();
+        if patterns.is_empty() {
+            return Err(src.error_at(
+                rr.sni.span(),
+                "sni",
+                "an empty list matches no connection: list server names such as [\"api.example.com\", \"*.example.com\"]",
+            ));
+        }
+        for p in patterns {
+            crate::session::sni::SniRoutes::new(&[(i + 1, vec![p.get_ref().clone()])])
+                .map_err(|e| src.error_at(p.span(), "sni", e))?;
+        }
+        let name = match &rr.name {
+            Some(n) if n.get_ref().trim().is_empty() => {
+                return Err(src.error_at(n.span(), "name", "must not be empty"));
+            }
+            Some(n) if n.get_ref() == DEFAULT_ROUTE => {
+                return Err(src.error_at(
+                    n.span(),
+                    "name",
+                    "\"default\" names the rule's own upstream: choose another route name",
+                ));
+            }
+            Some(n) => n.get_ref().clone(),
+            None => patterns[0].get_ref().to_ascii_lowercase(),
+        };
+        if routes.iter().any(|prev| prev.name == name) {
+            let span = rr.name.as_ref().map_or_else(|| rr.sni.span(), |n| n.span());
+            return Err(src.error_at(
+                span,
+                "name",
+                format!("route name {name:?} is used twice in this rule: give each route a different name"),
+            ));
+        }
+        for p in patterns {
+            let key = p.get_ref().to_ascii_lowercase();
+            let key = key.strip_suffix('.').unwrap_or(&key).to_string();
+            if let Some(prev) = seen.get(&key) {
+                return Err(src.error_at(
+                    p.span(),
+                    "sni",
+                    format!(
+                        "{:?} is already routed by route {prev:?}: a name goes to one route; remove one of them",
+                        p.get_ref()
+                    ),
+                ));
+            }
+            seen.insert(key, name.clone());
+        }
+        let upstream = upstream_from_raw(
+            &PoolKeys {
+                upstream: &rr.upstream,
+                balance: rr.balance.as_ref(),
+                connect_retries: rr.connect_retries.as_ref(),
+                max_fails: rr.max_fails.as_ref(),
+                fail_timeout: rr.fail_timeout.as_ref(),
+                resolve_interval: rr.resolve_interval.as_ref(),
+                health_check: rr.health_check.as_ref(),
+            },
+            src,
+        )?;
+        routes.push(Route {
+            name,
+            sni: patterns.iter().map(|p| p.get_ref().clone()).collect(),
+            upstream,
+        });
+    }
+    Ok((upstream, routes))
+}
+
+/// A pool: its members, resolved and checked, and how to use them.
+fn upstream_from_raw(r: &PoolKeys<'_>, src: &Source<'_>) -> Result<Upstream, ConfigError> {
     let whole = r.upstream.span();
     // (where it was written, text, weight, backup)
     let written: Vec<(std::ops::Range<usize>, &str, Option<i64>, bool)> = match r.upstream.get_ref()
@@ -1443,7 +1637,7 @@ fn upstream_from_raw(r: &RawRule, src: &Source<'_>) -> Result<Upstream, ConfigEr
         ));
     }
     let mut up = Upstream::with_members(members);
-    if let Some(b) = &r.balance {
+    if let Some(b) = r.balance {
         up.balance = Balance::parse(b.get_ref()).ok_or_else(|| {
             src.error_at(
                 b.span(),
@@ -1456,17 +1650,17 @@ fn upstream_from_raw(r: &RawRule, src: &Source<'_>) -> Result<Upstream, ConfigEr
             )
         })?;
     }
-    if let Some(n) = &r.connect_retries {
+    if let Some(n) = r.connect_retries {
         up.connect_retries = src.count(n, "connect_retries", 0, MAX_CONNECT_RETRIES)?;
     }
-    if let Some(n) = &r.max_fails {
+    if let Some(n) = r.max_fails {
         up.max_fails = src.count(n, "max_fails", 0, MAX_MAX_FAILS)?;
     }
-    if let Some(d) = &r.fail_timeout {
+    if let Some(d) = r.fail_timeout {
         up.fail_timeout =
             src.duration(d, "fail_timeout", None, Duration::ZERO..=MAX_FAIL_TIMEOUT)?;
     }
-    if let Some(d) = &r.resolve_interval {
+    if let Some(d) = r.resolve_interval {
         let d = src.duration(
             d,
             "resolve_interval",
@@ -1475,7 +1669,7 @@ fn upstream_from_raw(r: &RawRule, src: &Source<'_>) -> Result<Upstream, ConfigEr
         )?;
         up.resolve_interval = (!d.is_zero()).then_some(d);
     }
-    if let Some(h) = &r.health_check {
+    if let Some(h) = r.health_check {
         let time = |v: &Option<toml::Spanned<raw::DurationValue>>, key: &str, default| match v {
             None => Ok(default),
             Some(d) => src.duration(

@@ -202,7 +202,8 @@ pub struct RawUring {
 pub struct RawRule {
     pub name: Option<Spanned<String>>,
     pub listen: Spanned<String>,
-    pub upstream: Spanned<UpstreamValue>,
+    /// Required unless the rule has routes (then it is the default route).
+    pub upstream: Option<Spanned<UpstreamValue>>,
     pub balance: Option<Spanned<String>>,
     pub connect_retries: Option<Spanned<i64>>,
     pub max_fails: Option<Spanned<i64>>,
@@ -226,6 +227,23 @@ pub struct RawRule {
     pub deny: Option<Spanned<CidrList>>,
     pub max_connections_per_ip: Option<Spanned<i64>>,
     pub max_new_connections_per_ip: Option<Spanned<RateText>>,
+    #[serde(default, rename = "route")]
+    pub routes: Vec<RawRoute>,
+}
+
+/// `[[rule.route]]`: TLS server names and the pool their connections go to.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawRoute {
+    pub name: Option<Spanned<String>>,
+    pub sni: Spanned<Vec<Spanned<String>>>,
+    pub upstream: Spanned<UpstreamValue>,
+    pub balance: Option<Spanned<String>>,
+    pub connect_retries: Option<Spanned<i64>>,
+    pub max_fails: Option<Spanned<i64>>,
+    pub fail_timeout: Option<Spanned<DurationValue>>,
+    pub resolve_interval: Option<Spanned<DurationValue>>,
+    pub health_check: Option<RawHealthCheck>,
 }
 
 /// An array of CIDR strings (`allow`, `deny`, `proxy_trusted`), each kept with its position

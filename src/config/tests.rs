@@ -45,9 +45,12 @@ fn a_minimal_rule_gets_defaults() {
     let r = &c.rules[0];
     assert_eq!(r.name, "rule1");
     assert_eq!(r.listen, "127.0.0.1:8080".parse().unwrap());
-    assert_eq!(r.upstream.members[0].text, "127.0.0.1:9000");
     assert_eq!(
-        r.upstream.members[0].addrs[0],
+        r.upstream.as_ref().unwrap().members[0].text,
+        "127.0.0.1:9000"
+    );
+    assert_eq!(
+        r.upstream.as_ref().unwrap().members[0].addrs[0],
         "127.0.0.1:9000".parse().unwrap()
     );
     assert_eq!(r.tcp, TcpOptions::default());
@@ -62,10 +65,10 @@ fn a_minimal_rule_gets_defaults() {
     assert!(r.admission.is_empty());
     assert_eq!(
         r.upstream,
-        Upstream::with_members(vec![MemberSpec::new(
+        Some(Upstream::with_members(vec![MemberSpec::new(
             "127.0.0.1:9000",
             vec!["127.0.0.1:9000".parse().unwrap()]
-        )])
+        )]))
     );
     assert!(c.warnings.is_empty());
 }
@@ -157,7 +160,7 @@ fall = 10
     assert_eq!(r.idle_timeout, None, "0s means no idle timeout");
     assert_eq!(r.tap, Some(PathBuf::from("/tmp/web.hex")));
     assert_eq!(r.max_connections.get(), 100);
-    let up = &r.upstream;
+    let up = r.upstream.as_ref().unwrap();
     assert_eq!(
         up.members,
         [
@@ -341,12 +344,25 @@ fn names_resolve_and_ipv6_needs_brackets() {
     let r = &c.rules[0];
     assert_eq!(r.listen, "[::1]:8080".parse().unwrap());
     assert!(r.listen.is_ipv6());
-    assert_eq!(r.upstream.members[0].text, "localhost:9000");
-    assert!(r.upstream.addrs().all(|a| a.port() == 9000));
-    assert!(r.upstream.members[0].addrs[0].ip().is_loopback());
+    assert_eq!(
+        r.upstream.as_ref().unwrap().members[0].text,
+        "localhost:9000"
+    );
+    assert!(
+        r.upstream
+            .as_ref()
+            .unwrap()
+            .addrs()
+            .all(|a| a.port() == 9000)
+    );
+    assert!(
+        r.upstream.as_ref().unwrap().members[0].addrs[0]
+            .ip()
+            .is_loopback()
+    );
     let c = parse("[[rule]]\nlisten = \"0.0.0.0:80\"\nupstream = \"[::1]:9000\"\n");
     assert_eq!(
-        c.rules[0].upstream.members[0].addrs[0],
+        c.rules[0].upstream.as_ref().unwrap().members[0].addrs[0],
         "[::1]:9000".parse().unwrap()
     );
 }
@@ -616,6 +632,36 @@ upstream = "127.0.0.1:1"
 accept_proxy = true
 proxy_trusted = ["127.0.0.1/32"]
 max_new_connections_per_ip = " 7 / h "
+
+[[rule]]
+name = "tls"
+listen = "127.0.0.1:0"
+upstream = "127.0.0.1:1"
+proxy_header_timeout = "2s"
+
+[rule.health_check]
+rise = 3
+
+[[rule.route]]
+sni = ["API.example.com", "api2.example.com."]
+upstream = ["127.0.0.1:2", "127.0.0.1:3"]
+balance = "least_conn"
+
+[[rule.route]]
+name = "wild"
+sni = ["*.example.com"]
+upstream = "127.0.0.1:4"
+connect_retries = 0
+
+[rule.route.health_check]
+interval = "1s"
+
+[[rule]]
+listen = "127.0.0.1:0"
+
+[[rule.route]]
+sni = ["only.example.com"]
+upstream = "127.0.0.1:5"
 "#
         .to_string(),
     ];
@@ -636,7 +682,14 @@ fn upstream_is(value: &str) -> String {
 
 #[test]
 fn upstream_takes_a_string_an_array_of_strings_or_of_tables() {
-    let members = |value: &str| parse(&upstream_is(value)).rules[0].upstream.members.clone();
+    let members = |value: &str| {
+        parse(&upstream_is(value)).rules[0]
+            .upstream
+            .as_ref()
+            .unwrap()
+            .members
+            .clone()
+    };
     let one = members("[\"127.0.0.1:9000\"]");
     assert_eq!(one, members("\"127.0.0.1:9000\""));
     assert_eq!(one, members("[{ addr = \"127.0.0.1:9000\" }]"));
@@ -703,7 +756,7 @@ fn bad_pools_are_reported_at_the_member() {
 
 #[test]
 fn pool_keys_have_defaults_and_ranges() {
-    let up = parse(RULE).rules[0].upstream.clone();
+    let up = parse(RULE).rules[0].upstream.as_ref().unwrap().clone();
     assert_eq!(up.balance, Balance::RoundRobin);
     assert_eq!(up.connect_retries, DEFAULT_CONNECT_RETRIES);
     assert_eq!(up.max_fails, DEFAULT_MAX_FAILS);
@@ -717,7 +770,7 @@ fn pool_keys_have_defaults_and_ranges() {
         ("random_two", Balance::RandomTwo),
     ] {
         let c = parse(&rule_with(&format!("balance = {text:?}")));
-        assert_eq!(c.rules[0].upstream.balance, b);
+        assert_eq!(c.rules[0].upstream.as_ref().unwrap().balance, b);
         assert_eq!(b.as_str(), text);
     }
     let cases = [
@@ -770,10 +823,10 @@ fn pool_keys_have_defaults_and_ranges() {
         "connect_retries = 16\nmax_fails = 1000\nfail_timeout = \"24h\"\nresolve_interval = \"24h\"\nmax_connections = 1048576",
     ));
     let r = &c.rules[0];
-    assert_eq!(r.upstream.connect_retries, 16);
-    assert_eq!(r.upstream.max_fails, 1000);
+    assert_eq!(r.upstream.as_ref().unwrap().connect_retries, 16);
+    assert_eq!(r.upstream.as_ref().unwrap().max_fails, 1000);
     assert_eq!(
-        r.upstream.resolve_interval,
+        r.upstream.as_ref().unwrap().resolve_interval,
         Some(Duration::from_secs(86400))
     );
     assert_eq!(r.max_connections.get(), 1 << 20);
@@ -784,6 +837,8 @@ fn health_check_table_defaults_and_bounds() {
     let hc = |extra: &str| {
         parse(&format!("{RULE}\n[rule.health_check]\n{extra}\n")).rules[0]
             .upstream
+            .as_ref()
+            .unwrap()
             .health_check
     };
     assert_eq!(hc(""), Some(HealthCheck::default()));
@@ -1009,7 +1064,7 @@ fn the_shipped_config_parses_without_warnings_and_its_pool_example_works() {
         }
     }
     let c = parse(&text);
-    let up = &c.rules[0].upstream;
+    let up = c.rules[0].upstream.as_ref().unwrap();
     assert_eq!(up.members.len(), 3, "{text}");
     assert_eq!(up.members[0].weight.get(), 3);
     assert!(up.members[2].backup);
@@ -1041,9 +1096,9 @@ max_new_connections_per_ip = "50/s""#,
         r.accept_proxy,
         Some(AcceptProxy {
             trusted: cidrs(&["10.0.0.0/8", "2001:db8::/32", "127.0.0.1/32"]),
-            header_timeout: Duration::from_millis(500),
         })
     );
+    assert_eq!(r.header_timeout, Duration::from_millis(500));
     assert_eq!(
         r.admission,
         Admission {
@@ -1065,11 +1120,9 @@ max_new_connections_per_ip = "50/s""#,
             want
         );
     }
-    let a = one("accept_proxy = true\nproxy_trusted = [\"10.0.0.1\"]").accept_proxy;
-    assert_eq!(
-        a.map(|a| a.header_timeout),
-        Some(DEFAULT_PROXY_HEADER_TIMEOUT)
-    );
+    let a = one("accept_proxy = true\nproxy_trusted = [\"10.0.0.1\"]");
+    assert!(a.accept_proxy.is_some());
+    assert_eq!(a.header_timeout, DEFAULT_PROXY_HEADER_TIMEOUT);
     assert_eq!(one("accept_proxy = false").accept_proxy, None);
     for bound in ["100ms", "60s", "1m"] {
         let text = format!(
@@ -1139,7 +1192,7 @@ fn accept_proxy_and_its_keys_need_each_other() {
     );
     assert_eq!(
         err(&rule_with("proxy_header_timeout = \"1s\"")),
-        "cfg.toml:4:24: proxy_header_timeout: is set but accept_proxy = true is missing: add accept_proxy = true, or remove proxy_header_timeout"
+        "cfg.toml:4:24: proxy_header_timeout: is set but neither accept_proxy = true nor a [[rule.route]] is there to wait for: add one, or remove proxy_header_timeout"
     );
     assert_eq!(
         err(&rule_with(
@@ -1325,7 +1378,7 @@ fn the_shipped_edge_admission_examples_parse_when_uncommented() {
     assert_eq!(r.proxy_protocol, ProxyProtocol::V2);
     let a = r.accept_proxy.as_ref().expect("accept_proxy example");
     assert_eq!(a.trusted.len(), 3);
-    assert_eq!(a.header_timeout, DEFAULT_PROXY_HEADER_TIMEOUT);
+    assert_eq!(r.header_timeout, DEFAULT_PROXY_HEADER_TIMEOUT);
     assert_eq!((r.admission.allow.len(), r.admission.deny.len()), (2, 1));
     assert_eq!(r.admission.max_connections_per_ip, NonZeroU32::new(100));
     assert!(r.admission.max_new_connections_per_ip.is_some());
@@ -1385,4 +1438,105 @@ fn user_and_group_mistakes_are_reported_at_their_key() {
     );
     let e = err("user = 1000");
     assert!(e.starts_with("cfg.toml:1:8: user: invalid type"), "{e}");
+}
+
+#[test]
+fn routes_have_their_own_pools_and_the_rule_upstream_is_the_default() {
+    let c = parse(
+        r#"
+[[rule]]
+listen = "127.0.0.1:8443"
+upstream = "127.0.0.1:9000"
+proxy_header_timeout = "1s"
+
+[[rule.route]]
+sni = ["Api.Example.com"]
+upstream = ["127.0.0.1:9001", "127.0.0.1:9002"]
+balance = "least_conn"
+
+[[rule.route]]
+name = "wild"
+sni = ["*.example.com", "example.org"]
+upstream = "127.0.0.1:9003"
+
+[rule.route.health_check]
+interval = "1s"
+"#,
+    );
+    let r = &c.rules[0];
+    assert_eq!(r.header_timeout, Duration::from_secs(1));
+    let pools: Vec<(&str, usize, Balance, bool)> = r
+        .pools()
+        .map(|(n, u)| (n, u.members.len(), u.balance, u.health_check.is_some()))
+        .collect();
+    assert_eq!(
+        pools,
+        [
+            ("api.example.com", 2, Balance::LeastConn, false),
+            ("wild", 1, Balance::RoundRobin, true),
+            ("default", 1, Balance::RoundRobin, false),
+        ]
+    );
+    assert_eq!(r.routes[1].sni, ["*.example.com", "example.org"]);
+    // Without an upstream of its own, a rule with routes has no default route.
+    let c = parse(
+        "[[rule]]\nlisten = \"127.0.0.1:1\"\n[[rule.route]]\nsni = [\"a.test\"]\nupstream = \"127.0.0.1:2\"\n",
+    );
+    assert!(c.rules[0].upstream.is_none());
+    assert_eq!(c.rules[0].pools().count(), 1);
+    assert!(c.to_toml().contains("no_route"), "{}", c.to_toml());
+}
+
+#[test]
+fn route_errors_name_the_key_and_say_what_to_do() {
+    let route = |keys: &str| format!("{RULE}\n[[rule.route]]\n{keys}\n");
+    assert_eq!(
+        err("[[rule]]\nlisten = \"127.0.0.1:8080\"\n"),
+        "cfg.toml:2:10: upstream: missing: give the rule an upstream = \"host:port\" (or [[rule.route]] tables with upstreams of their own)"
+    );
+    assert_eq!(
+        err(&route("sni = []\nupstream = \"127.0.0.1:1\"")),
+        "cfg.toml:6:7: sni: an empty list matches no connection: list server names such as [\"api.example.com\", \"*.example.com\"]"
+    );
+    assert_eq!(
+        err(&route(
+            "sni = [\"a.*.example.com\"]\nupstream = \"127.0.0.1:1\""
+        )),
+        "cfg.toml:6:8: sni: SNI pattern \"a.*.example.com\" of route 1: not a host name (letters, digits, hyphens, dots; labels of 1 to 63, at most 253 in all) nor \"*.\" followed by one"
+    );
+    assert_eq!(
+        err(&route(
+            "sni = [\"a.test\", \"A.TEST.\"]\nupstream = \"127.0.0.1:1\""
+        )),
+        "cfg.toml:6:18: sni: \"A.TEST.\" is already routed by route \"a.test\": a name goes to one route; remove one of them"
+    );
+    assert_eq!(
+        err(&route(
+            "name = \"default\"\nsni = [\"a.test\"]\nupstream = \"127.0.0.1:1\""
+        )),
+        "cfg.toml:6:8: name: \"default\" names the rule's own upstream: choose another route name"
+    );
+    assert_eq!(
+        err(&format!(
+            "{}[[rule.route]]\nsni = [\"b.test\"]\nname = \"a.test\"\nupstream = \"127.0.0.1:2\"\n",
+            route("sni = [\"a.test\"]\nupstream = \"127.0.0.1:1\"")
+        )),
+        "cfg.toml:10:8: name: route name \"a.test\" is used twice in this rule: give each route a different name"
+    );
+    assert_eq!(
+        err(&route("sni = [\"a.test\"]")),
+        "cfg.toml:5:1: missing field `upstream`"
+    );
+    assert_eq!(
+        err(
+            "[[rule]]\nlisten = \"127.0.0.1:8080\"\nbalance = \"least_conn\"\n[[rule.route]]\nsni = [\"a.test\"]\nupstream = \"127.0.0.1:1\"\n"
+        ),
+        "cfg.toml:3:11: balance: is set but the rule has no upstream of its own (no default route): set it in the [[rule.route]] tables, or give the rule an upstream"
+    );
+    assert_eq!(
+        err(&route(
+            "sni = [\"a.test\"]\nupstream = \"127.0.0.1:1\"\nweight = 3"
+        )),
+        "cfg.toml:8:1: unknown field `weight`, expected one of `name`, `sni`, `upstream`, `balance`, `connect_retries`, `max_fails`, `fail_timeout`, `resolve_interval`, `health_check`"
+    );
 }

@@ -194,11 +194,43 @@ async fn accept_loop(
                 live.count.fetch_add(1, Ordering::AcqRel);
                 let guard = LiveGuard(live.clone());
                 let (runtime, metrics, phase) = (runtime.clone(), metrics.clone(), phase.clone());
-                tokio::spawn(async move {
-                    let rt = runtime.rule(rule_idx);
-                    handle(stream, session, rt, &metrics, phase, permit).await;
-                    drop(guard);
-                });
+                let mut session = session;
+                prepare(&stream, &mut session, rt);
+                if session.awaits_header() {
+                    // A client still sending its preamble holds one fd and the bytes it sent
+                    // in a small task of its own (the relay's larger state comes only after),
+                    // and no accept permit: a slowloris on the preamble must neither cost
+                    // much memory nor stall accepts.
+                    drop(permit);
+                    tokio::spawn(async move {
+                        let rt = runtime.rule(rule_idx);
+                        let read = preamble(&stream, session, rt, &metrics, phase.clone()).await;
+                        let Some((session, early)) = read else {
+                            drop(guard);
+                            return;
+                        };
+                        tokio::spawn(async move {
+                            let rt = runtime.rule(rule_idx);
+                            handle(stream, session, rt, &metrics, phase, None, early).await;
+                            drop(guard);
+                        });
+                    });
+                } else {
+                    tokio::spawn(async move {
+                        let rt = runtime.rule(rule_idx);
+                        handle(
+                            stream,
+                            session,
+                            rt,
+                            &metrics,
+                            phase,
+                            Some(permit),
+                            Vec::new(),
+                        )
+                        .await;
+                        drop(guard);
+                    });
+                }
             }
             Err(e) if net::is_resource_exhaustion(&e) => {
                 // The connection stays in the listen queue (accept takes the fd first):
@@ -219,8 +251,49 @@ async fn accept_loop(
     }
 }
 
-/// Reads the client's PROXY header when the rule requires one, within its timeout; returns
-/// the bytes that came after it (the start of the client's stream).
+/// Socket options and the session's local address, before anything is read.
+fn prepare(client: &TcpStream, session: &mut Session, rt: &RuleRuntime) {
+    if let Err(e) = net::apply_tcp_options(SockRef::from(client), &rt.rule.tcp) {
+        tracing::debug!(error = %e, "socket option on client socket failed");
+    }
+    if rt.wants_local_addr() {
+        session.set_local(client.local_addr().ok());
+    }
+}
+
+/// Reads the client's preamble (until shutdown closes in); the bytes after a PROXY header,
+/// or `None` when the session ended here (reset, counted and logged).
+async fn preamble(
+    client: &TcpStream,
+    mut session: Session,
+    rt: &RuleRuntime,
+    metrics: &Metrics,
+    mut phase: watch::Receiver<Phase>,
+) -> Option<(Session, Vec<u8>)> {
+    let rm = metrics.rule(rt.index);
+    let read = tokio::select! {
+        biased;
+        _ = phase.wait_for(|p| *p >= Phase::Closing) => Err(CloseReason::Shutdown),
+        r = read_header(client, &mut session, rt, rm.local()) => r,
+    };
+    match read {
+        Ok(early) => Some((session, early)),
+        Err(reason) => {
+            net::set_reset_on_close(SockRef::from(client));
+            let end = End {
+                reason,
+                bytes: [0, 0],
+                path: "copy",
+            };
+            session.finish(rt, metrics, rm.local(), end, Instant::now());
+            None
+        }
+    }
+}
+
+/// Reads the client's preamble when the rule requires one (a PROXY header, a ClientHello to
+/// route on), within its timeout; returns the bytes after a PROXY header (the start of the
+/// client's stream, a ClientHello included).
 async fn read_header(
     client: &TcpStream,
     session: &mut Session,
@@ -232,14 +305,18 @@ async fn read_header(
     }
     let (cap, timeout) = rt.header_limits();
     let deadline = tokio::time::Instant::from_std(session.accepted_at + timeout);
-    let mut buf = Vec::with_capacity(256);
-    let mut chunk = [0u8; 512];
+    // Read straight into the buffer's spare room: a waiting client costs what it sent plus
+    // the task, no scratch array in the task's state (a slowloris holds thousands of these).
+    let mut buf: Vec<u8> = Vec::with_capacity(256);
     loop {
-        let want = chunk.len().min(cap.saturating_sub(buf.len()).max(1));
+        let want = 512.min(cap.saturating_sub(buf.len()).max(1));
+        let start = buf.len();
+        buf.resize(start + want, 0);
+        let room = &mut buf[start..];
         let read = tokio::time::timeout_at(deadline, async {
             loop {
                 client.readable().await?;
-                match client.try_read(&mut chunk[..want]) {
+                match client.try_read(room) {
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
                     r => return r,
                 }
@@ -249,7 +326,7 @@ async fn read_header(
         match read {
             Err(_) => return Err(session.header_failed(shard, true)),
             Ok(Ok(0) | Err(_)) => return Err(session.header_failed(shard, false)),
-            Ok(Ok(n)) => buf.extend_from_slice(&chunk[..n]),
+            Ok(Ok(n)) => buf.truncate(start + n),
         }
         match session.feed_header(rt, shard, &buf, Instant::now()) {
             HeaderStep::NeedMore => {}
@@ -298,37 +375,26 @@ async fn connect(
     }
 }
 
+/// Connects and relays one session whose preamble, if any, was read (`early`: the client's
+/// bytes read with it, sent upstream first). `unsettled` is the accept permit, held until
+/// the upstream is connected.
 async fn handle(
     client: TcpStream,
     mut session: Session,
     rt: &RuleRuntime,
     metrics: &Metrics,
     mut phase: watch::Receiver<Phase>,
-    unsettled: OwnedSemaphorePermit,
+    unsettled: Option<OwnedSemaphorePermit>,
+    early: Vec<u8>,
 ) {
     let rule = &rt.rule;
     let rule_idx = rt.index;
     let accepted_at = session.accepted_at;
     let rm = metrics.rule(rule_idx);
-    if let Err(e) = net::apply_tcp_options(SockRef::from(&client), &rule.tcp) {
-        tracing::debug!(error = %e, "socket option on client socket failed");
-    }
-    if rt.wants_local_addr() {
-        session.set_local(client.local_addr().ok());
-    }
-    // A client still sending its PROXY header holds one fd and a few hundred bytes: it does
-    // not count against the accept bound, or a slowloris on the header would stall accepts.
-    let mut unsettled = Some(unsettled);
-    if session.awaits_header() {
-        unsettled = None;
-    }
     let upstream = tokio::select! {
         biased;
         _ = phase.wait_for(|p| *p >= Phase::Closing) => Err(CloseReason::Shutdown),
-        r = async {
-            let early = read_header(&client, &mut session, rt, rm.local()).await?;
-            connect(&mut session, rt, rm.local()).await.map(|u| (u, early))
-        } => r,
+        r = connect(&mut session, rt, rm.local()) => r.map(|u| (u, early)),
     };
     // Settled (relaying) or about to be disposed of: the accept loops may take another.
     drop(unsettled);

@@ -269,6 +269,8 @@ impl std::fmt::Display for OptAddr {
 #[derive(Debug, Clone)]
 pub struct SessionRecord<'a> {
     pub rule: &'a str,
+    /// The route the session took (`default`: the rule's own upstream; `-`: none chosen).
+    pub route: &'a str,
     pub client: Option<std::net::SocketAddr>,
     /// The member of the last connect attempt (none if no attempt was made).
     pub upstream: Option<std::net::SocketAddr>,
@@ -375,6 +377,7 @@ impl Metrics {
         tracing::info!(
             target: "ringfwd::access",
             rule = rec.rule,
+            route = rec.route,
             client = %client,
             upstream = %OptAddr(rec.upstream),
             attempts = rec.attempts,

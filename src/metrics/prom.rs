@@ -26,6 +26,7 @@ use super::report::QUANTILES;
 use super::{
     ConnectError, Direction, HistogramKind, Metrics, PathKind, RejectReason, RuleSnapshot,
 };
+use crate::config::DEFAULT_ROUTE;
 use crate::upstream::MemberSnapshot;
 
 /// The `Content-Type` of [`render`]'s output.
@@ -59,13 +60,19 @@ pub const BUCKET_BOUNDS_US: [u64; 23] = [
 ];
 
 /// The per-member families: up, connections, active connections, health checks.
+/// One pool's members: (rule, route, members).
+type PoolMembers<'a> = (&'a str, &'a str, Vec<MemberSnapshot>);
+
 fn encode_members(
     enc: &mut DescriptorEncoder,
-    pools: &[(&str, Vec<MemberSnapshot>)],
+    pools: &[PoolMembers<'_>],
 ) -> Result<(), std::fmt::Error> {
-    let all: Vec<(&str, String, &MemberSnapshot)> = pools
+    let all: Vec<(&str, &str, String, &MemberSnapshot)> = pools
         .iter()
-        .flat_map(|(rule, ms)| ms.iter().map(move |m| (*rule, m.addr.to_string(), m)))
+        .flat_map(|(rule, route, ms)| {
+            ms.iter()
+                .map(move |m| (*rule, *route, m.addr.to_string(), m))
+        })
         .collect();
     let mut f = enc.encode_descriptor(
         "ringfwd_upstream_up",
@@ -73,9 +80,12 @@ fn encode_members(
         None,
         MetricType::Gauge,
     )?;
-    for (rule, addr, m) in &all {
-        ConstGauge::new(i64::from(m.up))
-            .encode(f.encode_family(&[("rule", *rule), ("upstream", addr.as_str())])?)?;
+    for (rule, route, addr, m) in &all {
+        ConstGauge::new(i64::from(m.up)).encode(f.encode_family(&[
+            ("rule", *rule),
+            ("route", *route),
+            ("upstream", addr.as_str()),
+        ])?)?;
     }
     let mut f = enc.encode_descriptor(
         "ringfwd_upstream_connections",
@@ -83,9 +93,12 @@ fn encode_members(
         None,
         MetricType::Counter,
     )?;
-    for (rule, addr, m) in &all {
-        ConstCounter::new(m.connections)
-            .encode(f.encode_family(&[("rule", *rule), ("upstream", addr.as_str())])?)?;
+    for (rule, route, addr, m) in &all {
+        ConstCounter::new(m.connections).encode(f.encode_family(&[
+            ("rule", *rule),
+            ("route", *route),
+            ("upstream", addr.as_str()),
+        ])?)?;
     }
     let mut f = enc.encode_descriptor(
         "ringfwd_upstream_connections_active",
@@ -93,9 +106,12 @@ fn encode_members(
         None,
         MetricType::Gauge,
     )?;
-    for (rule, addr, m) in &all {
-        ConstGauge::new(m.active)
-            .encode(f.encode_family(&[("rule", *rule), ("upstream", addr.as_str())])?)?;
+    for (rule, route, addr, m) in &all {
+        ConstGauge::new(m.active).encode(f.encode_family(&[
+            ("rule", *rule),
+            ("route", *route),
+            ("upstream", addr.as_str()),
+        ])?)?;
     }
     let mut f = enc.encode_descriptor(
         "ringfwd_health_checks",
@@ -103,10 +119,11 @@ fn encode_members(
         None,
         MetricType::Counter,
     )?;
-    for (rule, addr, m) in &all {
+    for (rule, route, addr, m) in &all {
         for (i, result) in ["ok", "fail"].into_iter().enumerate() {
             let labels = [
                 ("rule", *rule),
+                ("route", *route),
                 ("upstream", addr.as_str()),
                 ("result", result),
             ];
@@ -193,12 +210,27 @@ impl Collector for MetricsCollector {
 
         let mut f = enc.encode_descriptor(
             "ringfwd_connections_accepted",
-            "Client connections accepted.",
+            "Client connections accepted, by the route they took (a rule with SNI routes counts a connection once its route is chosen).",
             None,
             MetricType::Counter,
         )?;
-        for s in &snaps {
-            ConstCounter::new(s.accepted).encode(f.encode_family(&[("rule", s.name.as_str())])?)?;
+        let runtime = self.metrics.runtime();
+        for (i, s) in snaps.iter().enumerate() {
+            match runtime
+                .and_then(|rt| rt.rules.get(i))
+                .filter(|r| !r.rule.routes.is_empty())
+            {
+                Some(r) => {
+                    for p in &r.pools {
+                        let labels = [("rule", s.name.as_str()), ("route", p.route.as_str())];
+                        ConstCounter::new(p.sessions()).encode(f.encode_family(&labels)?)?;
+                    }
+                }
+                None => {
+                    let labels = [("rule", s.name.as_str()), ("route", DEFAULT_ROUTE)];
+                    ConstCounter::new(s.accepted).encode(f.encode_family(&labels)?)?;
+                }
+            }
         }
 
         let mut f = enc.encode_descriptor(
@@ -224,14 +256,18 @@ impl Collector for MetricsCollector {
             }
         }
 
-        let pools: Vec<(&str, Vec<MemberSnapshot>)> = self
+        let pools: Vec<PoolMembers<'_>> = self
             .metrics
             .runtime()
             .map(|rt| {
                 let now = std::time::Instant::now();
                 rt.rules
                     .iter()
-                    .map(|r| (r.rule.name.as_str(), r.pool.snapshot(now)))
+                    .flat_map(|r| {
+                        r.pools.iter().map(move |p| {
+                            (r.rule.name.as_str(), p.route.as_str(), p.pool.snapshot(now))
+                        })
+                    })
                     .collect()
             })
             .unwrap_or_default();
@@ -251,12 +287,13 @@ impl Collector for MetricsCollector {
                 }
             }
         }
-        for (rule, members) in &pools {
+        for (rule, route, members) in &pools {
             for m in members {
                 let addr = m.addr.to_string();
                 for e in ConnectError::ALL {
                     let labels = [
                         ("rule", *rule),
+                        ("route", *route),
                         ("upstream", addr.as_str()),
                         ("reason", e.as_str()),
                     ];
@@ -445,8 +482,8 @@ mod tests {
         assert!(text.ends_with("# EOF\n"), "{text}");
         for want in [
             "# TYPE ringfwd_connections_accepted counter",
-            "ringfwd_connections_accepted_total{rule=\"web\"} 3",
-            "ringfwd_connections_accepted_total{rule=\"db\"} 0",
+            "ringfwd_connections_accepted_total{rule=\"web\",route=\"default\"} 3",
+            "ringfwd_connections_accepted_total{rule=\"db\",route=\"default\"} 0",
             "# TYPE ringfwd_connections_active gauge",
             "ringfwd_connections_active{rule=\"web\"} 2",
             "ringfwd_connections_rejected_total{rule=\"web\",reason=\"max_connections\"} 1",
@@ -570,7 +607,7 @@ mod tests {
         m.rule(0).shard(0).accepted();
         let text = render(&registry(m));
         assert!(
-            text.contains(r#"ringfwd_connections_accepted_total{rule="a \"quoted\" \\ rule"} 1"#),
+            text.contains(r#"ringfwd_connections_accepted_total{rule="a \"quoted\" \\ rule",route="default"} 1"#),
             "{text}"
         );
     }

@@ -17,10 +17,12 @@ pub struct UpstreamsReport {
     pub rules: Vec<PoolReport>,
 }
 
-/// One rule's pool.
+/// One pool of a rule: its own upstream (route `default`) or an SNI route's.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PoolReport {
     pub rule: String,
+    #[serde(default = "default_route")]
+    pub route: String,
     pub balance: String,
     pub members: Vec<MemberReport>,
 }
@@ -46,6 +48,10 @@ pub struct MemberReport {
     pub last_error: Option<String>,
 }
 
+fn default_route() -> String {
+    crate::config::DEFAULT_ROUTE.to_string()
+}
+
 impl UpstreamsReport {
     /// Every pool's members now.
     pub fn collect(runtime: &Runtime) -> Self {
@@ -54,10 +60,12 @@ impl UpstreamsReport {
             rules: runtime
                 .rules
                 .iter()
-                .map(|r| PoolReport {
+                .flat_map(|r| r.pools.iter().map(move |p| (r, p)))
+                .map(|(r, p)| PoolReport {
                     rule: r.rule.name.clone(),
-                    balance: r.pool.balance.as_str().to_string(),
-                    members: r
+                    route: p.route.clone(),
+                    balance: p.pool.balance.as_str().to_string(),
+                    members: p
                         .pool
                         .snapshot(now)
                         .into_iter()

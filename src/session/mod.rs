@@ -36,6 +36,7 @@ use acl::Acl;
 use limits::{IpLimits, LimitExceeded, LimitsConfig, Permit};
 use outcome::{CloseReason, ConnectError, RejectReason, is_fd_exhaustion};
 use proxy::{Command, Parse, ProxyParser};
+use sni::{ClientHelloParser, Hello, SniRoutes};
 
 /// The run-time side of every rule, shared by the engines, the control thread and the admin
 /// endpoint for the life of the process.
@@ -56,7 +57,33 @@ impl Runtime {
                 .map(|(index, rule)| RuleRuntime {
                     index,
                     rule: rule.clone(),
-                    pool: Arc::new(Pool::new(&rule.name, &rule.upstream, epoch)),
+                    pools: rule
+                        .pools()
+                        .map(|(route, up)| RoutePool {
+                            route: route.to_string(),
+                            pool: Arc::new(Pool::new(
+                                &if rule.routes.is_empty() {
+                                    rule.name.clone()
+                                } else {
+                                    format!("{}/{route}", rule.name)
+                                },
+                                up,
+                                epoch,
+                            )),
+                            sessions: AtomicU64::new(0),
+                        })
+                        .collect(),
+                    default_route: rule.upstream.as_ref().map(|_| rule.routes.len()),
+                    sni: (!rule.routes.is_empty()).then(|| {
+                        let patterns: Vec<(usize, Vec<String>)> = rule
+                            .routes
+                            .iter()
+                            .enumerate()
+                            .map(|(i, r)| (i, r.sni.clone()))
+                            .collect();
+                        // The config checked every pattern.
+                        SniRoutes::new(&patterns).unwrap_or_default()
+                    }),
                     acl: (!rule.admission.allow.is_empty() || !rule.admission.deny.is_empty())
                         .then(|| Acl::new(&rule.admission.allow, &rule.admission.deny)),
                     limits: (rule.admission.max_connections_per_ip.is_some()
@@ -78,7 +105,7 @@ impl Runtime {
                         .as_ref()
                         .map(|a| Acl::new(&a.trusted, &[])),
                     live: AtomicU32::new(0),
-                    shared_picker: Mutex::new(Picker::new(0x9e37_79b9_7f4a_7c15 ^ index as u64)),
+                    shared_pickers: Mutex::new(Vec::new()),
                     cut: AtomicU64::new(0),
                 })
                 .collect(),
@@ -89,9 +116,12 @@ impl Runtime {
         &self.rules[index]
     }
 
-    /// Every rule's pool, for the control thread.
+    /// Every pool of every rule (routes included), for the control thread.
     pub fn pools(&self) -> Vec<Arc<Pool>> {
-        self.rules.iter().map(|r| r.pool.clone()).collect()
+        self.rules
+            .iter()
+            .flat_map(|r| r.pools.iter().map(|p| p.pool.clone()))
+            .collect()
     }
 
     /// Live sessions across every rule.
@@ -108,12 +138,34 @@ impl Runtime {
     }
 }
 
-/// One rule at run time: its config, its pool and its admission gate.
+/// One upstream pool of a rule: an SNI route's, or the rule's own (the default route).
+#[derive(Debug)]
+pub struct RoutePool {
+    /// The route's name (`"default"` for the rule's own upstream).
+    pub route: String,
+    pub pool: Arc<Pool>,
+    /// Sessions sent to this route (`ringfwd_connections_accepted_total{route}`).
+    sessions: AtomicU64,
+}
+
+impl RoutePool {
+    /// Sessions sent to this route so far.
+    pub fn sessions(&self) -> u64 {
+        self.sessions.load(Ordering::Relaxed)
+    }
+}
+
+/// One rule at run time: its config, its pools and its admission gate.
 #[derive(Debug)]
 pub struct RuleRuntime {
     pub index: usize,
     pub rule: Rule,
-    pub pool: Arc<Pool>,
+    /// The SNI routes' pools in config order, then the rule's own (the default route).
+    pub pools: Vec<RoutePool>,
+    /// Index in `pools` of the default route, if the rule has an upstream of its own.
+    default_route: Option<usize>,
+    /// Server-name matcher, for a rule with routes.
+    sni: Option<SniRoutes>,
     /// `allow`/`deny`, if any entry was configured.
     acl: Option<Acl>,
     /// Per-client limits, if any was configured (a fixed table shared by every worker).
@@ -122,8 +174,9 @@ pub struct RuleRuntime {
     trusted: Option<Acl>,
     /// Live sessions of this rule, across every worker (the `max_connections` gate).
     live: AtomicU32,
-    /// Balancer state for engines whose connections are not tied to one thread.
-    shared_picker: Mutex<Picker>,
+    /// Balancer state (one per pool) for engines whose connections are not tied to one
+    /// thread; built on first use.
+    shared_pickers: Mutex<Vec<Picker>>,
     /// Sessions ended by shutdown before they finished (grace period over or second signal).
     cut: AtomicU64,
 }
@@ -136,7 +189,8 @@ pub enum Dial {
     GiveUp(CloseReason),
 }
 
-/// A session's PROXY protocol state.
+/// A session's preamble state: the PROXY header it reads or sends, the ClientHello it routes
+/// on.
 #[derive(Debug)]
 struct ProxyState {
     /// The address the client connected to (for the PROXY header sent upstream).
@@ -144,14 +198,21 @@ struct ProxyState {
     /// `accept_proxy`: the header has not been read yet.
     awaits_header: bool,
     parser: ProxyParser,
+    /// Length of the PROXY header read (0 without one): the client's stream starts there.
+    header_len: usize,
+    /// A rule with routes, until the ClientHello is read: its parser (boxed, and only
+    /// then, as it is a few hundred bytes: a PROXY-only session does not carry it).
+    hello: Option<Box<ClientHelloParser>>,
 }
 
-/// What reading a client's PROXY header came to.
+/// What reading a client's preamble (a PROXY header, then a ClientHello on a rule with
+/// routes) came to.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum HeaderStep {
     /// Read more (within the limits of [`RuleRuntime::header_limits`]).
     NeedMore,
-    /// The header is `consumed` bytes long; what follows is the client's stream.
+    /// The PROXY header is `consumed` bytes long (0 without one); what follows is the
+    /// client's stream, the ClientHello included, to be relayed unchanged.
     Ready { consumed: usize },
     /// Close the connection with RST (counted).
     Reject(RejectReason),
@@ -213,6 +274,7 @@ impl RuleRuntime {
             self.live.fetch_sub(1, Ordering::AcqRel);
             return reject(RejectReason::MaxConnections);
         }
+        let routes = self.sni.is_some();
         let permit = if self.trusted.is_none() {
             match self.acquire(ip, now) {
                 Ok(p) => p,
@@ -225,23 +287,43 @@ impl RuleRuntime {
             Permit::none()
         };
         shard.accepted();
-        Ok(Session {
+        let mut session = Session {
             accepted_at: now,
             client,
-            proxy: (self.trusted.is_some() || self.wants_local_addr()).then(|| {
+            proxy: (self.trusted.is_some() || self.wants_local_addr() || routes).then(|| {
                 Box::new(ProxyState {
                     local: None,
                     awaits_header: self.trusted.is_some(),
                     parser: ProxyParser::new(),
+                    header_len: 0,
+                    hello: routes.then(|| Box::new(ClientHelloParser::new())),
                 })
             }),
             permit,
-            set: self.pool.members(),
+            route: None,
+            set: None,
             current: None,
             tried: Tried::default(),
             last_error: None,
             connected: false,
-        })
+        };
+        if !routes {
+            session.set_route(self, self.default_route);
+        }
+        Ok(session)
+    }
+
+    /// The pool of route `index`.
+    fn pool(&self, index: usize) -> &Pool {
+        &self.pools[index].pool
+    }
+
+    /// The rule's pools' balancer states, one per pool, for a worker that keeps its own
+    /// (`seed` distinct per worker).
+    pub fn pickers(&self, seed: u64) -> Vec<Picker> {
+        (0..self.pools.len())
+            .map(|i| Picker::new(seed ^ (i as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15)))
+            .collect()
     }
 
     fn check_acl(&self, ip: Option<IpAddr>) -> Result<(), RejectReason> {
@@ -268,24 +350,37 @@ impl RuleRuntime {
         self.rule.proxy_protocol != ProxyProtocol::Off
     }
 
-    /// The longest a PROXY header from a client may be (what an engine's header buffer may
-    /// grow to), and how long it may take.
+    /// The longest a client's preamble may be (what an engine's header buffer may grow to:
+    /// a PROXY header, then a ClientHello on a rule with routes), and how long it may take
+    /// from accept.
     pub fn header_limits(&self) -> (usize, Duration) {
-        (
-            ProxyParser::new().max_header_len(),
-            self.rule
-                .accept_proxy
-                .as_ref()
-                .map_or(Duration::ZERO, |a| a.header_timeout),
-        )
+        let proxy = if self.trusted.is_some() {
+            ProxyParser::new().max_header_len()
+        } else {
+            0
+        };
+        let hello = if self.sni.is_some() {
+            ClientHelloParser::new().max_buffer_len()
+        } else {
+            0
+        };
+        let timeout = if proxy + hello > 0 {
+            self.rule.header_timeout
+        } else {
+            Duration::ZERO
+        };
+        (proxy + hello, timeout)
     }
 
-    /// Runs `f` with the rule's shared picker (for the std and tokio engines).
-    pub fn with_shared_picker<R>(&self, f: impl FnOnce(&mut Picker) -> R) -> R {
+    /// Runs `f` with the rule's shared pickers, one per pool (for the std and tokio engines).
+    pub fn with_shared_picker<R>(&self, f: impl FnOnce(&mut [Picker]) -> R) -> R {
         let mut p = self
-            .shared_picker
+            .shared_pickers
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if p.is_empty() {
+            *p = self.pickers(0x9e37_79b9_7f4a_7c15 ^ self.index as u64);
+        }
         f(&mut p)
     }
 }
@@ -301,8 +396,11 @@ pub struct Session {
     proxy: Option<Box<ProxyState>>,
     /// The client's place under the per-client limits.
     permit: Permit,
-    /// The member set this session dials from (kept to its end: indices stay valid).
-    set: Arc<MemberSet>,
+    /// Index of the route (pool) the session was sent to, once known.
+    route: Option<u16>,
+    /// The member set this session dials from (kept to its end: indices stay valid); taken
+    /// from the route's pool when the route is chosen.
+    set: Option<Arc<MemberSet>>,
     /// Index of the member of the current (or last) attempt.
     current: Option<u32>,
     tried: Tried,
@@ -318,16 +416,24 @@ impl Session {
         }
     }
 
-    /// Whether a PROXY header must be read from the client before dialing.
+    /// Whether a preamble must be read from the client before dialing: a PROXY header
+    /// (`accept_proxy`), a ClientHello (a rule with routes), or both in that order.
     pub fn awaits_header(&self) -> bool {
-        self.proxy.as_ref().is_some_and(|p| p.awaits_header)
+        self.proxy
+            .as_ref()
+            .is_some_and(|p| p.awaits_header || p.hello.is_some())
     }
 
     /// Feeds every byte read from the client so far (each call extends the previous one)
-    /// while [`Session::awaits_header`]. On `Ready`, the header's client is the session's
-    /// client (ACL and limits are checked on it here) and the bytes after `consumed` belong
-    /// to the stream: relay them first. A rejection is counted; close with
-    /// `CloseReason::Rejected`.
+    /// while [`Session::awaits_header`].
+    ///
+    /// First the PROXY header, if the rule accepts one: its client becomes the session's
+    /// client (ACL and limits are checked on it here). Then, on a rule with routes, the
+    /// ClientHello after it, never consumed: its server name picks the route (exact names
+    /// before wildcards); no name, no match, bytes that are not TLS or a malformed or
+    /// oversized hello go to the default route, and with none the session is rejected as
+    /// `no_route`. On `Ready`, the bytes after `consumed` belong to the stream: relay them
+    /// first. A rejection is counted; close with `CloseReason::Rejected`.
     pub fn feed_header(
         &mut self,
         rt: &RuleRuntime,
@@ -335,35 +441,85 @@ impl Session {
         read: &[u8],
         now: Instant,
     ) -> HeaderStep {
-        let Some(state) = self.proxy.as_mut().filter(|p| p.awaits_header) else {
+        let Some(state) = self.proxy.as_mut() else {
             return HeaderStep::Ready { consumed: 0 };
         };
-        let (header, consumed) = match state.parser.feed(read) {
-            Parse::NeedMore { .. } => return HeaderStep::NeedMore,
-            Parse::Invalid(_) => return self.reject_header(shard, RejectReason::BadProxyHeader),
-            Parse::Done { header, consumed } => (header, consumed),
-        };
-        state.awaits_header = false;
-        if let (Command::Proxy, Some(src)) = (header.command, header.source) {
-            self.client = Some(src);
-            state.local = header.destination.or(state.local);
-        }
-        let ip = self.client.map(|c| c.ip());
-        let admitted = rt.check_acl(ip).and_then(|()| rt.acquire(ip, now));
-        match admitted {
-            Ok(permit) => {
-                self.permit = permit;
-                HeaderStep::Ready { consumed }
+        if state.awaits_header {
+            let (header, consumed) = match state.parser.feed(read) {
+                Parse::NeedMore { .. } => return HeaderStep::NeedMore,
+                Parse::Invalid(_) => {
+                    return self.reject_header(shard, RejectReason::BadProxyHeader);
+                }
+                Parse::Done { header, consumed } => (header, consumed),
+            };
+            state.awaits_header = false;
+            state.header_len = consumed;
+            if let (Command::Proxy, Some(src)) = (header.command, header.source) {
+                self.client = Some(src);
+                state.local = header.destination.or(state.local);
             }
-            Err(why) => self.reject_header(shard, why),
+            let ip = self.client.map(|c| c.ip());
+            match rt.check_acl(ip).and_then(|()| rt.acquire(ip, now)) {
+                Ok(permit) => self.permit = permit,
+                Err(why) => return self.reject_header(shard, why),
+            }
+        }
+        let consumed = state.header_len;
+        if let Some(hello) = &mut state.hello {
+            let stream = &read[consumed.min(read.len())..];
+            if stream.is_empty() {
+                return HeaderStep::NeedMore;
+            }
+            let name = match hello.feed(stream) {
+                Hello::NeedMore { .. } => return HeaderStep::NeedMore,
+                Hello::Done { sni } => sni,
+                Hello::NotTls | Hello::Invalid(_) => None,
+            };
+            state.hello = None;
+            let matched = match (&rt.sni, &name) {
+                (Some(routes), Some(name)) => routes.route(name),
+                _ => None,
+            };
+            let route = matched.or(rt.default_route);
+            if route.is_none() {
+                return self.reject_header(shard, RejectReason::NoRoute);
+            }
+            self.set_route(rt, route);
+        }
+        HeaderStep::Ready { consumed }
+    }
+
+    /// Sends the session to route `index` of its rule (counted), or to none.
+    fn set_route(&mut self, rt: &RuleRuntime, index: Option<usize>) {
+        if let Some(i) = index {
+            let pool = &rt.pools[i];
+            pool.sessions.fetch_add(1, Ordering::Relaxed);
+            self.route = u16::try_from(i).ok();
+            self.set = Some(pool.pool.members());
         }
     }
 
-    /// The client closed, or the header did not come in time: counted, and the reason to
-    /// close with.
+    /// The route the session was sent to (`"default"` for the rule's own upstream), once
+    /// known.
+    pub fn route<'a>(&self, rt: &'a RuleRuntime) -> Option<&'a str> {
+        self.route.map(|i| rt.pools[usize::from(i)].route.as_str())
+    }
+
+    /// The client closed, or the preamble did not come in time: the reason to close with.
+    /// A late or cut-short PROXY header and a late ClientHello are counted as rejections; a
+    /// client that closes before finishing its ClientHello simply ends.
     pub fn header_failed(&mut self, shard: &Shard, timed_out: bool) -> CloseReason {
+        let hello_only = self
+            .proxy
+            .as_ref()
+            .is_some_and(|p| !p.awaits_header && p.hello.is_some());
         let why = if timed_out {
             RejectReason::ProxyHeaderTimeout
+        } else if hello_only {
+            if let Some(p) = &mut self.proxy {
+                p.hello = None;
+            }
+            return CloseReason::Eof;
         } else {
             RejectReason::BadProxyHeader
         };
@@ -376,6 +532,7 @@ impl Session {
     fn reject_header(&mut self, shard: &Shard, why: RejectReason) -> HeaderStep {
         if let Some(p) = &mut self.proxy {
             p.awaits_header = false;
+            p.hello = None;
         }
         shard.rejected(why);
         HeaderStep::Reject(why)
@@ -402,21 +559,32 @@ impl Session {
     }
 
     /// The next member to connect to, or the end of the session when every attempt was used.
-    pub fn dial(&mut self, rt: &RuleRuntime, picker: &mut Picker, now: Instant) -> Dial {
+    /// `pickers` holds one balancer state per pool of the rule ([`RuleRuntime::pickers`]).
+    pub fn dial(&mut self, rt: &RuleRuntime, pickers: &mut [Picker], now: Instant) -> Dial {
+        let (Some(route), Some(set)) = (self.route, &self.set) else {
+            return Dial::GiveUp(CloseReason::Rejected(RejectReason::NoRoute));
+        };
+        let route = usize::from(route);
+        let pool = rt.pool(route);
         let give_up = CloseReason::Upstream(self.last_error.unwrap_or(ConnectError::Other));
-        if self.tried.len() >= rt.pool.max_attempts(&self.set) {
+        if self.tried.len() >= pool.max_attempts(set) {
             return Dial::GiveUp(give_up);
         }
-        let now_ms = rt.pool.clock.ms(now);
+        let now_ms = pool.clock.ms(now);
         let client = self.client.map(|c| c.ip());
-        match picker.pick(&self.set, rt.pool.balance, client, &self.tried, now_ms) {
+        match pickers[route].pick(set, pool.balance, client, &self.tried, now_ms) {
             Some(i) => {
                 self.tried.insert(i);
                 self.current = Some(i as u32);
-                Dial::Connect(self.set.members[i].addr)
+                Dial::Connect(set.members[i].addr)
             }
             None => Dial::GiveUp(give_up),
         }
+    }
+
+    /// The member of the current (or last) attempt.
+    fn member(&self) -> Option<&crate::upstream::Member> {
+        Some(&self.set.as_ref()?.members[self.current? as usize])
     }
 
     /// Connect attempts made so far.
@@ -424,9 +592,9 @@ impl Session {
         self.tried.len()
     }
 
-    /// The member of the current (or last) attempt.
+    /// The address of the member of the current (or last) attempt.
     pub fn upstream(&self) -> Option<SocketAddr> {
-        self.current.map(|i| self.set.members[i as usize].addr)
+        self.member().map(|m| m.addr)
     }
 
     /// Whether the session reached an upstream.
@@ -437,8 +605,8 @@ impl Session {
     /// The upstream connect completed.
     pub fn connected(&mut self, shard: &Shard, now: Instant) {
         shard.connected(now.saturating_duration_since(self.accepted_at));
-        if let Some(i) = self.current {
-            self.set.members[i as usize].connected();
+        if let Some(m) = self.member() {
+            m.connected();
             self.connected = true;
         }
     }
@@ -449,9 +617,10 @@ impl Session {
         let kind = ConnectError::from_errno(errno);
         self.last_error = Some(kind);
         shard.connect_error(kind);
-        let Some(i) = self.current else { return };
-        let m = &self.set.members[i as usize];
-        let pool = &rt.pool;
+        let (Some(m), Some(route)) = (self.member(), self.route) else {
+            return;
+        };
+        let pool = rt.pool(usize::from(route));
         let now_ms = pool.clock.ms(now);
         let transition = m.connect_failed(kind, errno, now_ms, pool.max_fails, pool.fail_timeout);
         if let Some(held_back) = m.may_log(now_ms) {
@@ -463,8 +632,10 @@ impl Session {
             } else {
                 describe_errno(errno)
             };
-            let left = pool
-                .max_attempts(&self.set)
+            let left = self
+                .set
+                .as_ref()
+                .map_or(0, |set| pool.max_attempts(set))
                 .saturating_sub(self.tried.len());
             tracing::warn!(
                 rule = %rt.rule.name,
@@ -525,11 +696,12 @@ impl Session {
         if end.reason == CloseReason::Shutdown {
             rt.cut.fetch_add(1, Ordering::Relaxed);
         }
-        if let (true, Some(i)) = (self.connected, self.current) {
-            self.set.members[i as usize].released();
+        if let (true, Some(m)) = (self.connected, self.member()) {
+            m.released();
         }
         metrics.log_session(&SessionRecord {
             rule: &rt.rule.name,
+            route: self.route(rt).unwrap_or("-"),
             client: self.client,
             upstream: self.upstream(),
             attempts: self.tried.len() as u32,

@@ -70,12 +70,16 @@ pub enum RejectReason {
     UntrustedProxy = 6,
     /// `accept_proxy`: the PROXY header is malformed or too long, or the client closed first.
     BadProxyHeader = 7,
-    /// `accept_proxy`: the PROXY header did not arrive within `proxy_header_timeout`.
+    /// `accept_proxy`: the PROXY header did not arrive within `proxy_header_timeout`; on a
+    /// rule with routes, nor did the ClientHello.
     ProxyHeaderTimeout = 8,
+    /// A rule with routes and no upstream of its own: no route matched the ClientHello's
+    /// server name (or it had none, or the bytes were not TLS).
+    NoRoute = 9,
 }
 
 impl RejectReason {
-    pub const COUNT: usize = 9;
+    pub const COUNT: usize = 10;
     pub const ALL: [RejectReason; Self::COUNT] = [
         Self::MaxConnections,
         Self::Shutdown,
@@ -86,6 +90,7 @@ impl RejectReason {
         Self::UntrustedProxy,
         Self::BadProxyHeader,
         Self::ProxyHeaderTimeout,
+        Self::NoRoute,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -99,6 +104,7 @@ impl RejectReason {
             Self::UntrustedProxy => "untrusted_proxy",
             Self::BadProxyHeader => "bad_proxy_header",
             Self::ProxyHeaderTimeout => "proxy_header_timeout",
+            Self::NoRoute => "no_route",
         }
     }
 }

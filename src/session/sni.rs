@@ -610,7 +610,7 @@ impl SniRoutes {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use proptest::prelude::*;
 
@@ -729,7 +729,8 @@ mod tests {
         m
     }
 
-    fn hello_with_name(name: &[u8]) -> Vec<u8> {
+    /// A single-record ClientHello naming `name` in its server_name extension.
+    pub(crate) fn hello_with_name(name: &[u8]) -> Vec<u8> {
         let other = vec![0x00, 0x0b, 0, 2, 1, 0]; // ec_point_formats
         records(&hello_msg(Some(&[other, sni_ext(&[(0, name)])])), &[])
     }

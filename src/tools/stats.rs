@@ -139,7 +139,13 @@ pub fn render(
         let before = prev.rules.iter().find(|r| r.name == rule.name);
         out.push('\n');
         render_rule(&mut out, before, rule, dt);
-        if let Some(pool) = pools.and_then(|p| p.rules.iter().find(|p| p.rule == rule.name)) {
+        let rule_pools = pools.iter().flat_map(|p| p.rules.iter());
+        let rule_pools: Vec<&PoolReport> = rule_pools.filter(|p| p.rule == rule.name).collect();
+        let routed = rule_pools.len() > 1 || rule_pools.iter().any(|p| p.route != "default");
+        for pool in rule_pools {
+            if routed {
+                let _ = writeln!(out, "  route {}", pool.route);
+            }
             render_pool(&mut out, pool);
         }
     }
@@ -338,6 +344,7 @@ mod tests {
         };
         let pools = UpstreamsReport {
             rules: vec![PoolReport {
+                route: "default".into(),
                 rule: "web".into(),
                 balance: "least_conn".into(),
                 members: vec![

@@ -55,8 +55,8 @@ struct RuleCtx {
     /// Read by the kernel when a connect's link timeout is submitted; lives as long as the
     /// worker and is never modified.
     connect_timeout: types::Timespec,
-    /// This worker's balancer state for the rule's pool.
-    picker: Picker,
+    /// This worker's balancer state for each of the rule's pools (SNI routes, then its own).
+    pickers: Vec<Picker>,
 }
 
 /// One-shot accepts a listener keeps in flight at most (while the worker is under its
@@ -203,7 +203,18 @@ impl Worker {
                     config.mode
                 },
                 connect_timeout: types::Timespec::from(r.connect_timeout),
-                picker: Picker::new(((id as u64) << 32) ^ (i as u64) ^ 0x5851_f42d_4c95_7f2d),
+                pickers: r
+                    .pools()
+                    .enumerate()
+                    .map(|(p, _)| {
+                        Picker::new(
+                            ((id as u64) << 32)
+                                ^ ((p as u64) << 16)
+                                ^ (i as u64)
+                                ^ 0x5851_f42d_4c95_7f2d,
+                        )
+                    })
+                    .collect(),
             })
             .collect();
         let (pipes, short) = PipePool::create(setup.pipes, config.uring.pipe_size.as_usize());
@@ -655,9 +666,9 @@ impl Worker {
         e.upstream = None;
         let rt = self.runtime.rule(e.rule);
         let shard = self.metrics.rule(e.rule).shard(self.id);
-        let picker = &mut self.rules[e.rule].picker;
+        let pickers = &mut self.rules[e.rule].pickers;
         let gave_up = loop {
-            let addr = match e.session.dial(rt, picker, now) {
+            let addr = match e.session.dial(rt, pickers, now) {
                 Dial::Connect(addr) => addr,
                 Dial::GiveUp(reason) => break reason,
             };
