@@ -297,7 +297,7 @@ fn counters_are_exact(engine: &str, path: PathKind) {
         (c2u.as_str(), sent as f64),
         (u2c.as_str(), sent as f64),
         (
-            "ringfwd_connections_accepted_total{rule=\"default\"}",
+            "ringfwd_connections_accepted_total{rule=\"default\",route=\"default\"}",
             SESSIONS as f64,
         ),
         ("ringfwd_connections_active{rule=\"default\"}", 0.0),

@@ -1522,14 +1522,6 @@ fn pools_from_raw(
             Some(n) => n.get_ref().clone(),
             None => patterns[0].get_ref().to_ascii_lowercase(),
         };
-        if routes.iter().any(|prev| prev.name == name) {
-            let span = rr.name.as_ref().map_or_else(|| rr.sni.span(), |n| n.span());
-            return Err(src.error_at(
-                span,
-                "name",
-                format!("route name {name:?} is used twice in this rule: give each route a different name"),
-            ));
-        }
         for p in patterns {
             let key = p.get_ref().to_ascii_lowercase();
             let key = key.strip_suffix('.').unwrap_or(&key).to_string();
@@ -1544,6 +1536,14 @@ fn pools_from_raw(
                 ));
             }
             seen.insert(key, name.clone());
+        }
+        if routes.iter().any(|prev| prev.name == name) {
+            let span = rr.name.as_ref().map_or_else(|| rr.sni.span(), |n| n.span());
+            return Err(src.error_at(
+                span,
+                "name",
+                format!("route name {name:?} is used twice in this rule: give each route a different name"),
+            ));
         }
         let upstream = upstream_from_raw(
             &PoolKeys {
