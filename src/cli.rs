@@ -146,7 +146,7 @@ impl RunArgs {
             };
             cfg.rules = vec![Rule {
                 name: "default".into(),
-                listen: config::resolve_one(listen).map_err(|m| flag("listen", m))?,
+                listen: config::Listen::resolve(listen).map_err(|m| flag("listen", m))?,
                 upstream: config::resolve_upstream(upstream).map_err(|m| flag("upstream", m))?,
                 tcp: TcpOptions::default(),
                 connect_timeout: config::DEFAULT_CONNECT_TIMEOUT,

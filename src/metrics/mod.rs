@@ -269,6 +269,8 @@ impl std::fmt::Display for OptAddr {
 #[derive(Debug, Clone)]
 pub struct SessionRecord<'a> {
     pub rule: &'a str,
+    /// The listen port the client connected to, for a rule that listens on a port range.
+    pub port: Option<u16>,
     pub client: Option<std::net::SocketAddr>,
     /// The member of the last connect attempt (none if no attempt was made).
     pub upstream: Option<std::net::SocketAddr>,
@@ -375,6 +377,7 @@ impl Metrics {
         tracing::info!(
             target: "ringfwd::access",
             rule = rec.rule,
+            port = rec.port,
             client = %client,
             upstream = %OptAddr(rec.upstream),
             attempts = rec.attempts,

@@ -241,6 +241,8 @@ impl RuleRuntime {
             tried: Tried::default(),
             last_error: None,
             connected: false,
+            listen_port: None,
+            port_offset: 0,
         })
     }
 
@@ -308,9 +310,38 @@ pub struct Session {
     tried: Tried,
     last_error: Option<ConnectError>,
     connected: bool,
+    /// The port the client connected to, for a rule that listens on a port range (see
+    /// [`Session::set_listen_port`]).
+    listen_port: Option<u16>,
+    /// Added to every member's port: the listen port's offset in its range, when the
+    /// upstream maps the range one-to-one; else 0.
+    port_offset: u16,
 }
 
 impl Session {
+    /// Records the port the client connected to (the accepting listener's port), for a rule
+    /// whose `listen` is a port range: the access log names it, and a one-to-one upstream
+    /// range dials the member's port at the same offset. A no-op for a single-port rule.
+    pub fn set_listen_port(&mut self, rt: &RuleRuntime, port: u16) {
+        let listen = &rt.rule.listen;
+        if !listen.is_range() {
+            return;
+        }
+        self.listen_port = Some(port);
+        if rt.rule.upstream.one_to_one && listen.ports().contains(&port) {
+            self.port_offset = port - listen.port();
+        }
+    }
+
+    /// Member `i`'s address, moved by the session's one-to-one port offset.
+    fn target(&self, i: usize) -> SocketAddr {
+        let mut addr = self.set.members[i].addr;
+        if self.port_offset != 0 {
+            addr.set_port(addr.port().saturating_add(self.port_offset));
+        }
+        addr
+    }
+
     /// Records the address the client connected to (see [`RuleRuntime::wants_local_addr`]).
     pub fn set_local(&mut self, local: Option<SocketAddr>) {
         if let Some(p) = &mut self.proxy {
@@ -413,7 +444,7 @@ impl Session {
             Some(i) => {
                 self.tried.insert(i);
                 self.current = Some(i as u32);
-                Dial::Connect(self.set.members[i].addr)
+                Dial::Connect(self.target(i))
             }
             None => Dial::GiveUp(give_up),
         }
@@ -426,7 +457,7 @@ impl Session {
 
     /// The member of the current (or last) attempt.
     pub fn upstream(&self) -> Option<SocketAddr> {
-        self.current.map(|i| self.set.members[i as usize].addr)
+        self.current.map(|i| self.target(i as usize))
     }
 
     /// Whether the session reached an upstream.
@@ -468,7 +499,7 @@ impl Session {
                 .saturating_sub(self.tried.len());
             tracing::warn!(
                 rule = %rt.rule.name,
-                upstream = %m.addr,
+                upstream = %self.target(i as usize),
                 %error,
                 attempt = self.tried.len(),
                 attempts_left = left,
@@ -530,6 +561,7 @@ impl Session {
         }
         metrics.log_session(&SessionRecord {
             rule: &rt.rule.name,
+            port: self.listen_port,
             client: self.client,
             upstream: self.upstream(),
             attempts: self.tried.len() as u32,
