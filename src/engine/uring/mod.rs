@@ -139,11 +139,12 @@ pub const FD_SLACK: usize = 16;
 /// for their ops) before it stops accepting until they drain.
 pub const ACCEPT_BOUND_MAX: usize = 256;
 
-/// One listener's share of an accept bound split over `listeners`: an even split, but never
-/// below 32 (or the whole bound, if that is smaller), so a rule among many still accepts in
-/// bursts. Each listener is bounded on its own connections.
-pub fn listener_share(bound: usize, listeners: usize) -> usize {
-    (bound / listeners.max(1)).max(bound.min(32)).max(1)
+/// One rule's share of an accept bound split over `rules` (each with its listeners: one, or
+/// one per port of a range): an even split, but never below 32 (or the whole bound, if that
+/// is smaller), so a rule among many still accepts in bursts. Each rule is bounded on its own
+/// connections; its ports split its share (see `Worker::fill_accepts`).
+pub fn listener_share(bound: usize, rules: usize) -> usize {
+    (bound / rules.max(1)).max(bound.min(32)).max(1)
 }
 /// The `CapEff` bit of CAP_IPC_LOCK (`linux/capability.h`).
 const CAP_IPC_LOCK: u32 = 14;
