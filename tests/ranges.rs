@@ -30,6 +30,7 @@ macro_rules! engine_suite {
             crate::support::scenarios!(
                 a_range_forwards_each_port_to_the_same_offset_upstream,
                 a_range_forwards_every_port_to_one_upstream_port,
+                an_ipv6_range_forwards_one_to_one,
                 two_thousand_ports_are_ready_within_a_second_at_no_thread_per_port,
             );
         }
@@ -46,23 +47,22 @@ engine_suite!(uring_engine, ["--engine", "uring"]);
 /// # Panics
 /// No free run of ports found in 50 tries.
 fn bind_free_range(count: u16) -> (u16, Vec<TcpListener>) {
+    bind_free_range_on("127.0.0.1", count)
+}
+
+/// [`bind_free_range`] on another loopback address (`"::1"`).
+fn bind_free_range_on(ip: &str, count: u16) -> (u16, Vec<TcpListener>) {
     let mut rng = rand::thread_rng();
     for _ in 0..50 {
         let base: u16 = rng.gen_range(20_000..=60_000 - count);
         let bound: Result<Vec<_>, _> = (0..count)
-            .map(|i| TcpListener::bind(("127.0.0.1", base + i)))
+            .map(|i| TcpListener::bind((ip, base + i)))
             .collect();
         if let Ok(ls) = bound {
             return (base, ls);
         }
     }
     panic!("no run of {count} free loopback ports found in 50 tries");
-}
-
-/// A free run of `count` ports for the forwarder to listen on (checked by binding them, then
-/// released just before the forwarder binds them).
-fn free_range(count: u16) -> u16 {
-    bind_free_range(count).0
 }
 
 /// Upstream servers on many ports, served by one thread: each accepted connection is sent
@@ -155,10 +155,25 @@ fn start_range(
     count: u16,
     upstream: impl Fn() -> String,
 ) -> (Relay, u16, Duration) {
+    start_range_on(engine, "127.0.0.1", count, upstream)
+}
+
+/// [`start_range`] listening on another loopback address (`"::1"`).
+fn start_range_on(
+    engine: &[&str],
+    ip: &str,
+    count: u16,
+    upstream: impl Fn() -> String,
+) -> (Relay, u16, Duration) {
     for _ in 0..5 {
-        let base = free_range(count);
+        let base = bind_free_range_on(ip, count).0;
+        let host = if ip.contains(':') {
+            format!("[{ip}]")
+        } else {
+            ip.to_string()
+        };
         let toml = format!(
-            "admin = \"127.0.0.1:0\"\n[[rule]]\nname = \"r\"\nlisten = \"127.0.0.1:{base}-{}\"\nupstream = {}\n",
+            "admin = \"127.0.0.1:0\"\n[[rule]]\nname = \"r\"\nlisten = \"{host}:{base}-{}\"\nupstream = {}\n",
             base + (count - 1),
             upstream()
         );
@@ -235,6 +250,21 @@ fn a_range_forwards_every_port_to_one_upstream_port(engine: &[&str]) {
         line.contains(&format!("upstream=127.0.0.1:{up} ")),
         "{line}"
     );
+    relay.stop_and_wait();
+}
+
+fn an_ipv6_range_forwards_one_to_one(engine: &[&str]) {
+    let _load = support::light();
+    const N: u16 = 10;
+    let upstream = PortServer::start(N);
+    let up = upstream.base;
+    let (mut relay, base, _) = start_range_on(engine, "::1", N, || {
+        format!("\"127.0.0.1:{up}-{}\"", up + (N - 1))
+    });
+    for i in 0..N {
+        let addr = SocketAddr::from((std::net::Ipv6Addr::LOCALHOST, base + i));
+        assert_eq!(answer(addr), (up + i).to_string(), "listen port {addr}");
+    }
     relay.stop_and_wait();
 }
 
