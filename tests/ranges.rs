@@ -355,3 +355,74 @@ fn a_range_beyond_the_fd_limit_is_refused_in_one_line() {
     );
     assert!(errors[0].contains("raise it (ulimit -n"), "{stderr}");
 }
+
+/// When io_uring workers cannot set up under `engine = "auto"`, every port's listeners come
+/// back in place and the tokio engine serves the whole range (the hand-back keeps each
+/// listener with its rule and port). Locked memory too small for 4 workers' rings, with
+/// CAP_IPC_LOCK dropped so that the limit counts for root too (as tests/robustness.rs does).
+#[test]
+fn a_range_survives_the_fallback_from_uring_to_tokio() {
+    use std::io::BufRead;
+    let _load = support::light();
+    if !support::engine_available(&["--engine", "uring"]) {
+        return;
+    }
+    const N: u16 = 30;
+    let upstream = PortServer::start(N);
+    let up = upstream.base;
+    let (base, held) = bind_free_range(N);
+    drop(held);
+    let file = support::TempFile::new(
+        "ringfwd-ranges-fallback",
+        &format!(
+            "[[rule]]\nlisten = \"127.0.0.1:{base}-{}\"\nupstream = \"127.0.0.1:{up}-{}\"\n",
+            base + N - 1,
+            up + N - 1
+        ),
+    );
+    let mut child = Command::new("setpriv")
+        .args([
+            "--inh-caps=-ipc_lock",
+            "--bounding-set=-ipc_lock",
+            "prlimit",
+            "--memlock=65536:65536",
+            support::relay::BIN,
+            "run",
+            "--config",
+        ])
+        .arg(&file.path)
+        .args(["--engine", "auto", "--workers", "4"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn setpriv/prlimit (util-linux)");
+    let stderr = support::drain_into(child.stderr.take().expect("piped"));
+    let (tx, rx) = std::sync::mpsc::channel();
+    let out = child.stdout.take().expect("piped");
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(out).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    let text = || String::from_utf8_lossy(&stderr.lock().unwrap()).into_owned();
+    let line = rx
+        .recv_timeout(STEP_TIMEOUT)
+        .unwrap_or_else(|_| panic!("no listening line; stderr:\n{}", text()));
+    assert!(
+        line.contains(" engine=tokio")
+            && line.ends_with(&format!(" ports={base}-{}", base + N - 1)),
+        "{line}\n{}",
+        text()
+    );
+    for i in 0..N {
+        assert_eq!(
+            answer(at(base + i)),
+            (up + i).to_string(),
+            "listen port {} after the fallback",
+            base + i
+        );
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+}
