@@ -54,7 +54,7 @@ free_base() {
 import random, socket, sys
 n = int(sys.argv[1])
 for _ in range(50):
-    base = random.randint(20000, 60000 - n)
+    base = random.randint(10000, 32000 - n)
     held = []
     try:
         for p in range(base, base + n):

@@ -2,8 +2,10 @@
 //! per port, forwarding one-to-one to an upstream range or to one upstream port; 2 000 ports
 //! load in under a second and cost no thread per port.
 //!
-//! A range cannot be bound on port 0, so each scenario picks a random base in a high range
-//! and checks that every port of it is free by binding them all first (retrying elsewhere on
+//! A range cannot be bound on port 0, so each scenario picks a random base below the
+//! ephemeral range (10 000–32 000: outgoing connections of parallel tests, and their
+//! TIME_WAIT, take ports from 32 768 up and would make binds fail at random) and checks that
+//! every port of it is free by binding them all first (retrying elsewhere on
 //! a collision, a bounded number of times). The upstream side of a range is served by
 //! [`PortServer`]: one thread over many listeners, each answering with its own port number,
 //! so a client sees exactly which upstream port its connection reached.
@@ -54,7 +56,7 @@ fn bind_free_range(count: u16) -> (u16, Vec<TcpListener>) {
 fn bind_free_range_on(ip: &str, count: u16) -> (u16, Vec<TcpListener>) {
     let mut rng = rand::thread_rng();
     for _ in 0..50 {
-        let base: u16 = rng.gen_range(20_000..=60_000 - count);
+        let base: u16 = rng.gen_range(10_000..=32_000 - count);
         let bound: Result<Vec<_>, _> = (0..count)
             .map(|i| TcpListener::bind((ip, base + i)))
             .collect();
