@@ -2,12 +2,13 @@
 # What a port range costs: time to ready, threads, fds, RSS and kernel memory of one rule over
 # 1 port and over N ports (default 2 000), per engine.
 #
-#   scripts/range_cost.sh [--ports N] [--workers W] [--rounds R] [--bin PATH]
+#   scripts/range_cost.sh [--ports N] [--rules M] [--workers W] [--rounds R] [--bin PATH]
 #
-# For each engine (uring, tokio, std) and each size (1, N), R times: picks a free run of
-# loopback ports (checked by binding them all), starts `ringfwd run` on a config with one
-# rule `listen = "127.0.0.1:BASE-END"` → `upstream = "127.0.0.1:9"` (nothing needs to answer:
-# only start-up is measured), and reports
+# For each engine (uring, tokio, std) and each shape — one rule over 1 port, one rule over N
+# ports (default 2 000), M rules of one port each (default 200, `max_connections = 64`, shown
+# as `rules:M`) — R times: picks a free run of loopback ports below the ephemeral range
+# (checked by binding them all), starts `ringfwd run` on that config, every rule forwarding
+# to `127.0.0.1:9` (nothing needs to answer: only start-up is measured), and reports
 #
 #   ready_ms   from exec to the `listening` line on stdout (bind + engine set-up + print)
 #   threads    Threads: in /proc/PID/status
@@ -23,10 +24,11 @@
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
-ports=2000 workers=2 rounds=3 bin=""
+ports=2000 rules=200 workers=2 rounds=3 bin=""
 while [[ $# -gt 0 ]]; do
     case $1 in
         --ports) ports=$2; shift ;;
+        --rules) rules=$2; shift ;;
         --workers) workers=$2; shift ;;
         --rounds) rounds=$2; shift ;;
         --bin) bin=$2; shift ;;
@@ -81,15 +83,25 @@ now_ns() { date +%s%N; }
 
 printf '%-6s %6s %9s %8s %6s %8s %9s\n' engine ports ready_ms threads fds rss_kib kmem_kib
 for engine in uring tokio std; do
-    for n in 1 "$ports"; do
+    for n in 1 "$ports" "rules:$rules"; do
         rows=()
         for ((r = 0; r < rounds; r++)); do
-            base=$(free_base "$n")
-            last=$((base + n - 1))
-            if ((n == 1)); then listen="127.0.0.1:$base"; else listen="127.0.0.1:$base-$last"; fi
             cfg=$tmp/r.toml
-            printf 'workers = %s\naccess_log = false\n[[rule]]\nname = "r"\nlisten = "%s"\nupstream = "127.0.0.1:9"\n' \
-                "$workers" "$listen" >"$cfg"
+            printf 'workers = %s\naccess_log = false\n' "$workers" >"$cfg"
+            if [[ $n == rules:* ]]; then
+                # Many rules of one port each, for the cost of a rule.
+                m=${n#rules:}
+                base=$(free_base "$m")
+                for ((i = 0; i < m; i++)); do
+                    printf '[[rule]]\nname = "r%d"\nlisten = "127.0.0.1:%d"\nupstream = "127.0.0.1:9"\nmax_connections = 64\n' \
+                        "$i" $((base + i)) >>"$cfg"
+                done
+            else
+                base=$(free_base "$n")
+                last=$((base + n - 1))
+                if ((n == 1)); then listen="127.0.0.1:$base"; else listen="127.0.0.1:$base-$last"; fi
+                printf '[[rule]]\nname = "r"\nlisten = "%s"\nupstream = "127.0.0.1:9"\n' "$listen" >>"$cfg"
+            fi
             out=$tmp/out
             : >"$out"
             k0=$(kmem_kib)
