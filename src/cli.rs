@@ -146,7 +146,7 @@ impl RunArgs {
             };
             cfg.rules = vec![Rule {
                 name: "default".into(),
-                listen: config::resolve_one(listen).map_err(|m| flag("listen", m))?,
+                listen: config::Listen::resolve(listen).map_err(|m| flag("listen", m))?,
                 upstream: Some(
                     config::resolve_upstream(upstream).map_err(|m| flag("upstream", m))?,
                 ),

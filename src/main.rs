@@ -215,11 +215,18 @@ fn run(args: &RunArgs) -> anyhow::Result<()> {
         // One machine-readable line per rule on stdout: scripts and tests wait for it.
         let mut out = std::io::stdout().lock();
         for (name, addr) in addrs {
-            tracing::info!(rule = %name, %addr, engine = engine.as_str(), mode, workers = config.worker_count(), "listening");
+            // A port range: `addr` is its first port, `ports` the whole range.
+            let ports = config
+                .rules
+                .iter()
+                .find(|r| r.name == *name && r.listen.is_range())
+                .map(|r| format!("{}-{}", r.listen.port(), r.listen.ports().end()));
+            tracing::info!(rule = %name, %addr, ports, engine = engine.as_str(), mode, workers = config.worker_count(), "listening");
             let _ = writeln!(
                 out,
-                "listening rule={name} addr={addr} engine={}",
-                engine.as_str()
+                "listening rule={name} addr={addr} engine={}{}",
+                engine.as_str(),
+                ports.map(|p| format!(" ports={p}")).unwrap_or_default()
             );
         }
         let _ = out.flush();

@@ -73,6 +73,13 @@ const VALUES: &[&str] = &[
     "\"127.0.0.1\"",
     "\"fe80::1:80\"",
     "\"127.0.0.1:99999\"",
+    "\"127.0.0.1:20000-20009\"",
+    "\"[::1]:30000-30009\"",
+    "\"127.0.0.1:20009-20000\"",
+    "\"127.0.0.1:0-9\"",
+    "\"127.0.0.1:1-20000\"",
+    "[\"127.0.0.1:21000-21009\", { addr = \"[::1]:22000-22009\", weight = 2 }]",
+    "[\"127.0.0.1:21000-21009\", \"127.0.0.1:9\"]",
     "\"round_robin\"",
     "\"source_hash\"",
     "\"random_two\"",
@@ -117,11 +124,22 @@ fn config_text() -> impl Strategy<Value = String> {
                 text.push_str(&u);
             }
             for (i, (keys, listen)) in rules.into_iter().enumerate() {
-                // The first rule listens where a rule may; a second one anywhere at all.
-                let listen = if i == 0 { "\"127.0.0.1:0\"" } else { listen };
+                // The first rule listens where a rule may (one port, or a 10-port range that
+                // one-to-one upstream ranges fit); a second one anywhere at all.
+                let listen = match i {
+                    0 if keys.len() % 2 == 0 => "\"127.0.0.1:0\"",
+                    0 => "\"127.0.0.1:40000-40009\"",
+                    _ => listen,
+                };
                 text.push_str(&format!("[[rule]]\nlisten = {listen}\n"));
                 if !keys.contains("upstream =") {
-                    text.push_str("upstream = \"127.0.0.1:9\"\n");
+                    // A range listen gets a one-to-one upstream range now and then.
+                    let upstream = if listen.contains('-') && keys.len() % 3 == 0 {
+                        "\"127.0.0.1:20000-20009\""
+                    } else {
+                        "\"127.0.0.1:9\""
+                    };
+                    text.push_str(&format!("upstream = {upstream}\n"));
                 }
                 text.push_str(&keys);
             }
@@ -153,14 +171,30 @@ fn config_shaped_text_is_often_accepted() {
     use proptest::test_runner::TestRunner;
     let mut runner = TestRunner::deterministic();
     let strategy = config_text();
-    let accepted = (0..500)
-        .filter(|_| {
-            let text = strategy.new_tree(&mut runner).expect("a case").current();
-            Config::parse("prop.toml", &text).is_ok()
-        })
-        .count();
+    let (mut accepted, mut ranges, mut one_to_one) = (0, 0, 0);
+    for _ in 0..500 {
+        let text = strategy.new_tree(&mut runner).expect("a case").current();
+        if let Ok(c) = Config::parse("prop.toml", &text) {
+            accepted += 1;
+            ranges += usize::from(c.rules.iter().any(|r| r.listen.is_range()));
+            one_to_one += usize::from(
+                c.rules
+                    .iter()
+                    .any(|r| r.upstream.as_ref().is_some_and(|u| u.one_to_one)),
+            );
+        }
+    }
     assert!(
         accepted >= 25,
         "only {accepted} of 500 generated configs were accepted"
+    );
+    // Port ranges, and one-to-one upstream ranges, go through the round trip too.
+    assert!(
+        ranges >= 10,
+        "only {ranges} accepted configs had a listen range"
+    );
+    assert!(
+        one_to_one >= 1,
+        "no accepted config had a one-to-one upstream range"
     );
 }

@@ -185,6 +185,18 @@ impl MemberSpec {
         }
     }
 
+    /// The member as written in a config: `text`, or `"host:first-last"` when it covers
+    /// `ports` ports one-to-one.
+    pub fn range_text(&self, ports: Option<u16>) -> String {
+        match (ports, self.text.rsplit_once(':')) {
+            (Some(n), Some((host, first))) if n > 1 => match first.parse::<u16>() {
+                Ok(p) => format!("{host}:{p}-{}", u32::from(p) + u32::from(n) - 1),
+                Err(_) => self.text.clone(),
+            },
+            _ => self.text.clone(),
+        }
+    }
+
     /// True when `text` is a host name (so DNS may change its addresses), not an address.
     pub fn is_name(&self) -> bool {
         self.text.parse::<SocketAddr>().is_err()
@@ -272,6 +284,10 @@ pub struct Upstream {
     pub health_check: Option<HealthCheck>,
     /// How often host names are resolved again; `None`: only at start.
     pub resolve_interval: Option<Duration>,
+    /// Every member was written with a port range as long as the rule's listen range: a
+    /// connection to listen port `first + i` goes to the member's port `+ i` (each member's
+    /// `addrs` hold its first port). `false`: every listen port goes to the members' ports.
+    pub one_to_one: bool,
 }
 
 impl Upstream {
@@ -285,6 +301,7 @@ impl Upstream {
             fail_timeout: DEFAULT_FAIL_TIMEOUT,
             health_check: None,
             resolve_interval: Some(DEFAULT_RESOLVE_INTERVAL),
+            one_to_one: false,
         }
     }
 
@@ -370,6 +387,137 @@ impl Admission {
     }
 }
 
+/// Most ports one rule's `listen` range may cover: each port costs a listening socket per
+/// worker (an fd and a few KiB of kernel memory), and 10 000 ports × a few workers is already
+/// tens of thousands of fds.
+pub const MAX_RANGE_PORTS: u16 = 10_000;
+
+/// A rule's listen side: one address, or one IP with a contiguous range of ports
+/// (`"0.0.0.0:10000-10099"`). A range is one rule (one pool, one set of metrics) with a
+/// listener per port.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Listen {
+    /// The address of the first (or only) port.
+    pub addr: SocketAddr,
+    /// Ports covered, from `addr.port()` on: 1 for a single port, at most [`MAX_RANGE_PORTS`].
+    pub count: u16,
+}
+
+impl Listen {
+    /// One address, one port.
+    pub fn single(addr: SocketAddr) -> Self {
+        Self { addr, count: 1 }
+    }
+
+    /// Resolves `"host:port"` or `"host:first-last"` (see [`split_port_range`]).
+    ///
+    /// # Errors
+    /// A message for the operator.
+    pub fn resolve(text: &str) -> Result<Self, String> {
+        let (base, count) = split_port_range(text)?;
+        let addr = resolve_one(&base)?;
+        if count > 1 && addr.port() == 0 {
+            return Err(format!(
+                "{text:?}: a port range cannot start at port 0 (port 0 asks the kernel for any one port)"
+            ));
+        }
+        Ok(Self { addr, count })
+    }
+
+    /// True when the rule covers more than one port.
+    pub fn is_range(&self) -> bool {
+        self.count > 1
+    }
+
+    /// Ports covered, as an inclusive range.
+    pub fn ports(&self) -> std::ops::RangeInclusive<u16> {
+        let first = self.addr.port();
+        first..=first + (self.count - 1)
+    }
+
+    /// The address of every port, in order.
+    pub fn addrs(&self) -> impl Iterator<Item = SocketAddr> + '_ {
+        self.ports().map(|p| SocketAddr::new(self.addr.ip(), p))
+    }
+
+    pub fn ip(&self) -> std::net::IpAddr {
+        self.addr.ip()
+    }
+
+    /// The first (or only) port.
+    pub fn port(&self) -> u16 {
+        self.addr.port()
+    }
+
+    pub fn is_ipv6(&self) -> bool {
+        self.addr.is_ipv6()
+    }
+
+    /// The first port both cover, if any (port 0 never collides).
+    fn common_port(&self, other: &Self) -> Option<u16> {
+        if self.port() == 0 || other.port() == 0 {
+            return None;
+        }
+        let (a, b) = (self.ports(), other.ports());
+        let lo = *a.start().max(b.start());
+        (lo <= *a.end().min(b.end())).then_some(lo)
+    }
+}
+
+impl fmt::Display for Listen {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.is_range() {
+            write!(f, "{}-{}", self.addr, self.ports().end())
+        } else {
+            write!(f, "{}", self.addr)
+        }
+    }
+}
+
+impl std::str::FromStr for Listen {
+    type Err = String;
+
+    /// An IP literal with a port or a port range (no name lookup).
+    fn from_str(text: &str) -> Result<Self, String> {
+        let (base, count) = split_port_range(text)?;
+        let addr: SocketAddr = base
+            .parse()
+            .map_err(|_| format!("{text:?} is not an IP address with a port"))?;
+        Ok(Self { addr, count })
+    }
+}
+
+/// Splits `"host:first-last"` into `("host:first", ports)`; `"host:port"` gives 1 port. A range
+/// of one port (`"host:80-80"`) is that port.
+///
+/// # Errors
+/// A malformed range, `first > last`, or more than [`MAX_RANGE_PORTS`] ports.
+pub fn split_port_range(text: &str) -> Result<(String, u16), String> {
+    let Some((host, ports)) = text.rsplit_once(':') else {
+        return Ok((text.to_string(), 1));
+    };
+    let Some((first, last)) = ports.split_once('-') else {
+        return Ok((text.to_string(), 1));
+    };
+    let port = |p: &str| {
+        p.parse::<u16>()
+            .map_err(|_| format!("{text:?}: invalid port {p:?} in the range {ports:?}"))
+    };
+    let (first, last) = (port(first)?, port(last)?);
+    if first > last {
+        return Err(format!(
+            "{text:?}: the range {ports:?} runs backwards; write the lower port first ({last}-{first})"
+        ));
+    }
+    let count = u32::from(last - first) + 1;
+    if count > u32::from(MAX_RANGE_PORTS) {
+        return Err(format!(
+            "{text:?}: the range covers {count} ports, more than the {MAX_RANGE_PORTS} one rule may have; split it over several rules"
+        ));
+    }
+    Ok((format!("{host}:{first}"), count as u16))
+}
+
 /// One `[[rule.route]]`: the TLS server names whose connections go to its own pool.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Route {
@@ -383,11 +531,12 @@ pub struct Route {
 /// The name of a rule's own upstream when it has routes (and of every rule's only route).
 pub const DEFAULT_ROUTE: &str = "default";
 
-/// One listen address forwarded to one upstream pool, or routed by TLS server name.
+/// One listen address (or port range) forwarded to one upstream pool, or routed by TLS
+/// server name.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Rule {
     pub name: String,
-    pub listen: SocketAddr,
+    pub listen: Listen,
     /// The rule's own pool: the default route. `None` only with routes (then a connection no
     /// route matches is rejected as `no_route`).
     pub upstream: Option<Upstream>,
@@ -766,36 +915,8 @@ impl Config {
                     ),
                 ));
             }
-            if let Some(prev) = rules
-                .iter()
-                .find(|p: &&Rule| p.listen == rule.listen && p.listen.port() != 0)
-            {
-                return Err(src.error_at(
-                    listen_span,
-                    "listen",
-                    format!(
-                        "rules {:?} and {:?} both listen on {}",
-                        prev.name, rule.name, rule.listen
-                    ),
-                ));
-            }
-            if let Some(prev) = rules
-                .iter()
-                .find(|p: &&Rule| overlaps(p.listen, rule.listen))
-            {
-                let (wide, narrow) = if prev.listen.ip().is_unspecified() {
-                    (prev.listen, rule.listen)
-                } else {
-                    (rule.listen, prev.listen)
-                };
-                return Err(src.error_at(
-                    listen_span,
-                    "listen",
-                    format!(
-                        "rules {:?} and {:?} overlap: {wide} already takes every connection to {narrow}; give them different ports, or drop one",
-                        prev.name, rule.name
-                    ),
-                ));
+            if let Some(msg) = rules.iter().find_map(|p: &Rule| listen_conflict(p, &rule)) {
+                return Err(src.error_at(listen_span, "listen", msg));
             }
             rules.push(rule);
         }
@@ -899,7 +1020,7 @@ impl Config {
             let _ = writeln!(out, "name = {:?}", r.name);
             let _ = writeln!(out, "listen = \"{}\"", r.listen);
             match &r.upstream {
-                Some(up) => write_upstream(&mut out, up),
+                Some(up) => write_upstream(&mut out, up, r.listen.count),
                 None => {
                     let _ = writeln!(
                         out,
@@ -958,7 +1079,7 @@ impl Config {
                 let _ = writeln!(out, "\n[[rule.route]]");
                 let _ = writeln!(out, "name = {:?}", route.name);
                 let _ = writeln!(out, "sni = {:?}", route.sni);
-                write_upstream(&mut out, &route.upstream);
+                write_upstream(&mut out, &route.upstream, r.listen.count);
                 if let Some(h) = &route.upstream.health_check {
                     write_health_check(&mut out, "rule.route.health_check", h);
                 }
@@ -978,14 +1099,16 @@ fn write_health_check(out: &mut String, table: &str, h: &HealthCheck) {
 }
 
 /// A rule's pool keys: members as inline tables, each followed by what it resolved to.
-fn write_upstream(out: &mut String, up: &Upstream) {
+fn write_upstream(out: &mut String, up: &Upstream, listen_ports: u16) {
     use std::fmt::Write;
     let _ = writeln!(out, "upstream = [");
     for m in &up.members {
         let _ = writeln!(
             out,
             "    {{ addr = {:?}, weight = {}, backup = {} }},",
-            m.text, m.weight, m.backup
+            m.range_text(up.one_to_one.then_some(listen_ports)),
+            m.weight,
+            m.backup
         );
     }
     let _ = writeln!(out, "]");
@@ -1213,9 +1336,9 @@ fn rule_from_raw(
         Some(n) => n.get_ref().clone(),
         None => format!("rule{}", index + 1),
     };
-    let listen =
-        resolve_one(r.listen.get_ref()).map_err(|m| src.error_at(r.listen.span(), "listen", m))?;
-    let (upstream, routes) = pools_from_raw(&r, src)?;
+    let listen = Listen::resolve(r.listen.get_ref())
+        .map_err(|m| src.error_at(r.listen.span(), "listen", m))?;
+    let (upstream, routes) = pools_from_raw(&r, &listen, src)?;
     let (proxy_protocol, accept_proxy, header_timeout, admission) = edge_from_raw(&r, src)?;
     // `keepalive.count = 0` is refused while deserializing, where its position is known.
     let keepalive = match r.keepalive {
@@ -1445,6 +1568,7 @@ struct PoolKeys<'a> {
 /// A rule's own pool (its default route) and its SNI routes, each with its own pool.
 fn pools_from_raw(
     r: &RawRule,
+    listen: &Listen,
     src: &Source<'_>,
 ) -> Result<(Option<Upstream>, Vec<Route>), ConfigError> {
     let upstream = match &r.upstream {
@@ -1458,6 +1582,7 @@ fn pools_from_raw(
                 resolve_interval: r.resolve_interval.as_ref(),
                 health_check: r.health_check.as_ref(),
             },
+            listen,
             src,
         )?),
         None if r.routes.is_empty() => {
@@ -1555,6 +1680,7 @@ fn pools_from_raw(
                 resolve_interval: rr.resolve_interval.as_ref(),
                 health_check: rr.health_check.as_ref(),
             },
+            listen,
             src,
         )?;
         routes.push(Route {
@@ -1567,7 +1693,11 @@ fn pools_from_raw(
 }
 
 /// A pool: its members, resolved and checked, and how to use them.
-fn upstream_from_raw(r: &PoolKeys<'_>, src: &Source<'_>) -> Result<Upstream, ConfigError> {
+fn upstream_from_raw(
+    r: &PoolKeys<'_>,
+    listen: &Listen,
+    src: &Source<'_>,
+) -> Result<Upstream, ConfigError> {
     let whole = r.upstream.span();
     // (where it was written, text, weight, backup)
     let written: Vec<(std::ops::Range<usize>, &str, Option<i64>, bool)> = match r.upstream.get_ref()
@@ -1594,7 +1724,45 @@ fn upstream_from_raw(r: &PoolKeys<'_>, src: &Source<'_>) -> Result<Upstream, Con
             .collect(),
     };
     let mut members: Vec<MemberSpec> = Vec::with_capacity(written.len());
-    for (span, text, weight, backup) in written {
+    // Members written with a port range (one-to-one with the listen range), and without.
+    let (mut ranged, mut single): (Option<&str>, Option<&str>) = (None, None);
+    for (span, written_text, weight, backup) in written {
+        let (base, count) = split_port_range(written_text)
+            .map_err(|m| src.error_at(span.clone(), "upstream", m))?;
+        if count > 1 {
+            if !listen.is_range() {
+                return Err(src.error_at(
+                    span,
+                    "upstream",
+                    format!(
+                        "{written_text:?} is a port range ({count} ports) but listen {listen} is one port: a range maps one-to-one onto a listen range of the same length; give listen a range, or give the upstream one port"
+                    ),
+                ));
+            }
+            if count != listen.count {
+                return Err(src.error_at(
+                    span,
+                    "upstream",
+                    format!(
+                        "{written_text:?} covers {count} ports but listen {listen} covers {}: a one-to-one range must have the listen range's length",
+                        listen.count
+                    ),
+                ));
+            }
+            ranged.get_or_insert(written_text);
+        } else {
+            single.get_or_insert(written_text);
+        }
+        if let (Some(r), Some(s)) = (ranged, single) {
+            return Err(src.error_at(
+                span,
+                "upstream",
+                format!(
+                    "members {r:?} and {s:?} mix a port range with a single port: in one pool, either every member is a range (one-to-one) or none is"
+                ),
+            ));
+        }
+        let text = base.as_str();
         let addrs = resolve_member(text).map_err(|m| src.error_at(span.clone(), "upstream", m))?;
         let weight = match weight {
             None => NonZeroU32::MIN,
@@ -1637,6 +1805,7 @@ fn upstream_from_raw(r: &PoolKeys<'_>, src: &Source<'_>) -> Result<Upstream, Con
         ));
     }
     let mut up = Upstream::with_members(members);
+    up.one_to_one = ranged.is_some();
     if let Some(b) = r.balance {
         up.balance = Balance::parse(b.get_ref()).ok_or_else(|| {
             src.error_at(
@@ -1695,15 +1864,43 @@ fn upstream_from_raw(r: &PoolKeys<'_>, src: &Source<'_>) -> Result<Upstream, Con
     Ok(up)
 }
 
-/// True when two listen addresses cannot both be bound: same family and port, one of them the
-/// unspecified address (`0.0.0.0:P` takes `127.0.0.1:P` too; `[::]:P` takes `[::1]:P`).
-/// Equal addresses are reported separately; port 0 never collides.
-fn overlaps(a: SocketAddr, b: SocketAddr) -> bool {
-    a.port() != 0
-        && a.port() == b.port()
-        && a.is_ipv4() == b.is_ipv4()
-        && a.ip() != b.ip()
-        && (a.ip().is_unspecified() || b.ip().is_unspecified())
+/// Why two rules' listen sides cannot both be bound, if they cannot: a port both cover on the
+/// same address, or on two addresses of one family where one is the unspecified address
+/// (`0.0.0.0:P` takes `127.0.0.1:P` too; `[::]:P` takes `[::1]:P`). Port 0 never collides.
+fn listen_conflict(prev: &Rule, rule: &Rule) -> Option<String> {
+    let (a, b) = (&prev.listen, &rule.listen);
+    let port = a.common_port(b)?;
+    if a.is_ipv6() != b.is_ipv6() {
+        return None;
+    }
+    // For ranges, say which port and which ranges; single ports read as before.
+    let within = if a.is_range() || b.is_range() {
+        format!(" (port {port} is in {a} and in {b})")
+    } else {
+        String::new()
+    };
+    if a.ip() == b.ip() {
+        let at = SocketAddr::new(a.ip(), port);
+        return Some(format!(
+            "rules {:?} and {:?} both listen on {at}{within}",
+            prev.name, rule.name
+        ));
+    }
+    if !a.ip().is_unspecified() && !b.ip().is_unspecified() {
+        return None;
+    }
+    let (wide, narrow) = if a.ip().is_unspecified() {
+        (a.ip(), b.ip())
+    } else {
+        (b.ip(), a.ip())
+    };
+    Some(format!(
+        "rules {:?} and {:?} overlap: {} already takes every connection to {}{within}; give them different ports, or drop one",
+        prev.name,
+        rule.name,
+        SocketAddr::new(wide, port),
+        SocketAddr::new(narrow, port)
+    ))
 }
 
 /// Whether `run` could open `path` for appending: checked with `stat`/`access(2)`, without

@@ -1540,3 +1540,143 @@ fn route_errors_name_the_key_and_say_what_to_do() {
         "cfg.toml:8:1: unknown field `weight`, expected one of `name`, `sni`, `upstream`, `balance`, `connect_retries`, `max_fails`, `fail_timeout`, `resolve_interval`, `health_check`"
     );
 }
+
+/// A config with one rule `listen → upstream` (listen on line 2, upstream on line 3).
+fn ranged(listen: &str, upstream: &str) -> String {
+    format!("[[rule]]\nlisten = \"{listen}\"\nupstream = {upstream}\n")
+}
+
+#[test]
+fn a_listen_range_maps_one_to_one_onto_an_upstream_range_and_round_trips() {
+    let c = parse(&ranged("127.0.0.1:10000-10099", "\"10.0.0.5:20000-20099\""));
+    let r = &c.rules[0];
+    assert_eq!(r.listen.addr, "127.0.0.1:10000".parse().unwrap());
+    assert_eq!(r.listen.count, 100);
+    assert!(r.listen.is_range());
+    assert_eq!(r.listen.ports(), 10000..=10099);
+    assert_eq!(r.listen.addrs().count(), 100);
+    assert_eq!(
+        r.listen.addrs().last(),
+        Some("127.0.0.1:10099".parse().unwrap())
+    );
+    assert_eq!(r.listen.to_string(), "127.0.0.1:10000-10099");
+    assert!(r.upstream.as_ref().unwrap().one_to_one);
+    // The member is its first port (what health checks probe and DNS resolves).
+    assert_eq!(
+        r.upstream.as_ref().unwrap().members[0].text,
+        "10.0.0.5:20000"
+    );
+    assert_eq!(
+        r.upstream.as_ref().unwrap().members[0].addrs,
+        vec!["10.0.0.5:20000".parse().unwrap()]
+    );
+    let printed = c.to_toml();
+    assert!(
+        printed.contains("listen = \"127.0.0.1:10000-10099\""),
+        "{printed}"
+    );
+    assert!(
+        printed.contains("addr = \"10.0.0.5:20000-20099\""),
+        "{printed}"
+    );
+    assert_eq!(parse(&printed), c);
+}
+
+#[test]
+fn a_listen_range_may_forward_every_port_to_one_upstream_port() {
+    let c = parse(&ranged("[::1]:10000-10009", "\"[::1]:9000\""));
+    let r = &c.rules[0];
+    assert!(r.listen.is_ipv6());
+    assert_eq!(r.listen.count, 10);
+    assert_eq!(r.listen.to_string(), "[::1]:10000-10009");
+    assert!(!r.upstream.as_ref().unwrap().one_to_one);
+    assert_eq!(parse(&c.to_toml()), c);
+    // A range of one port is that port, on either side.
+    let c = parse(&ranged("127.0.0.1:8080-8080", "\"127.0.0.1:9000-9000\""));
+    assert_eq!(c.rules[0].listen, "127.0.0.1:8080".parse().unwrap());
+    assert!(!c.rules[0].upstream.as_ref().unwrap().one_to_one);
+    // The most ports a rule may cover.
+    let c = parse(&ranged("127.0.0.1:50000-59999", "\"127.0.0.1:9000\""));
+    assert_eq!(c.rules[0].listen.count, MAX_RANGE_PORTS);
+}
+
+#[test]
+fn a_pool_of_ranges_maps_each_member_one_to_one() {
+    let c = parse(&ranged(
+        "0.0.0.0:10000-10009",
+        "[\"10.0.0.5:20000-20009\", { addr = \"10.0.0.6:30000-30009\", weight = 2 }]",
+    ));
+    let up = c.rules[0].upstream.as_ref().unwrap();
+    assert!(up.one_to_one);
+    assert_eq!(up.members[1].text, "10.0.0.6:30000");
+    assert_eq!(up.members[1].weight.get(), 2);
+    assert_eq!(parse(&c.to_toml()), c);
+}
+
+#[test]
+fn port_range_mistakes_are_reported_at_their_key() {
+    assert_eq!(
+        err(&ranged("127.0.0.1:10000-10099", "\"10.0.0.5:20000-20098\"")),
+        "cfg.toml:3:12: upstream: \"10.0.0.5:20000-20098\" covers 99 ports but listen 127.0.0.1:10000-10099 covers 100: a one-to-one range must have the listen range's length"
+    );
+    assert_eq!(
+        err(&ranged("127.0.0.1:10000", "\"10.0.0.5:20000-20099\"")),
+        "cfg.toml:3:12: upstream: \"10.0.0.5:20000-20099\" is a port range (100 ports) but listen 127.0.0.1:10000 is one port: a range maps one-to-one onto a listen range of the same length; give listen a range, or give the upstream one port"
+    );
+    assert_eq!(
+        err(&ranged("127.0.0.1:10099-10000", "\"10.0.0.5:20000\"")),
+        "cfg.toml:2:10: listen: \"127.0.0.1:10099-10000\": the range \"10099-10000\" runs backwards; write the lower port first (10000-10099)"
+    );
+    assert_eq!(
+        err(&ranged("127.0.0.1:1-10001", "\"10.0.0.5:20000\"")),
+        "cfg.toml:2:10: listen: \"127.0.0.1:1-10001\": the range covers 10001 ports, more than the 10000 one rule may have; split it over several rules"
+    );
+    assert_eq!(
+        err(&ranged("127.0.0.1:0-10", "\"10.0.0.5:20000\"")),
+        "cfg.toml:2:10: listen: \"127.0.0.1:0-10\": a port range cannot start at port 0 (port 0 asks the kernel for any one port)"
+    );
+    assert_eq!(
+        err(&ranged("127.0.0.1:10000-x", "\"10.0.0.5:20000\"")),
+        "cfg.toml:2:10: listen: \"127.0.0.1:10000-x\": invalid port \"x\" in the range \"10000-x\""
+    );
+    assert_eq!(
+        err(&ranged("127.0.0.1:10000-70000", "\"10.0.0.5:20000\"")),
+        "cfg.toml:2:10: listen: \"127.0.0.1:10000-70000\": invalid port \"70000\" in the range \"10000-70000\""
+    );
+    assert_eq!(
+        err(&ranged("127.0.0.1:10000-10001", "\"10.0.0.5:0-1\"")),
+        "cfg.toml:3:12: upstream: upstream port 0 in \"10.0.0.5:0\": give the port the upstream listens on"
+    );
+    assert_eq!(
+        err(&ranged(
+            "127.0.0.1:10000-10009",
+            "[\"10.0.0.5:20000-20009\", \"10.0.0.6:9000\"]"
+        )),
+        "cfg.toml:3:37: upstream: members \"10.0.0.5:20000-20009\" and \"10.0.0.6:9000\" mix a port range with a single port: in one pool, either every member is a range (one-to-one) or none is"
+    );
+}
+
+#[test]
+fn overlapping_port_ranges_name_both_rules_and_the_port() {
+    let two = |a: &str, b: &str| {
+        format!(
+            "[[rule]]\nname = \"a\"\nlisten = \"{a}\"\nupstream = \"127.0.0.1:9000\"\n\n[[rule]]\nname = \"b\"\nlisten = \"{b}\"\nupstream = \"127.0.0.1:9001\"\n"
+        )
+    };
+    assert_eq!(
+        err(&two("127.0.0.1:10000-10099", "127.0.0.1:10050")),
+        "cfg.toml:8:10: listen: rules \"a\" and \"b\" both listen on 127.0.0.1:10050 (port 10050 is in 127.0.0.1:10000-10099 and in 127.0.0.1:10050)"
+    );
+    assert_eq!(
+        err(&two("127.0.0.1:10090-10109", "0.0.0.0:10000-10099")),
+        "cfg.toml:8:10: listen: rules \"a\" and \"b\" overlap: 0.0.0.0:10090 already takes every connection to 127.0.0.1:10090 (port 10090 is in 127.0.0.1:10090-10109 and in 0.0.0.0:10000-10099); give them different ports, or drop one"
+    );
+    // Adjacent ranges, another family, two specific addresses: no overlap.
+    for (a, b) in [
+        ("127.0.0.1:10000-10099", "127.0.0.1:10100-10199"),
+        ("0.0.0.0:10000-10099", "[::]:10000-10099"),
+        ("127.0.0.1:10000-10099", "127.0.0.2:10000-10099"),
+    ] {
+        assert_eq!(parse(&two(a, b)).rules.len(), 2, "{a} {b}");
+    }
+}

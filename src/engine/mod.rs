@@ -30,9 +30,17 @@ pub struct RunContext {
     pub runtime: Arc<Runtime>,
 }
 
-/// Listeners bound for one run: `per_rule[r][w]` is worker `w`'s listener for rule `r`.
+/// Listeners bound for one run: `per_rule[r][p][w]` is worker `w`'s listener on port `p` of
+/// rule `r` (a rule has one port group per port of its listen range; a single port, one).
 pub struct Listeners {
-    pub per_rule: Vec<Vec<TcpListener>>,
+    pub per_rule: Vec<Vec<Vec<TcpListener>>>,
+}
+
+impl Listeners {
+    /// Listening sockets over every rule, port and worker.
+    pub fn count(&self) -> usize {
+        self.per_rule.iter().flatten().map(Vec::len).sum()
+    }
 }
 
 /// Why an engine could not run.
@@ -46,6 +54,16 @@ pub enum EngineError {
     Listen(ListenError),
     #[error("io_uring engine unavailable: {0}")]
     UringUnavailable(uring::Unavailable),
+    #[error(
+        "the rules need {needed} listening sockets ({ports} ports × {per_port} per port), and as many fds again for connections, but the open-files limit is {nofile} with {open} already open: raise it (ulimit -n, LimitNOFILE= in a systemd unit), or use fewer workers or shorter port ranges"
+    )]
+    TooManyListeners {
+        needed: usize,
+        ports: usize,
+        per_port: usize,
+        nofile: u64,
+        open: usize,
+    },
     #[error("{what}: {source}")]
     Io {
         what: &'static str,
@@ -106,17 +124,56 @@ pub fn resolve(kind: EngineKind) -> Result<Resolved, EngineError> {
     }
 }
 
-/// Binds the listeners of every rule: one per worker for the engines with several
-/// accept loops, sharing the port through `SO_REUSEPORT`.
+/// Binds the listeners of every rule, for every port of its range: one per worker for the
+/// engines with several accept loops, sharing the port through `SO_REUSEPORT`.
 ///
 /// # Errors
-/// The first rule whose address cannot be bound.
+/// The listeners would not fit the open-files limit (checked first, so a long range fails
+/// with one line saying what to raise, not with EMFILE on some port), or the first address
+/// that cannot be bound.
 pub fn bind(config: &Config, per_rule: usize) -> Result<Listeners, EngineError> {
+    let ports: usize = config
+        .rules
+        .iter()
+        .map(|r| usize::from(r.listen.count))
+        .sum();
+    check_listener_fds(ports, per_rule, open_fds())?;
     let mut out = Vec::with_capacity(config.rules.len());
     for rule in &config.rules {
-        out.push(net::bind_listeners(rule.listen, per_rule)?);
+        let mut groups = Vec::with_capacity(usize::from(rule.listen.count));
+        for addr in rule.listen.addrs() {
+            groups.push(net::bind_listeners(addr, per_rule)?);
+        }
+        out.push(groups);
     }
     Ok(Listeners { per_rule: out })
+}
+
+/// Descriptors this process has open now.
+fn open_fds() -> usize {
+    // The directory handle itself is one of the entries.
+    std::fs::read_dir("/proc/self/fd").map_or(0, |d| d.count().saturating_sub(1))
+}
+
+/// Whether `ports × per_port` listeners fit under the soft open-files limit beside what is
+/// open and [`uring::FD_SLACK`], with at least as many fds again left for connections.
+fn check_listener_fds(ports: usize, per_port: usize, open: usize) -> Result<(), EngineError> {
+    use nix::sys::resource::{Resource, getrlimit};
+    let nofile = getrlimit(Resource::RLIMIT_NOFILE).map_or(u64::MAX, |(soft, _)| soft);
+    let needed = ports.saturating_mul(per_port.max(1));
+    let want = open
+        .saturating_add(uring::FD_SLACK)
+        .saturating_add(needed.saturating_mul(2));
+    if u64::try_from(want).unwrap_or(u64::MAX) > nofile {
+        return Err(EngineError::TooManyListeners {
+            needed,
+            ports,
+            per_port: per_port.max(1),
+            nofile,
+            open,
+        });
+    }
+    Ok(())
 }
 
 /// Runs the chosen engine until shutdown. `on_ready` is called once, with the engine that
@@ -146,7 +203,15 @@ pub fn run(
         .rules
         .iter()
         .zip(&listeners.per_rule)
-        .map(|(r, l)| (r.name.clone(), l[0].local_addr().unwrap_or(r.listen)))
+        .map(|(r, l)| {
+            let first = l.first().and_then(|g| g.first());
+            (
+                r.name.clone(),
+                first
+                    .and_then(|l| l.local_addr().ok())
+                    .unwrap_or(r.listen.addr),
+            )
+        })
         .collect();
     let ready = move |e: Resolved| on_ready(e, &addrs);
     match engine {

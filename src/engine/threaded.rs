@@ -12,6 +12,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU8, AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
+use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags, EpollTimeout};
 use socket2::SockRef;
 
 use super::{EngineError, Listeners, RunContext};
@@ -31,8 +32,12 @@ const STACK_SIZE: usize = 256 << 10;
 
 /// Runs the std engine until shutdown.
 ///
+/// One accept thread serves every listener of every rule and port (an epoll set), so a rule
+/// over a range of thousands of ports costs no thread per port; each connection then gets
+/// its threads as before.
+///
 /// # Errors
-/// A listener could not be set up or an accept thread could not start.
+/// A listener could not be set up or the accept thread could not start.
 pub fn run(
     config: &Config,
     listeners: Listeners,
@@ -40,35 +45,46 @@ pub fn run(
     ready: impl FnOnce(),
 ) -> Result<(), EngineError> {
     let live = Arc::new(AtomicUsize::new(0));
-    let mut accept_threads = Vec::new();
     let _ = config;
-    for (idx, ls) in listeners.per_rule.into_iter().enumerate() {
-        for l in ls {
-            l.set_nonblocking(true).map_err(|source| EngineError::Io {
-                what: "cannot set listener non-blocking",
-                source,
-            })?;
-            let (runtime, metrics, shutdown, live) = (
-                ctx.runtime.clone(),
-                ctx.metrics.clone(),
-                ctx.shutdown.clone(),
-                live.clone(),
-            );
-            accept_threads.push(
-                std::thread::Builder::new()
-                    .name(format!("ringfwd-accept-{}", runtime.rule(idx).rule.name))
-                    .spawn(move || accept_loop(&l, &runtime, idx, &metrics, &shutdown, &live))
-                    .map_err(|source| EngineError::Io {
-                        what: "cannot start an accept thread",
-                        source,
-                    })?,
-            );
+    let io = |what| move |source| EngineError::Io { what, source };
+    let mut all = Vec::with_capacity(listeners.count());
+    for (idx, ports) in listeners.per_rule.into_iter().enumerate() {
+        for l in ports.into_iter().flatten() {
+            l.set_nonblocking(true)
+                .map_err(io("cannot set listener non-blocking"))?;
+            let port = l
+                .local_addr()
+                .map_err(io("cannot read a listener's address"))?
+                .port();
+            all.push(Accepting {
+                listener: l,
+                rule: idx,
+                port,
+            });
         }
     }
-    ready();
-    for t in accept_threads {
-        let _ = t.join();
+    let epoll = Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC)
+        .map_err(|e| io("cannot create the accept thread's epoll set")(e.into()))?;
+    for (i, a) in all.iter().enumerate() {
+        epoll
+            .add(
+                a.listener.as_fd(),
+                EpollEvent::new(EpollFlags::EPOLLIN, i as u64),
+            )
+            .map_err(|e| io("cannot watch a listener")(e.into()))?;
     }
+    let (runtime, metrics, shutdown, live2) = (
+        ctx.runtime.clone(),
+        ctx.metrics.clone(),
+        ctx.shutdown.clone(),
+        live.clone(),
+    );
+    let accept_thread = std::thread::Builder::new()
+        .name("ringfwd-accept".into())
+        .spawn(move || accept_loop(&epoll, &all, &runtime, &metrics, &shutdown, &live2))
+        .map_err(io("cannot start the accept thread"))?;
+    ready();
+    let _ = accept_thread.join();
     // Draining: sessions finish by themselves, or end at Closing within a tick or two.
     while live.load(Ordering::Acquire) != 0 {
         if ctx.shutdown.wait_for(Phase::Closing, Some(TICK)) {
@@ -82,73 +98,111 @@ pub fn run(
     Ok(())
 }
 
+/// One listening socket of the accept thread: the rule it serves and the port it is on.
+struct Accepting {
+    listener: TcpListener,
+    rule: usize,
+    port: u16,
+}
+
+/// Readiness events taken per `epoll_wait`: each ready listener is accepted from once per
+/// round, so a busy port cannot starve the others.
+const EVENTS_PER_WAIT: usize = 256;
+
 fn accept_loop(
-    listener: &TcpListener,
+    epoll: &Epoll,
+    all: &[Accepting],
     runtime: &Arc<Runtime>,
-    rule_idx: usize,
     metrics: &Arc<Metrics>,
     shutdown: &Shutdown,
     live: &Arc<AtomicUsize>,
 ) {
     let mut exhausted = net::ExhaustionLog::default();
-    let rule = &runtime.rule(rule_idx).rule;
-    use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+    let mut events = vec![EpollEvent::empty(); EVENTS_PER_WAIT.min(all.len().max(1))];
     while shutdown.phase() == Phase::Running {
-        let mut fds = [PollFd::new(listener.as_fd(), PollFlags::POLLIN)];
-        match poll(&mut fds, PollTimeout::from(100u16)) {
-            Ok(0) | Err(nix::Error::EINTR) => continue,
-            Ok(_) => {}
+        let n = match epoll.wait(&mut events, EpollTimeout::from(100u16)) {
+            Ok(n) => n,
+            Err(nix::Error::EINTR) => continue,
             Err(e) => {
-                tracing::error!(error = %e, "poll on listener failed");
+                tracing::error!(error = %e, "epoll_wait on the listeners failed");
                 std::thread::sleep(net::ACCEPT_BACKOFF);
                 continue;
             }
-        }
-        match listener.accept() {
-            Ok((stream, peer)) => {
-                if exhausted.recovered() {
-                    tracing::info!(rule = %rule.name, "accept: file descriptors available again");
-                }
-                live.fetch_add(1, Ordering::AcqRel);
-                let (runtime2, metrics2, shutdown2, live2) = (
-                    runtime.clone(),
-                    metrics.clone(),
-                    shutdown.clone(),
-                    live.clone(),
-                );
-                let spawned = std::thread::Builder::new()
-                    .name("ringfwd-conn".into())
-                    .stack_size(STACK_SIZE)
-                    .spawn(move || {
-                        handle(stream, peer, runtime2.rule(rule_idx), &metrics2, &shutdown2);
-                        live2.fetch_sub(1, Ordering::AcqRel);
-                    });
-                if let Err(e) = spawned {
-                    // The closure (and the stream in it) was dropped: the client sees a close.
-                    live.fetch_sub(1, Ordering::AcqRel);
-                    tracing::warn!(rule = %rule.name, error = %e, "cannot start a connection thread; connection dropped");
-                    metrics
-                        .rule(rule_idx)
-                        .local()
-                        .rejected(RejectReason::FdExhausted);
-                }
-            }
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-            Err(e) if net::is_resource_exhaustion(&e) => {
-                // The connection stays in the listen queue (accept takes the fd first):
-                // nothing is rejected; wait for descriptors to come back.
-                if let Some(held_back) = exhausted.hit(Instant::now()) {
-                    tracing::warn!(rule = %rule.name, error = %e, held_back, "accept: out of file descriptors; backing off");
-                }
-                std::thread::sleep(net::ACCEPT_BACKOFF);
-            }
-            Err(e) if net::is_transient_accept_error(&e) => {}
-            Err(e) => {
-                tracing::error!(rule = %rule.name, error = %e, "accept failed; backing off");
-                std::thread::sleep(net::ACCEPT_BACKOFF);
+        };
+        for ev in &events[..n] {
+            let Some(a) = usize::try_from(ev.data()).ok().and_then(|i| all.get(i)) else {
+                continue;
+            };
+            if !accept_one(a, runtime, metrics, shutdown, live, &mut exhausted) {
+                // Out of descriptors: no listener can accept before some come back.
+                break;
             }
         }
     }
+}
+
+/// Accepts one connection from `a` (if one is queued) and starts its thread. `false` when
+/// the process is out of descriptors and the accept loop should back off.
+fn accept_one(
+    a: &Accepting,
+    runtime: &Arc<Runtime>,
+    metrics: &Arc<Metrics>,
+    shutdown: &Shutdown,
+    live: &Arc<AtomicUsize>,
+    exhausted: &mut net::ExhaustionLog,
+) -> bool {
+    let rule_idx = a.rule;
+    let rule = &runtime.rule(rule_idx).rule;
+    match a.listener.accept() {
+        Ok((stream, peer)) => {
+            if exhausted.recovered() {
+                tracing::info!(rule = %rule.name, "accept: file descriptors available again");
+            }
+            live.fetch_add(1, Ordering::AcqRel);
+            let (runtime2, metrics2, live2, port) =
+                (runtime.clone(), metrics.clone(), live.clone(), a.port);
+            let shutdown2 = shutdown.clone();
+            let spawned = std::thread::Builder::new()
+                .name("ringfwd-conn".into())
+                .stack_size(STACK_SIZE)
+                .spawn(move || {
+                    handle(
+                        stream,
+                        peer,
+                        port,
+                        runtime2.rule(rule_idx),
+                        &metrics2,
+                        &shutdown2,
+                    );
+                    live2.fetch_sub(1, Ordering::AcqRel);
+                });
+            if let Err(e) = spawned {
+                // The closure (and the stream in it) was dropped: the client sees a close.
+                live.fetch_sub(1, Ordering::AcqRel);
+                tracing::warn!(rule = %rule.name, error = %e, "cannot start a connection thread; connection dropped");
+                metrics
+                    .rule(rule_idx)
+                    .local()
+                    .rejected(RejectReason::FdExhausted);
+            }
+        }
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+        Err(e) if net::is_resource_exhaustion(&e) => {
+            // The connection stays in the listen queue (accept takes the fd first):
+            // nothing is rejected; wait for descriptors to come back.
+            if let Some(held_back) = exhausted.hit(Instant::now()) {
+                tracing::warn!(rule = %rule.name, error = %e, held_back, "accept: out of file descriptors; backing off");
+            }
+            std::thread::sleep(net::ACCEPT_BACKOFF);
+            return false;
+        }
+        Err(e) if net::is_transient_accept_error(&e) => {}
+        Err(e) => {
+            tracing::error!(rule = %rule.name, error = %e, "accept failed; backing off");
+            std::thread::sleep(net::ACCEPT_BACKOFF);
+        }
+    }
+    true
 }
 
 /// What one connection's two threads share.
@@ -288,6 +342,7 @@ fn connect(
 fn handle(
     client: TcpStream,
     peer: SocketAddr,
+    port: u16,
     rt: &RuleRuntime,
     metrics: &Metrics,
     shutdown: &Shutdown,
@@ -300,6 +355,7 @@ fn handle(
         net::set_reset_on_close(SockRef::from(&client));
         return;
     };
+    session.set_listen_port(rt, port);
     let accepted_at = session.accepted_at;
     if let Err(e) = net::apply_tcp_options(SockRef::from(&client), &rule.tcp) {
         tracing::debug!(error = %e, "socket option on client socket failed");

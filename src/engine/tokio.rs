@@ -13,7 +13,8 @@ use std::time::{Duration, Instant};
 
 use socket2::SockRef;
 use tokio::io::AsyncWriteExt;
-use tokio::net::{TcpListener, TcpStream};
+use tokio::io::unix::AsyncFd;
+use tokio::net::TcpStream;
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, watch};
 
 use super::{EngineError, Listeners, RunContext};
@@ -87,39 +88,41 @@ pub fn run(
 
     let live = Arc::new(Live::default());
     // Connections accepted and not yet connected upstream (or not yet disposed of): each
-    // accept loop waits for a permit of its own listener before each accept, so a flood of
+    // accept task waits for a permit of its rule before each accept, so a flood of
     // connections that reset at once is accepted no faster than it is disposed of, as in the
     // uring engine — and one rule whose upstream hangs cannot stall another rule's accepts.
-    let listener_count = listeners
-        .per_rule
-        .iter()
-        .map(Vec::len)
-        .sum::<usize>()
-        .max(1);
-    let per_listener = super::uring::listener_share(
+    // A rule over a port range has one task per port (tasks, not threads), all drawing on
+    // the rule's one semaphore; a task waits for its port to be readable before it takes a
+    // permit, so idle ports hold none.
+    let per_rule = super::uring::listener_share(
         super::uring::ACCEPT_BOUND_MAX * config.worker_count(),
-        listener_count,
+        listeners.per_rule.len(),
     );
     rt.block_on(async {
         let mut accept_loops = Vec::new();
-        for (idx, ls) in listeners.per_rule.into_iter().enumerate() {
-            for l in ls {
-                l.set_nonblocking(true).map_err(|source| EngineError::Io {
-                    what: "cannot set listener non-blocking",
-                    source,
-                })?;
-                let l = TcpListener::from_std(l).map_err(|source| EngineError::Io {
-                    what: "cannot register listener",
-                    source,
-                })?;
+        for (idx, ports) in listeners.per_rule.into_iter().enumerate() {
+            let unsettled = Arc::new(Semaphore::new(per_rule));
+            for l in ports.into_iter().flatten() {
+                let io = |what| move |source| EngineError::Io { what, source };
+                l.set_nonblocking(true)
+                    .map_err(io("cannot set listener non-blocking"))?;
+                let port = l
+                    .local_addr()
+                    .map_err(io("cannot read a listener's address"))?
+                    .port();
+                // `AsyncFd::new` is deprecated for fds someone else may close under it; this
+                // one owns its listener for its whole life, so the concern does not apply.
+                #[allow(deprecated)]
+                let l = AsyncFd::new(l).map_err(io("cannot register listener"))?;
                 accept_loops.push(tokio::spawn(accept_loop(
                     l,
+                    port,
                     ctx.runtime.clone(),
                     idx,
                     ctx.metrics.clone(),
                     phase_rx.clone(),
                     live.clone(),
-                    Arc::new(Semaphore::new(per_listener)),
+                    unsettled.clone(),
                 )));
             }
         }
@@ -141,8 +144,10 @@ pub fn run(
     Ok(())
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn accept_loop(
-    listener: TcpListener,
+    listener: AsyncFd<std::net::TcpListener>,
+    port: u16,
     runtime: Arc<Runtime>,
     rule_idx: usize,
     metrics: Arc<Metrics>,
@@ -154,6 +159,19 @@ async fn accept_loop(
     let rt = runtime.rule(rule_idx);
     let rule = &rt.rule;
     loop {
+        let readable = tokio::select! {
+            biased;
+            _ = phase.wait_for(|p| *p >= Phase::Draining) => return,
+            r = listener.readable() => r,
+        };
+        let mut ready = match readable {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::error!(rule = %rule.name, error = %e, "waiting on a listener failed; backing off");
+                tokio::time::sleep(net::ACCEPT_BACKOFF).await;
+                continue;
+            }
+        };
         let permit = tokio::select! {
             biased;
             _ = phase.wait_for(|p| *p >= Phase::Draining) => return,
@@ -162,11 +180,16 @@ async fn accept_loop(
                 Err(_) => return,
             },
         };
-        let accepted = tokio::select! {
-            biased;
-            _ = phase.wait_for(|p| *p >= Phase::Draining) => return,
-            r = listener.accept() => r,
+        // `Err` here: not readable after all (readiness cleared); wait again.
+        let Ok(accepted) = ready.try_io(|l| {
+            let (s, peer) = l.get_ref().accept()?;
+            s.set_nonblocking(true)?;
+            Ok((s, peer))
+        }) else {
+            continue;
         };
+        drop(ready);
+        let accepted = accepted.and_then(|(s, peer)| Ok((TcpStream::from_std(s)?, peer)));
         match accepted {
             Ok((stream, peer)) => {
                 if exhausted.recovered() {
@@ -174,10 +197,11 @@ async fn accept_loop(
                 }
                 let shard = metrics.rule(rule_idx).local();
                 let draining = *phase.borrow() >= Phase::Draining;
-                let Ok(session) = rt.admit(shard, Some(peer), Instant::now(), draining) else {
+                let Ok(mut session) = rt.admit(shard, Some(peer), Instant::now(), draining) else {
                     net::set_reset_on_close(SockRef::from(&stream));
                     continue;
                 };
+                session.set_listen_port(rt, port);
                 if let Ok(Some(_)) | Err(_) = stream.take_error() {
                     // The client reset while it waited in the listen queue: nothing to dial
                     // for; close it at once (a flood of these must cost no upstream connect).
@@ -194,7 +218,6 @@ async fn accept_loop(
                 live.count.fetch_add(1, Ordering::AcqRel);
                 let guard = LiveGuard(live.clone());
                 let (runtime, metrics, phase) = (runtime.clone(), metrics.clone(), phase.clone());
-                let mut session = session;
                 prepare(&stream, &mut session, rt);
                 if session.awaits_header() {
                     // A client still sending its preamble holds one fd and the bytes it sent

@@ -271,6 +271,8 @@ pub struct SessionRecord<'a> {
     pub rule: &'a str,
     /// The route the session took (`default`: the rule's own upstream; `-`: none chosen).
     pub route: &'a str,
+    /// The listen port the client connected to, for a rule that listens on a port range.
+    pub port: Option<u16>,
     pub client: Option<std::net::SocketAddr>,
     /// The member of the last connect attempt (none if no attempt was made).
     pub upstream: Option<std::net::SocketAddr>,
@@ -378,6 +380,7 @@ impl Metrics {
             target: "ringfwd::access",
             rule = rec.rule,
             route = rec.route,
+            port = rec.port,
             client = %client,
             upstream = %OptAddr(rec.upstream),
             attempts = rec.attempts,

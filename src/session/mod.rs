@@ -71,6 +71,7 @@ impl Runtime {
                                 epoch,
                             )),
                             sessions: AtomicU64::new(0),
+                            one_to_one: up.one_to_one,
                         })
                         .collect(),
                     default_route: rule.upstream.as_ref().map(|_| rule.routes.len()),
@@ -146,6 +147,8 @@ pub struct RoutePool {
     pub pool: Arc<Pool>,
     /// Sessions sent to this route (`ringfwd_connections_accepted_total{route}`).
     sessions: AtomicU64,
+    /// The pool's members are port ranges mapped one-to-one onto the rule's listen range.
+    one_to_one: bool,
 }
 
 impl RoutePool {
@@ -306,6 +309,9 @@ impl RuleRuntime {
             tried: Tried::default(),
             last_error: None,
             connected: false,
+            listen_port: None,
+            port_offset: 0,
+            one_to_one: false,
         };
         if !routes {
             session.set_route(self, self.default_route);
@@ -406,9 +412,44 @@ pub struct Session {
     tried: Tried,
     last_error: Option<ConnectError>,
     connected: bool,
+    /// The port the client connected to, for a rule that listens on a port range (see
+    /// [`Session::set_listen_port`]).
+    listen_port: Option<u16>,
+    /// The listen port's offset in its range (0 for a single-port rule).
+    port_offset: u16,
+    /// The session's pool maps the listen range one-to-one: every member's port moves by
+    /// `port_offset`.
+    one_to_one: bool,
 }
 
 impl Session {
+    /// Records the port the client connected to (the accepting listener's port), for a rule
+    /// whose `listen` is a port range: the access log names it, and a one-to-one upstream
+    /// range dials the member's port at the same offset. A no-op for a single-port rule.
+    pub fn set_listen_port(&mut self, rt: &RuleRuntime, port: u16) {
+        let listen = &rt.rule.listen;
+        if !listen.is_range() {
+            return;
+        }
+        self.listen_port = Some(port);
+        if listen.ports().contains(&port) {
+            self.port_offset = port - listen.port();
+        }
+    }
+
+    /// Member `i` of `set`'s address, moved by the session's one-to-one port offset.
+    fn target(&self, set: &MemberSet, i: usize) -> SocketAddr {
+        self.target_of(&set.members[i])
+    }
+
+    fn target_of(&self, m: &crate::upstream::Member) -> SocketAddr {
+        let mut addr = m.addr;
+        if self.one_to_one && self.port_offset != 0 {
+            addr.set_port(addr.port().saturating_add(self.port_offset));
+        }
+        addr
+    }
+
     /// Records the address the client connected to (see [`RuleRuntime::wants_local_addr`]).
     pub fn set_local(&mut self, local: Option<SocketAddr>) {
         if let Some(p) = &mut self.proxy {
@@ -494,6 +535,7 @@ impl Session {
         if let Some(i) = index {
             let pool = &rt.pools[i];
             pool.sessions.fetch_add(1, Ordering::Relaxed);
+            self.one_to_one = pool.one_to_one;
             self.route = u16::try_from(i).ok();
             self.set = Some(pool.pool.members());
         }
@@ -576,7 +618,7 @@ impl Session {
             Some(i) => {
                 self.tried.insert(i);
                 self.current = Some(i as u32);
-                Dial::Connect(set.members[i].addr)
+                Dial::Connect(self.target(set, i))
             }
             None => Dial::GiveUp(give_up),
         }
@@ -594,7 +636,7 @@ impl Session {
 
     /// The address of the member of the current (or last) attempt.
     pub fn upstream(&self) -> Option<SocketAddr> {
-        self.member().map(|m| m.addr)
+        self.member().map(|m| self.target_of(m))
     }
 
     /// Whether the session reached an upstream.
@@ -639,7 +681,7 @@ impl Session {
                 .saturating_sub(self.tried.len());
             tracing::warn!(
                 rule = %rt.rule.name,
-                upstream = %m.addr,
+                upstream = %self.target_of(m),
                 %error,
                 attempt = self.tried.len(),
                 attempts_left = left,
@@ -702,6 +744,7 @@ impl Session {
         metrics.log_session(&SessionRecord {
             rule: &rt.rule.name,
             route: self.route(rt).unwrap_or("-"),
+            port: self.listen_port,
             client: self.client,
             upstream: self.upstream(),
             attempts: self.tried.len() as u32,

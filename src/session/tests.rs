@@ -471,3 +471,61 @@ fn a_late_hello_is_rejected_and_a_client_that_leaves_simply_ends() {
     let (plain, _) = setup(&["127.0.0.1:1"], 0, 10);
     assert_eq!(plain.rule(0).header_limits(), (0, Duration::ZERO));
 }
+
+#[test]
+fn a_range_rule_dials_the_member_port_at_the_listen_port_offset() {
+    let one_to_one = Config::parse(
+        "t.toml",
+        "[[rule]]\nlisten = \"127.0.0.1:10000-10009\"\nupstream = [\"127.0.0.1:20000-20009\", \"127.0.0.2:30000-30009\"]\nconnect_retries = 1\n",
+    )
+    .unwrap();
+    let rt = Runtime::new(&one_to_one);
+    let m = Metrics::new(&["r"], 1);
+    let (r, shard) = (rt.rule(0), m.rule(0).shard(0));
+    let mut picker = r.pickers(1);
+    let mut s = r.admit(shard, None, Instant::now(), false).unwrap();
+    s.set_listen_port(r, 10007);
+    let mut dialed = Vec::new();
+    while let Dial::Connect(a) = s.dial(r, &mut picker[..], Instant::now()) {
+        dialed.push(a);
+        s.connect_failed(r, shard, libc::ECONNREFUSED, Instant::now());
+    }
+    dialed.sort();
+    assert_eq!(
+        dialed,
+        vec![
+            "127.0.0.1:20007".parse().unwrap(),
+            "127.0.0.2:30007".parse().unwrap()
+        ],
+        "failover keeps the offset on every member"
+    );
+    assert_eq!(s.listen_port, Some(10007));
+
+    // Every port of a range to one upstream port: the port is recorded, the target fixed.
+    let fixed = Config::parse(
+        "t.toml",
+        "[[rule]]\nlisten = \"127.0.0.1:10000-10009\"\nupstream = \"127.0.0.1:9000\"\n",
+    )
+    .unwrap();
+    let rt = Runtime::new(&fixed);
+    let r = rt.rule(0);
+    let mut s = r.admit(shard, None, Instant::now(), false).unwrap();
+    s.set_listen_port(r, 10003);
+    assert_eq!(
+        s.dial(r, &mut picker[..], Instant::now()),
+        Dial::Connect("127.0.0.1:9000".parse().unwrap())
+    );
+    assert_eq!(s.upstream(), Some("127.0.0.1:9000".parse().unwrap()));
+    assert_eq!(s.listen_port, Some(10003));
+
+    // A single-port rule ignores the port: nothing changes for it.
+    let (rt, _) = setup(&["127.0.0.1:1"], 0, 8);
+    let r = rt.rule(0);
+    let mut s = r.admit(shard, None, Instant::now(), false).unwrap();
+    s.set_listen_port(r, 4242);
+    assert_eq!(s.listen_port, None);
+    assert_eq!(
+        s.dial(r, &mut picker[..], Instant::now()),
+        Dial::Connect("127.0.0.1:1".parse().unwrap())
+    );
+}

@@ -139,11 +139,12 @@ pub const FD_SLACK: usize = 16;
 /// for their ops) before it stops accepting until they drain.
 pub const ACCEPT_BOUND_MAX: usize = 256;
 
-/// One listener's share of an accept bound split over `listeners`: an even split, but never
-/// below 32 (or the whole bound, if that is smaller), so a rule among many still accepts in
-/// bursts. Each listener is bounded on its own connections.
-pub fn listener_share(bound: usize, listeners: usize) -> usize {
-    (bound / listeners.max(1)).max(bound.min(32)).max(1)
+/// One rule's share of an accept bound split over `rules` (each with its listeners: one, or
+/// one per port of a range): an even split, but never below 32 (or the whole bound, if that
+/// is smaller), so a rule among many still accepts in bursts. Each rule is bounded on its own
+/// connections; its ports split its share (see `Worker::fill_accepts`).
+pub fn listener_share(bound: usize, rules: usize) -> usize {
+    (bound / rules.max(1)).max(bound.min(32)).max(1)
 }
 /// The `CapEff` bit of CAP_IPC_LOCK (`linux/capability.h`).
 const CAP_IPC_LOCK: u32 = 14;
@@ -281,9 +282,9 @@ enum Report {
     /// Set up; waits to be told to run or to stand down.
     Ready(worker::SetupNotes),
     /// Could not set up; its listeners come back.
-    Failed(String, Option<i32>, Vec<(usize, TcpListener)>),
+    Failed(String, Option<i32>, Vec<worker::Bound>),
     /// Stood down; its listeners come back.
-    Returned(Vec<(usize, TcpListener)>),
+    Returned(Vec<worker::Bound>),
 }
 
 /// Every worker set up and waiting for [`Started::run`].
@@ -318,22 +319,28 @@ pub fn start(
 ) -> Result<Started, Box<SetupFailed>> {
     raise_memlock();
     let n = config.worker_count();
-    let rules = listeners.per_rule.len();
+    let ports_per_rule: Vec<usize> = listeners.per_rule.iter().map(Vec::len).collect();
     let budget = budget(config, n, Limits::current());
     if !budget.cuts.is_empty() {
         tracing::warn!("{}", budget.cuts.join("; "));
     }
     let cpus = net::allowed_cpus();
-    let mut per_worker: Vec<Vec<(usize, TcpListener)>> = (0..n).map(|_| Vec::new()).collect();
-    for (rule, ls) in listeners.per_rule.into_iter().enumerate() {
-        for (w, l) in ls.into_iter().enumerate() {
-            per_worker[w % n].push((rule, l));
+    let mut per_worker: Vec<Vec<worker::Bound>> = (0..n).map(|_| Vec::new()).collect();
+    for (rule, ports) in listeners.per_rule.into_iter().enumerate() {
+        for (port, ls) in ports.into_iter().enumerate() {
+            for (w, listener) in ls.into_iter().enumerate() {
+                per_worker[w % n].push(worker::Bound {
+                    rule,
+                    port,
+                    listener,
+                });
+            }
         }
     }
     let (report_tx, report_rx) = mpsc::channel::<(usize, Report)>();
     let mut go = Vec::with_capacity(n);
     let mut handles = Vec::with_capacity(n);
-    let mut back: Vec<Vec<(usize, TcpListener)>> = (0..n).map(|_| Vec::new()).collect();
+    let mut back: Vec<Vec<worker::Bound>> = (0..n).map(|_| Vec::new()).collect();
     let mut spawn_error = None;
     for (id, ls) in per_worker.into_iter().enumerate() {
         let cpu = (n <= cpus.len()).then(|| cpus[id % cpus.len()]);
@@ -448,10 +455,15 @@ pub fn start(
         Some(e) => Unavailable(e),
         None => explain_failures(n, &failures),
     };
-    let mut per_rule: Vec<Vec<TcpListener>> = (0..rules).map(|_| Vec::new()).collect();
+    // Back in their places: rule, port group, then worker order (workers come back in
+    // order, and each worker's listeners in the order it was given them).
+    let mut per_rule: Vec<Vec<Vec<TcpListener>>> = ports_per_rule
+        .iter()
+        .map(|&p| (0..p).map(|_| Vec::new()).collect())
+        .collect();
     for ls in back {
-        for (rule, l) in ls {
-            per_rule[rule].push(l);
+        for b in ls {
+            per_rule[b.rule][b.port].push(b.listener);
         }
     }
     Err(Box::new(SetupFailed {

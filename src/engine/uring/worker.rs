@@ -76,9 +76,21 @@ enum ListenerState {
     Closed,
 }
 
+/// A listener handed to a worker: the rule it serves and its port group in
+/// [`crate::engine::Listeners`] (to give it back in place if the engine stands down).
+pub struct Bound {
+    pub rule: usize,
+    pub port: usize,
+    pub listener: TcpListener,
+}
+
 struct Listener {
     fd: Option<OwnedFd>,
     rule: usize,
+    /// The port it listens on (a range rule's sessions map the upstream port from it).
+    port: u16,
+    /// In [`Worker::to_arm`].
+    queued: bool,
     state: ListenerState,
     /// One-shot accepts submitted and not yet completed.
     in_flight: u32,
@@ -132,10 +144,16 @@ pub struct Worker {
     unsettled: usize,
     /// `unsettled`, per rule (each rule's listeners are bounded on their own connections).
     unsettled_by_rule: Vec<usize>,
-    /// This worker's listeners per rule.
+    /// This worker's listeners per rule (a port range has one per port).
     listeners_by_rule: Vec<usize>,
     /// Accepts in flight over every listener.
     accepts_in_flight: usize,
+    /// Accepts in flight, per rule.
+    accepts_by_rule: Vec<usize>,
+    /// Open listeners that may want more accepts armed (each at most once): only these are
+    /// looked at by [`Worker::fill_accepts`], so a worker with thousands of mostly idle
+    /// listeners does not walk them all on every loop.
+    to_arm: Vec<usize>,
     /// No new accept while `unsettled + accepts_in_flight` reaches this.
     accept_bound: usize,
     /// `[uring] auto_up_reads`, `auto_down_pumps`.
@@ -241,23 +259,27 @@ impl Worker {
             unsettled_by_rule: vec![0; config.rules.len()],
             listeners_by_rule: vec![0; config.rules.len()],
             accepts_in_flight: 0,
+            accepts_by_rule: vec![0; config.rules.len()],
+            to_arm: Vec::new(),
             accept_bound: setup.accept_bound.max(1),
             auto_thresholds: (config.uring.auto_up_reads, config.uring.auto_down_pumps),
         };
         Ok((worker, notes))
     }
 
-    /// Runs the event loop on `listeners` (`(rule, listener)`) until shutdown has drained
-    /// every connection.
-    pub fn run(mut self, listeners: Vec<(usize, TcpListener)>) {
-        for (rule, _) in &listeners {
-            self.listeners_by_rule[*rule] += 1;
+    /// Runs the event loop on `listeners` until shutdown has drained every connection.
+    pub fn run(mut self, listeners: Vec<Bound>) {
+        for b in &listeners {
+            self.listeners_by_rule[b.rule] += 1;
         }
+        self.to_arm = (0..listeners.len()).collect();
         self.listeners = listeners
             .into_iter()
-            .map(|(rule, l)| Listener {
-                fd: Some(OwnedFd::from(l)),
-                rule,
+            .map(|b| Listener {
+                port: b.listener.local_addr().map_or(0, |a| a.port()),
+                fd: Some(OwnedFd::from(b.listener)),
+                rule: b.rule,
+                queued: true,
                 state: ListenerState::Open,
                 in_flight: 0,
                 exhausted: net::ExhaustionLog::default(),
@@ -322,29 +344,36 @@ impl Worker {
         unsafe { self.ring.push_group(first, second) };
     }
 
-    /// Tops up every open listener's one-shot accepts, as long as the worker holds fewer
-    /// than its accept bound of unsettled or closing connections (plus accepts in flight): a
-    /// flood of connections that reset at once is then accepted no faster than it is disposed
-    /// of, and the rest waits in the kernel's listen queue instead of costing fds here.
+    /// Tops up the open listeners' one-shot accepts, as long as each rule holds fewer than
+    /// its share of the worker's accept bound in unsettled or closing connections plus accepts
+    /// in flight: a flood of connections that reset at once is then accepted no faster than
+    /// it is disposed of, and the rest waits in the kernel's listen queue instead of costing
+    /// fds here.
+    ///
+    /// Every rule gets its own share of the bound, counted on its own connections: a rule
+    /// whose upstream hangs (its connections stay unsettled) cannot stall another rule's
+    /// accepts, and a worker with many rules cannot spend the bound on its first ones. A
+    /// rule's listeners (one per port of a range) split its share as their window (at most
+    /// [`ACCEPT_WINDOW`], at least 1); each open listener keeps at least one accept armed while
+    /// the rule is under its share, even when a range has more ports than the share — an
+    /// io_uring listener with no accept in flight would not see its connections at all.
     fn fill_accepts(&mut self) {
-        if self.draining {
+        if self.draining || self.to_arm.is_empty() {
             return;
         }
-        // Every listener gets its own share of the bound, counted on its own connections: a
-        // rule whose upstream hangs (its connections stay unsettled) cannot stall another
-        // rule's accepts, and a worker with many rules cannot spend the bound on its first
-        // listeners. The window per listener is the same share, at most ACCEPT_WINDOW.
-        let n = self.listeners.len().max(1);
-        let share = super::listener_share(self.accept_bound, n);
-        let window = u32::try_from(share)
-            .unwrap_or(u32::MAX)
-            .clamp(1, ACCEPT_WINDOW);
-        for i in 0..self.listeners.len() {
+        let rules_here = self.listeners_by_rule.iter().filter(|&&n| n > 0).count();
+        let share = super::listener_share(self.accept_bound, rules_here);
+        let mut queue = std::mem::take(&mut self.to_arm);
+        for &i in &queue {
             let rule = self.listeners[i].rule;
+            let window = u32::try_from(share / self.listeners_by_rule[rule].max(1))
+                .unwrap_or(u32::MAX)
+                .clamp(1, ACCEPT_WINDOW);
+            self.listeners[i].queued = false;
             while self.listeners[i].state == ListenerState::Open
                 && self.listeners[i].in_flight < window
-                && self.unsettled_by_rule[rule] + (self.listeners[i].in_flight as usize)
-                    < share * self.listeners_by_rule[rule]
+                && (self.unsettled_by_rule[rule] + self.accepts_by_rule[rule] < share
+                    || (self.listeners[i].in_flight == 0 && self.unsettled_by_rule[rule] < share))
             {
                 let Some(fd) = self.listeners[i].fd.as_ref().map(AsRawFd::as_raw_fd) else {
                     break;
@@ -357,11 +386,30 @@ impl Worker {
                         .user_data(token.encode());
                 self.listeners[i].in_flight += 1;
                 self.accepts_in_flight += 1;
+                self.accepts_by_rule[rule] += 1;
                 // SAFETY: the accept carries no pointer (null address and length); the
                 // listener fd is closed only once no accept is in flight on it
                 // (`ListenerState::Cancelling` → `Closed`).
                 unsafe { self.ring.push(e) };
             }
+            let l = &mut self.listeners[i];
+            if l.state == ListenerState::Open && l.in_flight < window {
+                // Held back by the rule's share: try again when its connections settle.
+                l.queued = true;
+            }
+        }
+        queue.retain(|&i| self.listeners[i].queued);
+        // Listeners queued meanwhile were not in `queue` (each is queued at most once).
+        queue.append(&mut self.to_arm);
+        self.to_arm = queue;
+    }
+
+    /// Puts listener `i` up for [`Worker::fill_accepts`] (once).
+    fn queue_arm(&mut self, i: usize) {
+        let l = &mut self.listeners[i];
+        if !l.queued && l.state == ListenerState::Open {
+            l.queued = true;
+            self.to_arm.push(i);
         }
     }
 
@@ -467,7 +515,9 @@ impl Worker {
     fn on_accept(&mut self, li: usize, res: i32, now: Instant) {
         // A one-shot accept: every completion is its last.
         self.accepts_in_flight = self.accepts_in_flight.saturating_sub(1);
-        let rule_name = &self.runtime.rule(self.listeners[li].rule).rule.name;
+        let ri = self.listeners[li].rule;
+        self.accepts_by_rule[ri] = self.accepts_by_rule[ri].saturating_sub(1);
+        let rule_name = &self.runtime.rule(ri).rule.name;
         let l = &mut self.listeners[li];
         l.in_flight = l.in_flight.saturating_sub(1);
         if l.state == ListenerState::Cancelling {
@@ -483,6 +533,7 @@ impl Worker {
             }
             l.state = ListenerState::Backoff(now + net::ACCEPT_BACKOFF);
         }
+        self.queue_arm(li);
         if res < 0 {
             return;
         }
@@ -536,6 +587,7 @@ impl Worker {
             return;
         }
         let mut session = session;
+        session.set_listen_port(rt, self.listeners[li].port);
         if rt.wants_local_addr() {
             session.set_local(
                 SockRef::from(&client)
@@ -1150,11 +1202,12 @@ impl Worker {
             self.broadcast(Event::Shutdown, now, |_| true);
         }
         if !self.draining {
-            for l in &mut self.listeners {
-                if let ListenerState::Backoff(until) = l.state
+            for i in 0..self.listeners.len() {
+                if let ListenerState::Backoff(until) = self.listeners[i].state
                     && now >= until
                 {
-                    l.state = ListenerState::Open;
+                    self.listeners[i].state = ListenerState::Open;
+                    self.queue_arm(i);
                 }
             }
         }
