@@ -120,6 +120,7 @@ pub fn run(
                     phase_rx.clone(),
                     live.clone(),
                     Arc::new(Semaphore::new(per_listener)),
+                    ctx.shutdown.clone(),
                 )));
             }
         }
@@ -149,6 +150,7 @@ async fn accept_loop(
     mut phase: watch::Receiver<Phase>,
     live: Arc<Live>,
     unsettled: Arc<Semaphore>,
+    stop: crate::shutdown::Shutdown,
 ) {
     let mut exhausted = net::ExhaustionLog::default();
     let rt = runtime.rule(rule_idx);
@@ -173,7 +175,7 @@ async fn accept_loop(
                     tracing::info!(rule = %rule.name, "accept: file descriptors available again");
                 }
                 let shard = metrics.rule(rule_idx).local();
-                let draining = *phase.borrow() >= Phase::Draining;
+                let draining = stop.refuses_new();
                 let Ok(session) = rt.admit(shard, Some(peer), Instant::now(), draining) else {
                     net::set_reset_on_close(SockRef::from(&stream));
                     continue;

@@ -192,6 +192,23 @@ impl Collector for MetricsCollector {
         }
 
         let mut f = enc.encode_descriptor(
+            "ringfwd_config_reloads",
+            "Config reloads (SIGHUP, POST /reload, watch_config), by result.",
+            None,
+            MetricType::Counter,
+        )?;
+        let [ok, failed] = self.metrics.reloads();
+        ConstCounter::new(ok).encode(f.encode_family(&[("result", "success")])?)?;
+        ConstCounter::new(failed).encode(f.encode_family(&[("result", "failure")])?)?;
+        let f = enc.encode_descriptor(
+            "ringfwd_config_last_reload_success_timestamp_seconds",
+            "Unix time the running config took effect (start-up or the last successful reload).",
+            None,
+            MetricType::Gauge,
+        )?;
+        ConstGauge::new(self.metrics.last_reload_success()).encode(f)?;
+
+        let mut f = enc.encode_descriptor(
             "ringfwd_connections_accepted",
             "Client connections accepted.",
             None,
@@ -224,9 +241,9 @@ impl Collector for MetricsCollector {
             }
         }
 
-        let pools: Vec<(&str, Vec<MemberSnapshot>)> = self
-            .metrics
-            .runtime()
+        let runtime = self.metrics.runtime();
+        let pools: Vec<(&str, Vec<MemberSnapshot>)> = runtime
+            .as_ref()
             .map(|rt| {
                 let now = std::time::Instant::now();
                 rt.rules
@@ -311,9 +328,8 @@ impl Collector for MetricsCollector {
             &series,
         )?;
 
-        let taps: Vec<(&str, u64)> = self
-            .metrics
-            .rules()
+        let rules = self.metrics.rules();
+        let taps: Vec<(&str, u64)> = rules
             .iter()
             .filter_map(|r| r.tap().map(|t| (r.name.as_str(), t.dropped().0)))
             .collect();

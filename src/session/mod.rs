@@ -47,8 +47,29 @@ pub struct Runtime {
 impl Runtime {
     /// Builds each rule's pool from the validated config.
     pub fn new(config: &Config) -> Arc<Self> {
+        Arc::new(Self::build(config))
+    }
+
+    /// The runtime of a reloaded config: as [`Runtime::new`], except that a rule whose name
+    /// and upstream settings are unchanged keeps `previous`'s pool (member health and
+    /// counters carry on).
+    pub fn next(config: &Config, previous: &Runtime) -> Arc<Self> {
+        let mut rt = Self::build(config);
+        for r in &mut rt.rules {
+            if let Some(p) = previous
+                .rules
+                .iter()
+                .find(|p| p.rule.name == r.rule.name && p.rule.upstream == r.rule.upstream)
+            {
+                r.pool = p.pool.clone();
+            }
+        }
+        Arc::new(rt)
+    }
+
+    fn build(config: &Config) -> Self {
         let epoch = Instant::now();
-        Arc::new(Self {
+        Self {
             rules: config
                 .rules
                 .iter()
@@ -82,7 +103,7 @@ impl Runtime {
                     cut: AtomicU64::new(0),
                 })
                 .collect(),
-        })
+        }
     }
 
     pub fn rule(&self, index: usize) -> &RuleRuntime {

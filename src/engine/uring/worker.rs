@@ -492,7 +492,7 @@ impl Worker {
             .peer_addr()
             .ok()
             .and_then(|a| a.as_socket());
-        let Ok(session) = rt.admit(shard, peer, now, self.draining) else {
+        let Ok(session) = rt.admit(shard, peer, now, self.shutdown.refuses_new()) else {
             net::set_reset_on_close(SockRef::from(&client));
             return;
         };

@@ -1,0 +1,660 @@
+//! The control plane: config reload, binary upgrade (socket takeover) and socket activation.
+//!
+//! A running config is a **generation**: a validated [`Config`], its session [`Runtime`], its
+//! metrics view and one engine instance serving its listeners. A reload (SIGHUP, `POST
+//! /reload`, `watch_config`) never changes a generation in place; it starts the next one:
+//!
+//! 1. load and validate the whole new file; bind the addresses no current rule listens on;
+//! 2. start a new engine instance on *duplicates of the very same sockets* for the addresses
+//!    it keeps (same sockets, same accept queues — with `SO_REUSEPORT` each worker has its own
+//!    queue, and closing a socket would drop it) plus the newly bound ones, and wait until it
+//!    is ready;
+//! 3. retire the old generation ([`Shutdown::retire`]): it stops accepting, closes only its
+//!    own descriptors (never `shutdown(2)` on a listener), serves what it already accepted,
+//!    and its live connections run on until they end or its `shutdown_grace` passes. A
+//!    removed rule's socket has no other descriptor, so its port closes then.
+//!
+//! Any error before step 3 drops what was built and leaves the running generation alone. A
+//! connection keeps the generation (rule version, pool, limits) it was accepted by. The same
+//! hand-over serves `run --takeover` ([`takeover`]) across processes, and sockets passed by
+//! systemd ([`fds::from_systemd`]) are matched to rules by address like taken-over ones.
+
+pub mod fds;
+pub mod takeover;
+pub mod watch;
+
+use std::io::Write;
+use std::net::{SocketAddr, TcpListener};
+use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
+use std::sync::mpsc;
+use std::thread::JoinHandle;
+
+use crate::config::{Config, ConfigError};
+use crate::engine::{self, EngineError, Listeners, Resolved, RunContext};
+use crate::metrics::Metrics;
+use crate::net;
+use crate::session::Runtime;
+use crate::shutdown::{Phase, Shutdown};
+use crate::upstream;
+
+/// Older generations that may still be draining when a reload starts another; a reload
+/// beyond that is refused (nothing changes) until one has ended. Each draining generation
+/// holds an engine instance (with io_uring: rings, registered buffers and pipes per worker).
+pub const MAX_DRAINING: usize = 2;
+
+/// What asked for a reload.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Trigger {
+    Signal,
+    Admin,
+    Watch,
+}
+
+impl Trigger {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Signal => "SIGHUP",
+            Self::Admin => "POST /reload",
+            Self::Watch => "watch_config",
+        }
+    }
+}
+
+/// What the supervisor acts on, one at a time.
+pub enum Event {
+    /// Reload the config; the result goes to the sender, if any.
+    Reload(Trigger, Option<mpsc::Sender<Result<String, String>>>),
+    /// The process moved to this shutdown phase (SIGINT/SIGTERM).
+    Stop(Phase),
+    /// A generation's engine returned (with its error, if it failed).
+    Ended(u64, Option<String>),
+    /// A new process asks for the listening sockets (`None`: not serving).
+    Handoff(mpsc::Sender<Option<takeover::Handoff>>),
+    /// The new process serves them: retire everything, exit once drained.
+    TakenOver,
+}
+
+/// Listening sockets this process did not bind: passed by systemd or taken over.
+#[derive(Default)]
+pub struct Inherited {
+    listeners: Vec<(SocketAddr, TcpListener)>,
+}
+
+impl Inherited {
+    pub fn add(&mut self, ls: impl IntoIterator<Item = TcpListener>) {
+        for l in ls {
+            match l.local_addr() {
+                Ok(a) => self.listeners.push((a, l)),
+                Err(e) => tracing::warn!(error = %e, "an inherited socket has no address; closed"),
+            }
+        }
+    }
+
+    /// Every inherited socket listening on exactly `addr`.
+    fn take(&mut self, addr: SocketAddr) -> Vec<TcpListener> {
+        let (matched, rest) = std::mem::take(&mut self.listeners)
+            .into_iter()
+            .partition(|(a, _)| *a == addr);
+        self.listeners = rest;
+        matched.into_iter().map(|(_, l)| l).collect()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.listeners.is_empty()
+    }
+
+    /// The addresses no rule took (their sockets close when this is dropped).
+    pub fn leftover(&self) -> Vec<SocketAddr> {
+        self.listeners.iter().map(|(a, _)| *a).collect()
+    }
+}
+
+/// `sockets` made up to `n` descriptors by duplicating them round-robin (systemd passes one
+/// socket per address; each io_uring worker then accepts on its own descriptor of it).
+fn fill(mut sockets: Vec<TcpListener>, n: usize) -> std::io::Result<Vec<TcpListener>> {
+    let k = sockets.len();
+    while sockets.len() < n {
+        let l = sockets[sockets.len() % k].try_clone()?;
+        sockets.push(l);
+    }
+    Ok(sockets)
+}
+
+/// Every rule's listeners for the first generation: inherited ones on the rule's address if
+/// any (matched by address, whatever their name was), else freshly bound.
+///
+/// # Errors
+/// A rule's address cannot be bound.
+pub fn first_listeners(
+    config: &Config,
+    per_rule: usize,
+    inherited: &mut Inherited,
+) -> Result<Vec<Vec<TcpListener>>, EngineError> {
+    let mut out = Vec::with_capacity(config.rules.len());
+    for rule in &config.rules {
+        let got = inherited.take(rule.listen);
+        if got.is_empty() {
+            out.push(net::bind_listeners(rule.listen, per_rule)?);
+        } else {
+            tracing::info!(rule = %rule.name, addr = %rule.listen, sockets = got.len(), "serving an inherited listening socket");
+            out.push(fill(got, per_rule).map_err(|source| EngineError::Io {
+                what: "cannot duplicate an inherited listener",
+                source,
+            })?);
+        }
+    }
+    Ok(out)
+}
+
+/// One config generation and the engine instance serving it.
+struct Generation {
+    id: u64,
+    config: Config,
+    metrics: Arc<Metrics>,
+    runtime: Arc<Runtime>,
+    shutdown: Shutdown,
+    /// This supervisor's own descriptors of the generation's listeners, per rule (the engine
+    /// serves duplicates): what the next generation or a new process is handed.
+    sockets: Vec<Vec<TcpListener>>,
+    thread: Option<JoinHandle<()>>,
+    upstreams: Option<upstream::control::Stop>,
+}
+
+impl Generation {
+    /// Stops accepting (the next generation serves the same sockets) and drains.
+    fn retire(&mut self) {
+        self.shutdown.retire();
+        self.sockets.clear();
+        self.upstreams = None;
+    }
+}
+
+/// How the run ended.
+pub struct Summary {
+    /// Live sessions when the process began to stop.
+    pub live_at_drain: u64,
+    /// Sessions cut by a grace period running out, over every generation.
+    pub cut: u64,
+    /// Why the serving generation stopped by itself, if it did.
+    pub failure: Option<String>,
+    /// A new process took the sockets over (it owns the control socket's path now).
+    pub taken_over: bool,
+}
+
+/// Runs the generations: starts the first, then acts on [`Event`]s until the process has
+/// stopped (or handed over) and every generation has drained.
+pub struct Supervisor {
+    engine: Resolved,
+    /// The first generation's metrics view: what the readers hold.
+    metrics: Arc<Metrics>,
+    events_tx: mpsc::Sender<Event>,
+    events: mpsc::Receiver<Event>,
+    /// Loads the config again (the file, with the `run` flags applied); `None` without a file.
+    load: Option<Box<dyn Fn() -> Result<Config, ConfigError> + Send>>,
+    current: Option<Generation>,
+    retiring: Vec<Generation>,
+    next_id: u64,
+    /// A descriptor of the admin listener, handed over with the rules' sockets.
+    admin: Option<TcpListener>,
+    watch_enabled: Arc<AtomicBool>,
+    stopping: bool,
+    taken_over: bool,
+    live_at_drain: u64,
+    cut: u64,
+    failure: Option<String>,
+}
+
+impl Supervisor {
+    /// A supervisor reading `events` (whose sender the signal thread, the admin endpoint,
+    /// the watcher and the control socket hold clones of). Forwards the process's shutdown
+    /// phases as [`Event::Stop`].
+    ///
+    /// # Errors
+    /// The thread forwarding shutdown phases cannot start.
+    pub fn new(
+        engine: Resolved,
+        metrics: Arc<Metrics>,
+        process: &Shutdown,
+        events: (mpsc::Sender<Event>, mpsc::Receiver<Event>),
+        load: Option<Box<dyn Fn() -> Result<Config, ConfigError> + Send>>,
+        watch_enabled: Arc<AtomicBool>,
+    ) -> std::io::Result<Self> {
+        let (tx, rx) = events;
+        {
+            let (s, tx) = (process.clone(), tx.clone());
+            std::thread::Builder::new()
+                .name("ringfwd-stop".into())
+                .spawn(move || {
+                    for p in [Phase::Draining, Phase::Closing] {
+                        s.wait_for(p, None);
+                        if tx.send(Event::Stop(p)).is_err() {
+                            return;
+                        }
+                    }
+                })?;
+        }
+        Ok(Self {
+            engine,
+            metrics,
+            events_tx: tx,
+            events: rx,
+            load,
+            current: None,
+            retiring: Vec::new(),
+            next_id: 0,
+            admin: None,
+            watch_enabled,
+            stopping: false,
+            taken_over: false,
+            live_at_drain: 0,
+            cut: 0,
+            failure: None,
+        })
+    }
+
+    /// Keeps a descriptor of the admin listener, to hand it over in a takeover.
+    pub fn set_admin(&mut self, admin: Option<TcpListener>) {
+        self.admin = admin;
+    }
+
+    /// Starts the first generation on `sockets` (one entry per rule); returns the engine
+    /// that runs and every rule's address once it serves.
+    ///
+    /// # Errors
+    /// The engine could not start.
+    pub fn start(
+        &mut self,
+        config: Config,
+        sockets: Vec<Vec<TcpListener>>,
+        runtime: Arc<Runtime>,
+    ) -> Result<(Resolved, Vec<(String, SocketAddr)>), String> {
+        let (g, addrs) = self.start_generation(config, sockets, self.metrics.clone(), runtime)?;
+        self.current = Some(g);
+        Ok((self.engine, addrs))
+    }
+
+    fn start_generation(
+        &mut self,
+        config: Config,
+        sockets: Vec<Vec<TcpListener>>,
+        metrics: Arc<Metrics>,
+        runtime: Arc<Runtime>,
+    ) -> Result<(Generation, Vec<(String, SocketAddr)>), String> {
+        let listeners = Listeners {
+            per_rule: sockets
+                .iter()
+                .map(|ls| ls.iter().map(TcpListener::try_clone).collect())
+                .collect::<std::io::Result<_>>()
+                .map_err(|e| format!("cannot duplicate the listeners: {e}"))?,
+        };
+        let shutdown = Shutdown::new();
+        shutdown.spawn_grace_timer(config.shutdown_grace);
+        let id = self.next_id;
+        self.next_id += 1;
+        let (ready_tx, ready_rx) = mpsc::channel();
+        let ctx = RunContext {
+            shutdown: shutdown.clone(),
+            metrics: metrics.clone(),
+            runtime: runtime.clone(),
+        };
+        let (cfg, engine, events) = (config.clone(), self.engine, self.events_tx.clone());
+        let thread = std::thread::Builder::new()
+            .name(format!("ringfwd-gen{id}"))
+            .spawn(move || {
+                let on_ready = ready_tx.clone();
+                let result = engine::serve(&cfg, engine, listeners, ctx, move |e, addrs| {
+                    let _ = on_ready.send(Ok((e, addrs.to_vec())));
+                });
+                let err = result.err().map(|e| e.to_string());
+                if let Some(e) = &err {
+                    let _ = ready_tx.send(Err(e.clone()));
+                }
+                let _ = events.send(Event::Ended(id, err));
+            })
+            .map_err(|e| format!("cannot start an engine thread: {e}"))?;
+        match ready_rx.recv() {
+            Ok(Ok((resolved, addrs))) => {
+                self.engine = resolved;
+                let upstreams = upstream::control::spawn_stoppable(
+                    runtime.pools(),
+                    Arc::new(upstream::control::SystemResolver),
+                )
+                .map_err(|e| {
+                    tracing::warn!(error = %e, "cannot start the upstream health-check thread");
+                })
+                .ok()
+                .flatten();
+                Ok((
+                    Generation {
+                        id,
+                        config,
+                        metrics,
+                        runtime,
+                        shutdown,
+                        sockets,
+                        thread: Some(thread),
+                        upstreams,
+                    },
+                    addrs,
+                ))
+            }
+            Ok(Err(why)) => {
+                shutdown.advance(Phase::Closing);
+                let _ = thread.join();
+                Err(why)
+            }
+            Err(_) => {
+                shutdown.advance(Phase::Closing);
+                let _ = thread.join();
+                Err("the engine stopped while starting".into())
+            }
+        }
+    }
+
+    /// Acts on events until the process has stopped or handed over, and every generation
+    /// has drained.
+    pub fn run(mut self) -> Summary {
+        loop {
+            if (self.stopping || self.taken_over)
+                && self.current.is_none()
+                && self.retiring.is_empty()
+            {
+                break;
+            }
+            let Ok(ev) = self.events.recv() else { break };
+            match ev {
+                Event::Reload(trigger, reply) => {
+                    let r = self.reload(trigger);
+                    if let Some(tx) = reply {
+                        let _ = tx.send(r);
+                    }
+                }
+                Event::Stop(phase) => self.stop(phase),
+                Event::Ended(id, err) => self.ended(id, err),
+                Event::Handoff(reply) => {
+                    let _ = reply.send(self.handoff());
+                }
+                Event::TakenOver => {
+                    self.taken_over = true;
+                    if let Some(mut g) = self.current.take() {
+                        self.live_at_drain = g.runtime.live();
+                        g.retire();
+                        self.retiring.push(g);
+                    }
+                }
+            }
+        }
+        Summary {
+            live_at_drain: self.live_at_drain,
+            cut: self.cut,
+            failure: self.failure,
+            taken_over: self.taken_over,
+        }
+    }
+
+    fn stop(&mut self, phase: Phase) {
+        if phase == Phase::Draining && !self.stopping {
+            self.stopping = true;
+            self.live_at_drain = self
+                .current
+                .iter()
+                .chain(&self.retiring)
+                .map(|g| g.runtime.live())
+                .sum();
+            tracing::info!(
+                live = self.live_at_drain,
+                "draining: no new connections; live ones may finish"
+            );
+            if let Some(g) = self.current.take() {
+                g.shutdown.advance(Phase::Draining);
+                self.retiring.push(g);
+            }
+        }
+        if phase == Phase::Closing {
+            for g in self.current.iter().chain(&self.retiring) {
+                g.shutdown.advance(Phase::Closing);
+            }
+        }
+    }
+
+    fn ended(&mut self, id: u64, err: Option<String>) {
+        let mut g = if self.current.as_ref().is_some_and(|g| g.id == id) {
+            let g = self.current.take();
+            // The serving generation stopped by itself: an engine failure.
+            let why = err
+                .clone()
+                .unwrap_or_else(|| "the engine stopped".to_string());
+            tracing::error!(generation = id, error = %why, "the serving engine stopped; exiting");
+            self.failure = Some(why);
+            self.stopping = true;
+            for r in &mut self.retiring {
+                r.shutdown.advance(Phase::Closing);
+            }
+            g
+        } else if let Some(i) = self.retiring.iter().position(|g| g.id == id) {
+            Some(self.retiring.remove(i))
+        } else {
+            // A generation that failed to start: already joined.
+            None
+        };
+        if let Some(g) = &mut g {
+            if let Some(t) = g.thread.take() {
+                let _ = t.join();
+            }
+            self.cut += g.runtime.cut();
+            if let Some(e) = err {
+                tracing::warn!(generation = id, error = %e, "a draining generation ended with an error");
+            } else if !self.stopping && !self.taken_over {
+                tracing::info!(generation = id, "an older config generation has drained");
+            }
+        }
+    }
+
+    /// Descriptors of the serving generation's sockets, for a new process.
+    fn handoff(&self) -> Option<takeover::Handoff> {
+        if self.stopping || self.taken_over {
+            return None;
+        }
+        let g = self.current.as_ref()?;
+        let mut rules = Vec::new();
+        for (rule, ls) in g.config.rules.iter().zip(&g.sockets) {
+            for l in ls {
+                rules.push((rule.name.clone(), l.try_clone().ok()?));
+            }
+        }
+        let admin = self.admin.as_ref().and_then(|a| a.try_clone().ok());
+        Some(takeover::Handoff { rules, admin })
+    }
+
+    fn reload(&mut self, trigger: Trigger) -> Result<String, String> {
+        let r = self.try_reload();
+        self.metrics.reloaded(r.is_ok());
+        match &r {
+            Ok(changes) => tracing::info!(trigger = trigger.as_str(), "config reloaded: {changes}"),
+            Err(why) => tracing::warn!(
+                trigger = trigger.as_str(),
+                "config reload failed, still running the previous config: {why}"
+            ),
+        }
+        r
+    }
+
+    fn try_reload(&mut self) -> Result<String, String> {
+        if self.stopping || self.taken_over {
+            return Err("the process is stopping".into());
+        }
+        let Some(load) = &self.load else {
+            return Err("this run has no --config file to reload".into());
+        };
+        let mut new = load().map_err(|e| e.to_string())?;
+        new.ensure_runnable().map_err(|e| e.to_string())?;
+        let Some(cur) = self.current.as_ref() else {
+            return Err("not serving".into());
+        };
+        let not_applied = keep_process_settings(&cur.config, &mut new);
+        for w in &new.warnings {
+            tracing::warn!("{w}");
+        }
+        let diff = Diff::between(&cur.config, &new);
+        let mut summary = diff.to_string();
+        if !not_applied.is_empty() {
+            summary.push_str(&format!(
+                "; not applied (they need a restart or a --takeover upgrade): {}",
+                not_applied.join(", ")
+            ));
+        }
+        let mut same = new.clone();
+        same.warnings.clone_from(&cur.config.warnings);
+        if same == cur.config {
+            return Ok(format!("no change{}", summary.strip_prefix("no change").unwrap_or("")));
+        }
+        if self.retiring.len() >= MAX_DRAINING {
+            return Err(format!(
+                "{} earlier config generations are still draining (at most {MAX_DRAINING}); try again once one has ended (within shutdown_grace = {:?})",
+                self.retiring.len(),
+                cur.config.shutdown_grace
+            ));
+        }
+        // Kept addresses: the same sockets (by address, whatever the rule is called now).
+        // New addresses: bound now, so a taken port fails the reload before anything moves.
+        let per_rule = engine::listeners_per_rule(&new, self.engine);
+        let mut sockets = Vec::with_capacity(new.rules.len());
+        for rule in &new.rules {
+            let kept = cur.config.rules.iter().position(|r| r.listen == rule.listen);
+            let ls = match kept {
+                Some(i) => cur.sockets[i]
+                    .iter()
+                    .map(TcpListener::try_clone)
+                    .collect::<std::io::Result<Vec<_>>>()
+                    .map_err(|e| format!("rule {:?}: cannot duplicate its listeners: {e}", rule.name))?,
+                None => net::bind_listeners(rule.listen, per_rule)
+                    .map_err(|e| format!("rule {:?}: {e}", rule.name))?,
+            };
+            sockets.push(ls);
+        }
+        let names: Vec<&str> = new.rules.iter().map(|r| r.name.as_str()).collect();
+        let metrics = cur.metrics.next_generation(&names);
+        metrics
+            .open_taps(new.rules.iter().map(|r| r.tap.as_deref()))
+            .map_err(|e| e.to_string())?;
+        let runtime = Runtime::next(&new, &cur.runtime);
+        self.watch_enabled
+            .store(new.watch_config, std::sync::atomic::Ordering::Relaxed);
+        self.metrics.set_access_log(new.access_log);
+        let (g, addrs) = self.start_generation(new, sockets, metrics, runtime)?;
+        // The switch: the new generation serves; the old one stops accepting and drains.
+        self.metrics.set_runtime(g.runtime.clone());
+        let id = g.id;
+        if let Some(mut old) = self.current.replace(g) {
+            old.retire();
+            self.retiring.push(old);
+        }
+        let mut out = std::io::stdout().lock();
+        for (name, addr) in &addrs {
+            if diff.added.contains(name) {
+                tracing::info!(rule = %name, %addr, "listening");
+                let _ = writeln!(
+                    out,
+                    "listening rule={name} addr={addr} engine={}",
+                    self.engine.as_str()
+                );
+            }
+        }
+        let _ = writeln!(out, "reloaded generation={id}");
+        let _ = out.flush();
+        Ok(format!("generation {id}: {summary}"))
+    }
+}
+
+/// Resets in `new` what only a new process can change, and names each such setting that
+/// differed.
+fn keep_process_settings(cur: &Config, new: &mut Config) -> Vec<&'static str> {
+    let mut kept = Vec::new();
+    macro_rules! keep {
+        ($($field:ident),*) => {$(
+            if new.$field != cur.$field {
+                kept.push(stringify!($field));
+                new.$field = cur.$field.clone();
+            }
+        )*};
+    }
+    keep!(
+        workers,
+        engine,
+        admin,
+        admin_allow_remote,
+        log_format,
+        hdr_log,
+        run_as,
+        control_socket
+    );
+    kept
+}
+
+/// Which rules a reload adds, removes and changes (by name).
+#[derive(Debug, Default)]
+pub struct Diff {
+    pub added: Vec<String>,
+    pub removed: Vec<String>,
+    pub changed: Vec<String>,
+    pub kept: usize,
+    /// Settings outside the rules that changed.
+    pub settings: Vec<&'static str>,
+}
+
+impl Diff {
+    pub fn between(old: &Config, new: &Config) -> Self {
+        let mut d = Self::default();
+        for r in &new.rules {
+            match old.rules.iter().find(|o| o.name == r.name) {
+                None => d.added.push(r.name.clone()),
+                Some(o) if o != r => d.changed.push(r.name.clone()),
+                Some(_) => d.kept += 1,
+            }
+        }
+        for o in &old.rules {
+            if !new.rules.iter().any(|r| r.name == o.name) {
+                d.removed.push(o.name.clone());
+            }
+        }
+        if old.mode != new.mode {
+            d.settings.push("mode");
+        }
+        if old.shutdown_grace != new.shutdown_grace {
+            d.settings.push("shutdown_grace");
+        }
+        if old.access_log != new.access_log {
+            d.settings.push("access_log");
+        }
+        if old.watch_config != new.watch_config {
+            d.settings.push("watch_config");
+        }
+        if old.uring != new.uring {
+            d.settings.push("uring");
+        }
+        d
+    }
+}
+
+impl std::fmt::Display for Diff {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let mut parts = Vec::new();
+        for (what, names) in [
+            ("added", &self.added),
+            ("removed", &self.removed),
+            ("changed", &self.changed),
+        ] {
+            if !names.is_empty() {
+                parts.push(format!("{what} {}", names.join(", ")));
+            }
+        }
+        if !self.settings.is_empty() {
+            parts.push(format!("settings {}", self.settings.join(", ")));
+        }
+        if parts.is_empty() {
+            return write!(f, "no change");
+        }
+        write!(f, "{}; {} unchanged", parts.join("; "), self.kept)
+    }
+}
