@@ -166,7 +166,8 @@ fn run(args: &RunArgs) -> anyhow::Result<()> {
             "socket activation: listening sockets passed by systemd"
         );
     }
-    inherited.add(activation.listeners);
+    let activated = !activation.listeners.is_empty();
+    inherited.add(activation.listeners.into_iter().map(|l| (None, l)));
     let mut inherited_admin = None;
     let mut takeover = match &args.takeover {
         Some(path) => {
@@ -177,7 +178,7 @@ fn run(args: &RunArgs) -> anyhow::Result<()> {
                 "takeover: received the running process's listening sockets"
             );
             let (rules, admin) = received.take();
-            inherited.add(rules.into_iter().map(|(_, l)| l));
+            inherited.add(rules.into_iter().map(|(name, l)| (Some(name), l)));
             inherited_admin = admin;
             Some(received)
         }
@@ -229,6 +230,7 @@ fn run(args: &RunArgs) -> anyhow::Result<()> {
         watch_enabled.clone(),
     )?;
     supervisor.set_admin(admin_fd);
+    supervisor.set_socket_activated(activated);
     let sockets = control::first_listeners(
         &config,
         engine::listeners_per_rule(&config, engine),

@@ -78,26 +78,35 @@ pub enum Event {
 /// Listening sockets this process did not bind: passed by systemd or taken over.
 #[derive(Default)]
 pub struct Inherited {
-    listeners: Vec<(SocketAddr, TcpListener)>,
+    /// `(address, the rule that served it in the old process (takeover only), socket)`.
+    listeners: Vec<(SocketAddr, Option<String>, TcpListener)>,
 }
 
 impl Inherited {
-    pub fn add(&mut self, ls: impl IntoIterator<Item = TcpListener>) {
-        for l in ls {
+    /// Adds sockets, each with the name of the rule that served it, if known.
+    pub fn add(&mut self, ls: impl IntoIterator<Item = (Option<String>, TcpListener)>) {
+        for (name, l) in ls {
             match l.local_addr() {
-                Ok(a) => self.listeners.push((a, l)),
+                Ok(a) => self.listeners.push((a, name, l)),
                 Err(e) => tracing::warn!(error = %e, "an inherited socket has no address; closed"),
             }
         }
     }
 
-    /// Every inherited socket listening on exactly `addr`.
-    fn take(&mut self, addr: SocketAddr) -> Vec<TcpListener> {
+    /// The inherited sockets for `rule`: those listening on exactly its address — or, for a
+    /// rule on port 0 (any port), those its namesake served on the same IP.
+    fn take(&mut self, rule: &crate::config::Rule) -> Vec<TcpListener> {
+        let wanted = |a: &SocketAddr, name: &Option<String>| {
+            *a == rule.listen
+                || (rule.listen.port() == 0
+                    && a.ip() == rule.listen.ip()
+                    && name.as_deref() == Some(rule.name.as_str()))
+        };
         let (matched, rest) = std::mem::take(&mut self.listeners)
             .into_iter()
-            .partition(|(a, _)| *a == addr);
+            .partition(|(a, n, _)| wanted(a, n));
         self.listeners = rest;
-        matched.into_iter().map(|(_, l)| l).collect()
+        matched.into_iter().map(|(_, _, l)| l).collect()
     }
 
     pub fn is_empty(&self) -> bool {
@@ -106,7 +115,7 @@ impl Inherited {
 
     /// The addresses no rule took (their sockets close when this is dropped).
     pub fn leftover(&self) -> Vec<SocketAddr> {
-        self.listeners.iter().map(|(a, _)| *a).collect()
+        self.listeners.iter().map(|(a, _, _)| *a).collect()
     }
 }
 
@@ -133,7 +142,7 @@ pub fn first_listeners(
 ) -> Result<Vec<Vec<TcpListener>>, EngineError> {
     let mut out = Vec::with_capacity(config.rules.len());
     for rule in &config.rules {
-        let got = inherited.take(rule.listen);
+        let got = inherited.take(rule);
         if got.is_empty() {
             out.push(net::bind_listeners(rule.listen, per_rule)?);
         } else {
@@ -198,6 +207,9 @@ pub struct Supervisor {
     /// A descriptor of the admin listener, handed over with the rules' sockets.
     admin: Option<TcpListener>,
     watch_enabled: Arc<AtomicBool>,
+    /// The listeners came from systemd, which keeps them open across our restart: a stop
+    /// then hands over like a reload (what was dequeued is served, never reset).
+    activated: bool,
     stopping: bool,
     taken_over: bool,
     live_at_drain: u64,
@@ -245,12 +257,18 @@ impl Supervisor {
             next_id: 0,
             admin: None,
             watch_enabled,
+            activated: false,
             stopping: false,
             taken_over: false,
             live_at_drain: 0,
             cut: 0,
             failure: None,
         })
+    }
+
+    /// Marks the listeners as passed by systemd (see [`Supervisor::stop`]'s handling).
+    pub fn set_socket_activated(&mut self, yes: bool) {
+        self.activated = yes;
     }
 
     /// Keeps a descriptor of the admin listener, to hand it over in a takeover.
@@ -407,7 +425,13 @@ impl Supervisor {
                 "draining: no new connections; live ones may finish"
             );
             if let Some(g) = self.current.take() {
-                g.shutdown.advance(Phase::Draining);
+                if self.activated {
+                    // systemd holds the sockets: connections keep queueing for the next
+                    // instance, and one this instance already dequeued is served.
+                    g.shutdown.retire();
+                } else {
+                    g.shutdown.advance(Phase::Draining);
+                }
                 self.retiring.push(g);
             }
         }
@@ -521,7 +545,10 @@ impl Supervisor {
         let per_rule = engine::listeners_per_rule(&new, self.engine);
         let mut sockets = Vec::with_capacity(new.rules.len());
         for rule in &new.rules {
-            let kept = cur.config.rules.iter().position(|r| r.listen == rule.listen);
+            // A rule on port 0 (any port) keeps the port its namesake was given.
+            let kept = cur.config.rules.iter().position(|r| {
+                r.listen == rule.listen && (rule.listen.port() != 0 || r.name == rule.name)
+            });
             let ls = match kept {
                 Some(i) => cur.sockets[i]
                     .iter()
