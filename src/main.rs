@@ -274,15 +274,21 @@ fn run(args: &RunArgs) -> anyhow::Result<()> {
     if let Some(received) = takeover.take() {
         // Serving: the old process may now stop accepting and drain.
         match received.ready() {
-            Ok(answer) => tracing::info!(answer = %answer.trim(), "takeover: the old process is draining"),
+            Ok(answer) => {
+                tracing::info!(answer = %answer.trim(), "takeover: the old process is draining")
+            }
             Err(e) => tracing::warn!("takeover: {e}; serving anyway"),
         }
     }
     if let Some(path) = &config.control_socket {
         // After a takeover this replaces the old process's socket file.
         match control::takeover::serve(path, events.0.clone()) {
-            Ok(()) => tracing::info!(path = %path.display(), "control socket listening (run --takeover)"),
-            Err(e) => tracing::warn!(path = %path.display(), error = %e, "cannot listen on the control socket; --takeover from this process is not possible"),
+            Ok(()) => {
+                tracing::info!(path = %path.display(), "control socket listening (run --takeover)")
+            }
+            Err(e) => {
+                tracing::warn!(path = %path.display(), error = %e, "cannot listen on the control socket; --takeover from this process is not possible")
+            }
         }
     }
     if reloadable {

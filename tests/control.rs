@@ -67,8 +67,10 @@ fn one_exchange(addr: SocketAddr, n: u64) -> io::Result<()> {
 fn bulk(addr: SocketAddr, seed: u64) -> Result<(), String> {
     let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5))
         .map_err(|e| format!("bulk {seed}: connect: {e}"))?;
-    s.set_read_timeout(Some(STEP_TIMEOUT)).map_err(|e| e.to_string())?;
-    s.set_write_timeout(Some(STEP_TIMEOUT)).map_err(|e| e.to_string())?;
+    s.set_read_timeout(Some(STEP_TIMEOUT))
+        .map_err(|e| e.to_string())?;
+    s.set_write_timeout(Some(STEP_TIMEOUT))
+        .map_err(|e| e.to_string())?;
     let mut r = s.try_clone().map_err(|e| e.to_string())?;
     let reader = std::thread::spawn(move || hash_to_eof(&mut r));
     let mut stream = Stream::new(seed, 16 << 10);
@@ -91,7 +93,11 @@ fn bulk(addr: SocketAddr, seed: u64) -> Result<(), String> {
     if got != sent || hash != want {
         return Err(format!(
             "bulk {seed}: sent {sent} bytes, {got} came back{}",
-            if got == sent { " with other content" } else { "" }
+            if got == sent {
+                " with other content"
+            } else {
+                ""
+            }
         ));
     }
     Ok(())
@@ -155,8 +161,14 @@ impl Load {
     fn mark_change(&self, what: &str) -> u64 {
         let done = self.bulks_done.load(Ordering::Acquire);
         let ok = self.ok();
-        eprintln!("{what}: {ok} connections completed and {} of {BULKS} bulk transfers running at the change", BULKS as u64 - done);
-        assert_eq!(done, 0, "{what}: bulk transfers ended before the change: the test proves nothing");
+        eprintln!(
+            "{what}: {ok} connections completed and {} of {BULKS} bulk transfers running at the change",
+            BULKS as u64 - done
+        );
+        assert_eq!(
+            done, 0,
+            "{what}: bulk transfers ended before the change: the test proves nothing"
+        );
         ok
     }
 
@@ -287,7 +299,9 @@ fn reload_under_load(engine: &[&str]) {
     let line = wait_for_line(&relay, "config reloaded", STEP_TIMEOUT);
     let reloaded_at = load.mark_change("reload");
     assert!(
-        line.contains("added added") && line.contains("removed gone") && line.contains("changed kept"),
+        line.contains("added added")
+            && line.contains("removed gone")
+            && line.contains("changed kept"),
         "{line}"
     );
     // The added rule serves; the removed one's port refuses new connections, while its live
@@ -309,28 +323,43 @@ fn reload_under_load(engine: &[&str]) {
         new_pool.accepted() - before
     );
     let ok = load.finish("reload");
-    assert_eq!(metric(admin, "ringfwd_config_reloads_total{result=\"success\"}"), 1.0);
+    assert_eq!(
+        metric(admin, "ringfwd_config_reloads_total{result=\"success\"}"),
+        1.0
+    );
     // Counters of the kept rule continue across the reload (one series, all connections).
     let accepted = metric(admin, "ringfwd_connections_accepted_total{rule=\"kept\"}");
     assert!(accepted >= (ok + BULKS as u64) as f64, "{accepted} < {ok}");
 
     // Broken configs: nothing changes, and both ways say why.
-    std::fs::write(&file.path, format!("{head}[[rule]]\nname = \"kept\"\nlisten = ")).unwrap();
+    std::fs::write(
+        &file.path,
+        format!("{head}[[rule]]\nname = \"kept\"\nlisten = "),
+    )
+    .unwrap();
     kill(Pid::from_raw(relay.pid()), Signal::SIGHUP).unwrap();
     let line = wait_for_line(&relay, "config reload failed", STEP_TIMEOUT);
     assert!(line.contains("still running the previous config"), "{line}");
     std::fs::write(
         &file.path,
-        format!("{head}{}", rule("kept", "127.0.0.1:0", "127.0.0.1:1".parse().unwrap()))
-            + "max_connections = 0\n",
+        format!(
+            "{head}{}",
+            rule("kept", "127.0.0.1:0", "127.0.0.1:1".parse().unwrap())
+        ) + "max_connections = 0\n",
     )
     .unwrap();
     let (status, body) = post(admin, "/reload");
     assert_eq!(status, 422, "{body}");
-    assert!(body.contains("reload failed") && body.contains("max_connections"), "{body}");
+    assert!(
+        body.contains("reload failed") && body.contains("max_connections"),
+        "{body}"
+    );
     echo_once(kept).expect("the kept rule still serves");
     echo_once(added.parse().unwrap()).expect("the added rule still serves");
-    assert_eq!(metric(admin, "ringfwd_config_reloads_total{result=\"failure\"}"), 2.0);
+    assert_eq!(
+        metric(admin, "ringfwd_config_reloads_total{result=\"failure\"}"),
+        2.0
+    );
     relay.stop_and_wait();
 }
 
@@ -369,7 +398,11 @@ fn takeover_under_load(engine: &[&str]) {
         "the old process did not exit cleanly after the takeover: {status:?}\n{}",
         old.stderr()
     );
-    assert!(old.stderr().contains("draining and exiting"), "{}", old.stderr());
+    assert!(
+        old.stderr().contains("draining and exiting"),
+        "{}",
+        old.stderr()
+    );
     load.wait_ok(switched_at + 300);
     load.wait_ok(LOOP_CONNECTIONS);
     load.finish("takeover");
@@ -439,7 +472,11 @@ fn socket_activation_restart_under_load(engine: &[&str]) {
     load.mark_change("socket activation restart");
     old.sigterm();
     let status = old.wait_exit(Duration::from_secs(30));
-    assert!(status.is_some_and(|s| s.success()), "{status:?}\n{}", old.stderr());
+    assert!(
+        status.is_some_and(|s| s.success()),
+        "{status:?}\n{}",
+        old.stderr()
+    );
     let stopped_at = load.ok();
     let mut new = spawn_activated(&listener, &args, None);
     load.wait_ok(stopped_at + 300);
@@ -470,7 +507,9 @@ fn wrong_listen_pid_is_ignored_with_a_warning() {
     assert_ne!(relay.addr(), held.local_addr().unwrap());
     echo_once(relay.addr()).expect("serves on its own socket");
     assert!(
-        relay.stderr().contains("LISTEN_PID=\"1\" is not this process"),
+        relay
+            .stderr()
+            .contains("LISTEN_PID=\"1\" is not this process"),
         "{}",
         relay.stderr()
     );
@@ -495,7 +534,10 @@ fn watch_config_follows_a_symlink_swap() {
     std::fs::write(dir.join("v1/ringfwd.toml"), &base).unwrap();
     std::fs::write(
         dir.join("v2/ringfwd.toml"),
-        format!("{base}{}", rule("added", &format!("127.0.0.1:{added_port}"), pool.addr())),
+        format!(
+            "{base}{}",
+            rule("added", &format!("127.0.0.1:{added_port}"), pool.addr())
+        ),
     )
     .unwrap();
     std::os::unix::fs::symlink("v1", dir.join("..data")).unwrap();
@@ -505,7 +547,10 @@ fn watch_config_follows_a_symlink_swap() {
     std::os::unix::fs::symlink("v2", dir.join("..data_tmp")).unwrap();
     std::fs::rename(dir.join("..data_tmp"), dir.join("..data")).unwrap();
     let line = wait_for_line(&relay, "config reloaded", STEP_TIMEOUT);
-    assert!(line.contains("watch_config") && line.contains("added added"), "{line}");
+    assert!(
+        line.contains("watch_config") && line.contains("added added"),
+        "{line}"
+    );
     echo_once(format!("127.0.0.1:{added_port}").parse().unwrap()).expect("the added rule serves");
     relay.stop_and_wait();
     let _ = std::fs::remove_dir_all(&dir);

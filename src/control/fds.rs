@@ -81,11 +81,7 @@ pub fn from_systemd(listen_pid: Option<&str>, listen_fds: Option<&str>) -> Activ
         let sock = SockRef::from(&borrowed);
         let tcp_listener = sock.r#type().is_ok_and(|t| t == Type::STREAM)
             && sock.is_listener().unwrap_or(false)
-            && sock
-                .local_addr()
-                .ok()
-                .and_then(|a| a.as_socket())
-                .is_some();
+            && sock.local_addr().ok().and_then(|a| a.as_socket()).is_some();
         if !tcp_listener {
             out.warnings.push(format!(
                 "LISTEN_FDS: descriptor {fd} is not a listening TCP socket; left alone"
@@ -125,7 +121,10 @@ pub fn send_with_fds(sock: &impl AsRawFd, data: &[u8], fds: &[RawFd]) -> nix::Re
 /// # Errors
 /// `recvmsg` failed or timed out; a message whose descriptors were cut short (`MSG_CTRUNC`)
 /// is an error (the descriptors that did arrive are closed).
-pub fn recv_with_fds(sock: &impl AsRawFd, buf: &mut [u8]) -> std::io::Result<(usize, Vec<OwnedFd>)> {
+pub fn recv_with_fds(
+    sock: &impl AsRawFd,
+    buf: &mut [u8],
+) -> std::io::Result<(usize, Vec<OwnedFd>)> {
     let mut space = nix::cmsg_space!([RawFd; FDS_PER_MESSAGE]);
     let mut iov = [IoSliceMut::new(buf)];
     let msg = recvmsg::<()>(

@@ -424,7 +424,10 @@ impl Supervisor {
                 live = self.live_at_drain,
                 "draining: no new connections; live ones may finish"
             );
-            if let Some(g) = self.current.take() {
+            if let Some(mut g) = self.current.take() {
+                // Only the engine's descriptors may keep a socket open now: a stopping
+                // process closes its ports (unless systemd holds them).
+                g.sockets.clear();
                 if self.activated {
                     // systemd holds the sockets: connections keep queueing for the next
                     // instance, and one this instance already dequeued is served.
@@ -531,7 +534,10 @@ impl Supervisor {
         let mut same = new.clone();
         same.warnings.clone_from(&cur.config.warnings);
         if same == cur.config {
-            return Ok(format!("no change{}", summary.strip_prefix("no change").unwrap_or("")));
+            return Ok(format!(
+                "no change{}",
+                summary.strip_prefix("no change").unwrap_or("")
+            ));
         }
         if self.retiring.len() >= MAX_DRAINING {
             return Err(format!(
@@ -554,7 +560,9 @@ impl Supervisor {
                     .iter()
                     .map(TcpListener::try_clone)
                     .collect::<std::io::Result<Vec<_>>>()
-                    .map_err(|e| format!("rule {:?}: cannot duplicate its listeners: {e}", rule.name))?,
+                    .map_err(|e| {
+                        format!("rule {:?}: cannot duplicate its listeners: {e}", rule.name)
+                    })?,
                 None => net::bind_listeners(rule.listen, per_rule)
                     .map_err(|e| format!("rule {:?}: {e}", rule.name))?,
             };

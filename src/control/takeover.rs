@@ -127,7 +127,9 @@ fn handle(conn: &Socket, events: &mpsc::Sender<Event>) -> io::Result<bool> {
     let (tx, rx) = mpsc::channel();
     let _ = events.send(Event::Handoff(tx));
     let Ok(Some(handoff)) = rx.recv_timeout(STEP_WAIT) else {
-        return Err(io::Error::other("not serving (stopping or already handed over)"));
+        return Err(io::Error::other(
+            "not serving (stopping or already handed over)",
+        ));
     };
     let mut entries: Vec<(String, &TcpListener)> = Vec::new();
     for (name, l) in &handoff.rules {
@@ -204,7 +206,10 @@ pub fn receive(path: &Path) -> Result<Received, String> {
     loop {
         let (text, fds) = recv_text(&out.conn, &mut buf).map_err(why)?;
         if let Some(err) = text.strip_prefix("ERR ") {
-            return Err(format!("--takeover {}: the running process refused: {err}", path.display()));
+            return Err(format!(
+                "--takeover {}: the running process refused: {err}",
+                path.display()
+            ));
         }
         if let Some(n) = text.strip_prefix("END ") {
             let got = out.rules.len() + usize::from(out.admin.is_some());

@@ -62,9 +62,7 @@ pub fn spawn(
                 }
                 last = now;
                 if enabled.load(Ordering::Relaxed)
-                    && events
-                        .send(Event::Reload(Trigger::Watch, None))
-                        .is_err()
+                    && events.send(Event::Reload(Trigger::Watch, None)).is_err()
                 {
                     return;
                 }

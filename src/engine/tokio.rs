@@ -142,6 +142,8 @@ pub fn run(
     Ok(())
 }
 
+// One per listener, spawned once: the arguments are what the loop owns, not a hot call.
+#[allow(clippy::too_many_arguments)]
 async fn accept_loop(
     listener: TcpListener,
     runtime: Arc<Runtime>,
