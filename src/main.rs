@@ -230,6 +230,7 @@ fn run(args: &RunArgs) -> anyhow::Result<()> {
         watch_enabled.clone(),
     )?;
     supervisor.set_admin(admin_fd);
+    supervisor.set_watch_path(args.config.clone());
     supervisor.set_socket_activated(activated);
     let sockets = control::first_listeners(
         &config,
@@ -306,11 +307,6 @@ fn run(args: &RunArgs) -> anyhow::Result<()> {
                 .recv()
                 .unwrap_or_else(|_| Err("the process is stopping".into()))
         }));
-        if let Some(path) = &args.config
-            && let Err(e) = control::watch::spawn(path.clone(), watch_enabled, events.0.clone())
-        {
-            tracing::warn!(error = %e, "cannot start the config watcher");
-        }
     }
     drop(events.0);
     // One machine-readable line per rule on stdout: scripts and tests wait for it.

@@ -406,12 +406,23 @@ fn takeover_under_load(engine: &[&str]) {
     load.wait_ok(switched_at + 300);
     load.wait_ok(LOOP_CONNECTIONS);
     load.finish("takeover");
-    // A garbage peer on the control socket changes nothing.
+    // A garbage peer on the control socket gets an error and changes nothing.
     {
-        use std::os::unix::net::UnixStream;
-        if let Ok(mut s) = UnixStream::connect(&control) {
-            let _ = s.write_all(b"GET / HTTP/1.0\r\n\r\n");
-        }
+        use socket2::{Domain, SockAddr, Socket, Type};
+        let peer = Socket::new(Domain::UNIX, Type::SEQPACKET, None).unwrap();
+        peer.connect(&SockAddr::unix(&control).unwrap())
+            .expect("the new process listens on the control socket");
+        peer.send(b"GET / HTTP/1.0\r\n\r\n").unwrap();
+        peer.set_read_timeout(Some(STEP_TIMEOUT)).unwrap();
+        let mut buf = [std::mem::MaybeUninit::<u8>::uninit(); 256];
+        let n = peer.recv(&mut buf).expect("an answer");
+        // SAFETY: `recv` initialised the first `n` bytes.
+        let answer: Vec<u8> = buf[..n]
+            .iter()
+            .map(|b| unsafe { b.assume_init() })
+            .collect();
+        let answer = String::from_utf8_lossy(&answer);
+        assert!(answer.starts_with("ERR expected"), "{answer}");
     }
     echo_once(addr).expect("still serving after a garbage control peer");
     new.stop_and_wait();

@@ -207,6 +207,10 @@ pub struct Supervisor {
     /// A descriptor of the admin listener, handed over with the rules' sockets.
     admin: Option<TcpListener>,
     watch_enabled: Arc<AtomicBool>,
+    /// The `--config` file, for `watch_config`'s poller (started the first time a
+    /// generation has `watch_config = true`; no thread before).
+    watch_path: Option<std::path::PathBuf>,
+    watching: bool,
     /// The listeners came from systemd, which keeps them open across our restart: a stop
     /// then hands over like a reload (what was dequeued is served, never reset).
     activated: bool,
@@ -257,6 +261,8 @@ impl Supervisor {
             next_id: 0,
             admin: None,
             watch_enabled,
+            watch_path: None,
+            watching: false,
             activated: false,
             stopping: false,
             taken_over: false,
@@ -264,6 +270,27 @@ impl Supervisor {
             cut: 0,
             failure: None,
         })
+    }
+
+    /// The config file `watch_config` watches.
+    pub fn set_watch_path(&mut self, path: Option<std::path::PathBuf>) {
+        self.watch_path = path;
+    }
+
+    /// Starts the config poller if `config` asks for it and it does not run yet.
+    fn watch_if_asked(&mut self, config: &Config) {
+        self.watch_enabled
+            .store(config.watch_config, std::sync::atomic::Ordering::Relaxed);
+        if !config.watch_config || self.watching {
+            return;
+        }
+        let Some(path) = self.watch_path.clone() else {
+            return;
+        };
+        match watch::spawn(path, self.watch_enabled.clone(), self.events_tx.clone()) {
+            Ok(()) => self.watching = true,
+            Err(e) => tracing::warn!(error = %e, "cannot start the config watcher"),
+        }
     }
 
     /// Marks the listeners as passed by systemd (see [`Supervisor::stop`]'s handling).
@@ -287,6 +314,7 @@ impl Supervisor {
         sockets: Vec<Vec<TcpListener>>,
         runtime: Arc<Runtime>,
     ) -> Result<(Resolved, Vec<(String, SocketAddr)>), String> {
+        self.watch_if_asked(&config);
         let (g, addrs) = self.start_generation(config, sockets, self.metrics.clone(), runtime)?;
         self.current = Some(g);
         Ok((self.engine, addrs))
@@ -574,10 +602,10 @@ impl Supervisor {
             .open_taps(new.rules.iter().map(|r| r.tap.as_deref()))
             .map_err(|e| e.to_string())?;
         let runtime = Runtime::next(&new, &cur.runtime);
-        self.watch_enabled
-            .store(new.watch_config, std::sync::atomic::Ordering::Relaxed);
-        self.metrics.set_access_log(new.access_log);
         let (g, addrs) = self.start_generation(new, sockets, metrics, runtime)?;
+        self.metrics.set_access_log(g.config.access_log);
+        let watch = g.config.clone();
+        self.watch_if_asked(&watch);
         // The switch: the new generation serves; the old one stops accepting and drains.
         self.metrics.set_runtime(g.runtime.clone());
         let id = g.id;
