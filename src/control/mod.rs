@@ -721,3 +721,97 @@ impl std::fmt::Display for Diff {
         write!(f, "{}; {} unchanged", parts.join("; "), self.kept)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(text: &str) -> Config {
+        Config::parse("test.toml", text).expect("valid config")
+    }
+
+    const RULES: &str = r#"
+[[rule]]
+name = "web"
+listen = "127.0.0.1:0"
+upstream = "127.0.0.1:9000"
+[[rule]]
+name = "db"
+listen = "127.0.0.1:5432"
+upstream = "127.0.0.1:9001"
+"#;
+
+    #[test]
+    fn a_diff_names_added_removed_and_changed_rules() {
+        let old = config(RULES);
+        let new = config(
+            r#"
+[[rule]]
+name = "web"
+listen = "127.0.0.1:0"
+upstream = "127.0.0.1:9999"
+[[rule]]
+name = "cache"
+listen = "127.0.0.1:6379"
+upstream = "127.0.0.1:9002"
+"#,
+        );
+        let d = Diff::between(&old, &new);
+        assert_eq!(d.added, ["cache"]);
+        assert_eq!(d.removed, ["db"]);
+        assert_eq!(d.changed, ["web"]);
+        assert_eq!(
+            d.to_string(),
+            "added cache; removed db; changed web; 0 unchanged"
+        );
+        assert_eq!(Diff::between(&old, &old).to_string(), "no change");
+    }
+
+    #[test]
+    fn process_settings_are_kept_and_named() {
+        let cur = config(&format!("workers = 2\nengine = \"std\"\n{RULES}"));
+        let mut new = config(&format!(
+            "workers = 4\nengine = \"tokio\"\nshutdown_grace = \"3s\"\n{RULES}"
+        ));
+        assert_eq!(keep_process_settings(&cur, &mut new), ["workers", "engine"]);
+        assert_eq!(new.workers, cur.workers);
+        assert_eq!(new.engine, cur.engine);
+        // What a reload may change stays changed.
+        assert_eq!(new.shutdown_grace, std::time::Duration::from_secs(3));
+    }
+
+    #[test]
+    fn inherited_sockets_match_by_address_or_port_zero_by_name() {
+        let cfg = config(RULES);
+        let db = TcpListener::bind("127.0.0.1:0").unwrap();
+        let web = TcpListener::bind("127.0.0.1:0").unwrap();
+        let stray = TcpListener::bind("127.0.0.1:0").unwrap();
+        let db_addr = db.local_addr().unwrap();
+        let mut cfg = cfg;
+        cfg.rules[1].listen = db_addr;
+        let mut inherited = Inherited::default();
+        inherited.add([
+            (None, db),
+            (Some("web".to_string()), web),
+            (Some("other".to_string()), stray),
+        ]);
+        assert_eq!(inherited.take(&cfg.rules[1]).len(), 1);
+        assert_eq!(inherited.take(&cfg.rules[0]).len(), 1);
+        assert_eq!(inherited.leftover().len(), 1);
+        assert!(inherited.take(&cfg.rules[0]).is_empty());
+    }
+
+    #[test]
+    fn systemd_sockets_for_another_process_are_left_alone() {
+        let a = fds::from_systemd(Some("1"), Some("1"));
+        assert!(a.listeners.is_empty());
+        assert!(
+            a.warnings[0].contains("is not this process"),
+            "{:?}",
+            a.warnings
+        );
+        let b = fds::from_systemd(None, Some("2"));
+        assert!(b.listeners.is_empty() && !b.warnings.is_empty());
+        assert!(fds::from_systemd(None, None).warnings.is_empty());
+    }
+}
