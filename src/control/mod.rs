@@ -607,6 +607,7 @@ impl Supervisor {
         let watch = g.config.clone();
         self.watch_if_asked(&watch);
         // The switch: the new generation serves; the old one stops accepting and drains.
+        g.metrics.publish();
         self.metrics.set_runtime(g.runtime.clone());
         let id = g.id;
         if let Some(mut old) = self.current.replace(g) {

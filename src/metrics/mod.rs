@@ -354,9 +354,11 @@ impl Metrics {
     }
 
     /// The view of the next generation, whose rules are `rule_names`: a rule whose name this
-    /// process has run before gets the same counters back; a new name gets fresh ones.
+    /// process has run before gets the same counters back; a new name gets fresh ones, which
+    /// readers see once the view is [`Metrics::publish`]ed (a reload that fails after this
+    /// leaves no trace in the exported series).
     pub fn next_generation<S: AsRef<str>>(&self, rule_names: &[S]) -> Arc<Self> {
-        let mut all = self
+        let all = self
             .common
             .all
             .lock()
@@ -365,19 +367,30 @@ impl Metrics {
             .iter()
             .map(|n| {
                 let n = n.as_ref();
-                if let Some(r) = all.iter().find(|r| r.name == n) {
-                    r.clone()
-                } else {
-                    let r = rule_metrics(n, self.common.shards);
-                    all.push(r.clone());
-                    r
-                }
+                all.iter()
+                    .find(|r| r.name == n)
+                    .cloned()
+                    .unwrap_or_else(|| rule_metrics(n, self.common.shards))
             })
             .collect();
         Arc::new(Self {
             rules,
             common: self.common.clone(),
         })
+    }
+
+    /// Makes this view's rules visible to the readers ([`Metrics::rules`]).
+    pub fn publish(&self) {
+        let mut all = self
+            .common
+            .all
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        for r in &self.rules {
+            if !all.iter().any(|a| Arc::ptr_eq(a, r)) {
+                all.push(r.clone());
+            }
+        }
     }
 
     /// Counts a reload attempt; a success also stamps
@@ -568,6 +581,8 @@ mod tests {
         assert_eq!(next.rule(1).snapshot().accepted, 1);
         next.rule(1).shard(1).accepted();
         assert_eq!(m.rule(1).snapshot().accepted, 2);
+        assert_eq!(m.rules().len(), 2, "not published yet");
+        next.publish();
         let names: Vec<String> = m.rules().iter().map(|r| r.name.clone()).collect();
         assert_eq!(names, ["web", "db", "new"]);
         next.reloaded(true);
