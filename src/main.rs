@@ -241,88 +241,119 @@ fn run(args: &RunArgs) -> anyhow::Result<()> {
         tracing::warn!(%addr, "an inherited listening socket matches no rule's listen address; closed");
     }
     drop(inherited);
-    let (engine, addrs) = supervisor
-        .start(config.clone(), sockets, runtime.clone())
-        .map_err(anyhow::Error::msg)?;
-    let mode = mode_of(engine);
-    metrics.set_build_info(engine.as_str(), mode);
-    // Everything privileged is done: listeners bound (any port), files opened, every
-    // worker's ring, registered buffers and pipes set up. Switch every thread to `user`
-    // before announcing readiness, so a "listening" line means privileges are dropped.
-    // Staying root is warned about here, once serving: a run that fails before it is
-    // ready reports its error alone.
-    if privileges == ringfwd::privdrop::Plan::StayRoot {
-        tracing::warn!(
-            "running as root; set user = \"NAME\" (e.g. \"ringfwd\") in the config to drop privileges once listeners are bound"
-        );
-    }
-    if let ringfwd::privdrop::Plan::Drop(to) = &privileges {
-        if let Err(e) = ringfwd::privdrop::drop_to(to) {
-            // Possibly half-switched: never serve another connection like this.
-            let _ = writeln!(
-                std::io::stderr(),
-                "ringfwd: error: cannot drop privileges to user {:?} group {:?}: {e}",
-                to.user,
-                to.group
-            );
-            std::process::exit(1);
-        }
-        tracing::info!(
-            user = %to.user, uid = to.uid, group = %to.group, gid = to.gid,
-            groups = ?to.groups, "dropped root privileges"
-        );
-    }
-    if let Some(received) = takeover.take() {
-        // Serving: the old process may now stop accepting and drain.
-        match received.ready() {
-            Ok(answer) => {
-                tracing::info!(answer = %answer.trim(), "takeover: the old process is draining")
-            }
-            Err(e) => tracing::warn!("takeover: {e}; serving anyway"),
-        }
-    }
-    if let Some(path) = &config.control_socket {
-        // After a takeover this replaces the old process's socket file.
-        match control::takeover::serve(path, events.0.clone()) {
-            Ok(()) => {
-                tracing::info!(path = %path.display(), "control socket listening (run --takeover)")
-            }
-            Err(e) => {
-                tracing::warn!(path = %path.display(), error = %e, "cannot listen on the control socket; --takeover from this process is not possible")
-            }
-        }
-    }
-    if reloadable {
-        let tx = std::sync::Mutex::new(events.0.clone());
-        metrics.set_reload_hook(Box::new(move || {
-            let (reply, answer) = std::sync::mpsc::channel();
-            let sent = tx
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner)
-                .send(Event::Reload(Trigger::Admin, Some(reply)));
-            if sent.is_err() {
-                return Err("the process is stopping".into());
-            }
-            answer
-                .recv()
-                .unwrap_or_else(|_| Err("the process is stopping".into()))
-        }));
-    }
+    let events_tx = events.0.clone();
     drop(events.0);
-    // One machine-readable line per rule on stdout: scripts and tests wait for it.
-    {
-        let mut out = std::io::stdout().lock();
-        for (name, addr) in &addrs {
-            tracing::info!(rule = %name, %addr, engine = engine.as_str(), mode, workers = config.worker_count(), "listening");
-            let _ = writeln!(
-                out,
-                "listening rule={name} addr={addr} engine={}",
-                engine.as_str()
+    let mut on_ready = |engine: engine::Resolved, addrs: &[(String, std::net::SocketAddr)]| {
+        let mode = mode_of(engine);
+        metrics.set_build_info(engine.as_str(), mode);
+        // Everything privileged is done: listeners bound (any port), files opened, every
+        // worker's ring, registered buffers and pipes set up. Switch every thread to `user`
+        // before announcing readiness, so a "listening" line means privileges are dropped.
+        // Staying root is warned about here, once serving: a run that fails before it is
+        // ready reports its error alone.
+        if privileges == ringfwd::privdrop::Plan::StayRoot {
+            tracing::warn!(
+                "running as root; set user = \"NAME\" (e.g. \"ringfwd\") in the config to drop privileges once listeners are bound"
             );
         }
-        let _ = out.flush();
+        if let ringfwd::privdrop::Plan::Drop(to) = &privileges {
+            if let Err(e) = ringfwd::privdrop::drop_to(to) {
+                // Possibly half-switched: never serve another connection like this.
+                let _ = writeln!(
+                    std::io::stderr(),
+                    "ringfwd: error: cannot drop privileges to user {:?} group {:?}: {e}",
+                    to.user,
+                    to.group
+                );
+                std::process::exit(1);
+            }
+            tracing::info!(
+                user = %to.user, uid = to.uid, group = %to.group, gid = to.gid,
+                groups = ?to.groups, "dropped root privileges"
+            );
+        }
+        if let Some(received) = takeover.take() {
+            // Serving: the old process may now stop accepting and drain.
+            match received.ready() {
+                Ok(answer) => {
+                    tracing::info!(answer = %answer.trim(), "takeover: the old process is draining")
+                }
+                Err(e) => tracing::warn!("takeover: {e}; serving anyway"),
+            }
+        }
+        if let Some(path) = &config.control_socket {
+            // After a takeover this replaces the old process's socket file.
+            match control::takeover::serve(path, events_tx.clone()) {
+                Ok(()) => {
+                    tracing::info!(path = %path.display(), "control socket listening (run --takeover)")
+                }
+                Err(e) => {
+                    tracing::warn!(path = %path.display(), error = %e, "cannot listen on the control socket; --takeover from this process is not possible")
+                }
+            }
+        }
+        if reloadable {
+            let tx = std::sync::Mutex::new(events_tx.clone());
+            metrics.set_reload_hook(Box::new(move || {
+                let (reply, answer) = std::sync::mpsc::channel();
+                let sent = tx
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .send(Event::Reload(Trigger::Admin, Some(reply)));
+                if sent.is_err() {
+                    return Err("the process is stopping".into());
+                }
+                answer
+                    .recv()
+                    .unwrap_or_else(|_| Err("the process is stopping".into()))
+            }));
+        }
+        // One machine-readable line per rule on stdout: scripts and tests wait for it.
+        {
+            let mut out = std::io::stdout().lock();
+            for (name, addr) in addrs {
+                tracing::info!(rule = %name, %addr, engine = engine.as_str(), mode, workers = config.worker_count(), "listening");
+                let _ = writeln!(
+                    out,
+                    "listening rule={name} addr={addr} engine={}",
+                    engine.as_str()
+                );
+            }
+            let _ = out.flush();
+        }
+    };
+    let first = supervisor
+        .prepare_first(config.clone(), sockets, runtime.clone())
+        .map_err(anyhow::Error::msg)?;
+    let first_id = first.id;
+    let to_supervisor = supervisor.events();
+    // The supervisor acts on events (reloads, stop, takeover) on a thread of its own; the
+    // first generation's engine runs on this thread, as it always has.
+    let supervising = std::thread::Builder::new()
+        .name("ringfwd-supervisor".into())
+        .spawn(move || supervisor.run())
+        .map_err(|e| anyhow::anyhow!("cannot start the control-plane thread: {e}"))?;
+    let mut ready = false;
+    let served = engine::serve(
+        &config,
+        engine,
+        first.listeners,
+        first.ctx,
+        |engine, addrs| {
+            ready = true;
+            let _ = to_supervisor.send(Event::FirstReady(engine));
+            on_ready(engine, addrs);
+        },
+    );
+    match served {
+        Err(e) if !ready => return Err(e.into()),
+        result => {
+            let _ = to_supervisor.send(Event::Ended(first_id, result.err().map(|e| e.to_string())));
+        }
     }
-    let summary = supervisor.run();
+    let summary = supervising
+        .join()
+        .map_err(|_| anyhow::anyhow!("the control-plane thread panicked"))?;
     if let Some(log) = hdr_log {
         log.finish();
     }

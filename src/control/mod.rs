@@ -73,6 +73,8 @@ pub enum Event {
     Handoff(mpsc::Sender<Option<takeover::Handoff>>),
     /// The new process serves them: retire everything, exit once drained.
     TakenOver,
+    /// The first generation serves, on this engine.
+    FirstReady(Resolved),
 }
 
 /// Listening sockets this process did not bind: passed by systemd or taken over.
@@ -179,6 +181,35 @@ impl Generation {
     }
 }
 
+/// The listeners of `sockets` duplicated for an engine instance.
+fn dup_all(sockets: &[Vec<TcpListener>]) -> Result<Listeners, String> {
+    Ok(Listeners {
+        per_rule: sockets
+            .iter()
+            .map(|ls| ls.iter().map(TcpListener::try_clone).collect())
+            .collect::<std::io::Result<_>>()
+            .map_err(|e| format!("cannot duplicate the listeners: {e}"))?,
+    })
+}
+
+/// The health-check / DNS thread of one generation's pools (`None`: none needed, or it
+/// could not start, which is logged: the forwarder serves on with passive health only).
+fn spawn_upstreams(runtime: &Runtime) -> Option<upstream::control::Stop> {
+    upstream::control::spawn_stoppable(runtime.pools(), Arc::new(upstream::control::SystemResolver))
+        .map_err(|e| {
+            tracing::warn!(error = %e, "cannot start the upstream health-check thread");
+        })
+        .ok()
+        .flatten()
+}
+
+/// The first generation, for the caller to run (see [`Supervisor::prepare_first`]).
+pub struct First {
+    pub id: u64,
+    pub listeners: Listeners,
+    pub ctx: RunContext,
+}
+
 /// How the run ended.
 pub struct Summary {
     /// Live sessions when the process began to stop.
@@ -211,6 +242,8 @@ pub struct Supervisor {
     /// generation has `watch_config = true`; no thread before).
     watch_path: Option<std::path::PathBuf>,
     watching: bool,
+    /// The first generation has reported ready.
+    started: bool,
     /// The listeners came from systemd, which keeps them open across our restart: a stop
     /// then hands over like a reload (what was dequeued is served, never reset).
     activated: bool,
@@ -263,6 +296,7 @@ impl Supervisor {
             watch_enabled,
             watch_path: None,
             watching: false,
+            started: false,
             activated: false,
             stopping: false,
             taken_over: false,
@@ -303,21 +337,47 @@ impl Supervisor {
         self.admin = admin;
     }
 
-    /// Starts the first generation on `sockets` (one entry per rule); returns the engine
-    /// that runs and every rule's address once it serves.
+    /// Prepares the first generation on `sockets` (one entry per rule) for the caller to
+    /// run on its own thread — the main thread, where the engine ran before the control
+    /// plane existed — with [`crate::engine::serve`] on [`First::listeners`] and
+    /// [`First::ctx`]. Its `on_ready` must send [`Event::FirstReady`], and its end
+    /// [`Event::Ended`] with [`First::id`]. Until the supervisor has seen `FirstReady`, a
+    /// reload or a takeover request is answered "still starting".
     ///
     /// # Errors
-    /// The engine could not start.
-    pub fn start(
+    /// The listeners cannot be duplicated (out of file descriptors).
+    pub fn prepare_first(
         &mut self,
         config: Config,
         sockets: Vec<Vec<TcpListener>>,
         runtime: Arc<Runtime>,
-    ) -> Result<(Resolved, Vec<(String, SocketAddr)>), String> {
-        self.watch_if_asked(&config);
-        let (g, addrs) = self.start_generation(config, sockets, self.metrics.clone(), runtime)?;
-        self.current = Some(g);
-        Ok((self.engine, addrs))
+    ) -> Result<First, String> {
+        let listeners = dup_all(&sockets)?;
+        let shutdown = Shutdown::new();
+        shutdown.spawn_grace_timer(config.shutdown_grace);
+        let id = self.next_id;
+        self.next_id += 1;
+        let ctx = RunContext {
+            shutdown: shutdown.clone(),
+            metrics: self.metrics.clone(),
+            runtime: runtime.clone(),
+        };
+        self.current = Some(Generation {
+            id,
+            config,
+            metrics: self.metrics.clone(),
+            runtime,
+            shutdown,
+            sockets,
+            thread: None,
+            upstreams: None,
+        });
+        Ok(First { id, listeners, ctx })
+    }
+
+    /// A sender of events, for the thread running the first generation.
+    pub fn events(&self) -> mpsc::Sender<Event> {
+        self.events_tx.clone()
     }
 
     fn start_generation(
@@ -327,13 +387,7 @@ impl Supervisor {
         metrics: Arc<Metrics>,
         runtime: Arc<Runtime>,
     ) -> Result<(Generation, Vec<(String, SocketAddr)>), String> {
-        let listeners = Listeners {
-            per_rule: sockets
-                .iter()
-                .map(|ls| ls.iter().map(TcpListener::try_clone).collect())
-                .collect::<std::io::Result<_>>()
-                .map_err(|e| format!("cannot duplicate the listeners: {e}"))?,
-        };
+        let listeners = dup_all(&sockets)?;
         let shutdown = Shutdown::new();
         shutdown.spawn_grace_timer(config.shutdown_grace);
         let id = self.next_id;
@@ -362,15 +416,7 @@ impl Supervisor {
         match ready_rx.recv() {
             Ok(Ok((resolved, addrs))) => {
                 self.engine = resolved;
-                let upstreams = upstream::control::spawn_stoppable(
-                    runtime.pools(),
-                    Arc::new(upstream::control::SystemResolver),
-                )
-                .map_err(|e| {
-                    tracing::warn!(error = %e, "cannot start the upstream health-check thread");
-                })
-                .ok()
-                .flatten();
+                let upstreams = spawn_upstreams(&runtime);
                 Ok((
                     Generation {
                         id,
@@ -410,8 +456,21 @@ impl Supervisor {
             }
             let Ok(ev) = self.events.recv() else { break };
             match ev {
+                Event::FirstReady(engine) => {
+                    self.started = true;
+                    self.engine = engine;
+                    if let Some(g) = &mut self.current {
+                        g.upstreams = spawn_upstreams(&g.runtime);
+                        let config = g.config.clone();
+                        self.watch_if_asked(&config);
+                    }
+                }
                 Event::Reload(trigger, reply) => {
-                    let r = self.reload(trigger);
+                    let r = if self.started {
+                        self.reload(trigger)
+                    } else {
+                        Err("still starting; try again once it serves".into())
+                    };
                     if let Some(tx) = reply {
                         let _ = tx.send(r);
                     }
@@ -508,7 +567,7 @@ impl Supervisor {
 
     /// Descriptors of the serving generation's sockets, for a new process.
     fn handoff(&self) -> Option<takeover::Handoff> {
-        if self.stopping || self.taken_over {
+        if self.stopping || self.taken_over || !self.started {
             return None;
         }
         let g = self.current.as_ref()?;
