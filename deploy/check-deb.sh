@@ -6,7 +6,7 @@
 # 1. `dpkg -c` lists every file the package must install; the control archive has the
 #    conffile, the postinst that creates the user, and the adduser dependency.
 # 2. The packaged binary accepts the packaged config (`ringfwd check`).
-# 3. `systemd-analyze verify --root` on the packaged unit, alone and with the
+# 3. `systemd-analyze verify --root` on the packaged units (service and socket), alone and with the
 #    root-then-drop.conf drop-in, in a root made of the package's files plus this host's
 #    systemd units. It needs no running systemd (CI has none as PID 1). It only warns about
 #    unknown keys, so any line it prints is a failure here.
@@ -33,6 +33,7 @@ for f in \
     /usr/bin/ringfwd \
     /etc/ringfwd/ringfwd.toml \
     /usr/lib/systemd/system/ringfwd.service \
+    /usr/lib/systemd/system/ringfwd.socket \
     /usr/share/ringfwd/sysctl/90-ringfwd.conf \
     /usr/share/ringfwd/systemd/root-then-drop.conf \
     /usr/share/ringfwd/seccomp/seccomp-io_uring.json \
@@ -65,7 +66,7 @@ if command -v systemd-analyze >/dev/null; then
     cp /bin/kill "$root/bin/kill" # ExecReload's command
     verify() {
         local out
-        out=$(systemd-analyze verify --root="$root" ringfwd.service 2>&1) || fail "systemd-analyze verify ($1): $out"
+        out=$(systemd-analyze verify --root="$root" ringfwd.service ringfwd.socket 2>&1) || fail "systemd-analyze verify ($1): $out"
         [[ -z $out ]] || fail "systemd-analyze verify ($1) printed: $out"
         echo "systemd-analyze verify ($1): clean"
     }

@@ -39,7 +39,7 @@ pub enum Command {
     Stats(crate::tools::stats::StatsArgs),
 }
 
-#[derive(Debug, Args)]
+#[derive(Debug, Clone, Args)]
 pub struct RunArgs {
     /// TOML config file (see ringfwd.toml).
     #[arg(short, long, value_name = "FILE")]
@@ -76,6 +76,10 @@ pub struct RunArgs {
     /// How long live connections may finish after SIGINT/SIGTERM, e.g. 10s.
     #[arg(long, value_name = "DURATION", value_parser = config::parse_duration)]
     pub shutdown_grace: Option<Duration>,
+    /// Binary upgrade: take the listening sockets of the ringfwd running with
+    /// `control_socket = PATH`, serve them, then tell it to drain and exit.
+    #[arg(long, value_name = "PATH")]
+    pub takeover: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]

@@ -11,16 +11,20 @@
 //! - [`metrics`]: per-core counters and latency histograms, merged when read;
 //! - [`privdrop`]: switching from root to the configured `user` / `group` once set up;
 //! - [`shutdown`]: the stop signal the engines obey;
+//! - [`control`]: config generations — reload, socket takeover for binary upgrades, socket
+//!   activation;
 //! - [`tools`]: the network tools that ship in the same binary (echo and sink backends,
 //!   TCP ping, the load generator).
 //!
 //! `unsafe` is denied everywhere except the few modules of the io_uring engine that submit
-//! SQEs and register memory with the kernel, and [`privdrop`], which calls the libc user and
-//! credential functions; every block there says why it is sound.
+//! SQEs and register memory with the kernel, [`privdrop`], which calls the libc user and
+//! credential functions, and `control::fds`, which claims descriptors passed by systemd or
+//! received over a unix socket; every block there says why it is sound.
 #![deny(unsafe_code)]
 
 pub mod cli;
 pub mod config;
+pub mod control;
 pub mod engine;
 pub mod metrics;
 pub mod net;

@@ -6,7 +6,7 @@ use std::process::ExitCode;
 use clap::Parser;
 use ringfwd::cli::{Cli, Command, RunArgs};
 use ringfwd::config::{Config, LogFormat};
-use ringfwd::engine::{self, RunContext};
+use ringfwd::engine;
 use ringfwd::metrics::Metrics;
 use ringfwd::metrics::hdrlog::HdrLog;
 use ringfwd::shutdown::{self, Shutdown};
@@ -113,6 +113,11 @@ fn check(path: &std::path::Path) -> anyhow::Result<()> {
 }
 
 fn run(args: &RunArgs) -> anyhow::Result<()> {
+    use std::sync::Arc;
+    use std::sync::atomic::AtomicBool;
+
+    use ringfwd::control::{self, Event, Inherited, Supervisor, Trigger};
+
     let config = args.to_config()?;
     init_logging(config.log_format);
     for w in &config.warnings {
@@ -128,8 +133,13 @@ fn run(args: &RunArgs) -> anyhow::Result<()> {
         );
     }
     let shutdown = Shutdown::new();
-    shutdown::install_signal_handlers(&shutdown)?;
-    shutdown.spawn_grace_timer(config.shutdown_grace);
+    let events = std::sync::mpsc::channel::<Event>();
+    {
+        let tx = events.0.clone();
+        shutdown::install_signal_handlers(&shutdown, move || {
+            let _ = tx.send(Event::Reload(Trigger::Signal, None));
+        })?;
+    }
 
     let nofile = ringfwd::net::raise_nofile_limit();
     tracing::debug!(nofile, "open-files limit");
@@ -139,15 +149,58 @@ fn run(args: &RunArgs) -> anyhow::Result<()> {
         engine::Resolved::Uring => config.mode.as_str(),
         engine::Resolved::Tokio | engine::Resolved::Std => "copy",
     };
+
+    // Listening sockets this process is given rather than binds: systemd's (socket
+    // activation), or those of the ringfwd being upgraded (`--takeover`).
+    let mut inherited = Inherited::default();
+    let activation = control::fds::from_systemd(
+        std::env::var("LISTEN_PID").ok().as_deref(),
+        std::env::var("LISTEN_FDS").ok().as_deref(),
+    );
+    for w in &activation.warnings {
+        tracing::warn!("socket activation: {w}");
+    }
+    if !activation.listeners.is_empty() {
+        tracing::info!(
+            sockets = activation.listeners.len(),
+            "socket activation: listening sockets passed by systemd"
+        );
+    }
+    let activated = !activation.listeners.is_empty();
+    inherited.add(activation.listeners.into_iter().map(|l| (None, l)));
+    let mut inherited_admin = None;
+    let mut takeover = match &args.takeover {
+        Some(path) => {
+            let mut received = control::takeover::receive(path).map_err(anyhow::Error::msg)?;
+            tracing::info!(
+                path = %path.display(),
+                addrs = ?received.addrs(),
+                "takeover: received the running process's listening sockets"
+            );
+            let (rules, admin) = received.take();
+            inherited.add(rules.into_iter().map(|(name, l)| (Some(name), l)));
+            inherited_admin = admin;
+            Some(received)
+        }
+        None => None,
+    };
+
     let names: Vec<&str> = config.rules.iter().map(|r| r.name.as_str()).collect();
     let metrics = Metrics::new(&names, config.worker_count());
     let runtime = ringfwd::session::Runtime::new(&config);
     metrics.set_runtime(runtime.clone());
     metrics.set_access_log(config.access_log);
     metrics.open_taps(config.rules.iter().map(|r| r.tap.as_deref()))?;
+    let mut admin_fd = None;
     if let Some(addr) = config.admin {
-        let bound = ringfwd::metrics::admin::spawn(addr, metrics.clone())?;
-        tracing::info!(addr = %bound, "admin listening: /metrics /healthz /stats /histograms");
+        let listener = match inherited_admin.take() {
+            Some(l) if l.local_addr().ok() == Some(addr) || addr.port() == 0 => l,
+            _ => ringfwd::net::bind_listener(addr, false)
+                .map_err(ringfwd::metrics::admin::AdminError::from)?,
+        };
+        admin_fd = listener.try_clone().ok();
+        let bound = ringfwd::metrics::admin::spawn_on(listener, metrics.clone())?;
+        tracing::info!(addr = %bound, "admin listening: /metrics /healthz /stats /histograms /reload");
         // Machine-readable, like the "listening" lines: tests bind port 0 and read it here.
         let mut out = std::io::stdout().lock();
         let _ = writeln!(out, "admin addr={bound}");
@@ -157,35 +210,42 @@ fn run(args: &RunArgs) -> anyhow::Result<()> {
         Some(h) => Some(HdrLog::start(&h.path, h.interval, metrics.clone())?),
         None => None,
     };
-    ringfwd::upstream::control::spawn(
-        runtime.pools(),
-        std::sync::Arc::new(ringfwd::upstream::control::SystemResolver),
-    )
-    .map_err(|e| anyhow::anyhow!("cannot start the upstream health-check thread: {e}"))?;
-    // Live sessions when draining begins: at the end, those not cut were drained.
-    let live_at_drain = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
-    {
-        let (s, rt, at) = (shutdown.clone(), runtime.clone(), live_at_drain.clone());
-        let _ = std::thread::Builder::new()
-            .name("ringfwd-drain".into())
-            .spawn(move || {
-                s.wait_for(shutdown::Phase::Draining, None);
-                let live = rt.live();
-                at.store(live, std::sync::atomic::Ordering::Relaxed);
-                tracing::info!(live, "draining: no new connections; live ones may finish");
-            });
+
+    let watch_enabled = Arc::new(AtomicBool::new(config.watch_config));
+    let load: Option<Box<dyn Fn() -> Result<Config, ringfwd::config::ConfigError> + Send>> =
+        match &args.config {
+            Some(_) => {
+                let args = args.clone();
+                Some(Box::new(move || args.to_config()))
+            }
+            None => None,
+        };
+    let reloadable = load.is_some();
+    let mut supervisor = Supervisor::new(
+        engine,
+        metrics.clone(),
+        &shutdown,
+        (events.0.clone(), events.1),
+        load,
+        watch_enabled.clone(),
+    )?;
+    supervisor.set_admin(admin_fd);
+    supervisor.set_watch_path(args.config.clone());
+    supervisor.set_socket_activated(activated);
+    let sockets = control::first_listeners(
+        &config,
+        engine::listeners_per_rule(&config, engine),
+        &mut inherited,
+    )?;
+    for addr in inherited.leftover() {
+        tracing::warn!(%addr, "an inherited listening socket matches no rule's listen address; closed");
     }
-    let ctx = RunContext {
-        shutdown,
-        metrics,
-        runtime: runtime.clone(),
-    };
-    let build_info = ctx.metrics.clone();
-    // `engine` may still change here: `auto` falls back to tokio if an io_uring worker
-    // cannot set up, so the engine that runs is the one `run` reports.
-    engine::run(&config, engine, ctx, |engine, addrs| {
+    drop(inherited);
+    let events_tx = events.0.clone();
+    drop(events.0);
+    let mut on_ready = |engine: engine::Resolved, addrs: &[(String, std::net::SocketAddr)]| {
         let mode = mode_of(engine);
-        build_info.set_build_info(engine.as_str(), mode);
+        metrics.set_build_info(engine.as_str(), mode);
         // Everything privileged is done: listeners bound (any port), files opened, every
         // worker's ring, registered buffers and pipes set up. Switch every thread to `user`
         // before announcing readiness, so a "listening" line means privileges are dropped.
@@ -212,36 +272,112 @@ fn run(args: &RunArgs) -> anyhow::Result<()> {
                 groups = ?to.groups, "dropped root privileges"
             );
         }
-        // One machine-readable line per rule on stdout: scripts and tests wait for it.
-        let mut out = std::io::stdout().lock();
-        for (name, addr) in addrs {
-            // A port range: `addr` is its first port, `ports` the whole range.
-            let ports = config
-                .rules
-                .iter()
-                .find(|r| r.name == *name && r.listen.is_range())
-                .map(|r| format!("{}-{}", r.listen.port(), r.listen.ports().end()));
-            tracing::info!(rule = %name, %addr, ports, engine = engine.as_str(), mode, workers = config.worker_count(), "listening");
-            let _ = writeln!(
-                out,
-                "listening rule={name} addr={addr} engine={}{}",
-                engine.as_str(),
-                ports.map(|p| format!(" ports={p}")).unwrap_or_default()
-            );
+        if let Some(received) = takeover.take() {
+            // Serving: the old process may now stop accepting and drain.
+            match received.ready() {
+                Ok(answer) => {
+                    tracing::info!(answer = %answer.trim(), "takeover: the old process is draining")
+                }
+                Err(e) => tracing::warn!("takeover: {e}; serving anyway"),
+            }
         }
-        let _ = out.flush();
-    })?;
+        if let Some(path) = &config.control_socket {
+            // After a takeover this replaces the old process's socket file.
+            match control::takeover::serve(path, events_tx.clone()) {
+                Ok(()) => {
+                    tracing::info!(path = %path.display(), "control socket listening (run --takeover)")
+                }
+                Err(e) => {
+                    tracing::warn!(path = %path.display(), error = %e, "cannot listen on the control socket; --takeover from this process is not possible")
+                }
+            }
+        }
+        if reloadable {
+            let tx = std::sync::Mutex::new(events_tx.clone());
+            metrics.set_reload_hook(Box::new(move || {
+                let (reply, answer) = std::sync::mpsc::channel();
+                let sent = tx
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .send(Event::Reload(Trigger::Admin, Some(reply)));
+                if sent.is_err() {
+                    return Err("the process is stopping".into());
+                }
+                answer
+                    .recv()
+                    .unwrap_or_else(|_| Err("the process is stopping".into()))
+            }));
+        }
+        // One machine-readable line per rule on stdout: scripts and tests wait for it.
+        {
+            let mut out = std::io::stdout().lock();
+            for (name, addr) in addrs {
+                // A port range: `addr` is its first port, `ports` the whole range.
+                let ports = config
+                    .rules
+                    .iter()
+                    .find(|r| r.name == *name && r.listen.is_range())
+                    .map(|r| format!("{}-{}", r.listen.port(), r.listen.ports().end()));
+                tracing::info!(rule = %name, %addr, ports, engine = engine.as_str(), mode, workers = config.worker_count(), "listening");
+                let _ = writeln!(
+                    out,
+                    "listening rule={name} addr={addr} engine={}{}",
+                    engine.as_str(),
+                    ports.map(|p| format!(" ports={p}")).unwrap_or_default()
+                );
+            }
+            let _ = out.flush();
+        }
+    };
+    let first = supervisor
+        .prepare_first(config.clone(), sockets, runtime.clone())
+        .map_err(anyhow::Error::msg)?;
+    let first_id = first.id;
+    let to_supervisor = supervisor.events();
+    // The supervisor acts on events (reloads, stop, takeover) on a thread of its own; the
+    // first generation's engine runs on this thread, as it always has.
+    let supervising = std::thread::Builder::new()
+        .name("ringfwd-supervisor".into())
+        .spawn(move || supervisor.run())
+        .map_err(|e| anyhow::anyhow!("cannot start the control-plane thread: {e}"))?;
+    let mut ready = false;
+    let served = engine::serve(
+        &config,
+        engine,
+        first.listeners,
+        first.ctx,
+        |engine, addrs| {
+            ready = true;
+            let _ = to_supervisor.send(Event::FirstReady(engine));
+            on_ready(engine, addrs);
+        },
+    );
+    match served {
+        Err(e) if !ready => return Err(e.into()),
+        result => {
+            let _ = to_supervisor.send(Event::Ended(first_id, result.err().map(|e| e.to_string())));
+        }
+    }
+    let summary = supervising
+        .join()
+        .map_err(|_| anyhow::anyhow!("the control-plane thread panicked"))?;
     if let Some(log) = hdr_log {
         log.finish();
     }
-    let cut = runtime.cut();
-    let drained = live_at_drain
-        .load(std::sync::atomic::Ordering::Relaxed)
-        .saturating_sub(cut);
+    let cut = summary.cut;
+    let drained = summary.live_at_drain.saturating_sub(cut);
     tracing::info!(
         drained,
         cut,
         "stopped: {drained} connections drained, {cut} cut"
     );
+    if let Some(path) = &config.control_socket
+        && !summary.taken_over
+    {
+        let _ = std::fs::remove_file(path);
+    }
+    if let Some(why) = summary.failure {
+        anyhow::bail!("{why}");
+    }
     Ok(())
 }

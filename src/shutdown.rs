@@ -4,7 +4,7 @@
 //! A signal thread (see [`install_signal_handlers`]) or a test moves the state forward; engines
 //! poll [`Shutdown::phase`] on their own clocks or block in [`Shutdown::wait_for`].
 
-use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
@@ -21,6 +21,9 @@ pub enum Phase {
 #[derive(Default)]
 struct Inner {
     phase: AtomicU8,
+    /// Set by [`Shutdown::retire`]: draining because another generation (a reload's, or a new
+    /// process's) serves the same sockets now, not because the process stops.
+    handoff: AtomicBool,
     lock: Mutex<()>,
     cv: Condvar,
 }
@@ -54,6 +57,29 @@ impl Shutdown {
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         self.inner.phase.fetch_max(phase as u8, Ordering::AcqRel);
         self.inner.cv.notify_all();
+    }
+
+    /// Stops accepting because a newer generation serves the same sockets (a reload or a
+    /// binary upgrade): like [`Phase::Draining`], except that a connection an engine had
+    /// already taken off a listen queue when it stopped is still served
+    /// ([`Shutdown::refuses_new`] stays false until [`Phase::Closing`]). The sockets
+    /// themselves are left alone: the engine only closes its own descriptor of each.
+    pub fn retire(&self) {
+        self.inner.handoff.store(true, Ordering::Release);
+        self.advance(Phase::Draining);
+    }
+
+    /// Whether a connection accepted now must be turned away (`RejectReason::Shutdown`):
+    /// draining for a stop, or closing. After [`Shutdown::retire`] only closing does: a
+    /// connection accepted during a handoff was dequeued from a socket the next generation
+    /// also serves, and resetting it would refuse a client nobody else can serve.
+    #[inline]
+    pub fn refuses_new(&self) -> bool {
+        match self.phase() {
+            Phase::Running => false,
+            Phase::Draining => !self.inner.handoff.load(Ordering::Acquire),
+            Phase::Closing => true,
+        }
     }
 
     /// Blocks until the phase is at least `phase`, or `timeout` passes. Returns whether it was
@@ -110,17 +136,22 @@ impl Shutdown {
     }
 }
 
-/// Blocks SIGINT and SIGTERM in the calling thread (and so in every thread it starts later)
-/// and starts a thread that turns the first into [`Phase::Draining`], the second into
-/// [`Phase::Closing`]. Call before starting any other thread.
+/// Blocks SIGINT, SIGTERM and SIGHUP in the calling thread (and so in every thread it starts
+/// later) and starts a thread that turns the first SIGINT/SIGTERM into [`Phase::Draining`],
+/// the second into [`Phase::Closing`], and every SIGHUP into a call of `on_hup` (the config
+/// reload). Call before starting any other thread.
 ///
 /// # Errors
 /// The signal mask could not be set.
-pub fn install_signal_handlers(shutdown: &Shutdown) -> nix::Result<()> {
+pub fn install_signal_handlers(
+    shutdown: &Shutdown,
+    on_hup: impl Fn() + Send + 'static,
+) -> nix::Result<()> {
     use nix::sys::signal::{SigSet, Signal};
     let mut set = SigSet::empty();
     set.add(Signal::SIGINT);
     set.add(Signal::SIGTERM);
+    set.add(Signal::SIGHUP);
     set.thread_block()?;
     let s = shutdown.clone();
     std::thread::Builder::new()
@@ -128,6 +159,10 @@ pub fn install_signal_handlers(shutdown: &Shutdown) -> nix::Result<()> {
         .spawn(move || {
             loop {
                 let Ok(sig) = set.wait() else { continue };
+                if sig == Signal::SIGHUP {
+                    log_never_panics(&on_hup);
+                    continue;
+                }
                 // The phase moves first and the log line follows: whatever becomes of the log
                 // (a closed pipe, a panicking writer), this thread must live on, or every later
                 // SIGTERM would stay blocked and ignored while the process holds its ports.
@@ -165,6 +200,20 @@ mod tests {
         s.advance(Phase::Draining);
         assert_eq!(s.phase(), Phase::Closing);
         assert!(s.wait_for(Phase::Draining, Some(Duration::ZERO)));
+    }
+
+    #[test]
+    fn a_retired_generation_serves_what_it_already_accepted() {
+        let stop = Shutdown::new();
+        stop.advance(Phase::Draining);
+        assert!(stop.refuses_new());
+        let handoff = Shutdown::new();
+        assert!(!handoff.refuses_new());
+        handoff.retire();
+        assert_eq!(handoff.phase(), Phase::Draining);
+        assert!(!handoff.refuses_new());
+        handoff.advance(Phase::Closing);
+        assert!(handoff.refuses_new());
     }
 
     #[test]

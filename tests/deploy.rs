@@ -689,6 +689,39 @@ fn systemd_service_has_the_hardening_and_limits() {
 }
 
 #[test]
+fn systemd_reload_is_sighup_and_the_socket_unit_matches_the_shipped_config() {
+    let service = read("deploy/systemd/ringfwd.service");
+    // Reload exists now: no restart-on-SIGHUP workaround for a ringfwd that died of it.
+    assert!(
+        !unit_keys(&service, "Service")
+            .iter()
+            .any(|(k, _)| k == "RestartForceExitStatus"),
+        "ringfwd.service still restarts on SIGHUP"
+    );
+    let socket = read("deploy/systemd/ringfwd.socket");
+    let keys = unit_keys(&socket, "Socket");
+    let listen: Vec<&str> = keys
+        .iter()
+        .filter(|(k, _)| k == "ListenStream")
+        .map(|(_, v)| v.as_str())
+        .collect();
+    assert!(!listen.is_empty(), "ringfwd.socket has no ListenStream=");
+    assert!(keys.contains(&("Service".into(), "ringfwd.service".into())));
+    // Every socket is matched to a rule by address: the shipped config must listen on each.
+    let config = read("ringfwd.toml");
+    for addr in listen {
+        assert!(
+            config.contains(&format!("listen = \"{addr}\"")),
+            "ringfwd.socket listens on {addr}, which no rule of ringfwd.toml does"
+        );
+    }
+    assert_eq!(
+        unit_keys(&socket, "Install"),
+        [("WantedBy".to_string(), "sockets.target".to_string())]
+    );
+}
+
+#[test]
 fn sysctl_file_sets_the_four_settings_each_with_a_comment() {
     let text = read("deploy/sysctl/90-ringfwd.conf");
     let mut set = BTreeMap::new();

@@ -623,6 +623,12 @@ pub struct Config {
     /// Who `run` becomes once it is set up, when started as root (`user` / `group` keys,
     /// resolved at load time). `None`: no switch.
     pub run_as: Option<crate::privdrop::RunAs>,
+    /// A unix socket on which `run` hands its listening sockets to `ringfwd run --takeover`
+    /// (a binary upgrade). `None`: no takeover possible.
+    pub control_socket: Option<PathBuf>,
+    /// Reload when the `--config` file changes (polled; follows symlinks, so a Kubernetes
+    /// ConfigMap update is seen).
+    pub watch_config: bool,
     pub uring: UringTuning,
     pub rules: Vec<Rule>,
     /// Things that work but should be changed (deprecated keys), each one line worded
@@ -932,6 +938,18 @@ impl Config {
             access_log: raw.access_log.unwrap_or(true),
             hdr_log,
             run_as,
+            control_socket: match &raw.control_socket {
+                None => None,
+                Some(s) if s.get_ref().is_empty() => {
+                    return Err(src.error_at(
+                        s.span(),
+                        "control_socket",
+                        "expected the path of a unix socket, e.g. \"/run/ringfwd/control.sock\"",
+                    ));
+                }
+                Some(s) => Some(PathBuf::from(s.get_ref())),
+            },
+            watch_config: raw.watch_config.unwrap_or(false),
             uring,
             rules,
             warnings,
@@ -1005,6 +1023,12 @@ impl Config {
         if let Some(r) = &self.run_as {
             let _ = writeln!(out, "user = {:?}", r.user);
             let _ = writeln!(out, "group = {:?}", r.group);
+        }
+        if let Some(p) = &self.control_socket {
+            let _ = writeln!(out, "control_socket = {:?}", p.display().to_string());
+        }
+        if self.watch_config {
+            let _ = writeln!(out, "watch_config = true");
         }
         let u = &self.uring;
         let _ = writeln!(out, "\n[uring]");

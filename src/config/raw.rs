@@ -178,6 +178,8 @@ pub struct RawConfig {
     pub hdr_log_interval: Option<Spanned<DurationValue>>,
     pub user: Option<Spanned<String>>,
     pub group: Option<Spanned<String>>,
+    pub control_socket: Option<Spanned<String>>,
+    pub watch_config: Option<bool>,
     pub uring: Option<RawUring>,
     #[serde(default, rename = "rule")]
     pub rules: Vec<RawRule>,

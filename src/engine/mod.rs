@@ -32,6 +32,10 @@ pub struct RunContext {
 
 /// Listeners bound for one run: `per_rule[r][p][w]` is worker `w`'s listener on port `p` of
 /// rule `r` (a rule has one port group per port of its listen range; a single port, one).
+///
+/// A port group may hold fewer listeners than there are workers (sockets passed by systemd
+/// or an older process: workers then share one, each accepting on its own descriptor of it)
+/// or more (the extras are spread over the workers).
 pub struct Listeners {
     pub per_rule: Vec<Vec<Vec<TcpListener>>>,
 }
@@ -40,6 +44,38 @@ impl Listeners {
     /// Listening sockets over every rule, port and worker.
     pub fn count(&self) -> usize {
         self.per_rule.iter().flatten().map(Vec::len).sum()
+    }
+}
+
+impl Listeners {
+    /// Another descriptor of every listener (`dup`, close-on-exec): the same sockets, the
+    /// same accept queues. Closing a duplicate never closes the socket while another
+    /// descriptor of it is open — this is how a reload's generation takes over the sockets.
+    ///
+    /// # Errors
+    /// `dup` failed (out of file descriptors).
+    pub fn try_clone(&self) -> std::io::Result<Self> {
+        Ok(Self {
+            per_rule: self
+                .per_rule
+                .iter()
+                .map(|ports| {
+                    ports
+                        .iter()
+                        .map(|ls| ls.iter().map(TcpListener::try_clone).collect())
+                        .collect()
+                })
+                .collect::<std::io::Result<_>>()?,
+        })
+    }
+}
+
+/// How many listeners per rule `engine` wants: one per worker for io_uring (each worker its
+/// own `SO_REUSEPORT` socket and accept queue), one for the engines with one accept loop.
+pub fn listeners_per_rule(config: &Config, engine: Resolved) -> usize {
+    match engine {
+        Resolved::Uring => config.worker_count(),
+        Resolved::Tokio | Resolved::Std => 1,
     }
 }
 
@@ -194,11 +230,22 @@ pub fn run(
     ctx: RunContext,
     on_ready: impl FnOnce(Resolved, &[(String, SocketAddr)]),
 ) -> Result<(), EngineError> {
-    let workers = match engine {
-        Resolved::Uring => config.worker_count(),
-        Resolved::Tokio | Resolved::Std => 1,
-    };
-    let listeners = bind(config, workers)?;
+    let listeners = bind(config, listeners_per_rule(config, engine))?;
+    serve(config, engine, listeners, ctx, on_ready)
+}
+
+/// [`run`] on listeners bound (or inherited) by the caller, one entry of
+/// `listeners.per_rule` per rule of `config`, each with at least one listener.
+///
+/// # Errors
+/// See [`run`].
+pub fn serve(
+    config: &Config,
+    engine: Resolved,
+    listeners: Listeners,
+    ctx: RunContext,
+    on_ready: impl FnOnce(Resolved, &[(String, SocketAddr)]),
+) -> Result<(), EngineError> {
     let addrs: Vec<(String, SocketAddr)> = config
         .rules
         .iter()

@@ -350,7 +350,7 @@ fn handle(
     let rule = &rt.rule;
     let rule_idx = rt.index;
     let rm = metrics.rule(rule_idx);
-    let draining = shutdown.phase() >= Phase::Draining;
+    let draining = shutdown.refuses_new();
     let Ok(mut session) = rt.admit(rm.local(), Some(peer), Instant::now(), draining) else {
         net::set_reset_on_close(SockRef::from(&client));
         return;

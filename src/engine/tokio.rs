@@ -123,6 +123,7 @@ pub fn run(
                     phase_rx.clone(),
                     live.clone(),
                     unsettled.clone(),
+                    ctx.shutdown.clone(),
                 )));
             }
         }
@@ -144,6 +145,7 @@ pub fn run(
     Ok(())
 }
 
+// One per listener, spawned once: the arguments are what the loop owns, not a hot call.
 #[allow(clippy::too_many_arguments)]
 async fn accept_loop(
     listener: AsyncFd<std::net::TcpListener>,
@@ -154,6 +156,7 @@ async fn accept_loop(
     mut phase: watch::Receiver<Phase>,
     live: Arc<Live>,
     unsettled: Arc<Semaphore>,
+    stop: crate::shutdown::Shutdown,
 ) {
     let mut exhausted = net::ExhaustionLog::default();
     let rt = runtime.rule(rule_idx);
@@ -196,7 +199,7 @@ async fn accept_loop(
                     tracing::info!(rule = %rule.name, "accept: file descriptors available again");
                 }
                 let shard = metrics.rule(rule_idx).local();
-                let draining = *phase.borrow() >= Phase::Draining;
+                let draining = stop.refuses_new();
                 let Ok(mut session) = rt.admit(shard, Some(peer), Instant::now(), draining) else {
                     net::set_reset_on_close(SockRef::from(&stream));
                     continue;

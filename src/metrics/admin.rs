@@ -64,7 +64,17 @@ pub enum AdminError {
 /// # Errors
 /// The address cannot be bound, or the thread or its runtime cannot start.
 pub fn spawn(addr: SocketAddr, metrics: Arc<Metrics>) -> Result<SocketAddr, AdminError> {
-    let listener = net::bind_listener(addr, false)?;
+    spawn_on(net::bind_listener(addr, false)?, metrics)
+}
+
+/// [`spawn`] on a listener already bound (one taken over from an older process).
+///
+/// # Errors
+/// The thread or its runtime cannot start.
+pub fn spawn_on(
+    listener: std::net::TcpListener,
+    metrics: Arc<Metrics>,
+) -> Result<SocketAddr, AdminError> {
     listener.set_nonblocking(true)?;
     let bound = listener.local_addr()?;
     let rt = tokio::runtime::Builder::new_current_thread()
@@ -198,7 +208,25 @@ async fn serve_connection(stream: tokio::net::TcpStream, state: Arc<State>, slot
             let state = state.clone();
             let busy = BusyGuard::new(slot.clone());
             async move {
-                let resp = route(&state, &req);
+                let resp = if req.method() == Method::POST && req.uri().path() == "/reload" {
+                    // A reload binds sockets and starts an engine generation: off the
+                    // admin's one thread, which keeps answering scrapes meanwhile.
+                    let metrics = state.metrics.clone();
+                    match tokio::task::spawn_blocking(move || metrics.reload()).await {
+                        Ok(Some(Ok(changes))) => text(StatusCode::OK, format!("{changes}\n")),
+                        Ok(Some(Err(why))) => text(
+                            StatusCode::UNPROCESSABLE_ENTITY,
+                            format!("reload failed, still running the previous config: {why}\n"),
+                        ),
+                        Ok(None) => text(
+                            StatusCode::CONFLICT,
+                            "nothing to reload: this run has no --config file\n",
+                        ),
+                        Err(_) => text(StatusCode::INTERNAL_SERVER_ERROR, "reload panicked\n"),
+                    }
+                } else {
+                    route(&state, &req)
+                };
                 Ok::<_, Infallible>(resp.map(|body| Tracked { body, _busy: busy }))
             }
         })
@@ -276,7 +304,10 @@ fn respond(
 
 fn route(state: &State, req: &Request<Incoming>) -> Response<Full<Bytes>> {
     if req.method() != Method::GET {
-        let mut r = text(StatusCode::METHOD_NOT_ALLOWED, "only GET is served here\n");
+        let mut r = text(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "only GET is served here (and POST /reload)\n",
+        );
         r.headers_mut()
             .insert(hyper::header::ALLOW, HeaderValue::from_static("GET"));
         return r;
@@ -299,7 +330,7 @@ fn route(state: &State, req: &Request<Incoming>) -> Response<Full<Bytes>> {
         "/upstreams" => match state
             .metrics
             .runtime()
-            .map(|rt| UpstreamsReport::collect(rt))
+            .map(|rt| UpstreamsReport::collect(&rt))
         {
             Some(report) => match serde_json::to_vec(&report) {
                 Ok(json) => respond(StatusCode::OK, "application/json", json),

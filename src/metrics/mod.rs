@@ -286,41 +286,156 @@ pub struct SessionRecord<'a> {
 }
 
 /// Every rule's metrics, shared by the engines and the readers.
+///
+/// One `Metrics` is one generation's view (see `control`): `rule(i)` is that generation's
+/// rule `i`, with no lock on the data path. The rules' counters themselves are keyed by rule
+/// *name* across generations: a reload builds the next view with
+/// [`Metrics::next_generation`], which hands a kept rule the very same [`RuleMetrics`], so its
+/// counters continue. Readers ([`Metrics::rules`]) see every rule any generation has had.
 pub struct Metrics {
-    rules: Vec<RuleMetrics>,
-    /// The session runtime, for the per-member series and `/upstreams` (set once at start).
-    runtime: OnceLock<Arc<crate::session::Runtime>>,
+    rules: Vec<Arc<RuleMetrics>>,
+    common: Arc<Common>,
+}
+
+/// What every generation's view shares.
+struct Common {
+    /// Every rule ever run, by name, in the order they first appeared.
+    all: std::sync::Mutex<Vec<Arc<RuleMetrics>>>,
+    shards: usize,
+    /// The current generation's session runtime, for the per-member series and `/upstreams`.
+    runtime: arc_swap::ArcSwapOption<crate::session::Runtime>,
     access_log: std::sync::atomic::AtomicBool,
     created: Instant,
     /// `(engine, mode)` of this run, for `ringfwd_build_info`; set once the engine is resolved.
     build_info: OnceLock<(&'static str, &'static str)>,
+    /// Config reloads `[success, failure]`.
+    reloads: [AtomicU64; 2],
+    /// Unix time (seconds, as f64 bits) of the last config load that took effect.
+    last_reload_success: AtomicU64,
+    /// What `POST /reload` calls (set by `run` when a config file can be reloaded).
+    reload_hook: OnceLock<ReloadHook>,
+}
+
+/// Reloads the config and says what changed, or why nothing did.
+pub type ReloadHook = Box<dyn Fn() -> Result<String, String> + Send + Sync>;
+
+fn rule_metrics(name: &str, shards: usize) -> Arc<RuleMetrics> {
+    Arc::new(RuleMetrics {
+        name: name.to_string(),
+        shards: (0..shards).map(|_| Shard::default()).collect(),
+        tap: OnceLock::new(),
+    })
+}
+
+fn unix_now() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64())
 }
 
 impl Metrics {
     /// One [`RuleMetrics`] per rule name, each with `shards` shards (one per worker thread).
     pub fn new<S: AsRef<str>>(rule_names: &[S], shards: usize) -> Arc<Self> {
         let shards = shards.max(1);
+        let rules: Vec<Arc<RuleMetrics>> = rule_names
+            .iter()
+            .map(|n| rule_metrics(n.as_ref(), shards))
+            .collect();
         Arc::new(Self {
-            rules: rule_names
-                .iter()
-                .map(|n| RuleMetrics {
-                    name: n.as_ref().to_string(),
-                    shards: (0..shards).map(|_| Shard::default()).collect(),
-                    tap: OnceLock::new(),
-                })
-                .collect(),
-            runtime: OnceLock::new(),
-            access_log: std::sync::atomic::AtomicBool::new(false),
-            created: Instant::now(),
-            build_info: OnceLock::new(),
+            common: Arc::new(Common {
+                all: std::sync::Mutex::new(rules.clone()),
+                shards,
+                runtime: arc_swap::ArcSwapOption::empty(),
+                access_log: std::sync::atomic::AtomicBool::new(false),
+                created: Instant::now(),
+                build_info: OnceLock::new(),
+                reloads: [AtomicU64::new(0), AtomicU64::new(0)],
+                last_reload_success: AtomicU64::new(unix_now().to_bits()),
+                reload_hook: OnceLock::new(),
+            }),
+            rules,
         })
+    }
+
+    /// The view of the next generation, whose rules are `rule_names`: a rule whose name this
+    /// process has run before gets the same counters back; a new name gets fresh ones, which
+    /// readers see once the view is [`Metrics::publish`]ed (a reload that fails after this
+    /// leaves no trace in the exported series).
+    pub fn next_generation<S: AsRef<str>>(&self, rule_names: &[S]) -> Arc<Self> {
+        let all = self
+            .common
+            .all
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let rules = rule_names
+            .iter()
+            .map(|n| {
+                let n = n.as_ref();
+                all.iter()
+                    .find(|r| r.name == n)
+                    .cloned()
+                    .unwrap_or_else(|| rule_metrics(n, self.common.shards))
+            })
+            .collect();
+        Arc::new(Self {
+            rules,
+            common: self.common.clone(),
+        })
+    }
+
+    /// Makes this view's rules visible to the readers ([`Metrics::rules`]).
+    pub fn publish(&self) {
+        let mut all = self
+            .common
+            .all
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        for r in &self.rules {
+            if !all.iter().any(|a| Arc::ptr_eq(a, r)) {
+                all.push(r.clone());
+            }
+        }
+    }
+
+    /// Counts a reload attempt; a success also stamps
+    /// `ringfwd_config_last_reload_success_timestamp_seconds`.
+    pub fn reloaded(&self, ok: bool) {
+        self.common.reloads[usize::from(!ok)].fetch_add(1, Ordering::Relaxed);
+        if ok {
+            self.common
+                .last_reload_success
+                .store(unix_now().to_bits(), Ordering::Relaxed);
+        }
+    }
+
+    /// Reloads `[success, failure]` so far.
+    pub fn reloads(&self) -> [u64; 2] {
+        [
+            self.common.reloads[0].load(Ordering::Relaxed),
+            self.common.reloads[1].load(Ordering::Relaxed),
+        ]
+    }
+
+    /// Unix time of the last config load that took effect (the start, until a reload).
+    pub fn last_reload_success(&self) -> f64 {
+        f64::from_bits(self.common.last_reload_success.load(Ordering::Relaxed))
+    }
+
+    /// Sets what `POST /reload` runs. Later calls are ignored.
+    pub fn set_reload_hook(&self, hook: ReloadHook) {
+        let _ = self.common.reload_hook.set(hook);
+    }
+
+    /// Runs the reload hook; `None` when reloading is not possible in this run.
+    pub fn reload(&self) -> Option<Result<String, String>> {
+        self.common.reload_hook.get().map(|h| h())
     }
 
     /// Time since these metrics were created (the forwarder's uptime, near enough); readers
     /// divide counter deltas by uptime deltas to get rates that do not depend on their own
     /// clocks.
     pub fn uptime(&self) -> Duration {
-        self.created.elapsed()
+        self.common.created.elapsed()
     }
 
     /// Opens the traffic tap of every rule that has one: `paths` is in rule order, `None` for
@@ -333,6 +448,7 @@ impl Metrics {
         paths: impl IntoIterator<Item = Option<&'a Path>>,
     ) -> Result<(), TapError> {
         for (rule, path) in self.rules.iter().zip(paths) {
+            let rule: &RuleMetrics = rule;
             if let Some(path) = path
                 && rule.tap.get().is_none()
             {
@@ -343,36 +459,36 @@ impl Metrics {
     }
 
     /// Makes the pools' members visible to the exporters (`/upstreams`, the per-member
-    /// Prometheus series). Later calls are ignored.
+    /// Prometheus series): the current generation's runtime.
     pub fn set_runtime(&self, runtime: Arc<crate::session::Runtime>) {
-        let _ = self.runtime.set(runtime);
+        self.common.runtime.store(Some(runtime));
     }
 
-    /// The session runtime, once [`Metrics::set_runtime`] was called.
-    pub fn runtime(&self) -> Option<&Arc<crate::session::Runtime>> {
-        self.runtime.get()
+    /// The current session runtime, once [`Metrics::set_runtime`] was called.
+    pub fn runtime(&self) -> Option<Arc<crate::session::Runtime>> {
+        self.common.runtime.load_full()
     }
 
     /// Records the engine that actually runs (after `auto` and any fallback are resolved) and
     /// its data path (`copy` for the engines that only copy), exported as
     /// `ringfwd_build_info{version,engine,mode} 1`. The first call wins.
     pub fn set_build_info(&self, engine: &'static str, mode: &'static str) {
-        let _ = self.build_info.set((engine, mode));
+        let _ = self.common.build_info.set((engine, mode));
     }
 
     /// What [`Metrics::set_build_info`] recorded, if it was called.
     pub fn build_info(&self) -> Option<(&'static str, &'static str)> {
-        self.build_info.get().copied()
+        self.common.build_info.get().copied()
     }
 
     /// Turns the one-line-per-session access log on or off.
     pub fn set_access_log(&self, on: bool) {
-        self.access_log.store(on, Ordering::Relaxed);
+        self.common.access_log.store(on, Ordering::Relaxed);
     }
 
     /// Writes the access-log line for a finished session (target `ringfwd::access`).
     pub fn log_session(&self, rec: &SessionRecord<'_>) {
-        if !self.access_log.load(Ordering::Relaxed) {
+        if !self.common.access_log.load(Ordering::Relaxed) {
             return;
         }
         let client = OptAddr(rec.client);
@@ -397,12 +513,18 @@ impl Metrics {
         &self.rules[index]
     }
 
-    pub fn rules(&self) -> &[RuleMetrics] {
-        &self.rules
+    /// Every rule any generation of this run has had, in the order they first appeared (a
+    /// removed rule keeps its final counters; one added back by name continues them).
+    pub fn rules(&self) -> Vec<Arc<RuleMetrics>> {
+        self.common
+            .all
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
     }
 
-    pub fn rule_by_name(&self, name: &str) -> Option<&RuleMetrics> {
-        self.rules.iter().find(|r| r.name == name)
+    pub fn rule_by_name(&self, name: &str) -> Option<Arc<RuleMetrics>> {
+        self.rules().into_iter().find(|r| r.name == name)
     }
 }
 
@@ -454,5 +576,23 @@ mod tests {
         assert_eq!(s.bytes_dir(Direction::UpstreamToClient), 7);
         assert_eq!(s.rejected[RejectReason::MaxConnections as usize], 1);
         assert_eq!(s.session.len(), 1);
+    }
+
+    #[test]
+    fn a_kept_rule_keeps_its_counters_across_generations() {
+        let m = Metrics::new(&["web", "db"], 2);
+        m.rule(1).shard(0).accepted();
+        let next = m.next_generation(&["new", "db"]);
+        assert_eq!(next.rule(1).name, "db");
+        assert_eq!(next.rule(1).snapshot().accepted, 1);
+        next.rule(1).shard(1).accepted();
+        assert_eq!(m.rule(1).snapshot().accepted, 2);
+        assert_eq!(m.rules().len(), 2, "not published yet");
+        next.publish();
+        let names: Vec<String> = m.rules().iter().map(|r| r.name.clone()).collect();
+        assert_eq!(names, ["web", "db", "new"]);
+        next.reloaded(true);
+        next.reloaded(false);
+        assert_eq!(m.reloads(), [1, 1]);
     }
 }

@@ -209,15 +209,34 @@ impl Collector for MetricsCollector {
         }
 
         let mut f = enc.encode_descriptor(
+            "ringfwd_config_reloads",
+            "Config reloads (SIGHUP, POST /reload, watch_config), by result.",
+            None,
+            MetricType::Counter,
+        )?;
+        let [ok, failed] = self.metrics.reloads();
+        ConstCounter::new(ok).encode(f.encode_family(&[("result", "success")])?)?;
+        ConstCounter::new(failed).encode(f.encode_family(&[("result", "failure")])?)?;
+        let f = enc.encode_descriptor(
+            "ringfwd_config_last_reload_success_timestamp_seconds",
+            "Unix time the running config took effect (start-up or the last successful reload).",
+            None,
+            MetricType::Gauge,
+        )?;
+        ConstGauge::new(self.metrics.last_reload_success()).encode(f)?;
+
+        let mut f = enc.encode_descriptor(
             "ringfwd_connections_accepted",
             "Client connections accepted, by the route they took (a rule with SNI routes counts a connection once its route is chosen).",
             None,
             MetricType::Counter,
         )?;
         let runtime = self.metrics.runtime();
-        for (i, s) in snaps.iter().enumerate() {
+        for s in &snaps {
+            // By name: after a reload, the metrics hold every rule any config had.
             match runtime
-                .and_then(|rt| rt.rules.get(i))
+                .as_ref()
+                .and_then(|rt| rt.rules.iter().find(|r| r.rule.name == s.name))
                 .filter(|r| !r.rule.routes.is_empty())
             {
                 Some(r) => {
@@ -256,9 +275,8 @@ impl Collector for MetricsCollector {
             }
         }
 
-        let pools: Vec<PoolMembers<'_>> = self
-            .metrics
-            .runtime()
+        let pools: Vec<PoolMembers<'_>> = runtime
+            .as_ref()
             .map(|rt| {
                 let now = std::time::Instant::now();
                 rt.rules
@@ -348,9 +366,8 @@ impl Collector for MetricsCollector {
             &series,
         )?;
 
-        let taps: Vec<(&str, u64)> = self
-            .metrics
-            .rules()
+        let rules = self.metrics.rules();
+        let taps: Vec<(&str, u64)> = rules
             .iter()
             .filter_map(|r| r.tap().map(|t| (r.name.as_str(), t.dropped().0)))
             .collect();

@@ -48,8 +48,40 @@ pub struct Runtime {
 impl Runtime {
     /// Builds each rule's pool from the validated config.
     pub fn new(config: &Config) -> Arc<Self> {
+        Arc::new(Self::build(config))
+    }
+
+    /// The runtime of a reloaded config: as [`Runtime::new`], except that a pool (a rule's
+    /// own upstream or one of its routes) whose rule name, route name and upstream settings
+    /// are unchanged keeps `previous`'s (member health and counters carry on), and a route
+    /// that keeps its rule and route names keeps counting where it was.
+    pub fn next(config: &Config, previous: &Runtime) -> Arc<Self> {
+        let mut rt = Self::build(config);
+        for r in &mut rt.rules {
+            let Some(p) = previous.rules.iter().find(|p| p.rule.name == r.rule.name) else {
+                continue;
+            };
+            let ups: Vec<(&str, &crate::config::Upstream)> = r.rule.pools().collect();
+            for (pool, (_, up)) in r.pools.iter_mut().zip(ups) {
+                let before = p
+                    .rule
+                    .pools()
+                    .zip(&p.pools)
+                    .find(|((route, _), _)| *route == pool.route);
+                if let Some(((_, prev_up), prev)) = before {
+                    pool.sessions = prev.sessions.clone();
+                    if prev_up == up {
+                        pool.pool = prev.pool.clone();
+                    }
+                }
+            }
+        }
+        Arc::new(rt)
+    }
+
+    fn build(config: &Config) -> Self {
         let epoch = Instant::now();
-        Arc::new(Self {
+        Self {
             rules: config
                 .rules
                 .iter()
@@ -70,7 +102,7 @@ impl Runtime {
                                 up,
                                 epoch,
                             )),
-                            sessions: AtomicU64::new(0),
+                            sessions: Arc::new(AtomicU64::new(0)),
                             one_to_one: up.one_to_one,
                         })
                         .collect(),
@@ -110,7 +142,7 @@ impl Runtime {
                     cut: AtomicU64::new(0),
                 })
                 .collect(),
-        })
+        }
     }
 
     pub fn rule(&self, index: usize) -> &RuleRuntime {
@@ -145,8 +177,9 @@ pub struct RoutePool {
     /// The route's name (`"default"` for the rule's own upstream).
     pub route: String,
     pub pool: Arc<Pool>,
-    /// Sessions sent to this route (`ringfwd_connections_accepted_total{route}`).
-    sessions: AtomicU64,
+    /// Sessions sent to this route (`ringfwd_connections_accepted_total{route}`), shared
+    /// with the route's namesake in the next config after a reload.
+    sessions: Arc<AtomicU64>,
     /// The pool's members are port ranges mapped one-to-one onto the rule's listen range.
     one_to_one: bool,
 }

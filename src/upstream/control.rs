@@ -47,9 +47,27 @@ pub fn needed(pools: &[Arc<Pool>]) -> bool {
 /// # Errors
 /// The thread or its runtime could not start.
 pub fn spawn(pools: Vec<Arc<Pool>>, resolver: Arc<dyn Resolver>) -> io::Result<()> {
+    // Runs for the life of the process.
+    std::mem::forget(spawn_stoppable(pools, resolver)?);
+    Ok(())
+}
+
+/// Ends a control thread started by [`spawn_stoppable`] when dropped.
+pub struct Stop(#[allow(dead_code)] tokio::sync::oneshot::Sender<()>);
+
+/// [`spawn`], for one config generation: the thread ends when the returned [`Stop`] is
+/// dropped (`None`: no pool needed a thread).
+///
+/// # Errors
+/// The thread or its runtime cannot start.
+pub fn spawn_stoppable(
+    pools: Vec<Arc<Pool>>,
+    resolver: Arc<dyn Resolver>,
+) -> io::Result<Option<Stop>> {
     if !needed(&pools) {
-        return Ok(());
+        return Ok(None);
     }
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
@@ -66,12 +84,19 @@ pub fn spawn(pools: Vec<Arc<Pool>>, resolver: Arc<dyn Resolver>) -> io::Result<(
                         tasks.push(tokio::spawn(resolve_loop(pool, every, resolver.clone())));
                     }
                 }
-                for t in tasks {
-                    let _ = t.await;
+                let all = async {
+                    for t in tasks {
+                        let _ = t.await;
+                    }
+                };
+                // Dropping the runtime at the end cancels the loops still running.
+                tokio::select! {
+                    () = all => {}
+                    _ = stop_rx => {}
                 }
             });
         })?;
-    Ok(())
+    Ok(Some(Stop(stop_tx)))
 }
 
 async fn health_loop(pool: Arc<Pool>, hc: HealthCheck) {

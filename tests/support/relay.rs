@@ -159,8 +159,23 @@ impl Relay {
     /// # Errors
     /// The child exited before it was ready, or was not ready in time (it is then killed).
     pub fn try_spawn(args: &[&str], rules: usize) -> Result<Self, StartFailure> {
-        let mut child = Command::new(BIN)
-            .args(args)
+        let mut cmd = Command::new(BIN);
+        cmd.args(args);
+        Self::try_spawn_command(cmd, args, rules)
+    }
+
+    /// [`Relay::try_spawn`] with a command the caller prepared (a wrapper, inherited
+    /// descriptors, environment); `args` are the `ringfwd` arguments it carries, for the
+    /// engine check.
+    ///
+    /// # Errors
+    /// See [`Relay::try_spawn`].
+    pub fn try_spawn_command(
+        mut cmd: Command,
+        args: &[&str],
+        rules: usize,
+    ) -> Result<Self, StartFailure> {
+        let mut child = cmd
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())

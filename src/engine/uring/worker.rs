@@ -65,6 +65,10 @@ struct RuleCtx {
 /// where one-shot accepts let the worker take no more than it can dispose of.
 const ACCEPT_WINDOW: u32 = 64;
 
+/// How long after it starts a worker looks for connections whose accept wake-up was lost
+/// to an older instance's cancelled accepts (see [`Worker::pick_up_lost_wakeups`]).
+const HANDOFF_WATCH: Duration = Duration::from_secs(5);
+
 #[derive(Debug, PartialEq, Eq)]
 enum ListenerState {
     /// Accepting (as many accepts in flight as the window and the accept bound allow).
@@ -158,6 +162,8 @@ pub struct Worker {
     accept_bound: usize,
     /// `[uring] auto_up_reads`, `auto_down_pumps`.
     auto_thresholds: (u8, u8),
+    /// See [`Worker::pick_up_lost_wakeups`].
+    handoff_watch_until: Instant,
 }
 
 /// Why a worker could not start.
@@ -263,6 +269,7 @@ impl Worker {
             to_arm: Vec::new(),
             accept_bound: setup.accept_bound.max(1),
             auto_thresholds: (config.uring.auto_up_reads, config.uring.auto_down_pumps),
+            handoff_watch_until: Instant::now(),
         };
         Ok((worker, notes))
     }
@@ -286,6 +293,7 @@ impl Worker {
             })
             .collect();
         let mut next_tick = Instant::now() + TICK;
+        self.handoff_watch_until = Instant::now() + HANDOFF_WATCH;
         loop {
             self.fill_accepts();
             self.ring.flush_backlog();
@@ -375,22 +383,9 @@ impl Worker {
                 && (self.unsettled_by_rule[rule] + self.accepts_by_rule[rule] < share
                     || (self.listeners[i].in_flight == 0 && self.unsettled_by_rule[rule] < share))
             {
-                let Some(fd) = self.listeners[i].fd.as_ref().map(AsRawFd::as_raw_fd) else {
+                if !self.push_accept(i) {
                     break;
-                };
-                let token = Token::new(i as u32, 0, Direction::ClientToUpstream, OpKind::Accept);
-                let e =
-                    opcode::Accept::new(types::Fd(fd), std::ptr::null_mut(), std::ptr::null_mut())
-                        .flags(libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC)
-                        .build()
-                        .user_data(token.encode());
-                self.listeners[i].in_flight += 1;
-                self.accepts_in_flight += 1;
-                self.accepts_by_rule[rule] += 1;
-                // SAFETY: the accept carries no pointer (null address and length); the
-                // listener fd is closed only once no accept is in flight on it
-                // (`ListenerState::Cancelling` → `Closed`).
-                unsafe { self.ring.push(e) };
+                }
             }
             let l = &mut self.listeners[i];
             if l.state == ListenerState::Open && l.in_flight < window {
@@ -410,6 +405,66 @@ impl Worker {
         if !l.queued && l.state == ListenerState::Open {
             l.queued = true;
             self.to_arm.push(i);
+        }
+    }
+
+    /// Submits one one-shot accept on listener `i`; false if it has no fd.
+    fn push_accept(&mut self, i: usize) -> bool {
+        let Some(fd) = self.listeners[i].fd.as_ref().map(AsRawFd::as_raw_fd) else {
+            return false;
+        };
+        let token = Token::new(i as u32, 0, Direction::ClientToUpstream, OpKind::Accept);
+        let e = opcode::Accept::new(types::Fd(fd), std::ptr::null_mut(), std::ptr::null_mut())
+            .flags(libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC)
+            .build()
+            .user_data(token.encode());
+        self.listeners[i].in_flight += 1;
+        self.accepts_in_flight += 1;
+        let rule = self.listeners[i].rule;
+        self.accepts_by_rule[rule] += 1;
+        // SAFETY: the accept carries no pointer (null address and length); the
+        // listener fd is closed only once no accept is in flight on it
+        // (`ListenerState::Cancelling` → `Closed`).
+        unsafe { self.ring.push(e) };
+        true
+    }
+
+    /// The first [`HANDOFF_WATCH`] of a worker's life, when an older engine instance (a
+    /// reload's previous generation, or the process this one took the sockets over from)
+    /// cancels its accepts on the same sockets: io_uring accepts wait as *exclusive* waiters
+    /// on a listener, so a connection's one wake-up can go to an accept that is being
+    /// cancelled and is then lost — the connection sits in the queue, with this worker's
+    /// accepts armed, until the next connection arrives. Each tick of that window looks
+    /// (one `poll(2)` over every open listener) for a queue with a connection in it and
+    /// submits one more accept there, whose first, inline attempt takes it.
+    fn pick_up_lost_wakeups(&mut self, now: Instant) {
+        if self.draining || now >= self.handoff_watch_until {
+            return;
+        }
+        use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+        use std::os::fd::AsFd;
+        let open: Vec<usize> = (0..self.listeners.len())
+            .filter(|&i| {
+                self.listeners[i].state == ListenerState::Open && self.listeners[i].fd.is_some()
+            })
+            .collect();
+        let ready: Vec<usize> = {
+            let mut fds: Vec<PollFd<'_>> = open
+                .iter()
+                .filter_map(|&i| self.listeners[i].fd.as_ref())
+                .map(|fd| PollFd::new(fd.as_fd(), PollFlags::POLLIN))
+                .collect();
+            if !matches!(poll(&mut fds, PollTimeout::ZERO), Ok(n) if n > 0) {
+                return;
+            }
+            open.iter()
+                .zip(&fds)
+                .filter(|(_, p)| p.revents().is_some_and(|r| r.contains(PollFlags::POLLIN)))
+                .map(|(&i, _)| i)
+                .collect()
+        };
+        for i in ready {
+            self.push_accept(i);
         }
     }
 
@@ -554,7 +609,7 @@ impl Worker {
             .peer_addr()
             .ok()
             .and_then(|a| a.as_socket());
-        let Ok(session) = rt.admit(shard, peer, now, self.draining) else {
+        let Ok(session) = rt.admit(shard, peer, now, self.shutdown.refuses_new()) else {
             net::set_reset_on_close(SockRef::from(&client));
             return;
         };
@@ -1211,6 +1266,7 @@ impl Worker {
                 }
             }
         }
+        self.pick_up_lost_wakeups(now);
         let runtime = self.runtime.clone();
         self.expire_headers(now);
         self.broadcast(Event::IdleTimeout, now, |e| {

@@ -1,0 +1,947 @@
+//! The control plane: config reload, binary upgrade (socket takeover) and socket activation.
+//!
+//! A running config is a **generation**: a validated [`Config`], its session [`Runtime`], its
+//! metrics view and one engine instance serving its listeners. A reload (SIGHUP, `POST
+//! /reload`, `watch_config`) never changes a generation in place; it starts the next one:
+//!
+//! 1. load and validate the whole new file; bind the addresses no current rule listens on;
+//! 2. start a new engine instance on *duplicates of the very same sockets* for the addresses
+//!    it keeps (same sockets, same accept queues — with `SO_REUSEPORT` each worker has its own
+//!    queue, and closing a socket would drop it) plus the newly bound ones, and wait until it
+//!    is ready;
+//! 3. retire the old generation ([`Shutdown::retire`]): it stops accepting, closes only its
+//!    own descriptors (never `shutdown(2)` on a listener), serves what it already accepted,
+//!    and its live connections run on until they end or its `shutdown_grace` passes. A
+//!    removed rule's socket has no other descriptor, so its port closes then.
+//!
+//! Any error before step 3 drops what was built and leaves the running generation alone. A
+//! connection keeps the generation (rule version, pool, limits) it was accepted by. The same
+//! hand-over serves `run --takeover` ([`takeover`]) across processes, and sockets passed by
+//! systemd ([`fds::from_systemd`]) are matched to rules by address like taken-over ones.
+
+pub mod fds;
+pub mod takeover;
+pub mod watch;
+
+use std::io::Write;
+use std::net::{SocketAddr, TcpListener};
+use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
+use std::sync::mpsc;
+use std::thread::JoinHandle;
+
+use crate::config::{Config, ConfigError};
+use crate::engine::{self, EngineError, Listeners, Resolved, RunContext};
+use crate::metrics::Metrics;
+use crate::net;
+use crate::session::Runtime;
+use crate::shutdown::{Phase, Shutdown};
+use crate::upstream;
+
+/// Older generations that may still be draining when a reload starts another; a reload
+/// beyond that is refused (nothing changes) until one has ended. Each draining generation
+/// holds an engine instance (with io_uring: rings, registered buffers and pipes per worker).
+pub const MAX_DRAINING: usize = 2;
+
+/// What asked for a reload.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Trigger {
+    Signal,
+    Admin,
+    Watch,
+}
+
+impl Trigger {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Signal => "SIGHUP",
+            Self::Admin => "POST /reload",
+            Self::Watch => "watch_config",
+        }
+    }
+}
+
+/// What the supervisor acts on, one at a time.
+pub enum Event {
+    /// Reload the config; the result goes to the sender, if any.
+    Reload(Trigger, Option<mpsc::Sender<Result<String, String>>>),
+    /// The process moved to this shutdown phase (SIGINT/SIGTERM).
+    Stop(Phase),
+    /// A generation's engine returned (with its error, if it failed).
+    Ended(u64, Option<String>),
+    /// A new process asks for the listening sockets (`None`: not serving).
+    Handoff(mpsc::Sender<Option<takeover::Handoff>>),
+    /// The new process serves them: retire everything, exit once drained.
+    TakenOver,
+    /// The first generation serves, on this engine.
+    FirstReady(Resolved),
+}
+
+/// Listening sockets this process did not bind: passed by systemd or taken over.
+#[derive(Default)]
+pub struct Inherited {
+    /// `(address, the rule that served it in the old process (takeover only), socket)`.
+    listeners: Vec<(SocketAddr, Option<String>, TcpListener)>,
+}
+
+impl Inherited {
+    /// Adds sockets, each with the name of the rule that served it, if known.
+    pub fn add(&mut self, ls: impl IntoIterator<Item = (Option<String>, TcpListener)>) {
+        for (name, l) in ls {
+            match l.local_addr() {
+                Ok(a) => self.listeners.push((a, name, l)),
+                Err(e) => tracing::warn!(error = %e, "an inherited socket has no address; closed"),
+            }
+        }
+    }
+
+    /// The inherited sockets for `rule`, one group per port of its listen range (empty where
+    /// none was passed): those listening on exactly that port's address — or, for a rule on
+    /// port 0 (any port), those its namesake served on the same IP.
+    fn take(&mut self, rule: &crate::config::Rule) -> Vec<Vec<TcpListener>> {
+        rule.listen
+            .addrs()
+            .map(|addr| {
+                let wanted = |a: &SocketAddr, name: &Option<String>| {
+                    *a == addr
+                        || (addr.port() == 0
+                            && a.ip() == addr.ip()
+                            && name.as_deref() == Some(rule.name.as_str()))
+                };
+                let (matched, rest) = std::mem::take(&mut self.listeners)
+                    .into_iter()
+                    .partition(|(a, n, _)| wanted(a, n));
+                self.listeners = rest;
+                matched.into_iter().map(|(_, _, l)| l).collect()
+            })
+            .collect()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.listeners.is_empty()
+    }
+
+    /// The addresses no rule took (their sockets close when this is dropped).
+    pub fn leftover(&self) -> Vec<SocketAddr> {
+        self.listeners.iter().map(|(a, _, _)| *a).collect()
+    }
+}
+
+/// `sockets` made up to `n` descriptors by duplicating them round-robin (systemd passes one
+/// socket per address; each io_uring worker then accepts on its own descriptor of it).
+fn fill(mut sockets: Vec<TcpListener>, n: usize) -> std::io::Result<Vec<TcpListener>> {
+    let k = sockets.len();
+    while sockets.len() < n {
+        let l = sockets[sockets.len() % k].try_clone()?;
+        sockets.push(l);
+    }
+    Ok(sockets)
+}
+
+/// Every rule's listeners for the first generation: inherited ones on the rule's address if
+/// any (matched by address, whatever their name was), else freshly bound.
+///
+/// # Errors
+/// A rule's address cannot be bound.
+pub fn first_listeners(
+    config: &Config,
+    per_rule: usize,
+    inherited: &mut Inherited,
+) -> Result<Vec<Vec<Vec<TcpListener>>>, EngineError> {
+    let mut out = Vec::with_capacity(config.rules.len());
+    for rule in &config.rules {
+        let mut groups = Vec::with_capacity(usize::from(rule.listen.count));
+        let mut taken = 0;
+        for (addr, got) in rule.listen.addrs().zip(inherited.take(rule)) {
+            if got.is_empty() {
+                groups.push(net::bind_listeners(addr, per_rule)?);
+            } else {
+                taken += got.len();
+                groups.push(fill(got, per_rule).map_err(|source| EngineError::Io {
+                    what: "cannot duplicate an inherited listener",
+                    source,
+                })?);
+            }
+        }
+        if taken > 0 {
+            tracing::info!(rule = %rule.name, addr = %rule.listen, sockets = taken, "serving inherited listening sockets");
+        }
+        out.push(groups);
+    }
+    Ok(out)
+}
+
+/// The current generation's sockets for `addr`, one port of `rule`'s listen side: those of
+/// the port with that address in any current rule (a rule on port 0, any port, keeps the
+/// port its namesake was given).
+fn kept_port<'a>(
+    config: &Config,
+    sockets: &'a [Vec<Vec<TcpListener>>],
+    rule: &crate::config::Rule,
+    addr: SocketAddr,
+) -> Option<&'a [TcpListener]> {
+    config
+        .rules
+        .iter()
+        .zip(sockets)
+        .find_map(|(r, ports)| {
+            if addr.port() == 0 {
+                (r.listen.addr == addr && r.name == rule.name).then(|| ports.first())?
+            } else {
+                r.listen
+                    .addrs()
+                    .position(|a| a == addr)
+                    .and_then(|p| ports.get(p))
+            }
+        })
+        .map(Vec::as_slice)
+}
+
+/// One config generation and the engine instance serving it.
+struct Generation {
+    id: u64,
+    config: Config,
+    metrics: Arc<Metrics>,
+    runtime: Arc<Runtime>,
+    shutdown: Shutdown,
+    /// This supervisor's own descriptors of the generation's listeners, per rule (the engine
+    /// serves duplicates): what the next generation or a new process is handed.
+    sockets: Vec<Vec<Vec<TcpListener>>>,
+    thread: Option<JoinHandle<()>>,
+    upstreams: Option<upstream::control::Stop>,
+}
+
+impl Generation {
+    /// Stops accepting (the next generation serves the same sockets) and drains.
+    fn retire(&mut self) {
+        self.shutdown.retire();
+        self.sockets.clear();
+        self.upstreams = None;
+    }
+}
+
+/// The listeners of `sockets` duplicated for an engine instance.
+fn dup_all(sockets: &[Vec<Vec<TcpListener>>]) -> Result<Listeners, String> {
+    Ok(Listeners {
+        per_rule: sockets
+            .iter()
+            .map(|ports| {
+                ports
+                    .iter()
+                    .map(|ls| ls.iter().map(TcpListener::try_clone).collect())
+                    .collect()
+            })
+            .collect::<std::io::Result<_>>()
+            .map_err(|e| format!("cannot duplicate the listeners: {e}"))?,
+    })
+}
+
+/// The health-check / DNS thread of one generation's pools (`None`: none needed, or it
+/// could not start, which is logged: the forwarder serves on with passive health only).
+fn spawn_upstreams(runtime: &Runtime) -> Option<upstream::control::Stop> {
+    upstream::control::spawn_stoppable(runtime.pools(), Arc::new(upstream::control::SystemResolver))
+        .map_err(|e| {
+            tracing::warn!(error = %e, "cannot start the upstream health-check thread");
+        })
+        .ok()
+        .flatten()
+}
+
+/// The first generation, for the caller to run (see [`Supervisor::prepare_first`]).
+pub struct First {
+    pub id: u64,
+    pub listeners: Listeners,
+    pub ctx: RunContext,
+}
+
+/// How the run ended.
+pub struct Summary {
+    /// Live sessions when the process began to stop.
+    pub live_at_drain: u64,
+    /// Sessions cut by a grace period running out, over every generation.
+    pub cut: u64,
+    /// Why the serving generation stopped by itself, if it did.
+    pub failure: Option<String>,
+    /// A new process took the sockets over (it owns the control socket's path now).
+    pub taken_over: bool,
+}
+
+/// Runs the generations: starts the first, then acts on [`Event`]s until the process has
+/// stopped (or handed over) and every generation has drained.
+pub struct Supervisor {
+    engine: Resolved,
+    /// The first generation's metrics view: what the readers hold.
+    metrics: Arc<Metrics>,
+    events_tx: mpsc::Sender<Event>,
+    events: mpsc::Receiver<Event>,
+    /// Loads the config again (the file, with the `run` flags applied); `None` without a file.
+    load: Option<Box<dyn Fn() -> Result<Config, ConfigError> + Send>>,
+    current: Option<Generation>,
+    retiring: Vec<Generation>,
+    next_id: u64,
+    /// A descriptor of the admin listener, handed over with the rules' sockets.
+    admin: Option<TcpListener>,
+    watch_enabled: Arc<AtomicBool>,
+    /// The `--config` file, for `watch_config`'s poller (started the first time a
+    /// generation has `watch_config = true`; no thread before).
+    watch_path: Option<std::path::PathBuf>,
+    watching: bool,
+    /// The first generation has reported ready.
+    started: bool,
+    /// The listeners came from systemd, which keeps them open across our restart: a stop
+    /// then hands over like a reload (what was dequeued is served, never reset).
+    activated: bool,
+    stopping: bool,
+    taken_over: bool,
+    live_at_drain: u64,
+    cut: u64,
+    failure: Option<String>,
+}
+
+impl Supervisor {
+    /// A supervisor reading `events` (whose sender the signal thread, the admin endpoint,
+    /// the watcher and the control socket hold clones of). Forwards the process's shutdown
+    /// phases as [`Event::Stop`].
+    ///
+    /// # Errors
+    /// The thread forwarding shutdown phases cannot start.
+    pub fn new(
+        engine: Resolved,
+        metrics: Arc<Metrics>,
+        process: &Shutdown,
+        events: (mpsc::Sender<Event>, mpsc::Receiver<Event>),
+        load: Option<Box<dyn Fn() -> Result<Config, ConfigError> + Send>>,
+        watch_enabled: Arc<AtomicBool>,
+    ) -> std::io::Result<Self> {
+        let (tx, rx) = events;
+        {
+            let (s, tx) = (process.clone(), tx.clone());
+            std::thread::Builder::new()
+                .name("ringfwd-stop".into())
+                .spawn(move || {
+                    for p in [Phase::Draining, Phase::Closing] {
+                        s.wait_for(p, None);
+                        if tx.send(Event::Stop(p)).is_err() {
+                            return;
+                        }
+                    }
+                })?;
+        }
+        Ok(Self {
+            engine,
+            metrics,
+            events_tx: tx,
+            events: rx,
+            load,
+            current: None,
+            retiring: Vec::new(),
+            next_id: 0,
+            admin: None,
+            watch_enabled,
+            watch_path: None,
+            watching: false,
+            started: false,
+            activated: false,
+            stopping: false,
+            taken_over: false,
+            live_at_drain: 0,
+            cut: 0,
+            failure: None,
+        })
+    }
+
+    /// The config file `watch_config` watches.
+    pub fn set_watch_path(&mut self, path: Option<std::path::PathBuf>) {
+        self.watch_path = path;
+    }
+
+    /// Starts the config poller if `config` asks for it and it does not run yet.
+    fn watch_if_asked(&mut self, config: &Config) {
+        self.watch_enabled
+            .store(config.watch_config, std::sync::atomic::Ordering::Relaxed);
+        if !config.watch_config || self.watching {
+            return;
+        }
+        let Some(path) = self.watch_path.clone() else {
+            return;
+        };
+        match watch::spawn(path, self.watch_enabled.clone(), self.events_tx.clone()) {
+            Ok(()) => self.watching = true,
+            Err(e) => tracing::warn!(error = %e, "cannot start the config watcher"),
+        }
+    }
+
+    /// Marks the listeners as passed by systemd (see [`Supervisor::stop`]'s handling).
+    pub fn set_socket_activated(&mut self, yes: bool) {
+        self.activated = yes;
+    }
+
+    /// Keeps a descriptor of the admin listener, to hand it over in a takeover.
+    pub fn set_admin(&mut self, admin: Option<TcpListener>) {
+        self.admin = admin;
+    }
+
+    /// Prepares the first generation on `sockets` (one entry per rule) for the caller to
+    /// run on its own thread — the main thread, where the engine ran before the control
+    /// plane existed — with [`crate::engine::serve`] on [`First::listeners`] and
+    /// [`First::ctx`]. Its `on_ready` must send [`Event::FirstReady`], and its end
+    /// [`Event::Ended`] with [`First::id`]. Until the supervisor has seen `FirstReady`, a
+    /// reload or a takeover request is answered "still starting".
+    ///
+    /// # Errors
+    /// The listeners cannot be duplicated (out of file descriptors).
+    pub fn prepare_first(
+        &mut self,
+        config: Config,
+        sockets: Vec<Vec<Vec<TcpListener>>>,
+        runtime: Arc<Runtime>,
+    ) -> Result<First, String> {
+        let listeners = dup_all(&sockets)?;
+        let shutdown = Shutdown::new();
+        shutdown.spawn_grace_timer(config.shutdown_grace);
+        let id = self.next_id;
+        self.next_id += 1;
+        let ctx = RunContext {
+            shutdown: shutdown.clone(),
+            metrics: self.metrics.clone(),
+            runtime: runtime.clone(),
+        };
+        self.current = Some(Generation {
+            id,
+            config,
+            metrics: self.metrics.clone(),
+            runtime,
+            shutdown,
+            sockets,
+            thread: None,
+            upstreams: None,
+        });
+        Ok(First { id, listeners, ctx })
+    }
+
+    /// A sender of events, for the thread running the first generation.
+    pub fn events(&self) -> mpsc::Sender<Event> {
+        self.events_tx.clone()
+    }
+
+    fn start_generation(
+        &mut self,
+        config: Config,
+        sockets: Vec<Vec<Vec<TcpListener>>>,
+        metrics: Arc<Metrics>,
+        runtime: Arc<Runtime>,
+    ) -> Result<(Generation, Vec<(String, SocketAddr)>), String> {
+        let listeners = dup_all(&sockets)?;
+        let shutdown = Shutdown::new();
+        shutdown.spawn_grace_timer(config.shutdown_grace);
+        let id = self.next_id;
+        self.next_id += 1;
+        let (ready_tx, ready_rx) = mpsc::channel();
+        let ctx = RunContext {
+            shutdown: shutdown.clone(),
+            metrics: metrics.clone(),
+            runtime: runtime.clone(),
+        };
+        let (cfg, engine, events) = (config.clone(), self.engine, self.events_tx.clone());
+        let thread = std::thread::Builder::new()
+            .name(format!("ringfwd-gen{id}"))
+            .spawn(move || {
+                let on_ready = ready_tx.clone();
+                let result = engine::serve(&cfg, engine, listeners, ctx, move |e, addrs| {
+                    let _ = on_ready.send(Ok((e, addrs.to_vec())));
+                });
+                let err = result.err().map(|e| e.to_string());
+                if let Some(e) = &err {
+                    let _ = ready_tx.send(Err(e.clone()));
+                }
+                let _ = events.send(Event::Ended(id, err));
+            })
+            .map_err(|e| format!("cannot start an engine thread: {e}"))?;
+        match ready_rx.recv() {
+            Ok(Ok((resolved, addrs))) => {
+                self.engine = resolved;
+                let upstreams = spawn_upstreams(&runtime);
+                Ok((
+                    Generation {
+                        id,
+                        config,
+                        metrics,
+                        runtime,
+                        shutdown,
+                        sockets,
+                        thread: Some(thread),
+                        upstreams,
+                    },
+                    addrs,
+                ))
+            }
+            Ok(Err(why)) => {
+                shutdown.advance(Phase::Closing);
+                let _ = thread.join();
+                Err(why)
+            }
+            Err(_) => {
+                shutdown.advance(Phase::Closing);
+                let _ = thread.join();
+                Err("the engine stopped while starting".into())
+            }
+        }
+    }
+
+    /// Acts on events until the process has stopped or handed over, and every generation
+    /// has drained.
+    pub fn run(mut self) -> Summary {
+        loop {
+            if (self.stopping || self.taken_over)
+                && self.current.is_none()
+                && self.retiring.is_empty()
+            {
+                break;
+            }
+            let Ok(ev) = self.events.recv() else { break };
+            match ev {
+                Event::FirstReady(engine) => {
+                    self.started = true;
+                    self.engine = engine;
+                    if let Some(g) = &mut self.current {
+                        g.upstreams = spawn_upstreams(&g.runtime);
+                        let config = g.config.clone();
+                        self.watch_if_asked(&config);
+                    }
+                }
+                Event::Reload(trigger, reply) => {
+                    let r = if self.started {
+                        self.reload(trigger)
+                    } else {
+                        Err("still starting; try again once it serves".into())
+                    };
+                    if let Some(tx) = reply {
+                        let _ = tx.send(r);
+                    }
+                }
+                Event::Stop(phase) => self.stop(phase),
+                Event::Ended(id, err) => self.ended(id, err),
+                Event::Handoff(reply) => {
+                    let _ = reply.send(self.handoff());
+                }
+                Event::TakenOver => {
+                    self.taken_over = true;
+                    if let Some(mut g) = self.current.take() {
+                        self.live_at_drain = g.runtime.live();
+                        g.retire();
+                        self.retiring.push(g);
+                    }
+                }
+            }
+        }
+        Summary {
+            live_at_drain: self.live_at_drain,
+            cut: self.cut,
+            failure: self.failure,
+            taken_over: self.taken_over,
+        }
+    }
+
+    fn stop(&mut self, phase: Phase) {
+        if phase == Phase::Draining && !self.stopping {
+            self.stopping = true;
+            self.live_at_drain = self
+                .current
+                .iter()
+                .chain(&self.retiring)
+                .map(|g| g.runtime.live())
+                .sum();
+            tracing::info!(
+                live = self.live_at_drain,
+                "draining: no new connections; live ones may finish"
+            );
+            if let Some(mut g) = self.current.take() {
+                // Only the engine's descriptors may keep a socket open now: a stopping
+                // process closes its ports (unless systemd holds them).
+                g.sockets.clear();
+                if self.activated {
+                    // systemd holds the sockets: connections keep queueing for the next
+                    // instance, and one this instance already dequeued is served.
+                    g.shutdown.retire();
+                } else {
+                    g.shutdown.advance(Phase::Draining);
+                }
+                self.retiring.push(g);
+            }
+        }
+        if phase == Phase::Closing {
+            for g in self.current.iter().chain(&self.retiring) {
+                g.shutdown.advance(Phase::Closing);
+            }
+        }
+    }
+
+    fn ended(&mut self, id: u64, err: Option<String>) {
+        let mut g = if self.current.as_ref().is_some_and(|g| g.id == id) {
+            let g = self.current.take();
+            // The serving generation stopped by itself: an engine failure.
+            let why = err
+                .clone()
+                .unwrap_or_else(|| "the engine stopped".to_string());
+            tracing::error!(generation = id, error = %why, "the serving engine stopped; exiting");
+            self.failure = Some(why);
+            self.stopping = true;
+            for r in &mut self.retiring {
+                r.shutdown.advance(Phase::Closing);
+            }
+            g
+        } else if let Some(i) = self.retiring.iter().position(|g| g.id == id) {
+            Some(self.retiring.remove(i))
+        } else {
+            // A generation that failed to start: already joined.
+            None
+        };
+        if let Some(g) = &mut g {
+            if let Some(t) = g.thread.take() {
+                let _ = t.join();
+            }
+            self.cut += g.runtime.cut();
+            if let Some(e) = err {
+                tracing::warn!(generation = id, error = %e, "a draining generation ended with an error");
+            } else if !self.stopping && !self.taken_over {
+                tracing::info!(generation = id, "an older config generation has drained");
+            }
+        }
+    }
+
+    /// Descriptors of the serving generation's sockets, for a new process.
+    fn handoff(&self) -> Option<takeover::Handoff> {
+        if self.stopping || self.taken_over || !self.started {
+            return None;
+        }
+        let g = self.current.as_ref()?;
+        let mut rules = Vec::new();
+        for (rule, ports) in g.config.rules.iter().zip(&g.sockets) {
+            for l in ports.iter().flatten() {
+                rules.push((rule.name.clone(), l.try_clone().ok()?));
+            }
+        }
+        let admin = self.admin.as_ref().and_then(|a| a.try_clone().ok());
+        Some(takeover::Handoff { rules, admin })
+    }
+
+    fn reload(&mut self, trigger: Trigger) -> Result<String, String> {
+        let r = self.try_reload();
+        self.metrics.reloaded(r.is_ok());
+        match &r {
+            Ok(changes) => tracing::info!(trigger = trigger.as_str(), "config reloaded: {changes}"),
+            Err(why) => tracing::warn!(
+                trigger = trigger.as_str(),
+                "config reload failed, still running the previous config: {why}"
+            ),
+        }
+        r
+    }
+
+    fn try_reload(&mut self) -> Result<String, String> {
+        if self.stopping || self.taken_over {
+            return Err("the process is stopping".into());
+        }
+        let Some(load) = &self.load else {
+            return Err("this run has no --config file to reload".into());
+        };
+        let mut new = load().map_err(|e| e.to_string())?;
+        new.ensure_runnable().map_err(|e| e.to_string())?;
+        let Some(cur) = self.current.as_ref() else {
+            return Err("not serving".into());
+        };
+        let not_applied = keep_process_settings(&cur.config, &mut new);
+        for w in &new.warnings {
+            tracing::warn!("{w}");
+        }
+        let diff = Diff::between(&cur.config, &new);
+        let mut summary = diff.to_string();
+        if !not_applied.is_empty() {
+            summary.push_str(&format!(
+                "; not applied (they need a restart or a --takeover upgrade): {}",
+                not_applied.join(", ")
+            ));
+        }
+        let mut same = new.clone();
+        same.warnings.clone_from(&cur.config.warnings);
+        if same == cur.config {
+            return Ok(format!(
+                "no change{}",
+                summary.strip_prefix("no change").unwrap_or("")
+            ));
+        }
+        if self.retiring.len() >= MAX_DRAINING {
+            return Err(format!(
+                "{} earlier config generations are still draining (at most {MAX_DRAINING}); try again once one has ended (within shutdown_grace = {:?})",
+                self.retiring.len(),
+                cur.config.shutdown_grace
+            ));
+        }
+        // Kept addresses: the same sockets (by address, whatever the rule is called now).
+        // New addresses: bound now, so a taken port fails the reload before anything moves.
+        let per_rule = engine::listeners_per_rule(&new, self.engine);
+        let mut sockets = Vec::with_capacity(new.rules.len());
+        for rule in &new.rules {
+            // Port by port, so a range that grows or shrinks keeps the ports it had.
+            let mut groups = Vec::with_capacity(usize::from(rule.listen.count));
+            for addr in rule.listen.addrs() {
+                groups.push(match kept_port(&cur.config, &cur.sockets, rule, addr) {
+                    Some(ls) => ls
+                        .iter()
+                        .map(TcpListener::try_clone)
+                        .collect::<std::io::Result<Vec<_>>>()
+                        .map_err(|e| {
+                            format!("rule {:?}: cannot duplicate its listeners: {e}", rule.name)
+                        })?,
+                    None => net::bind_listeners(addr, per_rule)
+                        .map_err(|e| format!("rule {:?}: {e}", rule.name))?,
+                });
+            }
+            sockets.push(groups);
+        }
+        let names: Vec<&str> = new.rules.iter().map(|r| r.name.as_str()).collect();
+        let metrics = cur.metrics.next_generation(&names);
+        metrics
+            .open_taps(new.rules.iter().map(|r| r.tap.as_deref()))
+            .map_err(|e| e.to_string())?;
+        let runtime = Runtime::next(&new, &cur.runtime);
+        let (g, addrs) = self.start_generation(new, sockets, metrics, runtime)?;
+        self.metrics.set_access_log(g.config.access_log);
+        let watch = g.config.clone();
+        self.watch_if_asked(&watch);
+        // The switch: the new generation serves; the old one stops accepting and drains.
+        g.metrics.publish();
+        self.metrics.set_runtime(g.runtime.clone());
+        let id = g.id;
+        if let Some(mut old) = self.current.replace(g) {
+            old.retire();
+            self.retiring.push(old);
+        }
+        let mut out = std::io::stdout().lock();
+        for (name, addr) in &addrs {
+            if diff.added.contains(name) {
+                tracing::info!(rule = %name, %addr, "listening");
+                let _ = writeln!(
+                    out,
+                    "listening rule={name} addr={addr} engine={}",
+                    self.engine.as_str()
+                );
+            }
+        }
+        let _ = writeln!(out, "reloaded generation={id}");
+        let _ = out.flush();
+        Ok(format!("generation {id}: {summary}"))
+    }
+}
+
+/// Resets in `new` what only a new process can change, and names each such setting that
+/// differed.
+fn keep_process_settings(cur: &Config, new: &mut Config) -> Vec<&'static str> {
+    let mut kept = Vec::new();
+    macro_rules! keep {
+        ($($field:ident),*) => {$(
+            if new.$field != cur.$field {
+                kept.push(stringify!($field));
+                new.$field = cur.$field.clone();
+            }
+        )*};
+    }
+    keep!(
+        workers,
+        engine,
+        admin,
+        admin_allow_remote,
+        log_format,
+        hdr_log,
+        run_as,
+        control_socket
+    );
+    kept
+}
+
+/// Which rules a reload adds, removes and changes (by name).
+#[derive(Debug, Default)]
+pub struct Diff {
+    pub added: Vec<String>,
+    pub removed: Vec<String>,
+    pub changed: Vec<String>,
+    pub kept: usize,
+    /// Settings outside the rules that changed.
+    pub settings: Vec<&'static str>,
+}
+
+impl Diff {
+    pub fn between(old: &Config, new: &Config) -> Self {
+        let mut d = Self::default();
+        for r in &new.rules {
+            match old.rules.iter().find(|o| o.name == r.name) {
+                None => d.added.push(r.name.clone()),
+                Some(o) if o != r => d.changed.push(r.name.clone()),
+                Some(_) => d.kept += 1,
+            }
+        }
+        for o in &old.rules {
+            if !new.rules.iter().any(|r| r.name == o.name) {
+                d.removed.push(o.name.clone());
+            }
+        }
+        if old.mode != new.mode {
+            d.settings.push("mode");
+        }
+        if old.shutdown_grace != new.shutdown_grace {
+            d.settings.push("shutdown_grace");
+        }
+        if old.access_log != new.access_log {
+            d.settings.push("access_log");
+        }
+        if old.watch_config != new.watch_config {
+            d.settings.push("watch_config");
+        }
+        if old.uring != new.uring {
+            d.settings.push("uring");
+        }
+        d
+    }
+}
+
+impl std::fmt::Display for Diff {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let mut parts = Vec::new();
+        for (what, names) in [
+            ("added", &self.added),
+            ("removed", &self.removed),
+            ("changed", &self.changed),
+        ] {
+            if !names.is_empty() {
+                parts.push(format!("{what} {}", names.join(", ")));
+            }
+        }
+        if !self.settings.is_empty() {
+            parts.push(format!("settings {}", self.settings.join(", ")));
+        }
+        if parts.is_empty() {
+            return write!(f, "no change");
+        }
+        write!(f, "{}; {} unchanged", parts.join("; "), self.kept)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(text: &str) -> Config {
+        Config::parse("test.toml", text).expect("valid config")
+    }
+
+    const RULES: &str = r#"
+[[rule]]
+name = "web"
+listen = "127.0.0.1:0"
+upstream = "127.0.0.1:9000"
+[[rule]]
+name = "db"
+listen = "127.0.0.1:5432"
+upstream = "127.0.0.1:9001"
+"#;
+
+    #[test]
+    fn a_diff_names_added_removed_and_changed_rules() {
+        let old = config(RULES);
+        let new = config(
+            r#"
+[[rule]]
+name = "web"
+listen = "127.0.0.1:0"
+upstream = "127.0.0.1:9999"
+[[rule]]
+name = "cache"
+listen = "127.0.0.1:6379"
+upstream = "127.0.0.1:9002"
+"#,
+        );
+        let d = Diff::between(&old, &new);
+        assert_eq!(d.added, ["cache"]);
+        assert_eq!(d.removed, ["db"]);
+        assert_eq!(d.changed, ["web"]);
+        assert_eq!(
+            d.to_string(),
+            "added cache; removed db; changed web; 0 unchanged"
+        );
+        assert_eq!(Diff::between(&old, &old).to_string(), "no change");
+    }
+
+    #[test]
+    fn process_settings_are_kept_and_named() {
+        let cur = config(&format!("workers = 2\nengine = \"std\"\n{RULES}"));
+        let mut new = config(&format!(
+            "workers = 4\nengine = \"tokio\"\nshutdown_grace = \"3s\"\n{RULES}"
+        ));
+        assert_eq!(keep_process_settings(&cur, &mut new), ["workers", "engine"]);
+        assert_eq!(new.workers, cur.workers);
+        assert_eq!(new.engine, cur.engine);
+        // What a reload may change stays changed.
+        assert_eq!(new.shutdown_grace, std::time::Duration::from_secs(3));
+    }
+
+    #[test]
+    fn inherited_sockets_match_by_address_or_port_zero_by_name() {
+        let cfg = config(RULES);
+        let db = TcpListener::bind("127.0.0.1:0").unwrap();
+        let web = TcpListener::bind("127.0.0.1:0").unwrap();
+        let stray = TcpListener::bind("127.0.0.1:0").unwrap();
+        let db_addr = db.local_addr().unwrap();
+        let mut cfg = cfg;
+        cfg.rules[1].listen = crate::config::Listen::single(db_addr);
+        let mut inherited = Inherited::default();
+        inherited.add([
+            (None, db),
+            (Some("web".to_string()), web),
+            (Some("other".to_string()), stray),
+        ]);
+        let sockets =
+            |groups: Vec<Vec<TcpListener>>| groups.iter().map(Vec::len).collect::<Vec<_>>();
+        assert_eq!(sockets(inherited.take(&cfg.rules[1])), [1]);
+        assert_eq!(sockets(inherited.take(&cfg.rules[0])), [1]);
+        assert_eq!(inherited.leftover().len(), 1);
+        assert_eq!(sockets(inherited.take(&cfg.rules[0])), [0]);
+    }
+
+    #[test]
+    fn inherited_sockets_of_a_port_range_are_matched_port_by_port() {
+        // Three consecutive free ports: bind them, then hand over the first and the third.
+        let (first, ls) = (0..50)
+            .find_map(|_| {
+                let a = TcpListener::bind("127.0.0.1:0").ok()?;
+                let p = a.local_addr().ok()?.port();
+                let b = TcpListener::bind(("127.0.0.1", p.checked_add(1)?)).ok()?;
+                let c = TcpListener::bind(("127.0.0.1", p.checked_add(2)?)).ok()?;
+                Some((p, [a, b, c]))
+            })
+            .expect("three consecutive free ports");
+        let [a, _b, c] = ls;
+        let mut cfg = config(RULES);
+        cfg.rules[1].listen =
+            crate::config::Listen::resolve(&format!("127.0.0.1:{first}-{}", first + 2)).unwrap();
+        let mut inherited = Inherited::default();
+        inherited.add([(None, a), (None, c)]);
+        let groups = inherited.take(&cfg.rules[1]);
+        assert_eq!(groups.iter().map(Vec::len).collect::<Vec<_>>(), [1, 0, 1]);
+        assert_eq!(groups[2][0].local_addr().unwrap().port(), first + 2);
+        assert!(inherited.is_empty());
+    }
+
+    #[test]
+    fn systemd_sockets_for_another_process_are_left_alone() {
+        let a = fds::from_systemd(Some("1"), Some("1"));
+        assert!(a.listeners.is_empty());
+        assert!(
+            a.warnings[0].contains("is not this process"),
+            "{:?}",
+            a.warnings
+        );
+        let b = fds::from_systemd(None, Some("2"));
+        assert!(b.listeners.is_empty() && !b.warnings.is_empty());
+        assert!(fds::from_systemd(None, None).warnings.is_empty());
+    }
+}
