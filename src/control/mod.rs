@@ -285,6 +285,9 @@ pub struct Supervisor {
     /// The `--config` file, for `watch_config`'s poller (started the first time a
     /// generation has `watch_config = true`; no thread before).
     watch_path: Option<std::path::PathBuf>,
+    /// The config file as it was when the running config was read from it: the poller's
+    /// first comparison, so a change made before the poller starts is not missed.
+    watch_baseline: Option<watch::Identity>,
     watching: bool,
     /// The first generation has reported ready.
     started: bool,
@@ -339,6 +342,7 @@ impl Supervisor {
             admin: None,
             watch_enabled,
             watch_path: None,
+            watch_baseline: None,
             watching: false,
             started: false,
             activated: false,
@@ -351,8 +355,14 @@ impl Supervisor {
     }
 
     /// The config file `watch_config` watches.
-    pub fn set_watch_path(&mut self, path: Option<std::path::PathBuf>) {
+    /// `baseline`: the file's identity taken before the running config was read from it.
+    pub fn set_watch_path(
+        &mut self,
+        path: Option<std::path::PathBuf>,
+        baseline: Option<watch::Identity>,
+    ) {
         self.watch_path = path;
+        self.watch_baseline = baseline;
     }
 
     /// Starts the config poller if `config` asks for it and it does not run yet.
@@ -365,7 +375,13 @@ impl Supervisor {
         let Some(path) = self.watch_path.clone() else {
             return;
         };
-        match watch::spawn(path, self.watch_enabled.clone(), self.events_tx.clone()) {
+        let baseline = self.watch_baseline.take();
+        match watch::spawn(
+            path,
+            baseline,
+            self.watch_enabled.clone(),
+            self.events_tx.clone(),
+        ) {
             Ok(()) => self.watching = true,
             Err(e) => tracing::warn!(error = %e, "cannot start the config watcher"),
         }
@@ -645,6 +661,7 @@ impl Supervisor {
         let Some(load) = &self.load else {
             return Err("this run has no --config file to reload".into());
         };
+        let read_from = self.watch_path.as_deref().and_then(watch::identity);
         let mut new = load().map_err(|e| e.to_string())?;
         new.ensure_runnable().map_err(|e| e.to_string())?;
         let Some(cur) = self.current.as_ref() else {
@@ -706,6 +723,9 @@ impl Supervisor {
             .map_err(|e| e.to_string())?;
         let runtime = Runtime::next(&new, &cur.runtime);
         let (g, addrs) = self.start_generation(new, sockets, metrics, runtime)?;
+        if !self.watching {
+            self.watch_baseline = read_from;
+        }
         self.metrics.set_access_log(g.config.access_log);
         let watch = g.config.clone();
         self.watch_if_asked(&watch);

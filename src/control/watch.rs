@@ -39,16 +39,18 @@ pub fn identity(path: &Path) -> Option<Identity> {
     })
 }
 
-/// Starts the poller; it asks for a reload while `enabled` holds and the file changed.
+/// Starts the poller; it asks for a reload while `enabled` holds and the file changed since
+/// `baseline` (what the running config was read from; `None`: the file as it is now).
 ///
 /// # Errors
 /// The thread cannot start.
 pub fn spawn(
     path: PathBuf,
+    baseline: Option<Identity>,
     enabled: Arc<AtomicBool>,
     events: mpsc::Sender<Event>,
 ) -> std::io::Result<()> {
-    let mut last = identity(&path);
+    let mut last = baseline.or_else(|| identity(&path));
     std::thread::Builder::new()
         .name("ringfwd-watch".into())
         .spawn(move || {
