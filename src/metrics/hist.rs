@@ -7,6 +7,7 @@
 //! counters indexed exactly as HdrHistogram indexes its counts, so merging on scrape is a
 //! lossless `record_n` per non-empty bucket.
 
+use std::sync::OnceLock;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
@@ -58,8 +59,12 @@ fn value_of(index: usize) -> u64 {
 }
 
 /// A histogram of durations that many threads may record into without locks.
+///
+/// Its counters (136 KiB) are allocated on the first sample: every rule has five of these per
+/// worker shard, and a config of many rules — most of them idle, or served by one worker
+/// only — would otherwise pay 1.4 MiB per rule (two workers) before any connection.
 pub struct AtomicHistogram {
-    counts: Box<[AtomicU64]>,
+    counts: OnceLock<Box<[AtomicU64]>>,
 }
 
 impl Default for AtomicHistogram {
@@ -71,8 +76,15 @@ impl Default for AtomicHistogram {
 impl AtomicHistogram {
     pub fn new() -> Self {
         Self {
-            counts: (0..COUNTS_LEN).map(|_| AtomicU64::new(0)).collect(),
+            counts: OnceLock::new(),
         }
+    }
+
+    /// The counters, allocated (zeroed) by the first caller.
+    #[inline]
+    fn counts(&self) -> &[AtomicU64] {
+        self.counts
+            .get_or_init(|| (0..COUNTS_LEN).map(|_| AtomicU64::new(0)).collect())
     }
 
     /// Records one duration (clamped to 1 µs … 60 s).
@@ -86,12 +98,16 @@ impl AtomicHistogram {
     #[inline]
     pub fn record_micros(&self, us: u64) {
         let v = us.clamp(LOWEST_US, HIGHEST_US);
-        self.counts[index_of(v)].fetch_add(1, Ordering::Relaxed);
+        self.counts()[index_of(v)].fetch_add(1, Ordering::Relaxed);
     }
 
     /// Adds this histogram's counts into an HdrHistogram (values in microseconds).
     pub fn merge_into(&self, out: &mut Histogram<u64>) {
-        for (i, c) in self.counts.iter().enumerate() {
+        // Never recorded into: nothing to add (and nothing to allocate).
+        let Some(counts) = self.counts.get() else {
+            return;
+        };
+        for (i, c) in counts.iter().enumerate() {
             let n = c.load(Ordering::Relaxed);
             if n != 0 {
                 // Cannot fail: the value lies within the bounds `empty()` was made with.
