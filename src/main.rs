@@ -118,8 +118,6 @@ fn run(args: &RunArgs) -> anyhow::Result<()> {
 
     use ringfwd::control::{self, Event, Inherited, Supervisor, Trigger};
 
-    // What the config file is before it is read: `watch_config` reloads on any change after.
-    let watch_baseline = args.config.as_deref().and_then(control::watch::identity);
     let config = args.to_config()?;
     init_logging(config.log_format);
     for w in &config.warnings {
@@ -232,7 +230,7 @@ fn run(args: &RunArgs) -> anyhow::Result<()> {
         watch_enabled.clone(),
     )?;
     supervisor.set_admin(admin_fd);
-    supervisor.set_watch_path(args.config.clone(), watch_baseline);
+    supervisor.set_watch_path(args.config.clone());
     supervisor.set_socket_activated(activated);
     let sockets = control::first_listeners(
         &config,

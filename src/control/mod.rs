@@ -241,8 +241,6 @@ pub struct Supervisor {
     /// The `--config` file, for `watch_config`'s poller (started the first time a
     /// generation has `watch_config = true`; no thread before).
     watch_path: Option<std::path::PathBuf>,
-    /// The file as it was when the first config was read.
-    watch_baseline: Option<watch::Identity>,
     watching: bool,
     /// The first generation has reported ready.
     started: bool,
@@ -297,7 +295,6 @@ impl Supervisor {
             admin: None,
             watch_enabled,
             watch_path: None,
-            watch_baseline: None,
             watching: false,
             started: false,
             activated: false,
@@ -309,15 +306,9 @@ impl Supervisor {
         })
     }
 
-    /// The config file `watch_config` watches, and what [`watch::identity`] said of it
-    /// before it was read for the first config (a change after that is a change).
-    pub fn set_watch_path(
-        &mut self,
-        path: Option<std::path::PathBuf>,
-        baseline: Option<watch::Identity>,
-    ) {
+    /// The config file `watch_config` watches.
+    pub fn set_watch_path(&mut self, path: Option<std::path::PathBuf>) {
         self.watch_path = path;
-        self.watch_baseline = baseline;
     }
 
     /// Starts the config poller if `config` asks for it and it does not run yet.
@@ -330,17 +321,7 @@ impl Supervisor {
         let Some(path) = self.watch_path.clone() else {
             return;
         };
-        // Enabled by a reload: that reload read the file as it is now.
-        let baseline = self
-            .watch_baseline
-            .take()
-            .or_else(|| watch::identity(&path));
-        match watch::spawn(
-            path,
-            baseline,
-            self.watch_enabled.clone(),
-            self.events_tx.clone(),
-        ) {
+        match watch::spawn(path, self.watch_enabled.clone(), self.events_tx.clone()) {
             Ok(()) => self.watching = true,
             Err(e) => tracing::warn!(error = %e, "cannot start the config watcher"),
         }

@@ -39,17 +39,16 @@ pub fn identity(path: &Path) -> Option<Identity> {
     })
 }
 
-/// Starts the poller; it asks for a reload while `enabled` holds and the file differs from
-/// `last` (what it was when the running config was read).
+/// Starts the poller; it asks for a reload while `enabled` holds and the file changed.
 ///
 /// # Errors
 /// The thread cannot start.
 pub fn spawn(
     path: PathBuf,
-    mut last: Option<Identity>,
     enabled: Arc<AtomicBool>,
     events: mpsc::Sender<Event>,
 ) -> std::io::Result<()> {
+    let mut last = identity(&path);
     std::thread::Builder::new()
         .name("ringfwd-watch".into())
         .spawn(move || {
