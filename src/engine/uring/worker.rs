@@ -140,6 +140,8 @@ pub struct Worker {
     accept_bound: usize,
     /// `[uring] auto_up_reads`, `auto_down_pumps`.
     auto_thresholds: (u8, u8),
+    /// How long to busy-poll for completions before sleeping in the kernel.
+    spin: Duration,
 }
 
 /// Why a worker could not start.
@@ -232,6 +234,7 @@ impl Worker {
             accepts_in_flight: 0,
             accept_bound: setup.accept_bound.max(1),
             auto_thresholds: (config.uring.auto_up_reads, config.uring.auto_down_pumps),
+            spin: config.uring.busy_poll,
         };
         Ok((worker, notes))
     }
@@ -260,6 +263,27 @@ impl Worker {
                 next_tick.saturating_duration_since(Instant::now())
             } else {
                 Duration::ZERO
+            };
+            // `[uring] busy_poll`: look for completions without sleeping for a while first.
+            // A sleeping worker pays a wake-up (and, between cores, an IPI) for every
+            // message; one that polls does not — at the price of the CPU it spins on.
+            if !wait.is_zero() && !self.spin.is_zero() {
+                let start = Instant::now();
+                loop {
+                    if let Err(e) = self.ring.submit_and_peek() {
+                        tracing::error!(worker = self.id, error = %e, "io_uring_enter failed");
+                        break;
+                    }
+                    if self.ring.has_completions() || start.elapsed() >= self.spin {
+                        break;
+                    }
+                    std::hint::spin_loop();
+                }
+            }
+            let wait = if self.ring.has_completions() {
+                Duration::ZERO
+            } else {
+                wait
             };
             if let Err(e) = self.ring.submit_and_wait(wait) {
                 tracing::error!(worker = self.id, error = %e, "io_uring_enter failed");
