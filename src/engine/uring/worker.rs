@@ -451,6 +451,7 @@ impl Worker {
                 self.conn_event(t, ev, now);
             }
             OpKind::PollOut => self.conn_event(t, Event::Writable { dir: t.dir }, now),
+            OpKind::ParkPoll => self.conn_event(t, Event::Unparked { dir: t.dir }, now),
             OpKind::HeaderRecv => {
                 let ev = self.header_received(t, res, now);
                 self.conn_event(t, ev, now);
@@ -848,6 +849,24 @@ impl Worker {
                 };
                 self.conn_event(Token::new(slot, generation, dir, OpKind::Poll), ev, now);
             }
+            Action::CancelRecv(dir) => {
+                let sqe = opcode::AsyncCancel2::new(types::CancelBuilder::user_data(token(
+                    dir,
+                    OpKind::Recv,
+                )))
+                .build()
+                .user_data(token(dir, OpKind::Cancel));
+                self.push_conn(slot, generation, sqe, None);
+            }
+            Action::ParkPoll(dir) => {
+                let sqe = opcode::PollAdd::new(
+                    types::Fd(e.src(dir)),
+                    (libc::POLLIN | libc::POLLRDHUP) as u32,
+                )
+                .build()
+                .user_data(token(dir, OpKind::ParkPoll));
+                self.push_conn(slot, generation, sqe, None);
+            }
             Action::PollIn(dir) => {
                 let sqe = opcode::PollAdd::new(
                     types::Fd(e.src(dir)),
@@ -1173,6 +1192,7 @@ impl Worker {
         }
         let runtime = self.runtime.clone();
         self.expire_headers(now);
+        self.broadcast(Event::Park, now, |e| e.conn.wants_park(now));
         self.broadcast(Event::IdleTimeout, now, |e| {
             runtime
                 .rule(e.rule)
