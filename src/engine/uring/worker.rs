@@ -142,6 +142,26 @@ pub struct Worker {
     auto_thresholds: (u8, u8),
     /// How long to busy-poll for completions before sleeping in the kernel.
     spin: Duration,
+    /// No busy-polling before this instant: the last poll was preempted.
+    spin_resume: Instant,
+    /// This thread's involuntary context switches when last looked at.
+    preempted: libc::c_long,
+}
+
+/// How long a worker stops busy-polling after it was preempted while polling.
+const SPIN_BACKOFF: Duration = Duration::from_secs(1);
+
+/// Involuntary context switches of the calling thread so far.
+fn involuntary_switches() -> libc::c_long {
+    let mut ru = std::mem::MaybeUninit::<libc::rusage>::zeroed();
+    // SAFETY: `ru` is a writable `rusage` that outlives the call; RUSAGE_THREAD reports on the
+    // calling thread only.
+    let rc = unsafe { libc::getrusage(libc::RUSAGE_THREAD, ru.as_mut_ptr()) };
+    if rc != 0 {
+        return 0;
+    }
+    // SAFETY: getrusage succeeded, so it filled `ru` (and it was zeroed before).
+    unsafe { ru.assume_init() }.ru_nivcsw
 }
 
 /// Why a worker could not start.
@@ -235,6 +255,8 @@ impl Worker {
             accept_bound: setup.accept_bound.max(1),
             auto_thresholds: (config.uring.auto_up_reads, config.uring.auto_down_pumps),
             spin: config.uring.busy_poll,
+            spin_resume: Instant::now(),
+            preempted: 0,
         };
         Ok((worker, notes))
     }
@@ -266,8 +288,11 @@ impl Worker {
             };
             // `[uring] busy_poll`: look for completions without sleeping for a while first.
             // A sleeping worker pays a wake-up (and, between cores, an IPI) for every
-            // message; one that polls does not — at the price of the CPU it spins on.
-            if !wait.is_zero() && !self.spin.is_zero() {
+            // message; one that polls does not — at the price of the CPU it spins on, which
+            // only pays while nobody else wants that CPU: a worker preempted while it polled
+            // (other runnable threads on its core, e.g. a loaded host) stops polling for
+            // SPIN_BACKOFF.
+            if !wait.is_zero() && !self.spin.is_zero() && Instant::now() >= self.spin_resume {
                 let start = Instant::now();
                 loop {
                     if let Err(e) = self.ring.submit_and_peek() {
@@ -279,6 +304,11 @@ impl Worker {
                     }
                     std::hint::spin_loop();
                 }
+                let preempted = involuntary_switches();
+                if preempted > self.preempted {
+                    self.spin_resume = Instant::now() + SPIN_BACKOFF;
+                }
+                self.preempted = preempted;
             }
             let wait = if self.ring.has_completions() {
                 Duration::ZERO
