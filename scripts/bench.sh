@@ -11,6 +11,8 @@
 # a relay relative to its peers, and a relay started from the benchmarking shell is placed
 # next to them). --uring adds keys to the [uring] table of every ringfwd relay, e.g.
 # --uring "auto_up_reads = 2; auto_down_pumps = 16" (scripts/sweep_auto.sh uses it).
+# Two more variants start only when --only names them: uring-unpinned (pin = false) and
+# uring-busypoll (busy_poll = "50us"), the latency settings of docs/TUNING.md.
 #
 # --metrics-cost adds uring-auto-nometrics and tokio-nometrics: the same engines built with
 # the bench-no-metrics feature (no recording on the data path), to measure what metrics cost.
@@ -62,12 +64,14 @@ out=$(cd "$out" && pwd)
 
 echo "== building release"
 cargo build --release --quiet
-BIN=$PWD/target/release/ringfwd
+# Where cargo put it: CARGO_TARGET_DIR when set (a worktree sharing a target directory).
+target_dir=${CARGO_TARGET_DIR:-$PWD/target}
+BIN=$target_dir/release/ringfwd
 NOMETRICS_BIN=$BIN
 if [[ $metrics_cost == 1 ]]; then
     echo "== building release without metrics recording (bench-no-metrics)"
-    cargo build --release --quiet --features bench-no-metrics --target-dir target/nometrics
-    NOMETRICS_BIN=$PWD/target/nometrics/release/ringfwd
+    cargo build --release --quiet --features bench-no-metrics --target-dir "$target_dir/nometrics"
+    NOMETRICS_BIN=$target_dir/nometrics/release/ringfwd
 fi
 
 pids=()
@@ -134,8 +138,8 @@ relay_echo[direct]=$echo_addr relay_sink[direct]=$sink_addr relay_src[direct]=$s
 
 uring_lines=${uring_extra//; /$'\n'}
 
-start_ringfwd() { # name engine mode [binary]
-    local name=$1 engine=$2 mode=$3 bin=${4:-$BIN} cfg="$out/$1.toml"
+start_ringfwd() { # name engine mode [binary] [extra [uring] lines]
+    local name=$1 engine=$2 mode=$3 bin=${4:-$BIN} extra=${5:-} cfg="$out/$1.toml"
     cat >"$cfg" <<EOF
 workers = $workers
 engine = "$engine"
@@ -143,6 +147,7 @@ mode = "$mode"
 access_log = false
 [uring]
 $uring_lines
+$extra
 [[rule]]
 name = "echo"
 listen = "127.0.0.1:0"
@@ -177,6 +182,10 @@ start_ringfwd uring-splice uring splice
 start_ringfwd uring-auto uring auto
 start_ringfwd tokio tokio auto
 start_ringfwd std std auto
+# The latency settings (docs/TUNING.md), only when named in --only: not pinned, and
+# busy-polling before sleeping.
+[[ " $only " == *" uring-unpinned "* ]] && start_ringfwd uring-unpinned uring auto "$BIN" "pin = false"
+[[ " $only " == *" uring-busypoll "* ]] && start_ringfwd uring-busypoll uring auto "$BIN" 'busy_poll = "50us"'
 if [[ $metrics_cost == 1 ]]; then
     start_ringfwd uring-auto-nometrics uring auto "$NOMETRICS_BIN"
     start_ringfwd tokio-nometrics tokio auto "$NOMETRICS_BIN"

@@ -584,6 +584,10 @@ pub struct UringTuning {
     pub auto_up_reads: u8,
     /// `mode = "auto"`: consecutive small pumps (pipe drained) that move it back to copy.
     pub auto_down_pumps: u8,
+    /// Pin each worker thread to its own CPU (when there are no more workers than CPUs).
+    pub pin: bool,
+    /// How long a worker polls for completions before it sleeps in the kernel (0: never).
+    pub busy_poll: Duration,
 }
 
 impl Default for UringTuning {
@@ -600,6 +604,8 @@ impl Default for UringTuning {
             pipes: 16,
             auto_up_reads: 4,
             auto_down_pumps: 8,
+            pin: true,
+            busy_poll: Duration::ZERO,
         }
     }
 }
@@ -1039,6 +1045,8 @@ impl Config {
         let _ = writeln!(out, "pipes = {}", u.pipes);
         let _ = writeln!(out, "auto_up_reads = {}", u.auto_up_reads);
         let _ = writeln!(out, "auto_down_pumps = {}", u.auto_down_pumps);
+        let _ = writeln!(out, "pin = {}", u.pin);
+        let _ = writeln!(out, "busy_poll = \"{}us\"", u.busy_poll.as_micros());
         for r in &self.rules {
             let _ = writeln!(out, "\n[[rule]]");
             let _ = writeln!(out, "name = {:?}", r.name);
@@ -1286,6 +1294,9 @@ fn hdr_log(
     }
 }
 
+/// Longest `[uring] busy_poll`: past this a worker spins for nothing a sleep would not do as well.
+const MAX_BUSY_POLL: Duration = Duration::from_millis(1);
+
 fn uring_tuning(raw: raw::RawUring, src: &Source<'_>) -> Result<UringTuning, ConfigError> {
     // Defaults are in range; a value out of range is reported where it was written.
     let count = |v: Option<toml::Spanned<u32>>, default: u32, lo: u32, hi: u32, key: &str| match v {
@@ -1343,6 +1354,18 @@ fn uring_tuning(raw: raw::RawUring, src: &Source<'_>) -> Result<UringTuning, Con
             255,
             "auto_down_pumps",
         )? as u8,
+        pin: raw.pin.unwrap_or(d.pin),
+        busy_poll: match raw.busy_poll {
+            None => d.busy_poll,
+            Some(s) if s.get_ref().0 <= MAX_BUSY_POLL => s.get_ref().0,
+            Some(s) => {
+                return Err(src.error_at(
+                    s.span(),
+                    "uring.busy_poll",
+                    format!("must be at most 1ms, got {:?}", s.get_ref().0),
+                ));
+            }
+        },
     };
     Ok(t)
 }

@@ -195,6 +195,8 @@ pub struct RawUring {
     pub pipes: Option<Spanned<u32>>,
     pub auto_up_reads: Option<Spanned<u32>>,
     pub auto_down_pumps: Option<Spanned<u32>>,
+    pub pin: Option<bool>,
+    pub busy_poll: Option<Spanned<DurationValue>>,
     /// Deprecated: the default of every rule's `max_connections`.
     pub max_connections: Option<Spanned<i64>>,
 }

@@ -93,6 +93,8 @@ pipe_size = "256KiB"
 pipes = 0
 auto_up_reads = 2
 auto_down_pumps = 16
+pin = false
+busy_poll = "20us"
 
 [[rule]]
 name = "web"
@@ -138,6 +140,8 @@ fall = 10
             pipes: 0,
             auto_up_reads: 2,
             auto_down_pumps: 16,
+            pin: false,
+            busy_poll: Duration::from_micros(20),
         }
     );
     let r = &c.rules[0];
@@ -441,6 +445,10 @@ fn uring_bounds_are_enforced_at_the_value() {
         (
             "auto_down_pumps = 256",
             "cfg.toml:2:19: uring.auto_down_pumps: must be 1..=255, got 256",
+        ),
+        (
+            "busy_poll = \"2ms\"",
+            "cfg.toml:2:13: uring.busy_poll: must be at most 1ms, got 2ms",
         ),
         (
             "max_connections = 0",

@@ -28,6 +28,13 @@ pub const AUTO_UP_FULL_READS: u8 = 4;
 /// (less than half a copy buffer, pipe drained): the default of `[uring] auto_down_pumps`.
 pub const AUTO_DOWN_SMALL_PUMPS: u8 = 8;
 
+/// A copy direction with no bytes either way for this long trades its armed recv for a
+/// readiness poll ([`DirState::Parked`]): an armed recv holds more kernel memory (the request,
+/// its async message header and its poll entry, about 860 bytes) than a poll (the request
+/// alone, about 256 bytes), and waking up from a poll costs one more ring round trip, which
+/// only the first message after a pause pays.
+pub const PARK_AFTER: Duration = Duration::from_secs(1);
+
 /// Where a direction is.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum DirState {
@@ -43,6 +50,11 @@ pub enum DirState {
     Switching,
     /// On the splice path: a multishot POLLIN on the source, bytes moved by the pump.
     Splicing(SpliceDir),
+    /// Idle: the recv is being cancelled to park the direction; its completion says whether
+    /// it was cancelled (then poll) or raced the cancel with data (then carry on reading).
+    Parking,
+    /// Idle: a one-shot POLLIN is armed on the source instead of a recv; readable → recv.
+    Parked,
     /// End of stream passed on (or the connection is closing).
     Done,
 }
@@ -115,6 +127,10 @@ pub enum Event {
     Writable { dir: Direction },
     /// The multishot poll on the direction's source ended (`res`: its last result).
     PollEnded { dir: Direction, res: i32 },
+    /// Idle for [`PARK_AFTER`]: park the directions that wait in a recv.
+    Park,
+    /// The parked direction's source is readable (or the poll ended): read again.
+    Unparked { dir: Direction },
     /// The worker ran the direction's pump.
     Pumped { dir: Direction, p: Pumped },
     /// No op of this connection is in flight any more.
@@ -161,6 +177,10 @@ pub enum Action {
     },
     /// Lease a pipe and answer with `SpliceStarted` or `SpliceUnavailable`.
     TrySplice(Direction),
+    /// Cancel the direction's recv (to park it).
+    CancelRecv(Direction),
+    /// Arm a one-shot POLLIN on the parked direction's source.
+    ParkPoll(Direction),
     /// Arm a multishot POLLIN on the direction's source.
     PollIn(Direction),
     /// Arm a one-shot POLLOUT on the direction's destination.
@@ -346,6 +366,14 @@ impl Conn {
 
     /// True when no byte moved either way for `idle` (and the connection is not closing).
     /// Not while connecting: that is the connect timeout's job.
+    /// Whether the connection has been idle long enough to park a direction that waits in a
+    /// recv ([`Event::Park`]).
+    pub fn wants_park(&self, now: Instant) -> bool {
+        self.phase == Phase::Relaying
+            && self.dirs.contains(&DirState::Reading)
+            && now.saturating_duration_since(self.last_activity) >= PARK_AFTER
+    }
+
     pub fn idle_expired(&self, now: Instant, idle: Duration) -> bool {
         self.phase == Phase::Relaying && now.saturating_duration_since(self.last_activity) >= idle
     }
@@ -434,6 +462,22 @@ impl Conn {
             Event::Sent { dir, res } => self.sent(dir, res, now, out),
             Event::BufferAvailable { dir } => {
                 if !self.is_closing() && self.dirs[dir as usize] == DirState::WaitBuffer {
+                    self.dirs[dir as usize] = DirState::Reading;
+                    out.push(Action::Recv(dir));
+                }
+            }
+            Event::Park => {
+                if self.phase == Phase::Relaying {
+                    for d in [Direction::ClientToUpstream, Direction::UpstreamToClient] {
+                        if self.dirs[d as usize] == DirState::Reading {
+                            self.dirs[d as usize] = DirState::Parking;
+                            out.push(Action::CancelRecv(d));
+                        }
+                    }
+                }
+            }
+            Event::Unparked { dir } => {
+                if !self.is_closing() && self.dirs[dir as usize] == DirState::Parked {
                     self.dirs[dir as usize] = DirState::Reading;
                     out.push(Action::Recv(dir));
                 }
@@ -563,6 +607,16 @@ impl Conn {
         out: &mut Actions,
     ) {
         let i = dir as usize;
+        if !self.is_closing() && self.dirs[i] == DirState::Parking {
+            if res == -libc::ECANCELED {
+                // Cancelled before anything arrived: wait for readability instead.
+                self.dirs[i] = DirState::Parked;
+                out.push(Action::ParkPoll(dir));
+                return;
+            }
+            // Bytes, end of stream or an error won the race with the cancel: as if read.
+            self.dirs[i] = DirState::Reading;
+        }
         if self.is_closing() || self.dirs[i] != DirState::Reading {
             if let Some(b) = buf {
                 out.push(Action::Release(b));
@@ -693,6 +747,8 @@ impl Conn {
                     | DirState::WaitBuffer
                     | DirState::Connecting
                     | DirState::Switching
+                    | DirState::Parking
+                    | DirState::Parked
             ) {
                 *d = DirState::Done;
             }

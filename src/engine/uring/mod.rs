@@ -343,7 +343,7 @@ pub fn start(
     let mut back: Vec<Vec<worker::Bound>> = (0..n).map(|_| Vec::new()).collect();
     let mut spawn_error = None;
     for (id, ls) in per_worker.into_iter().enumerate() {
-        let cpu = (n <= cpus.len()).then(|| cpus[id % cpus.len()]);
+        let cpu = (config.uring.pin && n <= cpus.len()).then(|| cpus[id % cpus.len()]);
         let (config, runtime, metrics, shutdown, report) = (
             config.clone(),
             ctx.runtime.clone(),

@@ -141,6 +141,44 @@ impl Ring {
         }
     }
 
+    /// Submits everything queued and runs completion work without waiting (a busy-poll
+    /// step): with DEFER_TASKRUN, completions are only posted when this thread enters the
+    /// kernel, so looking at the CQ ring alone would never see them.
+    ///
+    /// # Errors
+    /// `io_uring_enter` failed.
+    pub fn submit_and_peek(&mut self) -> io::Result<()> {
+        const IORING_ENTER_GETEVENTS: u32 = 1;
+        let to_submit = u32::try_from(self.ring.submission().len()).unwrap_or(u32::MAX);
+        // SAFETY: no argument pointer is passed; the SQEs being submitted were pushed under
+        // the contract of `push`/`push_group` (their memory outlives their completions).
+        let r = unsafe {
+            self.ring.submitter().enter::<libc::sigset_t>(
+                to_submit,
+                0,
+                IORING_ENTER_GETEVENTS,
+                None,
+            )
+        };
+        match r {
+            Ok(_) => Ok(()),
+            Err(e)
+                if matches!(
+                    e.raw_os_error(),
+                    Some(libc::EINTR | libc::EBUSY | libc::EAGAIN)
+                ) =>
+            {
+                Ok(())
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Whether a completion is waiting in the CQ ring.
+    pub fn has_completions(&mut self) -> bool {
+        !self.ring.completion().is_empty()
+    }
+
     /// Appends every available completion as `(user_data, result, flags)`.
     pub fn reap(&mut self, into: &mut Vec<(u64, i32, u32)>) {
         into.extend(

@@ -33,6 +33,8 @@ pub enum OpKind {
     HeaderRecv = 10,
     /// Send of the preamble (PROXY header, early client bytes) to the upstream.
     PreambleSend = 11,
+    /// One-shot POLLIN on an idle copy direction's source, in place of its recv.
+    ParkPoll = 12,
 }
 
 impl OpKind {
@@ -49,6 +51,7 @@ impl OpKind {
             9 => Self::PollOut,
             10 => Self::HeaderRecv,
             11 => Self::PreambleSend,
+            12 => Self::ParkPoll,
             _ => return None,
         })
     }

@@ -164,6 +164,28 @@ pub struct Worker {
     auto_thresholds: (u8, u8),
     /// See [`Worker::pick_up_lost_wakeups`].
     handoff_watch_until: Instant,
+    /// How long to busy-poll for completions before sleeping in the kernel.
+    spin: Duration,
+    /// No busy-polling before this instant: the last poll was preempted.
+    spin_resume: Instant,
+    /// This thread's involuntary context switches when last looked at.
+    preempted: libc::c_long,
+}
+
+/// How long a worker stops busy-polling after it was preempted while polling.
+const SPIN_BACKOFF: Duration = Duration::from_secs(1);
+
+/// Involuntary context switches of the calling thread so far.
+fn involuntary_switches() -> libc::c_long {
+    let mut ru = std::mem::MaybeUninit::<libc::rusage>::zeroed();
+    // SAFETY: `ru` is a writable `rusage` that outlives the call; RUSAGE_THREAD reports on the
+    // calling thread only.
+    let rc = unsafe { libc::getrusage(libc::RUSAGE_THREAD, ru.as_mut_ptr()) };
+    if rc != 0 {
+        return 0;
+    }
+    // SAFETY: getrusage succeeded, so it filled `ru` (and it was zeroed before).
+    unsafe { ru.assume_init() }.ru_nivcsw
 }
 
 /// Why a worker could not start.
@@ -270,6 +292,9 @@ impl Worker {
             accept_bound: setup.accept_bound.max(1),
             auto_thresholds: (config.uring.auto_up_reads, config.uring.auto_down_pumps),
             handoff_watch_until: Instant::now(),
+            spin: config.uring.busy_poll,
+            spin_resume: Instant::now(),
+            preempted: 0,
         };
         Ok((worker, notes))
     }
@@ -301,6 +326,35 @@ impl Worker {
                 next_tick.saturating_duration_since(Instant::now())
             } else {
                 Duration::ZERO
+            };
+            // `[uring] busy_poll`: look for completions without sleeping for a while first.
+            // A sleeping worker pays a wake-up (and, between cores, an IPI) for every
+            // message; one that polls does not — at the price of the CPU it spins on, which
+            // only pays while nobody else wants that CPU: a worker preempted while it polled
+            // (other runnable threads on its core, e.g. a loaded host) stops polling for
+            // SPIN_BACKOFF.
+            if !wait.is_zero() && !self.spin.is_zero() && Instant::now() >= self.spin_resume {
+                let start = Instant::now();
+                loop {
+                    if let Err(e) = self.ring.submit_and_peek() {
+                        tracing::error!(worker = self.id, error = %e, "io_uring_enter failed");
+                        break;
+                    }
+                    if self.ring.has_completions() || start.elapsed() >= self.spin {
+                        break;
+                    }
+                    std::hint::spin_loop();
+                }
+                let preempted = involuntary_switches();
+                if preempted > self.preempted {
+                    self.spin_resume = Instant::now() + SPIN_BACKOFF;
+                }
+                self.preempted = preempted;
+            }
+            let wait = if self.ring.has_completions() {
+                Duration::ZERO
+            } else {
+                wait
             };
             if let Err(e) = self.ring.submit_and_wait(wait) {
                 tracing::error!(worker = self.id, error = %e, "io_uring_enter failed");
@@ -541,6 +595,7 @@ impl Worker {
                 self.conn_event(t, ev, now);
             }
             OpKind::PollOut => self.conn_event(t, Event::Writable { dir: t.dir }, now),
+            OpKind::ParkPoll => self.conn_event(t, Event::Unparked { dir: t.dir }, now),
             OpKind::HeaderRecv => {
                 let ev = self.header_received(t, res, now);
                 self.conn_event(t, ev, now);
@@ -942,6 +997,24 @@ impl Worker {
                 };
                 self.conn_event(Token::new(slot, generation, dir, OpKind::Poll), ev, now);
             }
+            Action::CancelRecv(dir) => {
+                let sqe = opcode::AsyncCancel2::new(types::CancelBuilder::user_data(token(
+                    dir,
+                    OpKind::Recv,
+                )))
+                .build()
+                .user_data(token(dir, OpKind::Cancel));
+                self.push_conn(slot, generation, sqe, None);
+            }
+            Action::ParkPoll(dir) => {
+                let sqe = opcode::PollAdd::new(
+                    types::Fd(e.src(dir)),
+                    (libc::POLLIN | libc::POLLRDHUP) as u32,
+                )
+                .build()
+                .user_data(token(dir, OpKind::ParkPoll));
+                self.push_conn(slot, generation, sqe, None);
+            }
             Action::PollIn(dir) => {
                 let sqe = opcode::PollAdd::new(
                     types::Fd(e.src(dir)),
@@ -1269,6 +1342,7 @@ impl Worker {
         self.pick_up_lost_wakeups(now);
         let runtime = self.runtime.clone();
         self.expire_headers(now);
+        self.broadcast(Event::Park, now, |e| e.conn.wants_park(now));
         self.broadcast(Event::IdleTimeout, now, |e| {
             runtime
                 .rule(e.rule)

@@ -40,6 +40,8 @@ fn ops_pushed(a: Action, in_flight: u32) -> u32 {
         | Action::Send { .. }
         | Action::PollIn(_)
         | Action::PollOut(_)
+        | Action::CancelRecv(_)
+        | Action::ParkPoll(_)
         | Action::LeaveSplice(_) => 1,
         Action::CancelAll if in_flight > 0 => 2,
         _ => 0,
@@ -57,6 +59,7 @@ fn completes_op(ev: Event) -> bool {
             | Event::CancelDone
             | Event::Writable { .. }
             | Event::PollEnded { .. }
+            | Event::Unparked { .. }
     )
 }
 
@@ -778,8 +781,15 @@ mod prop {
         Connect,
         Timer,
         Recv(Direction),
-        Send { dir: Direction, buf: u16, len: u32 },
+        Send {
+            dir: Direction,
+            buf: u16,
+            len: u32,
+        },
         Cancel,
+        /// The cancel of a recv to park its direction.
+        CancelRecv,
+        ParkPoll(Direction),
     }
 
     /// The worker's side: ops in flight, buffers handed to the connection, queued directions.
@@ -790,6 +800,8 @@ mod prop {
         next_buf: u16,
         waiting: Vec<Direction>,
         cancelled: bool,
+        /// Directions whose recv a park cancel may have caught.
+        parking: Vec<Direction>,
         dials: u32,
         finishes: u32,
         log: Vec<String>,
@@ -858,6 +870,11 @@ mod prop {
                             );
                             self.finishes += 1;
                         }
+                        Action::CancelRecv(d) => {
+                            self.ops.push(Op::CancelRecv);
+                            self.parking.push(d);
+                        }
+                        Action::ParkPoll(d) => self.ops.push(Op::ParkPoll(d)),
                         Action::PollIn(_)
                         | Action::PollOut(_)
                         | Action::Pump(_)
@@ -893,8 +910,14 @@ mod prop {
                     },
                 },
                 Op::Timer => Event::ConnectTimerDone,
-                Op::Cancel => Event::CancelDone,
+                Op::Cancel | Op::CancelRecv => Event::CancelDone,
+                Op::ParkPoll(dir) => Event::Unparked { dir },
                 Op::Recv(dir) => {
+                    let parked = self.parking.iter().position(|&d| d == dir);
+                    if let Some(p) = parked {
+                        self.parking.swap_remove(p);
+                    }
+                    let cancelled = cancelled || (parked.is_some() && !r.is_multiple_of(3));
                     let (res, buf) = match (cancelled, r % 8) {
                         (true, _) => (-libc::ECANCELED, None),
                         (false, 0) => (0, None),
@@ -944,6 +967,7 @@ mod prop {
             match kind % 32 {
                 0 => w.feed(&mut conn, Event::Shutdown, now),
                 1 => w.feed(&mut conn, Event::IdleTimeout, now),
+                6 | 7 => w.feed(&mut conn, Event::Park, now),
                 2..=5 if !w.waiting.is_empty() => {
                     let d = w.waiting.remove(0);
                     // The worker skips queued directions of a closing connection.
@@ -1107,4 +1131,119 @@ fn auto_thresholds_come_from_the_config() {
         now,
     );
     assert_eq!(a.last(), Some(&Action::TrySplice(C2U)));
+}
+
+/// Relaying, then idle for [`PARK_AFTER`]: both recvs cancelled and replaced by polls.
+fn parked() -> (Driver, Instant) {
+    let (mut c, now) = relaying();
+    assert!(!c.wants_park(now));
+    let later = now + PARK_AFTER;
+    assert!(c.wants_park(later));
+    let a = step(&mut c, Event::Park, later);
+    assert_eq!(a, vec![Action::CancelRecv(C2U), Action::CancelRecv(U2C)]);
+    assert_eq!(c.in_flight, 4, "two recvs and their two cancels");
+    for dir in [C2U, U2C] {
+        let a = step(
+            &mut c,
+            Event::Received {
+                dir,
+                res: -libc::ECANCELED,
+                buf: None,
+            },
+            later,
+        );
+        assert_eq!(a, vec![Action::ParkPoll(dir)]);
+        assert!(step(&mut c, Event::CancelDone, later).is_empty());
+        assert_eq!(c.dir(dir), DirState::Parked);
+    }
+    assert_eq!(c.in_flight, 2, "one poll per direction, no recv");
+    assert!(!c.wants_park(later), "nothing left to park");
+    (c, later)
+}
+
+#[test]
+fn an_idle_connection_parks_and_reads_again_when_readable() {
+    let (mut c, now) = parked();
+    let a = step(&mut c, Event::Unparked { dir: C2U }, now);
+    assert_eq!(a, vec![Action::Recv(C2U)]);
+    assert_eq!(c.dir(C2U), DirState::Reading);
+    assert_eq!(c.dir(U2C), DirState::Parked);
+    let a = step(
+        &mut c,
+        Event::Received {
+            dir: C2U,
+            res: 10,
+            buf: Some(3),
+        },
+        now,
+    );
+    assert_eq!(
+        a,
+        vec![Action::Send {
+            dir: C2U,
+            buf: 3,
+            off: 0,
+            len: 10
+        }]
+    );
+}
+
+#[test]
+fn bytes_that_race_the_park_cancel_are_relayed() {
+    let (mut c, now) = relaying();
+    let later = now + PARK_AFTER;
+    step(&mut c, Event::Park, later);
+    // The recv completed with data before the cancel reached it.
+    let a = step(
+        &mut c,
+        Event::Received {
+            dir: U2C,
+            res: 5,
+            buf: Some(1),
+        },
+        later,
+    );
+    assert_eq!(
+        a,
+        vec![
+            Action::FirstByte,
+            Action::Send {
+                dir: U2C,
+                buf: 1,
+                off: 0,
+                len: 5
+            }
+        ]
+    );
+    assert!(step(&mut c, Event::CancelDone, later).is_empty());
+    // End of stream racing the cancel is passed on as well.
+    let a = step(
+        &mut c,
+        Event::Received {
+            dir: C2U,
+            res: 0,
+            buf: None,
+        },
+        later,
+    );
+    assert_eq!(a, vec![Action::ShutdownWrite(C2U)]);
+    assert_eq!(c.dir(C2U), DirState::Done);
+}
+
+#[test]
+fn a_parked_connection_closes_after_its_polls_complete() {
+    let (mut c, now) = parked();
+    let a = step(&mut c, Event::Shutdown, now);
+    assert_eq!(a, vec![Action::CancelAll]);
+    assert!(step(&mut c, Event::Unparked { dir: C2U }, now).is_empty());
+    assert!(step(&mut c, Event::Unparked { dir: U2C }, now).is_empty());
+    assert!(step(&mut c, Event::CancelDone, now).is_empty());
+    let a = step(&mut c, Event::CancelDone, now);
+    assert_eq!(
+        a,
+        vec![Action::Finish {
+            reason: CloseReason::Shutdown,
+            reset: true
+        }]
+    );
 }
