@@ -2,7 +2,7 @@
 """Kernel slab memory per relayed idle connection, side by side.
 
 Opens N connections through each relay to a `ringfwd echo` backend (one byte each way, so
-every connection is established end to end, then idle), and reads /proc/slabinfo (active
+every connection is established end to end, then idle for --hold seconds), and reads /proc/slabinfo (active
 objects x object size, per cache) and /proc/meminfo `Slab` before and while they are held.
 `direct` (client straight to the echo backend) is the cost of the two ends without a relay;
 each relay's figure minus direct's is what the relay adds. Rounds alternate the relays.
@@ -12,7 +12,7 @@ kmalloc caches) and read the per-cache lines, which name what each relay holds, 
 the total alone. Needs root (slabinfo), `haproxy` for its row.
 
     sudo scripts/slab_per_conn.py [--conns 3000] [--rounds 2] [--bin target/release/ringfwd]
-        [--relays direct,haproxy,uring-copy,uring-auto,tokio]
+        [--relays direct,haproxy,uring-copy,uring-auto,tokio] [--hold 3]
 """
 import argparse
 import os
@@ -92,7 +92,7 @@ def start_relay(kind, binary, echo_port, conns, scratch):
     return port, proc
 
 
-def measure(port, n):
+def measure(port, n, hold):
     time.sleep(0.5)
     before, before_total = slab(), slab_total()
     socks = []
@@ -103,7 +103,7 @@ def measure(port, n):
     for s in socks:
         if s.recv(1) != b"x":
             raise SystemExit("a connection was not echoed")
-    time.sleep(1.0)
+    time.sleep(hold)
     after, after_total = slab(), slab_total()
     for s in socks:
         s.close()
@@ -117,6 +117,9 @@ def main():
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--bin", default="target/release/ringfwd")
     ap.add_argument("--relays", default="direct,haproxy,uring-copy,uring-auto,tokio")
+    ap.add_argument("--hold", type=float, default=3.0,
+                    help="seconds the connections sit idle before the reading (the io_uring "
+                         "engine parks a direction idle for 1 s)")
     a = ap.parse_args()
     kinds = a.relays.split(",")
     if "haproxy" in kinds and shutil.which("haproxy") is None:
@@ -137,7 +140,7 @@ def main():
             for kind in kinds:
                 port, proc = start_relay(kind, a.bin, echo_port, a.conns, scratch)
                 try:
-                    caches, total = measure(port, a.conns)
+                    caches, total = measure(port, a.conns, a.hold)
                 finally:
                     if proc is not None:
                         proc.terminate()

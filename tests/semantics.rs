@@ -43,6 +43,7 @@ macro_rules! engine_suite {
                 connect_timeout_closes_client,
                 connect_failures_are_logged_at_most_once_a_second,
                 idle_timeout,
+                data_half_close_and_reset_after_a_quiet_spell,
                 slow_reader_backpressure,
                 thousand_concurrent_connections,
                 fd_exhaustion_backs_off_and_recovers,
@@ -250,6 +251,56 @@ fn client_half_close_then_reply(engine: &[&str]) {
         assert_eq!(got.len(), reply.len(), "reply truncated");
         assert!(got == reply, "reply corrupted");
     });
+}
+
+/// A connection quiet for longer than the io_uring engine waits before it parks an idle
+/// direction (1 s: the armed recv is cancelled for a readiness poll) still carries data both
+/// ways, a half-close and a reset, each after its own quiet spell. On the other engines it is
+/// plain idleness, which they must survive too.
+fn data_half_close_and_reset_after_a_quiet_spell(engine: &[&str]) {
+    let _load = support::light();
+    const QUIET: Duration = Duration::from_millis(2500);
+    let upstream = Upstream::bind();
+    let relay = Relay::start(engine, upstream.addr(), &[]);
+    let mut rng = StdRng::seed_from_u64(11);
+    // 1. One exchange, then silence.
+    let (mut client, mut server) = pair(&relay, &upstream);
+    client.write_all(b"hello").expect("client write");
+    assert_eq!(read_n(&mut server, 5), b"hello");
+    std::thread::sleep(QUIET);
+    // 2. Data both ways after the pause, each direction woken by its own sender.
+    let up = data::bytes(&mut rng, 64 << 10);
+    assert!(
+        transfer(&client, &mut server, &up) == up,
+        "upload after a pause corrupted"
+    );
+    std::thread::sleep(QUIET);
+    let down = data::bytes(&mut rng, 64 << 10);
+    assert!(
+        transfer(&server, &mut client, &down) == down,
+        "download after a pause corrupted"
+    );
+    // 3. After another pause the client half-closes: the upstream sees EOF, and its reply
+    //    still reaches the client, followed by a clean EOF.
+    std::thread::sleep(QUIET);
+    client.shutdown(Shutdown::Write).expect("client FIN");
+    assert!(read_to_eof(&mut server).is_empty(), "bytes before the FIN");
+    server.write_all(b"bye").expect("upstream reply");
+    drop(server);
+    assert_eq!(read_to_eof(&mut client), b"bye");
+    // 4. A second connection, quiet, then the upstream resets: the client sees a reset.
+    let (mut client, mut server) = pair(&relay, &upstream);
+    client.write_all(b"ping").expect("client write");
+    assert_eq!(read_n(&mut server, 4), b"ping");
+    std::thread::sleep(QUIET);
+    sock::reset(server);
+    let (end, data) = wait_end(&mut client, Duration::from_secs(5));
+    assert_eq!(
+        end,
+        End::Reset,
+        "a reset after a pause reached the client as {end:?}"
+    );
+    assert!(data.is_empty(), "unexpected bytes {data:?}");
 }
 
 /// An upstream's FIN must not end the client's upload.

@@ -148,6 +148,12 @@ pub fn first_listeners(
     per_rule: usize,
     inherited: &mut Inherited,
 ) -> Result<Vec<Vec<Vec<TcpListener>>>, EngineError> {
+    let ports: usize = config
+        .rules
+        .iter()
+        .map(|r| usize::from(r.listen.count))
+        .sum();
+    engine::ensure_listener_fds(ports, per_rule)?;
     let mut out = Vec::with_capacity(config.rules.len());
     for rule in &config.rules {
         let mut groups = Vec::with_capacity(usize::from(rule.listen.count));
@@ -697,6 +703,16 @@ impl Supervisor {
         // Kept addresses: the same sockets (by address, whatever the rule is called now).
         // New addresses: bound now, so a taken port fails the reload before anything moves.
         let per_rule = engine::listeners_per_rule(&new, self.engine);
+        let fresh = new
+            .rules
+            .iter()
+            .flat_map(|rule| {
+                rule.listen
+                    .addrs()
+                    .filter(|a| kept_port(&cur.config, &cur.sockets, rule, *a).is_none())
+            })
+            .count();
+        engine::ensure_listener_fds(fresh, per_rule).map_err(|e| e.to_string())?;
         let mut sockets = Vec::with_capacity(new.rules.len());
         for rule in &new.rules {
             // Port by port, so a range that grows or shrinks keeps the ports it had.

@@ -185,6 +185,15 @@ pub fn bind(config: &Config, per_rule: usize) -> Result<Listeners, EngineError> 
     Ok(Listeners { per_rule: out })
 }
 
+/// Refuses, before anything is bound, `ports × per_port` new listeners that would not fit the
+/// open-files limit with as many fds again left for connections (see [`bind`]).
+///
+/// # Errors
+/// [`EngineError::TooManyListeners`], saying what to raise.
+pub fn ensure_listener_fds(ports: usize, per_port: usize) -> Result<(), EngineError> {
+    check_listener_fds(ports, per_port, open_fds())
+}
+
 /// Descriptors this process has open now.
 fn open_fds() -> usize {
     // The directory handle itself is one of the entries.
