@@ -11,7 +11,7 @@ use criterion::{Criterion, criterion_group, criterion_main};
 use ringfwd::config::{Balance, Config, MemberSpec, Upstream};
 use ringfwd::metrics::Metrics;
 use ringfwd::session::outcome::CloseReason;
-use ringfwd::session::{Dial, End, Runtime};
+use ringfwd::session::{Dial, End, HeaderStep, RuleRuntime, Runtime};
 use ringfwd::upstream::{Picker, Pool, Tried};
 
 /// Pool sizes: a typical pool, and a large DNS-discovered one.
@@ -50,6 +50,35 @@ fn pick(c: &mut Criterion) {
     }
 }
 
+/// One whole session's bookkeeping: admit, the ClientHello routed (`hello`), dial,
+/// connected, finish.
+fn one_session(
+    rt: &RuleRuntime,
+    metrics: &Metrics,
+    pickers: &mut [Picker],
+    client: Option<SocketAddr>,
+    hello: Option<&[u8]>,
+) {
+    let shard = metrics.rule(0).shard(0);
+    let now = Instant::now();
+    let mut s = rt.admit(shard, client, now, false).expect("admitted");
+    if let Some(hello) = hello {
+        let step = s.feed_header(rt, shard, black_box(hello), now);
+        assert_eq!(step, HeaderStep::Ready { consumed: 0 });
+    }
+    let Dial::Connect(addr) = s.dial(rt, pickers, now) else {
+        panic!("no member")
+    };
+    black_box(addr);
+    s.connected(shard, now);
+    let end = End {
+        reason: CloseReason::Eof,
+        bytes: [1, 1],
+        path: "copy",
+    };
+    s.finish(rt, metrics, shard, end, now);
+}
+
 fn session(c: &mut Criterion) {
     let mut config = Config::parse(
         "bench.toml",
@@ -60,28 +89,11 @@ fn session(c: &mut Criterion) {
     let runtime = Runtime::new(&config);
     let metrics = Metrics::new(&["bench"], 1);
     let rt = runtime.rule(0);
-    let shard = metrics.rule(0).shard(0);
     let mut picker = rt.pickers(7);
     let client = Some(SocketAddr::from(([192, 168, 1, 2], 40000)));
     c.bench_function(
         "session: admit + dial + connected + finish (3 members)",
-        |b| {
-            b.iter(|| {
-                let now = Instant::now();
-                let mut s = rt.admit(shard, client, now, false).expect("admitted");
-                let Dial::Connect(addr) = s.dial(rt, &mut picker, now) else {
-                    panic!("no member")
-                };
-                black_box(addr);
-                s.connected(shard, now);
-                let end = End {
-                    reason: CloseReason::Eof,
-                    bytes: [1, 1],
-                    path: "copy",
-                };
-                s.finish(rt, &metrics, shard, end, now);
-            })
-        },
+        |b| b.iter(|| one_session(rt, &metrics, &mut picker, client, None)),
     );
 }
 
@@ -127,7 +139,6 @@ fn routed_session(c: &mut Criterion) {
     let runtime = Runtime::new(&config);
     let metrics = Metrics::new(&["bench"], 1);
     let rt = runtime.rule(0);
-    let shard = metrics.rule(0).shard(0);
     let mut pickers = rt.pickers(7);
     let client = Some(SocketAddr::from(([192, 168, 1, 2], 40000)));
     let hello = client_hello("www.example.com");
@@ -136,25 +147,7 @@ fn routed_session(c: &mut Criterion) {
             "session: admit + route on a {}-byte ClientHello (wildcard match) + dial + connected + finish",
             hello.len()
         ),
-        |b| {
-            b.iter(|| {
-                let now = Instant::now();
-                let mut s = rt.admit(shard, client, now, false).expect("admitted");
-                let step = s.feed_header(rt, shard, black_box(&hello), now);
-                assert_eq!(step, ringfwd::session::HeaderStep::Ready { consumed: 0 });
-                let Dial::Connect(addr) = s.dial(rt, &mut pickers, now) else {
-                    panic!("no member")
-                };
-                black_box(addr);
-                s.connected(shard, now);
-                let end = End {
-                    reason: CloseReason::Eof,
-                    bytes: [1, 1],
-                    path: "copy",
-                };
-                s.finish(rt, &metrics, shard, end, now);
-            })
-        },
+        |b| b.iter(|| one_session(rt, &metrics, &mut pickers, client, Some(&hello))),
     );
 }
 

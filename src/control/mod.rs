@@ -228,18 +228,7 @@ impl Generation {
 
 /// The listeners of `sockets` duplicated for an engine instance.
 fn dup_all(sockets: &[Vec<Vec<TcpListener>>]) -> Result<Listeners, String> {
-    Ok(Listeners {
-        per_rule: sockets
-            .iter()
-            .map(|ports| {
-                ports
-                    .iter()
-                    .map(|ls| ls.iter().map(TcpListener::try_clone).collect())
-                    .collect()
-            })
-            .collect::<std::io::Result<_>>()
-            .map_err(|e| format!("cannot duplicate the listeners: {e}"))?,
-    })
+    Listeners::dup(sockets).map_err(|e| format!("cannot duplicate the listeners: {e}"))
 }
 
 /// The health-check / DNS thread of one generation's pools (`None`: none needed, or it

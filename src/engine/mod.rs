@@ -55,9 +55,16 @@ impl Listeners {
     /// # Errors
     /// `dup` failed (out of file descriptors).
     pub fn try_clone(&self) -> std::io::Result<Self> {
+        Self::dup(&self.per_rule)
+    }
+
+    /// Listeners of duplicates of `per_rule`'s descriptors (see [`Listeners::try_clone`]).
+    ///
+    /// # Errors
+    /// `dup` failed (out of file descriptors).
+    pub fn dup(per_rule: &[Vec<Vec<TcpListener>>]) -> std::io::Result<Self> {
         Ok(Self {
-            per_rule: self
-                .per_rule
+            per_rule: per_rule
                 .iter()
                 .map(|ports| {
                     ports
@@ -68,6 +75,20 @@ impl Listeners {
                 .collect::<std::io::Result<_>>()?,
         })
     }
+}
+
+/// Makes an engine's listener non-blocking and reads its port (a range's listeners are told
+/// apart by it).
+///
+/// # Errors
+/// Either call failed.
+fn nonblocking_port(l: &TcpListener) -> Result<u16, EngineError> {
+    let io = |what| move |source| EngineError::Io { what, source };
+    l.set_nonblocking(true)
+        .map_err(io("cannot set listener non-blocking"))?;
+    Ok(l.local_addr()
+        .map_err(io("cannot read a listener's address"))?
+        .port())
 }
 
 /// How many listeners per rule `engine` wants: one per worker for io_uring (each worker its

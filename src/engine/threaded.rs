@@ -50,12 +50,7 @@ pub fn run(
     let mut all = Vec::with_capacity(listeners.count());
     for (idx, ports) in listeners.per_rule.into_iter().enumerate() {
         for l in ports.into_iter().flatten() {
-            l.set_nonblocking(true)
-                .map_err(io("cannot set listener non-blocking"))?;
-            let port = l
-                .local_addr()
-                .map_err(io("cannot read a listener's address"))?
-                .port();
+            let port = super::nonblocking_port(&l)?;
             all.push(Accepting {
                 listener: l,
                 rule: idx,

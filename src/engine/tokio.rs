@@ -104,12 +104,7 @@ pub fn run(
             let unsettled = Arc::new(Semaphore::new(per_rule));
             for l in ports.into_iter().flatten() {
                 let io = |what| move |source| EngineError::Io { what, source };
-                l.set_nonblocking(true)
-                    .map_err(io("cannot set listener non-blocking"))?;
-                let port = l
-                    .local_addr()
-                    .map_err(io("cannot read a listener's address"))?
-                    .port();
+                let port = super::nonblocking_port(&l)?;
                 // `AsyncFd::new` is deprecated for fds someone else may close under it; this
                 // one owns its listener for its whole life, so the concern does not apply.
                 #[allow(deprecated)]
