@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Checks the Debian package that `cargo deb` built, and the systemd units in it.
 #
-#   deploy/check-deb.sh [--install] [PACKAGE.deb]     (default: the newest target/debian/ringfwd_*.deb)
+#   deploy/check-deb.sh [--install] [PACKAGE.deb]     (default: the newest ringfwd_*.deb in
+#                                                      $CARGO_TARGET_DIR/debian, target/debian if unset)
 #
 # 1. `dpkg -c` lists every file the package must install; the control archive has the
 #    conffile, the postinst that creates the user, and the adduser dependency.
@@ -22,7 +23,7 @@ if [[ ${1:-} == --install ]]; then
     install=1
     shift
 fi
-deb=${1:-$(ls -t target/debian/ringfwd_*.deb 2>/dev/null | head -n 1)}
+deb=${1:-$(ls -t "${CARGO_TARGET_DIR:-target}"/debian/ringfwd_*.deb 2>/dev/null | head -n 1)}
 [[ -n $deb && -f $deb ]] || { echo "check-deb: no package (run cargo deb first)" >&2; exit 1; }
 echo "package: $deb ($(du -h "$deb" | cut -f1))"
 
