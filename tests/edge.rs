@@ -587,11 +587,12 @@ fn per_ip_limit_holds_under_a_thousand_attempts(engine: &[&str]) {
     // 2. Another address is served throughout (short sessions in a loop).
     let stop = Arc::new(AtomicBool::new(false));
     let served = Arc::new(AtomicUsize::new(0));
+    let failures = Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
     let bystander = {
-        let (stop, served) = (stop.clone(), served.clone());
-        std::thread::spawn(move || -> Vec<String> {
-            let mut failures = Vec::new();
+        let (stop, served, failures) = (stop.clone(), served.clone(), failures.clone());
+        std::thread::spawn(move || {
             while !stop.load(Ordering::Acquire) {
+                let started = Instant::now();
                 let result = connect_from(other, addr)
                     .map_err(|e| format!("connect: {e}"))
                     .and_then(|mut s| round_trip(&mut s, b"bystander"));
@@ -599,18 +600,25 @@ fn per_ip_limit_holds_under_a_thousand_attempts(engine: &[&str]) {
                     Ok(()) => {
                         served.fetch_add(1, Ordering::AcqRel);
                     }
-                    Err(e) => failures.push(e),
+                    Err(e) => failures
+                        .lock()
+                        .expect("failures")
+                        .push(format!("{e} after {:?}", started.elapsed())),
                 }
                 std::thread::sleep(Duration::from_millis(10));
             }
-            failures
         })
     };
     wait_until(STEP_TIMEOUT, "the bystander's first session", || {
         if served.load(Ordering::Acquire) > 0 {
             Ok(())
         } else {
-            Err("none yet".into())
+            let f = failures.lock().expect("failures");
+            Err(format!(
+                "none yet; {} failed attempts, the last: {:?}",
+                f.len(),
+                f.last()
+            ))
         }
     });
     // 3. 1 000 attempts over the limit: every one reset.
@@ -625,7 +633,8 @@ fn per_ip_limit_holds_under_a_thousand_attempts(engine: &[&str]) {
     }
     let spent = started.elapsed();
     stop.store(true, Ordering::Release);
-    let failures = bystander.join().expect("bystander thread");
+    bystander.join().expect("bystander thread");
+    let failures = std::mem::take(&mut *failures.lock().expect("failures"));
     assert!(
         not_reset.is_empty(),
         "{} of {ATTEMPTS} attempts over the limit were not reset at once: {:?}",
