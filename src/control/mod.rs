@@ -194,14 +194,18 @@ fn kept_port<'a>(
             if addr.port() == 0 {
                 (r.listen.addr == addr && r.name == rule.name).then(|| ports.first())?
             } else {
-                r.listen
-                    .addrs()
-                    .position(|a| a == addr)
-                    .and_then(|p| ports.get(p))
+                // The port's place in `r`'s range, if `r` listens on it.
+                let first = r.listen.port();
+                (r.listen.ip() == addr.ip() && r.listen.ports().contains(&addr.port()))
+                    .then(|| ports.get(usize::from(addr.port() - first)))?
             }
         })
         .map(Vec::as_slice)
 }
+
+/// A port of a reloaded rule: its address and the socket group it keeps (`None`: bound
+/// fresh).
+type PortPlan<'a> = (SocketAddr, Option<&'a [TcpListener]>);
 
 /// One config generation and the engine instance serving it.
 struct Generation {
@@ -692,22 +696,25 @@ impl Supervisor {
         // Kept addresses: the same sockets (by address, whatever the rule is called now).
         // New addresses: bound now, so a taken port fails the reload before anything moves.
         let per_rule = engine::listeners_per_rule(&new, self.engine);
-        let fresh = new
+        // Each port of each rule: the socket group it keeps, or `None` to bind it fresh.
+        let plan: Vec<Vec<PortPlan<'_>>> = new
             .rules
             .iter()
-            .flat_map(|rule| {
+            .map(|rule| {
                 rule.listen
                     .addrs()
-                    .filter(|a| kept_port(&cur.config, &cur.sockets, rule, *a).is_none())
+                    .map(|a| (a, kept_port(&cur.config, &cur.sockets, rule, a)))
+                    .collect()
             })
-            .count();
+            .collect();
+        let fresh = plan.iter().flatten().filter(|(_, k)| k.is_none()).count();
         engine::ensure_listener_fds(fresh, per_rule).map_err(|e| e.to_string())?;
         let mut sockets = Vec::with_capacity(new.rules.len());
-        for rule in &new.rules {
+        for (rule, ports) in new.rules.iter().zip(plan) {
             // Port by port, so a range that grows or shrinks keeps the ports it had.
-            let mut groups = Vec::with_capacity(usize::from(rule.listen.count));
-            for addr in rule.listen.addrs() {
-                groups.push(match kept_port(&cur.config, &cur.sockets, rule, addr) {
+            let mut groups = Vec::with_capacity(ports.len());
+            for (addr, kept) in ports {
+                groups.push(match kept {
                     Some(ls) => ls
                         .iter()
                         .map(TcpListener::try_clone)

@@ -264,8 +264,9 @@ fn is_tick(e: &io::Error) -> bool {
     )
 }
 
-/// Reads the client's PROXY header when the rule requires one, within its timeout; returns
-/// the bytes that came after it (the start of the client's stream).
+/// Reads the client's preamble when the rule requires one (a PROXY header, a ClientHello to
+/// route on), within its timeout; returns the bytes after a PROXY header (the start of the
+/// client's stream, a ClientHello included).
 fn read_header(
     client: &TcpStream,
     session: &mut Session,
