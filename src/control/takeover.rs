@@ -169,9 +169,13 @@ fn handle(conn: &Socket, events: &mpsc::Sender<Event>) -> io::Result<bool> {
             ready.chars().take(64).collect::<String>()
         )));
     }
+    // READY is the hand-over: from here this process drains whatever happens to the answer
+    // (a new process that stops listening for it serves the sockets all the same).
     let _ = events.send(Event::TakenOver);
-    send_text(conn, &format!("DRAINING {}", std::process::id()))?;
     tracing::info!("control socket: the new process serves the sockets; draining and exiting");
+    if let Err(e) = send_text(conn, &format!("DRAINING {}", std::process::id())) {
+        tracing::debug!(error = %e, "control socket: the new process did not read the answer");
+    }
     Ok(true)
 }
 
