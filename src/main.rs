@@ -214,14 +214,13 @@ fn run(args: &RunArgs) -> anyhow::Result<()> {
     };
 
     let watch_enabled = Arc::new(AtomicBool::new(config.watch_config));
-    let load: Option<Box<dyn Fn() -> Result<Config, ringfwd::config::ConfigError> + Send>> =
-        match &args.config {
-            Some(_) => {
-                let args = args.clone();
-                Some(Box::new(move || args.to_config()))
-            }
-            None => None,
-        };
+    let load: Option<control::Loader> = match &args.config {
+        Some(_) => {
+            let args = args.clone();
+            Some(Arc::new(move || args.to_config()))
+        }
+        None => None,
+    };
     let reloadable = load.is_some();
     let mut supervisor = Supervisor::new(
         engine,

@@ -503,58 +503,6 @@ fn socket_activation_restart_under_load(engine: &[&str]) {
     new.stop_and_wait();
 }
 
-/// Each reload leaves the previous config draining while a connection of it lives; past
-/// two draining configs a reload is refused (and says so) until one has ended.
-#[test]
-fn reloads_are_refused_while_two_older_configs_drain() {
-    let _g = support::light();
-    let pool = Backend::echo();
-    let conf = |grace: u32| {
-        format!(
-            "admin = \"127.0.0.1:0\"\nshutdown_grace = \"{grace}s\"\n{}",
-            rule("kept", "127.0.0.1:0", pool.addr())
-        )
-    };
-    let file = TempFile::new("control-draining", &conf(30));
-    let path = file.path.display().to_string();
-    let mut relay = spawn(&["run", "--config", &path, "--engine", "std"], 1);
-    let admin = relay.admin.expect("admin addr");
-    let mut held = Vec::new();
-    for (i, grace) in [31, 32, 33].into_iter().enumerate() {
-        // A live connection keeps the current config draining after the reload.
-        let mut c = support::sock::connect(relay.addr());
-        c.write_all(b"x").unwrap();
-        assert_eq!(support::sock::read_n(&mut c, 1), b"x");
-        held.push(c);
-        std::fs::write(&file.path, conf(grace)).unwrap();
-        let (status, body) = post(admin, "/reload");
-        if i < 2 {
-            assert_eq!(status, 200, "{body}");
-            assert!(body.contains("settings shutdown_grace"), "{body}");
-            // The retired config stops accepting within a tick (the std engine's accept
-            // threads poll every 100 ms): the next connection belongs to the new one.
-            std::thread::sleep(Duration::from_millis(300));
-        } else {
-            assert_eq!(status, 422, "{body}");
-            assert!(body.contains("still draining"), "{body}");
-        }
-    }
-    // Every connection of every config is still served.
-    for c in &mut held {
-        c.write_all(b"y").unwrap();
-        assert_eq!(support::sock::read_n(c, 1), b"y");
-    }
-    // Once one drains, a reload goes through.
-    drop(held.remove(0));
-    assert!(
-        eventually(STEP_TIMEOUT, || post(admin, "/reload").0 == 200),
-        "{}",
-        relay.stderr()
-    );
-    drop(held);
-    relay.stop_and_wait();
-}
-
 /// A `LISTEN_PID` that is not the forwarder's: the passed socket is left alone, the rule is
 /// bound as usual, and the warning says why.
 #[test]

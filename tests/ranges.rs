@@ -34,6 +34,7 @@ macro_rules! engine_suite {
                 a_range_forwards_every_port_to_one_upstream_port,
                 an_ipv6_range_forwards_one_to_one,
                 two_thousand_ports_are_ready_within_a_second_at_no_thread_per_port,
+                the_fd_budget_counts_what_listeners_hold_and_a_reload_fits,
             );
         }
     };
@@ -351,7 +352,7 @@ fn a_range_beyond_the_fd_limit_is_refused_in_one_line() {
     assert_eq!(errors.len(), 1, "{stderr}");
     assert!(
         errors[0].starts_with(
-            "ringfwd: error: the rules need 2000 listening sockets (2000 ports × 1 per port), and as many fds again for connections, but the open-files limit is 1024"
+            "ringfwd: error: the rules need 2000 listening sockets (2000 ports × 1 per port), each held twice (by the engine, and by the control plane for reloads and upgrades), with room for as many again during a reload and for as many connections, but the open-files limit is 1024"
         ),
         "{stderr}"
     );
@@ -427,4 +428,81 @@ fn a_range_survives_the_fallback_from_uring_to_tokio() {
     }
     let _ = child.kill();
     let _ = child.wait();
+}
+
+/// `ringfwd run --config FILE ENGINE` under `ulimit -n 1024` (which a shell sets as the hard
+/// limit too, so the forwarder cannot raise it).
+fn at_1024_fds(path: &str, engine: &[&str]) -> Command {
+    let mut cmd = Command::new("sh");
+    cmd.arg("-c")
+        .arg(format!(
+            "ulimit -n 1024 && exec {} run --config {path} {}",
+            support::relay::BIN,
+            engine.join(" ")
+        ))
+        .stdin(Stdio::null());
+    cmd
+}
+
+/// The open-files check counts what a range really holds: each listener twice (the engine's
+/// descriptor and the control plane's, kept for reloads and upgrades), room for a reload's
+/// duplicates, and as many again for connections. Steps: 1. at 1 024 fds, 300 ports are
+/// refused at start in one line (the old check, "as many again for connections", let them
+/// start and then failed every reload with EMFILE); 2. 100 ports start, a reload that
+/// changes the upstream succeeds, and the last port forwards to the new upstream.
+fn the_fd_budget_counts_what_listeners_hold_and_a_reload_fits(engine: &[&str]) {
+    let _g = support::light();
+    // 1.
+    let base = bind_free_range(300).0;
+    let file = support::TempFile::new(
+        "ringfwd-ranges-budget",
+        &format!(
+            "[[rule]]\nlisten = \"127.0.0.1:{base}-{}\"\nupstream = \"127.0.0.1:9\"\n",
+            base + 299
+        ),
+    );
+    let out = at_1024_fds(&file.path.display().to_string(), engine)
+        .output()
+        .expect("run sh");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("held twice (by the engine, and by the control plane"),
+        "{stderr}"
+    );
+    // 2.
+    let (first, second) = (PortServer::start(1), PortServer::start(1));
+    let conf = |up: u16| {
+        move |base: u16| {
+            format!(
+                "admin = \"127.0.0.1:0\"\n[[rule]]\nname = \"r\"\nlisten = \"127.0.0.1:{base}-{}\"\nupstream = \"127.0.0.1:{up}\"\n",
+                base + 99
+            )
+        }
+    };
+    let (mut relay, base, file) = (0..5)
+        .find_map(|_| {
+            let base = bind_free_range(100).0;
+            let file = support::TempFile::new("ringfwd-ranges-budget", &conf(first.base)(base));
+            let path = file.path.display().to_string();
+            let mut args = vec!["run", "--config", path.as_str()];
+            args.extend_from_slice(engine);
+            match Relay::try_spawn_command(at_1024_fds(&path, engine), &args, 1) {
+                Ok(relay) => Some((relay, base, file)),
+                Err(f) if f.stderr.contains("address already in use") => None,
+                Err(f) => panic!("ringfwd did not start at 1024 fds: {f}"),
+            }
+        })
+        .expect("a free range of 100 ports");
+    assert_eq!(answer(at(base + 99)), first.base.to_string());
+    std::fs::write(&file.path, conf(second.base)(base)).expect("rewrite the config");
+    let (code, body) = support::pool::http_post(relay.admin.expect("admin addr"), "/reload");
+    assert_eq!(code, 200, "{body}\n{}", relay.stderr());
+    assert!(
+        support::eventually(STEP_TIMEOUT, || answer(at(base + 99))
+            == second.base.to_string()),
+        "the reloaded range does not reach the new upstream\n{}",
+        relay.stderr()
+    );
+    relay.stop_and_wait();
 }

@@ -258,6 +258,8 @@ pub const MAX_CONNECT_TIMEOUT: Duration = Duration::from_secs(3600);
 pub const MAX_IDLE_TIMEOUT: Duration = Duration::from_secs(7 * 24 * 3600);
 /// Longest `shutdown_grace`.
 pub const MAX_SHUTDOWN_GRACE: Duration = Duration::from_secs(24 * 3600);
+/// Longest `reload_drain_timeout` other than unset (no limit): a week.
+pub const MAX_RELOAD_DRAIN_TIMEOUT: Duration = Duration::from_secs(7 * 24 * 3600);
 /// Longest `linger` (`SO_LINGER` blocks a close for at most this long).
 pub const MAX_LINGER: Duration = Duration::from_secs(3600);
 /// Longest `fail_timeout`.
@@ -618,6 +620,9 @@ pub struct Config {
     pub engine: EngineKind,
     pub mode: DataPath,
     pub shutdown_grace: Duration,
+    /// How long the connections of an older config generation may run on after a reload
+    /// (HAProxy's `hard-stop-after`); `None` (the default): until they end by themselves.
+    pub reload_drain_timeout: Option<Duration>,
     /// The admin listener (`/metrics`, `/healthz`, `/stats`, `/histograms`); off unless set.
     /// The documented address is [`DEFAULT_ADMIN`], which `ringfwd stats` also defaults to.
     pub admin: Option<SocketAddr>,
@@ -888,6 +893,18 @@ impl Config {
                 Duration::ZERO..=MAX_SHUTDOWN_GRACE,
             )?,
         };
+        let reload_drain_timeout = raw
+            .reload_drain_timeout
+            .as_ref()
+            .map(|d| {
+                src.duration(
+                    d,
+                    "reload_drain_timeout",
+                    Some("cut at once"),
+                    Duration::ZERO..=MAX_RELOAD_DRAIN_TIMEOUT,
+                )
+            })
+            .transpose()?;
         let mut raw_uring = raw.uring.unwrap_or_default();
         let mut warnings = Vec::new();
         // `[uring] max_connections` was a per-worker table size; it survives as the default of
@@ -938,6 +955,7 @@ impl Config {
             engine,
             mode,
             shutdown_grace,
+            reload_drain_timeout,
             admin,
             admin_allow_remote,
             log_format,
@@ -1009,6 +1027,17 @@ impl Config {
             "shutdown_grace = {:?}",
             format_duration(self.shutdown_grace)
         );
+        match self.reload_drain_timeout {
+            Some(t) => {
+                let _ = writeln!(out, "reload_drain_timeout = {:?}", format_duration(t));
+            }
+            None => {
+                let _ = writeln!(
+                    out,
+                    "# reload_drain_timeout unset: old connections run to their end"
+                );
+            }
+        }
         if let Some(a) = self.admin {
             let _ = writeln!(out, "admin = \"{a}\"");
         }

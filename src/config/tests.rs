@@ -28,6 +28,10 @@ fn an_empty_file_has_the_documented_defaults_and_no_rule() {
     assert_eq!(c.engine, EngineKind::Auto);
     assert_eq!(c.mode, DataPath::Auto);
     assert_eq!(c.shutdown_grace, DEFAULT_SHUTDOWN_GRACE);
+    assert_eq!(
+        c.reload_drain_timeout, None,
+        "a reload cuts no one by default"
+    );
     assert_eq!(c.admin, None);
     assert!(!c.admin_allow_remote);
     assert_eq!(c.log_format, LogFormat::Text);
@@ -255,6 +259,27 @@ fn bad_durations_are_reported_at_their_key() {
     assert_eq!(
         err(&rule_with("connect_timeout = \"0s\"")),
         "cfg.toml:4:19: connect_timeout: must be more than 0s and at most 1h, got 0s"
+    );
+}
+
+#[test]
+fn reload_drain_timeout_is_unset_or_a_bounded_duration() {
+    assert_eq!(
+        parse("reload_drain_timeout = \"30m\"").reload_drain_timeout,
+        Some(Duration::from_secs(1800))
+    );
+    assert_eq!(
+        parse("reload_drain_timeout = \"0s\"").reload_drain_timeout,
+        Some(Duration::ZERO)
+    );
+    assert_eq!(
+        err("reload_drain_timeout = \"200h\""),
+        "cfg.toml:1:24: reload_drain_timeout: must be 0s..=168h, got 200h"
+    );
+    assert!(
+        parse("reload_drain_timeout = \"2h\"")
+            .to_toml()
+            .contains("reload_drain_timeout = \"2h\"")
     );
 }
 

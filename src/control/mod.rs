@@ -11,13 +11,22 @@
 //!    is ready;
 //! 3. retire the old generation ([`Shutdown::retire`]): it stops accepting, closes only its
 //!    own descriptors (never `shutdown(2)` on a listener), serves what it already accepted,
-//!    and its live connections run on until they end or its `shutdown_grace` passes. A
-//!    removed rule's socket has no other descriptor, so its port closes then.
+//!    and its live connections run on until they end by themselves — or, if
+//!    `reload_drain_timeout` is set, until it passes. A removed rule's socket has no other
+//!    descriptor, so its port closes then.
 //!
 //! Any error before step 3 drops what was built and leaves the running generation alone. A
-//! connection keeps the generation (rule version, pool, limits) it was accepted by. The same
-//! hand-over serves `run --takeover` ([`takeover`]) across processes, and sockets passed by
-//! systemd ([`fds::from_systemd`]) are matched to rules by address like taken-over ones.
+//! connection keeps the generation (rule version, pool) it was accepted by, across any number
+//! of reloads; admission (`max_connections`, the per-client limits) counts across generations
+//! of a rule, so a rule never holds more than its cap while older ones drain. Only a stop
+//! (SIGTERM) bounds every generation by `shutdown_grace`.
+//!
+//! Reloads never run two at once and are never refused for coming often: the new file is
+//! read (and its host names resolved) on a thread of its own while the supervisor keeps
+//! answering, and requests that arrive meanwhile are served together by one more reload.
+//! The same hand-over serves `run --takeover` ([`takeover`]) across processes, and sockets
+//! passed by systemd ([`fds::from_systemd`]) are matched to rules by address like taken-over
+//! ones.
 
 pub mod fds;
 pub mod takeover;
@@ -29,6 +38,7 @@ use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
 use std::sync::mpsc;
 use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
 use crate::config::{Config, ConfigError};
 use crate::engine::{self, EngineError, Listeners, Resolved, RunContext};
@@ -37,11 +47,6 @@ use crate::net;
 use crate::session::Runtime;
 use crate::shutdown::{Phase, Shutdown};
 use crate::upstream;
-
-/// Older generations that may still be draining when a reload starts another; a reload
-/// beyond that is refused (nothing changes) until one has ended. Each draining generation
-/// holds an engine instance (with io_uring: rings, registered buffers and pipes per worker).
-pub const MAX_DRAINING: usize = 2;
 
 /// What asked for a reload.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -61,10 +66,24 @@ impl Trigger {
     }
 }
 
+/// Where a reload's result goes.
+pub type Reply = mpsc::Sender<Result<String, String>>;
+
+/// Loads the config again (the file, with the `run` flags applied), on a thread of its own.
+pub type Loader = Arc<dyn Fn() -> Result<Config, ConfigError> + Send + Sync>;
+
+/// A config read for a reload, with the file's identity from before it was read.
+pub struct Loaded {
+    result: Result<Config, String>,
+    read_from: Option<watch::Identity>,
+}
+
 /// What the supervisor acts on, one at a time.
 pub enum Event {
     /// Reload the config; the result goes to the sender, if any.
-    Reload(Trigger, Option<mpsc::Sender<Result<String, String>>>),
+    Reload(Trigger, Option<Reply>),
+    /// The loader thread has read the file a reload asked for.
+    Loaded(Box<Loaded>),
     /// The process moved to this shutdown phase (SIGINT/SIGTERM).
     Stop(Phase),
     /// A generation's engine returned (with its error, if it failed).
@@ -177,35 +196,49 @@ pub fn first_listeners(
     Ok(out)
 }
 
-/// The current generation's sockets for `addr`, one port of `rule`'s listen side: those of
-/// the port with that address in any current rule (a rule on port 0, any port, keeps the
-/// port its namesake was given).
-fn kept_port<'a>(
+/// Where the current generation's sockets for `addr` (one port of `rule`'s listen side) are:
+/// `(rule, port)` of the port with that address in any current rule (a rule on port 0, any
+/// port, keeps the port its namesake was given).
+fn kept_port(
     config: &Config,
-    sockets: &'a [Vec<Vec<TcpListener>>],
     rule: &crate::config::Rule,
     addr: SocketAddr,
-) -> Option<&'a [TcpListener]> {
-    config
-        .rules
-        .iter()
-        .zip(sockets)
-        .find_map(|(r, ports)| {
-            if addr.port() == 0 {
-                (r.listen.addr == addr && r.name == rule.name).then(|| ports.first())?
-            } else {
-                // The port's place in `r`'s range, if `r` listens on it.
-                let first = r.listen.port();
-                (r.listen.ip() == addr.ip() && r.listen.ports().contains(&addr.port()))
-                    .then(|| ports.get(usize::from(addr.port() - first)))?
-            }
-        })
-        .map(Vec::as_slice)
+) -> Option<(usize, usize)> {
+    config.rules.iter().enumerate().find_map(|(i, r)| {
+        if addr.port() == 0 {
+            (r.listen.addr == addr && r.name == rule.name).then_some((i, 0))
+        } else {
+            // The port's place in `r`'s range, if `r` listens on it.
+            let first = r.listen.port();
+            (r.listen.ip() == addr.ip() && r.listen.ports().contains(&addr.port()))
+                .then(|| (i, usize::from(addr.port() - first)))
+        }
+    })
 }
 
-/// A port of a reloaded rule: its address and the socket group it keeps (`None`: bound
-/// fresh).
-type PortPlan<'a> = (SocketAddr, Option<&'a [TcpListener]>);
+/// Listening sockets per rule, per port of its range, per worker.
+type Sockets = Vec<Vec<Vec<TcpListener>>>;
+
+/// A generation that did not start: why, and the sockets it was given, back.
+struct StartFailed {
+    why: String,
+    sockets: Sockets,
+}
+
+/// A port of a reloaded rule: its address and where the socket group it keeps is in the
+/// current generation (`None`: bound fresh).
+type PortPlan = (SocketAddr, Option<(usize, usize)>);
+
+/// Puts the socket groups a failed reload took from the current generation back in place.
+fn give_back(cur: &mut [Vec<Vec<TcpListener>>], plan: &[Vec<PortPlan>], mut taken: Sockets) {
+    for (ports, groups) in plan.iter().zip(&mut taken) {
+        for ((_, kept), group) in ports.iter().zip(groups) {
+            if let Some((r, p)) = kept {
+                cur[*r][*p] = std::mem::take(group);
+            }
+        }
+    }
+}
 
 /// One config generation and the engine instance serving it.
 struct Generation {
@@ -219,14 +252,48 @@ struct Generation {
     sockets: Vec<Vec<Vec<TcpListener>>>,
     thread: Option<JoinHandle<()>>,
     upstreams: Option<upstream::control::Stop>,
+    /// When the connections still open are cut, and which setting said so (`None`: they run
+    /// until they end).
+    deadline: Option<(Instant, &'static str)>,
 }
 
 impl Generation {
-    /// Stops accepting (the next generation serves the same sockets) and drains.
-    fn retire(&mut self) {
+    /// Stops accepting (the next generation serves the same sockets) and drains, for at most
+    /// `drain` if set.
+    fn retire(&mut self, drain: Option<Duration>) {
         self.shutdown.retire();
         self.sockets.clear();
         self.upstreams = None;
+        if let Some(d) = drain {
+            self.cut_at(Instant::now() + d, "reload_drain_timeout");
+        }
+    }
+
+    /// Cuts what is still open at `when`, unless an earlier deadline is set.
+    fn cut_at(&mut self, when: Instant, by: &'static str) {
+        if self.deadline.is_none_or(|(d, _)| when < d) {
+            self.deadline = Some((when, by));
+        }
+    }
+
+    /// Cuts every connection now if the deadline has passed.
+    fn cut_if_due(&mut self, now: Instant) {
+        let Some((when, by)) = self.deadline else {
+            return;
+        };
+        if now < when {
+            return;
+        }
+        self.deadline = None;
+        let live = self.runtime.live();
+        if live > 0 {
+            tracing::info!(
+                generation = self.id,
+                live,
+                "{by} over: closing the remaining connections"
+            );
+        }
+        self.shutdown.advance(Phase::Closing);
     }
 }
 
@@ -274,7 +341,11 @@ pub struct Supervisor {
     events_tx: mpsc::Sender<Event>,
     events: mpsc::Receiver<Event>,
     /// Loads the config again (the file, with the `run` flags applied); `None` without a file.
-    load: Option<Box<dyn Fn() -> Result<Config, ConfigError> + Send>>,
+    load: Option<Loader>,
+    /// The reload whose file is being read now, and who waits for its result.
+    loading: Option<(Trigger, Vec<Reply>)>,
+    /// Reload requests that came while one was being read: one more reload serves them all.
+    queued: Option<(Trigger, Vec<Reply>)>,
     current: Option<Generation>,
     retiring: Vec<Generation>,
     next_id: u64,
@@ -312,7 +383,7 @@ impl Supervisor {
         metrics: Arc<Metrics>,
         process: &Shutdown,
         events: (mpsc::Sender<Event>, mpsc::Receiver<Event>),
-        load: Option<Box<dyn Fn() -> Result<Config, ConfigError> + Send>>,
+        load: Option<Loader>,
         watch_enabled: Arc<AtomicBool>,
     ) -> std::io::Result<Self> {
         let (tx, rx) = events;
@@ -335,6 +406,8 @@ impl Supervisor {
             events_tx: tx,
             events: rx,
             load,
+            loading: None,
+            queued: None,
             current: None,
             retiring: Vec::new(),
             next_id: 0,
@@ -413,7 +486,6 @@ impl Supervisor {
     ) -> Result<First, String> {
         let listeners = dup_all(&sockets)?;
         let shutdown = Shutdown::new();
-        shutdown.spawn_grace_timer(config.shutdown_grace);
         let id = self.next_id;
         self.next_id += 1;
         let ctx = RunContext {
@@ -430,6 +502,7 @@ impl Supervisor {
             sockets,
             thread: None,
             upstreams: None,
+            deadline: None,
         });
         Ok(First { id, listeners, ctx })
     }
@@ -445,10 +518,12 @@ impl Supervisor {
         sockets: Vec<Vec<Vec<TcpListener>>>,
         metrics: Arc<Metrics>,
         runtime: Arc<Runtime>,
-    ) -> Result<(Generation, Vec<(String, SocketAddr)>), String> {
-        let listeners = dup_all(&sockets)?;
+    ) -> Result<(Generation, Vec<(String, SocketAddr)>), StartFailed> {
+        let listeners = match dup_all(&sockets) {
+            Ok(l) => l,
+            Err(why) => return Err(StartFailed { why, sockets }),
+        };
         let shutdown = Shutdown::new();
-        shutdown.spawn_grace_timer(config.shutdown_grace);
         let id = self.next_id;
         self.next_id += 1;
         let (ready_tx, ready_rx) = mpsc::channel();
@@ -470,8 +545,16 @@ impl Supervisor {
                     let _ = ready_tx.send(Err(e.clone()));
                 }
                 let _ = events.send(Event::Ended(id, err));
-            })
-            .map_err(|e| format!("cannot start an engine thread: {e}"))?;
+            });
+        let thread = match thread {
+            Ok(t) => t,
+            Err(e) => {
+                return Err(StartFailed {
+                    why: format!("cannot start an engine thread: {e}"),
+                    sockets,
+                });
+            }
+        };
         match ready_rx.recv() {
             Ok(Ok((resolved, addrs))) => {
                 self.engine = resolved;
@@ -486,6 +569,7 @@ impl Supervisor {
                         sockets,
                         thread: Some(thread),
                         upstreams,
+                        deadline: None,
                     },
                     addrs,
                 ))
@@ -493,12 +577,15 @@ impl Supervisor {
             Ok(Err(why)) => {
                 shutdown.advance(Phase::Closing);
                 let _ = thread.join();
-                Err(why)
+                Err(StartFailed { why, sockets })
             }
             Err(_) => {
                 shutdown.advance(Phase::Closing);
                 let _ = thread.join();
-                Err("the engine stopped while starting".into())
+                Err(StartFailed {
+                    why: "the engine stopped while starting".into(),
+                    sockets,
+                })
             }
         }
     }
@@ -513,7 +600,34 @@ impl Supervisor {
             {
                 break;
             }
-            let Ok(ev) = self.events.recv() else { break };
+            let next_cut = self
+                .current
+                .iter()
+                .chain(&self.retiring)
+                .filter_map(|g| g.deadline.map(|(d, _)| d))
+                .min();
+            let ev = match next_cut {
+                None => match self.events.recv() {
+                    Ok(ev) => ev,
+                    Err(_) => break,
+                },
+                Some(when) => {
+                    match self
+                        .events
+                        .recv_timeout(when.saturating_duration_since(Instant::now()))
+                    {
+                        Ok(ev) => ev,
+                        Err(mpsc::RecvTimeoutError::Timeout) => {
+                            let now = Instant::now();
+                            for g in self.current.iter_mut().chain(&mut self.retiring) {
+                                g.cut_if_due(now);
+                            }
+                            continue;
+                        }
+                        Err(mpsc::RecvTimeoutError::Disconnected) => break,
+                    }
+                }
+            };
             match ev {
                 Event::FirstReady(engine) => {
                     self.started = true;
@@ -524,16 +638,8 @@ impl Supervisor {
                         self.watch_if_asked(&config);
                     }
                 }
-                Event::Reload(trigger, reply) => {
-                    let r = if self.started {
-                        self.reload(trigger)
-                    } else {
-                        Err("still starting; try again once it serves".into())
-                    };
-                    if let Some(tx) = reply {
-                        let _ = tx.send(r);
-                    }
-                }
+                Event::Reload(trigger, reply) => self.request_reload(trigger, reply),
+                Event::Loaded(loaded) => self.loaded(*loaded),
                 Event::Stop(phase) => self.stop(phase),
                 Event::Ended(id, err) => self.ended(id, err),
                 Event::Handoff(reply) => {
@@ -543,10 +649,18 @@ impl Supervisor {
                     self.taken_over = true;
                     if let Some(mut g) = self.current.take() {
                         self.live_at_drain = g.runtime.live();
-                        g.retire();
+                        // An upgrade cuts no one either: the old process's connections run
+                        // to their end (or `reload_drain_timeout`, or a later SIGTERM's
+                        // `shutdown_grace`).
+                        g.retire(g.config.reload_drain_timeout);
                         self.retiring.push(g);
                     }
                 }
+            }
+        }
+        for (_, replies) in self.loading.take().into_iter().chain(self.queued.take()) {
+            for r in replies {
+                let _ = r.send(Err("the process is stopping".into()));
             }
         }
         Summary {
@@ -554,6 +668,102 @@ impl Supervisor {
             cut: self.cut,
             failure: self.failure,
             taken_over: self.taken_over,
+        }
+    }
+
+    /// A reload was asked for: starts reading the file, or — while one is being read — joins
+    /// the next reload (one is in flight at most, and at most one more waits).
+    fn request_reload(&mut self, trigger: Trigger, reply: Option<Reply>) {
+        let refuse = if !self.started {
+            Some("still starting; try again once it serves")
+        } else if self.stopping || self.taken_over {
+            Some("the process is stopping")
+        } else if self.load.is_none() {
+            Some("this run has no --config file to reload")
+        } else {
+            None
+        };
+        if let Some(why) = refuse {
+            self.metrics.reloaded(false);
+            tracing::warn!(
+                trigger = trigger.as_str(),
+                "config reload refused, still running the previous config: {why}"
+            );
+            if let Some(r) = reply {
+                let _ = r.send(Err(why.into()));
+            }
+            return;
+        }
+        if self.loading.is_some() {
+            let (_, replies) = self.queued.get_or_insert_with(|| (trigger, Vec::new()));
+            replies.extend(reply);
+        } else {
+            self.loading = Some((trigger, reply.into_iter().collect()));
+            self.start_loading();
+        }
+    }
+
+    /// Reads the config for the reload in [`Supervisor::loading`] on a thread of its own: a
+    /// slow file system or DNS answer delays neither a stop nor the other events.
+    fn start_loading(&mut self) {
+        let Some(load) = self.load.clone() else {
+            return;
+        };
+        let watched = self.watch_path.clone();
+        let events = self.events_tx.clone();
+        let spawned = std::thread::Builder::new()
+            .name("ringfwd-load".into())
+            .spawn(move || {
+                let read_from = watched.as_deref().and_then(watch::identity);
+                let result = load().map_err(|e| e.to_string()).and_then(|c| {
+                    c.ensure_runnable().map_err(|e| e.to_string())?;
+                    Ok(c)
+                });
+                let _ = events.send(Event::Loaded(Box::new(Loaded { result, read_from })));
+            });
+        if let Err(e) = spawned {
+            let _ = self.events_tx.send(Event::Loaded(Box::new(Loaded {
+                result: Err(format!("cannot start the config loader thread: {e}")),
+                read_from: None,
+            })));
+        }
+    }
+
+    /// The file a reload asked for has been read: applies it, answers everyone who waited
+    /// for it, and starts the queued reload, if any.
+    fn loaded(&mut self, loaded: Loaded) {
+        let Some((trigger, replies)) = self.loading.take() else {
+            return;
+        };
+        let r = match loaded.result {
+            Ok(new) if !self.stopping && !self.taken_over => self.apply(new, loaded.read_from),
+            Ok(_) => Err("the process is stopping".into()),
+            Err(e) => Err(e),
+        };
+        self.metrics.reloaded(r.is_ok());
+        match &r {
+            Ok(changes) => tracing::info!(
+                trigger = trigger.as_str(),
+                coalesced = replies.len().saturating_sub(1),
+                "config reloaded: {changes}"
+            ),
+            Err(why) => tracing::warn!(
+                trigger = trigger.as_str(),
+                "config reload failed, still running the previous config: {why}"
+            ),
+        }
+        for reply in replies {
+            let _ = reply.send(r.clone());
+        }
+        if let Some(next) = self.queued.take() {
+            if self.stopping || self.taken_over {
+                for reply in next.1 {
+                    let _ = reply.send(Err("the process is stopping".into()));
+                }
+            } else {
+                self.loading = Some(next);
+                self.start_loading();
+            }
         }
     }
 
@@ -582,6 +792,15 @@ impl Supervisor {
                     g.shutdown.advance(Phase::Draining);
                 }
                 self.retiring.push(g);
+            }
+            // A stop bounds every generation, the older ones still draining included.
+            let grace = self.retiring.last().map(|g| g.config.shutdown_grace);
+            if let Some(grace) = grace {
+                let when = Instant::now() + grace;
+                for g in &mut self.retiring {
+                    g.cut_at(when, "shutdown_grace");
+                    g.cut_if_due(Instant::now());
+                }
             }
         }
         if phase == Phase::Closing {
@@ -640,29 +859,12 @@ impl Supervisor {
         Some(takeover::Handoff { rules, admin })
     }
 
-    fn reload(&mut self, trigger: Trigger) -> Result<String, String> {
-        let r = self.try_reload();
-        self.metrics.reloaded(r.is_ok());
-        match &r {
-            Ok(changes) => tracing::info!(trigger = trigger.as_str(), "config reloaded: {changes}"),
-            Err(why) => tracing::warn!(
-                trigger = trigger.as_str(),
-                "config reload failed, still running the previous config: {why}"
-            ),
-        }
-        r
-    }
-
-    fn try_reload(&mut self) -> Result<String, String> {
-        if self.stopping || self.taken_over {
-            return Err("the process is stopping".into());
-        }
-        let Some(load) = &self.load else {
-            return Err("this run has no --config file to reload".into());
-        };
-        let read_from = self.watch_path.as_deref().and_then(watch::identity);
-        let mut new = load().map_err(|e| e.to_string())?;
-        new.ensure_runnable().map_err(|e| e.to_string())?;
+    /// Starts a generation on `new` (read by the loader) and retires the serving one.
+    fn apply(
+        &mut self,
+        mut new: Config,
+        read_from: Option<watch::Identity>,
+    ) -> Result<String, String> {
         let Some(cur) = self.current.as_ref() else {
             return Err("not serving".into());
         };
@@ -686,47 +888,45 @@ impl Supervisor {
                 summary.strip_prefix("no change").unwrap_or("")
             ));
         }
-        if self.retiring.len() >= MAX_DRAINING {
-            return Err(format!(
-                "{} earlier config generations are still draining (at most {MAX_DRAINING}); try again once one has ended (within shutdown_grace = {:?})",
-                self.retiring.len(),
-                cur.config.shutdown_grace
-            ));
-        }
-        // Kept addresses: the same sockets (by address, whatever the rule is called now).
-        // New addresses: bound now, so a taken port fails the reload before anything moves.
+        // Kept addresses: the same sockets (by address, whatever the rule is called now),
+        // moved to the new generation — the supervisor holds one descriptor of each socket,
+        // never two. New addresses: bound now, so a taken port fails the reload before
+        // anything moves.
         let per_rule = engine::listeners_per_rule(&new, self.engine);
-        // Each port of each rule: the socket group it keeps, or `None` to bind it fresh.
-        let plan: Vec<Vec<PortPlan<'_>>> = new
+        let plan: Vec<Vec<PortPlan>> = new
             .rules
             .iter()
             .map(|rule| {
                 rule.listen
                     .addrs()
-                    .map(|a| (a, kept_port(&cur.config, &cur.sockets, rule, a)))
+                    .map(|a| (a, kept_port(&cur.config, rule, a)))
                     .collect()
             })
             .collect();
         let fresh = plan.iter().flatten().filter(|(_, k)| k.is_none()).count();
-        engine::ensure_listener_fds(fresh, per_rule).map_err(|e| e.to_string())?;
-        let mut sockets = Vec::with_capacity(new.rules.len());
-        for (rule, ports) in new.rules.iter().zip(plan) {
+        let kept: usize = plan
+            .iter()
+            .flatten()
+            .filter_map(|(_, k)| k.map(|(r, p)| cur.sockets[r][p].len()))
+            .sum();
+        // What this reload opens: the fresh ports' sockets, and the new engine's duplicate
+        // of every socket it serves (the old engine closes its own once it has stopped).
+        engine::ensure_fds(fresh * per_rule * 2 + kept, fresh * per_rule + kept)
+            .map_err(|e| e.to_string())?;
+        let mut bound = Vec::with_capacity(new.rules.len());
+        for (rule, ports) in new.rules.iter().zip(&plan) {
             // Port by port, so a range that grows or shrinks keeps the ports it had.
             let mut groups = Vec::with_capacity(ports.len());
             for (addr, kept) in ports {
                 groups.push(match kept {
-                    Some(ls) => ls
-                        .iter()
-                        .map(TcpListener::try_clone)
-                        .collect::<std::io::Result<Vec<_>>>()
-                        .map_err(|e| {
-                            format!("rule {:?}: cannot duplicate its listeners: {e}", rule.name)
-                        })?,
-                    None => net::bind_listeners(addr, per_rule)
-                        .map_err(|e| format!("rule {:?}: {e}", rule.name))?,
+                    Some(_) => None,
+                    None => Some(
+                        net::bind_listeners(*addr, per_rule)
+                            .map_err(|e| format!("rule {:?}: {e}", rule.name))?,
+                    ),
                 });
             }
-            sockets.push(groups);
+            bound.push(groups);
         }
         let names: Vec<&str> = new.rules.iter().map(|r| r.name.as_str()).collect();
         let metrics = cur.metrics.next_generation(&names);
@@ -734,7 +934,30 @@ impl Supervisor {
             .open_taps(new.rules.iter().map(|r| r.tap.as_deref()))
             .map_err(|e| e.to_string())?;
         let runtime = Runtime::next(&new, &cur.runtime);
-        let (g, addrs) = self.start_generation(new, sockets, metrics, runtime)?;
+        let cur_sockets = &mut self.current.as_mut().expect("checked above").sockets;
+        let sockets: Vec<Vec<Vec<TcpListener>>> = plan
+            .iter()
+            .zip(bound)
+            .map(|(ports, groups)| {
+                ports
+                    .iter()
+                    .zip(groups)
+                    .map(|((_, kept), fresh)| match (kept, fresh) {
+                        (Some((r, p)), _) => std::mem::take(&mut cur_sockets[*r][*p]),
+                        (None, fresh) => fresh.unwrap_or_default(),
+                    })
+                    .collect()
+            })
+            .collect();
+        let (g, addrs) = match self.start_generation(new, sockets, metrics, runtime) {
+            Ok(started) => started,
+            Err(StartFailed { why, sockets }) => {
+                if let Some(cur) = self.current.as_mut() {
+                    give_back(&mut cur.sockets, &plan, sockets);
+                }
+                return Err(why);
+            }
+        };
         if !self.watching {
             self.watch_baseline = read_from;
         }
@@ -745,8 +968,9 @@ impl Supervisor {
         g.metrics.publish();
         self.metrics.set_runtime(g.runtime.clone());
         let id = g.id;
+        let drain = g.config.reload_drain_timeout;
         if let Some(mut old) = self.current.replace(g) {
-            old.retire();
+            old.retire(drain);
             self.retiring.push(old);
         }
         let mut out = std::io::stdout().lock();

@@ -112,12 +112,21 @@ pub enum EngineError {
     #[error("io_uring engine unavailable: {0}")]
     UringUnavailable(uring::Unavailable),
     #[error(
-        "the rules need {needed} listening sockets ({ports} ports × {per_port} per port), and as many fds again for connections, but the open-files limit is {nofile} with {open} already open: raise it (ulimit -n, LimitNOFILE= in a systemd unit), or use fewer workers or shorter port ranges"
+        "the rules need {needed} listening sockets ({ports} ports × {per_port} per port), each held twice (by the engine, and by the control plane for reloads and upgrades), with room for as many again during a reload and for as many connections, but the open-files limit is {nofile} with {open} already open: raise it (ulimit -n, LimitNOFILE= in a systemd unit), or use fewer workers or shorter port ranges"
     )]
     TooManyListeners {
         needed: usize,
         ports: usize,
         per_port: usize,
+        nofile: u64,
+        open: usize,
+    },
+    #[error(
+        "a reload would open {opening} descriptors (new listening sockets and the new generation's duplicates) and keep {room} free for connections, but the open-files limit is {nofile} with {open} already open: raise it (ulimit -n, LimitNOFILE= in a systemd unit)"
+    )]
+    TooManyForReload {
+        opening: usize,
+        room: usize,
         nofile: u64,
         open: usize,
     },
@@ -194,7 +203,7 @@ pub fn bind(config: &Config, per_rule: usize) -> Result<Listeners, EngineError> 
         .iter()
         .map(|r| usize::from(r.listen.count))
         .sum();
-    check_listener_fds(ports, per_rule, open_fds())?;
+    check_listener_fds(ports, per_rule, open_fds(), nofile())?;
     let mut out = Vec::with_capacity(config.rules.len());
     for rule in &config.rules {
         let mut groups = Vec::with_capacity(usize::from(rule.listen.count));
@@ -207,12 +216,35 @@ pub fn bind(config: &Config, per_rule: usize) -> Result<Listeners, EngineError> 
 }
 
 /// Refuses, before anything is bound, `ports × per_port` new listeners that would not fit the
-/// open-files limit with as many fds again left for connections (see [`bind`]).
+/// open-files limit (see [`bind`]).
 ///
 /// # Errors
 /// [`EngineError::TooManyListeners`], saying what to raise.
 pub fn ensure_listener_fds(ports: usize, per_port: usize) -> Result<(), EngineError> {
-    check_listener_fds(ports, per_port, open_fds())
+    check_listener_fds(ports, per_port, open_fds(), nofile())
+}
+
+/// Refuses a reload that would open `opening` descriptors unless they fit under the soft
+/// open-files limit beside what is open and [`uring::FD_SLACK`], with `room` more left for
+/// connections.
+///
+/// # Errors
+/// [`EngineError::TooManyForReload`], saying what to raise.
+pub fn ensure_fds(opening: usize, room: usize) -> Result<(), EngineError> {
+    let (open, nofile) = (open_fds(), nofile());
+    let want = open
+        .saturating_add(uring::FD_SLACK)
+        .saturating_add(opening)
+        .saturating_add(room);
+    if u64::try_from(want).unwrap_or(u64::MAX) > nofile {
+        return Err(EngineError::TooManyForReload {
+            opening,
+            room,
+            nofile,
+            open,
+        });
+    }
+    Ok(())
 }
 
 /// Descriptors this process has open now.
@@ -221,15 +253,27 @@ fn open_fds() -> usize {
     std::fs::read_dir("/proc/self/fd").map_or(0, |d| d.count().saturating_sub(1))
 }
 
-/// Whether `ports × per_port` listeners fit under the soft open-files limit beside what is
-/// open and [`uring::FD_SLACK`], with at least as many fds again left for connections.
-fn check_listener_fds(ports: usize, per_port: usize, open: usize) -> Result<(), EngineError> {
+/// The soft open-files limit.
+fn nofile() -> u64 {
     use nix::sys::resource::{Resource, getrlimit};
-    let nofile = getrlimit(Resource::RLIMIT_NOFILE).map_or(u64::MAX, |(soft, _)| soft);
+    getrlimit(Resource::RLIMIT_NOFILE).map_or(u64::MAX, |(soft, _)| soft)
+}
+
+/// Whether `ports × per_port` listeners fit under `nofile` beside `open` and
+/// [`uring::FD_SLACK`]: what they really hold — each socket twice, once by the engine serving
+/// it and once by the control plane that hands it to the next generation or process — plus
+/// room for a reload (the next generation's duplicates, while the old one still holds its
+/// own) and at least as many fds again for connections.
+fn check_listener_fds(
+    ports: usize,
+    per_port: usize,
+    open: usize,
+    nofile: u64,
+) -> Result<(), EngineError> {
     let needed = ports.saturating_mul(per_port.max(1));
     let want = open
         .saturating_add(uring::FD_SLACK)
-        .saturating_add(needed.saturating_mul(2));
+        .saturating_add(needed.saturating_mul(4));
     if u64::try_from(want).unwrap_or(u64::MAX) > nofile {
         return Err(EngineError::TooManyListeners {
             needed,

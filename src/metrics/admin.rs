@@ -100,10 +100,13 @@ enum ConnState {
     Busy = 1,
     /// Answered at least one request, kept alive waiting for the next.
     Idle = 2,
+    /// Waiting for a reload to be done: the first to give way, so that clients looping on
+    /// `POST /reload` can never keep `/healthz` out (the reload still runs; only its answer
+    /// to the evicted client is lost).
+    Waiting = 3,
 }
 
 /// One live admin connection, shared between the accept loop and its task.
-#[derive(Default)]
 struct Slot {
     state: AtomicU8,
     /// Set by the task when the connection is gone.
@@ -113,11 +116,20 @@ struct Slot {
 }
 
 impl Slot {
+    fn new() -> Self {
+        Self {
+            state: AtomicU8::new(ConnState::Fresh as u8),
+            done: AtomicBool::new(false),
+            evict: Notify::new(),
+        }
+    }
+
     fn state(&self) -> ConnState {
         match self.state.load(Ordering::Relaxed) {
             0 => ConnState::Fresh,
             1 => ConnState::Busy,
-            _ => ConnState::Idle,
+            2 => ConnState::Idle,
+            _ => ConnState::Waiting,
         }
     }
 }
@@ -136,19 +148,20 @@ impl Slots {
         }
     }
 
-    /// A slot for a new connection, evicting the oldest fresh or else the oldest idle
-    /// connection at the cap; `None` when every connection is busy (close the new one).
+    /// A slot for a new connection, evicting at the cap the oldest connection waiting for a
+    /// reload, else the oldest fresh, else the oldest idle one; `None` when every connection
+    /// is busy (close the new one).
     fn admit(&mut self) -> Option<Arc<Slot>> {
         self.live.retain(|s| !s.done.load(Ordering::Acquire));
         if self.live.len() >= self.cap {
-            let victim = [ConnState::Fresh, ConnState::Idle]
+            let victim = [ConnState::Waiting, ConnState::Fresh, ConnState::Idle]
                 .into_iter()
                 .find_map(|want| self.live.iter().position(|s| s.state() == want))?;
             if let Some(v) = self.live.remove(victim) {
                 v.evict.notify_one();
             }
         }
-        let slot = Arc::new(Slot::default());
+        let slot = Arc::new(Slot::new());
         self.live.push_back(slot.clone());
         Some(slot)
     }
@@ -188,6 +201,10 @@ async fn serve(listener: std::net::TcpListener, state: Arc<State>) {
             continue;
         };
         tokio::spawn(serve_connection(stream, state.clone(), slot));
+        // Let the new connection read its request before the next accept: on this one
+        // thread, a burst of new connections (clients looping on `POST /reload`) would
+        // otherwise push a probe's connection out as "fresh" before its request is read.
+        tokio::task::yield_now().await;
     }
 }
 
@@ -207,12 +224,17 @@ async fn serve_connection(stream: tokio::net::TcpStream, state: Arc<State>, slot
         service_fn(move |req| {
             let state = state.clone();
             let busy = BusyGuard::new(slot.clone());
+            let slot = slot.clone();
             async move {
                 let resp = if req.method() == Method::POST && req.uri().path() == "/reload" {
                     // A reload binds sockets and starts an engine generation: off the
                     // admin's one thread, which keeps answering scrapes meanwhile.
                     let metrics = state.metrics.clone();
-                    match tokio::task::spawn_blocking(move || metrics.reload()).await {
+                    slot.state
+                        .store(ConnState::Waiting as u8, Ordering::Relaxed);
+                    let done = tokio::task::spawn_blocking(move || metrics.reload()).await;
+                    slot.state.store(ConnState::Busy as u8, Ordering::Relaxed);
+                    match done {
                         Ok(Some(Ok(changes))) => text(StatusCode::OK, format!("{changes}\n")),
                         Ok(Some(Err(why))) => text(
                             StatusCode::UNPROCESSABLE_ENTITY,

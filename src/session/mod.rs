@@ -61,6 +61,12 @@ impl Runtime {
             let Some(p) = previous.rules.iter().find(|p| p.rule.name == r.rule.name) else {
                 continue;
             };
+            // Admission counts across generations: the older one's live sessions hold their
+            // places under `max_connections` and the per-client limits until they end.
+            r.gate = p.gate.clone();
+            if limits_config(&r.rule) == limits_config(&p.rule) {
+                r.limits.clone_from(&p.limits);
+            }
             let ups: Vec<(&str, &crate::config::Upstream)> = r.rule.pools().collect();
             for (pool, (_, up)) in r.pools.iter_mut().zip(ups) {
                 let before = p
@@ -119,25 +125,13 @@ impl Runtime {
                     }),
                     acl: (!rule.admission.allow.is_empty() || !rule.admission.deny.is_empty())
                         .then(|| Acl::new(&rule.admission.allow, &rule.admission.deny)),
-                    limits: (rule.admission.max_connections_per_ip.is_some()
-                        || rule.admission.max_new_connections_per_ip.is_some())
-                    .then(|| {
-                        IpLimits::new(
-                            &LimitsConfig {
-                                max_connections_per_ip: rule.admission.max_connections_per_ip,
-                                max_new_connections_per_ip: rule
-                                    .admission
-                                    .max_new_connections_per_ip,
-                                ..LimitsConfig::default()
-                            },
-                            epoch,
-                        )
-                    }),
+                    limits: limits_config(rule).map(|c| Arc::new(IpLimits::new(&c, epoch))),
                     trusted: rule
                         .accept_proxy
                         .as_ref()
                         .map(|a| Acl::new(&a.trusted, &[])),
                     live: AtomicU32::new(0),
+                    gate: Arc::new(AtomicU32::new(0)),
                     shared_pickers: Mutex::new(Vec::new()),
                     cut: AtomicU64::new(0),
                 })
@@ -169,6 +163,18 @@ impl Runtime {
             .map(|r| r.cut.load(Ordering::Relaxed))
             .sum()
     }
+}
+
+/// The per-client limits `rule` asks for, if any.
+fn limits_config(rule: &Rule) -> Option<LimitsConfig> {
+    let a = &rule.admission;
+    (a.max_connections_per_ip.is_some() || a.max_new_connections_per_ip.is_some()).then(|| {
+        LimitsConfig {
+            max_connections_per_ip: a.max_connections_per_ip,
+            max_new_connections_per_ip: a.max_new_connections_per_ip,
+            ..LimitsConfig::default()
+        }
+    })
 }
 
 /// One upstream pool of a rule: an SNI route's, or the rule's own (the default route).
@@ -204,12 +210,17 @@ pub struct RuleRuntime {
     sni: Option<SniRoutes>,
     /// `allow`/`deny`, if any entry was configured.
     acl: Option<Acl>,
-    /// Per-client limits, if any was configured (a fixed table shared by every worker).
-    limits: Option<IpLimits>,
+    /// Per-client limits, if any was configured (a fixed table shared by every worker, and
+    /// by the rule's namesake in the next generation while its limits are unchanged).
+    limits: Option<Arc<IpLimits>>,
     /// `accept_proxy`: the sources allowed to send a PROXY header.
     trusted: Option<Acl>,
-    /// Live sessions of this rule, across every worker (the `max_connections` gate).
+    /// Live sessions of this rule in this config generation, across every worker.
     live: AtomicU32,
+    /// Live sessions of this rule in every generation still running, shared with the rule's
+    /// namesake after a reload: the `max_connections` gate, so that a rule never holds more
+    /// than its cap while older generations drain.
+    gate: Arc<AtomicU32>,
     /// Balancer state (one per pool) for engines whose connections are not tied to one
     /// thread; built on first use.
     shared_pickers: Mutex<Vec<Picker>>,
@@ -306,16 +317,18 @@ impl RuleRuntime {
                 }
             }
         }
-        if self.live.fetch_add(1, Ordering::AcqRel) >= self.rule.max_connections.get() {
-            self.live.fetch_sub(1, Ordering::AcqRel);
+        if self.gate.fetch_add(1, Ordering::AcqRel) >= self.rule.max_connections.get() {
+            self.gate.fetch_sub(1, Ordering::AcqRel);
             return reject(RejectReason::MaxConnections);
         }
+        self.live.fetch_add(1, Ordering::AcqRel);
         let routes = self.sni.is_some();
         let permit = if self.trusted.is_none() {
             match self.acquire(ip, now) {
                 Ok(p) => p,
                 Err(why) => {
                     self.live.fetch_sub(1, Ordering::AcqRel);
+                    self.gate.fetch_sub(1, Ordering::AcqRel);
                     return reject(why);
                 }
             }
@@ -765,6 +778,7 @@ impl Session {
         let duration = now.saturating_duration_since(self.accepted_at);
         shard.closed(duration);
         rt.live.fetch_sub(1, Ordering::AcqRel);
+        rt.gate.fetch_sub(1, Ordering::AcqRel);
         if let Some(limits) = &rt.limits {
             limits.release(std::mem::replace(&mut self.permit, Permit::none()));
         }

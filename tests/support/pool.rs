@@ -364,24 +364,36 @@ pub fn count(member: &Value, field: &str) -> u64 {
 /// # Panics
 /// The endpoint did not answer with an HTTP response within the step timeout.
 pub fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
+    http_request(addr, "GET", path)
+}
+
+/// `POST path` with an empty body, like [`http_get`].
+///
+/// # Panics
+/// See [`http_get`].
+pub fn http_post(addr: SocketAddr, path: &str) -> (u16, String) {
+    http_request(addr, "POST", path)
+}
+
+fn http_request(addr: SocketAddr, method: &str, path: &str) -> (u16, String) {
     let mut s = sock::connect(addr);
     write!(
         s,
-        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
     )
-    .unwrap_or_else(|e| panic!("GET {path}: {e}"));
+    .unwrap_or_else(|e| panic!("{method} {path}: {e}"));
     let mut raw = Vec::new();
     s.read_to_end(&mut raw)
-        .unwrap_or_else(|e| panic!("GET {path}: reading the response: {e}"));
+        .unwrap_or_else(|e| panic!("{method} {path}: reading the response: {e}"));
     let text = String::from_utf8_lossy(&raw).into_owned();
     let (head, body) = text
         .split_once("\r\n\r\n")
-        .unwrap_or_else(|| panic!("GET {path}: no end of headers in {text:?}"));
+        .unwrap_or_else(|| panic!("{method} {path}: no end of headers in {text:?}"));
     let status = head
         .split_whitespace()
         .nth(1)
         .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| panic!("GET {path}: no status in {head:?}"));
+        .unwrap_or_else(|| panic!("{method} {path}: no status in {head:?}"));
     let chunked = head.lines().any(|l| {
         let l = l.to_ascii_lowercase();
         l.starts_with("transfer-encoding:") && l.contains("chunked")
