@@ -393,6 +393,65 @@ fn reload_requests_coalesce_and_healthz_answers() {
     relay.stop_and_wait();
 }
 
+/// A reload reads its file, and resolves its host names, off the control plane's event loop:
+/// a SIGTERM during a reload stuck in DNS stops the forwarder at once. Steps: 1. a network
+/// namespace whose resolver (`/etc/netns/NAME/resolv.conf`, bind-mounted by `ip netns exec`)
+/// is a UDP socket that never answers, with a 30 s timeout; 2. the forwarder runs there on a
+/// config without host names; 3. the file now names an upstream by host name, SIGHUP; 4. a
+/// SIGTERM while that reload waits on DNS ends the process within the step timeout, well
+/// before the resolver's 30 s.
+#[test]
+fn a_stop_is_not_delayed_by_a_reload_stuck_in_dns() {
+    let _g = support::light();
+    if !support::netns::available() {
+        return;
+    }
+    let ns = support::netns::Netns::new();
+    let etc = std::path::PathBuf::from(format!("/etc/netns/{}", ns.name));
+    std::fs::create_dir_all(&etc).expect("create /etc/netns/NAME");
+    struct RemoveDir(std::path::PathBuf);
+    impl Drop for RemoveDir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+    let _etc = RemoveDir(etc.clone());
+    std::fs::write(
+        etc.join("resolv.conf"),
+        "nameserver 127.0.0.1\noptions timeout:30 attempts:1\n",
+    )
+    .expect("write resolv.conf");
+    // 1. A resolver that takes every query and never answers.
+    let _silent = ns.run(|| std::net::UdpSocket::bind("127.0.0.1:53").expect("bind udp :53"));
+    // 2.
+    let rule_at = |up: &str| {
+        format!("[[rule]]\nname = \"r\"\nlisten = \"127.0.0.1:0\"\nupstream = \"{up}\"\n")
+    };
+    let file = TempFile::new("reload-dns", &rule_at("127.0.0.1:9"));
+    let path = file.path.display().to_string();
+    let args = ["run", "--config", path.as_str(), "--engine", "std"];
+    let mut cmd = std::process::Command::new("ip");
+    cmd.args(["netns", "exec", &ns.name, support::relay::BIN])
+        .args(args);
+    let mut relay = Relay::try_spawn_command(cmd, &args, 1)
+        .unwrap_or_else(|f| panic!("ringfwd in a namespace: {f}"));
+    // 3.
+    replace(&file.path, &rule_at("stuck.invalid-zone.example:80"));
+    kill(Pid::from_raw(relay.pid()), Signal::SIGHUP).expect("SIGHUP");
+    std::thread::sleep(Duration::from_millis(300));
+    // 4.
+    let asked = Instant::now();
+    relay.sigterm();
+    let status = relay.wait_exit(STEP_TIMEOUT);
+    assert!(
+        status.is_some(),
+        "still running {:?} after SIGTERM, behind a reload stuck in DNS\n{}",
+        asked.elapsed(),
+        relay.stderr()
+    );
+    eprintln!("stopped {:?} after SIGTERM", asked.elapsed());
+}
+
 macro_rules! engine_suite {
     ($suite:ident, [$($arg:literal),* $(,)?]) => {
         mod $suite {
