@@ -145,14 +145,14 @@ def main():
         k = args.reloads
         print(f"{k} reloads, each leaving one older generation draining with one idle connection")
         print(f"{'engine':8} {'RSS before':>11} {'RSS during':>11} {'per gen':>9} "
-              f"{'threads':>13} {'fds':>11} {'RSS drained':>12}")
+              f"{'threads':>13} {'fds':>11} {'RSS drained':>12} {'threads, fds drained':>21}")
         for engine in args.engines.split(","):
             b, d, a = run_engine(args.bin, engine, k, backend)
             per = (d["rss_kib"] - b["rss_kib"]) / k
             print(
                 f"{engine:8} {b['rss_kib']:>8} KiB {d['rss_kib']:>8} KiB {per:>6.0f} KiB "
                 f"{b['threads']:>5} → {d['threads']:<5} {b['fds']:>4} → {d['fds']:<4} "
-                f"{a['rss_kib']:>8} KiB"
+                f"{a['rss_kib']:>8} KiB {a['threads']:>10}, {a['fds']:<5}"
             )
     finally:
         echo.terminate()
