@@ -118,22 +118,6 @@ impl Shutdown {
             }
         }
     }
-
-    /// Starts the grace clock: once draining, moves to closing after `grace` unless already
-    /// there. Runs on its own thread.
-    pub fn spawn_grace_timer(&self, grace: Duration) {
-        let s = self.clone();
-        std::thread::Builder::new()
-            .name("ringfwd-grace".into())
-            .spawn(move || {
-                s.wait_for(Phase::Draining, None);
-                if !s.wait_for(Phase::Closing, Some(grace)) {
-                    s.advance(Phase::Closing);
-                    log_never_panics(|| tracing::info!(grace = ?grace, "shutdown grace period over: closing remaining connections"));
-                }
-            })
-            .expect("spawn grace timer thread");
-    }
 }
 
 /// Blocks SIGINT, SIGTERM and SIGHUP in the calling thread (and so in every thread it starts
@@ -214,14 +198,5 @@ mod tests {
         assert!(!handoff.refuses_new());
         handoff.advance(Phase::Closing);
         assert!(handoff.refuses_new());
-    }
-
-    #[test]
-    fn grace_timer_closes_after_grace() {
-        let s = Shutdown::new();
-        s.spawn_grace_timer(Duration::from_millis(20));
-        assert!(!s.wait_for(Phase::Draining, Some(Duration::from_millis(10))));
-        s.advance(Phase::Draining);
-        assert!(s.wait_for(Phase::Closing, Some(Duration::from_secs(5))));
     }
 }
