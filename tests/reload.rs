@@ -452,6 +452,72 @@ fn a_stop_is_not_delayed_by_a_reload_stuck_in_dns() {
     eprintln!("stopped {:?} after SIGTERM", asked.elapsed());
 }
 
+/// No connection waits behind a hand-over: one client connects again and again, one
+/// connection at a time, while 40 reloads each retire the generation serving it. A
+/// connection whose wake-up went to a retiring generation's accept as it was cancelled (io_uring
+/// accepts wait as exclusive waiters) would sit in the listen queue until the next connection
+/// came — and with one client, none comes: the step timeout fails the test.
+fn one_client_is_never_stranded_by_a_hand_over(engine: &[&str]) {
+    let _g = support::light();
+    let pool = Backend::echo();
+    let conf = |i: usize| {
+        format!(
+            "admin = \"127.0.0.1:0\"\n{}",
+            rule(
+                "r",
+                pool.addr(),
+                &format!("idle_timeout = \"{}m\"\n", 10 + i)
+            )
+        )
+    };
+    let file = TempFile::new("reload-stranded", &conf(0));
+    let path = file.path.display().to_string();
+    let mut args = vec!["run", "--config", &path];
+    args.extend_from_slice(engine);
+    let mut relay = Relay::try_spawn(&args, 1).unwrap_or_else(|f| panic!("ringfwd {args:?}: {f}"));
+    let (admin, addr) = (relay.admin.expect("admin addr"), relay.addr());
+    let stop = Arc::new(AtomicBool::new(false));
+    let client = {
+        let stop = stop.clone();
+        std::thread::spawn(move || -> Result<u64, String> {
+            let mut n = 0u64;
+            while !stop.load(Ordering::Acquire) {
+                n += 1;
+                let started = Instant::now();
+                let mut c = TcpStream::connect_timeout(&addr, STEP_TIMEOUT)
+                    .map_err(|e| format!("connection {n}: connect: {e}"))?;
+                c.set_read_timeout(Some(STEP_TIMEOUT)).unwrap();
+                c.write_all(&n.to_be_bytes())
+                    .map_err(|e| format!("connection {n}: write: {e}"))?;
+                let mut back = [0u8; 8];
+                c.read_exact(&mut back).map_err(|e| {
+                    format!("connection {n}: no echo after {:?}: {e}", started.elapsed())
+                })?;
+                if back != n.to_be_bytes() {
+                    return Err(format!("connection {n}: wrong echo"));
+                }
+            }
+            Ok(n)
+        })
+    };
+    for i in 1..=40 {
+        replace(&file.path, &conf(i));
+        let (status, body) = post(admin, "/reload").expect("POST /reload");
+        assert_eq!(status, 200, "{body}");
+        std::thread::sleep(Duration::from_millis(120));
+        if client.is_finished() {
+            break;
+        }
+    }
+    stop.store(true, Ordering::Release);
+    let served = client
+        .join()
+        .expect("the client panicked")
+        .unwrap_or_else(|e| panic!("{e}\n{}", relay.stderr()));
+    eprintln!("{engine:?}: {served} connections, one at a time, across 40 hand-overs");
+    relay.stop_and_wait();
+}
+
 macro_rules! engine_suite {
     ($suite:ident, [$($arg:literal),* $(,)?]) => {
         mod $suite {
@@ -460,6 +526,7 @@ macro_rules! engine_suite {
                 reload_storm_cuts_no_one,
                 drain_timeout_ends_only_older_connections,
                 max_connections_counts_across_generations,
+                one_client_is_never_stranded_by_a_hand_over,
             );
         }
     };
