@@ -363,7 +363,7 @@ pub const MAX_CONNECTIONS_PER_IP: u32 = MAX_RULE_CONNECTIONS;
 
 /// Who may connect, and how much: checked on the client's address (the PROXY header's source
 /// when `accept_proxy` is on) before any upstream socket exists.
-#[derive(Clone, Debug, PartialEq, Eq, Default)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Admission {
     /// With any entry, only these sources are admitted.
     pub allow: Vec<crate::session::acl::Cidr>,
@@ -375,6 +375,24 @@ pub struct Admission {
     /// address may open what the rate allows in one second, at least 1, at once: see
     /// [`crate::session::limits::Rate::burst`]).
     pub max_new_connections_per_ip: Option<crate::session::limits::Rate>,
+    /// IPv6 clients sharing this many leading bits are one client for the per-client limits
+    /// (1..=128; 64 by default: one host, or one attacker, usually owns a whole /64).
+    pub per_ip_prefix_v6: u8,
+    /// IPv4 clients sharing this many leading bits are one client (1..=32; 32 by default).
+    pub per_ip_prefix_v4: u8,
+}
+
+impl Default for Admission {
+    fn default() -> Self {
+        Self {
+            allow: Vec::new(),
+            deny: Vec::new(),
+            max_connections_per_ip: None,
+            max_new_connections_per_ip: None,
+            per_ip_prefix_v6: crate::session::limits::DEFAULT_PREFIX_V6,
+            per_ip_prefix_v4: crate::session::limits::DEFAULT_PREFIX_V4,
+        }
+    }
 }
 
 impl Admission {
@@ -1222,6 +1240,8 @@ fn write_edge(out: &mut String, r: &Rule) {
             );
         }
     }
+    let _ = writeln!(out, "per_ip_prefix_v6 = {}", a.per_ip_prefix_v6);
+    let _ = writeln!(out, "per_ip_prefix_v4 = {}", a.per_ip_prefix_v4);
 }
 
 /// The `user` and `group` keys, resolved against the user and group databases now, so that an
@@ -1572,6 +1592,22 @@ fn edge_from_raw(
                 .map_err(|e| src.error_at(t.span(), "max_new_connections_per_ip", e))?,
         ),
     };
+    let prefix = |v: &Option<toml::Spanned<i64>>, key: &str, max: u8, default: u8| match v {
+        None => Ok(default),
+        Some(n) => src.count(n, key, 1, u32::from(max)).map(|n| n as u8),
+    };
+    let per_ip_prefix_v6 = prefix(
+        &r.per_ip_prefix_v6,
+        "per_ip_prefix_v6",
+        128,
+        crate::session::limits::DEFAULT_PREFIX_V6,
+    )?;
+    let per_ip_prefix_v4 = prefix(
+        &r.per_ip_prefix_v4,
+        "per_ip_prefix_v4",
+        32,
+        crate::session::limits::DEFAULT_PREFIX_V4,
+    )?;
     Ok((
         proxy_protocol,
         accept_proxy,
@@ -1581,6 +1617,8 @@ fn edge_from_raw(
             deny,
             max_connections_per_ip,
             max_new_connections_per_ip,
+            per_ip_prefix_v6,
+            per_ip_prefix_v4,
         },
     ))
 }

@@ -1091,7 +1091,8 @@ proxy_header_timeout = "500ms"
 allow = ["192.0.2.0/24", "::1"]
 deny = ["192.0.2.7/32"]
 max_connections_per_ip = 10
-max_new_connections_per_ip = "50/s""#,
+max_new_connections_per_ip = "50/s"
+per_ip_prefix_v6 = 56"#,
     ));
     let r = &c.rules[0];
     let cidrs = |l: &[&str]| {
@@ -1114,6 +1115,8 @@ max_new_connections_per_ip = "50/s""#,
             deny: cidrs(&["192.0.2.7/32"]),
             max_connections_per_ip: NonZeroU32::new(10),
             max_new_connections_per_ip: Some(Rate::parse("50/s").unwrap()),
+            per_ip_prefix_v6: 56,
+            per_ip_prefix_v4: 32,
         }
     );
     // Each value on its own, and the defaults of the others.
@@ -1278,6 +1281,36 @@ fn bad_cidrs_are_reported_at_their_own_entry() {
         err(&rule_with("deny = [\"10.0.0.0/8\", 10]")),
         "cfg.toml:4:23: deny: invalid type: integer `10`, expected a string"
     );
+}
+
+#[test]
+fn per_ip_prefixes_have_ranges_and_defaults() {
+    for bad in ["0", "129", "-1"] {
+        assert_eq!(
+            err(&rule_with(&format!("per_ip_prefix_v6 = {bad}"))),
+            format!("cfg.toml:4:20: per_ip_prefix_v6: must be 1..=128, got {bad}")
+        );
+    }
+    for bad in ["0", "33"] {
+        assert_eq!(
+            err(&rule_with(&format!("per_ip_prefix_v4 = {bad}"))),
+            format!("cfg.toml:4:20: per_ip_prefix_v4: must be 1..=32, got {bad}")
+        );
+    }
+    assert_eq!(
+        err(&rule_with("per_ip_prefix_v6 = \"/64\"")),
+        "cfg.toml:4:20: per_ip_prefix_v6: invalid type: string \"/64\", expected i64"
+    );
+    let one = |extra: &str| parse(&rule_with(extra)).rules.remove(0).admission;
+    let d = one("");
+    assert_eq!((d.per_ip_prefix_v6, d.per_ip_prefix_v4), (64, 32));
+    let a = one("per_ip_prefix_v6 = 128\nper_ip_prefix_v4 = 1");
+    assert_eq!((a.per_ip_prefix_v6, a.per_ip_prefix_v4), (128, 1));
+    // `check` prints them, set or not.
+    let c = parse(&rule_with("per_ip_prefix_v6 = 48"));
+    let text = c.to_toml();
+    assert!(text.contains("per_ip_prefix_v6 = 48\n"), "{text}");
+    assert!(text.contains("per_ip_prefix_v4 = 32\n"), "{text}");
 }
 
 #[test]

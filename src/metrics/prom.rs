@@ -275,6 +275,34 @@ impl Collector for MetricsCollector {
             }
         }
 
+        let tables: Vec<(&str, [u64; 2])> = runtime
+            .as_ref()
+            .map(|rt| {
+                rt.rules
+                    .iter()
+                    .filter_map(|r| Some((r.rule.name.as_str(), r.client_table_counts()?)))
+                    .collect()
+            })
+            .unwrap_or_default();
+        for (i, (name, help)) in [
+            (
+                "ringfwd_client_table_evictions",
+                "Per-client table entries given to a new client while their own, holding no connection, was inside its rate window.",
+            ),
+            (
+                "ringfwd_client_table_untracked",
+                "Connections admitted without a per-client table entry: every slot their client may use held a live connection.",
+            ),
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            let mut f = enc.encode_descriptor(name, help, None, MetricType::Counter)?;
+            for (rule, counts) in &tables {
+                ConstCounter::new(counts[i]).encode(f.encode_family(&[("rule", *rule)])?)?;
+            }
+        }
+
         let pools: Vec<PoolMembers<'_>> = runtime
             .as_ref()
             .map(|rt| {

@@ -128,7 +128,9 @@ impl Runtime {
                                 max_new_connections_per_ip: rule
                                     .admission
                                     .max_new_connections_per_ip,
-                                ..LimitsConfig::default()
+                                slots: limits::slots_for(rule.max_connections.get()),
+                                ipv6_prefix: rule.admission.per_ip_prefix_v6,
+                                ipv4_prefix: rule.admission.per_ip_prefix_v4,
                             },
                             epoch,
                         )
@@ -381,6 +383,12 @@ impl RuleRuntime {
             }),
             _ => Ok(Permit::none()),
         }
+    }
+
+    /// The per-client table's `[evictions, untracked]` counters ([`IpLimits::evictions`],
+    /// [`IpLimits::untracked`]); `None` for a rule without per-client limits.
+    pub fn client_table_counts(&self) -> Option<[u64; 2]> {
+        self.limits.as_ref().map(|l| [l.evictions(), l.untracked()])
     }
 
     /// Whether sessions of this rule need the accepted socket's own address
