@@ -33,7 +33,7 @@ use support::pool::{
     self, EchoChild, Forwarder, Member, client_ip, connect_from, count, echo_once, is_up,
     member_in, members_of, read_identity, toml_list, wait_until,
 };
-use support::sock::{self, ClosedPort};
+use support::sock::{self, Backend, ClosedPort};
 
 /// One module of tests for one engine, given as the extra flags of `ringfwd run`.
 macro_rules! engine_suite {
@@ -49,6 +49,7 @@ macro_rules! engine_suite {
                 every_member_refusing_closes_promptly,
                 backup_only_when_primaries_are_down,
                 localhost_member_resolves,
+                send_expect_marks_a_member_that_never_answers_down,
             );
         }
     };
@@ -847,4 +848,52 @@ fn localhost_member_resolves(engine: &[&str]) {
             l.line
         );
     }
+}
+
+/// A member that accepts and never answers (holds each connection for a minute, reading
+/// nothing, writing nothing).
+fn silent_member() -> Backend {
+    Backend::spawn(|s| {
+        std::thread::sleep(Duration::from_secs(60));
+        drop(s);
+    })
+}
+
+/// `[rule.health_check]` with `send`/`expect`: a member that accepts and never answers passes
+/// a bare TCP check but fails the exchange, is reported down within fall × interval +
+/// margin with `last_error` "timed out" and a timestamp, and gets no session; the echo member
+/// (which answers `PING` with `PING`) stays up throughout, its `last_error` null.
+fn send_expect_marks_a_member_that_never_answers_down(engine: &[&str]) {
+    let _load = support::light();
+    let good = Member::echo();
+    let silent = silent_member();
+    let (ag, as_) = (good.addr(), silent.addr());
+    let check = "[rule.health_check]\ninterval = \"200ms\"\ntimeout = \"200ms\"\nrise = 2\nfall = 2\n\
+                 send = \"PING\\r\\n\"\nexpect = \"PING\"\n";
+    let fwd = Forwarder::start(engine, &rule("app", &toml_list([ag, as_]), check), 1);
+    wait_reported(&fwd, "app", as_, false, INTERVAL * FALL + MARGIN);
+    let m = fwd.member("app", as_);
+    assert_eq!(m["last_error"], "timed out", "{m}");
+    assert!(
+        m["last_error_at"]
+            .as_u64()
+            .is_some_and(|t| t > 1_600_000_000),
+        "{m}"
+    );
+    assert!(silent.accepted() >= FALL as usize, "the probes connected");
+    // The good member answered every probe: up, no error, several checks passed.
+    wait_until(STEP_TIMEOUT, "the good member's checks pass", || {
+        let m = fwd.member("app", ag);
+        let ok = m["health_checks"]["ok"].as_u64().unwrap_or(0);
+        if is_up(&m) && ok >= u64::from(FALL) + 1 && m["last_error"].is_null() {
+            Ok(())
+        } else {
+            Err(format!("{m}"))
+        }
+    });
+    assert_eq!(reported_up(&fwd, "app", ag), (Some(1.0), true));
+    // Every session goes to the member that answers.
+    let before = good.served();
+    sessions(fwd.addr(), 10);
+    assert_eq!(good.served() - before, 10);
 }

@@ -203,8 +203,9 @@ impl MemberSpec {
     }
 }
 
-/// Active TCP-connect health checks of a pool's members, off the data path.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// Active health checks of a pool's members, off the data path: a TCP connect, and with
+/// `send`/`expect` an exchange (HAProxy's `tcp-check send` / `expect string`).
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct HealthCheck {
     /// Time between two probes of one member.
     pub interval: Duration,
@@ -214,7 +215,18 @@ pub struct HealthCheck {
     pub rise: NonZeroU32,
     /// Consecutive failures that take an up member out.
     pub fall: NonZeroU32,
+    /// Bytes written once connected (the TOML string's UTF-8 bytes, its escapes applied).
+    pub send: Option<String>,
+    /// The probe passes only if the member's answer, within `timeout` and its first
+    /// [`HEALTH_EXPECT_WINDOW`] bytes, contains this string. Without it, the connect (and
+    /// writing `send`) is the check.
+    pub expect: Option<String>,
 }
+
+/// Longest `health_check.send` and `health_check.expect`.
+pub const MAX_HEALTH_PAYLOAD: usize = 1024;
+/// How much of a member's answer a check reads looking for `expect`.
+pub const HEALTH_EXPECT_WINDOW: usize = 4096;
 
 pub const DEFAULT_HEALTH_INTERVAL: Duration = Duration::from_secs(2);
 pub const DEFAULT_HEALTH_TIMEOUT: Duration = Duration::from_secs(1);
@@ -228,6 +240,8 @@ impl Default for HealthCheck {
             timeout: DEFAULT_HEALTH_TIMEOUT,
             rise: DEFAULT_HEALTH_RISE,
             fall: DEFAULT_HEALTH_FALL,
+            send: None,
+            expect: None,
         }
     }
 }
@@ -1146,6 +1160,41 @@ fn write_health_check(out: &mut String, table: &str, h: &HealthCheck) {
     let _ = writeln!(out, "timeout = {:?}", format_duration(h.timeout));
     let _ = writeln!(out, "rise = {}", h.rise);
     let _ = writeln!(out, "fall = {}", h.fall);
+    match &h.send {
+        Some(v) => {
+            let _ = writeln!(out, "send = {}", toml_string(v));
+        }
+        None => {
+            let _ = writeln!(out, "# send: unset, nothing is written");
+        }
+    }
+    match &h.expect {
+        Some(v) => {
+            let _ = writeln!(out, "expect = {}", toml_string(v));
+        }
+        None => {
+            let _ = writeln!(out, "# expect: unset, a completed connect passes");
+        }
+    }
+}
+
+/// `v` as a TOML basic string, control characters escaped.
+fn toml_string(v: &str) -> String {
+    let mut out = String::with_capacity(v.len() + 2);
+    out.push('"');
+    for c in v.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            '\t' => out.push_str("\\t"),
+            c if c.is_control() => out.push_str(&format!("\\u{:04X}", u32::from(c))),
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+    out
 }
 
 /// A rule's pool keys: members as inline tables, each followed by what it resolved to.
@@ -1939,11 +1988,31 @@ fn upstream_from_raw(
                 .count(n, &format!("health_check.{key}"), 1, MAX_HEALTH_RISE_FALL)
                 .map(|n| NonZeroU32::new(n).expect("checked at least 1")),
         };
+        let payload = |v: &Option<toml::Spanned<String>>, key: &str| match v {
+            None => Ok(None),
+            Some(t) if t.get_ref().is_empty() || t.get_ref().len() > MAX_HEALTH_PAYLOAD => Err(src
+                .error_at(
+                    t.span(),
+                    &format!("health_check.{key}"),
+                    format!(
+                        "must be 1..={MAX_HEALTH_PAYLOAD} bytes, got {} (leave it out to {})",
+                        t.get_ref().len(),
+                        if key == "send" {
+                            "send nothing"
+                        } else {
+                            "check the connect only"
+                        }
+                    ),
+                )),
+            Some(t) => Ok(Some(t.get_ref().clone())),
+        };
         up.health_check = Some(HealthCheck {
             interval: time(&h.interval, "interval", DEFAULT_HEALTH_INTERVAL)?,
             timeout: time(&h.timeout, "timeout", DEFAULT_HEALTH_TIMEOUT)?,
             rise: times(&h.rise, "rise", DEFAULT_HEALTH_RISE)?,
             fall: times(&h.fall, "fall", DEFAULT_HEALTH_FALL)?,
+            send: payload(&h.send, "send")?,
+            expect: payload(&h.expect, "expect")?,
         });
     }
     Ok(up)

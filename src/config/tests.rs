@@ -194,6 +194,8 @@ fall = 10
             timeout: Duration::from_millis(500),
             rise: NonZeroU32::new(1).unwrap(),
             fall: NonZeroU32::new(10).unwrap(),
+            send: None,
+            expect: None,
         })
     );
 }
@@ -848,6 +850,7 @@ fn health_check_table_defaults_and_bounds() {
             .as_ref()
             .unwrap()
             .health_check
+            .clone()
     };
     assert_eq!(hc(""), Some(HealthCheck::default()));
     assert_eq!(
@@ -857,8 +860,17 @@ fn health_check_table_defaults_and_bounds() {
             timeout: Duration::from_millis(1),
             rise: NonZeroU32::new(100).unwrap(),
             fall: NonZeroU32::MIN,
+            send: None,
+            expect: None,
         })
     );
+    // send/expect: TOML's escapes are the bytes sent; both optional, each 1..=1024 bytes.
+    let h = hc("send = \"PING\\r\\n\"\nexpect = '+PONG'").unwrap();
+    assert_eq!(
+        (h.send.as_deref(), h.expect.as_deref()),
+        (Some("PING\r\n"), Some("+PONG"))
+    );
+    assert_eq!(hc("expect = \"SSH-\"").unwrap().send, None);
     let bad = |extra: &str| err(&format!("{RULE}\n[rule.health_check]\n{extra}\n"));
     assert_eq!(
         bad("rise = 0"),
@@ -875,6 +887,38 @@ fn health_check_table_defaults_and_bounds() {
     assert_eq!(
         bad("timeout = \"2h\""),
         "cfg.toml:6:11: health_check.timeout: must be more than 0s and at most 1h, got 2h"
+    );
+    assert_eq!(
+        bad("send = \"\""),
+        "cfg.toml:6:8: health_check.send: must be 1..=1024 bytes, got 0 (leave it out to send nothing)"
+    );
+    assert_eq!(
+        bad(&format!("expect = \"{}\"", "x".repeat(1025))),
+        "cfg.toml:6:10: health_check.expect: must be 1..=1024 bytes, got 1025 (leave it out to check the connect only)"
+    );
+    assert_eq!(
+        bad("expect = 200"),
+        "cfg.toml:6:10: expect: invalid type: integer `200`, expected a string"
+    );
+    // `check` prints them as TOML that reads back the same.
+    let c = parse(&format!(
+        "{RULE}\n[rule.health_check]\nsend = \"PING\\r\\n\\u0001\\\"\"\nexpect = \"+PONG\"\n"
+    ));
+    let text = c.to_toml();
+    assert!(
+        text.contains("send = \"PING\\r\\n\\u0001\\\"\"\n"),
+        "{text}"
+    );
+    assert!(text.contains("expect = \"+PONG\"\n"), "{text}");
+    let again = parse(&text);
+    assert_eq!(
+        again.rules[0].upstream.as_ref().unwrap().health_check,
+        c.rules[0].upstream.as_ref().unwrap().health_check
+    );
+    assert!(
+        parse(&format!("{RULE}\n[rule.health_check]\n"))
+            .to_toml()
+            .contains("# expect: unset, a completed connect passes\n")
     );
     let e = bad("port = 80");
     assert!(

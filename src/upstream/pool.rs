@@ -112,7 +112,7 @@ impl Pool {
             connect_retries: upstream.connect_retries,
             max_fails: upstream.max_fails,
             fail_timeout: upstream.fail_timeout,
-            health_check: upstream.health_check,
+            health_check: upstream.health_check.clone(),
             resolve_interval: upstream.resolve_interval,
             clock: Clock::new(epoch),
             set: ArcSwap::from_pointee(MemberSet {
