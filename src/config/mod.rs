@@ -712,6 +712,9 @@ impl std::error::Error for ConfigError {}
 struct Source<'a> {
     name: &'a str,
     text: &'a str,
+    /// Warnings found deep in the parse (an upstream name that does not resolve yet), moved
+    /// to [`Config::warnings`] at the end.
+    warnings: std::cell::RefCell<Vec<String>>,
 }
 
 impl Source<'_> {
@@ -818,7 +821,11 @@ impl Config {
     /// # Errors
     /// See [`Config::load`].
     pub fn parse(name: &str, text: &str) -> Result<Self, ConfigError> {
-        let src = Source { name, text };
+        let src = Source {
+            name,
+            text,
+            warnings: std::cell::RefCell::new(Vec::new()),
+        };
         let raw: RawConfig = toml::from_str(text).map_err(|e| {
             let msg = e.message().trim().to_string();
             match e.span() {
@@ -964,6 +971,7 @@ impl Config {
             }
             rules.push(rule);
         }
+        warnings.append(&mut src.warnings.borrow_mut());
 
         Ok(Config {
             workers,
@@ -1212,6 +1220,14 @@ fn write_upstream(out: &mut String, up: &Upstream, listen_ports: u16) {
     }
     let _ = writeln!(out, "]");
     for m in &up.members {
+        if m.addrs.is_empty() {
+            let _ = writeln!(
+                out,
+                "# member {:?} does not resolve now: down until it resolves",
+                m.text
+            );
+            continue;
+        }
         let addrs: Vec<String> = m.addrs.iter().map(ToString::to_string).collect();
         let _ = writeln!(
             out,
@@ -1897,7 +1913,30 @@ fn upstream_from_raw(
             ));
         }
         let text = base.as_str();
-        let addrs = resolve_member(text).map_err(|m| src.error_at(span.clone(), "upstream", m))?;
+        // A name that does not resolve now is a member with no address, down until a later
+        // lookup finds one (HAProxy's `init-addr none`): one bad DNS entry must not stop
+        // every rule of the host. A malformed member is still an error.
+        let addrs = match lookup_member(text) {
+            Ok(addrs) => addrs,
+            Err(Unresolved::Lookup(why)) => {
+                src.warnings.borrow_mut().push(src.at(
+                    span.clone(),
+                    "upstream",
+                    format!(
+                        "{why}; the member is down until it resolves (looked up again every {})",
+                        format_duration(r.resolve_interval.map_or(DEFAULT_RESOLVE_INTERVAL, |d| {
+                            if d.get_ref().0.is_zero() {
+                                UNRESOLVED_RETRY
+                            } else {
+                                d.get_ref().0
+                            }
+                        }))
+                    ),
+                ));
+                Vec::new()
+            }
+            Err(Unresolved::Invalid(m)) => return Err(src.error_at(span.clone(), "upstream", m)),
+        };
         let weight = match weight {
             None => NonZeroU32::MIN,
             Some(w) => u32::try_from(w)
@@ -2115,6 +2154,29 @@ pub fn resolve_addrs(text: &str) -> Result<Vec<SocketAddr>, String> {
     if let Ok(addr) = text.parse::<SocketAddr>() {
         return Ok(vec![addr]);
     }
+    check_host_port(text)?;
+    let mut addrs: Vec<SocketAddr> = Vec::new();
+    for a in text
+        .to_socket_addrs()
+        .map_err(|e| format!("cannot resolve {text:?}: {e}"))?
+    {
+        // The resolver may list an address twice (e.g. two /etc/hosts lines): keep one.
+        if !addrs.contains(&a) {
+            addrs.push(a);
+        }
+    }
+    if addrs.is_empty() {
+        return Err(format!("cannot resolve {text:?}: no addresses"));
+    }
+    Ok(addrs)
+}
+
+/// Checks that `text` is written "host:port" (a bracketed IPv6 host, a valid port), without
+/// looking anything up.
+///
+/// # Errors
+/// A message for the operator.
+fn check_host_port(text: &str) -> Result<(), String> {
     let Some((host, port)) = text.rsplit_once(':') else {
         return Err(format!(
             "{text:?} is not an address: expected host:port, e.g. 127.0.0.1:8080 or [::1]:8080"
@@ -2132,20 +2194,37 @@ pub fn resolve_addrs(text: &str) -> Result<Vec<SocketAddr>, String> {
     if host.is_empty() {
         return Err(format!("{text:?}: missing host before the port"));
     }
-    let mut addrs: Vec<SocketAddr> = Vec::new();
-    for a in text
-        .to_socket_addrs()
-        .map_err(|e| format!("cannot resolve {text:?}: {e}"))?
+    Ok(())
+}
+
+/// Why an upstream member has no address.
+#[derive(Debug)]
+enum Unresolved {
+    /// Written wrong (no port, port 0, an IPv6 address without brackets): a config error.
+    Invalid(String),
+    /// Well written, but the lookup failed or found nothing now.
+    Lookup(String),
+}
+
+/// How often a member name that did not resolve is looked up again when its pool has
+/// `resolve_interval = "0s"` (resolve only at start), until it resolves once.
+pub const UNRESOLVED_RETRY: Duration = Duration::from_secs(5);
+
+/// [`resolve_member`], telling a malformed member from one whose lookup failed.
+fn lookup_member(text: &str) -> Result<Vec<SocketAddr>, Unresolved> {
+    if let Ok(addr) = text.parse::<SocketAddr>() {
+        return resolve_member(&addr.to_string()).map_err(Unresolved::Invalid);
+    }
+    check_host_port(text).map_err(Unresolved::Invalid)?;
+    if text
+        .rsplit_once(':')
+        .is_some_and(|(_, p)| p.parse() == Ok(0u16))
     {
-        // The resolver may list an address twice (e.g. two /etc/hosts lines): keep one.
-        if !addrs.contains(&a) {
-            addrs.push(a);
-        }
+        return Err(Unresolved::Invalid(format!(
+            "upstream port 0 in {text:?}: give the port the upstream listens on"
+        )));
     }
-    if addrs.is_empty() {
-        return Err(format!("cannot resolve {text:?}: no addresses"));
-    }
-    Ok(addrs)
+    resolve_member(text).map_err(Unresolved::Lookup)
 }
 
 /// Resolves one upstream member's text: [`resolve_addrs`], and no port 0 (a listen address

@@ -335,13 +335,50 @@ fn ill_formed_addresses_say_what_is_wrong() {
 }
 
 #[test]
-fn unresolvable_upstream_names_the_name() {
-    // .invalid is reserved (RFC 6761): no resolver answers it.
-    let e = err("[[rule]]\nlisten = \"127.0.0.1:8080\"\nupstream = \"no-such-host.invalid:80\"\n");
-    assert!(
-        e.starts_with("cfg.toml:3:12: upstream: cannot resolve \"no-such-host.invalid:80\": "),
-        "{e}"
+fn an_unresolvable_upstream_name_is_a_member_down_until_it_resolves_with_one_warning() {
+    // .invalid is reserved (RFC 6761): no resolver answers it. The rule loads (one bad DNS
+    // entry must not stop every rule), the member has no address yet, one warning names it.
+    let c = parse(
+        "[[rule]]\nlisten = \"127.0.0.1:8080\"\nupstream = [\"no-such-host.invalid:80\", \"127.0.0.1:9\"]\n\n\
+         [[rule]]\nlisten = \"127.0.0.1:8081\"\nupstream = \"no-such-host.invalid:81\"\nresolve_interval = \"0s\"\n",
     );
+    assert_eq!(c.warnings.len(), 2, "{:?}", c.warnings);
+    assert!(
+        c.warnings[0]
+            .starts_with("cfg.toml:3:13: upstream: cannot resolve \"no-such-host.invalid:80\": "),
+        "{}",
+        c.warnings[0]
+    );
+    assert!(
+        c.warnings[0]
+            .ends_with("; the member is down until it resolves (looked up again every 30s)"),
+        "{}",
+        c.warnings[0]
+    );
+    assert!(
+        c.warnings[1].ends_with("(looked up again every 5s)"),
+        "{}",
+        c.warnings[1]
+    );
+    let up = c.rules[0].upstream.as_ref().unwrap();
+    assert_eq!(up.members[0].text, "no-such-host.invalid:80");
+    assert!(up.members[0].addrs.is_empty());
+    assert_eq!(up.members[1].addrs, vec!["127.0.0.1:9".parse().unwrap()]);
+    assert!(c.to_toml().contains(
+        "# member \"no-such-host.invalid:80\" does not resolve now: down until it resolves\n"
+    ));
+    // Written wrong is still an error, name or not.
+    for (bad, msg) in [
+        ("no-such-host.invalid", "is not an address"),
+        ("no-such-host.invalid:0", "upstream port 0"),
+        ("no-such-host.invalid:x", "invalid port"),
+        (":80", "missing host"),
+    ] {
+        let e = err(&format!(
+            "[[rule]]\nlisten = \"127.0.0.1:8080\"\nupstream = {bad:?}\n"
+        ));
+        assert!(e.contains(msg), "{bad}: {e}");
+    }
 }
 
 #[test]

@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 
 use super::member::{EXPECT_CLOSED, EXPECT_MISMATCH, Transition, describe_errno};
 use super::pool::{Pool, Refresh};
-use crate::config::{HEALTH_EXPECT_WINDOW, HealthCheck};
+use crate::config::{HEALTH_EXPECT_WINDOW, HealthCheck, UNRESOLVED_RETRY};
 
 /// Resolves a member's host name ("host:port") to addresses. The system resolver in
 /// production; tests substitute their own.
@@ -41,7 +41,17 @@ impl Resolver for SystemResolver {
 pub fn needed(pools: &[Arc<Pool>]) -> bool {
     pools
         .iter()
-        .any(|p| p.health_check.is_some() || (p.has_names() && p.resolve_interval.is_some()))
+        .any(|p| p.health_check.is_some() || lookup_interval(p).is_some())
+}
+
+/// How often a pool's names are looked up again: every `resolve_interval`; with none
+/// ("resolve only at start"), every [`UNRESOLVED_RETRY`] while a name has never resolved.
+fn lookup_interval(pool: &Pool) -> Option<Duration> {
+    if !pool.has_names() {
+        return None;
+    }
+    pool.resolve_interval
+        .or_else(|| pool.has_unresolved().then_some(UNRESOLVED_RETRY))
 }
 
 /// Starts the control thread if any pool has health checks or names to follow.
@@ -82,7 +92,7 @@ pub fn spawn_stoppable(
                     if let Some(hc) = pool.health_check.clone() {
                         tasks.push(tokio::spawn(health_loop(pool.clone(), hc)));
                     }
-                    if let (true, Some(every)) = (pool.has_names(), pool.resolve_interval) {
+                    if let Some(every) = lookup_interval(&pool) {
                         tasks.push(tokio::spawn(resolve_loop(pool, every, resolver.clone())));
                     }
                 }
@@ -221,8 +231,11 @@ async fn futures_join_all<F: std::future::Future<Output = Result<(), i32>>>(
 }
 
 async fn resolve_loop(pool: Arc<Pool>, every: Duration, resolver: Arc<dyn Resolver>) {
-    let mut warnings = LookupWarnings::new(pool.specs.len());
+    let mut warnings = LookupWarnings::for_pool(&pool);
     loop {
+        if pool.resolve_interval.is_none() && !pool.has_unresolved() {
+            return; // "only at start", and every name has resolved once now
+        }
         tokio::time::sleep(every).await;
         let names: Vec<Option<String>> = pool
             .specs
@@ -267,6 +280,18 @@ impl LookupWarnings {
     pub fn new(specs: usize) -> Self {
         Self {
             failing: vec![false; specs],
+        }
+    }
+
+    /// For a pool just loaded: a name that did not resolve then was already warned about
+    /// by the config (once), so only its recovery is said.
+    pub fn for_pool(pool: &Pool) -> Self {
+        Self {
+            failing: pool
+                .specs
+                .iter()
+                .map(|s| s.is_name() && s.addrs.is_empty())
+                .collect(),
         }
     }
 
@@ -319,6 +344,38 @@ mod tests {
         assert!(w.note(&pool, &r).is_empty());
         let r = pool.refresh(&[Some(Ok(vec!["10.0.0.1:80".parse().unwrap()]))]);
         assert_eq!(w.note(&pool, &r), vec!["upstream svc:80 resolves again"]);
+    }
+
+    #[test]
+    fn a_name_unresolved_at_load_is_looked_up_until_it_resolves_and_said_once() {
+        let mut up = Upstream::with_members(vec![
+            MemberSpec::new("late.svc:80", vec![]),
+            MemberSpec::new("10.0.0.9:80", vec!["10.0.0.9:80".parse().unwrap()]),
+        ]);
+        up.resolve_interval = None;
+        let pool = Arc::new(Pool::new("web", &up, Instant::now()));
+        assert!(pool.has_unresolved());
+        assert_eq!(pool.members().len(), 1, "no member for the name yet");
+        // Resolve "only at start", yet looked up again while the name never resolved.
+        assert_eq!(lookup_interval(&pool), Some(UNRESOLVED_RETRY));
+        assert!(needed(std::slice::from_ref(&pool)));
+        // The config warned already: a still-failing lookup says nothing more.
+        let mut w = LookupWarnings::for_pool(&pool);
+        let r = pool.refresh(&[Some(Err(io::Error::other("NXDOMAIN"))), None]);
+        assert!(w.note(&pool, &r).is_empty());
+        let r = pool.refresh(&[Some(Ok(vec!["10.0.0.1:80".parse().unwrap()])), None]);
+        assert_eq!(r.added, vec!["10.0.0.1:80".parse().unwrap()]);
+        assert_eq!(
+            w.note(&pool, &r),
+            vec!["upstream late.svc:80 resolves again"]
+        );
+        assert_eq!(pool.members().len(), 2);
+        assert!(!pool.has_unresolved());
+        assert_eq!(
+            lookup_interval(&pool),
+            None,
+            "resolved once: only at start again"
+        );
     }
 
     #[test]

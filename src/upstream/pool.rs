@@ -134,6 +134,13 @@ impl Pool {
         self.specs.iter().any(MemberSpec::is_name)
     }
 
+    /// Whether a member name has no address in the current set (it did not resolve at load
+    /// and no lookup found one since): that member is down until one does.
+    pub fn has_unresolved(&self) -> bool {
+        let set = self.members();
+        (0..self.specs.len()).any(|i| !set.members.iter().any(|m| m.spec == i))
+    }
+
     /// The most connect attempts one session makes: `connect_retries + 1`, never more than
     /// there are members (a member is never tried twice in one session).
     pub fn max_attempts(&self, set: &MemberSet) -> usize {
