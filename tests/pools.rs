@@ -21,6 +21,7 @@
 mod support;
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
@@ -50,6 +51,7 @@ macro_rules! engine_suite {
                 backup_only_when_primaries_are_down,
                 localhost_member_resolves,
                 send_expect_marks_a_member_that_never_answers_down,
+                first_byte_timeout_fails_a_member_that_never_answers,
             );
         }
     };
@@ -885,7 +887,7 @@ fn send_expect_marks_a_member_that_never_answers_down(engine: &[&str]) {
     wait_until(STEP_TIMEOUT, "the good member's checks pass", || {
         let m = fwd.member("app", ag);
         let ok = m["health_checks"]["ok"].as_u64().unwrap_or(0);
-        if is_up(&m) && ok >= u64::from(FALL) + 1 && m["last_error"].is_null() {
+        if is_up(&m) && ok > u64::from(FALL) && m["last_error"].is_null() {
             Ok(())
         } else {
             Err(format!("{m}"))
@@ -893,6 +895,87 @@ fn send_expect_marks_a_member_that_never_answers_down(engine: &[&str]) {
     });
     assert_eq!(reported_up(&fwd, "app", ag), (Some(1.0), true));
     // Every session goes to the member that answers.
+    let before = good.served();
+    sessions(fwd.addr(), 10);
+    assert_eq!(good.served() - before, 10);
+}
+
+/// `first_byte_timeout = "500ms"`, `max_fails = 1`: clients that connect and say nothing
+/// start no clock (neither member is blamed, however long they wait); a client that speaks
+/// to the member that never answers is closed within the timeout (plus margin) as
+/// `first_byte_timeout`, that member is reported down (passive health, `last_error` says
+/// why), and every later session goes to the member that answers.
+fn first_byte_timeout_fails_a_member_that_never_answers(engine: &[&str]) {
+    let _load = support::light();
+    let good = Member::echo();
+    let silent = silent_member();
+    let (ag, as_) = (good.addr(), silent.addr());
+    let fwd = Forwarder::start(
+        engine,
+        &rule(
+            "fb",
+            &toml_list([ag, as_]),
+            "first_byte_timeout = \"500ms\"\nmax_fails = 1\nfail_timeout = \"60s\"\n",
+        ),
+        1,
+    );
+    // 1. Silent clients until one reaches the silent member (round-robin per worker),
+    // held three timeouts.
+    let mut quiet = Vec::new();
+    while silent.accepted() == 0 && quiet.len() < 20 {
+        quiet.push(sock::try_connect(fwd.addr()).expect("connect"));
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(
+        silent.accepted() >= 1,
+        "no silent client reached the member"
+    );
+    std::thread::sleep(Duration::from_millis(1500));
+    assert_eq!(
+        reported_up(&fwd, "fb", as_),
+        (Some(1.0), true),
+        "a silent client blamed it"
+    );
+    assert!(
+        !fwd.stderr().contains("first_byte_timeout\""),
+        "{}",
+        fwd.stderr()
+    );
+    drop(quiet);
+    // 2. Clients that speak, until one is sent to the silent member: it is closed, not
+    // left hanging; the others are echoed.
+    let mut closed = 0;
+    for _ in 0..20 {
+        let mut s = sock::try_connect(fwd.addr()).expect("connect");
+        s.set_read_timeout(Some(Duration::from_millis(500) + MARGIN))
+            .expect("timeout");
+        s.write_all(b"ping").expect("write");
+        let mut back = [0u8; 4];
+        match s.read(&mut back) {
+            Ok(4) => assert_eq!(&back, b"ping"),
+            Ok(0) => closed += 1,
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => closed += 1,
+            other => panic!("neither an echo nor a close within the bound: {other:?}"),
+        }
+        if closed > 0 {
+            break;
+        }
+    }
+    assert_eq!(
+        closed, 1,
+        "no session reached the member that never answers"
+    );
+    // 3. Passive health took it out, saying why; the access log names the reason.
+    wait_reported(&fwd, "fb", as_, false, STEP_TIMEOUT);
+    let m = fwd.member("fb", as_);
+    assert_eq!(m["last_error"], "no byte within first_byte_timeout", "{m}");
+    assert_eq!(count(&m, "connect_errors"), 0, "{m}");
+    assert!(
+        fwd.stderr().contains("first_byte_timeout"),
+        "{}",
+        fwd.stderr()
+    );
+    assert!(is_up(&fwd.member("fb", ag)));
     let before = good.served();
     sessions(fwd.addr(), 10);
     assert_eq!(good.served() - before, 10);

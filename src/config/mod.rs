@@ -279,6 +279,9 @@ pub const MAX_FAIL_TIMEOUT: Duration = Duration::from_secs(24 * 3600);
 /// Shortest and longest `resolve_interval` other than `"0s"` (only at start).
 pub const RESOLVE_INTERVAL_RANGE: std::ops::RangeInclusive<Duration> =
     Duration::from_secs(1)..=Duration::from_secs(24 * 3600);
+/// Shortest and longest `first_byte_timeout` other than `"0s"` (off).
+pub const FIRST_BYTE_TIMEOUT_RANGE: std::ops::RangeInclusive<Duration> =
+    Duration::from_millis(100)..=Duration::from_secs(3600);
 /// Longest `health_check.interval` and `health_check.timeout`.
 pub const MAX_HEALTH_TIME: Duration = Duration::from_secs(3600);
 
@@ -298,6 +301,10 @@ pub struct Upstream {
     pub health_check: Option<HealthCheck>,
     /// How often host names are resolved again; `None`: only at start.
     pub resolve_interval: Option<Duration>,
+    /// Passive health: an established connection on which the client has sent bytes and the
+    /// member sent none back within this long is closed (`first_byte_timeout`) and counts
+    /// as a failure of the member, as a failed connect does (`max_fails`). `None`: off.
+    pub first_byte_timeout: Option<Duration>,
     /// Every member was written with a port range as long as the rule's listen range: a
     /// connection to listen port `first + i` goes to the member's port `+ i` (each member's
     /// `addrs` hold its first port). `false`: every listen port goes to the members' ports.
@@ -315,6 +322,7 @@ impl Upstream {
             fail_timeout: DEFAULT_FAIL_TIMEOUT,
             health_check: None,
             resolve_interval: Some(DEFAULT_RESOLVE_INTERVAL),
+            first_byte_timeout: None,
             one_to_one: false,
         }
     }
@@ -595,6 +603,11 @@ pub struct Rule {
 }
 
 impl Rule {
+    /// `first_byte_timeout`: the same in every pool of the rule.
+    pub fn first_byte_timeout(&self) -> Option<Duration> {
+        self.pools().find_map(|(_, up)| up.first_byte_timeout)
+    }
+
     /// Every pool of the rule with its route name: the routes in order, then the default.
     pub fn pools(&self) -> impl Iterator<Item = (&str, &Upstream)> + '_ {
         self.routes
@@ -1139,6 +1152,12 @@ impl Config {
                 "idle_timeout = {:?}",
                 r.idle_timeout.map_or("0s".to_string(), format_duration)
             );
+            let _ = writeln!(
+                out,
+                "first_byte_timeout = {:?}",
+                r.first_byte_timeout()
+                    .map_or("0s".to_string(), format_duration)
+            );
             if let Some(t) = &r.tap {
                 let _ = writeln!(out, "tap = {:?}", t.display().to_string());
             }
@@ -1470,7 +1489,24 @@ fn rule_from_raw(
     };
     let listen = Listen::resolve(r.listen.get_ref())
         .map_err(|m| src.error_at(r.listen.span(), "listen", m))?;
-    let (upstream, routes) = pools_from_raw(&r, &listen, src)?;
+    let (mut upstream, mut routes) = pools_from_raw(&r, &listen, src)?;
+    if let Some(d) = &r.first_byte_timeout {
+        // A rule key, applied to every pool of the rule (routes included): it is passive
+        // health, judged per member like `max_fails`.
+        let d = src.duration(
+            d,
+            "first_byte_timeout",
+            Some("off"),
+            FIRST_BYTE_TIMEOUT_RANGE,
+        )?;
+        let d = (!d.is_zero()).then_some(d);
+        for up in upstream
+            .iter_mut()
+            .chain(routes.iter_mut().map(|r| &mut r.upstream))
+        {
+            up.first_byte_timeout = d;
+        }
+    }
     let (proxy_protocol, accept_proxy, header_timeout, admission) = edge_from_raw(&r, src)?;
     // `keepalive.count = 0` is refused while deserializing, where its position is known.
     let keepalive = match r.keepalive {

@@ -1365,6 +1365,47 @@ fn bad_cidrs_are_reported_at_their_own_entry() {
 }
 
 #[test]
+fn first_byte_timeout_is_off_by_default_and_applies_to_every_pool() {
+    let one = |extra: &str| parse(&rule_with(extra)).rules.remove(0);
+    assert_eq!(one("").first_byte_timeout(), None);
+    assert_eq!(
+        one("first_byte_timeout = \"0s\"").first_byte_timeout(),
+        None
+    );
+    assert_eq!(
+        one("first_byte_timeout = \"5s\"").first_byte_timeout(),
+        Some(Duration::from_secs(5))
+    );
+    for (bad, col) in [("\"50ms\"", 22), ("\"61m\"", 22), ("5", 22)] {
+        let e = err(&rule_with(&format!("first_byte_timeout = {bad}")));
+        assert!(
+            e.starts_with(&format!("cfg.toml:4:{col}: first_byte_timeout: ")),
+            "{e}"
+        );
+    }
+    assert_eq!(
+        err(&rule_with("first_byte_timeout = \"50ms\"")),
+        "cfg.toml:4:22: first_byte_timeout: must be 0s (off) or 100ms..=1h, got 50ms"
+    );
+    // A rule key: the routes' pools get it too, and `check` prints it.
+    let c = parse(
+        "[[rule]]\nlisten = \"127.0.0.1:0\"\nupstream = \"127.0.0.1:1\"\nfirst_byte_timeout = \"2s\"\n\n\
+         [[rule.route]]\nsni = [\"a.example\"]\nupstream = \"127.0.0.1:2\"\n",
+    );
+    let r = &c.rules[0];
+    assert!(
+        r.pools()
+            .all(|(_, up)| up.first_byte_timeout == Some(Duration::from_secs(2)))
+    );
+    assert!(c.to_toml().contains("first_byte_timeout = \"2s\"\n"));
+    assert!(
+        parse(&rule_with(""))
+            .to_toml()
+            .contains("first_byte_timeout = \"0s\"\n")
+    );
+}
+
+#[test]
 fn per_ip_prefixes_have_ranges_and_defaults() {
     for bad in ["0", "129", "-1"] {
         assert_eq!(

@@ -807,7 +807,7 @@ mod tests {
 
     /// `n` distinct one-shot sources, IPv4 and IPv6 (each in its own /64) alternately.
     fn source(i: u32) -> IpAddr {
-        if i % 2 == 0 {
+        if i.is_multiple_of(2) {
             IpAddr::V4(Ipv4Addr::from(0x0b00_0000 + i))
         } else {
             IpAddr::V6(Ipv6Addr::from(

@@ -760,6 +760,25 @@ impl Session {
         None
     }
 
+    /// The member said nothing within `first_byte_timeout` although the client spoke: its
+    /// passive-health failure (shared by every engine; the engine only noticed the time).
+    fn no_first_byte(&self, rt: &RuleRuntime, m: &crate::upstream::Member, now: Instant) {
+        let Some(route) = self.route else { return };
+        let pool = rt.pool(usize::from(route));
+        if m.no_first_byte(pool.clock.ms(now), pool.max_fails, pool.fail_timeout)
+            == Some(Transition::Down)
+        {
+            tracing::warn!(
+                rule = %rt.rule.name,
+                upstream = %m.addr,
+                member = %m.name,
+                max_fails = pool.max_fails,
+                fail_timeout = %crate::config::format_duration(pool.fail_timeout),
+                "upstream member down: no answer within first_byte_timeout; out for fail_timeout"
+            );
+        }
+    }
+
     /// The session is over: counts it, frees its place under `max_connections` and on its
     /// member, and writes its access-log record.
     pub fn finish(
@@ -781,6 +800,9 @@ impl Session {
         }
         if let (true, Some(m)) = (self.connected, self.member()) {
             m.released();
+            if end.reason == CloseReason::FirstByteTimeout {
+                self.no_first_byte(rt, m, now);
+            }
         }
         metrics.log_session(&SessionRecord {
             rule: &rt.rule.name,

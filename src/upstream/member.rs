@@ -22,6 +22,9 @@ pub const EXPECT_MISMATCH: i32 = -1;
 /// The member closed before its answer contained `expect`.
 pub const EXPECT_CLOSED: i32 = -2;
 
+/// An established connection got no byte from the member within `first_byte_timeout`.
+pub const NO_FIRST_BYTE: i32 = -3;
+
 /// A member's health transition, for the one log line it deserves.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Transition {
@@ -164,6 +167,29 @@ impl Member {
     ) -> Option<Transition> {
         self.connect_errors[kind as usize].fetch_add(1, Ordering::Relaxed);
         self.set_error(errno);
+        self.passive_failure(now_ms, max_fails, fail_timeout)
+    }
+
+    /// An established connection got no byte from this member within `first_byte_timeout`
+    /// although the client spoke: a failure for passive health, as a failed connect is.
+    pub fn no_first_byte(
+        &self,
+        now_ms: u64,
+        max_fails: u32,
+        fail_timeout: Duration,
+    ) -> Option<Transition> {
+        self.set_error(NO_FIRST_BYTE);
+        self.passive_failure(now_ms, max_fails, fail_timeout)
+    }
+
+    /// Counts one failure in the passive-health window; `Some(Down)` when it took the member
+    /// out.
+    fn passive_failure(
+        &self,
+        now_ms: u64,
+        max_fails: u32,
+        fail_timeout: Duration,
+    ) -> Option<Transition> {
         if max_fails == 0 {
             return None;
         }
@@ -261,6 +287,7 @@ pub fn describe_errno(errno: i32) -> String {
         libc::ECANCELED | libc::ETIMEDOUT => "timed out".to_string(),
         EXPECT_MISMATCH => "health check answer did not contain expect".to_string(),
         EXPECT_CLOSED => "closed before its answer contained expect".to_string(),
+        NO_FIRST_BYTE => "no byte within first_byte_timeout".to_string(),
         _ => {
             let text = std::io::Error::from_raw_os_error(errno).to_string();
             // "Connection refused (os error 111)" → "connection refused"
@@ -397,6 +424,22 @@ mod tests {
         // The counters keep the history.
         assert_eq!(m.snapshot(7).checks, [1, 1]);
         assert_eq!(m.snapshot(7).connect_errors[0], 1);
+    }
+
+    #[test]
+    fn no_first_byte_counts_like_a_failed_connect() {
+        let m = member();
+        assert_eq!(m.no_first_byte(1_000, 2, FT), None);
+        assert!(m.is_up(1_000));
+        assert_eq!(m.no_first_byte(2_000, 2, FT), Some(Transition::Down));
+        assert!(!m.is_up(2_000) && m.is_up(12_000));
+        let s = m.snapshot(2_000);
+        assert_eq!(
+            s.last_error.as_deref(),
+            Some("no byte within first_byte_timeout")
+        );
+        assert_eq!(s.connect_errors, [0; 4], "not a connect error");
+        assert_eq!(member().no_first_byte(1, 0, FT), None, "max_fails 0: off");
     }
 
     #[test]
