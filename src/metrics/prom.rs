@@ -656,4 +656,28 @@ mod tests {
             "{text}"
         );
     }
+
+    #[test]
+    fn the_client_table_counters_are_per_rule_with_limits() {
+        let cfg = crate::config::Config::parse(
+            "t.toml",
+            "[[rule]]\nname = \"limited\"\nlisten = \"127.0.0.1:0\"\nupstream = \"127.0.0.1:9\"\n\
+             max_new_connections_per_ip = \"1/m\"\n\n\
+             [[rule]]\nname = \"open\"\nlisten = \"127.0.0.1:0\"\nupstream = \"127.0.0.1:9\"\n",
+        )
+        .unwrap();
+        let m = Metrics::new(&["limited", "open"], 1);
+        m.set_runtime(crate::session::Runtime::new(&cfg));
+        let text = render(&registry(m));
+        for name in [
+            "ringfwd_client_table_evictions_total",
+            "ringfwd_client_table_untracked_total",
+        ] {
+            assert_eq!(
+                lines_with(&text, name),
+                vec![format!("{name}{{rule=\"limited\"}} 0").as_str()],
+                "{text}"
+            );
+        }
+    }
 }
