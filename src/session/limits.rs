@@ -443,27 +443,44 @@ impl IpLimits {
             .flat_map(move |bucket| bucket * self.ways..(bucket + 1) * self.ways)
     }
 
-    /// Gives the key a slot with one count held, choosing as [`IpLimits::try_acquire`] says.
+    /// Gives the key a slot with one count held, choosing as [`IpLimits::try_acquire`] says:
+    /// a free slot (empty, or its window passed) before an eviction, and between free slots
+    /// one in the bucket holding fewer live entries (two-choice hashing: it keeps buckets
+    /// even, so a bucket pair fills with live entries only long after the table would).
     fn claim(&self, key: &Key, t: u64) -> Claim {
-        // (slot, entry seen, its window's end): the best candidate so far.
-        let mut best: Option<(usize, u64, u64)> = None;
-        for i in self.candidates(key) {
-            let e = self.slots[i].entry.load(Ordering::Acquire);
-            if e & LIVE_MASK != 0 {
-                continue;
-            }
-            let ends = if e == 0 || self.interval_us == 0 {
-                0
-            } else {
-                self.slots[i].tat.load(Ordering::Acquire) & TIME_MASK
-            };
-            if best.is_none_or(|(_, _, b)| ends < b) {
-                best = Some((i, e, ends));
-            }
-            if ends <= t {
-                break; // free: nothing better to find
+        // Per bucket: live entries, the first free slot, the eviction candidate.
+        let mut live = [0usize; 2];
+        let mut free: [Option<(usize, u64)>; 2] = [None; 2];
+        // (slot, entry seen, its window's end)
+        let mut evict: Option<(usize, u64, u64)> = None;
+        let [a, b] = key.buckets;
+        let buckets: &[usize] = if a == b { &[a] } else { &[a, b] };
+        for (k, &bucket) in buckets.iter().enumerate() {
+            for i in bucket * self.ways..(bucket + 1) * self.ways {
+                let e = self.slots[i].entry.load(Ordering::Acquire);
+                if e & LIVE_MASK != 0 {
+                    live[k] += 1;
+                    continue;
+                }
+                let ends = if e == 0 || self.interval_us == 0 {
+                    0
+                } else {
+                    self.slots[i].tat.load(Ordering::Acquire) & TIME_MASK
+                };
+                if ends <= t {
+                    free[k].get_or_insert((i, e));
+                } else if evict.is_none_or(|(_, _, best)| ends < best) {
+                    evict = Some((i, e, ends));
+                }
             }
         }
+        let best = match free {
+            [Some(x), Some(y)] => Some(if live[1] < live[0] { y } else { x }),
+            [Some(x), None] | [None, Some(x)] => Some(x),
+            [None, None] => None,
+        }
+        .map(|(i, e)| (i, e, 0))
+        .or(evict);
         let Some((i, seen, ends)) = best else {
             return Claim::Full;
         };
@@ -1058,6 +1075,58 @@ mod tests {
         for a in &addrs {
             assert_eq!(l.live(*a), 0);
         }
+    }
+
+    #[test]
+    fn concurrent_first_connections_of_new_clients_share_one_entry() {
+        // Four threads open the first connection of the same 20 000 new clients at once and
+        // keep what they get: with max_connections_per_ip = 1, exactly one of them holds each
+        // client's place (two entries for one client would admit two).
+        const THREADS: usize = 4;
+        const CLIENTS: u32 = 20_000;
+        let (l, t0) = limits(Some(1), None, DEFAULT_SLOTS);
+        let l = Arc::new(l);
+        let barrier = Arc::new(std::sync::Barrier::new(THREADS));
+        let held: Vec<Vec<(u32, Permit)>> = (0..THREADS)
+            .map(|_| {
+                let (l, barrier) = (l.clone(), barrier.clone());
+                std::thread::spawn(move || {
+                    let mut held = Vec::new();
+                    for i in 0..CLIENTS {
+                        if i % 500 == 0 {
+                            barrier.wait();
+                        }
+                        if let Ok(p) = l.try_acquire(source(i), t0) {
+                            held.push((i, p));
+                        }
+                    }
+                    held
+                })
+            })
+            .collect::<Vec<_>>()
+            .into_iter()
+            .map(|h| h.join().unwrap())
+            .collect();
+        let mut winners = vec![0u32; CLIENTS as usize];
+        for (i, _) in held.iter().flatten() {
+            winners[*i as usize] += 1;
+        }
+        let wrong: Vec<(usize, u32)> = winners
+            .iter()
+            .enumerate()
+            .filter(|(_, n)| **n != 1)
+            .map(|(i, n)| (i, *n))
+            .take(10)
+            .collect();
+        assert!(
+            wrong.is_empty(),
+            "clients without exactly one place: {wrong:?}"
+        );
+        assert_eq!((l.total_live(), l.untracked()), (u64::from(CLIENTS), 0));
+        for (_, p) in held.into_iter().flatten() {
+            l.release(p);
+        }
+        assert_eq!(l.total_live(), 0);
     }
 
     #[test]
