@@ -1,7 +1,9 @@
 //! DNS discovery with a resolver the test controls: the forwarder runs in a mount namespace of
 //! its own where `/etc/hosts` is a file the test rewrites between resolutions, so the real
 //! system resolver (getaddrinfo, which reads /etc/hosts on every lookup) answers what the test
-//! says. Members appear, disappear, and a failing lookup keeps the last good set.
+//! says. Members appear, disappear, and a failing lookup keeps the last good set. A name that
+//! does not resolve at start is a member down until it does, with one warning, while the
+//! host's other rules serve.
 //!
 //! Needs root (or CAP_SYS_ADMIN) for `unshare --mount` and `mount --bind`; without it the
 //! tests fail loudly, unless `RINGFWD_SKIP_UNSHARE=1` says the host cannot do this.
@@ -179,5 +181,74 @@ fn members_follow_dns_with_the_tokio_engine() {
 fn members_follow_dns_with_the_uring_engine() {
     if support::engine_available(&["--engine", "uring"]) {
         members_follow_dns(&["--engine", "uring"]);
+    }
+}
+
+/// The name is missing from /etc/hosts at start: the forwarder starts anyway (one warning,
+/// naming it), its rule refuses connections (no member to dial) while another rule serves,
+/// and once the name appears, its member is dialed.
+fn a_name_missing_at_start_is_down_until_it_resolves(engine: &[&str]) {
+    if !can_unshare() {
+        return;
+    }
+    let _load = support::light();
+    let late = echo_on("127.0.0.2", 0);
+    let other = Backend::echo();
+    let file = TempFile::new("ringfwd-hosts", &hosts(&[]));
+    let script = format!(
+        "mount --bind {} /etc/hosts && exec \"$0\" \"$@\"",
+        file.path.display()
+    );
+    let port = late.addr().port();
+    let rules = format!(
+        "[[rule]]\nname = \"dns\"\nlisten = \"127.0.0.1:0\"\nupstream = \"{NAME}:{port}\"\nresolve_interval = \"0s\"\n\n\
+         [[rule]]\nname = \"other\"\nlisten = \"127.0.0.1:0\"\nupstream = \"{}\"\n",
+        other.addr()
+    );
+    let fwd = Forwarder::start_wrapped(&["unshare", "-m", "sh", "-c", &script], engine, &rules, 2);
+    let warned = format!("cannot resolve \"{NAME}:{port}\"");
+    assert_eq!(fwd.stderr().matches(&warned).count(), 1, "{}", fwd.stderr());
+    assert!(member_addrs(&fwd).is_empty(), "no address for the name yet");
+    // The rule that resolves serves; the unresolved one closes its clients at once.
+    let other_addr = fwd.rules[1].1;
+    exchange(other_addr);
+    let mut s = TcpStream::connect(fwd.addr()).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(5)))
+        .expect("timeout");
+    let _ = s.write_all(b"ping");
+    let mut buf = [0u8; 4];
+    assert!(
+        matches!(s.read(&mut buf), Ok(0) | Err(_)),
+        "closed, not hung"
+    );
+    assert_eq!(late.accepted(), 0);
+    // The name appears: retried every 5 s although resolve_interval is "0s".
+    std::fs::write(&file.path, hosts(&["127.0.0.2"])).expect("rewrite hosts");
+    wait_until(SETTLE, "the member to resolve", || {
+        let m = member_addrs(&fwd);
+        (m == vec![late.addr().to_string()])
+            .then_some(())
+            .ok_or(format!("{m:?}"))
+    });
+    exchange(fwd.addr());
+    assert_eq!(late.accepted(), 1);
+    assert!(fwd.stderr().contains("resolves again"), "{}", fwd.stderr());
+    assert_eq!(fwd.stderr().matches(&warned).count(), 1, "{}", fwd.stderr());
+}
+
+#[test]
+fn a_name_missing_at_start_with_the_std_engine() {
+    a_name_missing_at_start_is_down_until_it_resolves(&["--engine", "std"]);
+}
+
+#[test]
+fn a_name_missing_at_start_with_the_tokio_engine() {
+    a_name_missing_at_start_is_down_until_it_resolves(&["--engine", "tokio"]);
+}
+
+#[test]
+fn a_name_missing_at_start_with_the_uring_engine() {
+    if support::engine_available(&["--engine", "uring"]) {
+        a_name_missing_at_start_is_down_until_it_resolves(&["--engine", "uring"]);
     }
 }

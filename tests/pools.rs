@@ -21,6 +21,7 @@
 mod support;
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
@@ -33,7 +34,7 @@ use support::pool::{
     self, EchoChild, Forwarder, Member, client_ip, connect_from, count, echo_once, is_up,
     member_in, members_of, read_identity, toml_list, wait_until,
 };
-use support::sock::{self, ClosedPort};
+use support::sock::{self, Backend, ClosedPort};
 
 /// One module of tests for one engine, given as the extra flags of `ringfwd run`.
 macro_rules! engine_suite {
@@ -49,6 +50,8 @@ macro_rules! engine_suite {
                 every_member_refusing_closes_promptly,
                 backup_only_when_primaries_are_down,
                 localhost_member_resolves,
+                send_expect_marks_a_member_that_never_answers_down,
+                first_byte_timeout_fails_a_member_that_never_answers,
             );
         }
     };
@@ -847,4 +850,133 @@ fn localhost_member_resolves(engine: &[&str]) {
             l.line
         );
     }
+}
+
+/// A member that accepts and never answers (holds each connection for a minute, reading
+/// nothing, writing nothing).
+fn silent_member() -> Backend {
+    Backend::spawn(|s| {
+        std::thread::sleep(Duration::from_secs(60));
+        drop(s);
+    })
+}
+
+/// `[rule.health_check]` with `send`/`expect`: a member that accepts and never answers passes
+/// a bare TCP check but fails the exchange, is reported down within fall × interval +
+/// margin with `last_error` "timed out" and a timestamp, and gets no session; the echo member
+/// (which answers `PING` with `PING`) stays up throughout, its `last_error` null.
+fn send_expect_marks_a_member_that_never_answers_down(engine: &[&str]) {
+    let _load = support::light();
+    let good = Member::echo();
+    let silent = silent_member();
+    let (ag, as_) = (good.addr(), silent.addr());
+    let check = "[rule.health_check]\ninterval = \"200ms\"\ntimeout = \"200ms\"\nrise = 2\nfall = 2\n\
+                 send = \"PING\\r\\n\"\nexpect = \"PING\"\n";
+    let fwd = Forwarder::start(engine, &rule("app", &toml_list([ag, as_]), check), 1);
+    wait_reported(&fwd, "app", as_, false, INTERVAL * FALL + MARGIN);
+    let m = fwd.member("app", as_);
+    assert_eq!(m["last_error"], "timed out", "{m}");
+    assert!(
+        m["last_error_at"]
+            .as_u64()
+            .is_some_and(|t| t > 1_600_000_000),
+        "{m}"
+    );
+    assert!(silent.accepted() >= FALL as usize, "the probes connected");
+    // The good member answered every probe: up, no error, several checks passed.
+    wait_until(STEP_TIMEOUT, "the good member's checks pass", || {
+        let m = fwd.member("app", ag);
+        let ok = m["health_checks"]["ok"].as_u64().unwrap_or(0);
+        if is_up(&m) && ok > u64::from(FALL) && m["last_error"].is_null() {
+            Ok(())
+        } else {
+            Err(format!("{m}"))
+        }
+    });
+    assert_eq!(reported_up(&fwd, "app", ag), (Some(1.0), true));
+    // Every session goes to the member that answers.
+    let before = good.served();
+    sessions(fwd.addr(), 10);
+    assert_eq!(good.served() - before, 10);
+}
+
+/// `first_byte_timeout = "500ms"`, `max_fails = 1`: clients that connect and say nothing
+/// start no clock (neither member is blamed, however long they wait); a client that speaks
+/// to the member that never answers is closed within the timeout (plus margin) as
+/// `first_byte_timeout`, that member is reported down (passive health, `last_error` says
+/// why), and every later session goes to the member that answers.
+fn first_byte_timeout_fails_a_member_that_never_answers(engine: &[&str]) {
+    let _load = support::light();
+    let good = Member::echo();
+    let silent = silent_member();
+    let (ag, as_) = (good.addr(), silent.addr());
+    let fwd = Forwarder::start(
+        engine,
+        &rule(
+            "fb",
+            &toml_list([ag, as_]),
+            "first_byte_timeout = \"500ms\"\nmax_fails = 1\nfail_timeout = \"60s\"\n",
+        ),
+        1,
+    );
+    // 1. Silent clients until one reaches the silent member (round-robin per worker),
+    // held three timeouts.
+    let mut quiet = Vec::new();
+    while silent.accepted() == 0 && quiet.len() < 20 {
+        quiet.push(sock::try_connect(fwd.addr()).expect("connect"));
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(
+        silent.accepted() >= 1,
+        "no silent client reached the member"
+    );
+    std::thread::sleep(Duration::from_millis(1500));
+    assert_eq!(
+        reported_up(&fwd, "fb", as_),
+        (Some(1.0), true),
+        "a silent client blamed it"
+    );
+    assert!(
+        !fwd.stderr().contains("first_byte_timeout\""),
+        "{}",
+        fwd.stderr()
+    );
+    drop(quiet);
+    // 2. Clients that speak, until one is sent to the silent member: it is closed, not
+    // left hanging; the others are echoed.
+    let mut closed = 0;
+    for _ in 0..20 {
+        let mut s = sock::try_connect(fwd.addr()).expect("connect");
+        s.set_read_timeout(Some(Duration::from_millis(500) + MARGIN))
+            .expect("timeout");
+        s.write_all(b"ping").expect("write");
+        let mut back = [0u8; 4];
+        match s.read(&mut back) {
+            Ok(4) => assert_eq!(&back, b"ping"),
+            Ok(0) => closed += 1,
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => closed += 1,
+            other => panic!("neither an echo nor a close within the bound: {other:?}"),
+        }
+        if closed > 0 {
+            break;
+        }
+    }
+    assert_eq!(
+        closed, 1,
+        "no session reached the member that never answers"
+    );
+    // 3. Passive health took it out, saying why; the access log names the reason.
+    wait_reported(&fwd, "fb", as_, false, STEP_TIMEOUT);
+    let m = fwd.member("fb", as_);
+    assert_eq!(m["last_error"], "no byte within first_byte_timeout", "{m}");
+    assert_eq!(count(&m, "connect_errors"), 0, "{m}");
+    assert!(
+        fwd.stderr().contains("first_byte_timeout"),
+        "{}",
+        fwd.stderr()
+    );
+    assert!(is_up(&fwd.member("fb", ag)));
+    let before = good.served();
+    sessions(fwd.addr(), 10);
+    assert_eq!(good.served() - before, 10);
 }

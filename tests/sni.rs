@@ -4,7 +4,8 @@
 //!
 //! Three backends, each with its own self-signed certificate: `api.example.com` (an exact
 //! route), `www.example.com` (behind a `*.example.com` wildcard route) and `default.test` (the
-//! rule's own upstream, the default route). A client naming a host reaches the backend its
+//! rule's own upstream, the default route). A client naming a host (in any case, with or
+//! without a trailing dot) reaches the backend its
 //! name routes to, which the test reads off the certificate the client was shown, and then
 //! exchanges an HTTP request and response through the tunnel (`s_server -www`). A client
 //! without SNI, one naming an unknown host and one speaking plain bytes go to the default
@@ -231,12 +232,15 @@ fn tls_clients_reach_the_backend_their_name_routes_to(engine: &[&str]) {
         1,
     );
     let addr = relay.addr();
-    let cases: [(Option<&str>, &str, &str); 6] = [
+    let cases: [(Option<&str>, &str, &str); 8] = [
         (Some("api.example.com"), "api.example.com", "api"),
         // Case does not matter; the exact route wins over the wildcard that also matches.
         (Some("API.Example.COM"), "api.example.com", "api"),
+        // Nor does a trailing dot (an absolute name), for exact and wildcard routes alike.
+        (Some("api.example.com."), "api.example.com", "api"),
         (Some("www.example.com"), "www.example.com", "wild"),
         (Some("shop.example.com"), "www.example.com", "wild"),
+        (Some("shop.example.com."), "www.example.com", "wild"),
         (Some("elsewhere.test"), "default.test", "default"),
         (None, "default.test", "default"),
     ];
@@ -253,7 +257,7 @@ fn tls_clients_reach_the_backend_their_name_routes_to(engine: &[&str]) {
         .expect("read timeout");
     let mut answer = Vec::new();
     let _ = plain.read_to_end(&mut answer);
-    let want_routes = [("api", 2.0), ("wild", 2.0), ("default", 3.0)];
+    let want_routes = [("api", 3.0), ("wild", 3.0), ("default", 3.0)];
     wait_until(STEP_TIMEOUT, "accepted_total by route", || {
         let m = support::edge::metrics(&relay);
         let got: Vec<(&str, f64)> = want_routes

@@ -203,8 +203,9 @@ impl MemberSpec {
     }
 }
 
-/// Active TCP-connect health checks of a pool's members, off the data path.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// Active health checks of a pool's members, off the data path: a TCP connect, and with
+/// `send`/`expect` an exchange (HAProxy's `tcp-check send` / `expect string`).
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct HealthCheck {
     /// Time between two probes of one member.
     pub interval: Duration,
@@ -214,7 +215,18 @@ pub struct HealthCheck {
     pub rise: NonZeroU32,
     /// Consecutive failures that take an up member out.
     pub fall: NonZeroU32,
+    /// Bytes written once connected (the TOML string's UTF-8 bytes, its escapes applied).
+    pub send: Option<String>,
+    /// The probe passes only if the member's answer, within `timeout` and its first
+    /// [`HEALTH_EXPECT_WINDOW`] bytes, contains this string. Without it, the connect (and
+    /// writing `send`) is the check.
+    pub expect: Option<String>,
 }
+
+/// Longest `health_check.send` and `health_check.expect`.
+pub const MAX_HEALTH_PAYLOAD: usize = 1024;
+/// How much of a member's answer a check reads looking for `expect`.
+pub const HEALTH_EXPECT_WINDOW: usize = 4096;
 
 pub const DEFAULT_HEALTH_INTERVAL: Duration = Duration::from_secs(2);
 pub const DEFAULT_HEALTH_TIMEOUT: Duration = Duration::from_secs(1);
@@ -228,6 +240,8 @@ impl Default for HealthCheck {
             timeout: DEFAULT_HEALTH_TIMEOUT,
             rise: DEFAULT_HEALTH_RISE,
             fall: DEFAULT_HEALTH_FALL,
+            send: None,
+            expect: None,
         }
     }
 }
@@ -267,6 +281,9 @@ pub const MAX_FAIL_TIMEOUT: Duration = Duration::from_secs(24 * 3600);
 /// Shortest and longest `resolve_interval` other than `"0s"` (only at start).
 pub const RESOLVE_INTERVAL_RANGE: std::ops::RangeInclusive<Duration> =
     Duration::from_secs(1)..=Duration::from_secs(24 * 3600);
+/// Shortest and longest `first_byte_timeout` other than `"0s"` (off).
+pub const FIRST_BYTE_TIMEOUT_RANGE: std::ops::RangeInclusive<Duration> =
+    Duration::from_millis(100)..=Duration::from_secs(3600);
 /// Longest `health_check.interval` and `health_check.timeout`.
 pub const MAX_HEALTH_TIME: Duration = Duration::from_secs(3600);
 
@@ -286,6 +303,10 @@ pub struct Upstream {
     pub health_check: Option<HealthCheck>,
     /// How often host names are resolved again; `None`: only at start.
     pub resolve_interval: Option<Duration>,
+    /// Passive health: an established connection on which the client has sent bytes and the
+    /// member sent none back within this long is closed (`first_byte_timeout`) and counts
+    /// as a failure of the member, as a failed connect does (`max_fails`). `None`: off.
+    pub first_byte_timeout: Option<Duration>,
     /// Every member was written with a port range as long as the rule's listen range: a
     /// connection to listen port `first + i` goes to the member's port `+ i` (each member's
     /// `addrs` hold its first port). `false`: every listen port goes to the members' ports.
@@ -303,6 +324,7 @@ impl Upstream {
             fail_timeout: DEFAULT_FAIL_TIMEOUT,
             health_check: None,
             resolve_interval: Some(DEFAULT_RESOLVE_INTERVAL),
+            first_byte_timeout: None,
             one_to_one: false,
         }
     }
@@ -365,7 +387,7 @@ pub const MAX_CONNECTIONS_PER_IP: u32 = MAX_RULE_CONNECTIONS;
 
 /// Who may connect, and how much: checked on the client's address (the PROXY header's source
 /// when `accept_proxy` is on) before any upstream socket exists.
-#[derive(Clone, Debug, PartialEq, Eq, Default)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Admission {
     /// With any entry, only these sources are admitted.
     pub allow: Vec<crate::session::acl::Cidr>,
@@ -377,6 +399,24 @@ pub struct Admission {
     /// address may open what the rate allows in one second, at least 1, at once: see
     /// [`crate::session::limits::Rate::burst`]).
     pub max_new_connections_per_ip: Option<crate::session::limits::Rate>,
+    /// IPv6 clients sharing this many leading bits are one client for the per-client limits
+    /// (1..=128; 64 by default: one host, or one attacker, usually owns a whole /64).
+    pub per_ip_prefix_v6: u8,
+    /// IPv4 clients sharing this many leading bits are one client (1..=32; 32 by default).
+    pub per_ip_prefix_v4: u8,
+}
+
+impl Default for Admission {
+    fn default() -> Self {
+        Self {
+            allow: Vec::new(),
+            deny: Vec::new(),
+            max_connections_per_ip: None,
+            max_new_connections_per_ip: None,
+            per_ip_prefix_v6: crate::session::limits::DEFAULT_PREFIX_V6,
+            per_ip_prefix_v4: crate::session::limits::DEFAULT_PREFIX_V4,
+        }
+    }
 }
 
 impl Admission {
@@ -565,6 +605,11 @@ pub struct Rule {
 }
 
 impl Rule {
+    /// `first_byte_timeout`: the same in every pool of the rule.
+    pub fn first_byte_timeout(&self) -> Option<Duration> {
+        self.pools().find_map(|(_, up)| up.first_byte_timeout)
+    }
+
     /// Every pool of the rule with its route name: the routes in order, then the default.
     pub fn pools(&self) -> impl Iterator<Item = (&str, &Upstream)> + '_ {
         self.routes
@@ -685,6 +730,9 @@ impl std::error::Error for ConfigError {}
 struct Source<'a> {
     name: &'a str,
     text: &'a str,
+    /// Warnings found deep in the parse (an upstream name that does not resolve yet), moved
+    /// to [`Config::warnings`] at the end.
+    warnings: std::cell::RefCell<Vec<String>>,
 }
 
 impl Source<'_> {
@@ -791,7 +839,11 @@ impl Config {
     /// # Errors
     /// See [`Config::load`].
     pub fn parse(name: &str, text: &str) -> Result<Self, ConfigError> {
-        let src = Source { name, text };
+        let src = Source {
+            name,
+            text,
+            warnings: std::cell::RefCell::new(Vec::new()),
+        };
         let raw: RawConfig = toml::from_str(text).map_err(|e| {
             let msg = e.message().trim().to_string();
             match e.span() {
@@ -949,6 +1001,7 @@ impl Config {
             }
             rules.push(rule);
         }
+        warnings.append(&mut src.warnings.borrow_mut());
 
         Ok(Config {
             workers,
@@ -1128,6 +1181,12 @@ impl Config {
                 "idle_timeout = {:?}",
                 r.idle_timeout.map_or("0s".to_string(), format_duration)
             );
+            let _ = writeln!(
+                out,
+                "first_byte_timeout = {:?}",
+                r.first_byte_timeout()
+                    .map_or("0s".to_string(), format_duration)
+            );
             if let Some(t) = &r.tap {
                 let _ = writeln!(out, "tap = {:?}", t.display().to_string());
             }
@@ -1157,6 +1216,41 @@ fn write_health_check(out: &mut String, table: &str, h: &HealthCheck) {
     let _ = writeln!(out, "timeout = {:?}", format_duration(h.timeout));
     let _ = writeln!(out, "rise = {}", h.rise);
     let _ = writeln!(out, "fall = {}", h.fall);
+    match &h.send {
+        Some(v) => {
+            let _ = writeln!(out, "send = {}", toml_string(v));
+        }
+        None => {
+            let _ = writeln!(out, "# send: unset, nothing is written");
+        }
+    }
+    match &h.expect {
+        Some(v) => {
+            let _ = writeln!(out, "expect = {}", toml_string(v));
+        }
+        None => {
+            let _ = writeln!(out, "# expect: unset, a completed connect passes");
+        }
+    }
+}
+
+/// `v` as a TOML basic string, control characters escaped.
+fn toml_string(v: &str) -> String {
+    let mut out = String::with_capacity(v.len() + 2);
+    out.push('"');
+    for c in v.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            '\t' => out.push_str("\\t"),
+            c if c.is_control() => out.push_str(&format!("\\u{:04X}", u32::from(c))),
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+    out
 }
 
 /// A rule's pool keys: members as inline tables, each followed by what it resolved to.
@@ -1174,6 +1268,14 @@ fn write_upstream(out: &mut String, up: &Upstream, listen_ports: u16) {
     }
     let _ = writeln!(out, "]");
     for m in &up.members {
+        if m.addrs.is_empty() {
+            let _ = writeln!(
+                out,
+                "# member {:?} does not resolve now: down until it resolves",
+                m.text
+            );
+            continue;
+        }
         let addrs: Vec<String> = m.addrs.iter().map(ToString::to_string).collect();
         let _ = writeln!(
             out,
@@ -1251,6 +1353,8 @@ fn write_edge(out: &mut String, r: &Rule) {
             );
         }
     }
+    let _ = writeln!(out, "per_ip_prefix_v6 = {}", a.per_ip_prefix_v6);
+    let _ = writeln!(out, "per_ip_prefix_v4 = {}", a.per_ip_prefix_v4);
 }
 
 /// The `user` and `group` keys, resolved against the user and group databases now, so that an
@@ -1414,7 +1518,24 @@ fn rule_from_raw(
     };
     let listen = Listen::resolve(r.listen.get_ref())
         .map_err(|m| src.error_at(r.listen.span(), "listen", m))?;
-    let (upstream, routes) = pools_from_raw(&r, &listen, src)?;
+    let (mut upstream, mut routes) = pools_from_raw(&r, &listen, src)?;
+    if let Some(d) = &r.first_byte_timeout {
+        // A rule key, applied to every pool of the rule (routes included): it is passive
+        // health, judged per member like `max_fails`.
+        let d = src.duration(
+            d,
+            "first_byte_timeout",
+            Some("off"),
+            FIRST_BYTE_TIMEOUT_RANGE,
+        )?;
+        let d = (!d.is_zero()).then_some(d);
+        for up in upstream
+            .iter_mut()
+            .chain(routes.iter_mut().map(|r| &mut r.upstream))
+        {
+            up.first_byte_timeout = d;
+        }
+    }
     let (proxy_protocol, accept_proxy, header_timeout, admission) = edge_from_raw(&r, src)?;
     // `keepalive.count = 0` is refused while deserializing, where its position is known.
     let keepalive = match r.keepalive {
@@ -1601,6 +1722,22 @@ fn edge_from_raw(
                 .map_err(|e| src.error_at(t.span(), "max_new_connections_per_ip", e))?,
         ),
     };
+    let prefix = |v: &Option<toml::Spanned<i64>>, key: &str, max: u8, default: u8| match v {
+        None => Ok(default),
+        Some(n) => src.count(n, key, 1, u32::from(max)).map(|n| n as u8),
+    };
+    let per_ip_prefix_v6 = prefix(
+        &r.per_ip_prefix_v6,
+        "per_ip_prefix_v6",
+        128,
+        crate::session::limits::DEFAULT_PREFIX_V6,
+    )?;
+    let per_ip_prefix_v4 = prefix(
+        &r.per_ip_prefix_v4,
+        "per_ip_prefix_v4",
+        32,
+        crate::session::limits::DEFAULT_PREFIX_V4,
+    )?;
     Ok((
         proxy_protocol,
         accept_proxy,
@@ -1610,6 +1747,8 @@ fn edge_from_raw(
             deny,
             max_connections_per_ip,
             max_new_connections_per_ip,
+            per_ip_prefix_v6,
+            per_ip_prefix_v4,
         },
     ))
 }
@@ -1839,7 +1978,30 @@ fn upstream_from_raw(
             ));
         }
         let text = base.as_str();
-        let addrs = resolve_member(text).map_err(|m| src.error_at(span.clone(), "upstream", m))?;
+        // A name that does not resolve now is a member with no address, down until a later
+        // lookup finds one (HAProxy's `init-addr none`): one bad DNS entry must not stop
+        // every rule of the host. A malformed member is still an error.
+        let addrs = match lookup_member(text) {
+            Ok(addrs) => addrs,
+            Err(Unresolved::Lookup(why)) => {
+                src.warnings.borrow_mut().push(src.at(
+                    span.clone(),
+                    "upstream",
+                    format!(
+                        "{why}; the member is down until it resolves (looked up again every {})",
+                        format_duration(r.resolve_interval.map_or(DEFAULT_RESOLVE_INTERVAL, |d| {
+                            if d.get_ref().0.is_zero() {
+                                UNRESOLVED_RETRY
+                            } else {
+                                d.get_ref().0
+                            }
+                        }))
+                    ),
+                ));
+                Vec::new()
+            }
+            Err(Unresolved::Invalid(m)) => return Err(src.error_at(span.clone(), "upstream", m)),
+        };
         let weight = match weight {
             None => NonZeroU32::MIN,
             Some(w) => u32::try_from(w)
@@ -1930,11 +2092,31 @@ fn upstream_from_raw(
                 .count(n, &format!("health_check.{key}"), 1, MAX_HEALTH_RISE_FALL)
                 .map(|n| NonZeroU32::new(n).expect("checked at least 1")),
         };
+        let payload = |v: &Option<toml::Spanned<String>>, key: &str| match v {
+            None => Ok(None),
+            Some(t) if t.get_ref().is_empty() || t.get_ref().len() > MAX_HEALTH_PAYLOAD => Err(src
+                .error_at(
+                    t.span(),
+                    &format!("health_check.{key}"),
+                    format!(
+                        "must be 1..={MAX_HEALTH_PAYLOAD} bytes, got {} (leave it out to {})",
+                        t.get_ref().len(),
+                        if key == "send" {
+                            "send nothing"
+                        } else {
+                            "check the connect only"
+                        }
+                    ),
+                )),
+            Some(t) => Ok(Some(t.get_ref().clone())),
+        };
         up.health_check = Some(HealthCheck {
             interval: time(&h.interval, "interval", DEFAULT_HEALTH_INTERVAL)?,
             timeout: time(&h.timeout, "timeout", DEFAULT_HEALTH_TIMEOUT)?,
             rise: times(&h.rise, "rise", DEFAULT_HEALTH_RISE)?,
             fall: times(&h.fall, "fall", DEFAULT_HEALTH_FALL)?,
+            send: payload(&h.send, "send")?,
+            expect: payload(&h.expect, "expect")?,
         });
     }
     Ok(up)
@@ -2037,6 +2219,29 @@ pub fn resolve_addrs(text: &str) -> Result<Vec<SocketAddr>, String> {
     if let Ok(addr) = text.parse::<SocketAddr>() {
         return Ok(vec![addr]);
     }
+    check_host_port(text)?;
+    let mut addrs: Vec<SocketAddr> = Vec::new();
+    for a in text
+        .to_socket_addrs()
+        .map_err(|e| format!("cannot resolve {text:?}: {e}"))?
+    {
+        // The resolver may list an address twice (e.g. two /etc/hosts lines): keep one.
+        if !addrs.contains(&a) {
+            addrs.push(a);
+        }
+    }
+    if addrs.is_empty() {
+        return Err(format!("cannot resolve {text:?}: no addresses"));
+    }
+    Ok(addrs)
+}
+
+/// Checks that `text` is written "host:port" (a bracketed IPv6 host, a valid port), without
+/// looking anything up.
+///
+/// # Errors
+/// A message for the operator.
+fn check_host_port(text: &str) -> Result<(), String> {
     let Some((host, port)) = text.rsplit_once(':') else {
         return Err(format!(
             "{text:?} is not an address: expected host:port, e.g. 127.0.0.1:8080 or [::1]:8080"
@@ -2054,20 +2259,37 @@ pub fn resolve_addrs(text: &str) -> Result<Vec<SocketAddr>, String> {
     if host.is_empty() {
         return Err(format!("{text:?}: missing host before the port"));
     }
-    let mut addrs: Vec<SocketAddr> = Vec::new();
-    for a in text
-        .to_socket_addrs()
-        .map_err(|e| format!("cannot resolve {text:?}: {e}"))?
+    Ok(())
+}
+
+/// Why an upstream member has no address.
+#[derive(Debug)]
+enum Unresolved {
+    /// Written wrong (no port, port 0, an IPv6 address without brackets): a config error.
+    Invalid(String),
+    /// Well written, but the lookup failed or found nothing now.
+    Lookup(String),
+}
+
+/// How often a member name that did not resolve is looked up again when its pool has
+/// `resolve_interval = "0s"` (resolve only at start), until it resolves once.
+pub const UNRESOLVED_RETRY: Duration = Duration::from_secs(5);
+
+/// [`resolve_member`], telling a malformed member from one whose lookup failed.
+fn lookup_member(text: &str) -> Result<Vec<SocketAddr>, Unresolved> {
+    if let Ok(addr) = text.parse::<SocketAddr>() {
+        return resolve_member(&addr.to_string()).map_err(Unresolved::Invalid);
+    }
+    check_host_port(text).map_err(Unresolved::Invalid)?;
+    if text
+        .rsplit_once(':')
+        .is_some_and(|(_, p)| p.parse() == Ok(0u16))
     {
-        // The resolver may list an address twice (e.g. two /etc/hosts lines): keep one.
-        if !addrs.contains(&a) {
-            addrs.push(a);
-        }
+        return Err(Unresolved::Invalid(format!(
+            "upstream port 0 in {text:?}: give the port the upstream listens on"
+        )));
     }
-    if addrs.is_empty() {
-        return Err(format!("cannot resolve {text:?}: no addresses"));
-    }
-    Ok(addrs)
+    resolve_member(text).map_err(Unresolved::Lookup)
 }
 
 /// Resolves one upstream member's text: [`resolve_addrs`], and no port 0 (a listen address

@@ -232,6 +232,9 @@ pub struct RawRule {
     pub deny: Option<Spanned<CidrList>>,
     pub max_connections_per_ip: Option<Spanned<i64>>,
     pub max_new_connections_per_ip: Option<Spanned<RateText>>,
+    pub per_ip_prefix_v6: Option<Spanned<i64>>,
+    pub per_ip_prefix_v4: Option<Spanned<i64>>,
+    pub first_byte_timeout: Option<Spanned<DurationValue>>,
     #[serde(default, rename = "route")]
     pub routes: Vec<RawRoute>,
 }
@@ -316,6 +319,8 @@ pub struct RawHealthCheck {
     pub timeout: Option<Spanned<DurationValue>>,
     pub rise: Option<Spanned<i64>>,
     pub fall: Option<Spanned<i64>>,
+    pub send: Option<Spanned<String>>,
+    pub expect: Option<Spanned<String>>,
 }
 
 /// `upstream = "host:port"` or an array of members (strings or tables, mixed if need be).

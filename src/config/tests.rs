@@ -198,6 +198,8 @@ fall = 10
             timeout: Duration::from_millis(500),
             rise: NonZeroU32::new(1).unwrap(),
             fall: NonZeroU32::new(10).unwrap(),
+            send: None,
+            expect: None,
         })
     );
 }
@@ -358,13 +360,50 @@ fn ill_formed_addresses_say_what_is_wrong() {
 }
 
 #[test]
-fn unresolvable_upstream_names_the_name() {
-    // .invalid is reserved (RFC 6761): no resolver answers it.
-    let e = err("[[rule]]\nlisten = \"127.0.0.1:8080\"\nupstream = \"no-such-host.invalid:80\"\n");
-    assert!(
-        e.starts_with("cfg.toml:3:12: upstream: cannot resolve \"no-such-host.invalid:80\": "),
-        "{e}"
+fn an_unresolvable_upstream_name_is_a_member_down_until_it_resolves_with_one_warning() {
+    // .invalid is reserved (RFC 6761): no resolver answers it. The rule loads (one bad DNS
+    // entry must not stop every rule), the member has no address yet, one warning names it.
+    let c = parse(
+        "[[rule]]\nlisten = \"127.0.0.1:8080\"\nupstream = [\"no-such-host.invalid:80\", \"127.0.0.1:9\"]\n\n\
+         [[rule]]\nlisten = \"127.0.0.1:8081\"\nupstream = \"no-such-host.invalid:81\"\nresolve_interval = \"0s\"\n",
     );
+    assert_eq!(c.warnings.len(), 2, "{:?}", c.warnings);
+    assert!(
+        c.warnings[0]
+            .starts_with("cfg.toml:3:13: upstream: cannot resolve \"no-such-host.invalid:80\": "),
+        "{}",
+        c.warnings[0]
+    );
+    assert!(
+        c.warnings[0]
+            .ends_with("; the member is down until it resolves (looked up again every 30s)"),
+        "{}",
+        c.warnings[0]
+    );
+    assert!(
+        c.warnings[1].ends_with("(looked up again every 5s)"),
+        "{}",
+        c.warnings[1]
+    );
+    let up = c.rules[0].upstream.as_ref().unwrap();
+    assert_eq!(up.members[0].text, "no-such-host.invalid:80");
+    assert!(up.members[0].addrs.is_empty());
+    assert_eq!(up.members[1].addrs, vec!["127.0.0.1:9".parse().unwrap()]);
+    assert!(c.to_toml().contains(
+        "# member \"no-such-host.invalid:80\" does not resolve now: down until it resolves\n"
+    ));
+    // Written wrong is still an error, name or not.
+    for (bad, msg) in [
+        ("no-such-host.invalid", "is not an address"),
+        ("no-such-host.invalid:0", "upstream port 0"),
+        ("no-such-host.invalid:x", "invalid port"),
+        (":80", "missing host"),
+    ] {
+        let e = err(&format!(
+            "[[rule]]\nlisten = \"127.0.0.1:8080\"\nupstream = {bad:?}\n"
+        ));
+        assert!(e.contains(msg), "{bad}: {e}");
+    }
 }
 
 #[test]
@@ -873,6 +912,7 @@ fn health_check_table_defaults_and_bounds() {
             .as_ref()
             .unwrap()
             .health_check
+            .clone()
     };
     assert_eq!(hc(""), Some(HealthCheck::default()));
     assert_eq!(
@@ -882,8 +922,17 @@ fn health_check_table_defaults_and_bounds() {
             timeout: Duration::from_millis(1),
             rise: NonZeroU32::new(100).unwrap(),
             fall: NonZeroU32::MIN,
+            send: None,
+            expect: None,
         })
     );
+    // send/expect: TOML's escapes are the bytes sent; both optional, each 1..=1024 bytes.
+    let h = hc("send = \"PING\\r\\n\"\nexpect = '+PONG'").unwrap();
+    assert_eq!(
+        (h.send.as_deref(), h.expect.as_deref()),
+        (Some("PING\r\n"), Some("+PONG"))
+    );
+    assert_eq!(hc("expect = \"SSH-\"").unwrap().send, None);
     let bad = |extra: &str| err(&format!("{RULE}\n[rule.health_check]\n{extra}\n"));
     assert_eq!(
         bad("rise = 0"),
@@ -900,6 +949,38 @@ fn health_check_table_defaults_and_bounds() {
     assert_eq!(
         bad("timeout = \"2h\""),
         "cfg.toml:6:11: health_check.timeout: must be more than 0s and at most 1h, got 2h"
+    );
+    assert_eq!(
+        bad("send = \"\""),
+        "cfg.toml:6:8: health_check.send: must be 1..=1024 bytes, got 0 (leave it out to send nothing)"
+    );
+    assert_eq!(
+        bad(&format!("expect = \"{}\"", "x".repeat(1025))),
+        "cfg.toml:6:10: health_check.expect: must be 1..=1024 bytes, got 1025 (leave it out to check the connect only)"
+    );
+    assert_eq!(
+        bad("expect = 200"),
+        "cfg.toml:6:10: expect: invalid type: integer `200`, expected a string"
+    );
+    // `check` prints them as TOML that reads back the same.
+    let c = parse(&format!(
+        "{RULE}\n[rule.health_check]\nsend = \"PING\\r\\n\\u0001\\\"\"\nexpect = \"+PONG\"\n"
+    ));
+    let text = c.to_toml();
+    assert!(
+        text.contains("send = \"PING\\r\\n\\u0001\\\"\"\n"),
+        "{text}"
+    );
+    assert!(text.contains("expect = \"+PONG\"\n"), "{text}");
+    let again = parse(&text);
+    assert_eq!(
+        again.rules[0].upstream.as_ref().unwrap().health_check,
+        c.rules[0].upstream.as_ref().unwrap().health_check
+    );
+    assert!(
+        parse(&format!("{RULE}\n[rule.health_check]\n"))
+            .to_toml()
+            .contains("# expect: unset, a completed connect passes\n")
     );
     let e = bad("port = 80");
     assert!(
@@ -1116,7 +1197,8 @@ proxy_header_timeout = "500ms"
 allow = ["192.0.2.0/24", "::1"]
 deny = ["192.0.2.7/32"]
 max_connections_per_ip = 10
-max_new_connections_per_ip = "50/s""#,
+max_new_connections_per_ip = "50/s"
+per_ip_prefix_v6 = 56"#,
     ));
     let r = &c.rules[0];
     let cidrs = |l: &[&str]| {
@@ -1139,6 +1221,8 @@ max_new_connections_per_ip = "50/s""#,
             deny: cidrs(&["192.0.2.7/32"]),
             max_connections_per_ip: NonZeroU32::new(10),
             max_new_connections_per_ip: Some(Rate::parse("50/s").unwrap()),
+            per_ip_prefix_v6: 56,
+            per_ip_prefix_v4: 32,
         }
     );
     // Each value on its own, and the defaults of the others.
@@ -1303,6 +1387,77 @@ fn bad_cidrs_are_reported_at_their_own_entry() {
         err(&rule_with("deny = [\"10.0.0.0/8\", 10]")),
         "cfg.toml:4:23: deny: invalid type: integer `10`, expected a string"
     );
+}
+
+#[test]
+fn first_byte_timeout_is_off_by_default_and_applies_to_every_pool() {
+    let one = |extra: &str| parse(&rule_with(extra)).rules.remove(0);
+    assert_eq!(one("").first_byte_timeout(), None);
+    assert_eq!(
+        one("first_byte_timeout = \"0s\"").first_byte_timeout(),
+        None
+    );
+    assert_eq!(
+        one("first_byte_timeout = \"5s\"").first_byte_timeout(),
+        Some(Duration::from_secs(5))
+    );
+    for (bad, col) in [("\"50ms\"", 22), ("\"61m\"", 22), ("5", 22)] {
+        let e = err(&rule_with(&format!("first_byte_timeout = {bad}")));
+        assert!(
+            e.starts_with(&format!("cfg.toml:4:{col}: first_byte_timeout: ")),
+            "{e}"
+        );
+    }
+    assert_eq!(
+        err(&rule_with("first_byte_timeout = \"50ms\"")),
+        "cfg.toml:4:22: first_byte_timeout: must be 0s (off) or 100ms..=1h, got 50ms"
+    );
+    // A rule key: the routes' pools get it too, and `check` prints it.
+    let c = parse(
+        "[[rule]]\nlisten = \"127.0.0.1:0\"\nupstream = \"127.0.0.1:1\"\nfirst_byte_timeout = \"2s\"\n\n\
+         [[rule.route]]\nsni = [\"a.example\"]\nupstream = \"127.0.0.1:2\"\n",
+    );
+    let r = &c.rules[0];
+    assert!(
+        r.pools()
+            .all(|(_, up)| up.first_byte_timeout == Some(Duration::from_secs(2)))
+    );
+    assert!(c.to_toml().contains("first_byte_timeout = \"2s\"\n"));
+    assert!(
+        parse(&rule_with(""))
+            .to_toml()
+            .contains("first_byte_timeout = \"0s\"\n")
+    );
+}
+
+#[test]
+fn per_ip_prefixes_have_ranges_and_defaults() {
+    for bad in ["0", "129", "-1"] {
+        assert_eq!(
+            err(&rule_with(&format!("per_ip_prefix_v6 = {bad}"))),
+            format!("cfg.toml:4:20: per_ip_prefix_v6: must be 1..=128, got {bad}")
+        );
+    }
+    for bad in ["0", "33"] {
+        assert_eq!(
+            err(&rule_with(&format!("per_ip_prefix_v4 = {bad}"))),
+            format!("cfg.toml:4:20: per_ip_prefix_v4: must be 1..=32, got {bad}")
+        );
+    }
+    assert_eq!(
+        err(&rule_with("per_ip_prefix_v6 = \"/64\"")),
+        "cfg.toml:4:20: per_ip_prefix_v6: invalid type: string \"/64\", expected i64"
+    );
+    let one = |extra: &str| parse(&rule_with(extra)).rules.remove(0).admission;
+    let d = one("");
+    assert_eq!((d.per_ip_prefix_v6, d.per_ip_prefix_v4), (64, 32));
+    let a = one("per_ip_prefix_v6 = 128\nper_ip_prefix_v4 = 1");
+    assert_eq!((a.per_ip_prefix_v6, a.per_ip_prefix_v4), (128, 1));
+    // `check` prints them, set or not.
+    let c = parse(&rule_with("per_ip_prefix_v6 = 48"));
+    let text = c.to_toml();
+    assert!(text.contains("per_ip_prefix_v6 = 48\n"), "{text}");
+    assert!(text.contains("per_ip_prefix_v4 = 32\n"), "{text}");
 }
 
 #[test]

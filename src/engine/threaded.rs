@@ -19,7 +19,7 @@ use super::{EngineError, Listeners, RunContext};
 use crate::config::{Config, Rule};
 use crate::metrics::{Direction, Metrics, PathKind, RejectReason, Shard, Tap, TapSession};
 use crate::net;
-use crate::session::outcome::{CloseReason, errno_of};
+use crate::session::outcome::{CloseReason, errno_of, first_byte_overdue};
 use crate::session::{Dial, End, HeaderStep, RuleRuntime, Runtime, Session, proxy};
 use crate::shutdown::{Phase, Shutdown};
 
@@ -207,14 +207,18 @@ struct Shared {
     start: Instant,
     last_activity_ms: AtomicU64,
     bytes: [AtomicU64; 2],
+    /// When the client's first bytes reached the upstream: ms since `start`, plus 1 (0: not
+    /// yet), for `first_byte_timeout`.
+    first_sent_ms: AtomicU64,
 }
 
-const REASONS: [CloseReason; 5] = [
+const REASONS: [CloseReason; 6] = [
     CloseReason::Eof,
     CloseReason::Reset,
     CloseReason::IdleTimeout,
     CloseReason::Shutdown,
     CloseReason::Error,
+    CloseReason::FirstByteTimeout,
 ];
 
 impl Shared {
@@ -240,6 +244,11 @@ impl Shared {
         self.last_activity_ms.store(ms, Ordering::Relaxed);
     }
 
+    fn first_sent(&self) {
+        let ms = u64::try_from(self.start.elapsed().as_millis()).unwrap_or(u64::MAX - 1);
+        self.first_sent_ms.store(ms + 1, Ordering::Relaxed);
+    }
+
     /// Called when a blocking call timed out: decides whether the session must end.
     fn check(&self, rule: &Rule, shutdown: &Shutdown) -> Option<CloseReason> {
         if let Some(r) = self.aborted() {
@@ -252,6 +261,21 @@ impl Shared {
             if self.start.elapsed() >= last + idle {
                 self.abort(CloseReason::IdleTimeout);
             }
+        }
+        let first_sent = match self.first_sent_ms.load(Ordering::Relaxed) {
+            0 => None,
+            ms => Some(
+                self.start
+                    .elapsed()
+                    .saturating_sub(Duration::from_millis(ms - 1)),
+            ),
+        };
+        if first_byte_overdue(
+            rule.first_byte_timeout(),
+            first_sent,
+            self.bytes[1].load(Ordering::Relaxed) > 0,
+        ) {
+            self.abort(CloseReason::FirstByteTimeout);
         }
         self.aborted()
     }
@@ -386,6 +410,7 @@ fn handle(
         start: Instant::now(),
         last_activity_ms: AtomicU64::new(0),
         bytes: [AtomicU64::new(0), AtomicU64::new(0)],
+        first_sent_ms: AtomicU64::new(0),
     };
     // The PROXY header for the upstream, then what the client sent after its own header.
     let mut header = [0u8; proxy::V1_BUF_LEN];
@@ -403,6 +428,7 @@ fn handle(
                 early.len() as u64,
             );
             shared.bytes[0].fetch_add(early.len() as u64, Ordering::Relaxed);
+            shared.first_sent();
         }
     }
     let setup = (|| -> io::Result<(TcpStream, TcpStream)> {
@@ -524,7 +550,10 @@ fn pump(
                 Ok(k) => {
                     off += k;
                     shard.bytes(dir, PathKind::Copy, k as u64);
-                    shared.bytes[dir as usize].fetch_add(k as u64, Ordering::Relaxed);
+                    let before = shared.bytes[dir as usize].fetch_add(k as u64, Ordering::Relaxed);
+                    if before == 0 && dir == Direction::ClientToUpstream {
+                        shared.first_sent();
+                    }
                     shared.touch();
                 }
                 Err(e) if is_tick(&e) => {

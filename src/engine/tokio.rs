@@ -21,7 +21,7 @@ use super::{EngineError, Listeners, RunContext};
 use crate::config::{Config, Rule};
 use crate::metrics::{Direction, Metrics, PathKind, Shard, Tap, TapSession};
 use crate::net;
-use crate::session::outcome::{CloseReason, errno_of, is_fd_exhaustion};
+use crate::session::outcome::{CloseReason, errno_of, first_byte_overdue, is_fd_exhaustion};
 use crate::session::{Dial, End, HeaderStep, RuleRuntime, Runtime, Session, proxy};
 use crate::shutdown::Phase;
 
@@ -446,6 +446,7 @@ async fn handle(
         bytes: [AtomicU64::new(0), AtomicU64::new(0)],
         last_activity_ms: AtomicU64::new(0),
         start: Instant::now(),
+        first_sent_ms: AtomicU64::new(0),
     };
     // The PROXY header for the upstream, then what the client sent after its own header.
     let mut header = [0u8; proxy::V1_BUF_LEN];
@@ -464,6 +465,9 @@ async fn handle(
                     early.len() as u64,
                 );
                 counters.bytes[0].fetch_add(early.len() as u64, Ordering::Relaxed);
+                if !early.is_empty() {
+                    counters.first_sent();
+                }
             }
             Err(e) => preamble_failed = Some(CloseReason::from_io_error(&e)),
         }
@@ -509,12 +513,32 @@ struct Counters {
     bytes: [AtomicU64; 2],
     last_activity_ms: AtomicU64,
     start: Instant,
+    /// When the client's first bytes reached the upstream: ms since `start`, plus 1 (0: not
+    /// yet), for `first_byte_timeout`.
+    first_sent_ms: AtomicU64,
 }
 
 impl Counters {
     fn touch(&self) {
         let ms = u64::try_from(self.start.elapsed().as_millis()).unwrap_or(u64::MAX);
         self.last_activity_ms.store(ms, Ordering::Relaxed);
+    }
+
+    fn first_sent(&self) {
+        let ms = u64::try_from(self.start.elapsed().as_millis()).unwrap_or(u64::MAX - 1);
+        self.first_sent_ms.store(ms + 1, Ordering::Relaxed);
+    }
+
+    /// How long ago the client's first bytes reached the upstream, if they did.
+    fn since_first_sent(&self) -> Option<Duration> {
+        match self.first_sent_ms.load(Ordering::Relaxed) {
+            0 => None,
+            ms => Some(
+                self.start
+                    .elapsed()
+                    .saturating_sub(Duration::from_millis(ms - 1)),
+            ),
+        }
     }
 
     fn idle_deadline(&self, idle: Duration) -> tokio::time::Instant {
@@ -572,6 +596,25 @@ async fn relay(
                 },
             }
         };
+        let first_byte = async {
+            let Some(limit) = rule.first_byte_timeout() else {
+                return std::future::pending::<()>().await;
+            };
+            loop {
+                let spoke = counters.bytes[1].load(Ordering::Relaxed) > 0;
+                let since = counters.since_first_sent();
+                if first_byte_overdue(Some(limit), since, spoke) {
+                    return;
+                }
+                match (spoke, since) {
+                    (true, _) => std::future::pending::<()>().await,
+                    // The client has not spoken: look again in a while (its first bytes
+                    // wake the select anyway, which makes this future anew).
+                    (false, None) => tokio::time::sleep(limit).await,
+                    (false, Some(since)) => tokio::time::sleep(limit.saturating_sub(since)).await,
+                }
+            }
+        };
         tokio::select! {
             r = &mut c2u, if !c2u_done => match r {
                 Ok(()) => c2u_done = true,
@@ -582,6 +625,7 @@ async fn relay(
                 Err(e) => return CloseReason::from_io_error(&e),
             },
             () = idle => return CloseReason::IdleTimeout,
+            () = first_byte => return CloseReason::FirstByteTimeout,
             _ = phase.wait_for(|p| *p >= Phase::Closing) => return CloseReason::Shutdown,
         }
         if c2u_done && u2c_done {
@@ -632,7 +676,10 @@ async fn pump(
             w.write_all(&buf[..n]).await?;
             shard.transfer(dir, read_done.elapsed());
             shard.bytes(dir, PathKind::Copy, n as u64);
-            counters.bytes[dir as usize].fetch_add(n as u64, Ordering::Relaxed);
+            let before = counters.bytes[dir as usize].fetch_add(n as u64, Ordering::Relaxed);
+            if before == 0 && dir == Direction::ClientToUpstream {
+                counters.first_sent();
+            }
             counters.touch();
         }
     }

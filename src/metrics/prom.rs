@@ -275,6 +275,34 @@ impl Collector for MetricsCollector {
             }
         }
 
+        let tables: Vec<(&str, [u64; 2])> = runtime
+            .as_ref()
+            .map(|rt| {
+                rt.rules
+                    .iter()
+                    .filter_map(|r| Some((r.rule.name.as_str(), r.client_table_counts()?)))
+                    .collect()
+            })
+            .unwrap_or_default();
+        for (i, (name, help)) in [
+            (
+                "ringfwd_client_table_evictions",
+                "Per-client table entries given to a new client while their own, holding no connection, was inside its rate window.",
+            ),
+            (
+                "ringfwd_client_table_untracked",
+                "Connections admitted without a per-client table entry: every slot their client may use held a live connection.",
+            ),
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            let mut f = enc.encode_descriptor(name, help, None, MetricType::Counter)?;
+            for (rule, counts) in &tables {
+                ConstCounter::new(counts[i]).encode(f.encode_family(&[("rule", *rule)])?)?;
+            }
+        }
+
         let pools: Vec<PoolMembers<'_>> = runtime
             .as_ref()
             .map(|rt| {
@@ -627,5 +655,29 @@ mod tests {
             text.contains(r#"ringfwd_connections_accepted_total{rule="a \"quoted\" \\ rule",route="default"} 1"#),
             "{text}"
         );
+    }
+
+    #[test]
+    fn the_client_table_counters_are_per_rule_with_limits() {
+        let cfg = crate::config::Config::parse(
+            "t.toml",
+            "[[rule]]\nname = \"limited\"\nlisten = \"127.0.0.1:0\"\nupstream = \"127.0.0.1:9\"\n\
+             max_new_connections_per_ip = \"1/m\"\n\n\
+             [[rule]]\nname = \"open\"\nlisten = \"127.0.0.1:0\"\nupstream = \"127.0.0.1:9\"\n",
+        )
+        .unwrap();
+        let m = Metrics::new(&["limited", "open"], 1);
+        m.set_runtime(crate::session::Runtime::new(&cfg));
+        let text = render(&registry(m));
+        for name in [
+            "ringfwd_client_table_evictions_total",
+            "ringfwd_client_table_untracked_total",
+        ] {
+            assert_eq!(
+                lines_with(&text, name),
+                vec![format!("{name}{{rule=\"limited\"}} 0").as_str()],
+                "{text}"
+            );
+        }
     }
 }

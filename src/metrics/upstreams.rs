@@ -45,7 +45,12 @@ pub struct MemberReport {
     pub connect_errors_by_reason: BTreeMap<String, u64>,
     /// Active health checks by result (`ok`, `fail`).
     pub health_checks: BTreeMap<String, u64>,
+    /// The member's last failure (connect or health check); `null` once it answered again
+    /// (a connect or a check passed).
     pub last_error: Option<String>,
+    /// When `last_error` happened, Unix seconds; `null` with it.
+    #[serde(default)]
+    pub last_error_at: Option<u64>,
 }
 
 fn default_route() -> String {
@@ -87,6 +92,7 @@ impl UpstreamsReport {
                                 .map(|(k, v)| (k.to_string(), v))
                                 .collect(),
                             last_error: m.last_error,
+                            last_error_at: m.last_error_at,
                         })
                         .collect(),
                 })

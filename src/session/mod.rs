@@ -165,14 +165,19 @@ impl Runtime {
     }
 }
 
-/// The per-client limits `rule` asks for, if any.
+/// The per-client limits `rule` asks for, if any: what the table is built from, and what a
+/// reload compares to keep it.
 fn limits_config(rule: &Rule) -> Option<LimitsConfig> {
     let a = &rule.admission;
     (a.max_connections_per_ip.is_some() || a.max_new_connections_per_ip.is_some()).then(|| {
         LimitsConfig {
             max_connections_per_ip: a.max_connections_per_ip,
             max_new_connections_per_ip: a.max_new_connections_per_ip,
-            ..LimitsConfig::default()
+            // The table's size and keying are part of what must match for a reload to
+            // keep it.
+            slots: limits::slots_for(rule.max_connections.get()),
+            ipv6_prefix: a.per_ip_prefix_v6,
+            ipv4_prefix: a.per_ip_prefix_v4,
         }
     })
 }
@@ -394,6 +399,12 @@ impl RuleRuntime {
             }),
             _ => Ok(Permit::none()),
         }
+    }
+
+    /// The per-client table's `[evictions, untracked]` counters ([`IpLimits::evictions`],
+    /// [`IpLimits::untracked`]); `None` for a rule without per-client limits.
+    pub fn client_table_counts(&self) -> Option<[u64; 2]> {
+        self.limits.as_ref().map(|l| [l.evictions(), l.untracked()])
     }
 
     /// Whether sessions of this rule need the accepted socket's own address
@@ -765,6 +776,25 @@ impl Session {
         None
     }
 
+    /// The member said nothing within `first_byte_timeout` although the client spoke: its
+    /// passive-health failure (shared by every engine; the engine only noticed the time).
+    fn no_first_byte(&self, rt: &RuleRuntime, m: &crate::upstream::Member, now: Instant) {
+        let Some(route) = self.route else { return };
+        let pool = rt.pool(usize::from(route));
+        if m.no_first_byte(pool.clock.ms(now), pool.max_fails, pool.fail_timeout)
+            == Some(Transition::Down)
+        {
+            tracing::warn!(
+                rule = %rt.rule.name,
+                upstream = %m.addr,
+                member = %m.name,
+                max_fails = pool.max_fails,
+                fail_timeout = %crate::config::format_duration(pool.fail_timeout),
+                "upstream member down: no answer within first_byte_timeout; out for fail_timeout"
+            );
+        }
+    }
+
     /// The session is over: counts it, frees its place under `max_connections` and on its
     /// member, and writes its access-log record.
     pub fn finish(
@@ -787,6 +817,9 @@ impl Session {
         }
         if let (true, Some(m)) = (self.connected, self.member()) {
             m.released();
+            if end.reason == CloseReason::FirstByteTimeout {
+                self.no_first_byte(rt, m, now);
+            }
         }
         metrics.log_session(&SessionRecord {
             rule: &rt.rule.name,

@@ -164,6 +164,9 @@ pub enum CloseReason {
     Reset,
     /// No bytes either way for the idle timeout.
     IdleTimeout,
+    /// The client sent bytes and the upstream answered none within `first_byte_timeout`
+    /// (counted against the member as a passive failure).
+    FirstByteTimeout,
     /// Every upstream connect attempt failed; the last one failed this way.
     Upstream(ConnectError),
     /// No file descriptor for the upstream socket.
@@ -184,6 +187,7 @@ impl CloseReason {
             Self::Eof => "eof",
             Self::Reset => "reset",
             Self::IdleTimeout => "idle_timeout",
+            Self::FirstByteTimeout => "first_byte_timeout",
             Self::Upstream(ConnectError::Refused) => "refused",
             Self::Upstream(ConnectError::Timeout) => "connect_timeout",
             Self::Upstream(ConnectError::Unreachable) => "unreachable",
@@ -201,6 +205,7 @@ impl CloseReason {
         match self {
             Self::Eof | Self::IdleTimeout => false,
             Self::Reset
+            | Self::FirstByteTimeout
             | Self::Upstream(_)
             | Self::FdExhausted
             | Self::Rejected(_)
@@ -237,6 +242,24 @@ impl CloseReason {
                 _ => Self::Error,
             },
         }
+    }
+}
+
+/// Whether a relay must end as [`CloseReason::FirstByteTimeout`]: `first_byte_timeout` is
+/// set, the upstream has sent nothing yet, and the client's first bytes reached it at least
+/// that long ago (`since_first_sent`). The clock starts when the client speaks, not at the
+/// connect: on a protocol where the client speaks first, a client that connects and stays
+/// silent must not make a healthy member look dead (with `max_fails = 1` it would take it
+/// out); a server-speaks-first member that never answers is what an active `expect` check
+/// is for. Every engine asks this one function.
+pub fn first_byte_overdue(
+    timeout: Option<std::time::Duration>,
+    since_first_sent: Option<std::time::Duration>,
+    upstream_spoke: bool,
+) -> bool {
+    match (timeout, since_first_sent) {
+        (Some(t), Some(since)) => !upstream_spoke && since >= t,
+        _ => false,
     }
 }
 
@@ -343,5 +366,22 @@ mod tests {
         assert!(is_fd_exhaustion(libc::EMFILE));
         assert!(is_fd_exhaustion(libc::ENFILE));
         assert!(!is_fd_exhaustion(libc::ECONNREFUSED));
+    }
+
+    #[test]
+    fn the_first_byte_clock_starts_when_the_client_speaks() {
+        use std::time::Duration;
+        let t = Some(Duration::from_secs(2));
+        let s = |ms| Some(Duration::from_millis(ms));
+        assert!(
+            !first_byte_overdue(t, None, false),
+            "a silent client starts no clock"
+        );
+        assert!(!first_byte_overdue(t, s(1_999), false));
+        assert!(first_byte_overdue(t, s(2_000), false));
+        assert!(!first_byte_overdue(t, s(9_000), true), "the upstream spoke");
+        assert!(!first_byte_overdue(None, s(9_000), false), "off");
+        assert_eq!(CloseReason::FirstByteTimeout.as_str(), "first_byte_timeout");
+        assert!(CloseReason::FirstByteTimeout.resets());
     }
 }

@@ -14,8 +14,12 @@
 //! allocated on the data path.
 //!
 //! Bounds: the handshake message may take at most [`DEFAULT_HELLO_CAP`] bytes (16 KiB, a cap
-//! [`ClientHelloParser::with_cap`] can change), spread over at most [`MAX_RECORDS`] records,
-//! so an engine never buffers more than [`ClientHelloParser::max_buffer_len`] bytes for it.
+//! [`ClientHelloParser::with_cap`] can change), and the records carrying it, headers
+//! included, at most [`ClientHelloParser::max_buffer_len`] bytes: the cap plus
+//! [`MAX_RECORDS`] record headers. Within that byte bound a hello may be split into any
+//! number of records (a 500-byte hello in one-byte records is 3 000 bytes, and is read):
+//! what an engine buffers is bounded by bytes, so counting records bought nothing and sent
+//! heavily split hellos to the default route.
 
 #![warn(missing_docs)]
 
@@ -24,8 +28,10 @@ use std::fmt;
 
 /// Default cap on the ClientHello handshake message (its 4-byte header included).
 pub const DEFAULT_HELLO_CAP: usize = 16 * 1024;
-/// Most TLS records a ClientHello may be split into. Real clients use one; tools that split
-/// it to hide the name from middleboxes use a handful.
+/// Record headers the buffer bound allows beyond the message cap: a hello of exactly the cap
+/// may be split into this many records, a smaller one into as many more as its spare bytes
+/// pay for (5 bytes a header). Real clients use one record; tools that split it to hide the
+/// name from middleboxes use a handful to a few hundred.
 pub const MAX_RECORDS: usize = 64;
 /// Longest DNS name (RFC 1035, without the trailing dot).
 pub const MAX_NAME_LEN: usize = 253;
@@ -92,7 +98,8 @@ pub enum Hello {
     NotTls,
     /// A complete, well-formed ClientHello, with its host name if it carries one.
     Done {
-        /// The host_name of the server_name extension, lower-case; `None` without one.
+        /// The host_name of the server_name extension, lower-case, without the trailing dot a
+        /// client may have sent; `None` without one.
         sni: Option<ServerName>,
     },
     /// It looks like TLS but is malformed or over the bounds; the connection should be closed.
@@ -115,8 +122,10 @@ pub enum HelloError {
     /// A record other than a handshake one before the ClientHello was complete.
     #[error("non-handshake TLS record inside the ClientHello")]
     UnexpectedRecord,
-    /// The ClientHello was split over more than [`MAX_RECORDS`] records.
-    #[error("ClientHello split over too many TLS records")]
+    /// The records carrying the ClientHello, headers included, run past
+    /// [`ClientHelloParser::max_buffer_len`] (more than [`MAX_RECORDS`] records for a hello
+    /// near the cap).
+    #[error("ClientHello split into so many TLS records that they exceed the buffer bound")]
     TooFragmented,
     /// The first handshake message is not a ClientHello.
     #[error("first TLS handshake message is not a ClientHello")]
@@ -203,7 +212,7 @@ impl ClientHelloParser {
     }
 
     /// The most bytes this parser can ask an engine to buffer before it decides: the message
-    /// cap plus a header for each record allowed.
+    /// cap plus [`MAX_RECORDS`] record headers. Records and message together never need more.
     pub const fn max_buffer_len(&self) -> usize {
         self.cap + MAX_RECORDS * RECORD_HEADER_LEN
     }
@@ -246,7 +255,10 @@ impl ClientHelloParser {
                     };
                 }
                 self.records += 1;
-                if self.records > MAX_RECORDS {
+                // What the records will take once the message is complete: every header so
+                // far and the whole message (as far as it is known; at least one more byte).
+                let message = self.hs_need.max(self.hs_have + 1);
+                if self.records * RECORD_HEADER_LEN + message > self.max_buffer_len() {
                     return Hello::Invalid(HelloError::TooFragmented);
                 }
                 let len = usize::from(u16::from_be_bytes([header[3], header[4]]));
@@ -482,16 +494,28 @@ fn server_name(r: &mut Reader<'_>, len: usize) -> Result<Option<ServerName>, Hel
         if name.is_some() {
             return Err(HelloError::DuplicateServerName);
         }
-        if n == 0 || n > MAX_NAME_LEN {
+        // One trailing dot (an absolute name, `api.example.com.`) is allowed and dropped:
+        // RFC 6066 says clients send none, but some do (`openssl s_client -servername`
+        // passes it on), and it names the same host, so routes match it as they document.
+        if n == 0 || n > MAX_NAME_LEN + 1 {
+            return Err(HelloError::BadServerName);
+        }
+        let mut raw = [0u8; MAX_NAME_LEN + 1];
+        r.read(&mut raw[..n])?;
+        let host = match &raw[..n] {
+            [rest @ .., b'.'] => rest,
+            all => all,
+        };
+        if host.is_empty() || host.len() > MAX_NAME_LEN {
             return Err(HelloError::BadServerName);
         }
         let mut sn = ServerName {
-            len: n as u8,
+            len: host.len() as u8,
             bytes: [0; MAX_NAME_LEN],
         };
-        r.read(&mut sn.bytes[..n])?;
-        sn.bytes[..n].make_ascii_lowercase();
-        if !is_valid_host_name(&sn.bytes[..n]) {
+        sn.bytes[..host.len()].copy_from_slice(host);
+        sn.bytes[..host.len()].make_ascii_lowercase();
+        if !is_valid_host_name(&sn.bytes[..host.len()]) {
             return Err(HelloError::BadServerName);
         }
         name = Some(sn);
@@ -500,7 +524,7 @@ fn server_name(r: &mut Reader<'_>, len: usize) -> Result<Option<ServerName>, Hel
 }
 
 /// Whether `name` (already lower-case) is a DNS host name a client may put in SNI:
-/// 1 to 253 bytes, no trailing dot (RFC 6066), labels of 1 to 63 letters, digits and hyphens
+/// 1 to 253 bytes, no trailing dot (the parser drops one before asking), labels of 1 to 63 letters, digits and hyphens
 /// not starting or ending with a hyphen (RFC 1123), and a last label that is not all digits,
 /// which rules out the IPv4 literals SNI forbids (IPv6 ones fail on ':'). Underscores are
 /// refused: they are not valid in host names, whatever some internal zones do.
@@ -796,12 +820,85 @@ pub(crate) mod tests {
             sni(&records(msg, &[at + 2, at + 4])).as_deref(),
             Some("www.example.com")
         );
-        // One-byte records up to the limit: the 4-byte header split too.
+        // One-byte records: the 4-byte header split too.
         let small = hello_msg(None);
-        let cuts: Vec<usize> = (1..MAX_RECORDS - 1).collect();
+        let cuts: Vec<usize> = (1..small.len()).collect();
         assert_eq!(sni(&records(&small, &cuts)), None);
-        let cuts: Vec<usize> = (1..=MAX_RECORDS).collect();
-        assert_eq!(invalid(&records(&small, &cuts)), HelloError::TooFragmented);
+    }
+
+    #[test]
+    fn more_than_64_records_are_read_within_the_byte_bound() {
+        // A real hello in one-byte records: 316 records, 1 896 bytes, well inside the bound
+        // (it used to be refused past 64 records and sent to the default route).
+        let h = unhex(OPENSSL_TLS13);
+        let msg = message(&h);
+        let cuts: Vec<usize> = (1..msg.len()).collect();
+        let split = records(msg, &cuts);
+        assert!(msg.len() > 4 * MAX_RECORDS);
+        assert!(split.len() <= ClientHelloParser::new().max_buffer_len());
+        assert_eq!(sni(&split).as_deref(), Some("www.example.com"));
+        // And fed byte by byte.
+        let mut p = ClientHelloParser::new();
+        for n in 0..split.len() {
+            assert!(matches!(p.feed(&split[..n]), Hello::NeedMore { .. }), "{n}");
+        }
+        assert!(matches!(p.feed(&split), Hello::Done { sni: Some(_) }));
+        // The bound is bytes: a hello of exactly the cap fits in MAX_RECORDS records, and
+        // one more header would take the records past what an engine may buffer.
+        let pad = |n: usize| [vec![0, 21], u16be(n).to_vec(), vec![0; n]].concat();
+        let name = sni_ext(&[(0, b"big.example")]);
+        let base = hello_msg(Some(&[pad(0), name.clone()])).len();
+        let msg = hello_msg(Some(&[pad(DEFAULT_HELLO_CAP - base), name]));
+        let cuts = |n: usize| -> Vec<usize> { (1..n).map(|i| i * 200).collect() };
+        let fits = records(&msg, &cuts(MAX_RECORDS));
+        assert_eq!(fits.len(), ClientHelloParser::new().max_buffer_len());
+        assert_eq!(sni(&fits).as_deref(), Some("big.example"));
+        let over = records(&msg, &cuts(MAX_RECORDS + 1));
+        assert_eq!(invalid(&over), HelloError::TooFragmented);
+        // Refused at the header that crosses the bound, before its payload is buffered.
+        let at = (MAX_RECORDS) * (RECORD_HEADER_LEN + 200) + RECORD_HEADER_LEN;
+        assert_eq!(
+            ClientHelloParser::new().feed(&over[..at]),
+            Hello::Invalid(HelloError::TooFragmented)
+        );
+    }
+
+    #[test]
+    fn a_trailing_dot_is_dropped_and_routes_match() {
+        for name in [
+            &b"api.example.com."[..],
+            b"API.Example.COM.",
+            b"api.example.com",
+        ] {
+            let h = hello_with_name(name);
+            assert_eq!(sni(&h).as_deref(), Some("api.example.com"), "{name:?}");
+        }
+        // The longest name with its dot (254 bytes on the wire) is still a name.
+        let long = format!("{0}.{0}.{0}.{1}.", "a".repeat(63), "a".repeat(61)).into_bytes();
+        assert_eq!(long.len(), 254);
+        assert_eq!(sni(&hello_with_name(&long)).map(|n| n.len()), Some(253));
+        // Only one dot, and not the whole name.
+        for bad in [&b"."[..], b"a..", b"api.example.com..", b"1.2.3.4."] {
+            assert_eq!(
+                feed(&hello_with_name(bad)),
+                Hello::Invalid(HelloError::BadServerName),
+                "{}",
+                String::from_utf8_lossy(bad)
+            );
+        }
+        // What the parser answers picks the exact and the wildcard route alike.
+        let r = SniRoutes::new(&[
+            (0, vec!["api.example.com".into()]),
+            (1, vec!["*.example.com".into()]),
+        ])
+        .unwrap();
+        let route = |name: &[u8]| match feed(&hello_with_name(name)) {
+            Hello::Done { sni: Some(n) } => r.route(&n),
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(route(b"api.example.com."), Some(0));
+        assert_eq!(route(b"www.example.com."), Some(1));
+        assert_eq!(route(b"example.com."), None);
     }
 
     #[test]
@@ -981,7 +1078,7 @@ pub(crate) mod tests {
             &b""[..],
             b"a..b",
             b".a",
-            b"a.",
+            b"a..",
             b"-a.example",
             b"a-.example",
             b"a_b.example",

@@ -341,6 +341,7 @@ mod tests {
             connect_errors_by_reason: Default::default(),
             health_checks: Default::default(),
             last_error: err.map(str::to_string),
+            last_error_at: err.map(|_| 1_700_000_000),
         };
         let pools = UpstreamsReport {
             rules: vec![PoolReport {

@@ -16,6 +16,15 @@ use crate::session::outcome::ConnectError;
 /// the next line): an outage must not write a line per refused connection.
 pub const CONNECT_LOG_EVERY: Duration = Duration::from_secs(1);
 
+/// A health check's answer did not contain `expect` (within its window): stored where an
+/// errno goes, negative so that no errno can mean it.
+pub const EXPECT_MISMATCH: i32 = -1;
+/// The member closed before its answer contained `expect`.
+pub const EXPECT_CLOSED: i32 = -2;
+
+/// An established connection got no byte from the member within `first_byte_timeout`.
+pub const NO_FIRST_BYTE: i32 = -3;
+
 /// A member's health transition, for the one log line it deserves.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Transition {
@@ -47,8 +56,11 @@ pub struct Member {
     connect_errors: [AtomicU64; 4],
     /// Active health checks by result: `[ok, fail]`.
     checks: [AtomicU64; 2],
-    /// Errno of the last failure (connect or probe), 0 for none.
+    /// Errno of the last failure (connect or probe), 0 for none or since the member was
+    /// seen healthy again (a connect or a probe that passed).
     last_errno: AtomicI32,
+    /// When `last_errno` was set, Unix seconds.
+    last_error_at: AtomicU64,
     last_log_ms: AtomicU64,
     unlogged: AtomicU64,
 }
@@ -65,7 +77,10 @@ pub struct MemberSnapshot {
     pub connections: u64,
     pub connect_errors: [u64; 4],
     pub checks: [u64; 2],
+    /// The last failure, until the member is seen healthy again.
     pub last_error: Option<String>,
+    /// When `last_error` happened, Unix seconds.
+    pub last_error_at: Option<u64>,
 }
 
 impl Member {
@@ -86,6 +101,7 @@ impl Member {
             connect_errors: Default::default(),
             checks: Default::default(),
             last_errno: AtomicI32::new(0),
+            last_error_at: AtomicU64::new(0),
             last_log_ms: AtomicU64::new(0),
             unlogged: AtomicU64::new(0),
         }
@@ -111,6 +127,25 @@ impl Member {
         self.connections.fetch_add(1, Ordering::Relaxed);
         self.active.fetch_add(1, Ordering::Relaxed);
         self.fails.store(0, Ordering::Relaxed);
+        self.clear_error();
+    }
+
+    /// The member answered: its last error is history, not its state.
+    #[inline]
+    fn clear_error(&self) {
+        // A load first: on the connect path the line is shared, a store would bounce it.
+        if self.last_errno.load(Ordering::Relaxed) != 0 {
+            self.last_errno.store(0, Ordering::Relaxed);
+        }
+    }
+
+    /// Records `errno` as the member's last error, now.
+    fn set_error(&self, errno: i32) {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        self.last_error_at.store(now, Ordering::Relaxed);
+        self.last_errno.store(errno, Ordering::Relaxed);
     }
 
     /// A connection counted by [`Member::connected`] ended.
@@ -131,7 +166,30 @@ impl Member {
         fail_timeout: Duration,
     ) -> Option<Transition> {
         self.connect_errors[kind as usize].fetch_add(1, Ordering::Relaxed);
-        self.last_errno.store(errno, Ordering::Relaxed);
+        self.set_error(errno);
+        self.passive_failure(now_ms, max_fails, fail_timeout)
+    }
+
+    /// An established connection got no byte from this member within `first_byte_timeout`
+    /// although the client spoke: a failure for passive health, as a failed connect is.
+    pub fn no_first_byte(
+        &self,
+        now_ms: u64,
+        max_fails: u32,
+        fail_timeout: Duration,
+    ) -> Option<Transition> {
+        self.set_error(NO_FIRST_BYTE);
+        self.passive_failure(now_ms, max_fails, fail_timeout)
+    }
+
+    /// Counts one failure in the passive-health window; `Some(Down)` when it took the member
+    /// out.
+    fn passive_failure(
+        &self,
+        now_ms: u64,
+        max_fails: u32,
+        fail_timeout: Duration,
+    ) -> Option<Transition> {
         if max_fails == 0 {
             return None;
         }
@@ -179,8 +237,10 @@ impl Member {
         fall: u32,
     ) -> Option<Transition> {
         self.checks[usize::from(!ok)].fetch_add(1, Ordering::Relaxed);
-        if !ok {
-            self.last_errno.store(errno, Ordering::Relaxed);
+        if ok {
+            self.clear_error();
+        } else {
+            self.set_error(errno);
         }
         let up = self.is_up(now_ms);
         if ok == up {
@@ -216,6 +276,7 @@ impl Member {
             connect_errors: std::array::from_fn(|i| self.connect_errors[i].load(Ordering::Relaxed)),
             checks: std::array::from_fn(|i| self.checks[i].load(Ordering::Relaxed)),
             last_error: (errno != 0).then(|| describe_errno(errno)),
+            last_error_at: (errno != 0).then(|| self.last_error_at.load(Ordering::Relaxed)),
         }
     }
 }
@@ -224,6 +285,9 @@ impl Member {
 pub fn describe_errno(errno: i32) -> String {
     match errno {
         libc::ECANCELED | libc::ETIMEDOUT => "timed out".to_string(),
+        EXPECT_MISMATCH => "health check answer did not contain expect".to_string(),
+        EXPECT_CLOSED => "closed before its answer contained expect".to_string(),
+        NO_FIRST_BYTE => "no byte within first_byte_timeout".to_string(),
         _ => {
             let text = std::io::Error::from_raw_os_error(errno).to_string();
             // "Connection refused (os error 111)" → "connection refused"
@@ -325,6 +389,57 @@ mod tests {
         assert_eq!(m.record_probe(true, 0, 1_200, 2, 2), None);
         assert_eq!(m.record_probe(true, 0, 1_400, 2, 2), Some(Transition::Up));
         assert!(m.is_up(1_400));
+    }
+
+    #[test]
+    fn the_last_error_has_a_time_and_clears_once_the_member_answers() {
+        let before = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs();
+        let m = member();
+        assert_eq!(m.snapshot(1).last_error, None);
+        assert_eq!(m.snapshot(1).last_error_at, None);
+        m.connect_failed(ConnectError::Refused, libc::ECONNREFUSED, 1, 0, FT);
+        let s = m.snapshot(2);
+        assert_eq!(s.last_error.as_deref(), Some("connection refused"));
+        assert!(
+            s.last_error_at
+                .is_some_and(|t| t >= before && t < before + 60)
+        );
+        // A connect that succeeds clears it; so does a passing probe.
+        m.connected();
+        assert_eq!(
+            (m.snapshot(3).last_error, m.snapshot(3).last_error_at),
+            (None, None)
+        );
+        m.record_probe(false, EXPECT_MISMATCH, 4, 1, 1);
+        assert_eq!(
+            m.snapshot(5).last_error.as_deref(),
+            Some("health check answer did not contain expect")
+        );
+        assert!(!m.is_up(5));
+        assert_eq!(m.record_probe(true, 0, 6, 1, 1), Some(Transition::Up));
+        assert_eq!(m.snapshot(7).last_error, None);
+        // The counters keep the history.
+        assert_eq!(m.snapshot(7).checks, [1, 1]);
+        assert_eq!(m.snapshot(7).connect_errors[0], 1);
+    }
+
+    #[test]
+    fn no_first_byte_counts_like_a_failed_connect() {
+        let m = member();
+        assert_eq!(m.no_first_byte(1_000, 2, FT), None);
+        assert!(m.is_up(1_000));
+        assert_eq!(m.no_first_byte(2_000, 2, FT), Some(Transition::Down));
+        assert!(!m.is_up(2_000) && m.is_up(12_000));
+        let s = m.snapshot(2_000);
+        assert_eq!(
+            s.last_error.as_deref(),
+            Some("no byte within first_byte_timeout")
+        );
+        assert_eq!(s.connect_errors, [0; 4], "not a connect error");
+        assert_eq!(member().no_first_byte(1, 0, FT), None, "max_fails 0: off");
     }
 
     #[test]

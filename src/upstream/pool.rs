@@ -112,7 +112,7 @@ impl Pool {
             connect_retries: upstream.connect_retries,
             max_fails: upstream.max_fails,
             fail_timeout: upstream.fail_timeout,
-            health_check: upstream.health_check,
+            health_check: upstream.health_check.clone(),
             resolve_interval: upstream.resolve_interval,
             clock: Clock::new(epoch),
             set: ArcSwap::from_pointee(MemberSet {
@@ -132,6 +132,13 @@ impl Pool {
     /// Whether any member is a host name that DNS may change.
     pub fn has_names(&self) -> bool {
         self.specs.iter().any(MemberSpec::is_name)
+    }
+
+    /// Whether a member name has no address in the current set (it did not resolve at load
+    /// and no lookup found one since): that member is down until one does.
+    pub fn has_unresolved(&self) -> bool {
+        let set = self.members();
+        (0..self.specs.len()).any(|i| !set.members.iter().any(|m| m.spec == i))
     }
 
     /// The most connect attempts one session makes: `connect_retries + 1`, never more than

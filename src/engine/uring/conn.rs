@@ -115,6 +115,8 @@ pub enum Event {
     BufferAvailable { dir: Direction },
     /// No bytes either way for the idle timeout.
     IdleTimeout,
+    /// The upstream sent nothing within `first_byte_timeout` of the client's first bytes.
+    FirstByteTimeout,
     /// The forwarder is closing every connection.
     Shutdown,
     /// The worker leased a pipe of `capacity` bytes for the direction.
@@ -238,6 +240,8 @@ pub struct Conn {
     pub accepted_at: Instant,
     pub last_activity: Instant,
     first_byte_seen: bool,
+    /// When the client's first bytes were handed to the upstream (`first_byte_timeout`).
+    first_sent_at: Option<Instant>,
     policy: DataPath,
     buf_size: u32,
     full_reads: [u8; 2],
@@ -284,6 +288,7 @@ impl Conn {
             accepted_at: now,
             last_activity: now,
             first_byte_seen: false,
+            first_sent_at: None,
             policy,
             buf_size,
             full_reads: [0; 2],
@@ -376,6 +381,23 @@ impl Conn {
 
     pub fn idle_expired(&self, now: Instant, idle: Duration) -> bool {
         self.phase == Phase::Relaying && now.saturating_duration_since(self.last_activity) >= idle
+    }
+
+    /// The client's first bytes went to the upstream at `now` (a later call keeps the first
+    /// time).
+    pub fn note_sent(&mut self, now: Instant) {
+        self.first_sent_at.get_or_insert(now);
+    }
+
+    /// Whether the relay must end as `first_byte_timeout` (the shared rule:
+    /// [`crate::session::outcome::first_byte_overdue`]).
+    pub fn first_byte_overdue(&self, now: Instant, timeout: Option<Duration>) -> bool {
+        self.phase == Phase::Relaying
+            && crate::session::outcome::first_byte_overdue(
+                timeout,
+                self.first_sent_at.map(|t| now.saturating_duration_since(t)),
+                self.first_byte_seen,
+            )
     }
 
     /// The one transition function.
@@ -483,6 +505,7 @@ impl Conn {
                 }
             }
             Event::IdleTimeout => self.begin_close(CloseReason::IdleTimeout, out),
+            Event::FirstByteTimeout => self.begin_close(CloseReason::FirstByteTimeout, out),
             Event::Shutdown => self.begin_close(CloseReason::Shutdown, out),
             Event::SpliceStarted { dir, capacity } => {
                 if self.dirs[dir as usize] == DirState::Switching {
@@ -538,6 +561,9 @@ impl Conn {
             self.last_activity = now;
         }
         if p.moved_out > 0 {
+            if dir == Direction::ClientToUpstream {
+                self.note_sent(now);
+            }
             self.bytes[i] += p.moved_out;
             self.bytes_path[PathKind::Splice as usize] += p.moved_out;
             if dir == Direction::UpstreamToClient && !self.first_byte_seen {
@@ -696,6 +722,9 @@ impl Conn {
         if res > 0 || retry {
             let n = res.max(0) as u32;
             if n > 0 {
+                if dir == Direction::ClientToUpstream {
+                    self.note_sent(now);
+                }
                 self.bytes[i] += u64::from(n);
                 self.bytes_path[PathKind::Copy as usize] += u64::from(n);
                 self.last_activity = now;

@@ -1102,6 +1102,7 @@ impl Worker {
             out.extend_from_slice(early);
             if !early.is_empty() {
                 conn.bytes[0] += early.len() as u64;
+                conn.note_sent(Instant::now());
                 shard.bytes(
                     Direction::ClientToUpstream,
                     PathKind::Copy,
@@ -1350,6 +1351,16 @@ impl Worker {
                 .idle_timeout
                 .is_some_and(|idle| e.conn.idle_expired(now, idle))
         });
+        if runtime
+            .rules
+            .iter()
+            .any(|r| r.rule.first_byte_timeout().is_some())
+        {
+            self.broadcast(Event::FirstByteTimeout, now, |e| {
+                e.conn
+                    .first_byte_overdue(now, runtime.rule(e.rule).rule.first_byte_timeout())
+            });
+        }
         self.wake_waiters(now);
     }
 }
