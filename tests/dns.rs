@@ -207,6 +207,14 @@ fn a_name_missing_at_start_is_down_until_it_resolves(engine: &[&str]) {
     );
     let fwd = Forwarder::start_wrapped(&["unshare", "-m", "sh", "-c", &script], engine, &rules, 2);
     let warned = format!("cannot resolve \"{NAME}:{port}\"");
+    // stderr is read by a thread of the harness: the warning may land after the readiness
+    // lines on stdout.
+    wait_until(SETTLE, "the warning about the unresolved name", || {
+        fwd.stderr()
+            .contains(&warned)
+            .then_some(())
+            .ok_or_else(|| "no warning yet".to_string())
+    });
     assert_eq!(fwd.stderr().matches(&warned).count(), 1, "{}", fwd.stderr());
     assert!(member_addrs(&fwd).is_empty(), "no address for the name yet");
     // The rule that resolves serves; the unresolved one closes its clients at once.
