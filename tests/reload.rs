@@ -322,6 +322,54 @@ fn max_connections_counts_across_generations(engine: &[&str]) {
     relay.stop_and_wait();
 }
 
+/// `max_connections_per_ip` counts across generations too, while the limits are unchanged:
+/// a client holding its one connection from before a reload gets no second one after it.
+fn per_client_limits_count_across_generations(engine: &[&str]) {
+    let _g = support::light();
+    let pool = Backend::echo();
+    let conf = |idle: &str| {
+        format!(
+            "admin = \"127.0.0.1:0\"\n{}",
+            rule(
+                "limited",
+                pool.addr(),
+                &format!("max_connections_per_ip = 1\nidle_timeout = \"{idle}\"\n")
+            )
+        )
+    };
+    let file = TempFile::new("reload-per-ip", &conf("5m"));
+    let path = file.path.display().to_string();
+    let mut args = vec!["run", "--config", &path];
+    args.extend_from_slice(engine);
+    let mut relay = Relay::try_spawn(&args, 1).unwrap_or_else(|f| panic!("ringfwd {args:?}: {f}"));
+    let admin = relay.admin.expect("admin addr");
+    let mut held = support::sock::connect(relay.addr());
+    held.write_all(b"a").unwrap();
+    assert_eq!(support::sock::read_n(&mut held, 1), b"a");
+    replace(&file.path, &conf("6m"));
+    let (status, body) = post(admin, "/reload").expect("POST /reload");
+    assert_eq!(status, 200, "{body}");
+    let (end, _) = support::sock::connect_expect_closed(relay.addr(), STEP_TIMEOUT);
+    assert!(
+        end.is_closed(),
+        "a second connection from the same address was served past max_connections_per_ip = 1: {end:?}"
+    );
+    held.write_all(b"b").unwrap();
+    assert_eq!(support::sock::read_n(&mut held, 1), b"b");
+    drop(held);
+    assert!(
+        eventually(STEP_TIMEOUT, || {
+            let Ok(mut c) = support::sock::try_connect(relay.addr()) else {
+                return false;
+            };
+            c.write_all(b"z").is_ok() && matches!(wait_end_one(&mut c), Some(b'z'))
+        }),
+        "no room once the old connection ended\n{}",
+        relay.stderr()
+    );
+    relay.stop_and_wait();
+}
+
 /// One byte read within a short bound, or `None` if the stream ended or stayed silent.
 fn wait_end_one(c: &mut TcpStream) -> Option<u8> {
     let (end, data) = wait_end(c, Duration::from_millis(500));
@@ -526,6 +574,7 @@ macro_rules! engine_suite {
                 reload_storm_cuts_no_one,
                 drain_timeout_ends_only_older_connections,
                 max_connections_counts_across_generations,
+                per_client_limits_count_across_generations,
                 one_client_is_never_stranded_by_a_hand_over,
             );
         }
