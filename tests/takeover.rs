@@ -543,3 +543,73 @@ fn a_new_process_takes_no_sockets_from_a_stranger() {
     );
     assert!(!run.stdout.contains("listening"), "{}", run.stdout);
 }
+
+/// A new process that fails before it serves (here: its config adds a rule on a port that
+/// is taken) changes nothing: the old one serves on, and its control socket is still the
+/// one at the path — the next takeover goes through.
+#[test]
+fn a_failed_takeover_leaves_the_old_control_socket_in_place() {
+    let _g = support::light();
+    let pool = Backend::echo();
+    let dir = ControlDir::new(0o755);
+    let ctl = dir.socket().display().to_string();
+    let taken = TcpListener::bind("127.0.0.1:0").unwrap();
+    let head = format!(
+        "control_socket = \"{ctl}\"\n[[rule]]\nname = \"r\"\nlisten = \"127.0.0.1:0\"\nupstream = \"{}\"\n",
+        pool.addr()
+    );
+    let good = support::TempFile::new("takeover-failed", &head);
+    let bad = support::TempFile::new(
+        "takeover-failed",
+        &format!(
+            "{head}[[rule]]\nname = \"busy\"\nlisten = \"{}\"\nupstream = \"{}\"\n",
+            taken.local_addr().unwrap(),
+            pool.addr()
+        ),
+    );
+    let (good, bad) = (
+        good.path.display().to_string(),
+        bad.path.display().to_string(),
+    );
+    let mut old = Relay::try_spawn(&["run", "--config", &good, "--engine", "std"], 1)
+        .unwrap_or_else(|f| panic!("ringfwd did not start: {f}"));
+    let failed = run_to_exit(&[
+        "run",
+        "--config",
+        &bad,
+        "--engine",
+        "std",
+        "--takeover",
+        &ctl,
+    ]);
+    assert_eq!(failed.status.code(), Some(1), "{failed:?}");
+    assert!(
+        failed.stderr.contains("address already in use"),
+        "{failed:?}"
+    );
+    assert!(old.is_running(), "{}", old.stderr());
+    support::pool::echo_once(old.addr(), b"still").expect("the old process serves on");
+    // Nothing of the failed process is left in the directory.
+    let names: Vec<_> = std::fs::read_dir(&dir.path)
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(names, ["ctl.sock"], "{names:?}");
+    let mut new = Relay::try_spawn(
+        &[
+            "run",
+            "--config",
+            &good,
+            "--engine",
+            "std",
+            "--takeover",
+            &ctl,
+        ],
+        1,
+    )
+    .unwrap_or_else(|f| panic!("the second takeover failed: {f}"));
+    assert_eq!(new.addr(), old.addr());
+    let status = old.wait_exit(Duration::from_secs(30));
+    assert!(status.is_some_and(|s| s.success()), "{status:?}");
+    new.stop_and_wait();
+}
