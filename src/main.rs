@@ -105,6 +105,11 @@ fn tool(f: impl FnOnce() -> Result<(), ringfwd::tools::ToolError>) -> anyhow::Re
 fn check(path: &std::path::Path) -> anyhow::Result<()> {
     let cfg = Config::load(path)?;
     cfg.ensure_runnable()?;
+    // What `run` would refuse at start: a control socket in a missing or unsafe directory.
+    if let Some(socket) = &cfg.control_socket {
+        let access = ringfwd::control::takeover::Access::new(cfg.run_as.as_ref());
+        ringfwd::control::takeover::check_path(socket, access)?;
+    }
     for w in &cfg.warnings {
         let _ = writeln!(std::io::stderr(), "ringfwd: warning: {w}");
     }
@@ -134,6 +139,15 @@ fn run(args: &RunArgs) -> anyhow::Result<()> {
             "will drop root once ready"
         );
     }
+    // The control socket is created now, as whoever started the process (root, before the
+    // drop), so a root-owned directory works and a path that cannot be created fails the
+    // start. Only root and the user the forwarder serves as may talk to it.
+    let access = control::takeover::Access::new(config.run_as.as_ref());
+    let mut control_socket = match &config.control_socket {
+        Some(path) => Some(control::takeover::ControlSocket::create(path, access)?),
+        None => None,
+    };
+    let control_socket_id = control_socket.as_ref().map(|c| c.id());
     let shutdown = Shutdown::new();
     let events = std::sync::mpsc::channel::<Event>();
     {
@@ -173,7 +187,8 @@ fn run(args: &RunArgs) -> anyhow::Result<()> {
     let mut inherited_admin = None;
     let mut takeover = match &args.takeover {
         Some(path) => {
-            let mut received = control::takeover::receive(path).map_err(anyhow::Error::msg)?;
+            let mut received =
+                control::takeover::receive(path, access).map_err(anyhow::Error::msg)?;
             tracing::info!(
                 path = %path.display(),
                 addrs = ?received.addrs(),
@@ -247,6 +262,19 @@ fn run(args: &RunArgs) -> anyhow::Result<()> {
     let mut on_ready = |engine: engine::Resolved, addrs: &[(String, std::net::SocketAddr)]| {
         let mode = mode_of(engine);
         metrics.set_build_info(engine.as_str(), mode);
+        // The control socket moves to its path (over the socket of the process this one
+        // takes over from, if any) before the drop: its directory may be writable by root
+        // only. Nothing was handed over yet; a process this one takes over from serves on.
+        if let Some(c) = &mut control_socket
+            && let Err(e) = c.publish()
+        {
+            let _ = writeln!(
+                std::io::stderr(),
+                "ringfwd: error: {}",
+                error_line(&e.into())
+            );
+            std::process::exit(1);
+        }
         // Everything privileged is done: listeners bound (any port), files opened, every
         // worker's ring, registered buffers and pipes set up. Switch every thread to `user`
         // before announcing readiness, so a "listening" line means privileges are dropped.
@@ -282,14 +310,14 @@ fn run(args: &RunArgs) -> anyhow::Result<()> {
                 Err(e) => tracing::warn!("takeover: {e}; serving anyway"),
             }
         }
-        if let Some(path) = &config.control_socket {
-            // After a takeover this replaces the old process's socket file.
-            match control::takeover::serve(path, events_tx.clone()) {
+        if let Some(c) = control_socket.take() {
+            let path = c.path().to_path_buf();
+            match c.serve(events_tx.clone()) {
                 Ok(()) => {
-                    tracing::info!(path = %path.display(), "control socket listening (run --takeover)")
+                    tracing::info!(path = %path.display(), allowed = %access.who(), "control socket listening (run --takeover)")
                 }
                 Err(e) => {
-                    tracing::warn!(path = %path.display(), error = %e, "cannot listen on the control socket; --takeover from this process is not possible")
+                    tracing::warn!(path = %path.display(), error = %e, "cannot serve the control socket; --takeover from this process is not possible")
                 }
             }
         }
@@ -372,10 +400,10 @@ fn run(args: &RunArgs) -> anyhow::Result<()> {
         cut,
         "stopped: {drained} connections drained, {cut} cut"
     );
-    if let Some(path) = &config.control_socket
+    if let (Some(path), Some(id)) = (&config.control_socket, control_socket_id)
         && !summary.taken_over
     {
-        let _ = std::fs::remove_file(path);
+        control::takeover::remove_if_ours(path, id);
     }
     if let Some(why) = summary.failure {
         anyhow::bail!("{why}");

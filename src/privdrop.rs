@@ -481,6 +481,11 @@ impl TaskCreds {
     }
 }
 
+/// The process's effective uid and gid now.
+pub fn effective_ids() -> (u32, u32) {
+    (resuid().1, resgid().1)
+}
+
 /// Whether the process runs as root (effective uid 0).
 pub fn is_root() -> bool {
     resuid().1 == 0

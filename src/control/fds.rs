@@ -102,6 +102,9 @@ pub fn from_systemd(listen_pid: Option<&str>, listen_fds: Option<&str>) -> Activ
 
 /// Sends `data` with `fds` attached (one `SCM_RIGHTS` message; at most [`FDS_PER_MESSAGE`]).
 ///
+/// An interrupted call (`EINTR`) is retried: a `SOCK_SEQPACKET` message is sent whole or not
+/// at all, so nothing was sent yet.
+///
 /// # Errors
 /// `sendmsg` failed.
 pub fn send_with_fds(sock: &impl AsRawFd, data: &[u8], fds: &[RawFd]) -> nix::Result<()> {
@@ -111,12 +114,23 @@ pub fn send_with_fds(sock: &impl AsRawFd, data: &[u8], fds: &[RawFd]) -> nix::Re
     } else {
         &[ControlMessage::ScmRights(fds)]
     };
-    sendmsg::<()>(sock.as_raw_fd(), &iov, cmsgs, MsgFlags::MSG_NOSIGNAL, None)?;
-    Ok(())
+    loop {
+        match sendmsg::<()>(sock.as_raw_fd(), &iov, cmsgs, MsgFlags::MSG_NOSIGNAL, None) {
+            Err(nix::errno::Errno::EINTR) => {}
+            Err(e) => return Err(e),
+            Ok(_) => return Ok(()),
+        }
+    }
 }
 
 /// Receives one message into `buf`, with the descriptors attached to it (close-on-exec).
 /// Returns the length read (0: the peer closed).
+///
+/// An interrupted call (`EINTR`) is retried: nothing was received. A blocking socket call with
+/// a timeout (`SO_RCVTIMEO`, which the control conversation sets) is never restarted by the
+/// kernel, whatever `SA_RESTART` says — and not only signals interrupt it: io_uring task work
+/// queued on the thread (a ring being torn down, such as the engine's start-up probe) does
+/// too. Taking that for a failure made `run --takeover` fail at random.
 ///
 /// # Errors
 /// `recvmsg` failed or timed out; a message whose descriptors were cut short (`MSG_CTRUNC`)
@@ -125,6 +139,16 @@ pub fn recv_with_fds(
     sock: &impl AsRawFd,
     buf: &mut [u8],
 ) -> std::io::Result<(usize, Vec<OwnedFd>)> {
+    loop {
+        match recv_once(sock, buf) {
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            other => return other,
+        }
+    }
+}
+
+/// One `recvmsg`: see [`recv_with_fds`].
+fn recv_once(sock: &impl AsRawFd, buf: &mut [u8]) -> std::io::Result<(usize, Vec<OwnedFd>)> {
     let mut space = nix::cmsg_space!([RawFd; FDS_PER_MESSAGE]);
     let mut iov = [IoSliceMut::new(buf)];
     let msg = recvmsg::<()>(
@@ -150,4 +174,53 @@ pub fn recv_with_fds(
         ));
     }
     Ok((msg.bytes, fds))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::thread::JoinHandleExt;
+    use std::time::Duration;
+
+    use nix::sys::signal::{SaFlags, SigAction, SigHandler, SigSet, Signal, sigaction};
+    use socket2::{Domain, Socket};
+
+    extern "C" fn ignore(_: libc::c_int) {}
+
+    /// A signal that lands while a control socket with a read timeout waits for a message
+    /// (`recvmsg` then fails with `EINTR`, even with `SA_RESTART`) is not an error: the
+    /// message sent after it is received.
+    #[test]
+    fn an_interrupted_receive_is_retried() {
+        // SAFETY: installs a handler that does nothing, for a signal nothing else here uses.
+        unsafe {
+            sigaction(
+                Signal::SIGUSR2,
+                &SigAction::new(
+                    SigHandler::Handler(ignore),
+                    SaFlags::SA_RESTART,
+                    SigSet::empty(),
+                ),
+            )
+        }
+        .expect("sigaction");
+        let (a, b) = Socket::pair(Domain::UNIX, Type::SEQPACKET, None).expect("socketpair");
+        b.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+        let receiver = std::thread::spawn(move || {
+            let mut buf = [0u8; 64];
+            recv_with_fds(&b, &mut buf).map(|(n, _)| buf[..n].to_vec())
+        });
+        let thread = receiver.as_pthread_t();
+        for _ in 0..5 {
+            std::thread::sleep(Duration::from_millis(50));
+            // SAFETY: the thread is alive until it has received the message sent below.
+            unsafe { libc::pthread_kill(thread, libc::SIGUSR2) };
+        }
+        send_with_fds(&a, b"after the signals", &[]).expect("send");
+        let got = receiver.join().expect("receiver thread");
+        assert_eq!(
+            got.expect("the receive survives the signals"),
+            b"after the signals"
+        );
+    }
 }

@@ -18,10 +18,30 @@
 //!
 //! Anything else from a peer ends that conversation with an `ERR` line and a log line; the
 //! old process serves on. A new process that goes away before `READY` changes nothing.
+//!
+//! **Who may talk to it.** Whoever completes this conversation gets every listening socket,
+//! so the socket is guarded three ways ([`ControlSocket`]):
+//!
+//! - it is created at start, *before* privileges are dropped (`user = ...`), so a root-owned
+//!   directory such as `/run/ringfwd` works, and a path that cannot be created is an error at
+//!   start, not a surprise at upgrade time. It is bound beside its path (`.NAME.PID.new`) and
+//!   renamed onto it once the process serves, still before the drop: a new process that fails
+//!   before it serves leaves the old one's socket in place. (After a drop, the process may
+//!   not be able to remove the file when it exits; the next start replaces it.)
+//! - its directory must not let anyone else replace it: it must exist, be owned by root or by
+//!   the user the forwarder serves as, and not be group- or world-writable unless it has the
+//!   sticky bit (`/tmp`); the file itself is mode 0600, owned by that user;
+//! - every connection's peer is checked with `SO_PEERCRED`: only root and the user the
+//!   forwarder serves as (the `user` it drops to, or the user it runs as) are answered;
+//!   anyone else gets `ERR` and a warning in the log. The new process checks the old one the
+//!   same way before it trusts the sockets it is sent.
+//!
+//! Every socket call on this path retries `EINTR` (see [`fds::recv_with_fds`]).
 
 use std::io;
 use std::net::{SocketAddr, TcpListener};
 use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::mpsc;
 use std::time::Duration;
@@ -37,6 +57,9 @@ const HELLO: &str = "TAKEOVER ringfwd/1";
 const STEP_WAIT: Duration = Duration::from_secs(10);
 const SETUP_WAIT: Duration = Duration::from_secs(120);
 const MAX_MESSAGE: usize = 64 << 10;
+/// How long a refused peer's first message is waited for (see [`refuse`]): short, since the
+/// control thread serves one connection at a time.
+const REFUSE_WAIT: Duration = Duration::from_millis(500);
 
 /// The listening sockets a running process hands over.
 pub struct Handoff {
@@ -65,49 +88,351 @@ fn send_text(sock: &Socket, text: &str) -> io::Result<()> {
     fds::send_with_fds(sock, text.as_bytes(), &[]).map_err(io::Error::from)
 }
 
-/// Listens on `path` (replacing whatever file is there: a stale socket, or the one of the
-/// process this one took over from) and serves takeover requests on a thread of its own.
+/// Who may talk to a control socket: root, and the user the forwarder serves as.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Access {
+    /// The uid the forwarder serves as: the `user` it drops to, or the one it runs as.
+    pub uid: u32,
+    /// That user's group (the socket file's group).
+    pub gid: u32,
+}
+
+impl Access {
+    /// For a forwarder that drops to `run_as` (if set) or else stays who it is now.
+    pub fn new(run_as: Option<&crate::privdrop::RunAs>) -> Self {
+        match run_as {
+            Some(r) => Self {
+                uid: r.uid,
+                gid: r.gid,
+            },
+            None => {
+                let (uid, gid) = crate::privdrop::effective_ids();
+                Self { uid, gid }
+            }
+        }
+    }
+
+    /// Whether a peer (or a directory owner) with this uid is trusted.
+    pub fn allows(self, uid: u32) -> bool {
+        uid == 0 || uid == self.uid
+    }
+
+    /// Who is allowed, for messages: "root" or "root and uid N".
+    pub fn who(self) -> String {
+        if self.uid == 0 {
+            "root".into()
+        } else {
+            format!("root and uid {}", self.uid)
+        }
+    }
+}
+
+/// Why a control socket cannot be created (at start, or flagged by `ringfwd check`).
+#[derive(Debug, thiserror::Error)]
+pub enum ControlSocketError {
+    #[error(
+        "control_socket {path:?}: its directory {dir:?} does not exist (create it first, e.g. RuntimeDirectory=ringfwd in the systemd unit for /run/ringfwd)"
+    )]
+    NoDirectory { path: PathBuf, dir: PathBuf },
+    #[error("control_socket {path:?}: {dir:?} is not a directory")]
+    NotADirectory { path: PathBuf, dir: PathBuf },
+    #[error(
+        "control_socket {path:?}: directory {dir:?} is unsafe: {why}; use a directory only root or the forwarder's user can write, such as /run/ringfwd"
+    )]
+    UnsafeDirectory {
+        path: PathBuf,
+        dir: PathBuf,
+        why: String,
+    },
+    #[error("control_socket {path:?}: {path:?} is a directory")]
+    IsADirectory { path: PathBuf },
+    #[error(
+        "control_socket {path:?}: the path is too long for a unix socket (at most {max} bytes here)"
+    )]
+    TooLong { path: PathBuf, max: usize },
+    #[error("control_socket {path:?}: cannot {what}")]
+    Io {
+        path: PathBuf,
+        what: &'static str,
+        #[source]
+        source: io::Error,
+    },
+}
+
+/// The longest path `bind` takes for a unix socket (`sun_path` less its terminating NUL).
+const SUN_PATH_MAX: usize = 107;
+
+/// Where the socket is bound before [`ControlSocket::publish`] renames it to `path`: beside
+/// it, named after this process (so two starting processes never collide).
+fn staged_path(path: &Path) -> PathBuf {
+    let name = path.file_name().map_or_else(
+        || "control.sock".into(),
+        |n| n.to_string_lossy().into_owned(),
+    );
+    path.with_file_name(format!(".{name}.{}.new", std::process::id()))
+}
+
+/// The directory a socket path lives in (`.` for a bare file name).
+fn directory_of(path: &Path) -> PathBuf {
+    match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    }
+}
+
+/// Checks that a control socket can safely be created at `path` by a forwarder serving as
+/// `access`: its directory exists, is owned by root or that user, and is not writable by
+/// anyone else (group- or world-writable only with the sticky bit); the path itself is not
+/// a directory and fits a unix socket address. Run at start and by `ringfwd check`.
 ///
 /// # Errors
-/// The socket cannot be created or bound.
-pub fn serve(path: &Path, events: mpsc::Sender<Event>) -> io::Result<()> {
-    let listener = seqpacket()?;
-    match std::fs::remove_file(path) {
-        Ok(()) => {}
-        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-        Err(e) => return Err(e),
+/// The first thing found that is not so.
+pub fn check_path(path: &Path, access: Access) -> Result<(), ControlSocketError> {
+    let dir = directory_of(path);
+    // Followed through symlinks: `/var/run` is one to `/run` on most systems.
+    let meta = match std::fs::metadata(&dir) {
+        Ok(m) => m,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            return Err(ControlSocketError::NoDirectory {
+                path: path.into(),
+                dir,
+            });
+        }
+        Err(source) => {
+            return Err(ControlSocketError::Io {
+                path: path.into(),
+                what: "look at its directory",
+                source,
+            });
+        }
+    };
+    if !meta.is_dir() {
+        return Err(ControlSocketError::NotADirectory {
+            path: path.into(),
+            dir,
+        });
     }
-    listener.bind(&SockAddr::unix(path)?)?;
-    listener.listen(4)?;
-    let path = path.to_path_buf();
-    std::thread::Builder::new()
-        .name("ringfwd-control".into())
-        .spawn(move || {
-            loop {
-                let conn = match listener.accept() {
-                    Ok((c, _)) => c,
-                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                    Err(e) => {
-                        tracing::warn!(path = %path.display(), error = %e, "control socket: accept failed");
-                        std::thread::sleep(Duration::from_millis(100));
+    let unsafe_dir = |why: String| ControlSocketError::UnsafeDirectory {
+        path: path.into(),
+        dir: dir.clone(),
+        why,
+    };
+    if !access.allows(meta.uid()) {
+        return Err(unsafe_dir(format!(
+            "it is owned by uid {}, not by {}",
+            meta.uid(),
+            access.who()
+        )));
+    }
+    let mode = meta.mode() & 0o7777;
+    if mode & 0o022 != 0 && mode & 0o1000 == 0 {
+        return Err(unsafe_dir(format!(
+            "it is {}-writable (mode {mode:04o}) without the sticky bit, so another user could replace the socket",
+            if mode & 0o002 != 0 { "world" } else { "group" }
+        )));
+    }
+    if std::fs::symlink_metadata(path).is_ok_and(|m| m.is_dir()) {
+        return Err(ControlSocketError::IsADirectory { path: path.into() });
+    }
+    let longest = staged_path(path)
+        .as_os_str()
+        .len()
+        .max(path.as_os_str().len());
+    if longest > SUN_PATH_MAX {
+        let overhead = longest - path.as_os_str().len();
+        return Err(ControlSocketError::TooLong {
+            path: path.into(),
+            max: SUN_PATH_MAX - overhead,
+        });
+    }
+    Ok(())
+}
+
+/// A control socket, created at start (see the module docs): bound beside its path, then
+/// [`ControlSocket::publish`]ed there once this process serves, then [`ControlSocket::serve`]d.
+pub struct ControlSocket {
+    listener: Socket,
+    path: PathBuf,
+    access: Access,
+    /// The staged file, removed on drop until it is published.
+    staged: Option<PathBuf>,
+    /// Device and inode of the socket file: what [`remove_if_ours`] compares with.
+    id: (u64, u64),
+}
+
+impl ControlSocket {
+    /// Checks the path ([`check_path`]) and binds the socket beside it, mode 0600, owned by
+    /// `access`'s user; it is not reachable at `path` before [`ControlSocket::publish`], so
+    /// the process it takes over from (if any) keeps its own until then.
+    ///
+    /// Call it before privileges are dropped: the directory may be writable by root only.
+    ///
+    /// # Errors
+    /// The path is unsafe, or the socket cannot be created.
+    pub fn create(path: &Path, access: Access) -> Result<Self, ControlSocketError> {
+        check_path(path, access)?;
+        let io = |what: &'static str| {
+            move |source: io::Error| ControlSocketError::Io {
+                path: path.into(),
+                what,
+                source,
+            }
+        };
+        let staged = staged_path(path);
+        let listener = seqpacket().map_err(io("create a unix socket"))?;
+        match std::fs::remove_file(&staged) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(io("remove a stale staged socket")(e)),
+        }
+        let addr = SockAddr::unix(&staged).map_err(io("address the socket"))?;
+        // Created 0600 from the start (never connectable by others, not even briefly). The
+        // umask is the process's: nothing else creates files while the process starts up.
+        let umask = nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o177));
+        let bound = listener.bind(&addr);
+        nix::sys::stat::umask(umask);
+        bound.map_err(io("bind the socket"))?;
+        let mut out = Self {
+            listener,
+            path: path.into(),
+            access,
+            staged: Some(staged.clone()),
+            id: (0, 0),
+        };
+        // Owned by the user the forwarder serves as, so that user may connect too (the
+        // kernel asks for write permission on the file); a no-op for a process that does
+        // not drop privileges.
+        let meta = std::fs::symlink_metadata(&staged).map_err(io("look at the socket"))?;
+        if meta.uid() != access.uid || meta.gid() != access.gid {
+            std::os::unix::fs::lchown(&staged, Some(access.uid), Some(access.gid))
+                .map_err(io("give the socket to the forwarder's user"))?;
+        }
+        if meta.permissions().mode() & 0o177 != 0 {
+            std::fs::set_permissions(&staged, std::fs::Permissions::from_mode(0o600))
+                .map_err(io("make the socket mode 0600"))?;
+        }
+        out.id = (meta.dev(), meta.ino());
+        out.listener.listen(4).map_err(io("listen on the socket"))?;
+        Ok(out)
+    }
+
+    /// The path it is (or will be) reachable at.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Device and inode of the socket file, for [`remove_if_ours`].
+    pub fn id(&self) -> (u64, u64) {
+        self.id
+    }
+
+    /// Makes the socket reachable at its path, replacing whatever file is there (a stale
+    /// socket, or the one of the process this one takes over from), in one `rename`. Call it
+    /// before privileges are dropped, like [`ControlSocket::create`].
+    ///
+    /// # Errors
+    /// The rename failed.
+    pub fn publish(&mut self) -> Result<(), ControlSocketError> {
+        if let Some(staged) = self.staged.take()
+            && let Err(source) = std::fs::rename(&staged, &self.path)
+        {
+            let _ = std::fs::remove_file(staged);
+            return Err(ControlSocketError::Io {
+                path: self.path.clone(),
+                what: "move the socket into place",
+                source,
+            });
+        }
+        Ok(())
+    }
+
+    /// Serves takeover requests on a thread of its own.
+    ///
+    /// # Errors
+    /// The thread cannot start.
+    pub fn serve(self, events: mpsc::Sender<Event>) -> io::Result<()> {
+        let path = self.path.clone();
+        let access = self.access;
+        let listener = self.listener.try_clone()?;
+        std::thread::Builder::new()
+            .name("ringfwd-control".into())
+            .spawn(move || {
+                loop {
+                    let conn = match listener.accept() {
+                        Ok((c, _)) => c,
+                        Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                        Err(e) => {
+                            tracing::warn!(path = %path.display(), error = %e, "control socket: accept failed");
+                            std::thread::sleep(Duration::from_millis(100));
+                            continue;
+                        }
+                    };
+                    if let Err(why) = check_peer(&conn, access) {
+                        tracing::warn!(path = %path.display(), "control socket: connection refused: {why}");
+                        refuse(&conn, &why);
                         continue;
                     }
-                };
-                match handle(&conn, &events) {
-                    Ok(true) => {
-                        // Handed over: the new process owns the path now (it binds it once
-                        // serving); this one no longer answers on it.
-                        return;
-                    }
-                    Ok(false) => {}
-                    Err(e) => {
-                        let _ = send_text(&conn, &format!("ERR {e}"));
-                        tracing::warn!(path = %path.display(), error = %e, "control socket: takeover not done; still serving");
+                    match handle(&conn, &events) {
+                        Ok(true) => {
+                            // Handed over: the new process owns the path now; this one no
+                            // longer answers on it.
+                            return;
+                        }
+                        Ok(false) => {}
+                        Err(e) => {
+                            let _ = send_text(&conn, &format!("ERR {e}"));
+                            tracing::warn!(path = %path.display(), error = %e, "control socket: takeover not done; still serving");
+                        }
                     }
                 }
-            }
-        })?;
-    Ok(())
+            })?;
+        Ok(())
+    }
+}
+
+impl Drop for ControlSocket {
+    fn drop(&mut self) {
+        if let Some(staged) = self.staged.take() {
+            let _ = std::fs::remove_file(staged);
+        }
+    }
+}
+
+/// Removes the socket file at `path` if it is still the one with `id` (not a newer
+/// process's). Best effort: after a privilege drop the directory may not be writable any
+/// more, and the file then stays until the next start replaces it.
+pub fn remove_if_ours(path: &Path, id: (u64, u64)) {
+    if std::fs::symlink_metadata(path).is_ok_and(|m| (m.dev(), m.ino()) == id) {
+        let _ = std::fs::remove_file(path);
+    }
+}
+
+/// Answers a peer that may not talk here with `ERR why`, without reading what it asked.
+/// Its first message is taken off the queue (and dropped, with any descriptors) before the
+/// connection closes: closing with an unread message makes the kernel reset the peer's end,
+/// and the peer would read `ECONNRESET` instead of the answer.
+fn refuse(conn: &Socket, why: &str) {
+    let _ = send_text(conn, &format!("ERR {why}"));
+    let _ = conn.set_read_timeout(Some(REFUSE_WAIT));
+    let mut buf = [0u8; 64];
+    let _ = fds::recv_with_fds(conn, &mut buf);
+}
+
+/// The peer's credentials (`SO_PEERCRED`: who connected, as of `connect`), if `access`
+/// allows it; else why not.
+fn check_peer(conn: &Socket, access: Access) -> Result<(), String> {
+    let cred = nix::sys::socket::getsockopt(conn, nix::sys::socket::sockopt::PeerCredentials)
+        .map_err(|e| format!("cannot read the peer's credentials: {e}"))?;
+    if access.allows(cred.uid()) {
+        return Ok(());
+    }
+    Err(format!(
+        "peer pid {} uid {} gid {} is not allowed (only {} may take this process's sockets)",
+        cred.pid(),
+        cred.uid(),
+        cred.gid(),
+        access.who()
+    ))
 }
 
 /// One conversation; `Ok(true)` when the sockets were handed over and the new process is
@@ -188,15 +513,30 @@ pub struct Received {
     path: PathBuf,
 }
 
-/// Asks the process listening on `path` for its listening sockets.
+/// Asks the process listening on `path` for its listening sockets. That process must run
+/// as root or as `access`'s user (checked with `SO_PEERCRED`), as this one would.
 ///
 /// # Errors
-/// No process answers there, or it sent something other than the protocol.
-pub fn receive(path: &Path) -> Result<Received, String> {
+/// No process answers there, it is not trusted, or it sent something other than the
+/// protocol.
+pub fn receive(path: &Path, access: Access) -> Result<Received, String> {
     let why = |e: io::Error| format!("--takeover {}: {e}", path.display());
     let conn = seqpacket().map_err(why)?;
-    conn.connect(&SockAddr::unix(path).map_err(why)?)
-        .map_err(why)?;
+    let addr = SockAddr::unix(path).map_err(why)?;
+    loop {
+        match conn.connect(&addr) {
+            Ok(()) => break,
+            // Interrupted while waiting for room in the listener's backlog: not connected.
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(why(e)),
+        }
+    }
+    check_peer(&conn, access).map_err(|e| {
+        format!(
+            "--takeover {}: the process listening there: {e}",
+            path.display()
+        )
+    })?;
     conn.set_read_timeout(Some(STEP_WAIT)).map_err(why)?;
     conn.set_write_timeout(Some(STEP_WAIT)).map_err(why)?;
     send_text(&conn, HELLO).map_err(why)?;
