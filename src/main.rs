@@ -189,9 +189,18 @@ fn run(args: &RunArgs) -> anyhow::Result<()> {
         Some(path) => {
             let mut received =
                 control::takeover::receive(path, access).map_err(anyhow::Error::msg)?;
+            // A count and the distinct addresses, not one entry per socket: a port range
+            // hands over thousands (one per port and worker).
+            let addrs = received.addrs();
+            let mut distinct = addrs.clone();
+            distinct.sort_unstable();
+            distinct.dedup();
+            let shown: Vec<String> = distinct.iter().take(8).map(ToString::to_string).collect();
             tracing::info!(
                 path = %path.display(),
-                addrs = ?received.addrs(),
+                sockets = addrs.len(),
+                addresses = distinct.len(),
+                first = %shown.join(" "),
                 "takeover: received the running process's listening sockets"
             );
             let (rules, admin) = received.take();

@@ -172,7 +172,9 @@ pub fn first_listeners(
         .iter()
         .map(|r| usize::from(r.listen.count))
         .sum();
-    engine::ensure_listener_fds(ports, per_rule)?;
+    // Inherited sockets are already open and are the listeners' own descriptors: count
+    // them once, as listeners, not again as what is open.
+    engine::ensure_listener_fds(ports, per_rule, inherited.listeners.len())?;
     let mut out = Vec::with_capacity(config.rules.len());
     for rule in &config.rules {
         let mut groups = Vec::with_capacity(usize::from(rule.listen.count));

@@ -215,13 +215,23 @@ pub fn bind(config: &Config, per_rule: usize) -> Result<Listeners, EngineError> 
     Ok(Listeners { per_rule: out })
 }
 
-/// Refuses, before anything is bound, `ports × per_port` new listeners that would not fit the
-/// open-files limit (see [`bind`]).
+/// Refuses, before anything is bound, `ports × per_port` listeners that would not fit the
+/// open-files limit (see [`bind`]); `inherited` of them are open already (passed by systemd
+/// or an older process) and so are not counted again among the open descriptors.
 ///
 /// # Errors
 /// [`EngineError::TooManyListeners`], saying what to raise.
-pub fn ensure_listener_fds(ports: usize, per_port: usize) -> Result<(), EngineError> {
-    check_listener_fds(ports, per_port, open_fds(), nofile())
+pub fn ensure_listener_fds(
+    ports: usize,
+    per_port: usize,
+    inherited: usize,
+) -> Result<(), EngineError> {
+    check_listener_fds(
+        ports,
+        per_port,
+        open_fds().saturating_sub(inherited),
+        nofile(),
+    )
 }
 
 /// Refuses a reload that would open `opening` descriptors unless they fit under the soft
