@@ -33,3 +33,4 @@ pub mod session;
 pub mod shutdown;
 pub mod tools;
 pub mod upstream;
+pub mod version;

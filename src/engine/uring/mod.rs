@@ -193,7 +193,24 @@ const REQUIRED: [(u8, &str); 8] = [
 /// # Errors
 /// [`Unavailable`] saying why and how to enable io_uring.
 pub fn probe() -> Result<(), Unavailable> {
-    let (ring, _mode) = ring::build(8).map_err(|e| explain_setup_error(&e))?;
+    features().map(drop)
+}
+
+/// What [`probe`] found where io_uring works: for `ringfwd --version`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Features {
+    /// The task-running mode a worker's ring gets ([`ring::build`]).
+    pub taskrun: &'static str,
+    /// The kernel has `IORING_OP_SPLICE` (the splice data path).
+    pub splice: bool,
+}
+
+/// Sets up a small ring and checks every opcode and feature the engine needs.
+///
+/// # Errors
+/// [`Unavailable`] saying why and how to enable io_uring.
+pub fn features() -> Result<Features, Unavailable> {
+    let (ring, taskrun) = ring::build(8).map_err(|e| explain_setup_error(&e))?;
     let mut probe = io_uring::Probe::new();
     ring.submitter().register_probe(&mut probe).map_err(|e| {
         Unavailable(format!(
@@ -216,7 +233,10 @@ pub fn probe() -> Result<(), Unavailable> {
             "this kernel's io_uring lacks EXT_ARG waits; ringfwd needs Linux 6.0 or newer".into(),
         ));
     }
-    Ok(())
+    Ok(Features {
+        taskrun,
+        splice: probe.is_supported(opcode::Splice::CODE),
+    })
 }
 
 /// A resource limit's soft value for a message, `unlimited` or in `unit` (`value >> shift`).
