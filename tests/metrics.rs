@@ -640,3 +640,61 @@ fn hdr_log_intervals_add_up_to_the_sessions_served() {
     assert_eq!(count("web.upstream_connect"), 1);
     assert_eq!(count("web.first_byte"), 1);
 }
+
+/// One raw HTTP/1.1 request (`Connection: close`); returns the status line's code, the
+/// headers (lower-cased names) and the body.
+fn http_raw(addr: SocketAddr, method: &str, path: &str) -> (u16, Vec<(String, String)>, String) {
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(DEADLINE)).unwrap();
+    write!(
+        s,
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut text = String::new();
+    s.read_to_string(&mut text).unwrap();
+    let (head, body) = text.split_once("\r\n\r\n").unwrap();
+    let mut lines = head.lines();
+    let status = lines.next().unwrap().split_whitespace().nth(1).unwrap();
+    let headers = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_string()))
+        .collect();
+    (status.parse().unwrap(), headers, body.to_string())
+}
+
+fn header<'a>(headers: &'a [(String, String)], name: &str) -> Option<&'a str> {
+    headers
+        .iter()
+        .find(|(k, _)| k == name)
+        .map(|(_, v)| v.as_str())
+}
+
+/// Steps: 1. `GET /reload` is 405 with `Allow: POST`, and a GET endpoint asked with another
+/// method 405 with `Allow: GET`; 2. every 404 lists every real endpoint.
+#[test]
+fn wrong_methods_get_405_with_allow_and_404_lists_every_endpoint() {
+    let backend = Backend::start(0, <[u8]>::to_vec);
+    let fwd = Forwarder::simple("tokio", backend.addr);
+    let (status, headers, body) = http_raw(fwd.admin, "GET", "/reload");
+    assert_eq!(status, 405, "{body}");
+    assert_eq!(header(&headers, "allow"), Some("POST"), "{headers:?}");
+    assert!(body.contains("/reload answers POST only"), "{body}");
+    for path in ["/metrics", "/stats", "/upstreams", "/healthz"] {
+        let (status, headers, body) = http_raw(fwd.admin, "POST", path);
+        assert_eq!(status, 405, "POST {path}: {body}");
+        assert_eq!(header(&headers, "allow"), Some("GET"), "{headers:?}");
+    }
+    for (method, path) in [
+        ("GET", "/nothing"),
+        ("POST", "/nothing"),
+        ("GET", "/reload/x"),
+    ] {
+        let (status, _, body) = http_raw(fwd.admin, method, path);
+        assert_eq!(status, 404, "{method} {path}: {body}");
+        for endpoint in ringfwd::metrics::admin::ENDPOINTS.map(|(p, _)| p) {
+            assert!(body.contains(endpoint), "the 404 lacks {endpoint}: {body}");
+        }
+    }
+    backend.join();
+}
