@@ -37,6 +37,9 @@ pub enum Command {
     Bench(crate::tools::bench::BenchArgs),
     /// Live per-rule table from a running forwarder's admin endpoint.
     Stats(crate::tools::stats::StatsArgs),
+    /// Man pages and shell completions from this command line (for packaging).
+    #[command(hide = true)]
+    Generate(crate::generate::GenerateArgs),
 }
 
 #[derive(Debug, Clone, Args)]

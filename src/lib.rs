@@ -26,6 +26,7 @@ pub mod cli;
 pub mod config;
 pub mod control;
 pub mod engine;
+pub mod generate;
 pub mod metrics;
 pub mod net;
 pub mod privdrop;

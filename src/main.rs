@@ -30,6 +30,7 @@ fn main() -> ExitCode {
         Command::Ping(a) => tool(|| ringfwd::tools::ping::run(a)),
         Command::Bench(a) => tool(|| ringfwd::tools::bench::run(a)),
         Command::Stats(a) => tool(|| ringfwd::tools::stats::run(a)),
+        Command::Generate(a) => generate(&a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -110,6 +111,14 @@ fn tool(f: impl FnOnce() -> Result<(), ringfwd::tools::ToolError>) -> anyhow::Re
 
 /// `ringfwd check`: the effective config on stdout, warnings and then one verdict line on
 /// stderr (`nginx -t`, `haproxy -c`), so a script or a person sees that it passed.
+/// `ringfwd generate`: one line per file written, on stderr (stdout may be the page itself).
+fn generate(args: &ringfwd::generate::GenerateArgs) -> anyhow::Result<()> {
+    for path in ringfwd::generate::run(args)? {
+        let _ = writeln!(std::io::stderr(), "ringfwd: wrote {}", path.display());
+    }
+    Ok(())
+}
+
 fn check(args: &CheckArgs) -> anyhow::Result<()> {
     let path = args.path();
     let cfg = Config::load(path)?;
