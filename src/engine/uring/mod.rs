@@ -82,7 +82,7 @@ impl HostEvidence {
     /// io_uring is built in, and kallsyms names its system call.
     fn kernel_has_io_uring(&self) -> Option<String> {
         if let Some(v) = self.sysctl {
-            return Some(format!("kernel.io_uring_disabled exists (= {v})"));
+            return Some(format!("the sysctl kernel.io_uring_disabled exists, = {v}"));
         }
         if self.kallsyms {
             return Some("/proc/kallsyms lists io_uring_setup".into());
@@ -691,7 +691,10 @@ mod tests {
         // podman's default profile: ENOSYS, on a kernel whose sysctl proves io_uring exists.
         let w = why(libc::ENOSYS, &host(Some(0), false, "6.8.0"));
         assert_names_the_seccomp_fix(&w);
-        assert!(w.contains("kernel.io_uring_disabled exists (= 0)"), "{w}");
+        assert!(
+            w.contains("(the sysctl kernel.io_uring_disabled exists, = 0)"),
+            "{w}"
+        );
         // Before 6.6 there is no sysctl: kallsyms is the evidence.
         let w = why(libc::ENOSYS, &host(None, true, "5.15.0"));
         assert_names_the_seccomp_fix(&w);
