@@ -512,3 +512,47 @@ fn structure_mistakes_say_what_to_write() {
     let out = run_to_exit(&["check", &file.path.display().to_string()]);
     assert!(!out.stderr.contains("did you mean"), "{}", out.stderr);
 }
+
+#[test]
+fn version_is_short_with_v_and_long_with_version() {
+    let short = run_to_exit(&["-V"]);
+    assert!(short.status.success());
+    assert_eq!(
+        short.stdout,
+        format!("ringfwd {}\n", env!("CARGO_PKG_VERSION"))
+    );
+    let long = run_to_exit(&["--version"]);
+    assert!(long.status.success(), "{}", long.stderr);
+    let text = long.stdout;
+    assert!(
+        text.starts_with(&format!("ringfwd {}\n", env!("CARGO_PKG_VERSION"))),
+        "{text}"
+    );
+    for key in [
+        "commit:",
+        "profile:",
+        "target:",
+        "kernel:",
+        "seccomp:",
+        "io_uring:",
+        "engines:",
+    ] {
+        assert!(
+            text.lines().any(|l| l.starts_with(key)),
+            "--version lacks a {key} line:\n{text}"
+        );
+    }
+    let profile = if cfg!(debug_assertions) {
+        "debug"
+    } else {
+        "release"
+    };
+    assert!(text.contains(&format!("profile:  {profile}\n")), "{text}");
+    // The io_uring line says what auto would pick: either available, or why not.
+    let uring = text.lines().find(|l| l.starts_with("io_uring:")).unwrap();
+    assert!(
+        uring.starts_with("io_uring: available (task running: ")
+            || uring.starts_with("io_uring: unavailable: "),
+        "{uring}"
+    );
+}
