@@ -39,7 +39,13 @@ for f in \
     /usr/share/ringfwd/systemd/root-then-drop.conf \
     /usr/share/ringfwd/seccomp/seccomp-io_uring.json \
     /usr/share/doc/ringfwd/DEPLOY.md \
-    /usr/share/doc/ringfwd/copyright; do
+    /usr/share/doc/ringfwd/copyright \
+    /usr/share/man/man1/ringfwd.1.gz \
+    /usr/share/man/man1/ringfwd-run.1.gz \
+    /usr/share/man/man1/ringfwd-check.1.gz \
+    /usr/share/bash-completion/completions/ringfwd \
+    /usr/share/zsh/vendor-completions/_ringfwd \
+    /usr/share/fish/vendor_completions.d/ringfwd.fish; do
     grep -qxF "$f" <<<"$listing" || fail "dpkg -c does not list $f"
 done
 [[ $(dpkg -c "$deb" | awk '$NF == "./usr/bin/ringfwd" { print $1 }') == -rwxr-xr-x ]] ||
@@ -56,6 +62,24 @@ echo "control: conffile, postinst (adduser), Depends: $(dpkg-deb -f "$deb" Depen
 
 root=$work/root
 dpkg-deb -x "$deb" "$root"
+# The man pages and completions were generated from this binary's command line
+# (deploy/gen-assets.sh): they must describe it, not an older one.
+zcat "$root/usr/share/man/man1/ringfwd-run.1.gz" | sed 's/\\-/-/g' >"$work/ringfwd-run.1"
+grep -q '^\.TH ringfwd-run 1' "$work/ringfwd-run.1" || fail "ringfwd-run.1.gz is not the man page of ringfwd run"
+for flag in workers idle-timeout takeover; do
+    grep -q -- "--$flag" "$work/ringfwd-run.1" || fail "ringfwd-run.1.gz does not document --$flag"
+    grep -q -- "--$flag" "$root/usr/share/bash-completion/completions/ringfwd" ||
+        fail "the bash completion does not complete --$flag"
+done
+if command -v man >/dev/null; then
+    problems=$(man -l "$root/usr/share/man/man1/ringfwd.1.gz" 2>&1 >/dev/null || echo "man -l failed")
+    [[ -z $problems ]] || fail "man -l ringfwd.1.gz: $problems"
+fi
+echo "man pages ($(grep -c '^/usr/share/man/man1/.*\.gz$' <<<"$listing")) and bash/zsh/fish completions: present, matching the binary's flags"
+description=$(dpkg-deb -f "$deb" Description)
+grep -q 'generated from Rust crate' <<<"$description" && fail "Description is cargo-deb's placeholder: $description"
+grep -q 'License: MIT OR Apache-2.0' "$root/usr/share/doc/ringfwd/copyright" || fail "copyright lacks the license"
+echo "control: Description \"$(head -n 1 <<<"$description")\"; license in copyright"
 "$root/usr/bin/ringfwd" check --config "$root/etc/ringfwd/ringfwd.toml" >/dev/null ||
     fail "the packaged binary rejects the packaged config"
 echo "ringfwd check: the packaged config is valid"

@@ -37,6 +37,9 @@ pub enum Command {
     Bench(crate::tools::bench::BenchArgs),
     /// Live per-rule table from a running forwarder's admin endpoint.
     Stats(crate::tools::stats::StatsArgs),
+    /// Man pages and shell completions from this command line (for packaging).
+    #[command(hide = true)]
+    Generate(crate::generate::GenerateArgs),
 }
 
 #[derive(Debug, Clone, Args)]
@@ -61,10 +64,11 @@ pub struct RunArgs {
     /// Data path of the uring engine: auto, splice or copy.
     #[arg(long, value_name = "MODE", value_parser = parse_mode)]
     pub mode: Option<DataPath>,
-    /// Worker threads (default: one per CPU the process may use).
-    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..=1024))]
+    /// Worker threads, 1 to 1024 (default: one per CPU the process may use).
+    #[arg(long, value_name = "N", value_parser = parse_workers)]
     pub workers: Option<u16>,
-    /// Admin listener for /metrics, /healthz and /histograms (loopback unless allowed).
+    /// Admin listener (loopback unless admin_allow_remote) for GET /metrics, /healthz, /stats,
+    /// /upstreams, /histograms and POST /reload.
     #[arg(long, value_name = "ADDR")]
     pub admin: Option<String>,
     /// Connect timeout for every rule, e.g. 3s.
@@ -84,9 +88,140 @@ pub struct RunArgs {
 
 #[derive(Debug, Args)]
 pub struct CheckArgs {
+    /// TOML config file to validate (or give it as FILE).
+    #[arg(short, long = "config", value_name = "FILE")]
+    pub config_flag: Option<PathBuf>,
     /// TOML config file to validate.
-    #[arg(short, long, value_name = "FILE")]
-    pub config: PathBuf,
+    #[arg(
+        value_name = "FILE",
+        conflicts_with = "config_flag",
+        required_unless_present = "config_flag"
+    )]
+    pub file: Option<PathBuf>,
+    /// Print nothing when the file is valid: no effective config, no "valid" line (warnings
+    /// and errors still go to stderr).
+    #[arg(short, long)]
+    pub quiet: bool,
+}
+
+impl CheckArgs {
+    /// The file to check, however it was given.
+    pub fn path(&self) -> &std::path::Path {
+        self.file
+            .as_deref()
+            .or(self.config_flag.as_deref())
+            .expect("clap requires FILE or --config")
+    }
+}
+
+/// Parses the command line. `--help` and `--version` print and exit 0 as usual; any other
+/// mistake is `Err` with one line for `ringfwd: error: …`, to exit 1 like a config error
+/// (clap would print several lines and exit 2).
+///
+/// # Errors
+/// The one-line description of what is wrong with the arguments.
+pub fn parse_args<I, T>(args: I) -> Result<Cli, String>
+where
+    I: IntoIterator<Item = T>,
+    T: Into<std::ffi::OsString> + Clone,
+{
+    use clap::error::ErrorKind;
+    let args: Vec<std::ffi::OsString> = args.into_iter().map(Into::into).collect();
+    let mut cmd = <Cli as clap::CommandFactory>::command();
+    // Only computed when asked for: it probes io_uring.
+    if args.iter().skip(1).any(|a| a == "--version") {
+        cmd = cmd.long_version(crate::version::long());
+    }
+    let parsed = cmd
+        .try_get_matches_from(args)
+        .and_then(|m| <Cli as clap::FromArgMatches>::from_arg_matches(&m));
+    match parsed {
+        Ok(cli) => Ok(cli),
+        Err(e)
+            if matches!(
+                e.kind(),
+                ErrorKind::DisplayHelp
+                    | ErrorKind::DisplayVersion
+                    | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand
+            ) =>
+        {
+            e.exit()
+        }
+        Err(e) => Err(flag_error_line(&e)),
+    }
+}
+
+/// One line for a command-line error: `--FLAG: why` for a bad value (the words a config key
+/// gets for the same value), else clap's first line with its tips ("a similar argument
+/// exists") joined on.
+pub fn flag_error_line(e: &clap::Error) -> String {
+    use clap::error::{ContextKind, ContextValue, ErrorKind};
+    use std::error::Error as _;
+    if matches!(
+        e.kind(),
+        ErrorKind::ValueValidation | ErrorKind::InvalidValue
+    ) && let Some(ContextValue::String(arg)) = e.get(ContextKind::InvalidArg)
+    {
+        // "--workers <N>" → "--workers"
+        let flag = arg.split_whitespace().next().unwrap_or(arg);
+        let value = match e.get(ContextKind::InvalidValue) {
+            Some(ContextValue::String(v)) => v.as_str(),
+            _ => "",
+        };
+        let why = match (e.source(), e.get(ContextKind::ValidValue)) {
+            (Some(source), _) => source.to_string(),
+            (None, _) if value.is_empty() => "a value is required".to_string(),
+            (None, Some(ContextValue::Strings(valid))) if !valid.is_empty() => {
+                format!(
+                    "invalid value {value:?} (expected one of {})",
+                    valid.join(", ")
+                )
+            }
+            (None, _) => format!("invalid value {value:?}"),
+        };
+        return format!("{flag}: {why}");
+    }
+    let rendered = e.render().to_string();
+    let mut lines = rendered.lines().map(str::trim).filter(|l| !l.is_empty());
+    let mut line = lines
+        .next()
+        .unwrap_or("invalid arguments")
+        .trim_start_matches("error: ")
+        .to_string();
+    let mut command = "ringfwd".to_string();
+    for l in lines {
+        if let Some(tip) = l.strip_prefix("tip: ") {
+            line.push_str("; ");
+            line.push_str(tip);
+        } else if let Some(usage) = l.strip_prefix("Usage: ") {
+            // "ringfwd run [OPTIONS]" → "ringfwd run"
+            command = usage
+                .split_whitespace()
+                .take_while(|w| !w.starts_with(['[', '<', '-']))
+                .collect::<Vec<_>>()
+                .join(" ");
+            break;
+        } else if !l.starts_with("For more information") {
+            // The continuation of a multi-line message (missing arguments are listed below
+            // their sentence).
+            line.push(' ');
+            line.push_str(l);
+        }
+    }
+    line.push_str(&format!(" (see {command} --help)"));
+    line
+}
+
+fn parse_workers(s: &str) -> Result<u16, String> {
+    s.parse::<u16>()
+        .ok()
+        .filter(|n| (1..=config::raw::MAX_WORKERS).contains(&usize::from(*n)))
+        .ok_or_else(|| {
+            format!(
+                "invalid workers {s:?}: expected 1..={}",
+                config::raw::MAX_WORKERS
+            )
+        })
 }
 
 fn parse_engine(s: &str) -> Result<EngineKind, String> {
@@ -360,6 +495,87 @@ mod tests {
             .to_config()
             .unwrap_err();
         assert!(e.message.starts_with("--listen:"), "{e}");
+    }
+
+    fn arg_error(args: &[&str]) -> String {
+        let mut full = vec!["ringfwd"];
+        full.extend_from_slice(args);
+        match parse_args(full) {
+            Ok(cli) => panic!("parsed: {cli:?}"),
+            Err(line) => line,
+        }
+    }
+
+    #[test]
+    fn flag_errors_are_one_line_worded_like_the_keys() {
+        assert_eq!(
+            arg_error(&["run", "--workers", "0"]),
+            "--workers: invalid workers \"0\": expected 1..=1024"
+        );
+        assert_eq!(
+            arg_error(&["run", "--idle-timeout", "5"]),
+            "--idle-timeout: invalid duration \"5\": a unit is required (us, ms, s, m or h)"
+        );
+        assert_eq!(
+            arg_error(&["run", "--engine", "fast"]),
+            "--engine: unknown engine \"fast\" (expected one of auto, uring, tokio, std)"
+        );
+        assert_eq!(
+            arg_error(&["run", "--listen"]),
+            "--listen: a value is required"
+        );
+        assert_eq!(
+            arg_error(&["run", "--wrokers", "2"]),
+            "unexpected argument '--wrokers' found; a similar argument exists: '--workers' (see ringfwd run --help)"
+        );
+        assert_eq!(
+            arg_error(&["frob"]),
+            "unrecognized subcommand 'frob' (see ringfwd --help)"
+        );
+        for line in [arg_error(&["check"]), arg_error(&["run", "--bogus"])] {
+            assert!(!line.contains('\n'), "{line}");
+        }
+    }
+
+    #[test]
+    fn check_takes_the_file_as_flag_or_argument() {
+        let path = |args: &[&str]| {
+            let mut full = vec!["ringfwd", "check"];
+            full.extend_from_slice(args);
+            match parse_args(full).unwrap().command {
+                Command::Check(c) => (c.path().to_path_buf(), c.quiet),
+                other => panic!("{other:?}"),
+            }
+        };
+        assert_eq!(path(&["a.toml"]), (PathBuf::from("a.toml"), false));
+        assert_eq!(
+            path(&["-c", "b.toml", "-q"]),
+            (PathBuf::from("b.toml"), true)
+        );
+        assert_eq!(
+            path(&["--quiet", "--config", "c.toml"]).0,
+            PathBuf::from("c.toml")
+        );
+        let e = arg_error(&["check", "a.toml", "--config", "b.toml"]);
+        assert!(e.contains("cannot be used with"), "{e}");
+        let e = arg_error(&["check"]);
+        assert!(e.contains("<FILE>"), "{e}");
+    }
+
+    #[test]
+    fn admin_help_lists_every_endpoint() {
+        let cmd = <Cli as clap::CommandFactory>::command();
+        let run = cmd.find_subcommand("run").unwrap();
+        let admin = run.get_arguments().find(|a| a.get_id() == "admin").unwrap();
+        let help = admin.get_help().unwrap().to_string();
+        for (path, method) in crate::metrics::admin::ENDPOINTS {
+            assert!(help.contains(path), "--admin's help lacks {path}: {help}");
+            assert!(help.contains(method.as_str()), "{help}");
+            assert!(
+                crate::metrics::admin::ENDPOINTS_TEXT.contains(path),
+                "the start-up line lacks {path}"
+            );
+        }
     }
 
     #[test]

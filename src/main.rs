@@ -3,8 +3,7 @@
 use std::io::Write;
 use std::process::ExitCode;
 
-use clap::Parser;
-use ringfwd::cli::{Cli, Command, RunArgs};
+use ringfwd::cli::{CheckArgs, Command, RunArgs};
 use ringfwd::config::{Config, LogFormat};
 use ringfwd::engine;
 use ringfwd::metrics::Metrics;
@@ -15,15 +14,23 @@ use ringfwd::shutdown::{self, Shutdown};
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = match ringfwd::cli::parse_args(std::env::args_os()) {
+        Ok(cli) => cli,
+        Err(line) => {
+            // Like a config error: one line, exit 1.
+            let _ = writeln!(std::io::stderr(), "ringfwd: error: {line}");
+            return ExitCode::FAILURE;
+        }
+    };
     let result = match cli.command {
         Command::Run(args) => run(&args),
-        Command::Check(args) => check(&args.config),
+        Command::Check(args) => check(&args),
         Command::Echo(a) => tool(|| ringfwd::tools::echo::run(a)),
         Command::Sink(a) => tool(|| ringfwd::tools::sink::run(a)),
         Command::Ping(a) => tool(|| ringfwd::tools::ping::run(a)),
         Command::Bench(a) => tool(|| ringfwd::tools::bench::run(a)),
         Command::Stats(a) => tool(|| ringfwd::tools::stats::run(a)),
+        Command::Generate(a) => generate(&a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -102,7 +109,18 @@ fn tool(f: impl FnOnce() -> Result<(), ringfwd::tools::ToolError>) -> anyhow::Re
     f().map_err(|e| anyhow::anyhow!("{e}"))
 }
 
-fn check(path: &std::path::Path) -> anyhow::Result<()> {
+/// `ringfwd generate`: one line per file written, on stderr (stdout may be the page itself).
+fn generate(args: &ringfwd::generate::GenerateArgs) -> anyhow::Result<()> {
+    for path in ringfwd::generate::run(args)? {
+        let _ = writeln!(std::io::stderr(), "ringfwd: wrote {}", path.display());
+    }
+    Ok(())
+}
+
+/// `ringfwd check`: the effective config on stdout, warnings and then one verdict line on
+/// stderr (`nginx -t`, `haproxy -c`), so a script or a person sees that it passed.
+fn check(args: &CheckArgs) -> anyhow::Result<()> {
+    let path = args.path();
     let cfg = Config::load(path)?;
     cfg.ensure_runnable()?;
     // What `run` would refuse at start: a control socket in a missing or unsafe directory.
@@ -110,11 +128,27 @@ fn check(path: &std::path::Path) -> anyhow::Result<()> {
         let access = ringfwd::control::takeover::Access::new(cfg.run_as.as_ref());
         ringfwd::control::takeover::check_path(socket, access)?;
     }
+    let mut err = std::io::stderr();
     for w in &cfg.warnings {
-        let _ = writeln!(std::io::stderr(), "ringfwd: warning: {w}");
+        let _ = writeln!(err, "ringfwd: warning: {w}");
     }
-    let _ = write!(std::io::stdout(), "{}", cfg.to_toml());
+    if !args.quiet {
+        let _ = write!(std::io::stdout(), "{}", cfg.to_toml());
+        let _ = std::io::stdout().flush();
+        let _ = writeln!(err, "ringfwd: {}", check_verdict(path, &cfg));
+    }
     Ok(())
+}
+
+/// "FILE: configuration is valid (2 rules, 1 warning)".
+fn check_verdict(path: &std::path::Path, cfg: &Config) -> String {
+    let plural = |n: usize, one: &str| format!("{n} {one}{}", if n == 1 { "" } else { "s" });
+    let mut counts = plural(cfg.rules.len(), "rule");
+    if !cfg.warnings.is_empty() {
+        counts.push_str(", ");
+        counts.push_str(&plural(cfg.warnings.len(), "warning"));
+    }
+    format!("{}: configuration is valid ({counts})", path.display())
 }
 
 fn run(args: &RunArgs) -> anyhow::Result<()> {
@@ -226,7 +260,11 @@ fn run(args: &RunArgs) -> anyhow::Result<()> {
         };
         admin_fd = listener.try_clone().ok();
         let bound = ringfwd::metrics::admin::spawn_on(listener, metrics.clone())?;
-        tracing::info!(addr = %bound, "admin listening: /metrics /healthz /stats /histograms /reload");
+        tracing::info!(
+            addr = %bound,
+            "admin listening: {}",
+            ringfwd::metrics::admin::ENDPOINTS_TEXT
+        );
         // Machine-readable, like the "listening" lines: tests bind port 0 and read it here.
         let mut out = std::io::stdout().lock();
         let _ = writeln!(out, "admin addr={bound}");

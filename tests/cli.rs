@@ -218,7 +218,11 @@ fn check_prints_pools_with_what_they_resolved_to() {
     let path = file.path.display().to_string();
     let out = run_to_exit(&["check", "--config", &path]);
     assert!(out.status.success(), "exit {}: {}", out.status, out.stderr);
-    assert!(out.stderr.is_empty(), "stderr: {}", out.stderr);
+    assert_eq!(
+        one_line(&out.stderr),
+        format!("ringfwd: {path}: configuration is valid (1 rule)"),
+        "nothing but the verdict on stderr"
+    );
     for expected in [
         "    { addr = \"localhost:9000\", weight = 3, backup = false },",
         "    { addr = \"127.0.0.1:9001\", weight = 1, backup = false },",
@@ -258,7 +262,11 @@ fn check_prints_the_effective_acls_and_limits() {
     let path = file.path.display().to_string();
     let out = run_to_exit(&["check", "--config", &path]);
     assert!(out.status.success(), "exit {}: {}", out.status, out.stderr);
-    assert!(out.stderr.is_empty(), "stderr: {}", out.stderr);
+    assert_eq!(
+        one_line(&out.stderr),
+        format!("ringfwd: {path}: configuration is valid (2 rules)"),
+        "nothing but the verdict on stderr"
+    );
     let stdout = &out.stdout;
     let (edge, plain) = stdout.split_once("name = \"plain\"").expect("both rules");
     for expected in [
@@ -316,7 +324,9 @@ fn deprecated_uring_max_connections_warns_in_check_and_run() {
     assert!(out.status.success(), "exit {}: {}", out.status, out.stderr);
     assert_eq!(
         out.stderr.trim_end(),
-        format!("ringfwd: warning: {warning}")
+        format!(
+            "ringfwd: warning: {warning}\nringfwd: {path}: configuration is valid (1 rule, 1 warning)"
+        )
     );
     assert!(
         out.stdout.contains("max_connections = 300"),
@@ -383,5 +393,166 @@ fn check_rejects_what_run_could_not_do() {
     assert!(
         !Path::new("/nonexistent-ringfwd-dir").exists(),
         "check created the tap directory"
+    );
+}
+
+#[test]
+fn flag_errors_are_one_line_and_exit_1_like_config_errors() {
+    let base = [
+        "run",
+        "--listen",
+        "127.0.0.1:0",
+        "--upstream",
+        "127.0.0.1:9",
+    ];
+    // (extra flags, the whole line)
+    let cases: [(&[&str], &str); 4] = [
+        (
+            &["--workers", "0"],
+            "--workers: invalid workers \"0\": expected 1..=1024",
+        ),
+        (
+            &["--idle-timeout", "5"],
+            "--idle-timeout: invalid duration \"5\": a unit is required (us, ms, s, m or h)",
+        ),
+        (
+            &["--engine", "fast"],
+            "--engine: unknown engine \"fast\" (expected one of auto, uring, tokio, std)",
+        ),
+        (
+            &["--wrokers", "2"],
+            "unexpected argument '--wrokers' found; a similar argument exists: '--workers' (see ringfwd run --help)",
+        ),
+    ];
+    for (extra, want) in cases {
+        let args: Vec<&str> = base.iter().chain(extra).copied().collect();
+        let out = run_to_exit(&args);
+        assert_eq!(out.status.code(), Some(1), "{extra:?}: {}", out.stderr);
+        assert_eq!(one_line(&out.stderr), format!("ringfwd: error: {want}"));
+        assert!(out.stdout.is_empty(), "{}", out.stdout);
+    }
+    // Help and the version still print and exit 0.
+    for args in [&["--help"][..], &["run", "--help"], &["-V"], &["--version"]] {
+        let out = run_to_exit(args);
+        assert_eq!(out.status.code(), Some(0), "{args:?}: {}", out.stderr);
+        assert!(!out.stdout.is_empty(), "{args:?} printed nothing");
+        if args[0].starts_with("-V") || args[0] == "--version" {
+            assert!(out.stdout.starts_with("ringfwd "), "{}", out.stdout);
+        }
+    }
+}
+
+#[test]
+fn check_ends_with_a_valid_line_takes_a_positional_file_and_can_be_quiet() {
+    let file = TempFile::new("check-verdict", GOOD);
+    let path = file.path.display().to_string();
+    // 1. Positional or --config: the effective config on stdout, one verdict line on stderr.
+    for args in [
+        vec!["check", path.as_str()],
+        vec!["check", "--config", path.as_str()],
+    ] {
+        let out = run_to_exit(&args);
+        assert!(out.status.success(), "{args:?}: {}", out.stderr);
+        assert!(out.stdout.contains("name = \"web\""), "{}", out.stdout);
+        assert_eq!(
+            one_line(&out.stderr),
+            format!("ringfwd: {path}: configuration is valid (1 rule)")
+        );
+    }
+    // 2. --quiet: nothing at all for a valid file.
+    let out = run_to_exit(&["check", "--quiet", &path]);
+    assert!(out.status.success(), "{}", out.stderr);
+    assert_eq!((out.stdout.as_str(), out.stderr.as_str()), ("", ""));
+    // 3. --quiet still reports an error.
+    let bad = TempFile::new("check-verdict-bad", "[rule]\nlisten = \"127.0.0.1:0\"\n");
+    let bad_path = bad.path.display().to_string();
+    let out = run_to_exit(&["check", "-q", &bad_path]);
+    assert_eq!(out.status.code(), Some(1), "{}", out.stderr);
+    assert!(one_line(&out.stderr).starts_with("ringfwd: error: "));
+    // 4. Both forms at once is a mistake, said in one line.
+    let out = run_to_exit(&["check", &path, "--config", &path]);
+    assert_eq!(out.status.code(), Some(1), "{}", out.stderr);
+    assert!(
+        one_line(&out.stderr).contains("cannot be used with"),
+        "{}",
+        out.stderr
+    );
+}
+
+#[test]
+fn structure_mistakes_say_what_to_write() {
+    let rule = "listen = \"127.0.0.1:0\"\nupstream = \"127.0.0.1:80\"\n";
+    let cases = [
+        (
+            format!("[rule]\n{rule}"),
+            ":1:1: invalid type: map, expected a sequence; `[rule]` is a single table, but `rule` is a list of tables: write `[[rule]]` (double brackets), once per entry",
+        ),
+        (
+            format!("wrokers = 2\n[[rule]]\n{rule}"),
+            "; did you mean `workers`?",
+        ),
+        (
+            format!("[[rule]]\n{rule}idel_timeout = \"5m\"\n"),
+            "; did you mean `idle_timeout`?",
+        ),
+    ];
+    for (text, want) in cases {
+        let file = TempFile::new("check-structure", &text);
+        let path = file.path.display().to_string();
+        let out = run_to_exit(&["check", &path]);
+        assert_eq!(out.status.code(), Some(1), "{text}: {}", out.stderr);
+        let msg = one_line(&out.stderr);
+        assert!(
+            msg.starts_with(&format!("ringfwd: error: {path}:")) && msg.contains(want),
+            "{msg}\nlacks {want}"
+        );
+    }
+    // A name close to nothing gets the list, and no guess.
+    let file = TempFile::new("check-structure", &format!("colour = 1\n[[rule]]\n{rule}"));
+    let out = run_to_exit(&["check", &file.path.display().to_string()]);
+    assert!(!out.stderr.contains("did you mean"), "{}", out.stderr);
+}
+
+#[test]
+fn version_is_short_with_v_and_long_with_version() {
+    let short = run_to_exit(&["-V"]);
+    assert!(short.status.success());
+    assert_eq!(
+        short.stdout,
+        format!("ringfwd {}\n", env!("CARGO_PKG_VERSION"))
+    );
+    let long = run_to_exit(&["--version"]);
+    assert!(long.status.success(), "{}", long.stderr);
+    let text = long.stdout;
+    assert!(
+        text.starts_with(&format!("ringfwd {}\n", env!("CARGO_PKG_VERSION"))),
+        "{text}"
+    );
+    for key in [
+        "commit:",
+        "profile:",
+        "target:",
+        "kernel:",
+        "seccomp:",
+        "io_uring:",
+        "engines:",
+    ] {
+        assert!(
+            text.lines().any(|l| l.starts_with(key)),
+            "--version lacks a {key} line:\n{text}"
+        );
+    }
+    let profile = if cfg!(debug_assertions) {
+        "debug"
+    } else {
+        "release"
+    };
+    assert!(text.contains(&format!("profile:  {profile}\n")), "{text}");
+    // The io_uring line says what auto would pick: either available, or why not.
+    let uring = text.lines().find(|l| l.starts_with("io_uring:")).unwrap();
+    assert!(
+        uring.starts_with("io_uring: available (task running: ")
+            || uring.starts_with("io_uring: unavailable: "),
+        "{uring}"
     );
 }

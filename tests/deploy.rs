@@ -796,6 +796,60 @@ fn debian_metadata_names_files_that_exist() {
     }
 }
 
+/// The package describes itself (no "[generated from Rust crate ringfwd]") and ships the man
+/// pages and completions that deploy/gen-assets.sh generates, the script .ci/run runs before
+/// `cargo deb` (deploy/check-deb.sh then checks the built package holds them).
+#[test]
+fn the_package_has_a_description_a_license_man_pages_and_completions() {
+    let manifest: toml::Value = toml::from_str(&read("Cargo.toml")).unwrap();
+    let package = &manifest["package"];
+    assert!(
+        package["description"]
+            .as_str()
+            .is_some_and(|d| d.contains("port forwarder"))
+    );
+    assert_eq!(package["license"].as_str(), Some("MIT OR Apache-2.0"));
+    let assets: Vec<(String, String)> = package["metadata"]["deb"]["assets"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| {
+            let a = a.as_array().unwrap();
+            (a[0].as_str().unwrap().into(), a[1].as_str().unwrap().into())
+        })
+        .collect();
+    let script = read("deploy/gen-assets.sh");
+    for (src, dest) in [
+        ("target/assets/man/*.1.gz", "usr/share/man/man1/"),
+        (
+            "target/assets/completions/ringfwd.bash",
+            "usr/share/bash-completion/completions/ringfwd",
+        ),
+        (
+            "target/assets/completions/_ringfwd",
+            "usr/share/zsh/vendor-completions/_ringfwd",
+        ),
+        (
+            "target/assets/completions/ringfwd.fish",
+            "usr/share/fish/vendor_completions.d/ringfwd.fish",
+        ),
+    ] {
+        assert!(
+            assets.iter().any(|(s, d)| s == src && d == dest),
+            "no asset {src} → {dest}"
+        );
+    }
+    assert!(script.contains("generate man \"$out/man\""), "{script}");
+    assert!(script.contains("generate completions \"$shell\" \"$out/completions\""));
+    assert!(script.contains("for shell in bash zsh fish"));
+    let ci = read(".ci/run");
+    let gen_at = ci
+        .find("bash deploy/gen-assets.sh")
+        .expect(".ci/run runs gen-assets.sh");
+    let deb_at = ci[gen_at..].find("\ncargo deb\n").map(|i| i + gen_at);
+    assert!(deb_at.is_some(), "gen-assets.sh must run before cargo deb");
+}
+
 #[test]
 fn dockerfile_is_multi_stage_non_root_with_the_config() {
     let text = read("deploy/docker/Dockerfile");

@@ -1,13 +1,15 @@
 //! `--engine auto` falls back to tokio where io_uring is unavailable, and says so once.
 //!
 //! Where io_uring is missing in the field it is usually a seccomp profile (Docker ≥ 25 and
-//! containerd deny `io_uring_setup` with EPERM). These tests reproduce exactly that: the
-//! forwarder runs as a child process with a seccomp filter, installed between fork and exec,
-//! that answers the three io_uring syscalls with EPERM and allows everything else. Then:
+//! containerd deny `io_uring_setup` with EPERM, podman with ENOSYS — which looks like a kernel
+//! without io_uring). These tests reproduce exactly that: the forwarder runs as a child
+//! process with a seccomp filter, installed between fork and exec, that answers the three
+//! io_uring syscalls with EPERM or ENOSYS and allows everything else. Then, for each errno:
 //!
-//! 1. `--engine auto` starts on tokio, prints one warning that says why and how to fix it,
-//!    and forwards bytes;
-//! 2. `--engine uring` refuses to start: exit status 1, one error line, no panic;
+//! 1. `--engine auto` starts on tokio, prints one warning that names seccomp (not the
+//!    kernel) and the fix for Docker, podman and containerd, and forwards bytes;
+//! 2. `--engine uring` refuses to start: exit status 1, one error line saying the same, no
+//!    panic;
 //! 3. without the filter, `--engine auto` picks io_uring on a host that has it. Where the
 //!    host genuinely lacks io_uring this fails, so a CI runner that silently lost io_uring
 //!    is noticed; `RINGFWD_SKIP_URING=1` acknowledges such a host on purpose.
@@ -38,8 +40,9 @@ const EXIT_TIMEOUT: Duration = Duration::from_secs(15);
 const IO_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// A BPF program that fails `io_uring_setup`, `io_uring_enter` and `io_uring_register` with
-/// EPERM (what Docker's default profile does) and allows every other syscall.
-fn deny_io_uring() -> BpfProgram {
+/// `errno` (EPERM: Docker's and containerd's default profiles; ENOSYS: podman's) and allows
+/// every other syscall.
+fn deny_io_uring(errno: i32) -> BpfProgram {
     let denied: BTreeMap<i64, Vec<seccompiler::SeccompRule>> = [
         libc::SYS_io_uring_setup,
         libc::SYS_io_uring_enter,
@@ -54,7 +57,7 @@ fn deny_io_uring() -> BpfProgram {
     let filter = SeccompFilter::new(
         denied,
         SeccompAction::Allow,
-        SeccompAction::Errno(libc::EPERM as u32),
+        SeccompAction::Errno(errno as u32),
         arch,
     )
     .expect("valid seccomp filter");
@@ -105,15 +108,16 @@ struct Forwarder {
 }
 
 impl Forwarder {
-    fn spawn(args: &[&str], deny_uring: bool) -> Self {
+    /// `deny_uring`: the errno a seccomp filter answers the io_uring calls with, if any.
+    fn spawn(args: &[&str], deny_uring: Option<i32>) -> Self {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_ringfwd"));
         cmd.args(args)
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
-        if deny_uring {
-            with_seccomp(&mut cmd, deny_io_uring());
+        if let Some(errno) = deny_uring {
+            with_seccomp(&mut cmd, deny_io_uring(errno));
         }
         let mut child = cmd.spawn().expect("start ringfwd");
         let out = child.stdout.take().expect("piped stdout");
@@ -245,16 +249,34 @@ fn is_level(line: &str, level: &str) -> bool {
     line.split_whitespace().nth(1) == Some(level)
 }
 
-/// What the warning must name as the cause. With `kernel.io_uring_disabled` set, EPERM is
-/// (rightly) blamed on the sysctl, since it cannot be told apart from a seccomp denial.
-fn expected_cause() -> &'static [&'static str] {
+/// What the warning must name as the cause of `errno`. With `kernel.io_uring_disabled` set,
+/// EPERM is (rightly) blamed on the sysctl, since it cannot be told apart from a seccomp
+/// denial. ENOSYS on a kernel that has io_uring (every kernel since 5.1 that CI runs on) is
+/// a filter, never "built without CONFIG_IO_URING".
+fn expected_cause(errno: i32) -> Vec<&'static str> {
     let sysctl = std::fs::read_to_string("/proc/sys/kernel/io_uring_disabled")
         .map(|s| s.trim().to_string())
         .unwrap_or_default();
-    match sysctl.as_str() {
-        "1" | "2" => &["kernel.io_uring_disabled", "sysctl"],
-        _ => &["EPERM", "seccomp", "allow io_uring_setup"],
+    let fix = [
+        "seccomp filter is blocking the io_uring calls",
+        "allow io_uring_setup, io_uring_enter and io_uring_register",
+        "docker run --security-opt seccomp=/usr/share/ringfwd/seccomp/seccomp-io_uring.json",
+        "podman run --security-opt seccomp=",
+        "containerd",
+    ];
+    match (errno, sysctl.as_str()) {
+        (libc::EPERM, "1" | "2") => vec!["kernel.io_uring_disabled", "sysctl"],
+        (libc::EPERM, _) => [&["EPERM"][..], &fix].concat(),
+        _ => [&["ENOSYS"][..], &fix].concat(),
     }
+}
+
+/// Words a seccomp denial must not be blamed on.
+fn assert_blames_no_kernel_option(line: &str) {
+    assert!(
+        !line.contains("CONFIG_IO_URING") || line.contains("unless built without"),
+        "a filtered kernel is not a kernel without io_uring: {line}"
+    );
 }
 
 fn assert_no_panic(lines: &[String]) {
@@ -267,6 +289,25 @@ fn assert_no_panic(lines: &[String]) {
 
 #[test]
 fn auto_falls_back_to_tokio_with_one_warning_when_seccomp_denies_io_uring() {
+    auto_falls_back_when_seccomp_answers(libc::EPERM);
+}
+
+#[test]
+fn auto_falls_back_naming_seccomp_when_seccomp_answers_enosys() {
+    auto_falls_back_when_seccomp_answers(libc::ENOSYS);
+}
+
+#[test]
+fn explicit_uring_refuses_to_start_when_seccomp_denies_io_uring() {
+    explicit_uring_refuses_when_seccomp_answers(libc::EPERM);
+}
+
+#[test]
+fn explicit_uring_refuses_naming_seccomp_when_seccomp_answers_enosys() {
+    explicit_uring_refuses_when_seccomp_answers(libc::ENOSYS);
+}
+
+fn auto_falls_back_when_seccomp_answers(errno: i32) {
     // 1. A backend, and the forwarder with io_uring denied.
     let echo = start_echo();
     let upstream = echo.to_string();
@@ -282,7 +323,7 @@ fn auto_falls_back_to_tokio_with_one_warning_when_seccomp_denies_io_uring() {
             "--shutdown-grace",
             "1s",
         ],
-        true,
+        Some(errno),
     );
 
     // 2. It starts, on tokio.
@@ -320,14 +361,14 @@ fn auto_falls_back_to_tokio_with_one_warning_when_seccomp_denies_io_uring() {
         w.contains("io_uring unavailable") && w.contains("falling back to the tokio engine"),
         "the warning must say io_uring is unavailable and what runs instead: {w}"
     );
-    for needle in expected_cause() {
+    for needle in expected_cause(errno) {
         assert!(w.contains(needle), "the warning lacks {needle:?}: {w}");
     }
+    assert_blames_no_kernel_option(w);
     assert_says_once(w);
 }
 
-#[test]
-fn explicit_uring_refuses_to_start_when_seccomp_denies_io_uring() {
+fn explicit_uring_refuses_when_seccomp_answers(errno: i32) {
     // 1. Same filter, but io_uring asked for explicitly.
     let echo = start_echo();
     let upstream = echo.to_string();
@@ -341,7 +382,7 @@ fn explicit_uring_refuses_to_start_when_seccomp_denies_io_uring() {
             "--upstream",
             &upstream,
         ],
-        true,
+        Some(errno),
     );
 
     // 2. It exits by itself with status 1, having listened on nothing.
@@ -368,9 +409,10 @@ fn explicit_uring_refuses_to_start_when_seccomp_denies_io_uring() {
         e.starts_with("ringfwd: error: io_uring engine unavailable: "),
         "unexpected error line: {e}"
     );
-    for needle in expected_cause() {
+    for needle in expected_cause(errno) {
         assert!(e.contains(needle), "the error lacks {needle:?}: {e}");
     }
+    assert_blames_no_kernel_option(e);
     assert_says_once(e);
 }
 
@@ -405,7 +447,7 @@ fn auto_picks_io_uring_where_it_is_available() {
             "--shutdown-grace",
             "1s",
         ],
-        false,
+        None,
     );
 
     // 2. Whatever it picked, it forwards and stops cleanly.

@@ -640,3 +640,146 @@ fn hdr_log_intervals_add_up_to_the_sessions_served() {
     assert_eq!(count("web.upstream_connect"), 1);
     assert_eq!(count("web.first_byte"), 1);
 }
+
+/// One raw HTTP/1.1 request (`Connection: close`); returns the status line's code, the
+/// headers (lower-cased names) and the body.
+fn http_raw(addr: SocketAddr, method: &str, path: &str) -> (u16, Vec<(String, String)>, String) {
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(DEADLINE)).unwrap();
+    write!(
+        s,
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut text = String::new();
+    s.read_to_string(&mut text).unwrap();
+    let (head, body) = text.split_once("\r\n\r\n").unwrap();
+    let mut lines = head.lines();
+    let status = lines.next().unwrap().split_whitespace().nth(1).unwrap();
+    let headers = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_string()))
+        .collect();
+    (status.parse().unwrap(), headers, body.to_string())
+}
+
+fn header<'a>(headers: &'a [(String, String)], name: &str) -> Option<&'a str> {
+    headers
+        .iter()
+        .find(|(k, _)| k == name)
+        .map(|(_, v)| v.as_str())
+}
+
+/// Steps: 1. `GET /reload` is 405 with `Allow: POST`, and a GET endpoint asked with another
+/// method 405 with `Allow: GET`; 2. every 404 lists every real endpoint.
+#[test]
+fn wrong_methods_get_405_with_allow_and_404_lists_every_endpoint() {
+    let backend = Backend::start(0, <[u8]>::to_vec);
+    let fwd = Forwarder::simple("tokio", backend.addr);
+    let (status, headers, body) = http_raw(fwd.admin, "GET", "/reload");
+    assert_eq!(status, 405, "{body}");
+    assert_eq!(header(&headers, "allow"), Some("POST"), "{headers:?}");
+    assert!(body.contains("/reload answers POST only"), "{body}");
+    for path in ["/metrics", "/stats", "/upstreams", "/healthz"] {
+        let (status, headers, body) = http_raw(fwd.admin, "POST", path);
+        assert_eq!(status, 405, "POST {path}: {body}");
+        assert_eq!(header(&headers, "allow"), Some("GET"), "{headers:?}");
+    }
+    for (method, path) in [
+        ("GET", "/nothing"),
+        ("POST", "/nothing"),
+        ("GET", "/reload/x"),
+    ] {
+        let (status, _, body) = http_raw(fwd.admin, method, path);
+        assert_eq!(status, 404, "{method} {path}: {body}");
+        for endpoint in ringfwd::metrics::admin::ENDPOINTS.map(|(p, _)| p) {
+            assert!(body.contains(endpoint), "the 404 lacks {endpoint}: {body}");
+        }
+    }
+    backend.join();
+}
+
+/// The sample names in the first column of docs/METRICS.md's metrics table.
+fn documented_metric_names() -> Vec<String> {
+    let doc =
+        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/METRICS.md"))
+            .unwrap();
+    doc.lines()
+        .filter_map(|l| l.strip_prefix("| `"))
+        .filter_map(|l| l.split_once('`').map(|(name, _)| name.to_string()))
+        .filter(|n| {
+            (n.starts_with("ringfwd_") || n.starts_with("process_"))
+                && n.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+        })
+        .collect()
+}
+
+/// Steps: 1. scrape a running forwarder; 2. every metric METRICS.md documents is exported
+/// (a family's `# TYPE` line; the tap's only exists with a tap) and every `process_` family
+/// exported is documented; 3. the process metrics hold values that make sense for this very
+/// process: the fds it has open (at least its listener and admin socket), its limit, its
+/// memory, its CPU time and its start time (no later than now, no earlier than the test).
+#[test]
+fn every_documented_metric_is_exported_with_the_process_metrics() {
+    let before = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64();
+    let backend = Backend::start(1, <[u8]>::to_vec);
+    let fwd = Forwarder::simple("tokio", backend.addr);
+    assert_eq!(exchange(fwd.listen, b"ping"), b"ping");
+    let (status, text) = fwd.get("/metrics");
+    assert_eq!(status, 200);
+    let names = documented_metric_names();
+    for want in [
+        "process_open_fds",
+        "process_max_fds",
+        "process_resident_memory_bytes",
+        "process_cpu_seconds_total",
+        "process_start_time_seconds",
+    ] {
+        assert!(
+            names.iter().any(|n| n == want),
+            "METRICS.md does not document {want}"
+        );
+    }
+    for name in &names {
+        if name == "ringfwd_tap_dropped_events_total" {
+            continue;
+        }
+        let family = name.strip_suffix("_total").unwrap_or(name);
+        assert!(
+            text.lines()
+                .any(|l| l.starts_with(&format!("# TYPE {family} "))),
+            "documented {name} is not exported:\n{text}"
+        );
+    }
+    for family in text
+        .lines()
+        .filter_map(|l| l.strip_prefix("# TYPE process_"))
+        .filter_map(|l| l.split_whitespace().next())
+    {
+        assert!(
+            names
+                .iter()
+                .any(|n| n.strip_suffix("_total").unwrap_or(n) == format!("process_{family}")),
+            "process_{family} is exported but not documented"
+        );
+    }
+    let open = metric_value(&text, "process_open_fds");
+    let max = metric_value(&text, "process_max_fds");
+    assert!(open >= 4.0 && open <= max, "open {open}, max {max}");
+    assert!(metric_value(&text, "process_resident_memory_bytes") > f64::from(1 << 20));
+    assert!(metric_value(&text, "process_cpu_seconds_total") >= 0.0);
+    let start = metric_value(&text, "process_start_time_seconds");
+    let after = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64();
+    // /proc's start time is in clock ticks after a boot time in whole seconds: allow both.
+    assert!(
+        start >= before - 2.0 && start <= after + 1.0,
+        "start {start}, test ran {before}..{after}"
+    );
+    backend.join();
+}

@@ -5,6 +5,7 @@
 //! that carry their units (`Duration`, `SocketAddr`, `NonZeroUsize`, [`ByteSize`]). Every error
 //! names the file, the line and the key, in one line an operator can act on.
 
+mod hint;
 pub mod raw;
 pub mod units;
 
@@ -845,10 +846,14 @@ impl Config {
             warnings: std::cell::RefCell::new(Vec::new()),
         };
         let raw: RawConfig = toml::from_str(text).map_err(|e| {
-            let msg = e.message().trim().to_string();
+            let mut msg = e.message().trim().to_string();
             match e.span() {
                 Some(span) => {
                     let (line, col) = src.line_col(span.start);
+                    let line_text = text.lines().nth(line - 1).unwrap_or("");
+                    if let Some(hint) = hint::for_error(&msg, line_text) {
+                        msg = format!("{msg}; {hint}");
+                    }
                     let key = if msg.starts_with("unknown field") {
                         None
                     } else {

@@ -43,6 +43,26 @@ pub const MAX_CONNECTIONS: usize = 64;
 /// a kept-alive connection waiting for its next request.
 pub const HEADER_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// Every endpoint and the one method it answers. A 404 lists them; a known path asked with
+/// another method gets 405 and `Allow:` naming its method.
+pub const ENDPOINTS: [(&str, Method); 6] = [
+    ("/metrics", Method::GET),
+    ("/healthz", Method::GET),
+    ("/stats", Method::GET),
+    ("/upstreams", Method::GET),
+    ("/histograms", Method::GET),
+    ("/reload", Method::POST),
+];
+
+/// [`ENDPOINTS`] for the start-up line and `--admin`'s help.
+pub const ENDPOINTS_TEXT: &str =
+    "GET /metrics /healthz /stats /upstreams /histograms?rule=R&metric=M, POST /reload";
+
+/// The body of a 404: what exists.
+fn not_found(path: &str) -> String {
+    format!("no such endpoint {path:?}; the endpoints are {ENDPOINTS_TEXT}\n")
+}
+
 struct State {
     metrics: Arc<Metrics>,
     registry: Registry,
@@ -324,17 +344,24 @@ fn respond(
     r
 }
 
+/// Answers every request but `POST /reload` (answered in `serve_connection`).
 fn route(state: &State, req: &Request<Incoming>) -> Response<Full<Bytes>> {
-    if req.method() != Method::GET {
+    let path = req.uri().path();
+    let Some((_, method)) = ENDPOINTS.iter().find(|(p, _)| *p == path) else {
+        return text(StatusCode::NOT_FOUND, not_found(path));
+    };
+    if req.method() != method {
         let mut r = text(
             StatusCode::METHOD_NOT_ALLOWED,
-            "only GET is served here (and POST /reload)\n",
+            format!("{path} answers {method} only, not {}\n", req.method()),
         );
-        r.headers_mut()
-            .insert(hyper::header::ALLOW, HeaderValue::from_static("GET"));
+        r.headers_mut().insert(
+            hyper::header::ALLOW,
+            HeaderValue::from_static(method.as_str()),
+        );
         return r;
     }
-    match req.uri().path() {
+    match path {
         "/metrics" => respond(
             StatusCode::OK,
             prom::CONTENT_TYPE,
@@ -366,12 +393,8 @@ fn route(state: &State, req: &Request<Incoming>) -> Response<Full<Bytes>> {
                 "no rules are running yet\n",
             ),
         },
-        other => text(
-            StatusCode::NOT_FOUND,
-            format!(
-                "no such endpoint {other:?}: try /metrics, /healthz, /stats, /upstreams or /histograms?rule=R&metric=M\n"
-            ),
-        ),
+        // `POST /reload` never reaches here; a listed path without a branch is a bug.
+        other => text(StatusCode::NOT_FOUND, not_found(other)),
     }
 }
 

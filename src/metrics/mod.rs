@@ -12,6 +12,7 @@
 pub mod admin;
 pub mod hdrlog;
 pub mod hist;
+pub mod process;
 pub mod prom;
 pub mod report;
 pub mod tap;

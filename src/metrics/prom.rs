@@ -155,10 +155,11 @@ impl MetricsCollector {
     }
 }
 
-/// A registry holding only the ringfwd collector.
+/// A registry holding the ringfwd collector and the standard process metrics.
 pub fn registry(metrics: Arc<Metrics>) -> Registry {
     let mut r = Registry::default();
     r.register_collector(Box::new(MetricsCollector::new(metrics)));
+    r.register_collector(Box::new(super::process::ProcessCollector));
     r
 }
 

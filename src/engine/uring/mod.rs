@@ -40,6 +40,76 @@ impl fmt::Display for Unavailable {
     }
 }
 
+/// What the host says about io_uring besides the failed call, for naming the right cause.
+///
+/// `ENOSYS` from `io_uring_setup` means either a kernel built without io_uring or a seccomp
+/// filter answering for it (podman's default profile does exactly that); the two need
+/// opposite fixes, so the kernel's own evidence decides which one the message names.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct HostEvidence {
+    /// `kernel.io_uring_disabled`: `None` when the sysctl does not exist (before 6.6, or no
+    /// io_uring at all).
+    pub sysctl: Option<u8>,
+    /// `/proc/kallsyms` lists the `io_uring_setup` system call.
+    pub kallsyms: bool,
+    /// The kernel release (`uname -r`), e.g. `6.8.0-45-generic`.
+    pub release: Option<String>,
+    /// `Seccomp:` of `/proc/self/status`: 0 none, 1 strict, 2 filter.
+    pub seccomp_mode: Option<u8>,
+}
+
+impl HostEvidence {
+    /// This host and process, read from `/proc` (cheap; only called after a failure or for
+    /// `--version`).
+    pub fn current() -> Self {
+        Self {
+            sysctl: io_uring_disabled_sysctl(),
+            kallsyms: kallsyms_has_io_uring(),
+            release: std::fs::read_to_string("/proc/sys/kernel/osrelease")
+                .ok()
+                .map(|r| r.trim().to_string()),
+            seccomp_mode: std::fs::read_to_string("/proc/self/status")
+                .ok()
+                .and_then(|s| {
+                    s.lines()
+                        .find_map(|l| l.strip_prefix("Seccomp:"))
+                        .and_then(|v| v.trim().parse().ok())
+                }),
+        }
+    }
+
+    /// Why this kernel is known to have io_uring, if it is: the sysctl exists only where
+    /// io_uring is built in, and kallsyms names its system call.
+    fn kernel_has_io_uring(&self) -> Option<String> {
+        if let Some(v) = self.sysctl {
+            return Some(format!("the sysctl kernel.io_uring_disabled exists, = {v}"));
+        }
+        if self.kallsyms {
+            return Some("/proc/kallsyms lists io_uring_setup".into());
+        }
+        None
+    }
+
+    /// Linux 5.1 or newer: io_uring is in the kernel unless it was configured out (rare:
+    /// `CONFIG_IO_URING` is on by default), so a filter is the likely cause.
+    fn release_has_io_uring(&self) -> bool {
+        let Some(r) = &self.release else { return false };
+        let mut nums = r
+            .split(|c: char| !c.is_ascii_digit())
+            .map(|n| n.parse::<u32>().unwrap_or(0));
+        let (major, minor) = (nums.next().unwrap_or(0), nums.next().unwrap_or(0));
+        (major, minor) >= (5, 1)
+    }
+
+    fn seccomp_note(&self) -> &'static str {
+        if self.seccomp_mode == Some(2) {
+            " (this process runs under a seccomp filter: Seccomp 2 in /proc/self/status)"
+        } else {
+            ""
+        }
+    }
+}
+
 fn io_uring_disabled_sysctl() -> Option<u8> {
     std::fs::read_to_string("/proc/sys/kernel/io_uring_disabled")
         .ok()?
@@ -48,13 +118,51 @@ fn io_uring_disabled_sysctl() -> Option<u8> {
         .ok()
 }
 
+/// Whether `/proc/kallsyms` names the io_uring_setup system call (any architecture's
+/// wrapper: `__x64_sys_io_uring_setup`, `__arm64_sys_io_uring_setup`, `sys_io_uring_setup`).
+/// Names are listed even where addresses are hidden (`kptr_restrict`).
+fn kallsyms_has_io_uring() -> bool {
+    use std::io::BufRead;
+    let Ok(f) = std::fs::File::open("/proc/kallsyms") else {
+        return false;
+    };
+    std::io::BufReader::new(f)
+        .lines()
+        .map_while(Result::ok)
+        .any(|l| l.ends_with("sys_io_uring_setup"))
+}
+
+/// How to let io_uring through a container runtime's seccomp profile, for each runtime.
+pub const SECCOMP_FIX: &str = "allow io_uring_setup, io_uring_enter and io_uring_register in the seccomp profile: \
+Docker: docker run --security-opt seccomp=/usr/share/ringfwd/seccomp/seccomp-io_uring.json (deploy/docker/seccomp-io_uring.json in the source); \
+podman: podman run --security-opt seccomp=<that file>; \
+containerd/Kubernetes: securityContext.seccompProfile {type: Localhost, localhostProfile: ringfwd/seccomp-io_uring.json} with the file in the kubelet's seccomp directory (nerdctl: --security-opt seccomp=<that file>)";
+
 fn explain_setup_error(e: &std::io::Error) -> Unavailable {
-    let sysctl = io_uring_disabled_sysctl();
-    let why = match e.raw_os_error() {
-        Some(libc::ENOSYS) => "io_uring_setup is not implemented by this kernel (built without CONFIG_IO_URING, or older than 5.1); use a kernel with io_uring".to_string(),
-        Some(libc::EPERM) if sysctl == Some(2) => "io_uring is disabled by sysctl kernel.io_uring_disabled=2; enable it with `sysctl kernel.io_uring_disabled=0`".to_string(),
-        Some(libc::EPERM) if sysctl == Some(1) => "io_uring is restricted by sysctl kernel.io_uring_disabled=1 to the group in kernel.io_uring_group; run ringfwd in that group or set `sysctl kernel.io_uring_disabled=0`".to_string(),
-        Some(libc::EPERM) => "io_uring_setup was denied (EPERM): typically a seccomp profile such as Docker's default (25+) or containerd's; allow io_uring_setup/io_uring_enter/io_uring_register in the profile (e.g. docker run --security-opt seccomp=<profile>)".to_string(),
+    explain_with(e.raw_os_error(), &e.to_string(), &HostEvidence::current())
+}
+
+/// [`explain_setup_error`] for an errno and the host's evidence (separate so tests can give
+/// any host).
+fn explain_with(errno: Option<i32>, text: &str, host: &HostEvidence) -> Unavailable {
+    let seccomp = host.seccomp_note();
+    let why = match errno {
+        Some(libc::ENOSYS) => match host.kernel_has_io_uring() {
+            Some(evidence) => format!(
+                "io_uring_setup answered ENOSYS although this kernel has io_uring ({evidence}): a seccomp filter is blocking the io_uring calls{seccomp}, as podman's default profile and Docker's (25+) do; {SECCOMP_FIX}"
+            ),
+            None if host.release_has_io_uring() => format!(
+                "io_uring_setup answered ENOSYS on Linux {}, which has io_uring unless built without CONFIG_IO_URING: most likely a seccomp filter is blocking the io_uring calls{seccomp}, as podman's default profile and Docker's (25+) do; {SECCOMP_FIX}",
+                host.release.as_deref().unwrap_or("?")
+            ),
+            None => "io_uring_setup is not implemented by this kernel (built without CONFIG_IO_URING, or older than 5.1); use a kernel with io_uring".to_string(),
+        },
+        Some(libc::EPERM) if host.sysctl == Some(2) => "io_uring is disabled by sysctl kernel.io_uring_disabled=2; enable it with `sysctl kernel.io_uring_disabled=0`".to_string(),
+        Some(libc::EPERM) if host.sysctl == Some(1) => "io_uring is restricted by sysctl kernel.io_uring_disabled=1 to the group in kernel.io_uring_group; run ringfwd in that group or set `sysctl kernel.io_uring_disabled=0`".to_string(),
+        Some(libc::EPERM) => format!(
+            "io_uring_setup was denied (EPERM) with kernel.io_uring_disabled {}: a seccomp filter is blocking the io_uring calls{seccomp}, as Docker's (25+), containerd's and podman's default profiles do; {SECCOMP_FIX}",
+            host.sysctl.map_or("unset".into(), |v| format!("= {v}"))
+        ),
         Some(libc::ENOMEM) => format!(
             "io_uring_setup failed with ENOMEM: the locked-memory limit (RLIMIT_MEMLOCK, {}) is too low for the rings; raise it (ulimit -l, LimitMEMLOCK= in a systemd unit, or CAP_IPC_LOCK), or lower workers / [uring] ring_entries",
             limit_text(Resource::RLIMIT_MEMLOCK, "KiB", 10)
@@ -63,7 +171,7 @@ fn explain_setup_error(e: &std::io::Error) -> Unavailable {
             "io_uring_setup failed: out of file descriptors (RLIMIT_NOFILE {}); raise it (ulimit -n, LimitNOFILE= in a systemd unit) or lower workers",
             limit_text(Resource::RLIMIT_NOFILE, "", 0)
         ),
-        _ => format!("io_uring_setup failed: {e}"),
+        _ => format!("io_uring_setup failed: {text}"),
     };
     Unavailable(why)
 }
@@ -85,7 +193,24 @@ const REQUIRED: [(u8, &str); 8] = [
 /// # Errors
 /// [`Unavailable`] saying why and how to enable io_uring.
 pub fn probe() -> Result<(), Unavailable> {
-    let (ring, _mode) = ring::build(8).map_err(|e| explain_setup_error(&e))?;
+    features().map(drop)
+}
+
+/// What [`probe`] found where io_uring works: for `ringfwd --version`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Features {
+    /// The task-running mode a worker's ring gets ([`ring::build`]).
+    pub taskrun: &'static str,
+    /// The kernel has `IORING_OP_SPLICE` (the splice data path).
+    pub splice: bool,
+}
+
+/// Sets up a small ring and checks every opcode and feature the engine needs.
+///
+/// # Errors
+/// [`Unavailable`] saying why and how to enable io_uring.
+pub fn features() -> Result<Features, Unavailable> {
+    let (ring, taskrun) = ring::build(8).map_err(|e| explain_setup_error(&e))?;
     let mut probe = io_uring::Probe::new();
     ring.submitter().register_probe(&mut probe).map_err(|e| {
         Unavailable(format!(
@@ -108,7 +233,10 @@ pub fn probe() -> Result<(), Unavailable> {
             "this kernel's io_uring lacks EXT_ARG waits; ringfwd needs Linux 6.0 or newer".into(),
         ));
     }
-    Ok(())
+    Ok(Features {
+        taskrun,
+        splice: probe.is_supported(opcode::Splice::CODE),
+    })
 }
 
 /// A resource limit's soft value for a message, `unlimited` or in `unit` (`value >> shift`).
@@ -528,6 +656,87 @@ mod tests {
             "mode = \"{mode}\"\n[[rule]]\nlisten = \"127.0.0.1:0\"\nupstream = \"127.0.0.1:9\"\n"
         );
         Config::parse("t.toml", &text).expect("valid config")
+    }
+
+    fn host(sysctl: Option<u8>, kallsyms: bool, release: &str) -> HostEvidence {
+        HostEvidence {
+            sysctl,
+            kallsyms,
+            release: Some(release.into()),
+            seccomp_mode: Some(2),
+        }
+    }
+
+    fn why(errno: i32, host: &HostEvidence) -> String {
+        explain_with(Some(errno), "os error", host).0
+    }
+
+    /// Every runtime's fix is named, with the shipped profile.
+    fn assert_names_the_seccomp_fix(w: &str) {
+        for needle in [
+            "seccomp filter is blocking",
+            "docker run --security-opt seccomp=/usr/share/ringfwd/seccomp/seccomp-io_uring.json",
+            "podman run --security-opt seccomp=",
+            "containerd/Kubernetes",
+            "localhostProfile: ringfwd/seccomp-io_uring.json",
+            "Seccomp 2",
+        ] {
+            assert!(w.contains(needle), "lacks {needle:?}: {w}");
+        }
+        assert!(!w.contains("CONFIG_IO_URING"), "blames the kernel: {w}");
+    }
+
+    #[test]
+    fn enosys_on_a_kernel_with_io_uring_names_seccomp() {
+        // podman's default profile: ENOSYS, on a kernel whose sysctl proves io_uring exists.
+        let w = why(libc::ENOSYS, &host(Some(0), false, "6.8.0"));
+        assert_names_the_seccomp_fix(&w);
+        assert!(
+            w.contains("(the sysctl kernel.io_uring_disabled exists, = 0)"),
+            "{w}"
+        );
+        // Before 6.6 there is no sysctl: kallsyms is the evidence.
+        let w = why(libc::ENOSYS, &host(None, true, "5.15.0"));
+        assert_names_the_seccomp_fix(&w);
+        assert!(w.contains("/proc/kallsyms lists io_uring_setup"), "{w}");
+        // Only the version: seccomp is the likely cause, the kernel option the other one.
+        let w = why(libc::ENOSYS, &host(None, false, "5.10.0-28-amd64"));
+        assert!(w.contains("Linux 5.10.0-28-amd64") && w.contains("most likely a seccomp"));
+        assert!(w.contains("podman run --security-opt seccomp="), "{w}");
+        // A kernel too old for io_uring: the kernel is the cause.
+        let w = why(libc::ENOSYS, &host(None, false, "4.19.0"));
+        assert!(
+            w.contains("CONFIG_IO_URING") && !w.contains("seccomp"),
+            "{w}"
+        );
+    }
+
+    #[test]
+    fn eperm_without_the_sysctl_names_seccomp_and_each_runtimes_fix() {
+        let w = why(libc::EPERM, &host(Some(0), true, "6.8.0"));
+        assert_names_the_seccomp_fix(&w);
+        assert!(
+            w.contains("EPERM") && w.contains("kernel.io_uring_disabled = 0"),
+            "{w}"
+        );
+        let w = why(libc::EPERM, &host(None, true, "5.15.0"));
+        assert!(w.contains("kernel.io_uring_disabled unset"), "{w}");
+        // The sysctl, when set, is the cause (EPERM cannot tell it from a filter).
+        let w = why(libc::EPERM, &host(Some(2), true, "6.8.0"));
+        assert!(
+            w.contains("kernel.io_uring_disabled=2") && !w.contains("seccomp"),
+            "{w}"
+        );
+    }
+
+    #[test]
+    fn this_hosts_evidence_is_read() {
+        let h = HostEvidence::current();
+        assert!(h.release.is_some());
+        assert!(
+            h.seccomp_mode.is_some(),
+            "/proc/self/status has a Seccomp line"
+        );
     }
 
     const ROOMY: Limits = Limits {
