@@ -124,9 +124,23 @@ impl Limited {
                 Ok(())
             });
         }
-        let mut child = cmd.spawn().unwrap_or_else(|e| {
-            panic!("spawn {} under {:?}: {e}", bin.display(), limits.describe())
-        });
+        // A test thread that forks while the copy above is still open for writing hands the
+        // child that write descriptor, and exec then fails with ETXTBSY until the child has
+        // exec'd in turn: retry, a bounded number of times.
+        let mut tries = 0;
+        let mut child = loop {
+            match cmd.spawn() {
+                Err(e) if e.raw_os_error() == Some(libc::ETXTBSY) && tries < 100 => {
+                    tries += 1;
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                spawned => {
+                    break spawned.unwrap_or_else(|e| {
+                        panic!("spawn {} under {:?}: {e}", bin.display(), limits.describe())
+                    });
+                }
+            }
+        };
         let stderr = Arc::new(Mutex::new(String::new()));
         {
             let mut pipe = child.stderr.take().expect("piped");
