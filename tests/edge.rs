@@ -373,7 +373,8 @@ fn ringfwd_proxy_protocol_reaches_a_checking_server(engine: &[&str]) {
 
 /// `accept_proxy` trusting only 127.0.0.2: a client from 127.0.0.3 is reset promptly even
 /// though it sends a valid header (and long before the header timeout), is counted
-/// `untrusted_proxy`, and never reaches the upstream; the trusted 127.0.0.2 is served.
+/// `untrusted_proxy` — and nowhere else: not in `accepted`, no access-log line — and never
+/// reaches the upstream; the trusted 127.0.0.2 is served.
 fn untrusted_source_is_rejected_without_reading(engine: &[&str]) {
     let _load = support::light();
     let echo = Backend::echo();
@@ -418,6 +419,20 @@ fn untrusted_source_is_rejected_without_reading(engine: &[&str]) {
         "an untrusted connection reached the upstream"
     );
     wait_rejected(&relay, "edge", "untrusted_proxy", 2);
+    // 4. Turned away at accept, as docs/METRICS.md says: not in `accepted`, and no access-log
+    //    line (the trusted session's line, waited for above, came after both rejections).
+    let m = edge::metrics(&relay);
+    assert_eq!(
+        m.sum("ringfwd_connections_accepted_total", &[("rule", "edge")]),
+        1.0,
+        "only the trusted connection is accepted"
+    );
+    let log = relay.stderr();
+    assert_eq!(
+        log.matches("session closed").count(),
+        1,
+        "an access-log line for an untrusted connection:\n{log}"
+    );
 }
 
 /// `accept_proxy` on two rules. On `strict` (`proxy_header_timeout = "30s"`), garbage, an
