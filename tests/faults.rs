@@ -93,6 +93,25 @@ fn blackholed_upstream_times_out(engine: &[&str]) {
             "closed after {took:?}, before the 1 s connect timeout"
         );
     }
+    // Each was one connect attempt ending in one timeout (what the old "not much later"
+    // stopwatch bound stood for), as its access-log line says.
+    assert!(
+        support::eventually(STEP_TIMEOUT, || {
+            relay.stderr().matches("session closed").count() >= CLIENTS
+        }),
+        "fewer than {CLIENTS} access-log lines:\n{}",
+        relay.stderr()
+    );
+    for line in relay
+        .stderr()
+        .lines()
+        .filter(|l| l.contains("session closed"))
+    {
+        assert!(
+            line.contains("attempts=1 ") && line.contains("reason=\"connect_timeout\""),
+            "{line}"
+        );
+    }
     // 3. The SYNs really went into the hole, and the relay holds nothing afterwards.
     let (forwarded, dropped, _) = link.stats();
     assert!(dropped >= CLIENTS as u64, "only {dropped} packets dropped");

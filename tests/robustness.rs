@@ -42,7 +42,9 @@ engine_suite!(uring_copy, ["--engine", "uring", "--mode", "copy"]);
 engine_suite!(uring_splice, ["--engine", "uring", "--mode", "splice"]);
 engine_suite!(uring_auto, ["--engine", "uring", "--mode", "auto"]);
 
-/// How long a SIGTERM'd forwarder with no live sessions may take to exit.
+/// How long a SIGTERM'd forwarder with no live sessions may take to exit: generous for an
+/// exit that needs no waiting (milliseconds on an idle box), yet under the 10 s default
+/// `shutdown_grace`, so a forwarder that waits the grace out with nothing to drain still fails.
 const PROMPT_EXIT: Duration = Duration::from_secs(5);
 
 /// One echo round trip through `addr`, then a clean close both ways.
