@@ -143,7 +143,7 @@ if $keep; then
     cat <<EOF
 Try, from another terminal:
   bash -c 'exec 3<>/dev/tcp/$host/$port; echo hi >&3; head -1 <&3'
-  nc $host $port                        # type lines, Ctrl-D to half-close
+  nc -N $host $port    # type lines, Ctrl-D half-closes (nc from netcat-openbsd: apt install netcat-openbsd)
   $bin ping $fwd_addr
 Its log follows.
 EOF

@@ -96,7 +96,7 @@ fn relay_for(engine: &[&str], upstream: SocketAddr, max: usize) -> Relay {
 fn settle(relay: &Relay) -> usize {
     let pid = relay.pid();
     let mut states = Vec::new();
-    let ok = support::eventually(Duration::from_secs(10), || {
+    let ok = support::eventually(support::STEP_TIMEOUT, || {
         states = netns::tcp_states(pid);
         states.iter().all(|s| *s == "LISTEN")
     });

@@ -308,7 +308,7 @@ fn reload_under_load(engine: &[&str]) {
     // connection carries on.
     echo_once(added.parse().unwrap()).expect("the added rule serves");
     assert!(
-        eventually(Duration::from_secs(5), || refuses(gone)),
+        eventually(STEP_TIMEOUT, || refuses(gone)),
         "the removed rule's port still accepts"
     );
     live_on_gone.write_all(b"after!").unwrap();

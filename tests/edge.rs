@@ -86,10 +86,11 @@ engine_suite!(
     slowloris_hello_costs_kilobytes
 );
 
-/// How long a rejection ("reset at once") may take to reach the client on a loaded box. Every
-/// scenario that judges promptness sets its header timeout well above this, so a reset that
+/// How long a rejection ("reset at once") may take to reach the client on a loaded box:
+/// [`STEP_TIMEOUT`], so that a slow machine cannot fail a correct forwarder. Every scenario
+/// that judges promptness sets its header timeout well above this (30 s), so a reset that
 /// only comes from a timeout cannot pass for a prompt one.
-const PROMPT: Duration = Duration::from_secs(3);
+const PROMPT: Duration = STEP_TIMEOUT;
 
 fn v4(a: u8, b: u8, c: u8, d: u8) -> IpAddr {
     IpAddr::V4(Ipv4Addr::new(a, b, c, d))
@@ -372,7 +373,8 @@ fn ringfwd_proxy_protocol_reaches_a_checking_server(engine: &[&str]) {
 
 /// `accept_proxy` trusting only 127.0.0.2: a client from 127.0.0.3 is reset promptly even
 /// though it sends a valid header (and long before the header timeout), is counted
-/// `untrusted_proxy`, and never reaches the upstream; the trusted 127.0.0.2 is served.
+/// `untrusted_proxy` — and nowhere else: not in `accepted`, no access-log line — and never
+/// reaches the upstream; the trusted 127.0.0.2 is served.
 fn untrusted_source_is_rejected_without_reading(engine: &[&str]) {
     let _load = support::light();
     let echo = Backend::echo();
@@ -417,6 +419,20 @@ fn untrusted_source_is_rejected_without_reading(engine: &[&str]) {
         "an untrusted connection reached the upstream"
     );
     wait_rejected(&relay, "edge", "untrusted_proxy", 2);
+    // 4. Turned away at accept, as docs/METRICS.md says: not in `accepted`, and no access-log
+    //    line (the trusted session's line, waited for above, came after both rejections).
+    let m = edge::metrics(&relay);
+    assert_eq!(
+        m.sum("ringfwd_connections_accepted_total", &[("rule", "edge")]),
+        1.0,
+        "only the trusted connection is accepted"
+    );
+    let log = relay.stderr();
+    assert_eq!(
+        log.matches("session closed").count(),
+        1,
+        "an access-log line for an untrusted connection:\n{log}"
+    );
 }
 
 /// `accept_proxy` on two rules. On `strict` (`proxy_header_timeout = "30s"`), garbage, an
@@ -485,11 +501,11 @@ fn bad_late_and_local_headers(engine: &[&str]) {
         ("a silent client", &b""[..]),
         ("half a header", &b"PROXY TCP4 127."[..]),
     ] {
-        let (end, took) = attempt_from(v4(127, 0, 6, 2), late, bytes, Duration::from_secs(10));
+        let (end, took) = attempt_from(v4(127, 0, 6, 2), late, bytes, TIMEOUT + PROMPT);
         assert_eq!(end, End::Reset, "{what}: after {took:?}");
         assert!(
-            took >= TIMEOUT - Duration::from_millis(100) && took < TIMEOUT + PROMPT,
-            "{what} was reset after {took:?}, expected about {TIMEOUT:?}"
+            took >= TIMEOUT - Duration::from_millis(100),
+            "{what} was reset after {took:?}, before the {TIMEOUT:?} header timeout"
         );
     }
     wait_rejected(&relay, "late", "proxy_header_timeout", 2);
@@ -745,9 +761,10 @@ fn rate_limit_admits_the_configured_rate(engine: &[&str]) {
 }
 
 /// Slowloris against the PROXY preamble: 2 000 connections each drip a v1 header one byte
-/// every 200 ms, never finishing it, under `proxy_header_timeout = "2s"`. While they are all
+/// every 200 ms, never finishing it, under `proxy_header_timeout = "5s"`. While they are all
 /// held, the forwarder's RSS grows by less than 4 KiB per connection and a proper client is
-/// served; each is reset about 2 s after it connected (`proxy_header_timeout`, 2 000 times);
+/// served; each is reset no sooner than 5 s after it connected (`proxy_header_timeout`,
+/// 2 000 times);
 /// afterwards the forwarder's fds are back to what they were.
 fn slowloris_preamble_costs_kilobytes(engine: &[&str]) {
     slowloris(engine, false);
@@ -760,12 +777,15 @@ fn slowloris_hello_costs_kilobytes(engine: &[&str]) {
 }
 
 /// 2 000 connections each drip a preamble prefix (a PROXY header, or with `hello` a TLS
-/// ClientHello) one byte every 200 ms: all are closed at the 2 s timeout and counted, the
-/// forwarder's RSS grows by under 4 KiB per connection, and a proper client is served.
+/// ClientHello) one byte every 200 ms: all are closed at the 5 s timeout and counted, the
+/// forwarder's RSS grows by under 4 KiB per connection, and a proper client is served while
+/// they are held. The timeout is long enough for a loaded box to open all 2 000 and serve
+/// the proper client before the first one times out (2 s was not, now and then); the drip
+/// (25 bytes in 5 s) still never completes a header.
 fn slowloris(engine: &[&str], hello: bool) {
     let _load = support::heavy();
     const CONNS: usize = 2_000;
-    const TIMEOUT: Duration = Duration::from_secs(2);
+    const TIMEOUT: Duration = Duration::from_secs(5);
     const DRIP: Duration = Duration::from_millis(200);
     const PER_CONN: u64 = 4 << 10;
     // A record header, then a ClientHello's handshake header and version: TLS from byte one.
@@ -781,9 +801,9 @@ fn slowloris(engine: &[&str], hello: bool) {
     support::ensure_fd_limit(CONNS as u64 + 1_000);
     let echo = Backend::echo();
     let keys = if hello {
-        "proxy_header_timeout = \"2s\"\n[[rule.route]]\nsni = [\"a.example.com\"]\nupstream = \"127.0.0.1:9\""
+        "proxy_header_timeout = \"5s\"\n[[rule.route]]\nsni = [\"a.example.com\"]\nupstream = \"127.0.0.1:9\""
     } else {
-        "accept_proxy = true\nproxy_trusted = [\"127.0.0.0/8\"]\nproxy_header_timeout = \"2s\""
+        "accept_proxy = true\nproxy_trusted = [\"127.0.0.0/8\"]\nproxy_header_timeout = \"5s\""
     };
     // The relay's allocator must not back its heap with transparent huge pages here: RSS
     // would then grow in 2 MiB steps (1 KiB per connection at a time over 2 000), and the
@@ -835,14 +855,14 @@ fn slowloris(engine: &[&str], hello: bool) {
     // 3. A proper client, served while the 2 000 are held.
     let bystander = std::thread::spawn(move || {
         let started = Instant::now();
-        proper().map(|_| started.elapsed())
+        proper().map(|_| (started.elapsed(), Instant::now()))
     });
     // 4. Drip one byte every 200 ms; watch for closes; sample the RSS while all are held.
     let mut closed: Vec<Option<(End, Duration)>> = vec![None; CONNS];
     let mut open = CONNS;
     let mut peak_held_rss = None::<u64>;
     let mut next_drip = Instant::now() + DRIP;
-    let deadline = Instant::now() + TIMEOUT + Duration::from_secs(6);
+    let deadline = Instant::now() + TIMEOUT + STEP_TIMEOUT;
     while open > 0 && Instant::now() < deadline {
         if open == CONNS {
             let held = procfs::socket_inodes(pid).len();
@@ -909,10 +929,9 @@ fn slowloris(engine: &[&str], hello: bool) {
     // 5. Judge: all closed about the timeout after they connected, and counted.
     let still_open = closed.iter().filter(|c| c.is_none()).count();
     assert_eq!(
-        still_open,
-        0,
-        "{still_open} of {CONNS} dripping connections still open {:?} after the timeout",
-        Duration::from_secs(6)
+        still_open, 0,
+        "{still_open} of {CONNS} dripping connections still open {STEP_TIMEOUT:?} after the \
+         timeout"
     );
     let times: Vec<Duration> = closed.iter().map(|c| c.expect("closed").1).collect();
     let (earliest, latest) = (
@@ -927,10 +946,6 @@ fn slowloris(engine: &[&str], hello: bool) {
         earliest >= TIMEOUT - Duration::from_millis(250),
         "a dripping connection was closed {earliest:?} after connecting, before the {TIMEOUT:?} \
          header timeout"
-    );
-    assert!(
-        latest < TIMEOUT + Duration::from_secs(4),
-        "a dripping connection was closed only {latest:?} after connecting ({TIMEOUT:?} timeout)"
     );
     let fails: Vec<&End> = closed
         .iter()
@@ -957,13 +972,25 @@ fn slowloris(engine: &[&str], hello: bool) {
          budget {PER_CONN}",
         grown / CONNS as u64
     );
-    let took = bystander
+    // Served while the 2 000 were held, not after the forwarder let go of them: an order of
+    // events, not a speed (a forwarder that served it only once the first ones timed out
+    // fails however fast the machine is).
+    let (took, served_at) = bystander
         .join()
         .expect("proper client thread")
         .unwrap_or_else(|e| panic!("a proper client was not served during the attack: {e}"));
+    let first_close = conns
+        .iter()
+        .zip(&closed)
+        .filter_map(|((_, at, _), c)| c.map(|(_, after)| *at + after))
+        .min()
+        .expect("every dripping connection closed");
+    eprintln!("a proper client was served in {took:?} during the attack");
     assert!(
-        took < TIMEOUT,
-        "a proper client took {took:?} to be served during the attack"
+        served_at < first_close,
+        "a proper client was served only {:?} after the first dripping connection was closed \
+         (it took {took:?}): it waited for the attack to end",
+        served_at - first_close
     );
     // 7. Everything released.
     drop(conns);

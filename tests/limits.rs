@@ -252,8 +252,14 @@ fn serves(relay: &Limited, conns: u64) {
 /// Lines of the child's stderr at WARN level.
 fn warnings(relay: &Limited) -> Vec<String> {
     // The warnings come before the `listening` line on stdout, but stderr is read by its own
-    // thread: give it a moment to catch up before taking the snapshot.
-    support::eventually(Duration::from_secs(2), || relay.stderr().contains("WARN"));
+    // thread. In stderr itself they come before the `listening` log line: wait for that line
+    // (bounded; it is missing only when RUST_LOG hides INFO), not for a guessed time.
+    support::eventually(support::STEP_TIMEOUT, || {
+        relay
+            .stderr()
+            .lines()
+            .any(|l| l.contains(" INFO ") && l.contains(": listening rule="))
+    });
     relay
         .stderr()
         .lines()

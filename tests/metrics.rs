@@ -400,6 +400,91 @@ fn admin_endpoints_answer_and_reject_clearly() {
     backend.join();
 }
 
+/// The keys of a JSON object and of every object under it, as `a.b.c` paths; `rules` arrays
+/// are walked through their first element.
+fn json_paths(v: &serde_json::Value, prefix: &str, out: &mut Vec<String>) {
+    match v {
+        serde_json::Value::Object(map) => {
+            for (k, v) in map {
+                let path = format!("{prefix}{k}");
+                json_paths(v, &format!("{path}."), out);
+                out.push(path);
+            }
+        }
+        serde_json::Value::Array(items) => {
+            if let Some(first) = items.first() {
+                json_paths(first, prefix, out);
+            }
+        }
+        _ => {}
+    }
+}
+
+/// docs/METRICS.md's `/stats` example has the shape the binary answers with: every key of the
+/// example exists in a live answer, and every key of the live answer is in the example, except
+/// the histograms the example leaves out (its `...`), which its note names instead.
+/// Steps: 1. the example, its `...` line dropped, parses as JSON; 2. a forwarder that served
+/// one session answers `/stats`; 3. the key paths match both ways.
+#[test]
+fn metrics_md_stats_example_matches_the_binary() {
+    // 1.
+    let doc =
+        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/METRICS.md"))
+            .expect("docs/METRICS.md");
+    let example = doc
+        .split("`/stats` looks like this")
+        .nth(1)
+        .and_then(|rest| rest.split("```json\n").nth(1))
+        .and_then(|rest| rest.split("\n```").next())
+        .expect("the /stats example in docs/METRICS.md");
+    // The paragraph right under the example.
+    let note = doc
+        .split(example)
+        .nth(1)
+        .and_then(|rest| rest.split("\n\n").next())
+        .unwrap_or_default();
+    let example = example.replace(",\n                ...", "");
+    let example: serde_json::Value = serde_json::from_str(&example).unwrap_or_else(|e| {
+        panic!("the /stats example is not JSON once `...` is dropped: {e}\n{example}")
+    });
+    // 2.
+    let backend = Backend::start(1, <[u8]>::to_vec);
+    let fwd = Forwarder::simple("tokio", backend.addr);
+    assert_eq!(exchange(fwd.listen, b"ping"), b"ping");
+    fwd.wait_idle(1);
+    let (status, body) = fwd.get("/stats");
+    assert_eq!(status, 200, "{body}");
+    let live: serde_json::Value = serde_json::from_str(&body).expect("/stats is JSON");
+    backend.join();
+    // 3.
+    let (mut documented, mut answered) = (Vec::new(), Vec::new());
+    json_paths(&example, "", &mut documented);
+    json_paths(&live, "", &mut answered);
+    let invented: Vec<&String> = documented
+        .iter()
+        .filter(|p| !answered.contains(p))
+        .collect();
+    assert!(
+        invented.is_empty(),
+        "docs/METRICS.md's /stats example has keys the binary does not send: {invented:?}\n{body}"
+    );
+    let missing: Vec<&String> = answered
+        .iter()
+        .filter(|p| !documented.contains(p))
+        .filter(|p| {
+            // A histogram left out of the example must at least be named in its note.
+            let hist = p
+                .strip_prefix("rules.histograms.")
+                .map(|h| h.split('.').next().unwrap_or(h));
+            !hist.is_some_and(|h| note.contains(&format!("`{h}`")))
+        })
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "the binary's /stats has keys docs/METRICS.md's example lacks: {missing:?}\n{body}"
+    );
+}
+
 /// Steps: 1. open a session and hold it open after one round trip; 2. `ringfwd stats` shows
 /// it active with real percentiles; 3. close it.
 #[test]

@@ -71,8 +71,9 @@ const RISE: u32 = 2;
 const HEALTH_CHECK: &str =
     "[rule.health_check]\ninterval = \"200ms\"\ntimeout = \"200ms\"\nrise = 2\nfall = 2\n";
 /// Added to every "reported within" bound: the box is shared and loaded, so a probe or a
-/// scrape may be late by far more than its period. Generous, but finite.
-const MARGIN: Duration = Duration::from_secs(5);
+/// scrape may be late by far more than its period. Generous ([`STEP_TIMEOUT`]), but finite:
+/// a member never reported still fails the scenario; how long it took is printed.
+const MARGIN: Duration = STEP_TIMEOUT;
 
 /// One `[[rule]]` table: `upstream` is TOML as written (a string or an array), `extra` more
 /// keys and sub-tables of the rule.
@@ -603,10 +604,11 @@ fn source_hash_is_stable_and_moves_only_the_removed_share(engine: &[&str]) {
 }
 
 /// Three members that refuse, `connect_retries = 2`: the client is closed (reset or EOF, no
-/// data) within 2 s, after exactly one refused connect per member — three in all
+/// data) on the refusals, after exactly one refused connect per member — three in all
 /// (`ringfwd_upstream_connect_errors_total{reason="refused"}` and `/upstreams`). Fails: no
 /// failover (1 error), retrying one member (2 on it), more attempts than allowed, or a
-/// client left hanging.
+/// client left hanging (the connect timeout is 120 s, far past the wait's [`STEP_TIMEOUT`],
+/// so only the refusals can close the client in time).
 fn every_member_refusing_closes_promptly(engine: &[&str]) {
     let _load = support::light();
     // 1. Three ports bound but not listening.
@@ -614,13 +616,17 @@ fn every_member_refusing_closes_promptly(engine: &[&str]) {
     let addrs: Vec<SocketAddr> = ports.iter().map(ClosedPort::addr).collect();
     let fwd = Forwarder::start(
         engine,
-        &rule("refuse", &toml_list(addrs.clone()), "connect_retries = 2"),
+        &rule(
+            "refuse",
+            &toml_list(addrs.clone()),
+            "connect_retries = 2\nconnect_timeout = \"120s\"",
+        ),
         1,
     );
     // 2. One client: closed promptly, nothing received.
-    let (end, took) = sock::connect_expect_closed(fwd.addr(), Duration::from_secs(2));
+    let (end, took) = sock::connect_expect_closed(fwd.addr(), STEP_TIMEOUT);
     assert!(end.is_closed(), "{end:?} after {took:?}");
-    assert!(took < Duration::from_secs(2), "closed after {took:?}");
+    eprintln!("every member refusing {engine:?}: client closed after {took:?}");
     // 3. One refused connect per member, three in all.
     let refused = |m: &pool::Metrics, addr: SocketAddr| {
         m.sum(
@@ -671,7 +677,7 @@ fn every_member_refusing_closes_promptly(engine: &[&str]) {
         assert_eq!(count(member, "connections"), 0, "{member}");
     }
     // 4. With every member down, a connection still tries them, and is closed promptly too.
-    let (end, took) = sock::connect_expect_closed(fwd.addr(), Duration::from_secs(2));
+    let (end, took) = sock::connect_expect_closed(fwd.addr(), STEP_TIMEOUT);
     assert!(end.is_closed(), "second client: {end:?} after {took:?}");
     wait_until(
         STEP_TIMEOUT,

@@ -27,6 +27,13 @@ use support::sock::{
 };
 use support::{Relay, STEP_TIMEOUT, procfs};
 
+/// A one-second timeout, connect or grace, as the scenarios configure it.
+const ONE_SECOND: Duration = Duration::from_secs(1);
+/// How much earlier than configured a timer may seem to fire from the test's side: the test
+/// starts its clock a little after the forwarder starts its own (the io_uring engine also
+/// checks its timers on a 100 ms tick, late rather than early).
+const TIMER_SLACK: Duration = Duration::from_millis(100);
+
 /// One module of tests for one engine, given as the extra flags of `ringfwd run`.
 macro_rules! engine_suite {
     ($suite:ident, [$($arg:literal),* $(,)?]) => {
@@ -81,18 +88,23 @@ fn transfer(w: &TcpStream, r: &mut TcpStream, data: &[u8]) -> Vec<u8> {
 /// Small request/response exchanges, each message in two writes where the second waits
 /// for the first to arrive: with Nagle's algorithm left on either relay socket, the second
 /// write would wait for a delayed ACK (40 ms on Linux) and the round would take that long.
+///
+/// The pass mark is that stall, not the machine's speed: the median round must be under
+/// [`DELAYED_ACK`] (with Nagle on, most rounds take at least that). The median itself
+/// (well under a millisecond on an idle box) is printed; `scripts/bench.sh` measures round
+/// trips (`rr64`, `rr16k`) properly.
 fn ping_pong(engine: &[&str]) {
     let _load = support::light();
     const ROUNDS: usize = 300;
-    const SLOW: Duration = Duration::from_millis(20);
+    /// Linux's minimum delayed-ACK timeout, what a Nagle stall costs a round.
+    const DELAYED_ACK: Duration = Duration::from_millis(40);
     // 1. A forwarder in front of an upstream the test drives by hand.
     let upstream = Upstream::bind();
     let relay = Relay::start(engine, upstream.addr(), &[]);
     let (mut client, mut server) = pair(&relay, &upstream);
     let mut rng = StdRng::seed_from_u64(1);
     let mut rounds = Vec::with_capacity(ROUNDS);
-    let mut slow = 0;
-    for round in 0..ROUNDS {
+    for _ in 0..ROUNDS {
         let started = Instant::now();
         // 2. The request goes up in two parts, the second after the first arrived.
         for _ in 0..2 {
@@ -108,23 +120,19 @@ fn ping_pong(engine: &[&str]) {
             server.write_all(&part).expect("upstream write");
             assert_eq!(read_n(&mut client, part.len()), part);
         }
-        let took = started.elapsed();
-        rounds.push(took);
-        // 4. Rounds are fast: a delayed-ACK stall (>= 40 ms) is rare noise, never the rule.
-        if took >= SLOW {
-            slow += 1;
-            assert!(
-                slow <= ROUNDS / 10,
-                "{slow} of {} ping/pong rounds took {SLOW:?} or more: Nagle left on a relay socket?",
-                round + 1
-            );
-        }
+        rounds.push(started.elapsed());
     }
+    // 4. A delayed-ACK stall is rare noise, never the rule.
     rounds.sort();
     let median = rounds[ROUNDS / 2];
+    let stalled = rounds.iter().filter(|&&r| r >= DELAYED_ACK).count();
+    eprintln!(
+        "ping/pong {engine:?}: median round {median:?}, {stalled} of {ROUNDS} rounds >= {DELAYED_ACK:?}"
+    );
     assert!(
-        median < Duration::from_millis(5),
-        "median ping/pong round {median:?}"
+        median < DELAYED_ACK,
+        "median ping/pong round {median:?} ({stalled} of {ROUNDS} rounds >= {DELAYED_ACK:?}): \
+         Nagle left on a relay socket?"
     );
     // 5. A clean close both ways.
     client.shutdown(Shutdown::Write).expect("client FIN");
@@ -294,7 +302,7 @@ fn data_half_close_and_reset_after_a_quiet_spell(engine: &[&str]) {
     assert_eq!(read_n(&mut server, 4), b"ping");
     std::thread::sleep(QUIET);
     sock::reset(server);
-    let (end, data) = wait_end(&mut client, Duration::from_secs(5));
+    let (end, data) = wait_end(&mut client, STEP_TIMEOUT);
     assert_eq!(
         end,
         End::Reset,
@@ -345,7 +353,7 @@ fn upstream_reset_reaches_client(engine: &[&str]) {
     server.write_all(b"last words").expect("upstream write");
     sock::reset(server);
     // 3. The client may read (part of) the message, then must see ECONNRESET.
-    let (end, data) = wait_end(&mut client, Duration::from_secs(5));
+    let (end, data) = wait_end(&mut client, STEP_TIMEOUT);
     assert_eq!(
         end,
         End::Reset,
@@ -371,7 +379,7 @@ fn client_reset_reaches_upstream(engine: &[&str]) {
     // 2. The client resets.
     sock::reset(client);
     // 3. The upstream sees ECONNRESET.
-    let (end, data) = wait_end(&mut server, Duration::from_secs(5));
+    let (end, data) = wait_end(&mut server, STEP_TIMEOUT);
     assert_eq!(
         end,
         End::Reset,
@@ -380,15 +388,17 @@ fn client_reset_reaches_upstream(engine: &[&str]) {
     assert!(data.is_empty(), "unexpected bytes {data:?}");
 }
 
-/// A refused upstream closes the client promptly, and the forwarder keeps serving.
+/// A refused upstream closes the client at once (on the refusal, not on the connect timeout),
+/// and the forwarder keeps serving.
 fn refused_upstream_closes_client(engine: &[&str]) {
     let _load = support::light();
-    // 1. The upstream port is bound but not listening: connects to it are refused.
+    // 1. The upstream port is bound but not listening: connects to it are refused. The connect
+    //    timeout is far longer than the wait below, so only the refusal can close the client.
     let port = ClosedPort::new();
-    let relay = Relay::start(engine, port.addr(), &[]);
-    // 2. Each client is closed (EOF or reset) within a second of connecting.
+    let relay = Relay::start(engine, port.addr(), &["--connect-timeout", "120s"]);
+    // 2. Each client is closed (EOF or reset).
     for i in 0..3 {
-        let (end, took) = sock::connect_expect_closed(relay.addr(), Duration::from_secs(1));
+        let (end, took) = sock::connect_expect_closed(relay.addr(), STEP_TIMEOUT);
         assert!(
             end.is_closed(),
             "client {i} of a refused upstream: {end:?} after {took:?}"
@@ -404,7 +414,8 @@ fn refused_upstream_closes_client(engine: &[&str]) {
 }
 
 /// An upstream that never completes the handshake closes the client after the connect
-/// timeout (not before: that would be a refusal, not a timeout).
+/// timeout (not before: that would be a refusal, not a timeout). The lower bound is the
+/// property; the upper one only says it fired at all (the timeout plus [`STEP_TIMEOUT`]).
 fn connect_timeout_closes_client(engine: &[&str]) {
     let _load = support::light();
     // 1. An upstream whose accept queue is full: SYNs to it are dropped.
@@ -412,11 +423,12 @@ fn connect_timeout_closes_client(engine: &[&str]) {
     let relay = Relay::start(engine, blackhole.addr(), &["--connect-timeout", "1s"]);
     // 2. A client connects; the forwarder's upstream connect hangs.
     // 3. The client is closed about one second later.
-    let (end, took) = sock::connect_expect_closed(relay.addr(), Duration::from_secs(5));
+    let (end, took) = sock::connect_expect_closed(relay.addr(), ONE_SECOND + STEP_TIMEOUT);
     assert!(end.is_closed(), "{end:?} after {took:?}");
+    eprintln!("connect timeout 1s {engine:?}: client closed after {took:?}");
     assert!(
-        took >= Duration::from_millis(900) && took < Duration::from_secs(3),
-        "closed after {took:?}, expected about the 1s connect timeout"
+        took >= ONE_SECOND - TIMER_SLACK,
+        "closed after {took:?}, before the 1s connect timeout"
     );
     // 4. The access log calls it a connect timeout, not a refusal.
     let line = support::wait_for_line(&relay, "session closed", STEP_TIMEOUT);
@@ -424,6 +436,8 @@ fn connect_timeout_closes_client(engine: &[&str]) {
         line.contains("reason=\"connect_timeout\"") || line.contains("reason=connect_timeout"),
         "{line}"
     );
+    // 5. One attempt, so one timeout: what "not much later" meant, without a stopwatch.
+    assert!(line.contains("attempts=1 "), "{line}");
 }
 
 /// During an outage every client fails, but the log does not: one line per member per
@@ -437,7 +451,7 @@ fn connect_failures_are_logged_at_most_once_a_second(engine: &[&str]) {
     // 2. A burst of clients, each closed promptly.
     let started = Instant::now();
     for i in 0..CLIENTS {
-        let (end, took) = sock::connect_expect_closed(relay.addr(), Duration::from_secs(2));
+        let (end, took) = sock::connect_expect_closed(relay.addr(), STEP_TIMEOUT);
         assert!(end.is_closed(), "client {i}: {end:?} after {took:?}");
     }
     let seconds = started.elapsed().as_secs() + 1;
@@ -455,12 +469,15 @@ fn connect_failures_are_logged_at_most_once_a_second(engine: &[&str]) {
     );
 }
 
-/// With `--idle-timeout 1s` an idle pair is closed within a bound, and a pair with a byte
-/// every 200 ms in just one direction is not.
+/// With `--idle-timeout 2s` an idle pair is closed, not before the timeout, and a pair with a
+/// byte every 200 ms in just one direction is not (a gap ten times shorter than the timeout,
+/// so a descheduled test thread does not make a busy pair look idle). The upper bound only
+/// says the timeout fired at all: the timeout plus [`STEP_TIMEOUT`].
 fn idle_timeout(engine: &[&str]) {
     let _load = support::light();
+    const IDLE: Duration = Duration::from_secs(2);
     let upstream = Upstream::bind();
-    let relay = Relay::start(engine, upstream.addr(), &["--idle-timeout", "1s"]);
+    let relay = Relay::start(engine, upstream.addr(), &["--idle-timeout", "2s"]);
     let established = |relay: &Relay| {
         let (mut c, mut s) = pair(relay, &upstream);
         c.write_all(b"x").expect("client write");
@@ -475,30 +492,31 @@ fn idle_timeout(engine: &[&str]) {
     let (up_c, up_s) = established(&relay);
     let (down_c, down_s) = established(&relay);
     std::thread::scope(|s| {
-        // 2. The busy pairs carry one byte every 200 ms for 2.6 s, each in one direction only.
+        // 2. The busy pairs carry one byte every 200 ms for 3 s, each in one direction only.
         for (mut from, mut to) in [(up_c, up_s), (down_s, down_c)] {
             s.spawn(move || {
-                for i in 0..13u8 {
+                for i in 0..15u8 {
                     std::thread::sleep(Duration::from_millis(200));
                     from.write_all(&[i]).expect("busy pair closed by the relay");
                     assert_eq!(read_n(&mut to, 1), [i], "busy pair lost a byte");
                 }
-                // 4. ... and after 2.6 s they still close cleanly.
+                // 4. ... and after 3 s they still close cleanly.
                 from.shutdown(Shutdown::Write).expect("FIN");
                 assert!(read_to_eof(&mut to).is_empty());
                 drop(to);
                 assert!(read_to_eof(&mut from).is_empty());
             });
         }
-        // 3. The idle pair is closed on both sides, about a second after its last byte.
-        let (end, _) = wait_end(&mut idle_c, Duration::from_secs(4));
+        // 3. The idle pair is closed on both sides, not before the timeout.
+        let (end, _) = wait_end(&mut idle_c, IDLE + STEP_TIMEOUT);
         let took = idle_since.elapsed();
         assert!(end.is_closed(), "idle client after {took:?}: {end:?}");
+        eprintln!("idle timeout 2s {engine:?}: idle pair closed after {took:?}");
         assert!(
-            took >= Duration::from_millis(900) && took < Duration::from_millis(2500),
-            "idle pair closed after {took:?}, expected about 1s"
+            took >= IDLE - TIMER_SLACK,
+            "idle pair closed after {took:?}, before the 2s idle timeout"
         );
-        let (end, _) = wait_end(&mut idle_s, Duration::from_secs(1));
+        let (end, _) = wait_end(&mut idle_s, STEP_TIMEOUT);
         assert!(end.is_closed(), "idle upstream: {end:?}");
     });
 }
@@ -719,7 +737,7 @@ fn no_fd_or_close_wait_leak(engine: &[&str]) {
     //    (runtime, pools); when its sessions are gone, note the relay's descriptors.
     mixed_endings(live, dead, 7 * THREADS, THREADS);
     assert!(
-        support::eventually(Duration::from_secs(5), only_listeners),
+        support::eventually(STEP_TIMEOUT, only_listeners),
         "warm-up sessions still open:\n{}",
         procfs::describe_fds(pid).join("\n")
     );
@@ -728,7 +746,7 @@ fn no_fd_or_close_wait_leak(engine: &[&str]) {
     mixed_endings(live, dead, CONNS, THREADS);
     // 3. The relay returns to its baseline of descriptors ...
     let mut now = usize::MAX;
-    let settled = support::eventually(Duration::from_secs(5), || {
+    let settled = support::eventually(STEP_TIMEOUT, || {
         now = procfs::fd_count(pid);
         now <= baseline && only_listeners()
     });
@@ -807,7 +825,9 @@ fn mixed_endings(live: SocketAddr, dead: SocketAddr, count: usize, threads: usiz
 fn graceful_shutdown_drains(engine: &[&str]) {
     let _load = support::light();
     let backend = Backend::echo();
-    let mut relay = Relay::start(engine, backend.addr(), &[]);
+    // A grace far longer than any wait below: a process that waited it out instead of
+    // exiting when its last connection ended fails however slow the machine is.
+    let mut relay = Relay::start(engine, backend.addr(), &["--shutdown-grace", "120s"]);
     // 1. A live connection.
     let mut live = connect(relay.addr());
     live.write_all(b"before").expect("write");
@@ -815,14 +835,16 @@ fn graceful_shutdown_drains(engine: &[&str]) {
     // 2. SIGTERM: new connections are refused once the listener is closed.
     relay.sigterm();
     let addr = relay.addr();
-    let refused = support::eventually(Duration::from_secs(5), || match TcpStream::connect_timeout(
-        &addr,
-        Duration::from_secs(1),
-    ) {
-        Err(e) => e.kind() == std::io::ErrorKind::ConnectionRefused,
-        Ok(_) => false,
+    let refused = support::eventually(STEP_TIMEOUT, || {
+        match TcpStream::connect_timeout(&addr, Duration::from_secs(1)) {
+            Err(e) => e.kind() == std::io::ErrorKind::ConnectionRefused,
+            Ok(_) => false,
+        }
     });
-    assert!(refused, "the listener still accepts 5 s after SIGTERM");
+    assert!(
+        refused,
+        "the listener still accepts {STEP_TIMEOUT:?} after SIGTERM"
+    );
     // 3. The live connection still flows both ways, and the process waits for it.
     let payload = data::bytes(&mut StdRng::seed_from_u64(12), 1 << 20);
     assert!(transfer(&live, &mut live.try_clone().expect("clone"), &payload) == payload);
@@ -835,9 +857,9 @@ fn graceful_shutdown_drains(engine: &[&str]) {
     live.shutdown(Shutdown::Write).expect("FIN");
     assert!(read_to_eof(&mut live).is_empty());
     drop(live);
-    match relay.wait_exit(Duration::from_secs(5)) {
+    match relay.wait_exit(STEP_TIMEOUT) {
         Some(status) => assert!(status.success(), "exit status {status}"),
-        None => panic!("still running 5 s after its last connection ended"),
+        None => panic!("still running {STEP_TIMEOUT:?} after its last connection ended"),
     }
     // 5. It says what happened to the connections it had.
     // (At least the live one: a connection that closed on its own after SIGTERM counts too.)
@@ -848,8 +870,8 @@ fn graceful_shutdown_drains(engine: &[&str]) {
     );
 }
 
-/// With `--shutdown-grace 1s`, a connection that never ends is closed about a second after
-/// SIGTERM, and the process exits.
+/// With `--shutdown-grace 1s`, a connection that never ends is closed after the grace (not
+/// before), and the process exits.
 fn shutdown_grace_ends_stuck_connections(engine: &[&str]) {
     let _load = support::light();
     let backend = Backend::echo();
@@ -865,15 +887,17 @@ fn shutdown_grace_ends_stuck_connections(engine: &[&str]) {
     assert_eq!(read_n(&mut live, 5), b"still");
     // 3. About a second later the relay cuts it, with RST: a cut transfer must never read
     //    as a clean end of stream ...
-    let (end, _) = wait_end(&mut live, Duration::from_secs(5));
+    //    (Not before the grace; the upper bound only says it was cut at all.)
+    let (end, _) = wait_end(&mut live, ONE_SECOND + STEP_TIMEOUT);
     let took = signalled.elapsed();
     assert_eq!(end, End::Reset, "{took:?} after SIGTERM");
+    eprintln!("shutdown grace 1s {engine:?}: cut {took:?} after SIGTERM");
     assert!(
-        took >= Duration::from_millis(900) && took < Duration::from_secs(3),
-        "closed {took:?} after SIGTERM, expected about the 1s grace"
+        took >= ONE_SECOND - TIMER_SLACK,
+        "closed {took:?} after SIGTERM, before the 1s grace"
     );
     // 4. ... and exits, saying it cut one.
-    match relay.wait_exit(Duration::from_secs(3)) {
+    match relay.wait_exit(STEP_TIMEOUT) {
         Some(status) => assert!(status.success(), "exit status {status}"),
         None => panic!("still running {:?} after SIGTERM", signalled.elapsed()),
     }

@@ -305,8 +305,10 @@ fn an_unmatched_hello_without_a_default_route_is_rejected(engine: &[&str]) {
         refused.is_err(),
         "an unrouted name got through: {refused:?}"
     );
+    // Closed by the forwarder, not left open until s_client is killed after OPENSSL_WAIT
+    // (longer than STEP_TIMEOUT); how soon is the machine's business.
     assert!(
-        started.elapsed() < Duration::from_secs(4),
+        started.elapsed() < STEP_TIMEOUT,
         "the unrouted client was closed only after {:?}",
         started.elapsed()
     );

@@ -508,12 +508,18 @@ mod tests {
         for _ in 0..(4 * QUEUE_BYTES / chunk.len()) {
             tap.data(&s, Direction::ClientToUpstream, &chunk);
         }
-        assert!(
-            started.elapsed() < Duration::from_secs(5),
-            "tap blocked the caller"
+        // Not a speed bound (a shared box may take seconds for 4 × the budget): a tap that
+        // waited for the writer instead of dropping would drop nothing, which fails below.
+        eprintln!(
+            "{} MiB offered to a full tap queue in {:?}",
+            (4 * QUEUE_BYTES) >> 20,
+            started.elapsed()
         );
         let (events, bytes) = tap.dropped();
-        assert!(events > 0);
+        assert!(
+            events > 0,
+            "nothing was dropped: the tap waited for its writer"
+        );
         assert_eq!(bytes, events * chunk.len() as u64);
         tap.close_session(s, CloseReason::Eof);
         let text = wait_for_file(&path, " close ");
