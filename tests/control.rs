@@ -47,23 +47,6 @@ struct Load {
     threads: Vec<JoinHandle<()>>,
 }
 
-fn one_exchange(addr: SocketAddr, n: u64) -> io::Result<()> {
-    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
-    s.set_read_timeout(Some(STEP_TIMEOUT))?;
-    s.set_write_timeout(Some(STEP_TIMEOUT))?;
-    let msg = format!("{n:016}");
-    s.write_all(msg.as_bytes())?;
-    let mut back = [0u8; 16];
-    s.read_exact(&mut back)?;
-    if back != msg.as_bytes() {
-        return Err(io::Error::other(format!(
-            "echo mismatch: sent {msg:?}, got {:?}",
-            String::from_utf8_lossy(&back)
-        )));
-    }
-    Ok(())
-}
-
 fn bulk(addr: SocketAddr, seed: u64) -> Result<(), String> {
     let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5))
         .map_err(|e| format!("bulk {seed}: connect: {e}"))?;
@@ -117,7 +100,7 @@ impl Load {
                 let mut n = 0u64;
                 while !stop.load(Ordering::Acquire) {
                     n += 1;
-                    match one_exchange(addr, n) {
+                    match support::sock::echo_exchange(addr, n) {
                         Ok(()) => {
                             ok.fetch_add(1, Ordering::AcqRel);
                         }
@@ -203,7 +186,7 @@ impl Load {
 }
 
 fn echo_once(addr: SocketAddr) -> io::Result<()> {
-    one_exchange(addr, 42)
+    support::sock::echo_exchange(addr, 42)
 }
 
 fn refuses(addr: SocketAddr) -> bool {

@@ -19,9 +19,7 @@ use std::path::{Path, PathBuf};
 use serde_json::Value as Json;
 use support::relay::{Relay, StartFailure};
 use support::sock::{Backend, connect};
-use support::{TempFile, engine_available};
-
-const SKIP_ROOT_ENV: &str = "RINGFWD_SKIP_ROOT";
+use support::{TempFile, engine_available, euid, nobody, root_or_skip};
 
 /// The engines the privilege drop must work under: it happens in the one place every engine
 /// passes through (the readiness callback), but threads differ per engine.
@@ -37,44 +35,6 @@ fn repo(path: &str) -> PathBuf {
 
 fn read(path: &str) -> String {
     std::fs::read_to_string(repo(path)).unwrap_or_else(|e| panic!("cannot read {path}: {e}"))
-}
-
-fn euid() -> u32 {
-    // SAFETY: geteuid has no preconditions and cannot fail.
-    unsafe { libc::geteuid() }
-}
-
-/// True when the test may go on as root; false (with a note) when it is to be skipped.
-///
-/// # Panics
-/// Not root, and `RINGFWD_SKIP_ROOT=1` is not set.
-fn root_or_skip() -> bool {
-    if euid() == 0 {
-        return true;
-    }
-    if std::env::var(SKIP_ROOT_ENV).as_deref() == Ok("1") {
-        eprintln!(
-            "note: skipping a privilege-drop test: not root (uid {}) and {SKIP_ROOT_ENV}=1",
-            euid()
-        );
-        return false;
-    }
-    panic!(
-        "the privilege-drop tests need root (uid {}): run them as root, or set {SKIP_ROOT_ENV}=1 on a host known not to be",
-        euid()
-    );
-}
-
-/// `nobody`'s uid and primary gid, from the user database (getent, not the code under test).
-fn nobody() -> (u32, u32) {
-    let out = std::process::Command::new("getent")
-        .args(["passwd", "nobody"])
-        .output()
-        .expect("getent");
-    let line = String::from_utf8_lossy(&out.stdout).to_string();
-    let f: Vec<&str> = line.trim().split(':').collect();
-    assert!(f.len() >= 4, "no passwd entry for nobody: {line:?}");
-    (f[2].parse().unwrap(), f[3].parse().unwrap())
 }
 
 /// Starts `ringfwd run` with `top` (top-level keys) and one rule on a free port in 900..=999
@@ -177,7 +137,7 @@ fn echo_through(addr: SocketAddr, payload: &[u8]) -> std::net::TcpStream {
 
 #[test]
 fn root_binds_a_port_below_1024_then_every_thread_runs_as_the_user() {
-    if !root_or_skip() {
+    if !root_or_skip("privilege-drop") {
         return;
     }
     let _g = support::light();

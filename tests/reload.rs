@@ -266,10 +266,10 @@ fn drain_timeout_ends_only_older_connections(engine: &[&str]) {
     relay.stop_and_wait();
 }
 
-/// `max_connections` counts the connections of every generation of a rule: two live ones
-/// from before a reload fill a cap of two, so a third after it is turned away, until one of
-/// the old ones ends.
-fn max_connections_counts_across_generations(engine: &[&str]) {
+/// A rule whose cap (`limit`, a rule key) is filled by `held` connections from before a
+/// reload: after the reload — a new generation with no connection of its own — one more is
+/// turned away, the old ones keep working, and once one of them ends there is room again.
+fn a_cap_counts_across_generations(engine: &[&str], limit: &str, held: u8) {
     let _g = support::light();
     let pool = Backend::echo();
     let conf = |idle: &str| {
@@ -278,7 +278,7 @@ fn max_connections_counts_across_generations(engine: &[&str]) {
             rule(
                 "capped",
                 pool.addr(),
-                &format!("max_connections = 2\nidle_timeout = \"{idle}\"\n")
+                &format!("{limit}\nidle_timeout = \"{idle}\"\n")
             )
         )
     };
@@ -288,7 +288,7 @@ fn max_connections_counts_across_generations(engine: &[&str]) {
     args.extend_from_slice(engine);
     let mut relay = Relay::try_spawn(&args, 1).unwrap_or_else(|f| panic!("ringfwd {args:?}: {f}"));
     let admin = relay.admin.expect("admin addr");
-    let mut held: Vec<TcpStream> = (0..2)
+    let mut old: Vec<TcpStream> = (0..held)
         .map(|i| {
             let mut c = support::sock::connect(relay.addr());
             c.write_all(&[i]).unwrap();
@@ -296,16 +296,19 @@ fn max_connections_counts_across_generations(engine: &[&str]) {
             c
         })
         .collect();
-    std::fs::write(&file.path, conf("6m")).unwrap();
+    replace(&file.path, &conf("6m"));
     let (status, body) = post(admin, "/reload").expect("POST /reload");
     assert_eq!(status, 200, "{body}");
-    // The new generation has no connection of its own, yet the rule is full.
     let (end, _) = support::sock::connect_expect_closed(relay.addr(), STEP_TIMEOUT);
     assert!(
         end.is_closed(),
-        "a third connection was served past max_connections = 2: {end:?}"
+        "one connection more than `{limit}` was served after a reload: {end:?}"
     );
-    drop(held.remove(0));
+    for c in &mut old {
+        c.write_all(b"y").unwrap();
+        assert_eq!(support::sock::read_n(c, 1), b"y");
+    }
+    drop(old.remove(0));
     assert!(
         eventually(STEP_TIMEOUT, || {
             let Ok(mut c) = support::sock::try_connect(relay.addr()) else {
@@ -316,59 +319,18 @@ fn max_connections_counts_across_generations(engine: &[&str]) {
         "no room once an old connection ended\n{}",
         relay.stderr()
     );
-    for c in &mut held {
-        c.write_all(b"y").unwrap();
-        assert_eq!(support::sock::read_n(c, 1), b"y");
-    }
     relay.stop_and_wait();
 }
 
-/// `max_connections_per_ip` counts across generations too, while the limits are unchanged:
-/// a client holding its one connection from before a reload gets no second one after it.
+/// `max_connections` counts the connections of every generation of a rule.
+fn max_connections_counts_across_generations(engine: &[&str]) {
+    a_cap_counts_across_generations(engine, "max_connections = 2", 2);
+}
+
+/// `max_connections_per_ip` too, while the limits are unchanged: the client's one connection
+/// from before a reload leaves it no second one after it.
 fn per_client_limits_count_across_generations(engine: &[&str]) {
-    let _g = support::light();
-    let pool = Backend::echo();
-    let conf = |idle: &str| {
-        format!(
-            "admin = \"127.0.0.1:0\"\n{}",
-            rule(
-                "limited",
-                pool.addr(),
-                &format!("max_connections_per_ip = 1\nidle_timeout = \"{idle}\"\n")
-            )
-        )
-    };
-    let file = TempFile::new("reload-per-ip", &conf("5m"));
-    let path = file.path.display().to_string();
-    let mut args = vec!["run", "--config", &path];
-    args.extend_from_slice(engine);
-    let mut relay = Relay::try_spawn(&args, 1).unwrap_or_else(|f| panic!("ringfwd {args:?}: {f}"));
-    let admin = relay.admin.expect("admin addr");
-    let mut held = support::sock::connect(relay.addr());
-    held.write_all(b"a").unwrap();
-    assert_eq!(support::sock::read_n(&mut held, 1), b"a");
-    replace(&file.path, &conf("6m"));
-    let (status, body) = post(admin, "/reload").expect("POST /reload");
-    assert_eq!(status, 200, "{body}");
-    let (end, _) = support::sock::connect_expect_closed(relay.addr(), STEP_TIMEOUT);
-    assert!(
-        end.is_closed(),
-        "a second connection from the same address was served past max_connections_per_ip = 1: {end:?}"
-    );
-    held.write_all(b"b").unwrap();
-    assert_eq!(support::sock::read_n(&mut held, 1), b"b");
-    drop(held);
-    assert!(
-        eventually(STEP_TIMEOUT, || {
-            let Ok(mut c) = support::sock::try_connect(relay.addr()) else {
-                return false;
-            };
-            c.write_all(b"z").is_ok() && matches!(wait_end_one(&mut c), Some(b'z'))
-        }),
-        "no room once the old connection ended\n{}",
-        relay.stderr()
-    );
-    relay.stop_and_wait();
+    a_cap_counts_across_generations(engine, "max_connections_per_ip = 1", 1);
 }
 
 /// One byte read within a short bound, or `None` if the stream ended or stayed silent.

@@ -13,8 +13,8 @@
 
 mod support;
 
-use std::io::{self, Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::io::{self, Read};
+use std::net::{SocketAddr, TcpListener};
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -24,7 +24,7 @@ use std::time::Duration;
 use rand::Rng;
 use support::relay::run_to_exit;
 use support::sock::Backend;
-use support::{Relay, STEP_TIMEOUT, eventually, wait_for_line};
+use support::{Relay, STEP_TIMEOUT, eventually, nobody, root_or_skip, wait_for_line};
 
 macro_rules! engine_suite {
     ($suite:ident, [$($arg:literal),* $(,)?]) => {
@@ -50,31 +50,6 @@ const ROUNDS: usize = 5;
 const BETWEEN: u64 = 200;
 /// A uid no process of the test host runs as, with no passwd entry: the hijacker.
 const STRANGER: u32 = 54_321;
-
-/// Skips (or fails) a test that needs root, like the privilege-drop tests of `deploy.rs`.
-fn root_or_skip() -> bool {
-    // SAFETY: geteuid has no preconditions and cannot fail.
-    if unsafe { libc::geteuid() } == 0 {
-        return true;
-    }
-    if std::env::var("RINGFWD_SKIP_ROOT").as_deref() == Ok("1") {
-        eprintln!("note: skipping a control-socket privilege test: not root");
-        return false;
-    }
-    panic!("this test needs root: run it as root, or set RINGFWD_SKIP_ROOT=1");
-}
-
-/// `nobody`'s uid, from the user database (getent, not the code under test).
-fn nobody_uid() -> u32 {
-    let out = std::process::Command::new("getent")
-        .args(["passwd", "nobody"])
-        .output()
-        .expect("getent");
-    let line = String::from_utf8_lossy(&out.stdout).to_string();
-    let f: Vec<&str> = line.trim().split(':').collect();
-    assert!(f.len() >= 4, "no passwd entry for nobody: {line:?}");
-    f[2].parse().expect("a uid")
-}
 
 /// A fresh directory for a control socket, mode 0755 and owned by whoever runs the test
 /// (root on CI: writable by root only), removed when dropped.
@@ -138,20 +113,6 @@ struct Clients {
     threads: Vec<std::thread::JoinHandle<()>>,
 }
 
-fn exchange(addr: SocketAddr, n: u64) -> io::Result<()> {
-    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
-    s.set_read_timeout(Some(STEP_TIMEOUT))?;
-    s.set_write_timeout(Some(STEP_TIMEOUT))?;
-    let msg = format!("{n:016}");
-    s.write_all(msg.as_bytes())?;
-    let mut back = [0u8; 16];
-    s.read_exact(&mut back)?;
-    if back != msg.as_bytes() {
-        return Err(io::Error::other(format!("echo mismatch on {addr}")));
-    }
-    Ok(())
-}
-
 impl Clients {
     fn start(base: u16, count: u16, threads: u16) -> Self {
         let stop = Arc::new(AtomicBool::new(false));
@@ -168,7 +129,7 @@ impl Clients {
                         // Every port of the range in turn (the threads interleaved).
                         let port = base + u16::try_from(n % u64::from(count)).expect("fits");
                         let addr = SocketAddr::from(([127, 0, 0, 1], port));
-                        match exchange(addr, n) {
+                        match support::sock::echo_exchange(addr, n) {
                             Ok(()) => {
                                 ok.fetch_add(1, Ordering::AcqRel);
                             }
@@ -354,7 +315,7 @@ fn hijack(path: &Path, uid: u32, gid: u32) -> Result<String, nix::errno::Errno> 
 /// process of another uid cannot connect to it; made connectable, it is refused anyway
 /// (`SO_PEERCRED`), the refusal is logged, and the forwarder serves on. Root then takes over.
 fn only_root_and_the_configured_user_may_take_over(engine: &[&str]) {
-    if !root_or_skip() {
+    if !root_or_skip("control-socket privilege") {
         return;
     }
     let _g = support::light();
@@ -379,7 +340,7 @@ fn only_root_and_the_configured_user_may_take_over(engine: &[&str]) {
         "{meta:?}"
     );
     assert_eq!(meta.mode() & 0o777, 0o600, "mode {:o}", meta.mode());
-    assert_eq!(meta.uid(), nobody_uid(), "the socket's owner");
+    assert_eq!(meta.uid(), nobody().0, "the socket's owner");
     assert_eq!(
         hijack(&sock, STRANGER, STRANGER),
         Err(nix::errno::Errno::EACCES),
@@ -481,7 +442,7 @@ fn a_missing_or_unsafe_control_directory_fails_the_start() {
 #[test]
 fn a_new_process_takes_no_sockets_from_a_stranger() {
     use std::os::fd::AsRawFd;
-    if !root_or_skip() {
+    if !root_or_skip("control-socket privilege") {
         return;
     }
     let _g = support::light();

@@ -182,6 +182,18 @@ fn limits_config(rule: &Rule) -> Option<LimitsConfig> {
     })
 }
 
+/// Says once that passive health took member `m` of `pool` out, and why.
+fn member_down(rt: &RuleRuntime, m: &crate::upstream::Member, pool: &Pool, why: &str) {
+    tracing::warn!(
+        rule = %rt.rule.name,
+        upstream = %m.addr,
+        member = %m.name,
+        max_fails = pool.max_fails,
+        fail_timeout = %crate::config::format_duration(pool.fail_timeout),
+        "upstream member down: {why}; out for fail_timeout"
+    );
+}
+
 /// One upstream pool of a rule: an SNI route's, or the rule's own (the default route).
 #[derive(Debug)]
 pub struct RoutePool {
@@ -747,14 +759,7 @@ impl Session {
             );
         }
         if transition == Some(Transition::Down) {
-            tracing::warn!(
-                rule = %rt.rule.name,
-                upstream = %m.addr,
-                member = %m.name,
-                max_fails = pool.max_fails,
-                fail_timeout = %crate::config::format_duration(pool.fail_timeout),
-                "upstream member down: too many connect failures; out for fail_timeout"
-            );
+            member_down(rt, m, pool, "too many connect failures");
         }
     }
 
@@ -784,14 +789,7 @@ impl Session {
         if m.no_first_byte(pool.clock.ms(now), pool.max_fails, pool.fail_timeout)
             == Some(Transition::Down)
         {
-            tracing::warn!(
-                rule = %rt.rule.name,
-                upstream = %m.addr,
-                member = %m.name,
-                max_fails = pool.max_fails,
-                fail_timeout = %crate::config::format_duration(pool.fail_timeout),
-                "upstream member down: no answer within first_byte_timeout; out for fail_timeout"
-            );
+            member_down(rt, m, pool, "no answer within first_byte_timeout");
         }
     }
 

@@ -42,6 +42,50 @@ pub const STEP_TIMEOUT: Duration = Duration::from_secs(15);
 /// failures.
 pub const SKIP_URING_ENV: &str = "RINGFWD_SKIP_URING";
 
+/// Environment variable that lets a runner known not to be root skip the tests that need
+/// root (privilege drop, control-socket ownership); they fail otherwise.
+pub const SKIP_ROOT_ENV: &str = "RINGFWD_SKIP_ROOT";
+
+/// The effective uid of the test process.
+pub fn euid() -> u32 {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    unsafe { libc::geteuid() }
+}
+
+/// True when a test that needs root may go on; false (with a note naming `what`) when it is
+/// to be skipped.
+///
+/// # Panics
+/// Not root, and `RINGFWD_SKIP_ROOT=1` is not set.
+pub fn root_or_skip(what: &str) -> bool {
+    if euid() == 0 {
+        return true;
+    }
+    if std::env::var(SKIP_ROOT_ENV).as_deref() == Ok("1") {
+        eprintln!(
+            "note: skipping a {what} test: not root (uid {}) and {SKIP_ROOT_ENV}=1",
+            euid()
+        );
+        return false;
+    }
+    panic!(
+        "the {what} tests need root (uid {}): run them as root, or set {SKIP_ROOT_ENV}=1 on a host known not to be",
+        euid()
+    );
+}
+
+/// `nobody`'s uid and primary gid, from the user database (getent, not the code under test).
+pub fn nobody() -> (u32, u32) {
+    let out = std::process::Command::new("getent")
+        .args(["passwd", "nobody"])
+        .output()
+        .expect("getent");
+    let line = String::from_utf8_lossy(&out.stdout).to_string();
+    let f: Vec<&str> = line.trim().split(':').collect();
+    assert!(f.len() >= 4, "no passwd entry for nobody: {line:?}");
+    (f[2].parse().expect("a uid"), f[3].parse().expect("a gid"))
+}
+
 /// Scenarios that load the machine (bulk transfers, 1000 connections, memory measurements)
 /// hold this exclusively; every other scenario holds it shared. On a two-core box this keeps
 /// the timing-sensitive scenarios (latency, timeouts, grace) from being judged while another

@@ -413,3 +413,26 @@ impl Unresponsive {
         self.addr
     }
 }
+
+/// One short exchange through `addr` to an echo backend: connect, 16 bytes (`n`, in
+/// decimal) there, the same 16 back. The client loops of the control-plane tests count
+/// these, telling a refused connect (`ConnectionRefused`) from any other failure.
+///
+/// # Errors
+/// The connect, a write or a read failed, or other bytes came back.
+pub fn echo_exchange(addr: SocketAddr, n: u64) -> io::Result<()> {
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
+    s.set_read_timeout(Some(STEP_TIMEOUT))?;
+    s.set_write_timeout(Some(STEP_TIMEOUT))?;
+    let msg = format!("{n:016}");
+    s.write_all(msg.as_bytes())?;
+    let mut back = [0u8; 16];
+    s.read_exact(&mut back)?;
+    if back != msg.as_bytes() {
+        return Err(io::Error::other(format!(
+            "echo mismatch on {addr}: sent {msg:?}, got {:?}",
+            String::from_utf8_lossy(&back)
+        )));
+    }
+    Ok(())
+}
