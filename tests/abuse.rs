@@ -26,24 +26,18 @@ use support::relay::BIN;
 use support::sock::{self, Upstream, connect};
 use support::{Relay, procfs};
 
-macro_rules! engine_suite {
-    ($suite:ident, [$($arg:literal),* $(,)?]) => {
-        mod $suite {
-            const ENGINE: &[&str] = &[$($arg),*];
-            crate::support::scenarios!(netns:
-                idle_connections_cost_bounded_memory,
-                connect_close_churn_leaks_nothing,
-                rst_flood_leaks_nothing,
-                slowloris_clients_are_served_in_bounded_memory,
-                zero_window_upstream_keeps_memory_flat,
-            );
-        }
-    };
-}
-
-engine_suite!(tokio_engine, ["--engine", "tokio"]);
-engine_suite!(uring_copy, ["--engine", "uring", "--mode", "copy"]);
-engine_suite!(uring_splice, ["--engine", "uring", "--mode", "splice"]);
+support::engine_suite!(
+    netns: [
+        idle_connections_cost_bounded_memory,
+        connect_close_churn_leaks_nothing,
+        rst_flood_leaks_nothing,
+        slowloris_clients_are_served_in_bounded_memory,
+        zero_window_upstream_keeps_memory_flat,
+    ],
+    tokio_engine: ["--engine", "tokio"],
+    uring_copy: ["--engine", "uring", "--mode", "copy"],
+    uring_splice: ["--engine", "uring", "--mode", "splice"],
+);
 
 const MIB: u64 = 1 << 20;
 

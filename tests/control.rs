@@ -557,19 +557,13 @@ fn watch_config_follows_a_symlink_swap() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
-macro_rules! engine_suite {
-    ($suite:ident, [$($arg:literal),* $(,)?]) => {
-        mod $suite {
-            const ENGINE: &[&str] = &[$($arg),*];
-            crate::support::scenarios!(
-                reload_under_load,
-                takeover_under_load,
-                socket_activation_restart_under_load,
-            );
-        }
-    };
-}
-
-engine_suite!(std_engine, ["--engine", "std"]);
-engine_suite!(tokio_engine, ["--engine", "tokio"]);
-engine_suite!(uring, ["--engine", "uring"]);
+support::engine_suite!(
+    [
+        reload_under_load,
+        takeover_under_load,
+        socket_activation_restart_under_load,
+    ],
+    std_engine: ["--engine", "std"],
+    tokio_engine: ["--engine", "tokio"],
+    uring: ["--engine", "uring"],
+);

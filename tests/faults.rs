@@ -23,22 +23,16 @@ use support::netns::{self, Impairment, Link};
 use support::sock::{self, Backend, End, Upstream, connect, read_n, wait_end};
 use support::{Relay, STEP_TIMEOUT, procfs};
 
-macro_rules! engine_suite {
-    ($suite:ident, [$($arg:literal),* $(,)?]) => {
-        mod $suite {
-            const ENGINE: &[&str] = &[$($arg),*];
-            crate::support::scenarios!(netns:
-                blackholed_upstream_times_out,
-                upstream_reset_mid_stream_reaches_client,
-                impaired_path_is_byte_exact_both_ways,
-            );
-        }
-    };
-}
-
-engine_suite!(tokio_engine, ["--engine", "tokio"]);
-engine_suite!(uring_copy, ["--engine", "uring", "--mode", "copy"]);
-engine_suite!(uring_splice, ["--engine", "uring", "--mode", "splice"]);
+support::engine_suite!(
+    netns: [
+        blackholed_upstream_times_out,
+        upstream_reset_mid_stream_reaches_client,
+        impaired_path_is_byte_exact_both_ways,
+    ],
+    tokio_engine: ["--engine", "tokio"],
+    uring_copy: ["--engine", "uring", "--mode", "copy"],
+    uring_splice: ["--engine", "uring", "--mode", "splice"],
+);
 
 /// Waits until the relay holds no connection (only its listeners) and returns its fd count.
 fn settled_fds(relay: &Relay) -> usize {

@@ -36,32 +36,25 @@ use support::pool::{
 };
 use support::sock::{self, Backend, ClosedPort};
 
-/// One module of tests for one engine, given as the extra flags of `ringfwd run`.
-macro_rules! engine_suite {
-    ($suite:ident, [$($arg:literal),* $(,)?]) => {
-        mod $suite {
-            const ENGINE: &[&str] = &[$($arg),*];
-            crate::support::scenarios!(
-                round_robin_splits_evenly,
-                weights_split_3_1_1,
-                least_conn_balances_long_lived,
-                failover_when_a_member_is_killed,
-                source_hash_is_stable_and_moves_only_the_removed_share,
-                every_member_refusing_closes_promptly,
-                backup_only_when_primaries_are_down,
-                localhost_member_resolves,
-                send_expect_marks_a_member_that_never_answers_down,
-                first_byte_timeout_fails_a_member_that_never_answers,
-            );
-        }
-    };
-}
-
-engine_suite!(std_engine, ["--engine", "std"]);
-engine_suite!(tokio_engine, ["--engine", "tokio"]);
-engine_suite!(uring_copy, ["--engine", "uring", "--mode", "copy"]);
-engine_suite!(uring_splice, ["--engine", "uring", "--mode", "splice"]);
-engine_suite!(uring_auto, ["--engine", "uring", "--mode", "auto"]);
+support::engine_suite!(
+    [
+        round_robin_splits_evenly,
+        weights_split_3_1_1,
+        least_conn_balances_long_lived,
+        failover_when_a_member_is_killed,
+        source_hash_is_stable_and_moves_only_the_removed_share,
+        every_member_refusing_closes_promptly,
+        backup_only_when_primaries_are_down,
+        localhost_member_resolves,
+        send_expect_marks_a_member_that_never_answers_down,
+        first_byte_timeout_fails_a_member_that_never_answers,
+    ],
+    std_engine: ["--engine", "std"],
+    tokio_engine: ["--engine", "tokio"],
+    uring_copy: ["--engine", "uring", "--mode", "copy"],
+    uring_splice: ["--engine", "uring", "--mode", "splice"],
+    uring_auto: ["--engine", "uring", "--mode", "auto"],
+);
 
 /// Health checks of the scenarios that use them: a member is down after `FALL` failed probes
 /// `INTERVAL` apart, up again after `RISE` good ones.

@@ -25,24 +25,18 @@ use rand::Rng;
 use support::pool::{Metrics, http_get};
 use support::{Relay, STEP_TIMEOUT};
 
-macro_rules! engine_suite {
-    ($suite:ident, [$($arg:literal),* $(,)?]) => {
-        mod $suite {
-            const ENGINE: &[&str] = &[$($arg),*];
-            crate::support::scenarios!(
-                a_range_forwards_each_port_to_the_same_offset_upstream,
-                a_range_forwards_every_port_to_one_upstream_port,
-                an_ipv6_range_forwards_one_to_one,
-                two_thousand_ports_are_ready_at_no_thread_per_port,
-                the_fd_budget_counts_what_listeners_hold_and_a_reload_fits,
-            );
-        }
-    };
-}
-
-engine_suite!(std_engine, ["--engine", "std"]);
-engine_suite!(tokio_engine, ["--engine", "tokio"]);
-engine_suite!(uring_engine, ["--engine", "uring"]);
+support::engine_suite!(
+    [
+        a_range_forwards_each_port_to_the_same_offset_upstream,
+        a_range_forwards_every_port_to_one_upstream_port,
+        an_ipv6_range_forwards_one_to_one,
+        two_thousand_ports_are_ready_at_no_thread_per_port,
+        the_fd_budget_counts_what_listeners_hold_and_a_reload_fits,
+    ],
+    std_engine: ["--engine", "std"],
+    tokio_engine: ["--engine", "tokio"],
+    uring_engine: ["--engine", "uring"],
+);
 
 /// `count` consecutive free loopback ports, bound (so nobody takes them meanwhile): the
 /// listeners, and the first port.

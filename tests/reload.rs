@@ -529,21 +529,15 @@ fn one_client_is_never_stranded_by_a_hand_over(engine: &[&str]) {
     relay.stop_and_wait();
 }
 
-macro_rules! engine_suite {
-    ($suite:ident, [$($arg:literal),* $(,)?]) => {
-        mod $suite {
-            const ENGINE: &[&str] = &[$($arg),*];
-            crate::support::scenarios!(
-                reload_storm_cuts_no_one,
-                drain_timeout_ends_only_older_connections,
-                max_connections_counts_across_generations,
-                per_client_limits_count_across_generations,
-                one_client_is_never_stranded_by_a_hand_over,
-            );
-        }
-    };
-}
-
-engine_suite!(std_engine, ["--engine", "std"]);
-engine_suite!(tokio_engine, ["--engine", "tokio"]);
-engine_suite!(uring, ["--engine", "uring"]);
+support::engine_suite!(
+    [
+        reload_storm_cuts_no_one,
+        drain_timeout_ends_only_older_connections,
+        max_connections_counts_across_generations,
+        per_client_limits_count_across_generations,
+        one_client_is_never_stranded_by_a_hand_over,
+    ],
+    std_engine: ["--engine", "std"],
+    tokio_engine: ["--engine", "tokio"],
+    uring: ["--engine", "uring"],
+);

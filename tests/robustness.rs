@@ -18,29 +18,22 @@ use support::relay::BIN;
 use support::sock::{Backend, connect, read_n, read_to_eof};
 use support::{Relay, STEP_TIMEOUT, procfs};
 
-/// One module of tests for one engine, given as the extra flags of `ringfwd run`.
-macro_rules! engine_suite {
-    ($suite:ident, [$($arg:literal),* $(,)?]) => {
-        mod $suite {
-            const ENGINE: &[&str] = &[$($arg),*];
-            crate::support::scenarios!(
-                dead_log_pipes_neither_kill_nor_wedge,
-                second_instance_on_a_used_port_is_refused_v4,
-                second_instance_on_a_used_port_is_refused_v6,
-                restart_on_the_same_port_despite_time_wait,
-                serves_clients_under_a_low_fd_limit,
-                rst_flood_keeps_fds_bounded_and_serves,
-                a_hanging_rule_does_not_stall_another,
-            );
-        }
-    };
-}
-
-engine_suite!(std_engine, ["--engine", "std"]);
-engine_suite!(tokio_engine, ["--engine", "tokio"]);
-engine_suite!(uring_copy, ["--engine", "uring", "--mode", "copy"]);
-engine_suite!(uring_splice, ["--engine", "uring", "--mode", "splice"]);
-engine_suite!(uring_auto, ["--engine", "uring", "--mode", "auto"]);
+support::engine_suite!(
+    [
+        dead_log_pipes_neither_kill_nor_wedge,
+        second_instance_on_a_used_port_is_refused_v4,
+        second_instance_on_a_used_port_is_refused_v6,
+        restart_on_the_same_port_despite_time_wait,
+        serves_clients_under_a_low_fd_limit,
+        rst_flood_keeps_fds_bounded_and_serves,
+        a_hanging_rule_does_not_stall_another,
+    ],
+    std_engine: ["--engine", "std"],
+    tokio_engine: ["--engine", "tokio"],
+    uring_copy: ["--engine", "uring", "--mode", "copy"],
+    uring_splice: ["--engine", "uring", "--mode", "splice"],
+    uring_auto: ["--engine", "uring", "--mode", "auto"],
+);
 
 /// How long a SIGTERM'd forwarder with no live sessions may take to exit: generous for an
 /// exit that needs no waiting (milliseconds on an idle box), yet under the 10 s default

@@ -34,39 +34,32 @@ const ONE_SECOND: Duration = Duration::from_secs(1);
 /// checks its timers on a 100 ms tick, late rather than early).
 const TIMER_SLACK: Duration = Duration::from_millis(100);
 
-/// One module of tests for one engine, given as the extra flags of `ringfwd run`.
-macro_rules! engine_suite {
-    ($suite:ident, [$($arg:literal),* $(,)?]) => {
-        mod $suite {
-            const ENGINE: &[&str] = &[$($arg),*];
-            crate::support::scenarios!(
-                ping_pong,
-                large_payloads_both_ways,
-                client_half_close_then_reply,
-                upstream_half_close_then_client_data,
-                upstream_reset_reaches_client,
-                client_reset_reaches_upstream,
-                refused_upstream_closes_client,
-                connect_timeout_closes_client,
-                connect_failures_are_logged_at_most_once_a_second,
-                idle_timeout,
-                data_half_close_and_reset_after_a_quiet_spell,
-                slow_reader_backpressure,
-                thousand_concurrent_connections,
-                fd_exhaustion_backs_off_and_recovers,
-                no_fd_or_close_wait_leak,
-                graceful_shutdown_drains,
-                shutdown_grace_ends_stuck_connections,
-            );
-        }
-    };
-}
-
-engine_suite!(std_engine, ["--engine", "std"]);
-engine_suite!(tokio_engine, ["--engine", "tokio"]);
-engine_suite!(uring_copy, ["--engine", "uring", "--mode", "copy"]);
-engine_suite!(uring_splice, ["--engine", "uring", "--mode", "splice"]);
-engine_suite!(uring_auto, ["--engine", "uring", "--mode", "auto"]);
+support::engine_suite!(
+    [
+        ping_pong,
+        large_payloads_both_ways,
+        client_half_close_then_reply,
+        upstream_half_close_then_client_data,
+        upstream_reset_reaches_client,
+        client_reset_reaches_upstream,
+        refused_upstream_closes_client,
+        connect_timeout_closes_client,
+        connect_failures_are_logged_at_most_once_a_second,
+        idle_timeout,
+        data_half_close_and_reset_after_a_quiet_spell,
+        slow_reader_backpressure,
+        thousand_concurrent_connections,
+        fd_exhaustion_backs_off_and_recovers,
+        no_fd_or_close_wait_leak,
+        graceful_shutdown_drains,
+        shutdown_grace_ends_stuck_connections,
+    ],
+    std_engine: ["--engine", "std"],
+    tokio_engine: ["--engine", "tokio"],
+    uring_copy: ["--engine", "uring", "--mode", "copy"],
+    uring_splice: ["--engine", "uring", "--mode", "splice"],
+    uring_auto: ["--engine", "uring", "--mode", "auto"],
+);
 
 /// A client connected through the relay and the upstream end of the same connection.
 fn pair(relay: &Relay, upstream: &Upstream) -> (TcpStream, TcpStream) {

@@ -28,23 +28,17 @@ use support::edge::{SKIP_PEERS_ENV, ScratchDir, forwarder, free_port, listening_
 use support::pool::wait_until;
 use support::{STEP_TIMEOUT, wait_for_line};
 
-macro_rules! engine_suite {
-    ($suite:ident, [$($arg:literal),* $(,)?]) => {
-        mod $suite {
-            const ENGINE: &[&str] = &[$($arg),*];
-            crate::support::scenarios!(
-                tls_clients_reach_the_backend_their_name_routes_to,
-                an_unmatched_hello_without_a_default_route_is_rejected,
-            );
-        }
-    };
-}
-
-engine_suite!(std_engine, ["--engine", "std"]);
-engine_suite!(tokio_engine, ["--engine", "tokio"]);
-engine_suite!(uring_copy, ["--engine", "uring", "--mode", "copy"]);
-engine_suite!(uring_splice, ["--engine", "uring", "--mode", "splice"]);
-engine_suite!(uring_auto, ["--engine", "uring", "--mode", "auto"]);
+support::engine_suite!(
+    [
+        tls_clients_reach_the_backend_their_name_routes_to,
+        an_unmatched_hello_without_a_default_route_is_rejected,
+    ],
+    std_engine: ["--engine", "std"],
+    tokio_engine: ["--engine", "tokio"],
+    uring_copy: ["--engine", "uring", "--mode", "copy"],
+    uring_splice: ["--engine", "uring", "--mode", "splice"],
+    uring_auto: ["--engine", "uring", "--mode", "auto"],
+);
 
 const LOOPBACK: IpAddr = IpAddr::V4(Ipv4Addr::LOCALHOST);
 /// How long `s_server` may take to listen, and one `s_client` run to finish.

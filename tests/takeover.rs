@@ -26,21 +26,15 @@ use support::relay::run_to_exit;
 use support::sock::Backend;
 use support::{Relay, STEP_TIMEOUT, eventually, nobody, root_or_skip, wait_for_line};
 
-macro_rules! engine_suite {
-    ($suite:ident, [$($arg:literal),* $(,)?]) => {
-        mod $suite {
-            const ENGINE: &[&str] = &[$($arg),*];
-            crate::support::scenarios!(
-                a_port_range_is_taken_over_again_and_again_refusing_nothing,
-                only_root_and_the_configured_user_may_take_over,
-            );
-        }
-    };
-}
-
-engine_suite!(std_engine, ["--engine", "std"]);
-engine_suite!(tokio_engine, ["--engine", "tokio"]);
-engine_suite!(uring, ["--engine", "uring"]);
+support::engine_suite!(
+    [
+        a_port_range_is_taken_over_again_and_again_refusing_nothing,
+        only_root_and_the_configured_user_may_take_over,
+    ],
+    std_engine: ["--engine", "std"],
+    tokio_engine: ["--engine", "tokio"],
+    uring: ["--engine", "uring"],
+);
 
 /// Ports in the range handed over.
 const RANGE: u16 = 2000;

@@ -16,18 +16,14 @@ use support::pool::{Metrics, echo_once, http_get};
 use support::sock::Backend;
 use support::{Relay, STEP_TIMEOUT, TempFile, eventually};
 
-macro_rules! engine_suite {
-    ($suite:ident, [$($arg:literal),* $(,)?]) => {
-        mod $suite {
-            const ENGINE: &[&str] = &[$($arg),*];
-            crate::support::scenarios!(a_slow_in_place_rewrite_is_applied_once_complete);
-        }
-    };
-}
-
-engine_suite!(std_engine, ["--engine", "std"]);
-engine_suite!(tokio_engine, ["--engine", "tokio"]);
-engine_suite!(uring, ["--engine", "uring"]);
+support::engine_suite!(
+    [
+        a_slow_in_place_rewrite_is_applied_once_complete,
+    ],
+    std_engine: ["--engine", "std"],
+    tokio_engine: ["--engine", "tokio"],
+    uring: ["--engine", "uring"],
+);
 
 /// Between two lines of the rewrite: well under the watcher's settle time (500 ms).
 const LINE_PAUSE: Duration = Duration::from_millis(40);

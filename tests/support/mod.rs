@@ -279,6 +279,12 @@ pub fn warnings(stderr: &str) -> Vec<&str> {
 /// call in a module per engine.
 #[allow(unused_macros)] // Each test crate uses its own subset of the harness.
 macro_rules! scenarios {
+    (netns: [$($name:ident),* $(,)?]) => {
+        crate::support::scenarios!(netns: $($name),*);
+    };
+    ([$($name:ident),* $(,)?]) => {
+        crate::support::scenarios!($($name),*);
+    };
     (netns: $($name:ident),* $(,)?) => {
         $(
             #[test]
@@ -304,6 +310,39 @@ macro_rules! scenarios {
 }
 #[allow(unused_imports)]
 pub(crate) use scenarios;
+
+/// A test file's whole engine matrix: one module per engine, named and flagged as listed,
+/// each with one `#[test]` per scenario through [`scenarios!`] (so each runs only where its
+/// engine is available, and after `netns:` only where network namespaces are).
+///
+/// ```ignore
+/// support::engine_suite!(
+///     [ping_pong, idle_timeout],
+///     std_engine: ["--engine", "std"],
+///     uring_copy: ["--engine", "uring", "--mode", "copy"],
+/// );
+/// ```
+#[allow(unused_macros)] // Each test crate uses its own subset of the harness.
+macro_rules! engine_suite {
+    (netns: $scenarios:tt $(, $suite:ident: [$($arg:literal),* $(,)?])+ $(,)?) => {
+        $(
+            mod $suite {
+                const ENGINE: &[&str] = &[$($arg),*];
+                crate::support::scenarios!(netns: $scenarios);
+            }
+        )+
+    };
+    ($scenarios:tt $(, $suite:ident: [$($arg:literal),* $(,)?])+ $(,)?) => {
+        $(
+            mod $suite {
+                const ENGINE: &[&str] = &[$($arg),*];
+                crate::support::scenarios!($scenarios);
+            }
+        )+
+    };
+}
+#[allow(unused_imports)]
+pub(crate) use engine_suite;
 
 /// Waits up to `within` for a child to exit; its status, or `None` if it is still running.
 pub fn wait_child(
