@@ -240,7 +240,7 @@ fn parse_balance(s: &str) -> Result<Balance, String> {
 
 /// A duration flag within the range of its key, worded like the key's error.
 fn flag_duration(
-    name: &str,
+    name: &'static str,
     d: Duration,
     zero_allowed: bool,
     max: Duration,
@@ -251,8 +251,9 @@ fn flag_duration(
         } else {
             format!("more than 0s and at most {}", format_duration(max))
         };
-        return Err(ConfigError {
-            message: format!("--{name}: must be {want}, got {}", format_duration(d)),
+        return Err(ConfigError::Flag {
+            flag: name,
+            message: format!("must be {want}, got {}", format_duration(d)),
         });
     }
     Ok(d)
@@ -273,16 +274,11 @@ impl RunArgs {
             Some(path) => Config::load(path)?,
             None if self.listen.is_some() => Config::parse("<command line>", "")?,
             None => {
-                return Err(ConfigError {
-                    message: "nothing to run: give --config FILE, or --listen ADDR --upstream ADDR"
-                        .into(),
-                });
+                return Err(ConfigError::NothingToRun);
             }
         };
         if let (Some(listen), Some(upstream)) = (&self.listen, &self.upstream) {
-            let flag = |name: &str, m: String| ConfigError {
-                message: format!("--{name}: {m}"),
-            };
+            let flag = |flag: &'static str, message: String| ConfigError::Flag { flag, message };
             cfg.rules = vec![Rule {
                 name: "default".into(),
                 listen: config::Listen::resolve(listen).map_err(|m| flag("listen", m))?,
@@ -312,13 +308,15 @@ impl RunArgs {
             cfg.workers = std::num::NonZeroUsize::new(usize::from(w));
         }
         if let Some(a) = &self.admin {
-            let addr = config::resolve_one(a).map_err(|m| ConfigError {
-                message: format!("--admin: {m}"),
+            let addr = config::resolve_one(a).map_err(|message| ConfigError::Flag {
+                flag: "admin",
+                message,
             })?;
             if !addr.ip().is_loopback() && !cfg.admin_allow_remote {
-                return Err(ConfigError {
+                return Err(ConfigError::Flag {
+                    flag: "admin",
                     message: format!(
-                        "--admin: {addr} is not a loopback address; set admin_allow_remote = true in the config to expose metrics"
+                        "{addr} is not a loopback address; set admin_allow_remote = true in the config to expose metrics"
                     ),
                 });
             }
@@ -427,18 +425,18 @@ mod tests {
     fn bad_upstream_pools_are_rejected() {
         let e = cli_rule(&["--upstream", "127.0.0.1:9001,127.0.0.1:9001"]).unwrap_err();
         assert_eq!(
-            e.message,
+            e.to_string(),
             "--upstream: 127.0.0.1:9001 is in the pool twice (members \"127.0.0.1:9001\" and \"127.0.0.1:9001\"); list each address once"
         );
         let e = cli_rule(&["--upstream", "127.0.0.1:9001,"]).unwrap_err();
-        assert!(e.message.contains("empty member"), "{e}");
+        assert!(e.to_string().contains("empty member"), "{e}");
         let e = cli_rule(&["--upstream", "127.0.0.1:0"]).unwrap_err();
         assert!(
-            e.message.starts_with("--upstream: upstream port 0 in"),
+            e.to_string().starts_with("--upstream: upstream port 0 in"),
             "{e}"
         );
         let e = cli_rule(&["--upstream", "127.0.0.1:1,nope"]).unwrap_err();
-        assert!(e.message.contains("\"nope\" is not an address"), "{e}");
+        assert!(e.to_string().contains("\"nope\" is not an address"), "{e}");
     }
 
     #[test]
@@ -461,18 +459,18 @@ mod tests {
     fn duration_flags_have_the_keys_bounds() {
         let e = cli_rule(&["--upstream", "127.0.0.1:9", "--connect-timeout", "0s"]).unwrap_err();
         assert_eq!(
-            e.message,
+            e.to_string(),
             "--connect-timeout: must be more than 0s and at most 1h, got 0s"
         );
         let e = cli_rule(&["--upstream", "127.0.0.1:9", "--connect-timeout", "2h"]).unwrap_err();
         assert_eq!(
-            e.message,
+            e.to_string(),
             "--connect-timeout: must be more than 0s and at most 1h, got 2h"
         );
         let e = cli_rule(&["--upstream", "127.0.0.1:9", "--idle-timeout", "200h"]).unwrap_err();
-        assert_eq!(e.message, "--idle-timeout: must be 0s..=168h, got 200h");
+        assert_eq!(e.to_string(), "--idle-timeout: must be 0s..=168h, got 200h");
         let e = cli_rule(&["--upstream", "127.0.0.1:9", "--shutdown-grace", "25h"]).unwrap_err();
-        assert_eq!(e.message, "--shutdown-grace: must be 0s..=24h, got 25h");
+        assert_eq!(e.to_string(), "--shutdown-grace: must be 0s..=24h, got 25h");
         let e = run_args(&["--connect-timeout", "18446744073709551615h"]).unwrap_err();
         assert!(e.to_string().contains("too large"), "{e}");
     }
@@ -494,7 +492,7 @@ mod tests {
             .unwrap()
             .to_config()
             .unwrap_err();
-        assert!(e.message.starts_with("--listen:"), "{e}");
+        assert!(e.to_string().starts_with("--listen:"), "{e}");
     }
 
     fn arg_error(args: &[&str]) -> String {
@@ -581,7 +579,7 @@ mod tests {
     #[test]
     fn nothing_to_run_is_an_error() {
         let e = run_args(&[]).unwrap().to_config().unwrap_err();
-        assert!(e.message.contains("nothing to run"), "{e}");
+        assert!(e.to_string().contains("nothing to run"), "{e}");
     }
 
     #[test]
@@ -597,6 +595,6 @@ mod tests {
         .unwrap()
         .to_config()
         .unwrap_err();
-        assert!(e.message.contains("admin_allow_remote"), "{e}");
+        assert!(e.to_string().contains("admin_allow_remote"), "{e}");
     }
 }

@@ -166,7 +166,7 @@ fn run(args: &RunArgs) -> anyhow::Result<()> {
     }
     // Decided before anything is bound: a `user` that cannot be switched to is an error now,
     // not after the listeners are open.
-    let privileges = ringfwd::privdrop::plan(config.run_as.as_ref()).map_err(anyhow::Error::msg)?;
+    let privileges = ringfwd::privdrop::plan(config.run_as.as_ref())?;
     if let ringfwd::privdrop::Plan::Drop(to) = &privileges {
         tracing::debug!(
             user = %to.user, uid = to.uid, group = %to.group, gid = to.gid,

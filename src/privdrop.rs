@@ -271,6 +271,96 @@ pub enum ResolveError {
     Group(String),
 }
 
+/// Why the process cannot, or did not, become the configured user: it must then not serve,
+/// since it may be partly privileged.
+#[derive(Debug)]
+pub enum PrivDropError {
+    /// `user` is set, but the process is neither root (so it cannot switch) nor already that
+    /// user and group.
+    NeedsRoot {
+        user: String,
+        uid: u32,
+        gid: u32,
+        euid: u32,
+        egid: u32,
+    },
+    /// A credential call failed (`setgroups(...)`, `setresgid(...)`, `setresuid(...)`,
+    /// `getgroups`).
+    Call { call: String, source: io::Error },
+    /// The real, effective and saved uids (or gids) are not the asked ones after the switch.
+    Ids {
+        which: &'static str,
+        got: (u32, u32, u32),
+        want: (u32, u32, u32),
+    },
+    /// The supplementary groups are not the asked ones after the switch.
+    Groups { got: Vec<u32>, want: Vec<u32> },
+    /// `setuid(0)` or `setgid(0)` succeeded after the switch.
+    Regainable { call: &'static str },
+    /// `/proc/self/task` cannot be listed, so the threads cannot be checked.
+    Threads { source: io::Error },
+    /// A thread's status file has no credential lines.
+    Unreadable { path: std::path::PathBuf },
+    /// A thread kept other ids or some capability ([`TaskCreds::mismatch`]).
+    Thread {
+        tid: String,
+        name: String,
+        bad: String,
+    },
+    /// No thread was found to check.
+    NoThread,
+}
+
+impl std::fmt::Display for PrivDropError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::NeedsRoot {
+                user,
+                uid,
+                gid,
+                euid,
+                egid,
+            } => write!(
+                f,
+                "user = {user:?}: switching to uid {uid} gid {gid} needs root, but ringfwd runs as uid {euid} gid {egid}; start it as root, or as that user and remove the key"
+            ),
+            Self::Call { call, source } => write!(f, "{call}: {source}"),
+            Self::Ids { which, got, want } => {
+                write!(f, "{which} are {got:?} after the switch, not {want:?}")
+            }
+            Self::Groups { got, want } => write!(
+                f,
+                "supplementary groups are {got:?} after the switch, not {want:?}"
+            ),
+            Self::Regainable { call } => write!(
+                f,
+                "{call} succeeded after the switch: {} could be regained",
+                if call.starts_with("setuid") {
+                    "root"
+                } else {
+                    "root's group"
+                }
+            ),
+            Self::Threads { source } => write!(
+                f,
+                "cannot read /proc/self/task to check every thread: {source}"
+            ),
+            Self::Unreadable { path } => write!(f, "{}: no Uid/Gid/Cap lines", path.display()),
+            Self::Thread { tid, name, bad } => write!(f, "thread {tid} ({name}): {bad}"),
+            Self::NoThread => f.write_str("no thread found in /proc/self/task to check"),
+        }
+    }
+}
+
+impl std::error::Error for PrivDropError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            Self::Call { source, .. } | Self::Threads { source } => Some(source),
+            _ => None,
+        }
+    }
+}
+
 /// What `run` does about privileges, decided before anything is bound.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Plan {
@@ -287,17 +377,20 @@ pub enum Plan {
 /// # Errors
 /// `user` is set but the process is neither root nor already that user and group: it could
 /// not switch.
-pub fn plan(run_as: Option<&RunAs>) -> Result<Plan, String> {
+pub fn plan(run_as: Option<&RunAs>) -> Result<Plan, PrivDropError> {
     let (ruid, euid, _) = resuid();
     let (_, egid, _) = resgid();
     match run_as {
         Some(r) if euid == 0 => Ok(Plan::Drop(r.clone())),
         None if euid == 0 => Ok(Plan::StayRoot),
         Some(r) if ruid == r.uid && euid == r.uid && egid == r.gid => Ok(Plan::Unprivileged),
-        Some(r) => Err(format!(
-            "user = {:?}: switching to uid {} gid {} needs root, but ringfwd runs as uid {euid} gid {egid}; start it as root, or as that user and remove the key",
-            r.user, r.uid, r.gid
-        )),
+        Some(r) => Err(PrivDropError::NeedsRoot {
+            user: r.user.clone(),
+            uid: r.uid,
+            gid: r.gid,
+            euid,
+            egid,
+        }),
         None => Ok(Plan::Unprivileged),
     }
 }
@@ -316,11 +409,14 @@ fn resgid() -> (u32, u32, u32) {
     (r, e, s)
 }
 
-fn check(what: &str, rc: libc::c_int) -> Result<(), String> {
+fn check(call: String, rc: libc::c_int) -> Result<(), PrivDropError> {
     if rc == 0 {
         Ok(())
     } else {
-        Err(format!("{what}: {}", io::Error::last_os_error()))
+        Err(PrivDropError::Call {
+            call,
+            source: io::Error::last_os_error(),
+        })
     }
 }
 
@@ -329,16 +425,16 @@ fn check(what: &str, rc: libc::c_int) -> Result<(), String> {
 /// # Errors
 /// A step failed or the result is not what was asked for; the process must then stop, since
 /// it may be partly privileged.
-pub fn drop_to(to: &RunAs) -> Result<(), String> {
+pub fn drop_to(to: &RunAs) -> Result<(), PrivDropError> {
     // SAFETY (all three): plain libc calls with a valid pointer/length pair or integers. The
     // glibc wrappers broadcast each change to every thread of the process.
-    check(&format!("setgroups({:?})", to.groups), unsafe {
+    check(format!("setgroups({:?})", to.groups), unsafe {
         libc::setgroups(to.groups.len(), to.groups.as_ptr())
     })?;
-    check(&format!("setresgid({})", to.gid), unsafe {
+    check(format!("setresgid({})", to.gid), unsafe {
         libc::setresgid(to.gid, to.gid, to.gid)
     })?;
-    check(&format!("setresuid({})", to.uid), unsafe {
+    check(format!("setresuid({})", to.uid), unsafe {
         libc::setresuid(to.uid, to.uid, to.uid)
     })?;
     verify(to)
@@ -351,38 +447,40 @@ pub fn drop_to(to: &RunAs) -> Result<(), String> {
 ///
 /// # Errors
 /// The first thing found that is not as it should be.
-pub fn verify(to: &RunAs) -> Result<(), String> {
+pub fn verify(to: &RunAs) -> Result<(), PrivDropError> {
     let want_u = (to.uid, to.uid, to.uid);
     let want_g = (to.gid, to.gid, to.gid);
     if resuid() != want_u {
-        return Err(format!(
-            "uids are {:?} after the switch, not {want_u:?}",
-            resuid()
-        ));
+        return Err(PrivDropError::Ids {
+            which: "uids",
+            got: resuid(),
+            want: want_u,
+        });
     }
     if resgid() != want_g {
-        return Err(format!(
-            "gids are {:?} after the switch, not {want_g:?}",
-            resgid()
-        ));
+        return Err(PrivDropError::Ids {
+            which: "gids",
+            got: resgid(),
+            want: want_g,
+        });
     }
     let groups = current_groups()?;
     if groups != to.groups {
-        return Err(format!(
-            "supplementary groups are {groups:?} after the switch, not {:?}",
-            to.groups
-        ));
+        return Err(PrivDropError::Groups {
+            got: groups,
+            want: to.groups.clone(),
+        });
     }
     // SAFETY: plain libc calls. Unprivileged, they fail on the calling thread and are not
     // broadcast; if one succeeded the process would be root again, which is reported.
     if unsafe { libc::setuid(0) } == 0 {
-        return Err("setuid(0) succeeded after the switch: root could be regained".into());
+        return Err(PrivDropError::Regainable { call: "setuid(0)" });
     }
     if unsafe { libc::setgid(0) } == 0 {
-        return Err("setgid(0) succeeded after the switch: root's group could be regained".into());
+        return Err(PrivDropError::Regainable { call: "setgid(0)" });
     }
-    let tasks = std::fs::read_dir("/proc/self/task")
-        .map_err(|e| format!("cannot read /proc/self/task to check every thread: {e}"))?;
+    let tasks =
+        std::fs::read_dir("/proc/self/task").map_err(|source| PrivDropError::Threads { source })?;
     let mut checked = 0;
     for task in tasks {
         let Ok(task) = task else { continue };
@@ -391,31 +489,33 @@ pub fn verify(to: &RunAs) -> Result<(), String> {
         let Ok(status) = std::fs::read_to_string(&path) else {
             continue;
         };
-        let creds = TaskCreds::parse(&status)
-            .ok_or_else(|| format!("{}: no Uid/Gid/Cap lines", path.display()))?;
+        let creds = TaskCreds::parse(&status).ok_or_else(|| PrivDropError::Unreadable { path })?;
         if let Some(bad) = creds.mismatch(to.uid, to.gid) {
-            return Err(format!(
-                "thread {} ({}): {bad}",
-                task.file_name().to_string_lossy(),
-                creds.name
-            ));
+            return Err(PrivDropError::Thread {
+                tid: task.file_name().to_string_lossy().into_owned(),
+                name: creds.name,
+                bad,
+            });
         }
         checked += 1;
     }
     if checked == 0 {
-        return Err("no thread found in /proc/self/task to check".into());
+        return Err(PrivDropError::NoThread);
     }
     Ok(())
 }
 
-fn current_groups() -> Result<Vec<u32>, String> {
+fn current_groups() -> Result<Vec<u32>, PrivDropError> {
     // SAFETY: a zero size only asks for the count; then a buffer of that many entries.
     let n = unsafe { libc::getgroups(0, std::ptr::null_mut()) };
-    let n = usize::try_from(n).map_err(|_| format!("getgroups: {}", io::Error::last_os_error()))?;
+    let failed = |_| PrivDropError::Call {
+        call: "getgroups".into(),
+        source: io::Error::last_os_error(),
+    };
+    let n = usize::try_from(n).map_err(failed)?;
     let mut groups = vec![0 as libc::gid_t; n];
     let got = unsafe { libc::getgroups(n as libc::c_int, groups.as_mut_ptr()) };
-    let got =
-        usize::try_from(got).map_err(|_| format!("getgroups: {}", io::Error::last_os_error()))?;
+    let got = usize::try_from(got).map_err(failed)?;
     groups.truncate(got);
     groups.sort_unstable();
     groups.dedup();
@@ -525,6 +625,54 @@ mod tests {
             c.mismatch(65534, 65534)
                 .unwrap()
                 .contains("CapEff 0000000000000400")
+        );
+    }
+
+    /// The checks report what they found as data, worded by `Display`: a process that has not
+    /// switched is caught at its ids, before anything else is looked at.
+    #[test]
+    fn a_switch_not_made_is_named_by_cause() {
+        let (uid, gid) = effective_ids();
+        let other = RunAs {
+            user: "someone".into(),
+            uid: uid + 1,
+            group: "them".into(),
+            gid: gid + 1,
+            groups: vec![gid + 1],
+        };
+        let e = verify(&other).unwrap_err();
+        assert!(
+            matches!(&e, PrivDropError::Ids { which: "uids", got, want }
+                if got.1 == uid && *want == (uid + 1, uid + 1, uid + 1)),
+            "{e:?}"
+        );
+        assert!(e.to_string().starts_with("uids are ("), "{e}");
+        assert!(e.to_string().contains("after the switch, not"), "{e}");
+        let e = PrivDropError::NeedsRoot {
+            user: "web".into(),
+            uid: 1000,
+            gid: 1000,
+            euid: 1001,
+            egid: 1002,
+        };
+        assert_eq!(
+            e.to_string(),
+            "user = \"web\": switching to uid 1000 gid 1000 needs root, but ringfwd runs as uid 1001 gid 1002; start it as root, or as that user and remove the key"
+        );
+        match plan(Some(&other)) {
+            Ok(Plan::Drop(to)) => assert!(is_root() && to == other),
+            Err(PrivDropError::NeedsRoot { euid, .. }) => assert_eq!(euid, uid),
+            other => panic!("{other:?}"),
+        }
+        let e = PrivDropError::Call {
+            call: "setresuid(65534)".into(),
+            source: io::Error::from_raw_os_error(libc::EPERM),
+        };
+        assert!(std::error::Error::source(&e).is_some());
+        assert!(
+            e.to_string()
+                .starts_with("setresuid(65534): Operation not permitted"),
+            "{e}"
         );
     }
 

@@ -1,24 +1,141 @@
 //! Configuration errors, and where in the file a value was written.
 
 use std::fmt;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use super::raw;
 use super::units::format_duration;
 
-/// A configuration error, already worded for the operator.
+/// Where in a config file something was written: the file's name as given, the line and
+/// the column (both from 1).
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ConfigError {
-    pub message: String,
+pub struct Location {
+    pub file: String,
+    pub line: usize,
+    pub column: usize,
+}
+
+impl fmt::Display for Location {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}:{}:{}", self.file, self.line, self.column)
+    }
+}
+
+/// Why a configuration cannot be used, with where it went wrong. `Display` gives the one line
+/// an operator reads: `FILE:LINE:COL: KEY: why`, `--FLAG: why`, or the sentence of a variant
+/// without a place.
+#[derive(Debug)]
+pub enum ConfigError {
+    /// The file cannot be read.
+    Read {
+        file: PathBuf,
+        source: std::io::Error,
+    },
+    /// The text is not TOML, or does not have the shape of a config (an unknown key, a value
+    /// of the wrong type): the parser's words, the key when one is written on that line, and
+    /// a hint when one fits. `at` is `None` when the parser gave no position.
+    Toml {
+        file: String,
+        at: Option<(usize, usize)>,
+        key: Option<String>,
+        message: String,
+        hint: Option<String>,
+    },
+    /// A well-formed value refused by a check: out of range, unresolvable, in conflict with
+    /// another key.
+    Value {
+        at: Location,
+        key: String,
+        message: String,
+    },
+    /// A command-line flag's value refused (`run --listen ...`).
+    Flag { flag: &'static str, message: String },
+    /// Neither `--config` nor `--listen`/`--upstream` was given.
+    NothingToRun,
+    /// The configuration has no `[[rule]]`.
+    NoRule,
+}
+
+impl ConfigError {
+    /// Where in the file the error is, when it is in a file and the position is known.
+    pub fn location(&self) -> Option<Location> {
+        match self {
+            Self::Toml {
+                file,
+                at: Some((line, column)),
+                ..
+            } => Some(Location {
+                file: file.clone(),
+                line: *line,
+                column: *column,
+            }),
+            Self::Value { at, .. } => Some(at.clone()),
+            Self::Read { .. }
+            | Self::Toml { at: None, .. }
+            | Self::Flag { .. }
+            | Self::NothingToRun
+            | Self::NoRule => None,
+        }
+    }
+
+    /// The key (or flag, without its dashes) the error is about, when there is one.
+    pub fn key(&self) -> Option<&str> {
+        match self {
+            Self::Toml { key, .. } => key.as_deref(),
+            Self::Value { key, .. } => Some(key),
+            Self::Flag { flag, .. } => Some(flag),
+            Self::Read { .. } | Self::NothingToRun | Self::NoRule => None,
+        }
+    }
 }
 
 impl fmt::Display for ConfigError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.message)
+        match self {
+            Self::Read { file, source } => {
+                write!(f, "{}: cannot read config: {source}", file.display())
+            }
+            Self::Toml {
+                file,
+                at,
+                key,
+                message,
+                hint,
+            } => {
+                f.write_str(file)?;
+                if let Some((line, column)) = at {
+                    write!(f, ":{line}:{column}")?;
+                }
+                if let Some(key) = key {
+                    write!(f, ": {key}")?;
+                }
+                write!(f, ": {message}")?;
+                if let Some(hint) = hint {
+                    write!(f, "; {hint}")?;
+                }
+                Ok(())
+            }
+            Self::Value { at, key, message } => write!(f, "{at}: {key}: {message}"),
+            Self::Flag { flag, message } => write!(f, "--{flag}: {message}"),
+            Self::NothingToRun => f.write_str(
+                "nothing to run: give --config FILE, or --listen ADDR --upstream ADDR",
+            ),
+            Self::NoRule => f.write_str(
+                "no rule to run: add a [[rule]] table to the config, or pass --listen and --upstream",
+            ),
+        }
     }
 }
 
-impl std::error::Error for ConfigError {}
+impl std::error::Error for ConfigError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            Self::Read { source, .. } => Some(source),
+            _ => None,
+        }
+    }
+}
 
 /// Where a value came from, for error messages.
 pub(super) struct Source<'a> {
@@ -54,8 +171,15 @@ impl Source<'_> {
         key: &str,
         msg: impl fmt::Display,
     ) -> ConfigError {
-        ConfigError {
-            message: self.at(span, key, msg),
+        let (line, column) = self.line_col(span.start);
+        ConfigError::Value {
+            at: Location {
+                file: self.name.to_string(),
+                line,
+                column,
+            },
+            key: key.to_string(),
+            message: msg.to_string(),
         }
     }
 

@@ -22,7 +22,7 @@ mod resolve;
 pub mod units;
 mod validate;
 
-pub use error::ConfigError;
+pub use error::{ConfigError, Location};
 pub use model::*;
 pub use resolve::{UNRESOLVED_RETRY, resolve_addrs, resolve_member, resolve_one, resolve_upstream};
 pub use units::{ByteSize, format_duration, parse_duration, parse_size};

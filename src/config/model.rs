@@ -714,9 +714,7 @@ impl Config {
     /// No rule at all.
     pub fn ensure_runnable(&self) -> Result<(), ConfigError> {
         if self.rules.is_empty() {
-            return Err(ConfigError {
-                message: "no rule to run: add a [[rule]] table to the config, or pass --listen and --upstream".into(),
-            });
+            return Err(ConfigError::NoRule);
         }
         Ok(())
     }

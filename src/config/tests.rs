@@ -15,7 +15,7 @@ fn parse(text: &str) -> Config {
 fn err(text: &str) -> String {
     match Config::parse("cfg.toml", text) {
         Ok(c) => panic!("{text:?} was accepted: {c:?}"),
-        Err(e) => e.message,
+        Err(e) => e.to_string(),
     }
 }
 
@@ -42,7 +42,7 @@ fn an_empty_file_has_the_documented_defaults_and_no_rule() {
     assert_eq!(c.uring, UringTuning::default());
     assert!(c.rules.is_empty());
     let e = c.ensure_runnable().unwrap_err();
-    assert!(e.message.starts_with("no rule to run"), "{e}");
+    assert!(e.to_string().starts_with("no rule to run"), "{e}");
 }
 
 #[test]
@@ -663,7 +663,7 @@ fn toml_syntax_errors_have_a_position() {
 fn a_missing_file_names_the_path() {
     let e = Config::load(Path::new("/nonexistent/ringfwd.toml")).unwrap_err();
     assert!(
-        e.message
+        e.to_string()
             .starts_with("/nonexistent/ringfwd.toml: cannot read config: "),
         "{e}"
     );
@@ -1960,15 +1960,18 @@ mod metrics_key_tests {
     #[test]
     fn hdr_log_mistakes_are_reported_at_their_key() {
         let e = parse("hdr_log_interval = \"5s\"").unwrap_err();
-        assert!(e.message.starts_with("t.toml:1:"), "{e}");
-        assert!(e.message.contains("hdr_log is not"), "{e}");
+        assert!(e.to_string().starts_with("t.toml:1:"), "{e}");
+        assert!(e.to_string().contains("hdr_log is not"), "{e}");
         let e = parse("hdr_log = \"x\"\nhdr_log_interval = \"10\"").unwrap_err();
-        assert!(e.message.contains("hdr_log_interval"), "{e}");
-        assert!(e.message.contains("unit"), "{e}");
+        assert!(e.to_string().contains("hdr_log_interval"), "{e}");
+        assert!(e.to_string().contains("unit"), "{e}");
         let e = parse("hdr_log = \"x\"\nhdr_log_interval = \"10ms\"").unwrap_err();
-        assert!(e.message.contains("must be 100ms..=1h"), "{e}");
+        assert!(e.to_string().contains("must be 100ms..=1h"), "{e}");
         let e = parse("hdr_log = \" \"").unwrap_err();
-        assert!(e.message.contains("hdr_log: must be a file path"), "{e}");
+        assert!(
+            e.to_string().contains("hdr_log: must be a file path"),
+            "{e}"
+        );
     }
 
     #[test]
@@ -1982,4 +1985,55 @@ mod metrics_key_tests {
             "admin stays off unless configured"
         );
     }
+}
+
+/// A config error carries where it is (file, line, column) and the key, as data; the line an
+/// operator reads is made from them by `Display`.
+#[test]
+fn errors_carry_their_location_and_key() {
+    let e = Config::parse("cfg.toml", &rule_with("max_fails = -1")).unwrap_err();
+    assert!(matches!(e, ConfigError::Value { .. }), "{e:?}");
+    assert_eq!(
+        e.location(),
+        Some(Location {
+            file: "cfg.toml".into(),
+            line: 4,
+            column: 13
+        })
+    );
+    assert_eq!(e.key(), Some("max_fails"));
+    assert_eq!(
+        e.to_string(),
+        "cfg.toml:4:13: max_fails: must be 0..=1000, got -1"
+    );
+
+    // A type error from the parser: the key written on that line.
+    let e = Config::parse("cfg.toml", "workers = true\n").unwrap_err();
+    assert!(matches!(e, ConfigError::Toml { .. }), "{e:?}");
+    assert_eq!(e.location().map(|l| (l.line, l.column)), Some((1, 11)));
+    assert_eq!(e.key(), Some("workers"));
+    // An unknown key names itself in the message; the hint is part of the line.
+    let e = Config::parse("cfg.toml", "wrokers = 2\n").unwrap_err();
+    assert_eq!(e.key(), None);
+    assert!(
+        e.to_string()
+            .starts_with("cfg.toml:1:1: unknown field `wrokers`"),
+        "{e}"
+    );
+    assert!(e.to_string().ends_with("; did you mean `workers`?"), "{e}");
+
+    // No position: a file that cannot be read keeps the io error as its source.
+    let e = Config::load(Path::new("/nonexistent/ringfwd.toml")).unwrap_err();
+    assert!(matches!(e, ConfigError::Read { .. }), "{e:?}");
+    assert_eq!(e.location(), None);
+    assert!(std::error::Error::source(&e).is_some());
+    assert!(
+        e.to_string()
+            .starts_with("/nonexistent/ringfwd.toml: cannot read config: "),
+        "{e}"
+    );
+    assert!(matches!(
+        parse("").ensure_runnable(),
+        Err(ConfigError::NoRule)
+    ));
 }

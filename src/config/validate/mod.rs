@@ -26,8 +26,9 @@ impl Config {
     /// Unreadable file, TOML syntax, unknown keys, bad values, unresolvable addresses: one
     /// line naming the file, line and key.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
-            message: format!("{}: cannot read config: {e}", path.display()),
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            file: path.to_path_buf(),
+            source,
         })?;
         Self::parse(&path.display().to_string(), &text)
     }
@@ -43,31 +44,31 @@ impl Config {
             warnings: std::cell::RefCell::new(Vec::new()),
         };
         let raw: RawConfig = toml::from_str(text).map_err(|e| {
-            let mut msg = e.message().trim().to_string();
-            match e.span() {
-                Some(span) => {
-                    let (line, col) = src.line_col(span.start);
-                    let line_text = text.lines().nth(line - 1).unwrap_or("");
-                    if let Some(hint) = hint::for_error(&msg, line_text) {
-                        msg = format!("{msg}; {hint}");
-                    }
-                    let key = if msg.starts_with("unknown field") {
-                        None
-                    } else {
-                        src.key_on_line(line)
-                    };
-                    match key {
-                        Some(key) => ConfigError {
-                            message: format!("{name}:{line}:{col}: {key}: {msg}"),
-                        },
-                        None => ConfigError {
-                            message: format!("{name}:{line}:{col}: {msg}"),
-                        },
-                    }
-                }
-                None => ConfigError {
-                    message: format!("{name}: {msg}"),
-                },
+            let message = e.message().trim().to_string();
+            let Some(span) = e.span() else {
+                return ConfigError::Toml {
+                    file: name.to_string(),
+                    at: None,
+                    key: None,
+                    message,
+                    hint: None,
+                };
+            };
+            let (line, col) = src.line_col(span.start);
+            let line_text = text.lines().nth(line - 1).unwrap_or("");
+            let hint = hint::for_error(&message, line_text);
+            // An unknown key is named in the message itself.
+            let key = if message.starts_with("unknown field") {
+                None
+            } else {
+                src.key_on_line(line)
+            };
+            ConfigError::Toml {
+                file: name.to_string(),
+                at: Some((line, col)),
+                key,
+                message,
+                hint,
             }
         })?;
         Self::from_raw(raw, &src)
