@@ -221,8 +221,7 @@ fn run(args: &RunArgs) -> anyhow::Result<()> {
     let mut inherited_admin = None;
     let mut takeover = match &args.takeover {
         Some(path) => {
-            let mut received =
-                control::takeover::receive(path, access).map_err(anyhow::Error::msg)?;
+            let mut received = control::takeover::receive(path, access)?;
             // A count and the distinct addresses, not one entry per socket: a port range
             // hands over thousands (one per port and worker).
             let addrs = received.addrs();
@@ -376,12 +375,15 @@ fn run(args: &RunArgs) -> anyhow::Result<()> {
                     .lock()
                     .unwrap_or_else(std::sync::PoisonError::into_inner)
                     .send(Event::Reload(Trigger::Admin, Some(reply)));
+                // The admin endpoint answers with the text (its hook is not tied to the
+                // control plane's types).
                 if sent.is_err() {
-                    return Err("the process is stopping".into());
+                    return Err(control::ReloadError::Stopping.to_string());
                 }
                 answer
                     .recv()
-                    .unwrap_or_else(|_| Err("the process is stopping".into()))
+                    .unwrap_or(Err(control::ReloadError::Stopping))
+                    .map_err(|e| e.to_string())
             }));
         }
         // One machine-readable line per rule on stdout: scripts and tests wait for it.
@@ -405,9 +407,7 @@ fn run(args: &RunArgs) -> anyhow::Result<()> {
             let _ = out.flush();
         }
     };
-    let first = supervisor
-        .prepare_first(config.clone(), sockets, runtime.clone())
-        .map_err(anyhow::Error::msg)?;
+    let first = supervisor.prepare_first(config.clone(), sockets, runtime.clone())?;
     let first_id = first.id;
     let to_supervisor = supervisor.events();
     // The supervisor acts on events (reloads, stop, takeover) on a thread of its own; the

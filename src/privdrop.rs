@@ -489,7 +489,9 @@ pub fn verify(to: &RunAs) -> Result<(), PrivDropError> {
         let Ok(status) = std::fs::read_to_string(&path) else {
             continue;
         };
-        let creds = TaskCreds::parse(&status).ok_or_else(|| PrivDropError::Unreadable { path })?;
+        let Some(creds) = TaskCreds::parse(&status) else {
+            return Err(PrivDropError::Unreadable { path });
+        };
         if let Some(bad) = creds.mismatch(to.uid, to.gid) {
             return Err(PrivDropError::Thread {
                 tid: task.file_name().to_string_lossy().into_owned(),

@@ -102,7 +102,7 @@ mod tests {
             assert!(ok.contains(want), "{want:?} missing:\n{ok}");
         }
         assert!(ok.starts_with(env!("CARGO_PKG_VERSION")), "{ok}");
-        let off = render(&host, &Err(uring::Unavailable("denied".into())));
+        let off = render(&host, &Err(uring::Unavailable::Other("denied".into())));
         assert!(off.contains("io_uring: unavailable: denied"), "{off}");
         assert!(off.contains("engine = \"auto\" runs tokio"), "{off}");
     }

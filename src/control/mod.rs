@@ -28,6 +28,7 @@
 //! passed by systemd ([`fds::from_systemd`]) are matched to rules by address like taken-over
 //! ones.
 
+mod error;
 pub mod fds;
 pub mod takeover;
 pub mod watch;
@@ -48,6 +49,8 @@ use crate::session::Runtime;
 use crate::shutdown::{Phase, Shutdown};
 use crate::upstream;
 
+pub use error::{ReloadError, StartError};
+
 /// What asked for a reload.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Trigger {
@@ -67,14 +70,14 @@ impl Trigger {
 }
 
 /// Where a reload's result goes.
-pub type Reply = mpsc::Sender<Result<String, String>>;
+pub type Reply = mpsc::Sender<Result<String, ReloadError>>;
 
 /// Loads the config again (the file, with the `run` flags applied), on a thread of its own.
 pub type Loader = Arc<dyn Fn() -> Result<Config, ConfigError> + Send + Sync>;
 
 /// A config read for a reload, with the file's identity from before it was read.
 pub struct Loaded {
-    result: Result<Config, String>,
+    result: Result<Config, ReloadError>,
     read_from: Option<watch::Identity>,
 }
 
@@ -223,7 +226,7 @@ type Sockets = Vec<Vec<Vec<TcpListener>>>;
 
 /// A generation that did not start: why, and the sockets it was given, back.
 struct StartFailed {
-    why: String,
+    why: StartError,
     sockets: Sockets,
 }
 
@@ -300,8 +303,8 @@ impl Generation {
 }
 
 /// The listeners of `sockets` duplicated for an engine instance.
-fn dup_all(sockets: &[Vec<Vec<TcpListener>>]) -> Result<Listeners, String> {
-    Listeners::dup(sockets).map_err(|e| format!("cannot duplicate the listeners: {e}"))
+fn dup_all(sockets: &[Vec<Vec<TcpListener>>]) -> Result<Listeners, StartError> {
+    Listeners::dup(sockets).map_err(|e| StartError::Duplicate(Arc::new(e)))
 }
 
 /// The health-check / DNS thread of one generation's pools (`None`: none needed, or it
@@ -485,7 +488,7 @@ impl Supervisor {
         config: Config,
         sockets: Vec<Vec<Vec<TcpListener>>>,
         runtime: Arc<Runtime>,
-    ) -> Result<First, String> {
+    ) -> Result<First, StartError> {
         let listeners = dup_all(&sockets)?;
         let shutdown = Shutdown::new();
         let id = self.next_id;
@@ -552,7 +555,7 @@ impl Supervisor {
             Ok(t) => t,
             Err(e) => {
                 return Err(StartFailed {
-                    why: format!("cannot start an engine thread: {e}"),
+                    why: StartError::Spawn(Arc::new(e)),
                     sockets,
                 });
             }
@@ -579,13 +582,16 @@ impl Supervisor {
             Ok(Err(why)) => {
                 shutdown.advance(Phase::Closing);
                 let _ = thread.join();
-                Err(StartFailed { why, sockets })
+                Err(StartFailed {
+                    why: StartError::Engine(why),
+                    sockets,
+                })
             }
             Err(_) => {
                 shutdown.advance(Phase::Closing);
                 let _ = thread.join();
                 Err(StartFailed {
-                    why: "the engine stopped while starting".into(),
+                    why: StartError::Stopped,
                     sockets,
                 })
             }
@@ -662,7 +668,7 @@ impl Supervisor {
         }
         for (_, replies) in self.loading.take().into_iter().chain(self.queued.take()) {
             for r in replies {
-                let _ = r.send(Err("the process is stopping".into()));
+                let _ = r.send(Err(ReloadError::Stopping));
             }
         }
         Summary {
@@ -677,11 +683,11 @@ impl Supervisor {
     /// the next reload (one is in flight at most, and at most one more waits).
     fn request_reload(&mut self, trigger: Trigger, reply: Option<Reply>) {
         let refuse = if !self.started {
-            Some("still starting; try again once it serves")
+            Some(ReloadError::Starting)
         } else if self.stopping || self.taken_over {
-            Some("the process is stopping")
+            Some(ReloadError::Stopping)
         } else if self.load.is_none() {
-            Some("this run has no --config file to reload")
+            Some(ReloadError::NoConfigFile)
         } else {
             None
         };
@@ -692,7 +698,7 @@ impl Supervisor {
                 "config reload refused, still running the previous config: {why}"
             );
             if let Some(r) = reply {
-                let _ = r.send(Err(why.into()));
+                let _ = r.send(Err(why));
             }
             return;
         }
@@ -717,15 +723,14 @@ impl Supervisor {
             .name("ringfwd-load".into())
             .spawn(move || {
                 let read_from = watched.as_deref().and_then(watch::identity);
-                let result = load().map_err(|e| e.to_string()).and_then(|c| {
-                    c.ensure_runnable().map_err(|e| e.to_string())?;
-                    Ok(c)
-                });
+                let result = load()
+                    .and_then(|c| c.ensure_runnable().map(|()| c))
+                    .map_err(|e| ReloadError::Config(Arc::new(e)));
                 let _ = events.send(Event::Loaded(Box::new(Loaded { result, read_from })));
             });
         if let Err(e) = spawned {
             let _ = self.events_tx.send(Event::Loaded(Box::new(Loaded {
-                result: Err(format!("cannot start the config loader thread: {e}")),
+                result: Err(ReloadError::LoaderThread(Arc::new(e))),
                 read_from: None,
             })));
         }
@@ -739,7 +744,7 @@ impl Supervisor {
         };
         let r = match loaded.result {
             Ok(new) if !self.stopping && !self.taken_over => self.apply(new, loaded.read_from),
-            Ok(_) => Err("the process is stopping".into()),
+            Ok(_) => Err(ReloadError::Stopping),
             Err(e) => Err(e),
         };
         self.metrics.reloaded(r.is_ok());
@@ -760,7 +765,7 @@ impl Supervisor {
         if let Some(next) = self.queued.take() {
             if self.stopping || self.taken_over {
                 for reply in next.1 {
-                    let _ = reply.send(Err("the process is stopping".into()));
+                    let _ = reply.send(Err(ReloadError::Stopping));
                 }
             } else {
                 self.loading = Some(next);
@@ -866,9 +871,9 @@ impl Supervisor {
         &mut self,
         mut new: Config,
         read_from: Option<watch::Identity>,
-    ) -> Result<String, String> {
+    ) -> Result<String, ReloadError> {
         let Some(cur) = self.current.as_ref() else {
-            return Err("not serving".into());
+            return Err(ReloadError::NotServing);
         };
         let not_applied = keep_process_settings(&cur.config, &mut new);
         for w in &new.warnings {
@@ -914,7 +919,7 @@ impl Supervisor {
         // What this reload opens: the fresh ports' sockets, and the new engine's duplicate
         // of every socket it serves (the old engine closes its own once it has stopped).
         engine::ensure_fds(fresh * per_rule * 2 + kept, fresh * per_rule + kept)
-            .map_err(|e| e.to_string())?;
+            .map_err(|e| ReloadError::Fds(Arc::new(e)))?;
         let mut bound = Vec::with_capacity(new.rules.len());
         for (rule, ports) in new.rules.iter().zip(&plan) {
             // Port by port, so a range that grows or shrinks keeps the ports it had.
@@ -922,10 +927,12 @@ impl Supervisor {
             for (addr, kept) in ports {
                 groups.push(match kept {
                     Some(_) => None,
-                    None => Some(
-                        net::bind_listeners(*addr, per_rule)
-                            .map_err(|e| format!("rule {:?}: {e}", rule.name))?,
-                    ),
+                    None => Some(net::bind_listeners(*addr, per_rule).map_err(|e| {
+                        ReloadError::Bind {
+                            rule: rule.name.clone(),
+                            source: Arc::new(e),
+                        }
+                    })?),
                 });
             }
             bound.push(groups);
@@ -934,7 +941,7 @@ impl Supervisor {
         let metrics = cur.metrics.next_generation(&names);
         metrics
             .open_taps(new.rules.iter().map(|r| r.tap.as_deref()))
-            .map_err(|e| e.to_string())?;
+            .map_err(|e| ReloadError::Tap(Arc::new(e)))?;
         let runtime = Runtime::next(&new, &cur.runtime);
         let cur_sockets = &mut self.current.as_mut().expect("checked above").sockets;
         let sockets: Vec<Vec<Vec<TcpListener>>> = plan
@@ -957,7 +964,7 @@ impl Supervisor {
                 if let Some(cur) = self.current.as_mut() {
                     give_back(&mut cur.sockets, &plan, sockets);
                 }
-                return Err(why);
+                return Err(why.into());
             }
         };
         if !self.watching {
@@ -1087,6 +1094,42 @@ impl std::fmt::Display for Diff {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A reload refused or failed answers with why, as a value the caller can match: asked
+    /// before the first generation serves it is `Starting`, and one whose file does not load
+    /// carries the config error itself.
+    #[test]
+    fn reload_errors_are_typed() {
+        let load: Loader = Arc::new(|| Config::parse("bad.toml", "workers = 0\n"));
+        let (tx, rx) = mpsc::channel();
+        let process = Shutdown::new();
+        let sup = Supervisor::new(
+            Resolved::Std,
+            Metrics::new(&["r"], 1),
+            &process,
+            (tx.clone(), rx),
+            Some(load.clone()),
+            Arc::new(AtomicBool::new(false)),
+        )
+        .unwrap();
+        let (reply, answer) = mpsc::channel();
+        tx.send(Event::Reload(Trigger::Admin, Some(reply))).unwrap();
+        process.advance(Phase::Draining);
+        let summary = sup.run();
+        assert!(summary.failure.is_none());
+        let e = answer.recv().unwrap().unwrap_err();
+        assert!(matches!(e, ReloadError::Starting), "{e:?}");
+        assert_eq!(e.to_string(), "still starting; try again once it serves");
+
+        let e = ReloadError::Config(Arc::new(load().unwrap_err()));
+        assert!(e.to_string().starts_with("bad.toml:1:11: workers: "), "{e}");
+        let ReloadError::Config(c) = &e else {
+            unreachable!()
+        };
+        assert_eq!(c.key(), Some("workers"));
+        let e = ReloadError::from(StartError::Stopped);
+        assert_eq!(e.to_string(), "the engine stopped while starting");
+    }
 
     fn config(text: &str) -> Config {
         Config::parse("test.toml", text).expect("valid config")

@@ -369,7 +369,7 @@ impl ControlSocket {
                     };
                     if let Err(why) = check_peer(&conn, access) {
                         tracing::warn!(path = %path.display(), "control socket: connection refused: {why}");
-                        refuse(&conn, &why);
+                        refuse(&conn, &why.to_string());
                         continue;
                     }
                     match handle(&conn, &events) {
@@ -420,19 +420,72 @@ fn refuse(conn: &Socket, why: &str) {
 
 /// The peer's credentials (`SO_PEERCRED`: who connected, as of `connect`), if `access`
 /// allows it; else why not.
-fn check_peer(conn: &Socket, access: Access) -> Result<(), String> {
+fn check_peer(conn: &Socket, access: Access) -> Result<(), PeerError> {
     let cred = nix::sys::socket::getsockopt(conn, nix::sys::socket::sockopt::PeerCredentials)
-        .map_err(|e| format!("cannot read the peer's credentials: {e}"))?;
+        .map_err(PeerError::Credentials)?;
     if access.allows(cred.uid()) {
         return Ok(());
     }
-    Err(format!(
-        "peer pid {} uid {} gid {} is not allowed (only {} may take this process's sockets)",
-        cred.pid(),
-        cred.uid(),
-        cred.gid(),
-        access.who()
-    ))
+    Err(PeerError::NotAllowed {
+        pid: cred.pid(),
+        uid: cred.uid(),
+        gid: cred.gid(),
+        allowed: access.who(),
+    })
+}
+
+/// Why the process at the other end of the control socket is not trusted.
+#[derive(Debug, thiserror::Error)]
+pub enum PeerError {
+    #[error("cannot read the peer's credentials: {0}")]
+    Credentials(#[source] nix::Error),
+    #[error(
+        "peer pid {pid} uid {uid} gid {gid} is not allowed (only {allowed} may take this process's sockets)"
+    )]
+    NotAllowed {
+        pid: i32,
+        uid: u32,
+        gid: u32,
+        allowed: String,
+    },
+}
+
+/// Why `run --takeover PATH` did not get (or confirm) the running process's sockets.
+/// `Display` starts with `--takeover PATH: `, the flag the operator gave.
+#[derive(Debug, thiserror::Error)]
+#[error("--takeover {}: {why}", path.display())]
+pub struct TakeoverError {
+    pub path: PathBuf,
+    pub why: TakeoverFailure,
+}
+
+/// What went wrong in a takeover conversation.
+#[derive(Debug, thiserror::Error)]
+pub enum TakeoverFailure {
+    /// Connecting, sending or receiving failed (no process there, a timeout, a reset).
+    #[error(transparent)]
+    Io(#[from] io::Error),
+    /// The process listening there is not trusted.
+    #[error("the process listening there: {0}")]
+    Untrusted(#[source] PeerError),
+    /// The running process answered `ERR`: it will not hand its sockets over.
+    #[error("the running process refused: {0}")]
+    Refused(String),
+    /// `END n` announced another number of sockets than were received.
+    #[error("announced {announced} sockets, received {received}")]
+    Count { announced: String, received: usize },
+    /// A message that is not part of the protocol.
+    #[error("unexpected message {0:?}")]
+    Unexpected(String),
+    /// A `SOCKETS` message with more or fewer lines than descriptors.
+    #[error("{described} sockets described, {received} received")]
+    Described { described: usize, received: usize },
+    /// A descriptor that is not a listening socket.
+    #[error("{0:?} is not a listening socket")]
+    NotAListener(String),
+    /// A socket line that is neither `rule NAME ADDR` nor `admin - ADDR`.
+    #[error("cannot read {0:?}")]
+    BadLine(String),
 }
 
 /// One conversation; `Ok(true)` when the sockets were handed over and the new process is
@@ -519,8 +572,12 @@ pub struct Received {
 /// # Errors
 /// No process answers there, it is not trusted, or it sent something other than the
 /// protocol.
-pub fn receive(path: &Path, access: Access) -> Result<Received, String> {
-    let why = |e: io::Error| format!("--takeover {}: {e}", path.display());
+pub fn receive(path: &Path, access: Access) -> Result<Received, TakeoverError> {
+    let fail = |why: TakeoverFailure| TakeoverError {
+        path: path.to_path_buf(),
+        why,
+    };
+    let why = |e: io::Error| fail(TakeoverFailure::Io(e));
     let conn = seqpacket().map_err(why)?;
     let addr = SockAddr::unix(path).map_err(why)?;
     loop {
@@ -531,12 +588,7 @@ pub fn receive(path: &Path, access: Access) -> Result<Received, String> {
             Err(e) => return Err(why(e)),
         }
     }
-    check_peer(&conn, access).map_err(|e| {
-        format!(
-            "--takeover {}: the process listening there: {e}",
-            path.display()
-        )
-    })?;
+    check_peer(&conn, access).map_err(|e| fail(TakeoverFailure::Untrusted(e)))?;
     conn.set_read_timeout(Some(STEP_WAIT)).map_err(why)?;
     conn.set_write_timeout(Some(STEP_WAIT)).map_err(why)?;
     send_text(&conn, HELLO).map_err(why)?;
@@ -550,45 +602,34 @@ pub fn receive(path: &Path, access: Access) -> Result<Received, String> {
     loop {
         let (text, fds) = recv_text(&out.conn, &mut buf).map_err(why)?;
         if let Some(err) = text.strip_prefix("ERR ") {
-            return Err(format!(
-                "--takeover {}: the running process refused: {err}",
-                path.display()
-            ));
+            return Err(fail(TakeoverFailure::Refused(err.to_string())));
         }
         if let Some(n) = text.strip_prefix("END ") {
             let got = out.rules.len() + usize::from(out.admin.is_some());
             if n.trim().parse::<usize>().ok() != Some(got) {
-                return Err(format!(
-                    "--takeover {}: announced {} sockets, received {got}",
-                    path.display(),
-                    n.trim()
-                ));
+                return Err(fail(TakeoverFailure::Count {
+                    announced: n.trim().to_string(),
+                    received: got,
+                }));
             }
             return Ok(out);
         }
         let Some(lines) = text.strip_prefix("SOCKETS\n") else {
-            return Err(format!(
-                "--takeover {}: unexpected message {:?}",
-                path.display(),
-                text.chars().take(64).collect::<String>()
-            ));
+            return Err(fail(TakeoverFailure::Unexpected(
+                text.chars().take(64).collect(),
+            )));
         };
         let lines: Vec<&str> = lines.lines().collect();
         if lines.len() != fds.len() {
-            return Err(format!(
-                "--takeover {}: {} sockets described, {} received",
-                path.display(),
-                lines.len(),
-                fds.len()
-            ));
+            return Err(fail(TakeoverFailure::Described {
+                described: lines.len(),
+                received: fds.len(),
+            }));
         }
         for (line, fd) in lines.into_iter().zip(fds) {
             let sock = SockRef::from(&fd);
             if !sock.is_listener().unwrap_or(false) {
-                return Err(format!(
-                    "--takeover {}: {line:?} is not a listening socket",
-                    path.display()
-                ));
+                return Err(fail(TakeoverFailure::NotAListener(line.to_string())));
             }
             let mut parts = line.splitn(3, ' ');
             let (kind, name) = (parts.next(), parts.next());
@@ -597,10 +638,7 @@ pub fn receive(path: &Path, access: Access) -> Result<Received, String> {
                 (Some("rule"), Some(name)) => out.rules.push((name.to_string(), l)),
                 (Some("admin"), _) => out.admin = Some(l),
                 _ => {
-                    return Err(format!(
-                        "--takeover {}: cannot read {line:?}",
-                        path.display()
-                    ));
+                    return Err(fail(TakeoverFailure::BadLine(line.to_string())));
                 }
             }
         }
@@ -620,8 +658,11 @@ impl Received {
     ///
     /// # Errors
     /// The old process did not confirm (it may have exited already: this one serves anyway).
-    pub fn ready(self) -> Result<String, String> {
-        let why = |e: io::Error| format!("--takeover {}: {e}", self.path.display());
+    pub fn ready(self) -> Result<String, TakeoverError> {
+        let why = |e: io::Error| TakeoverError {
+            path: self.path.clone(),
+            why: TakeoverFailure::Io(e),
+        };
         send_text(&self.conn, "READY").map_err(why)?;
         let mut buf = vec![0u8; 256];
         let (text, _) = recv_text(&self.conn, &mut buf).map_err(why)?;
@@ -631,5 +672,80 @@ impl Received {
     /// Splits off the sockets (keeping the conversation for [`Received::ready`]).
     pub fn take(&mut self) -> (Vec<(String, TcpListener)>, Option<TcpListener>) {
         (std::mem::take(&mut self.rules), self.admin.take())
+    }
+}
+
+#[cfg(test)]
+mod takeover_error_tests {
+    use super::*;
+
+    /// A fake old process at `path` that answers the hello with `answer` (and any
+    /// descriptors), for `receive` to read.
+    fn answering(path: &Path, answer: &'static str) -> std::thread::JoinHandle<()> {
+        let listener = seqpacket().unwrap();
+        listener.bind(&SockAddr::unix(path).unwrap()).unwrap();
+        listener.listen(1).unwrap();
+        std::thread::spawn(move || {
+            let (conn, _) = listener.accept().unwrap();
+            let mut buf = vec![0u8; MAX_MESSAGE];
+            let (hello, _) = recv_text(&conn, &mut buf).unwrap();
+            assert_eq!(hello, HELLO);
+            send_text(&conn, answer).unwrap();
+            let _ = recv_text(&conn, &mut buf);
+        })
+    }
+
+    /// Each way a takeover conversation fails is its own variant, and the line printed
+    /// still starts with the flag and the path.
+    #[test]
+    fn takeover_failures_are_named_by_cause() {
+        let dir = std::env::temp_dir().join(format!("ringfwd-tko-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let access = Access::new(None);
+
+        let e = receive(&dir.join("nobody-here.sock"), access)
+            .err()
+            .unwrap();
+        assert!(
+            matches!(&e.why, TakeoverFailure::Io(io) if io.kind() == io::ErrorKind::NotFound),
+            "{e:?}"
+        );
+        assert!(
+            e.to_string()
+                .starts_with(&format!("--takeover {}/nobody-here.sock: ", dir.display())),
+            "{e}"
+        );
+
+        let path = dir.join("refuses.sock");
+        let old = answering(&path, "ERR busy");
+        let e = receive(&path, access).err().unwrap();
+        assert!(
+            matches!(&e.why, TakeoverFailure::Refused(m) if m == "busy"),
+            "{e:?}"
+        );
+        assert_eq!(
+            e.to_string(),
+            format!(
+                "--takeover {}: the running process refused: busy",
+                path.display()
+            )
+        );
+        old.join().unwrap();
+
+        let path = dir.join("lies.sock");
+        let old = answering(&path, "SOCKETS\nrule web 127.0.0.1:1\n");
+        let e = receive(&path, access).err().unwrap();
+        assert!(
+            matches!(
+                e.why,
+                TakeoverFailure::Described {
+                    described: 1,
+                    received: 0
+                }
+            ),
+            "{e:?}"
+        );
+        old.join().unwrap();
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -30,13 +30,82 @@ use super::{Listeners, RunContext};
 use crate::config::{Config, DataPath};
 use crate::net;
 
-/// Why io_uring cannot be used here, with what to do about it.
+/// Why io_uring cannot be used here, by cause; `Display` says what to do about it.
 #[derive(Debug, thiserror::Error)]
-pub struct Unavailable(pub String);
+pub enum Unavailable {
+    /// A seccomp filter answers for the io_uring calls (`ENOSYS` on a kernel that has
+    /// io_uring, or `EPERM` while the sysctl allows it); `why` names the evidence and the fix.
+    Seccomp { errno: i32, why: String },
+    /// `kernel.io_uring_disabled` is 1 (restricted to a group) or 2 (off).
+    Disabled { sysctl: u8 },
+    /// The kernel has no io_uring (`ENOSYS`, and nothing says it was built with it).
+    NotInKernel,
+    /// The rings do not fit under `RLIMIT_MEMLOCK` (`ENOMEM`); `limit` as the message shows it.
+    Memlock { limit: String },
+    /// No file descriptor left for a ring (`EMFILE`/`ENFILE`).
+    Descriptors { limit: String },
+    /// `io_uring_setup` refused the ring for another reason.
+    SetupRefused { errno: Option<i32>, text: String },
+    /// The kernel cannot say which opcodes it has (older than 5.6).
+    NoProbe { text: String },
+    /// Opcodes, or a ring feature such as `EXT_ARG` waits, the engine needs and this kernel
+    /// lacks.
+    OpcodeMissing { missing: Vec<&'static str> },
+    /// Some workers could not set up their ring: how many, the first of them, and its cause.
+    Workers {
+        failed: usize,
+        of: usize,
+        first: usize,
+        cause: Box<Unavailable>,
+    },
+    /// A failure reported as text (a worker thread that could not start, a worker's error
+    /// without an errno).
+    Other(String),
+}
 
 impl fmt::Display for Unavailable {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
+        match self {
+            Self::Seccomp { why, .. } => f.write_str(why),
+            Self::Disabled { sysctl: 2 } => f.write_str(
+                "io_uring is disabled by sysctl kernel.io_uring_disabled=2; enable it with `sysctl kernel.io_uring_disabled=0`",
+            ),
+            Self::Disabled { sysctl } => write!(
+                f,
+                "io_uring is restricted by sysctl kernel.io_uring_disabled={sysctl} to the group in kernel.io_uring_group; run ringfwd in that group or set `sysctl kernel.io_uring_disabled=0`"
+            ),
+            Self::NotInKernel => f.write_str(
+                "io_uring_setup is not implemented by this kernel (built without CONFIG_IO_URING, or older than 5.1); use a kernel with io_uring",
+            ),
+            Self::Memlock { limit } => write!(
+                f,
+                "io_uring_setup failed with ENOMEM: the locked-memory limit (RLIMIT_MEMLOCK, {limit}) is too low for the rings; raise it (ulimit -l, LimitMEMLOCK= in a systemd unit, or CAP_IPC_LOCK), or lower workers / [uring] ring_entries"
+            ),
+            Self::Descriptors { limit } => write!(
+                f,
+                "io_uring_setup failed: out of file descriptors (RLIMIT_NOFILE {limit}); raise it (ulimit -n, LimitNOFILE= in a systemd unit) or lower workers"
+            ),
+            Self::SetupRefused { text, .. } => write!(f, "io_uring_setup failed: {text}"),
+            Self::NoProbe { text } => write!(
+                f,
+                "cannot probe io_uring opcodes (kernel older than 5.6?): {text}"
+            ),
+            Self::OpcodeMissing { missing } => write!(
+                f,
+                "this kernel's io_uring lacks {}; ringfwd needs Linux 6.0 or newer",
+                missing.join(", ")
+            ),
+            Self::Workers {
+                failed: 1,
+                of,
+                first,
+                cause,
+            } => write!(f, "worker {first} of {of} could not set up: {cause}"),
+            Self::Workers {
+                failed, of, cause, ..
+            } => write!(f, "{failed} of {of} workers could not set up: {cause}"),
+            Self::Other(text) => f.write_str(text),
+        }
     }
 }
 
@@ -146,34 +215,45 @@ fn explain_setup_error(e: &std::io::Error) -> Unavailable {
 /// any host).
 fn explain_with(errno: Option<i32>, text: &str, host: &HostEvidence) -> Unavailable {
     let seccomp = host.seccomp_note();
-    let why = match errno {
+    let blocked = |errno: i32, why: String| Unavailable::Seccomp { errno, why };
+    match errno {
         Some(libc::ENOSYS) => match host.kernel_has_io_uring() {
-            Some(evidence) => format!(
-                "io_uring_setup answered ENOSYS although this kernel has io_uring ({evidence}): a seccomp filter is blocking the io_uring calls{seccomp}, as podman's default profile and Docker's (25+) do; {SECCOMP_FIX}"
+            Some(evidence) => blocked(
+                libc::ENOSYS,
+                format!(
+                    "io_uring_setup answered ENOSYS although this kernel has io_uring ({evidence}): a seccomp filter is blocking the io_uring calls{seccomp}, as podman's default profile and Docker's (25+) do; {SECCOMP_FIX}"
+                ),
             ),
-            None if host.release_has_io_uring() => format!(
-                "io_uring_setup answered ENOSYS on Linux {}, which has io_uring unless built without CONFIG_IO_URING: most likely a seccomp filter is blocking the io_uring calls{seccomp}, as podman's default profile and Docker's (25+) do; {SECCOMP_FIX}",
-                host.release.as_deref().unwrap_or("?")
+            None if host.release_has_io_uring() => blocked(
+                libc::ENOSYS,
+                format!(
+                    "io_uring_setup answered ENOSYS on Linux {}, which has io_uring unless built without CONFIG_IO_URING: most likely a seccomp filter is blocking the io_uring calls{seccomp}, as podman's default profile and Docker's (25+) do; {SECCOMP_FIX}",
+                    host.release.as_deref().unwrap_or("?")
+                ),
             ),
-            None => "io_uring_setup is not implemented by this kernel (built without CONFIG_IO_URING, or older than 5.1); use a kernel with io_uring".to_string(),
+            None => Unavailable::NotInKernel,
         },
-        Some(libc::EPERM) if host.sysctl == Some(2) => "io_uring is disabled by sysctl kernel.io_uring_disabled=2; enable it with `sysctl kernel.io_uring_disabled=0`".to_string(),
-        Some(libc::EPERM) if host.sysctl == Some(1) => "io_uring is restricted by sysctl kernel.io_uring_disabled=1 to the group in kernel.io_uring_group; run ringfwd in that group or set `sysctl kernel.io_uring_disabled=0`".to_string(),
-        Some(libc::EPERM) => format!(
-            "io_uring_setup was denied (EPERM) with kernel.io_uring_disabled {}: a seccomp filter is blocking the io_uring calls{seccomp}, as Docker's (25+), containerd's and podman's default profiles do; {SECCOMP_FIX}",
-            host.sysctl.map_or("unset".into(), |v| format!("= {v}"))
+        Some(libc::EPERM) if matches!(host.sysctl, Some(1 | 2)) => Unavailable::Disabled {
+            sysctl: host.sysctl.unwrap_or(2),
+        },
+        Some(libc::EPERM) => blocked(
+            libc::EPERM,
+            format!(
+                "io_uring_setup was denied (EPERM) with kernel.io_uring_disabled {}: a seccomp filter is blocking the io_uring calls{seccomp}, as Docker's (25+), containerd's and podman's default profiles do; {SECCOMP_FIX}",
+                host.sysctl.map_or("unset".into(), |v| format!("= {v}"))
+            ),
         ),
-        Some(libc::ENOMEM) => format!(
-            "io_uring_setup failed with ENOMEM: the locked-memory limit (RLIMIT_MEMLOCK, {}) is too low for the rings; raise it (ulimit -l, LimitMEMLOCK= in a systemd unit, or CAP_IPC_LOCK), or lower workers / [uring] ring_entries",
-            limit_text(Resource::RLIMIT_MEMLOCK, "KiB", 10)
-        ),
-        Some(libc::EMFILE | libc::ENFILE) => format!(
-            "io_uring_setup failed: out of file descriptors (RLIMIT_NOFILE {}); raise it (ulimit -n, LimitNOFILE= in a systemd unit) or lower workers",
-            limit_text(Resource::RLIMIT_NOFILE, "", 0)
-        ),
-        _ => format!("io_uring_setup failed: {text}"),
-    };
-    Unavailable(why)
+        Some(libc::ENOMEM) => Unavailable::Memlock {
+            limit: limit_text(Resource::RLIMIT_MEMLOCK, "KiB", 10),
+        },
+        Some(libc::EMFILE | libc::ENFILE) => Unavailable::Descriptors {
+            limit: limit_text(Resource::RLIMIT_NOFILE, "", 0),
+        },
+        _ => Unavailable::SetupRefused {
+            errno,
+            text: text.to_string(),
+        },
+    }
 }
 
 /// Opcodes the copy path cannot do without.
@@ -212,26 +292,23 @@ pub struct Features {
 pub fn features() -> Result<Features, Unavailable> {
     let (ring, taskrun) = ring::build(8).map_err(|e| explain_setup_error(&e))?;
     let mut probe = io_uring::Probe::new();
-    ring.submitter().register_probe(&mut probe).map_err(|e| {
-        Unavailable(format!(
-            "cannot probe io_uring opcodes (kernel older than 5.6?): {e}"
-        ))
-    })?;
+    ring.submitter()
+        .register_probe(&mut probe)
+        .map_err(|e| Unavailable::NoProbe {
+            text: e.to_string(),
+        })?;
     let missing: Vec<&str> = REQUIRED
         .iter()
         .filter(|(code, _)| !probe.is_supported(*code))
         .map(|(_, n)| *n)
         .collect();
     if !missing.is_empty() {
-        return Err(Unavailable(format!(
-            "this kernel's io_uring lacks {}; ringfwd needs Linux 6.0 or newer",
-            missing.join(", ")
-        )));
+        return Err(Unavailable::OpcodeMissing { missing });
     }
     if !ring.params().is_feature_ext_arg() {
-        return Err(Unavailable(
-            "this kernel's io_uring lacks EXT_ARG waits; ringfwd needs Linux 6.0 or newer".into(),
-        ));
+        return Err(Unavailable::OpcodeMissing {
+            missing: vec!["EXT_ARG waits"],
+        });
     }
     Ok(Features {
         taskrun,
@@ -580,7 +657,7 @@ pub fn start(
         let _ = h.join();
     }
     let why = match spawn_error {
-        Some(e) => Unavailable(e),
+        Some(e) => Unavailable::Other(e),
         None => explain_failures(n, &failures),
     };
     // Back in their places: rule, port group, then worker order (workers come back in
@@ -608,15 +685,15 @@ fn explain_failures(n: usize, failures: &[(usize, String, Option<i32>)]) -> Unav
         .min_by_key(|(id, ..)| *id)
         .expect("at least one failure");
     let cause = match errno {
-        Some(e) => explain_setup_error(&std::io::Error::from_raw_os_error(*e)).0,
-        None => text.clone(),
+        Some(e) => explain_setup_error(&std::io::Error::from_raw_os_error(*e)),
+        None => Unavailable::Other(text.clone()),
     };
-    let who = if failures.len() == 1 {
-        format!("worker {id} of {n} could not set up")
-    } else {
-        format!("{} of {n} workers could not set up", failures.len())
-    };
-    Unavailable(format!("{who}: {cause}"))
+    Unavailable::Workers {
+        failed: failures.len(),
+        of: n,
+        first: *id,
+        cause: Box::new(cause),
+    }
 }
 
 /// Logs, once for all workers, what fell short while they set up (pipes, registration).
@@ -668,7 +745,75 @@ mod tests {
     }
 
     fn why(errno: i32, host: &HostEvidence) -> String {
-        explain_with(Some(errno), "os error", host).0
+        explain_with(Some(errno), "os error", host).to_string()
+    }
+
+    /// The fallback reason is a cause the caller can match, not only a sentence: seccomp,
+    /// the sysctl, memlock, a refused set-up, a missing opcode, and which workers failed.
+    #[test]
+    fn unavailable_names_its_cause() {
+        let e = |errno, h: &HostEvidence| explain_with(Some(errno), "os error", h);
+        assert!(matches!(
+            e(libc::ENOSYS, &host(Some(0), false, "6.8.0")),
+            Unavailable::Seccomp {
+                errno: libc::ENOSYS,
+                ..
+            }
+        ));
+        assert!(matches!(
+            e(libc::EPERM, &host(None, false, "6.1.0")),
+            Unavailable::Seccomp {
+                errno: libc::EPERM,
+                ..
+            }
+        ));
+        assert!(matches!(
+            e(libc::EPERM, &host(Some(2), false, "6.8.0")),
+            Unavailable::Disabled { sysctl: 2 }
+        ));
+        assert!(matches!(
+            e(libc::ENOSYS, &host(None, false, "4.19.0")),
+            Unavailable::NotInKernel
+        ));
+        assert!(matches!(
+            e(libc::ENOMEM, &host(Some(0), false, "6.8.0")),
+            Unavailable::Memlock { .. }
+        ));
+        let refused = e(libc::EINVAL, &host(Some(0), false, "6.8.0"));
+        assert!(
+            matches!(
+                refused,
+                Unavailable::SetupRefused {
+                    errno: Some(libc::EINVAL),
+                    ..
+                }
+            ),
+            "{refused:?}"
+        );
+        assert_eq!(refused.to_string(), "io_uring_setup failed: os error");
+        let missing = Unavailable::OpcodeMissing {
+            missing: vec!["SEND", "RECV"],
+        };
+        assert_eq!(
+            missing.to_string(),
+            "this kernel's io_uring lacks SEND, RECV; ringfwd needs Linux 6.0 or newer"
+        );
+        let w = explain_failures(
+            4,
+            &[(2, "x".into(), Some(libc::ENOMEM)), (1, "y".into(), None)],
+        );
+        assert!(
+            matches!(&w, Unavailable::Workers { failed: 2, of: 4, first: 1, cause }
+                if matches!(**cause, Unavailable::Other(ref t) if t == "y")),
+            "{w:?}"
+        );
+        assert_eq!(w.to_string(), "2 of 4 workers could not set up: y");
+        let one = explain_failures(4, &[(3, "x".into(), Some(libc::ENOMEM))]);
+        assert!(
+            one.to_string()
+                .starts_with("worker 3 of 4 could not set up: io_uring_setup failed with ENOMEM"),
+            "{one}"
+        );
     }
 
     /// Every runtime's fix is named, with the shipped profile.
