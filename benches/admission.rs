@@ -10,10 +10,11 @@ use std::time::{Duration, Instant};
 use criterion::{BatchSize, Criterion, Throughput, criterion_group, criterion_main};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
-use ringfwd::session::acl::{Acl, Cidr};
-use ringfwd::session::limits::{IpLimits, LimitsConfig, Rate};
+use ringfwd::session::acl::Acl;
+use ringfwd::session::limits::{IpLimits, LimitsConfig};
 use ringfwd::session::proxy::{self, ProxyParser};
 use ringfwd::session::sni::ClientHelloParser;
+use ringfwd::vocab::{Cidr, Rate};
 
 /// Seed of every generated data set, so runs compare.
 const SEED: u64 = 0x5eed_ad31_5510;

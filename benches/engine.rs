@@ -13,7 +13,7 @@ use ringfwd::engine::uring::bufpool::BufPool;
 use ringfwd::engine::uring::conn::{Actions, Conn, Event};
 use ringfwd::engine::uring::pipepool::PipePool;
 use ringfwd::engine::uring::token::{OpKind, Token};
-use ringfwd::metrics::Direction;
+use ringfwd::vocab::Direction;
 
 /// Buffers in the pool bench (the engine's default per worker).
 const BUFFERS: u16 = 64;

@@ -8,7 +8,8 @@ use std::hint::black_box;
 use std::time::Duration;
 
 use criterion::{Criterion, criterion_group, criterion_main};
-use ringfwd::metrics::{AtomicHistogram, Direction, Metrics, PathKind, prom};
+use ringfwd::metrics::{AtomicHistogram, Metrics, prom};
+use ringfwd::vocab::{Direction, PathKind};
 
 const SEED: u64 = 0x2545_f491_4f6c_dd1d;
 /// Distinct values cycled through by the recording benches.

@@ -10,9 +10,9 @@ use std::time::Instant;
 use criterion::{Criterion, criterion_group, criterion_main};
 use ringfwd::config::{Balance, Config, MemberSpec, Upstream};
 use ringfwd::metrics::Metrics;
-use ringfwd::session::outcome::CloseReason;
 use ringfwd::session::{Dial, End, HeaderStep, RuleRuntime, Runtime};
 use ringfwd::upstream::{Picker, Pool, Tried};
+use ringfwd::vocab::CloseReason;
 
 /// Pool sizes: a typical pool, and a large DNS-discovered one.
 const SIZES: [usize; 2] = [3, 100];

@@ -8,6 +8,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
+use clap_complete::Shell;
 
 use crate::config::{
     self, Balance, Config, ConfigError, DataPath, EngineKind, Rule, TcpOptions, format_duration,
@@ -39,7 +40,7 @@ pub enum Command {
     Stats(crate::tools::stats::StatsArgs),
     /// Man pages and shell completions from this command line (for packaging).
     #[command(hide = true)]
-    Generate(crate::generate::GenerateArgs),
+    Generate(GenerateArgs),
 }
 
 #[derive(Debug, Clone, Args)]
@@ -354,6 +355,32 @@ impl RunArgs {
         cfg.ensure_runnable()?;
         Ok(cfg)
     }
+}
+
+/// `ringfwd generate`'s arguments (declared here with the other commands; the work is in
+/// [`crate::generate`], which reads this definition).
+#[derive(Debug, Args)]
+pub struct GenerateArgs {
+    #[command(subcommand)]
+    pub what: What,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum What {
+    /// Man pages: ringfwd.1 and one ringfwd-COMMAND.1 per command, written into DIR (or
+    /// ringfwd.1 alone on stdout).
+    Man {
+        #[arg(value_name = "DIR")]
+        dir: Option<PathBuf>,
+    },
+    /// The completion script for SHELL, written into DIR under the name that shell looks
+    /// for (ringfwd.bash, _ringfwd, ringfwd.fish, …), or on stdout.
+    Completions {
+        #[arg(value_name = "SHELL")]
+        shell: Shell,
+        #[arg(value_name = "DIR")]
+        dir: Option<PathBuf>,
+    },
 }
 
 #[cfg(test)]

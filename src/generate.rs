@@ -6,34 +6,9 @@
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
-use clap::{Args, CommandFactory, Subcommand};
-use clap_complete::Shell;
+use clap::CommandFactory;
 
-use crate::cli::Cli;
-
-#[derive(Debug, Args)]
-pub struct GenerateArgs {
-    #[command(subcommand)]
-    pub what: What,
-}
-
-#[derive(Debug, Subcommand)]
-pub enum What {
-    /// Man pages: ringfwd.1 and one ringfwd-COMMAND.1 per command, written into DIR (or
-    /// ringfwd.1 alone on stdout).
-    Man {
-        #[arg(value_name = "DIR")]
-        dir: Option<PathBuf>,
-    },
-    /// The completion script for SHELL, written into DIR under the name that shell looks
-    /// for (ringfwd.bash, _ringfwd, ringfwd.fish, …), or on stdout.
-    Completions {
-        #[arg(value_name = "SHELL")]
-        shell: Shell,
-        #[arg(value_name = "DIR")]
-        dir: Option<PathBuf>,
-    },
-}
+use crate::cli::{Cli, GenerateArgs, What};
 
 /// Why generating failed.
 #[derive(Debug, thiserror::Error)]
@@ -104,6 +79,7 @@ pub fn run(args: &GenerateArgs) -> Result<Vec<PathBuf>, GenerateError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use clap_complete::Shell;
 
     fn scratch(name: &str) -> PathBuf {
         let d = std::env::temp_dir().join(format!("ringfwd-gen-{name}-{}", std::process::id()));

@@ -35,3 +35,4 @@ pub mod shutdown;
 pub mod tools;
 pub mod upstream;
 pub mod version;
+pub mod vocab;

@@ -110,7 +110,7 @@ fn tool(f: impl FnOnce() -> Result<(), ringfwd::tools::ToolError>) -> anyhow::Re
 }
 
 /// `ringfwd generate`: one line per file written, on stderr (stdout may be the page itself).
-fn generate(args: &ringfwd::generate::GenerateArgs) -> anyhow::Result<()> {
+fn generate(args: &ringfwd::cli::GenerateArgs) -> anyhow::Result<()> {
     for path in ringfwd::generate::run(args)? {
         let _ = writeln!(std::io::stderr(), "ringfwd: wrote {}", path.display());
     }

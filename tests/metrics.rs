@@ -19,7 +19,7 @@ use hdrhistogram::serialization::Deserializer;
 use http_body_util::{BodyExt, Empty};
 use hyper::body::Bytes;
 use ringfwd::metrics::report::StatsReport;
-use ringfwd::metrics::{Direction, PathKind};
+use ringfwd::vocab::{Direction, PathKind};
 
 const BIN: &str = env!("CARGO_BIN_EXE_ringfwd");
 /// Upper bound for anything a test waits for.

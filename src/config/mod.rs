@@ -24,8 +24,9 @@ mod validate;
 
 pub use error::{ConfigError, Location};
 pub use model::*;
-pub use resolve::{UNRESOLVED_RETRY, resolve_addrs, resolve_member, resolve_one, resolve_upstream};
+pub use resolve::{UNRESOLVED_RETRY, resolve_addrs, resolve_member, resolve_one};
 pub use units::{ByteSize, format_duration, parse_duration, parse_size};
+pub use validate::resolve_upstream;
 
 #[cfg(test)]
 mod tests;

@@ -368,7 +368,7 @@ impl ProxyProtocol {
 pub struct AcceptProxy {
     /// Sources allowed to send a header; a connection from anywhere else is rejected before
     /// anything is read (`untrusted_proxy`). Never empty.
-    pub trusted: Vec<crate::session::acl::Cidr>,
+    pub trusted: Vec<crate::vocab::Cidr>,
 }
 
 pub const DEFAULT_PROXY_HEADER_TIMEOUT: Duration = Duration::from_secs(3);
@@ -377,6 +377,11 @@ pub const DEFAULT_PROXY_HEADER_TIMEOUT: Duration = Duration::from_secs(3);
 /// a slot for a client that never sends one.
 pub const PROXY_HEADER_TIMEOUT_RANGE: std::ops::RangeInclusive<Duration> =
     Duration::from_millis(100)..=Duration::from_secs(60);
+/// Default `per_ip_prefix_v6`: a /64 is one client.
+pub const DEFAULT_PREFIX_V6: u8 = 64;
+/// Default `per_ip_prefix_v4`: an address is one client.
+pub const DEFAULT_PREFIX_V4: u8 = 32;
+
 /// Highest `max_connections_per_ip` (the highest `max_connections` of a rule).
 pub const MAX_CONNECTIONS_PER_IP: u32 = MAX_RULE_CONNECTIONS;
 
@@ -385,15 +390,15 @@ pub const MAX_CONNECTIONS_PER_IP: u32 = MAX_RULE_CONNECTIONS;
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Admission {
     /// With any entry, only these sources are admitted.
-    pub allow: Vec<crate::session::acl::Cidr>,
+    pub allow: Vec<crate::vocab::Cidr>,
     /// Never admitted (wins over `allow`).
-    pub deny: Vec<crate::session::acl::Cidr>,
+    pub deny: Vec<crate::vocab::Cidr>,
     /// Connections one client address may hold at once.
     pub max_connections_per_ip: Option<NonZeroU32>,
     /// New connections one client address may open per period (token bucket; a fresh
     /// address may open what the rate allows in one second, at least 1, at once: see
-    /// [`crate::session::limits::Rate::burst`]).
-    pub max_new_connections_per_ip: Option<crate::session::limits::Rate>,
+    /// [`crate::vocab::Rate::burst`]).
+    pub max_new_connections_per_ip: Option<crate::vocab::Rate>,
     /// IPv6 clients sharing this many leading bits are one client for the per-client limits
     /// (1..=128; 64 by default: one host, or one attacker, usually owns a whole /64).
     pub per_ip_prefix_v6: u8,
@@ -408,8 +413,8 @@ impl Default for Admission {
             deny: Vec::new(),
             max_connections_per_ip: None,
             max_new_connections_per_ip: None,
-            per_ip_prefix_v6: crate::session::limits::DEFAULT_PREFIX_V6,
-            per_ip_prefix_v4: crate::session::limits::DEFAULT_PREFIX_V4,
+            per_ip_prefix_v6: DEFAULT_PREFIX_V6,
+            per_ip_prefix_v4: DEFAULT_PREFIX_V4,
         }
     }
 }
@@ -728,11 +733,5 @@ impl Config {
             .map(|r| r.max_connections.get() as usize)
             .sum::<usize>()
             .min(MAX_RULE_CONNECTIONS as usize)
-    }
-
-    /// The number of worker threads to run: configured, or the CPUs this process may use.
-    pub fn worker_count(&self) -> usize {
-        self.workers
-            .map_or_else(crate::net::available_cpus, NonZeroUsize::get)
     }
 }

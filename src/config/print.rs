@@ -242,7 +242,7 @@ fn write_upstream(out: &mut String, up: &Upstream, listen_ports: u16) {
 /// `check` shows the effective ACLs and limits.
 fn write_edge(out: &mut String, r: &Rule) {
     use std::fmt::Write;
-    let list = |out: &mut String, key: &str, l: &[crate::session::acl::Cidr]| {
+    let list = |out: &mut String, key: &str, l: &[crate::vocab::Cidr]| {
         if l.is_empty() {
             let _ = writeln!(out, "{key} = []");
         } else {

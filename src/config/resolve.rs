@@ -3,8 +3,6 @@
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::time::Duration;
 
-use super::model::{MemberSpec, Upstream};
-
 /// Resolves "host:port" / "[v6]:port" to one address (the first the resolver gives).
 ///
 /// # Errors
@@ -107,34 +105,4 @@ pub fn resolve_member(text: &str) -> Result<Vec<SocketAddr>, String> {
         ));
     }
     Ok(addrs)
-}
-
-/// Resolves the `--upstream` flag: one member, or a comma-separated list of members
-/// (`127.0.0.1:9001,127.0.0.1:9002`), each of weight 1, every pool setting at its default.
-///
-/// # Errors
-/// A message for the operator: a member that does not resolve, port 0, an empty member, or an
-/// address listed twice.
-pub fn resolve_upstream(text: &str) -> Result<Upstream, String> {
-    let mut members: Vec<MemberSpec> = Vec::new();
-    for part in text.split(',').map(str::trim) {
-        if part.is_empty() {
-            return Err(format!(
-                "{text:?}: empty member in the list; separate members with single commas"
-            ));
-        }
-        let addrs = resolve_member(part)?;
-        if let Some((prev, a)) = members.iter().find_map(|m| {
-            addrs
-                .iter()
-                .find(|a| m.addrs.contains(a))
-                .map(|a| (&m.text, a))
-        }) {
-            return Err(format!(
-                "{a} is in the pool twice (members {prev:?} and {part:?}); list each address once"
-            ));
-        }
-        members.push(MemberSpec::new(part, addrs));
-    }
-    Ok(Upstream::with_members(members))
 }

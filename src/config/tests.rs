@@ -1246,8 +1246,8 @@ fn the_shipped_config_parses_without_warnings_and_its_pool_example_works() {
 
 #[test]
 fn edge_admission_keys_are_read() {
-    use crate::session::acl::Cidr;
-    use crate::session::limits::Rate;
+    use crate::vocab::Cidr;
+    use crate::vocab::Rate;
     let c = parse(&rule_with(
         r#"proxy_protocol = "v1"
 accept_proxy = true

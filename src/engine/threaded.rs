@@ -17,11 +17,11 @@ use socket2::SockRef;
 
 use super::{EngineError, Listeners, RunContext};
 use crate::config::{Config, Rule};
-use crate::metrics::{Direction, Metrics, PathKind, RejectReason, Shard, Tap, TapSession};
+use crate::metrics::{Metrics, Shard, Tap, TapSession};
 use crate::net;
-use crate::session::outcome::{CloseReason, errno_of, first_byte_overdue};
 use crate::session::{Dial, End, HeaderStep, RuleRuntime, Runtime, Session, proxy};
 use crate::shutdown::{Phase, Shutdown};
+use crate::vocab::{CloseReason, Direction, PathKind, RejectReason, errno_of, first_byte_overdue};
 
 /// How often a blocked read or write wakes to look at the connection's state.
 const TICK: Duration = Duration::from_millis(100);

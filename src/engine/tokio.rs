@@ -19,11 +19,13 @@ use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, watch};
 
 use super::{EngineError, Listeners, RunContext};
 use crate::config::{Config, Rule};
-use crate::metrics::{Direction, Metrics, PathKind, Shard, Tap, TapSession};
+use crate::metrics::{Metrics, Shard, Tap, TapSession};
 use crate::net;
-use crate::session::outcome::{CloseReason, errno_of, first_byte_overdue, is_fd_exhaustion};
 use crate::session::{Dial, End, HeaderStep, RuleRuntime, Runtime, Session, proxy};
 use crate::shutdown::Phase;
+use crate::vocab::{
+    CloseReason, Direction, PathKind, errno_of, first_byte_overdue, is_fd_exhaustion,
+};
 
 /// Bytes read per direction before writing them on (a [`Lease`]d buffer: held only while the
 /// direction has bytes to move).

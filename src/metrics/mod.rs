@@ -27,7 +27,7 @@ use std::time::{Duration, Instant};
 pub use hist::AtomicHistogram;
 pub use tap::{Tap, TapError, TapSession};
 
-pub use crate::session::outcome::{CloseReason, ConnectError, Direction, PathKind, RejectReason};
+use crate::vocab::{CloseReason, ConnectError, Direction, PathKind, RejectReason};
 
 /// One worker's counters and histograms for one rule. Written only with relaxed atomics.
 #[derive(Default)]

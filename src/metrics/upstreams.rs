@@ -9,7 +9,7 @@ use std::time::Instant;
 use serde::{Deserialize, Serialize};
 
 use crate::session::Runtime;
-use crate::session::outcome::ConnectError;
+use crate::vocab::ConnectError;
 
 /// The whole `/upstreams` document.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use socket2::{Domain, Protocol, SockRef, Socket, TcpKeepalive, Type};
 
-use crate::config::TcpOptions;
+use crate::config::{Config, TcpOptions};
 
 /// Listen backlog for every listener (the kernel caps it at `net.core.somaxconn`).
 pub const LISTEN_BACKLOG: i32 = 4096;
@@ -226,6 +226,16 @@ pub fn allowed_cpus() -> Vec<usize> {
 /// The number of CPUs this process may run on.
 pub fn available_cpus() -> usize {
     allowed_cpus().len()
+}
+
+impl Config {
+    /// The number of worker threads to run: configured, or the CPUs this process may use.
+    /// Defined here rather than in `config`, since it asks the host: the config model stays
+    /// free of the layers above it.
+    pub fn worker_count(&self) -> usize {
+        self.workers
+            .map_or_else(available_cpus, std::num::NonZeroUsize::get)
+    }
 }
 
 /// Pins the calling thread to one CPU. Failure is logged, not fatal.

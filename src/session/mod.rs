@@ -19,7 +19,6 @@
 
 pub mod acl;
 pub mod limits;
-pub mod outcome;
 pub mod proxy;
 pub mod sni;
 
@@ -32,9 +31,9 @@ use crate::config::{Config, ProxyProtocol, Rule};
 use crate::metrics::{Metrics, SessionRecord, Shard};
 use crate::upstream::member::{Transition, describe_errno};
 use crate::upstream::{MemberSet, Picker, Pool, Tried};
+use crate::vocab::{CloseReason, ConnectError, RejectReason, is_fd_exhaustion};
 use acl::Acl;
 use limits::{IpLimits, LimitExceeded, LimitsConfig, Permit};
-use outcome::{CloseReason, ConnectError, RejectReason, is_fd_exhaustion};
 use proxy::{Command, Parse, ProxyParser};
 use sni::{ClientHelloParser, Hello, SniRoutes};
 

@@ -26,6 +26,8 @@
 use std::collections::HashMap;
 use std::fmt;
 
+use crate::vocab::{MAX_NAME_LEN, SniPattern, SniPatternError, is_valid_host_name};
+
 /// Default cap on the ClientHello handshake message (its 4-byte header included).
 pub const DEFAULT_HELLO_CAP: usize = 16 * 1024;
 /// Record headers the buffer bound allows beyond the message cap: a hello of exactly the cap
@@ -33,8 +35,6 @@ pub const DEFAULT_HELLO_CAP: usize = 16 * 1024;
 /// pay for (5 bytes a header). Real clients use one record; tools that split it to hide the
 /// name from middleboxes use a handful to a few hundred.
 pub const MAX_RECORDS: usize = 64;
-/// Longest DNS name (RFC 1035, without the trailing dot).
-pub const MAX_NAME_LEN: usize = 253;
 
 const RECORD_HEADER_LEN: usize = 5;
 /// RFC 8446 5.1: a TLSPlaintext fragment is at most 2^14 bytes.
@@ -523,32 +523,6 @@ fn server_name(r: &mut Reader<'_>, len: usize) -> Result<Option<ServerName>, Hel
     Ok(name)
 }
 
-/// Whether `name` (already lower-case) is a DNS host name a client may put in SNI:
-/// 1 to 253 bytes, no trailing dot (the parser drops one before asking), labels of 1 to 63 letters, digits and hyphens
-/// not starting or ending with a hyphen (RFC 1123), and a last label that is not all digits,
-/// which rules out the IPv4 literals SNI forbids (IPv6 ones fail on ':'). Underscores are
-/// refused: they are not valid in host names, whatever some internal zones do.
-pub fn is_valid_host_name(name: &[u8]) -> bool {
-    if name.is_empty() || name.len() > MAX_NAME_LEN {
-        return false;
-    }
-    let mut last_all_digits = false;
-    for label in name.split(|&b| b == b'.') {
-        let ok = !label.is_empty()
-            && label.len() <= 63
-            && label[0] != b'-'
-            && label[label.len() - 1] != b'-'
-            && label
-                .iter()
-                .all(|&b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
-        if !ok {
-            return false;
-        }
-        last_all_digits = label.iter().all(u8::is_ascii_digit);
-    }
-    !last_all_digits
-}
-
 /// Host-name patterns mapped to route indices.
 ///
 /// A pattern is an exact name (`api.example.com`) or a wildcard `*.example.com`, which
@@ -563,18 +537,6 @@ pub struct SniRoutes {
     wildcard: HashMap<Box<str>, usize>,
 }
 
-/// A route pattern that cannot match any valid server name.
-#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
-#[error(
-    "SNI pattern \"{pattern}\" of route {route}: not a host name (letters, digits, hyphens, dots; labels of 1 to 63, at most 253 in all) nor \"*.\" followed by one"
-)]
-pub struct SniPatternError {
-    /// The route index the pattern was given for.
-    pub route: usize,
-    /// The pattern as written.
-    pub pattern: String,
-}
-
 impl SniRoutes {
     /// Builds the matcher from each route's index and patterns, in priority order.
     ///
@@ -585,18 +547,16 @@ impl SniRoutes {
         let mut s = Self::default();
         for (route, patterns) in routes {
             for pattern in patterns {
-                let lower = pattern.to_ascii_lowercase();
-                let lower = lower.strip_suffix('.').unwrap_or(&lower);
-                let (map, name) = match lower.strip_prefix("*.") {
-                    Some(rest) => (&mut s.wildcard, rest),
-                    None => (&mut s.exact, lower),
+                let (map, name) = match SniPattern::parse(pattern) {
+                    Some(SniPattern::Wildcard(name)) => (&mut s.wildcard, name),
+                    Some(SniPattern::Exact(name)) => (&mut s.exact, name),
+                    None => {
+                        return Err(SniPatternError {
+                            route: *route,
+                            pattern: pattern.clone(),
+                        });
+                    }
                 };
-                if !is_valid_host_name(name.as_bytes()) {
-                    return Err(SniPatternError {
-                        route: *route,
-                        pattern: pattern.clone(),
-                    });
-                }
                 map.entry(name.into()).or_insert(*route);
             }
         }

@@ -168,7 +168,7 @@ fn finishing_releases_the_member_and_counts_cuts() {
     assert_eq!(snap.upstream_connect.len(), 1);
 }
 
-fn cidrs(list: &[&str]) -> Vec<crate::session::acl::Cidr> {
+fn cidrs(list: &[&str]) -> Vec<crate::vocab::Cidr> {
     list.iter().map(|c| c.parse().expect("cidr")).collect()
 }
 

@@ -17,9 +17,10 @@ use hyper::body::Bytes;
 
 use super::ToolError;
 use crate::config::{self, DEFAULT_ADMIN};
+use crate::metrics::HistogramKind;
 use crate::metrics::report::{RuleReport, StatsReport};
 use crate::metrics::upstreams::{PoolReport, UpstreamsReport};
-use crate::metrics::{Direction, HistogramKind, PathKind};
+use crate::vocab::{Direction, PathKind};
 
 /// A fetch that takes longer than this is an error (the admin endpoint answers in
 /// milliseconds).

@@ -27,9 +27,6 @@ use crate::config::Balance;
 /// The most connect attempts a session can make (`connect_retries` is at most 16).
 pub const MAX_ATTEMPTS: usize = 17;
 
-/// The most members a pool may have (a session records tried members in 16 bits).
-pub const MAX_MEMBERS: usize = 1 << 16;
-
 /// Members already tried in this session (by index in its [`MemberSet`]).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Tried {
@@ -45,7 +42,7 @@ impl Tried {
     }
 
     /// Records member `i`; false when the set is full (or `i` does not fit: pools hold at
-    /// most [`MAX_MEMBERS`] members).
+    /// most [`MAX_MEMBERS`](super::member::MAX_MEMBERS) members).
     pub fn insert(&mut self, i: usize) -> bool {
         let Ok(i) = u16::try_from(i) else {
             return false;
@@ -258,8 +255,8 @@ pub fn hash_pair(ip: IpAddr, member: SocketAddr) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::session::outcome::ConnectError;
     use crate::upstream::member::Member;
+    use crate::vocab::ConnectError;
     use std::sync::Arc;
     use std::time::Duration;
 

@@ -10,7 +10,11 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU32, AtomicU64, Ordering};
 use std::time::Duration;
 
-use crate::session::outcome::ConnectError;
+use crate::vocab::ConnectError;
+
+/// The most members a pool may have: a session records the members it tried in 16 bits
+/// ([`super::Tried`]), and a pool caps its member set here.
+pub const MAX_MEMBERS: usize = 1 << 16;
 
 /// How often one member's connect failures may be logged (the rest are counted and said with
 /// the next line): an outage must not write a line per refused connection.

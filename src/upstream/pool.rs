@@ -15,8 +15,7 @@ use std::time::Instant;
 
 use arc_swap::ArcSwap;
 
-use super::balance::MAX_MEMBERS;
-use super::member::{Member, MemberSnapshot, duration_ms};
+use super::member::{MAX_MEMBERS, Member, MemberSnapshot, duration_ms};
 use crate::config::{Balance, HealthCheck, MemberSpec, Upstream};
 
 /// Milliseconds since a pool's creation; 0 is reserved for "never".

@@ -255,7 +255,7 @@ pub type RawRoute = WithPool<RouteKeys>;
 
 /// An array of CIDR strings (`allow`, `deny`, `proxy_trusted`), each kept with its position
 /// so that a bad entry is reported where it was written. The entries are parsed later, by
-/// [`crate::session::acl::Cidr::parse`].
+/// [`crate::vocab::Cidr::parse`].
 #[derive(Debug, Default)]
 pub struct CidrList(pub Vec<Spanned<String>>);
 
@@ -287,7 +287,7 @@ impl<'de> Deserialize<'de> for CidrList {
 }
 
 /// A rate written as a string, e.g. `"50/s"`; parsed later by
-/// [`crate::session::limits::Rate::parse`], whose errors quote it.
+/// [`crate::vocab::Rate::parse`], whose errors quote it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct RateText(pub String);
 

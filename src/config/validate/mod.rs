@@ -18,6 +18,7 @@ use super::raw::{self, KeepaliveValue, RawConfig, RawRule, RuleKeys, WithPool, W
 use super::resolve::resolve_one;
 use super::units::{ByteSize, format_duration};
 use pool::pools_from_raw;
+pub use pool::resolve_upstream;
 
 impl Config {
     /// Reads and validates a TOML file.
@@ -600,7 +601,7 @@ fn edge_from_raw(
     let max_new_connections_per_ip = match &r.max_new_connections_per_ip {
         None => None,
         Some(t) => Some(
-            crate::session::limits::Rate::parse(&t.get_ref().0)
+            crate::vocab::Rate::parse(&t.get_ref().0)
                 .map_err(|e| src.error_at(t.span(), "max_new_connections_per_ip", e))?,
         ),
     };
@@ -612,13 +613,13 @@ fn edge_from_raw(
         &r.per_ip_prefix_v6,
         "per_ip_prefix_v6",
         128,
-        crate::session::limits::DEFAULT_PREFIX_V6,
+        DEFAULT_PREFIX_V6,
     )?;
     let per_ip_prefix_v4 = prefix(
         &r.per_ip_prefix_v4,
         "per_ip_prefix_v4",
         32,
-        crate::session::limits::DEFAULT_PREFIX_V4,
+        DEFAULT_PREFIX_V4,
     )?;
     Ok((
         proxy_protocol,
@@ -641,13 +642,10 @@ fn cidrs(
     list: &raw::CidrList,
     key: &str,
     src: &Source<'_>,
-) -> Result<Vec<crate::session::acl::Cidr>, ConfigError> {
+) -> Result<Vec<crate::vocab::Cidr>, ConfigError> {
     list.0
         .iter()
-        .map(|e| {
-            crate::session::acl::Cidr::parse(e.get_ref())
-                .map_err(|m| src.error_at(e.span(), key, m))
-        })
+        .map(|e| crate::vocab::Cidr::parse(e.get_ref()).map_err(|m| src.error_at(e.span(), key, m)))
         .collect()
 }
 

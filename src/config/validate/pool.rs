@@ -7,9 +7,10 @@ use std::time::Duration;
 use super::super::error::Source;
 use super::super::model::*;
 use super::super::raw::{self, MemberValue, RawPool, RuleKeys, UpstreamValue};
-use super::super::resolve::{Unresolved, lookup_member};
+use super::super::resolve::{Unresolved, lookup_member, resolve_member};
 use super::super::units::format_duration;
 use super::super::{ConfigError, UNRESOLVED_RETRY};
+use crate::vocab::{SniPattern, SniPatternError};
 
 /// A rule's own pool (its default route) and its SNI routes, each with its own pool.
 pub(super) fn pools_from_raw(
@@ -52,8 +53,13 @@ pub(super) fn pools_from_raw(
             ));
         }
         for p in patterns {
-            crate::session::sni::SniRoutes::new(&[(i + 1, vec![p.get_ref().clone()])])
-                .map_err(|e| src.error_at(p.span(), "sni", e))?;
+            if SniPattern::parse(p.get_ref()).is_none() {
+                let e = SniPatternError {
+                    route: i + 1,
+                    pattern: p.get_ref().clone(),
+                };
+                return Err(src.error_at(p.span(), "sni", e));
+            }
         }
         let name = match &rr.name {
             Some(n) if n.get_ref().trim().is_empty() => {
@@ -318,4 +324,34 @@ fn upstream_from_raw(
         });
     }
     Ok(up)
+}
+
+/// Resolves the `--upstream` flag: one member, or a comma-separated list of members
+/// (`127.0.0.1:9001,127.0.0.1:9002`), each of weight 1, every pool setting at its default.
+///
+/// # Errors
+/// A message for the operator: a member that does not resolve, port 0, an empty member, or an
+/// address listed twice.
+pub fn resolve_upstream(text: &str) -> Result<Upstream, String> {
+    let mut members: Vec<MemberSpec> = Vec::new();
+    for part in text.split(',').map(str::trim) {
+        if part.is_empty() {
+            return Err(format!(
+                "{text:?}: empty member in the list; separate members with single commas"
+            ));
+        }
+        let addrs = resolve_member(part)?;
+        if let Some((prev, a)) = members.iter().find_map(|m| {
+            addrs
+                .iter()
+                .find(|a| m.addrs.contains(a))
+                .map(|a| (&m.text, a))
+        }) {
+            return Err(format!(
+                "{a} is in the pool twice (members {prev:?} and {part:?}); list each address once"
+            ));
+        }
+        members.push(MemberSpec::new(part, addrs));
+    }
+    Ok(Upstream::with_members(members))
 }

@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 
 use super::splice::{Pumped, SpliceDir};
 use crate::config::DataPath;
-use crate::metrics::{CloseReason, Direction, PathKind};
+use crate::vocab::{CloseReason, Direction, PathKind};
 
 /// Auto mode moves a direction to splice after this many consecutive full-buffer reads (the
 /// default of `[uring] auto_up_reads`).
@@ -390,10 +390,10 @@ impl Conn {
     }
 
     /// Whether the relay must end as `first_byte_timeout` (the shared rule:
-    /// [`crate::session::outcome::first_byte_overdue`]).
+    /// [`crate::vocab::first_byte_overdue`]).
     pub fn first_byte_overdue(&self, now: Instant, timeout: Option<Duration>) -> bool {
         self.phase == Phase::Relaying
-            && crate::session::outcome::first_byte_overdue(
+            && crate::vocab::first_byte_overdue(
                 timeout,
                 self.first_sent_at.map(|t| now.saturating_duration_since(t)),
                 self.first_byte_seen,

@@ -16,8 +16,8 @@ use std::time::{Duration, Instant};
 
 use super::ring::{Op, Ring};
 use super::token::{OpKind, Token};
-use crate::metrics::Direction;
 use crate::net;
+use crate::vocab::Direction;
 
 /// One-shot accepts a listener keeps in flight at most (while the worker is under its
 /// accept bound). One-shot, not multishot: a multishot accept drains the whole listen queue

@@ -13,7 +13,7 @@ use super::conn::Action;
 use super::ring::Op;
 use super::slab::Entry;
 use super::token::{OpKind, Token};
-use crate::metrics::Direction;
+use crate::vocab::Direction;
 
 /// What an idle copy direction's poll (or a spliced source's) waits for: data, or the peer's
 /// FIN or reset.

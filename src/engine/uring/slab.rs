@@ -10,9 +10,9 @@ use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 
 use super::conn::Conn;
 use super::splice::Pipe;
-use crate::metrics::Direction;
 use crate::metrics::tap::TapSession;
 use crate::session::Session;
+use crate::vocab::Direction;
 
 /// A live connection.
 pub struct Entry {

@@ -5,7 +5,7 @@
 //! stale (it can only happen for ops that were never counted, which is a bug, but the check
 //! turns a silent corruption into a logged one).
 
-use crate::metrics::Direction;
+use crate::vocab::Direction;
 
 /// What an in-flight operation is.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -33,10 +33,11 @@ use super::ring::{self, Ring};
 use super::slab::{Entry, Slab};
 use super::token::{OpKind, Token};
 use crate::config::{Config, DataPath};
-use crate::metrics::{Direction, Metrics};
+use crate::metrics::Metrics;
 use crate::session::Runtime;
 use crate::shutdown::{Phase, Shutdown};
 use crate::upstream::Picker;
+use crate::vocab::Direction;
 
 /// How often the worker looks at timeouts and the shutdown state when nothing else wakes it.
 const TICK: Duration = Duration::from_millis(100);

@@ -7,7 +7,7 @@
 
 use super::*;
 use crate::engine::uring::ops;
-use crate::session::outcome::ConnectError;
+use crate::vocab::ConnectError;
 use Direction::{ClientToUpstream as C2U, UpstreamToClient as U2C};
 
 fn t0() -> Instant {
@@ -1067,7 +1067,7 @@ fn a_header_rejected_or_late_closes_with_rst_and_nothing_dialed() {
         open_fds: 1,
     };
     step(&mut c, Event::Start, now);
-    let reason = CloseReason::Rejected(crate::session::outcome::RejectReason::ProxyHeaderTimeout);
+    let reason = CloseReason::Rejected(crate::vocab::RejectReason::ProxyHeaderTimeout);
     let a = step(&mut c, Event::GaveUp { reason }, now);
     assert_eq!(a, vec![Action::CancelAll]);
     assert_eq!(

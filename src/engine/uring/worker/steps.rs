@@ -14,10 +14,10 @@ use crate::engine::uring::ops;
 use crate::engine::uring::slab::{Entry, Preamble, Target};
 use crate::engine::uring::splice::SysPipeIo;
 use crate::engine::uring::token::{OpKind, Token};
-use crate::metrics::{CloseReason, Direction, PathKind};
 use crate::net;
-use crate::session::outcome::errno_of;
 use crate::session::{Dial, End, HeaderStep, proxy};
+use crate::vocab::errno_of;
+use crate::vocab::{CloseReason, Direction, PathKind};
 
 /// The header buffer a connection starts with (grown by doubling up to the header's cap):
 /// a slowloris on the PROXY header costs this, not a pool buffer.
