@@ -380,6 +380,9 @@ struct Common {
     build_info: OnceLock<(&'static str, &'static str)>,
     /// Config reloads `[success, failure]`.
     reloads: [AtomicU64; 2],
+    /// io_uring accepts per worker, `[on another CPU, on the worker's CPU]` (where the
+    /// connection's packets were processed, `SO_INCOMING_CPU`, against the worker's CPU).
+    accepts: Box<[[AtomicU64; 2]]>,
     /// Unix time (seconds, as f64 bits) of the last config load that took effect.
     last_reload_success: AtomicU64,
     /// What `POST /reload` calls (set by `run` when a config file can be reloaded).
@@ -420,6 +423,9 @@ impl Metrics {
                 created: Instant::now(),
                 build_info: OnceLock::new(),
                 reloads: [AtomicU64::new(0), AtomicU64::new(0)],
+                accepts: (0..shards)
+                    .map(|_| [AtomicU64::new(0), AtomicU64::new(0)])
+                    .collect(),
                 last_reload_success: AtomicU64::new(unix_now().to_bits()),
                 reload_hook: OnceLock::new(),
             }),
@@ -476,6 +482,22 @@ impl Metrics {
                 .last_reload_success
                 .store(unix_now().to_bits(), Ordering::Relaxed);
         }
+    }
+
+    /// Counts an io_uring accept by `worker`: whether the connection's packets were
+    /// processed on the CPU the worker runs on (see `engine::uring::steer`).
+    pub fn accepted_on(&self, worker: usize, cpu_match: bool) {
+        let a = &self.common.accepts;
+        a[worker % a.len()][usize::from(cpu_match)].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// io_uring accepts per worker, `[other CPU, same CPU]`.
+    pub fn accepts(&self) -> Vec<[u64; 2]> {
+        self.common
+            .accepts
+            .iter()
+            .map(|[a, b]| [a.load(Ordering::Relaxed), b.load(Ordering::Relaxed)])
+            .collect()
     }
 
     /// Reloads `[success, failure]` so far.
