@@ -74,3 +74,32 @@ pub struct SniPatternError {
     /// The pattern as written.
     pub pattern: String,
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// One check for the config (at load) and the matcher (at run): lower-cased, one
+    /// trailing dot dropped, `*.` only in front.
+    #[test]
+    fn patterns_are_checked_and_normalised_once() {
+        assert_eq!(
+            SniPattern::parse("API.Example.com."),
+            Some(SniPattern::Exact("api.example.com".into()))
+        );
+        assert_eq!(
+            SniPattern::parse("*.Example.com"),
+            Some(SniPattern::Wildcard("example.com".into()))
+        );
+        for bad in [
+            "a.*.example.com",
+            "*",
+            "*.",
+            "",
+            "under_score.example",
+            "10.0.0.1",
+        ] {
+            assert_eq!(SniPattern::parse(bad), None, "{bad:?}");
+        }
+    }
+}
