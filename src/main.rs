@@ -30,6 +30,7 @@ fn main() -> ExitCode {
         Command::Ping(a) => tool(|| ringfwd::tools::ping::run(a)),
         Command::Bench(a) => tool(|| ringfwd::tools::bench::run(a)),
         Command::Stats(a) => tool(|| ringfwd::tools::stats::run(a)),
+        Command::Upstream(a) => tool(|| ringfwd::tools::upstream::run(a)),
         Command::Generate(a) => generate(&a),
     };
     match result {
@@ -367,6 +368,19 @@ fn run(args: &RunArgs) -> anyhow::Result<()> {
                     tracing::warn!(path = %path.display(), error = %e, "cannot serve the control socket; --takeover from this process is not possible")
                 }
             }
+        }
+        {
+            let tx = std::sync::Mutex::new(events_tx.clone());
+            metrics.set_member_hook(Box::new(move |cmd| {
+                use ringfwd::upstream::admin::CommandError;
+                let stopping = || CommandError::Unavailable("the process is stopping".into());
+                let (reply, answer) = std::sync::mpsc::channel();
+                tx.lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .send(Event::Member(cmd, reply))
+                    .map_err(|_| stopping())?;
+                answer.recv().unwrap_or_else(|_| Err(stopping()))
+            }));
         }
         if reloadable {
             let tx = std::sync::Mutex::new(events_tx.clone());

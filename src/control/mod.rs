@@ -94,7 +94,15 @@ pub enum Event {
     TakenOver,
     /// The first generation serves, on this engine.
     FirstReady(Resolved),
+    /// A member API command for the serving generation's pools, and who waits for its
+    /// result. Carried out here, between reloads, so that a reload never builds the next
+    /// generation from a member state that is changing under it.
+    Member(upstream::admin::Command, MemberReply),
 }
+
+/// Where a member command's result goes.
+pub type MemberReply =
+    mpsc::Sender<Result<Vec<upstream::admin::Done>, upstream::admin::CommandError>>;
 
 /// Listening sockets this process did not bind: passed by systemd or taken over.
 #[derive(Default)]
@@ -647,6 +655,9 @@ impl Supervisor {
                 Event::Handoff(reply) => {
                     let _ = reply.send(self.handoff());
                 }
+                Event::Member(cmd, reply) => {
+                    let _ = reply.send(self.member(&cmd));
+                }
                 Event::TakenOver => {
                     self.taken_over = true;
                     if let Some(mut g) = self.current.take() {
@@ -843,6 +854,32 @@ impl Supervisor {
                 tracing::info!(generation = id, "an older config generation has drained");
             }
         }
+    }
+
+    /// Carries out a member API command on the serving generation, and logs what changed.
+    fn member(
+        &self,
+        cmd: &upstream::admin::Command,
+    ) -> Result<Vec<upstream::admin::Done>, upstream::admin::CommandError> {
+        use upstream::admin::CommandError;
+        if self.stopping || self.taken_over {
+            return Err(CommandError::Unavailable("the process is stopping".into()));
+        }
+        let Some(g) = self.current.as_ref() else {
+            return Err(CommandError::Unavailable("not serving yet".into()));
+        };
+        let done = upstream::admin::apply(&g.runtime.named_pools(), cmd)?;
+        for d in &done {
+            tracing::info!(
+                rule = %d.rule,
+                route = %d.route,
+                upstream = %d.addr,
+                before = %d.before,
+                "upstream member set to {} by the member API",
+                d.after
+            );
+        }
+        Ok(done)
     }
 
     /// Descriptors of the serving generation's sockets, for a new process.
