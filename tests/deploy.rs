@@ -649,6 +649,40 @@ fn systemd_service_has_the_hardening_and_limits() {
 }
 
 #[test]
+fn systemd_unit_is_notify_with_a_watchdog_and_a_notify_reload_drop_in() {
+    let service = unit_keys(&read("deploy/systemd/ringfwd.service"), "Service");
+    let get = |k: &str| {
+        service
+            .iter()
+            .rfind(|(key, _)| key == k)
+            .map(|(_, v)| v.clone())
+            .unwrap_or_else(|| panic!("ringfwd.service: no {k}="))
+    };
+    // Type=notify: known to every systemd the package targets (Debian 12 has 252).
+    assert_eq!(get("Type"), "notify");
+    assert_eq!(get("NotifyAccess"), "main");
+    let watchdog = get("WatchdogSec");
+    assert!(
+        watchdog.ends_with('s') && watchdog != "0s",
+        "WatchdogSec={watchdog}"
+    );
+    // The drop-in for systemd 253+: systemd sends SIGHUP itself, so ExecReload is cleared.
+    let dropin = unit_keys(&read("deploy/systemd/notify-reload.conf"), "Service");
+    assert_eq!(
+        dropin,
+        [
+            ("Type".to_string(), "notify-reload".to_string()),
+            ("ExecReload".to_string(), String::new())
+        ]
+    );
+    let manifest = read("Cargo.toml");
+    assert!(
+        manifest.contains("usr/share/ringfwd/systemd/notify-reload.conf"),
+        "the package does not install notify-reload.conf"
+    );
+}
+
+#[test]
 fn systemd_reload_is_sighup_and_the_socket_unit_matches_the_shipped_config() {
     let service = read("deploy/systemd/ringfwd.service");
     // Reload exists now: no restart-on-SIGHUP workaround for a ringfwd that died of it.

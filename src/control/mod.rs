@@ -29,6 +29,7 @@
 //! ones.
 
 pub mod fds;
+pub mod notify;
 pub mod takeover;
 pub mod watch;
 
@@ -722,6 +723,7 @@ impl Supervisor {
         let Some(load) = self.load.clone() else {
             return;
         };
+        notify::reloading();
         let watched = self.watch_path.clone();
         let events = self.events_tx.clone();
         let spawned = std::thread::Builder::new()
@@ -765,6 +767,10 @@ impl Supervisor {
                 "config reload failed, still running the previous config: {why}"
             ),
         }
+        notify::ready(&match &r {
+            Ok(changes) => format!("reloaded: {changes}"),
+            Err(why) => format!("reload failed, still running the previous config: {why}"),
+        });
         for reply in replies {
             let _ = reply.send(r.clone());
         }
@@ -783,6 +789,7 @@ impl Supervisor {
     fn stop(&mut self, phase: Phase) {
         if phase == Phase::Draining && !self.stopping {
             self.stopping = true;
+            notify::stopping();
             self.live_at_drain = self
                 .current
                 .iter()

@@ -115,6 +115,7 @@ fn accept_loop(
     let mut exhausted = net::ExhaustionLog::default();
     let mut events = vec![EpollEvent::empty(); EVENTS_PER_WAIT.min(all.len().max(1))];
     while shutdown.phase() == Phase::Running {
+        crate::control::notify::beat();
         let n = match epoll.wait(&mut events, EpollTimeout::from(100u16)) {
             Ok(n) => n,
             Err(nix::Error::EINTR) => continue,

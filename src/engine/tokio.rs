@@ -122,6 +122,7 @@ pub fn run(
                 )));
             }
         }
+        tokio::spawn(crate::control::notify::tokio_ticker());
         ready();
         for a in accept_loops {
             let _ = a.await;
