@@ -209,6 +209,7 @@ fn run(args: &RunArgs) -> anyhow::Result<()> {
     let activation = control::fds::from_systemd(
         std::env::var("LISTEN_PID").ok().as_deref(),
         std::env::var("LISTEN_FDS").ok().as_deref(),
+        std::env::var("LISTEN_FDNAMES").ok().as_deref(),
     );
     for w in &activation.warnings {
         tracing::warn!("socket activation: {w}");
@@ -220,7 +221,7 @@ fn run(args: &RunArgs) -> anyhow::Result<()> {
         );
     }
     let activated = !activation.listeners.is_empty();
-    inherited.add(activation.listeners.into_iter().map(|l| (None, l)));
+    inherited.add_activated(&config, activation.listeners);
     let mut inherited_admin = None;
     let mut takeover = match &args.takeover {
         Some(path) => {

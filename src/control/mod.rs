@@ -26,7 +26,9 @@
 //! answering, and requests that arrive meanwhile are served together by one more reload.
 //! The same hand-over serves `run --takeover` ([`takeover`]) across processes, and sockets
 //! passed by systemd ([`fds::from_systemd`]) are matched to rules by address like taken-over
-//! ones.
+//! ones, or by name: a socket whose `LISTEN_FDNAMES` entry (`FileDescriptorName=`) is a
+//! rule's name is that rule's. systemd hears of readiness, reloads and stops through
+//! [`notify`].
 
 pub mod fds;
 pub mod notify;
@@ -110,6 +112,9 @@ pub type MemberReply =
 pub struct Inherited {
     /// `(address, the rule that served it in the old process (takeover only), socket)`.
     listeners: Vec<(SocketAddr, Option<String>, TcpListener)>,
+    /// Sockets systemd named after a rule (`FileDescriptorName=` = the rule's name): that
+    /// rule's, whatever address they are on.
+    named: Vec<(SocketAddr, String, TcpListener)>,
 }
 
 impl Inherited {
@@ -123,11 +128,35 @@ impl Inherited {
         }
     }
 
+    /// Adds sockets systemd passed with their `LISTEN_FDNAMES` names: one named after a rule
+    /// of `config` is that rule's, on whatever address it listens; any other (systemd names
+    /// a socket after its unit, `ringfwd.socket`, by default) is matched by address as
+    /// [`Inherited::add`]'s are.
+    pub fn add_activated(
+        &mut self,
+        config: &Config,
+        ls: impl IntoIterator<Item = (Option<String>, TcpListener)>,
+    ) {
+        for (name, l) in ls {
+            let rule = name.filter(|n| config.rules.iter().any(|r| r.name == *n));
+            match (rule, l.local_addr()) {
+                (Some(rule), Ok(a)) => self.named.push((a, rule, l)),
+                (None, Ok(a)) => self.listeners.push((a, None, l)),
+                (_, Err(e)) => {
+                    tracing::warn!(error = %e, "an inherited socket has no address; closed");
+                }
+            }
+        }
+    }
+
     /// The inherited sockets for `rule`, one group per port of its listen range (empty where
-    /// none was passed): those listening on exactly that port's address — or, for a rule on
-    /// port 0 (any port), those its namesake served on the same IP.
+    /// none was passed): those systemd named after the rule (in the group of their port when
+    /// the range has it, else the first), then those listening on exactly that port's
+    /// address — or, for a rule on port 0 (any port), those its namesake served on the same
+    /// IP. A socket named after another rule is never taken by address.
     fn take(&mut self, rule: &crate::config::Rule) -> Vec<Vec<TcpListener>> {
-        rule.listen
+        let mut groups: Vec<Vec<TcpListener>> = rule
+            .listen
             .addrs()
             .map(|addr| {
                 let wanted = |a: &SocketAddr, name: &Option<String>| {
@@ -142,16 +171,48 @@ impl Inherited {
                 self.listeners = rest;
                 matched.into_iter().map(|(_, _, l)| l).collect()
             })
-            .collect()
+            .collect();
+        let (mine, rest) = std::mem::take(&mut self.named)
+            .into_iter()
+            .partition::<Vec<_>, _>(|(_, n, _)| *n == rule.name);
+        self.named = rest;
+        if !mine.is_empty() {
+            // Named sockets replace whatever the address matched: the unit said which is which.
+            for g in &mut groups {
+                g.clear();
+            }
+        }
+        let first = rule.listen.port();
+        for (addr, _, l) in mine {
+            tracing::info!(rule = %rule.name, %addr, "socket activation: a socket named after the rule (LISTEN_FDNAMES)");
+            let i = if rule.listen.ports().contains(&addr.port()) {
+                usize::from(addr.port() - first)
+            } else {
+                0
+            };
+            if let Some(g) = groups.get_mut(i) {
+                g.push(l);
+            }
+        }
+        groups
     }
 
     pub fn is_empty(&self) -> bool {
-        self.listeners.is_empty()
+        self.listeners.is_empty() && self.named.is_empty()
+    }
+
+    /// How many sockets are held.
+    fn len(&self) -> usize {
+        self.listeners.len() + self.named.len()
     }
 
     /// The addresses no rule took (their sockets close when this is dropped).
     pub fn leftover(&self) -> Vec<SocketAddr> {
-        self.listeners.iter().map(|(a, _, _)| *a).collect()
+        self.listeners
+            .iter()
+            .map(|(a, _, _)| *a)
+            .chain(self.named.iter().map(|(a, _, _)| *a))
+            .collect()
     }
 }
 
@@ -183,7 +244,7 @@ pub fn first_listeners(
         .sum();
     // Inherited sockets are already open and are the listeners' own descriptors: count
     // them once, as listeners, not again as what is open.
-    engine::ensure_listener_fds(ports, per_rule, inherited.listeners.len())?;
+    engine::ensure_listener_fds(ports, per_rule, inherited.len())?;
     let mut out = Vec::with_capacity(config.rules.len());
     for rule in &config.rules {
         let mut groups = Vec::with_capacity(usize::from(rule.listen.count));
@@ -1210,6 +1271,38 @@ upstream = "127.0.0.1:9002"
     }
 
     #[test]
+    fn sockets_named_after_a_rule_are_its_own_whatever_their_address() {
+        let mut cfg = config(RULES);
+        let web_l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let db_l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let other = TcpListener::bind("127.0.0.1:0").unwrap();
+        // db's config address is where the socket named "web" listens: the name wins.
+        let web_addr = web_l.local_addr().unwrap();
+        cfg.rules[1].listen = crate::config::Listen::single(web_addr);
+        let mut inherited = Inherited::default();
+        inherited.add_activated(
+            &cfg,
+            [
+                (Some("web".to_string()), web_l),
+                (Some("db".to_string()), db_l),
+                (Some("ringfwd.socket".to_string()), other),
+            ],
+        );
+        let web = inherited.take(&cfg.rules[0]);
+        assert_eq!(web[0].len(), 1);
+        assert_eq!(web[0][0].local_addr().unwrap(), web_addr);
+        let db = inherited.take(&cfg.rules[1]);
+        assert_eq!(db[0].len(), 1);
+        assert_ne!(db[0][0].local_addr().unwrap(), web_addr);
+        // The unit-named socket matched no rule by address: left over.
+        assert_eq!(inherited.leftover().len(), 1);
+        assert_eq!(fds::fd_name(Some("a::c"), 0).as_deref(), Some("a"));
+        assert_eq!(fds::fd_name(Some("a::c"), 1), None);
+        assert_eq!(fds::fd_name(Some("a::c"), 2).as_deref(), Some("c"));
+        assert_eq!(fds::fd_name(None, 0), None);
+    }
+
+    #[test]
     fn inherited_sockets_of_a_port_range_are_matched_port_by_port() {
         // Three consecutive free ports: bind them, then hand over the first and the third.
         let (first, ls) = (0..50)
@@ -1235,15 +1328,15 @@ upstream = "127.0.0.1:9002"
 
     #[test]
     fn systemd_sockets_for_another_process_are_left_alone() {
-        let a = fds::from_systemd(Some("1"), Some("1"));
+        let a = fds::from_systemd(Some("1"), Some("1"), None);
         assert!(a.listeners.is_empty());
         assert!(
             a.warnings[0].contains("is not this process"),
             "{:?}",
             a.warnings
         );
-        let b = fds::from_systemd(None, Some("2"));
+        let b = fds::from_systemd(None, Some("2"), None);
         assert!(b.listeners.is_empty() && !b.warnings.is_empty());
-        assert!(fds::from_systemd(None, None).warnings.is_empty());
+        assert!(fds::from_systemd(None, None, None).warnings.is_empty());
     }
 }
