@@ -324,6 +324,13 @@ impl RunArgs {
                     ),
                 });
             }
+            if !addr.ip().is_loopback() && cfg.admin_token.is_none() {
+                return Err(ConfigError {
+                    message: format!(
+                        "--admin: {addr} is not a loopback address and no admin_token_file is set: anyone who reaches it could reload the forwarder or drain its members; set admin_token_file = \"PATH\" in the config"
+                    ),
+                });
+            }
             cfg.admin = Some(addr);
         }
         if let Some(g) = self.shutdown_grace {

@@ -253,6 +253,7 @@ fn run(args: &RunArgs) -> anyhow::Result<()> {
     let metrics = Metrics::new(&names, config.worker_count());
     let runtime = ringfwd::session::Runtime::new(&config);
     metrics.set_runtime(runtime.clone());
+    metrics.set_admin_token(config.admin_token.as_ref().map(|(_, t)| t.clone()));
     metrics.set_access_log(config.access_log);
     metrics.open_taps(config.rules.iter().map(|r| r.tap.as_deref()))?;
     let mut admin_fd = None;

@@ -176,3 +176,141 @@ fn drain_down_up_and_weight_take_effect_and_survive_a_reload(engine: &[&str]) {
     let pool = support::pool::pool_in(&upstreams, "m");
     assert_eq!(member_in(pool, a.addr())["state"], "drain");
 }
+
+/// A token file with `mode` in the test scratch directory, removed on drop.
+struct TokenFile(std::path::PathBuf);
+
+impl TokenFile {
+    fn new(stem: &str, token: &str, mode: u32) -> Self {
+        use std::os::unix::fs::PermissionsExt;
+        static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let path = std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!(
+            "token-{stem}-{}-{}",
+            std::process::id(),
+            NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+        ));
+        std::fs::write(&path, format!("{token}\n")).expect("write the token");
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).expect("chmod");
+        Self(path)
+    }
+
+    fn key(&self) -> String {
+        format!("admin_token_file = {:?}\n", self.0.display().to_string())
+    }
+}
+
+impl Drop for TokenFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+/// `admin_token_file`: every state-changing endpoint wants the bearer token, read-only ones
+/// do not; wrong or missing tokens get 401 and are counted; the file is read again at a
+/// reload (a rotated token takes effect); the CLI verb sends it from `--token-file`.
+#[test]
+fn the_admin_token_guards_reload_and_the_member_api_only() {
+    let _load = support::light();
+    let member = Member::identified(1);
+    let token = TokenFile::new("guard", "tok-one", 0o600);
+    let head = format!("{}{HEAD}", token.key());
+    let rules_of = |head: &str| {
+        format!(
+            "{head}\n[[rule]]\nname = \"m\"\nlisten = \"127.0.0.1:0\"\nupstream = \"{}\"\n",
+            member.addr()
+        )
+    };
+    let fwd = Forwarder::start(&["--engine", "std"], &rules_of(&head), 1);
+    let bearer = |t: &str| format!("Bearer {t}");
+    let post = |path: &str, auth: Option<&str>| {
+        let headers: Vec<(&str, String)> = auth
+            .map(|a| ("Authorization", bearer(a)))
+            .into_iter()
+            .collect();
+        let headers: Vec<(&str, &str)> = headers.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        support::pool::http_request_with(fwd.admin, "POST", path, &headers)
+    };
+    let drain = format!("/upstreams/m/{}?state=drain", member.addr());
+    // 1. Read-only endpoints: no token needed.
+    for path in ["/metrics", "/healthz", "/upstreams", "/stats"] {
+        assert_eq!(http_get(fwd.admin, path).0, 200, "GET {path}");
+    }
+    // 2. State-changing ones: 401 without the right token, nothing changed.
+    for (path, auth) in [
+        ("/reload", None),
+        ("/reload", Some("tok-on")),
+        (drain.as_str(), None),
+        (drain.as_str(), Some("tok-one-and-more")),
+    ] {
+        let (status, body) = post(path, auth);
+        assert_eq!(status, 401, "POST {path} with {auth:?}: {body}");
+    }
+    assert_eq!(state_of(&fwd, member.addr()).0, "up");
+    let unauthorized = fwd.metrics().sum("ringfwd_admin_unauthorized_total", &[]);
+    assert_eq!(unauthorized, 4.0);
+    // 3. With it: done.
+    let (status, body) = post(&drain, Some("tok-one"));
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(state_of(&fwd, member.addr()).0, "drain");
+    // 4. The CLI verb: refused without the file, done with it.
+    let cli = |extra: &[&str]| {
+        Command::new(BIN)
+            .args(["upstream", "up", "m", &member.addr().to_string(), "--admin"])
+            .arg(fwd.admin.to_string())
+            .args(extra)
+            .output()
+            .expect("ringfwd upstream up")
+    };
+    let out = cli(&[]);
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("401"),
+        "{out:?}"
+    );
+    let out = cli(&["--token-file", &token.0.display().to_string()]);
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(state_of(&fwd, member.addr()).0, "up");
+    // 5. Rotation: the file is read again at a reload.
+    std::fs::write(&token.0, "tok-two\n").expect("rotate the token");
+    let (status, body) = fwd.reload_rules(
+        &head,
+        &rules_of(""),
+        &[("Authorization", &bearer("tok-one"))],
+    );
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(
+        post("/reload", Some("tok-one")).0,
+        401,
+        "the old token is gone"
+    );
+    let (status, body) = post("/reload", Some("tok-two"));
+    assert_eq!(status, 200, "{body}");
+}
+
+/// A remote admin listener without a token, or a token file others may read: the start is
+/// refused with one line naming the key.
+#[test]
+fn an_unsafe_admin_is_refused_at_start_with_one_line() {
+    let open = TokenFile::new("open", "tok", 0o644);
+    for (text, key) in [
+        (
+            "admin_allow_remote = true\nadmin = \"0.0.0.0:0\"\n".to_string(),
+            "admin: 0.0.0.0:0 is not a loopback address and no admin_token_file is set",
+        ),
+        (
+            format!("admin = \"127.0.0.1:0\"\n{}", open.key()),
+            "admin_token_file: ",
+        ),
+    ] {
+        let file = support::TempFile::new(
+            "ringfwd-unsafe-admin",
+            &format!("{text}[[rule]]\nlisten = \"127.0.0.1:0\"\nupstream = \"127.0.0.1:9\"\n"),
+        );
+        let out =
+            support::relay::run_to_exit(&["run", "--config", &file.path.display().to_string()]);
+        assert_eq!(out.status.code(), Some(1), "{out:?}");
+        let lines: Vec<&str> = out.stderr.lines().collect();
+        assert_eq!(lines.len(), 1, "{lines:?}");
+        assert!(lines[0].contains(key), "{lines:?}");
+    }
+}

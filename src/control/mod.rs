@@ -1074,6 +1074,9 @@ impl Supervisor {
         // The switch: the new generation serves; the old one stops accepting and drains.
         g.metrics.publish();
         self.metrics.set_runtime(g.runtime.clone());
+        // The token file is read at every reload: a rotated token takes effect now.
+        self.metrics
+            .set_admin_token(g.config.admin_token.as_ref().map(|(_, t)| t.clone()));
         let id = g.id;
         let drain = g.config.reload_drain_timeout;
         if let Some(mut old) = self.current.replace(g) {
@@ -1162,6 +1165,9 @@ impl Diff {
         }
         if old.uring != new.uring {
             d.settings.push("uring");
+        }
+        if old.admin_token != new.admin_token {
+            d.settings.push("admin_token_file");
         }
         d
     }

@@ -65,41 +65,9 @@ pub const MEMBER_API: &str = "/upstreams/RULE/MEMBER";
 /// [`ENDPOINTS`] for the start-up line and `--admin`'s help.
 pub const ENDPOINTS_TEXT: &str = "GET /metrics /healthz /stats /upstreams /histograms?rule=R&metric=M, POST /reload /upstreams/RULE/MEMBER?state=up|drain|down|weight=N";
 
-/// The bearer token the state-changing endpoints demand (`admin_token_file`).
-///
-/// Compared in constant time: how long a wrong guess takes says nothing about how much of it
-/// was right.
-#[derive(Clone, PartialEq, Eq)]
-pub struct AdminToken(Vec<u8>);
-
-impl std::fmt::Debug for AdminToken {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("AdminToken(…)")
-    }
-}
-
-impl AdminToken {
-    pub fn new(token: impl Into<Vec<u8>>) -> Self {
-        Self(token.into())
-    }
-
-    /// Whether an `Authorization` header value is `Bearer <this token>`.
-    pub fn admits(&self, header: Option<&[u8]>) -> bool {
-        let Some(given) = header.and_then(|h| h.strip_prefix(b"Bearer ".as_slice())) else {
-            return false;
-        };
-        // Every byte of the longer of the two is looked at whatever the lengths, and the
-        // lengths are compared into the same accumulator: no early exit.
-        let n = given.len().max(self.0.len());
-        let mut diff = u8::from(given.len() != self.0.len());
-        for i in 0..n {
-            let a = given.get(i).copied().unwrap_or(0);
-            let b = self.0.get(i).copied().unwrap_or(0);
-            diff |= a ^ b;
-        }
-        std::hint::black_box(diff) == 0
-    }
-}
+/// The bearer token the state-changing endpoints demand; defined with the config it is read
+/// from.
+pub use crate::config::AdminToken;
 
 /// The body of a 404: what exists.
 fn not_found(path: &str) -> String {
