@@ -643,7 +643,7 @@ fn admin_must_be_loopback_unless_allowed() {
     // Allowed, yet refused without a token: a remote admin port could reload anyone's relay.
     assert_eq!(
         err("admin_allow_remote = true\nadmin = \"0.0.0.0:9100\""),
-        "cfg.toml:2:9: admin: 0.0.0.0:9100 is not a loopback address and no admin_token_file is set: anyone who reaches it could reload the forwarder or drain its members; set admin_token_file = \"PATH\" (a file only its owner may read)"
+        "cfg.toml:2:9: admin: 0.0.0.0:9100 is not a loopback address and no admin_token_file is set: anyone who reaches it could reload the forwarder or drain its members; set admin_token_file = \"PATH\" (a file others may not read)"
     );
     let token = token_file("remote", "s3cret\n", 0o600);
     let c = parse(&format!(
@@ -688,8 +688,11 @@ fn admin_token_file_is_read_and_checked_and_never_printed() {
             && e.contains("chmod 600"),
         "{e}"
     );
+    // Group read is how a service user reads root's file: allowed; group write is not.
     let group = token_file("group", "s3cret\n", 0o640);
-    assert!(err(&key(&group)).contains("group or others"));
+    assert!(parse(&key(&group)).admin_token.is_some());
+    let _ = std::fs::set_permissions(&group, std::os::unix::fs::PermissionsExt::from_mode(0o660));
+    assert!(err(&key(&group)).contains("written by its group (mode 0660)"));
     let empty = token_file("empty", "\n", 0o600);
     assert!(err(&key(&empty)).contains("is empty"));
     let spaced = token_file("spaced", "two words\n", 0o600);

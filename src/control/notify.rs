@@ -157,9 +157,8 @@ pub fn stopping() {
 /// The watchdog period systemd asks for (`WATCHDOG_USEC`, for this process per
 /// `WATCHDOG_PID`), if any. Call before the engines start: it turns the heartbeats on.
 pub fn watchdog_period() -> Option<Duration> {
-    if std::env::var_os("NOTIFY_SOCKET").is_none() {
-        return None;
-    }
+    // Only a service manager that listens asks for a watchdog.
+    std::env::var_os("NOTIFY_SOCKET")?;
     let period = watchdog_from(
         std::env::var("WATCHDOG_USEC").ok().as_deref(),
         std::env::var("WATCHDOG_PID").ok().as_deref(),

@@ -151,7 +151,7 @@ impl Config {
             return Err(src.error_at(
                 s.span(),
                 "admin",
-                format!("{addr} is not a loopback address and no admin_token_file is set: anyone who reaches it could reload the forwarder or drain its members; set admin_token_file = \"PATH\" (a file only its owner may read)"),
+                format!("{addr} is not a loopback address and no admin_token_file is set: anyone who reaches it could reload the forwarder or drain its members; set admin_token_file = \"PATH\" (a file others may not read)"),
             ));
         }
         let hdr_log = hdr_log(raw.hdr_log.as_ref(), raw.hdr_log_interval.as_ref(), src)?;
@@ -256,11 +256,15 @@ impl Config {
     }
 }
 
-/// The token in `path`: its content without surrounding white space, from a file that only
-/// its owner may read (the token lets whoever holds it reload the forwarder).
+/// The token in `path`: its content without surrounding white space, from a file no one but
+/// its owner and group may read and only its owner may write (the token lets whoever holds
+/// it reload the forwarder). Group read is allowed because it is how a service user reads a
+/// file root owns (`root:ringfwd 0640`) and how a non-root Kubernetes pod reads a mounted
+/// Secret (`fsGroup`, `defaultMode: 0440`).
 ///
 /// # Errors
-/// The file is missing or unreadable, readable by its group or others, empty, or too long.
+/// The file is missing or unreadable, readable by others or writable by its group or
+/// others, empty, or not one token.
 pub fn admin_token(path: &str) -> Result<AdminToken, String> {
     use std::os::unix::fs::PermissionsExt;
     let meta = std::fs::metadata(path).map_err(|e| format!("cannot read {path:?}: {e}"))?;
@@ -268,9 +272,9 @@ pub fn admin_token(path: &str) -> Result<AdminToken, String> {
         return Err(format!("{path:?} is not a file"));
     }
     let mode = meta.permissions().mode() & 0o777;
-    if mode & 0o077 != 0 {
+    if mode & 0o027 != 0 {
         return Err(format!(
-            "{path:?} may be read by its group or others (mode {mode:04o}); chmod 600 it"
+            "{path:?} may be read by others or written by its group (mode {mode:04o}); chmod 600 it (or 640 for a group the service runs in)"
         ));
     }
     let text = std::fs::read(path).map_err(|e| format!("cannot read {path:?}: {e}"))?;
