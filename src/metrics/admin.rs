@@ -272,29 +272,12 @@ async fn serve_connection(stream: tokio::net::TcpStream, state: Arc<State>, slot
                     );
                     r
                 } else if let Some(rest) = path.strip_prefix("/upstreams/") {
-                    if req.method() == Method::POST {
-                        let cmd = crate::upstream::admin::Command::parse(
-                            rest,
-                            req.uri().query().unwrap_or(""),
-                        );
-                        let metrics = state.metrics.clone();
-                        let done = match cmd {
-                            Ok(cmd) => {
-                                tokio::task::spawn_blocking(move || metrics.member_command(cmd))
-                                    .await
-                            }
-                            Err(e) => Ok(Some(Err(e))),
-                        };
-                        member_answer(done)
-                    } else {
-                        let mut r = text(
-                            StatusCode::METHOD_NOT_ALLOWED,
-                            format!("{MEMBER_API} answers POST only, not {}\n", req.method()),
-                        );
-                        r.headers_mut()
-                            .insert(hyper::header::ALLOW, HeaderValue::from_static("POST"));
-                        r
-                    }
+                    // Like a reload, a member command waits for the control plane.
+                    slot.state
+                        .store(ConnState::Waiting as u8, Ordering::Relaxed);
+                    let r = member_request(&state, req.method(), rest, req.uri().query()).await;
+                    slot.state.store(ConnState::Busy as u8, Ordering::Relaxed);
+                    r
                 } else if req.method() == Method::POST && path == "/reload" {
                     // A reload binds sockets and starts an engine generation: off the
                     // admin's one thread, which keeps answering scrapes meanwhile.
@@ -344,6 +327,33 @@ fn authorized(metrics: &Metrics, req: &Request<Incoming>) -> bool {
                 .map(HeaderValue::as_bytes),
         ),
     }
+}
+
+/// `POST /upstreams/RULE/MEMBER?…`: the member API, carried out by the control plane (off
+/// the admin's one thread).
+async fn member_request(
+    state: &State,
+    method: &Method,
+    rest: &str,
+    query: Option<&str>,
+) -> Response<Full<Bytes>> {
+    if method != Method::POST {
+        let mut r = text(
+            StatusCode::METHOD_NOT_ALLOWED,
+            format!("{MEMBER_API} answers POST only, not {method}\n"),
+        );
+        r.headers_mut()
+            .insert(hyper::header::ALLOW, HeaderValue::from_static("POST"));
+        return r;
+    }
+    let done = match crate::upstream::admin::Command::parse(rest, query.unwrap_or("")) {
+        Ok(cmd) => {
+            let metrics = state.metrics.clone();
+            tokio::task::spawn_blocking(move || metrics.member_command(cmd)).await
+        }
+        Err(e) => Ok(Some(Err(e))),
+    };
+    member_answer(done)
 }
 
 /// The answer to a member API command: one line per member changed, or why none was.
