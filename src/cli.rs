@@ -324,9 +324,10 @@ impl RunArgs {
                 });
             }
             if !addr.ip().is_loopback() && cfg.admin_token.is_none() {
-                return Err(ConfigError {
+                return Err(ConfigError::Flag {
+                    flag: "admin",
                     message: format!(
-                        "--admin: {addr} is not a loopback address and no admin_token_file is set: anyone who reaches it could reload the forwarder or drain its members; set admin_token_file = \"PATH\" in the config"
+                        "{addr} is not a loopback address and no admin_token_file is set: anyone who reaches it could reload the forwarder or drain its members; set admin_token_file = \"PATH\" in the config"
                     ),
                 });
             }
