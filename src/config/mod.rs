@@ -5,6 +5,7 @@
 //! that carry their units (`Duration`, `SocketAddr`, `NonZeroUsize`, [`ByteSize`]). Every error
 //! names the file, the line and the key, in one line an operator can act on.
 
+mod egress;
 mod hint;
 pub mod raw;
 pub mod units;
@@ -312,6 +313,9 @@ pub struct Upstream {
     /// connection to listen port `first + i` goes to the member's port `+ i` (each member's
     /// `addrs` hold its first port). `false`: every listen port goes to the members' ports.
     pub one_to_one: bool,
+    /// How connections to the members leave the host: `transparent`, `source`, `mark`,
+    /// `interface`, `upstream_mptcp`.
+    pub egress: crate::net::Egress,
 }
 
 impl Upstream {
@@ -327,6 +331,7 @@ impl Upstream {
             resolve_interval: Some(DEFAULT_RESOLVE_INTERVAL),
             first_byte_timeout: None,
             one_to_one: false,
+            egress: crate::net::Egress::PLAIN,
         }
     }
 
@@ -585,6 +590,8 @@ pub struct Rule {
     pub upstream: Option<Upstream>,
     /// SNI routes, tried before the default (empty: the ClientHello is not read).
     pub routes: Vec<Route>,
+    /// Listen with MPTCP (`mptcp = true`): MPTCP and plain TCP clients alike are served.
+    pub mptcp: bool,
     pub tcp: TcpOptions,
     pub connect_timeout: Duration,
     /// `None`: connections may stay idle forever.
@@ -990,6 +997,9 @@ impl Config {
                 .as_ref()
                 .map_or_else(|| r.listen.span(), |n| n.span());
             let listen_span = r.listen.span();
+            if run_as.is_some() {
+                egress::check_no_switch(&r, src)?;
+            }
             let rule = rule_from_raw(i, r, default_max_connections, src)?;
             if let Some(prev) = rules.iter().find(|p: &&Rule| p.name == rule.name) {
                 return Err(src.error_at(
@@ -1047,6 +1057,48 @@ impl Config {
             return Err(ConfigError {
                 message: "no rule to run: add a [[rule]] table to the config, or pass --listen and --upstream".into(),
             });
+        }
+        self.probe_host()
+    }
+
+    /// Tries the sockets the rules ask for on this host, as it is now: MPTCP listeners, and
+    /// each pool's upstream-side options on a throwaway socket of each address family its
+    /// members use (see [`crate::net::egress::probe`]). What the kernel or the process's
+    /// privileges refuse — an unknown device, a mark or `transparent` without
+    /// `CAP_NET_ADMIN`, a `source` the host does not own, MPTCP disabled — is one line naming
+    /// the rule and the key, at start-up, in `check`, and for a reload (which is then refused
+    /// while the running config keeps serving).
+    ///
+    /// # Errors
+    /// The first refusal.
+    pub fn probe_host(&self) -> Result<(), ConfigError> {
+        let fail = |rule: &Rule, route: Option<&str>, e: crate::net::EgressError| {
+            let at = match route {
+                Some(r) if !rule.routes.is_empty() => format!("rule {:?}, route {r:?}", rule.name),
+                _ => format!("rule {:?}", rule.name),
+            };
+            ConfigError {
+                message: format!("{at}: {e}"),
+            }
+        };
+        for rule in &self.rules {
+            if rule.mptcp {
+                crate::net::egress::probe_listen_mptcp().map_err(|e| fail(rule, None, e))?;
+            }
+            for (route, up) in rule.pools() {
+                if up.egress == crate::net::Egress::PLAIN {
+                    continue;
+                }
+                let mut families: Vec<bool> = up.addrs().map(|a| a.is_ipv6()).collect();
+                families.sort_unstable();
+                families.dedup();
+                if families.is_empty() {
+                    // Members that do not resolve yet: probe the family `source` names, or v4.
+                    families.push(up.egress.source.is_some_and(|ip| ip.is_ipv6()));
+                }
+                crate::net::egress::probe(&up.egress, families)
+                    .map_err(|e| fail(rule, Some(route), e))?;
+            }
         }
         Ok(())
     }
@@ -1147,6 +1199,7 @@ impl Config {
                     );
                 }
             }
+            let _ = writeln!(out, "mptcp = {}", r.mptcp);
             let _ = writeln!(out, "max_connections = {}", r.max_connections);
             let _ = writeln!(out, "nodelay = {}", r.tcp.nodelay);
             match r.tcp.keepalive {
@@ -1299,6 +1352,45 @@ fn write_upstream(out: &mut String, up: &Upstream, listen_ports: u16) {
         up.resolve_interval
             .map_or("0s".to_string(), format_duration)
     );
+    write_egress(out, &up.egress);
+}
+
+/// A pool's upstream-side keys, every one printed (unset ones as a comment saying what the
+/// kernel does instead).
+fn write_egress(out: &mut String, e: &crate::net::Egress) {
+    use std::fmt::Write;
+    let _ = writeln!(out, "transparent = {}", e.transparent);
+    match e.source {
+        Some(ip) => {
+            let _ = writeln!(out, "source = \"{ip}\"");
+        }
+        None if e.transparent => {
+            let _ = writeln!(out, "# source: each client's own address (transparent)");
+        }
+        None => {
+            let _ = writeln!(out, "# source: unset (the kernel picks the address)");
+        }
+    }
+    match e.mark {
+        Some(m) => {
+            let _ = writeln!(out, "mark = {m}");
+        }
+        None => {
+            let _ = writeln!(out, "# mark: unset (no SO_MARK)");
+        }
+    }
+    match &e.interface {
+        Some(i) => {
+            let _ = writeln!(out, "interface = {}", toml_string(i));
+        }
+        None => {
+            let _ = writeln!(
+                out,
+                "# interface: unset (the routing table picks the device)"
+            );
+        }
+    }
+    let _ = writeln!(out, "upstream_mptcp = {}", e.mptcp);
 }
 
 /// A rule's edge-admission keys, every one printed (unset limits as a comment), so that
@@ -1524,6 +1616,15 @@ fn rule_from_raw(
     let listen = Listen::resolve(r.listen.get_ref())
         .map_err(|m| src.error_at(r.listen.span(), "listen", m))?;
     let (mut upstream, mut routes) = pools_from_raw(&r, &listen, src)?;
+    // The rule's upstream-side keys: its own pool's, and its routes' unless they say otherwise.
+    let rule_egress = egress::EgressKeys::of_rule(&r).resolve(&crate::net::Egress::PLAIN, src)?;
+    if let Some(up) = &mut upstream {
+        up.egress = rule_egress.clone();
+    }
+    for (route, raw_route) in routes.iter_mut().zip(&r.routes) {
+        route.upstream.egress =
+            egress::EgressKeys::of_route(raw_route).resolve(&rule_egress, src)?;
+    }
     if let Some(d) = &r.first_byte_timeout {
         // A rule key, applied to every pool of the rule (routes included): it is passive
         // health, judged per member like `max_fails`.
@@ -1598,6 +1699,7 @@ fn rule_from_raw(
         listen,
         upstream,
         routes,
+        mptcp: r.mptcp.as_ref().is_some_and(|m| *m.get_ref()),
         tcp: TcpOptions {
             nodelay: r.nodelay.unwrap_or(true),
             keepalive,

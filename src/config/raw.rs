@@ -235,6 +235,14 @@ pub struct RawRule {
     pub per_ip_prefix_v6: Option<Spanned<i64>>,
     pub per_ip_prefix_v4: Option<Spanned<i64>>,
     pub first_byte_timeout: Option<Spanned<DurationValue>>,
+    /// Listen with MPTCP (plain TCP clients are served too).
+    pub mptcp: Option<Spanned<bool>>,
+    /// Upstream side (also on a route): connect from the client's address.
+    pub transparent: Option<Spanned<bool>>,
+    pub source: Option<Spanned<String>>,
+    pub mark: Option<Spanned<i64>>,
+    pub interface: Option<Spanned<String>>,
+    pub upstream_mptcp: Option<Spanned<bool>>,
     #[serde(default, rename = "route")]
     pub routes: Vec<RawRoute>,
 }
@@ -252,6 +260,12 @@ pub struct RawRoute {
     pub fail_timeout: Option<Spanned<DurationValue>>,
     pub resolve_interval: Option<Spanned<DurationValue>>,
     pub health_check: Option<RawHealthCheck>,
+    /// Upstream side (also on a route): connect from the client's address.
+    pub transparent: Option<Spanned<bool>>,
+    pub source: Option<Spanned<String>>,
+    pub mark: Option<Spanned<i64>>,
+    pub interface: Option<Spanned<String>>,
+    pub upstream_mptcp: Option<Spanned<bool>>,
 }
 
 /// An array of CIDR strings (`allow`, `deny`, `proxy_trusted`), each kept with its position

@@ -181,7 +181,7 @@ pub fn first_listeners(
         let mut taken = 0;
         for (addr, got) in rule.listen.addrs().zip(inherited.take(rule)) {
             if got.is_empty() {
-                groups.push(net::bind_listeners(addr, per_rule)?);
+                groups.push(net::bind_listeners_mptcp(addr, per_rule, rule.mptcp)?);
             } else {
                 taken += got.len();
                 groups.push(fill(got, per_rule).map_err(|source| EngineError::Io {
@@ -923,7 +923,7 @@ impl Supervisor {
                 groups.push(match kept {
                     Some(_) => None,
                     None => Some(
-                        net::bind_listeners(*addr, per_rule)
+                        net::bind_listeners_mptcp(*addr, per_rule, rule.mptcp)
                             .map_err(|e| format!("rule {:?}: {e}", rule.name))?,
                     ),
                 });

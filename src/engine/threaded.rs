@@ -337,7 +337,7 @@ fn connect(
             Dial::Connect(addr) => addr,
             Dial::GiveUp(reason) => return Err(reason),
         };
-        let socket = match net::upstream_socket(addr, &rt.rule.tcp) {
+        let socket = match net::upstream_socket(addr, &rt.rule.tcp, session.origin(rt)) {
             Ok(s) => s,
             Err(e) => match session.socket_failed(rt, shard, errno_of(&e), Instant::now()) {
                 Some(reason) => return Err(reason),

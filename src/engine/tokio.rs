@@ -358,8 +358,12 @@ async fn read_header(
 }
 
 /// One connect attempt, bounded by the rule's connect timeout.
-async fn connect_one(addr: SocketAddr, rule: &Rule) -> io::Result<TcpStream> {
-    let socket = net::upstream_socket(addr, &rule.tcp)?;
+async fn connect_one(
+    addr: SocketAddr,
+    rule: &Rule,
+    origin: net::Origin<'_>,
+) -> io::Result<TcpStream> {
+    let socket = net::upstream_socket(addr, &rule.tcp, origin)?;
     socket.set_nonblocking(true)?;
     let socket = tokio::net::TcpSocket::from_std_stream(socket.into());
     match tokio::time::timeout(rule.connect_timeout, socket.connect(addr)).await {
@@ -379,7 +383,7 @@ async fn connect(
             Dial::Connect(addr) => addr,
             Dial::GiveUp(reason) => return Err(reason),
         };
-        match connect_one(addr, &rt.rule).await {
+        match connect_one(addr, &rt.rule, session.origin(rt)).await {
             Ok(s) => {
                 session.connected(shard, Instant::now());
                 return Ok(s);

@@ -7,9 +7,13 @@ use std::io;
 use std::net::{SocketAddr, TcpListener};
 use std::time::Duration;
 
-use socket2::{Domain, Protocol, SockRef, Socket, TcpKeepalive, Type};
+use socket2::{Domain, SockRef, Socket, TcpKeepalive};
 
 use crate::config::TcpOptions;
+
+pub mod egress;
+
+pub use egress::{Egress, EgressError};
 
 /// Listen backlog for every listener (the kernel caps it at `net.core.somaxconn`).
 pub const LISTEN_BACKLOG: i32 = 4096;
@@ -23,6 +27,8 @@ pub enum ListenError {
         "cannot listen on {addr}: permission denied (ports below 1024 need root or CAP_NET_BIND_SERVICE)"
     )]
     Denied { addr: SocketAddr },
+    #[error("cannot listen on {addr}: {why}")]
+    Mptcp { addr: SocketAddr, why: String },
     #[error("cannot listen on {addr}: {source}")]
     Other { addr: SocketAddr, source: io::Error },
 }
@@ -57,17 +63,21 @@ enum Share {
 /// # Errors
 /// [`ListenError`] naming the address and the likely cause.
 pub fn bind_listener(addr: SocketAddr, reuseport: bool) -> Result<TcpListener, ListenError> {
-    open_listener(addr, if reuseport { Share::Join } else { Share::No })
+    open_listener(addr, if reuseport { Share::Join } else { Share::No }, false)
 }
 
-fn open_listener(addr: SocketAddr, share: Share) -> Result<TcpListener, ListenError> {
+fn open_listener(addr: SocketAddr, share: Share, mptcp: bool) -> Result<TcpListener, ListenError> {
     let wrap = |e| ListenError::new(addr, e);
-    let socket = Socket::new(
-        Domain::for_address(addr),
-        Type::STREAM.cloexec(),
-        Some(Protocol::TCP),
-    )
-    .map_err(wrap)?;
+    // An MPTCP listener serves plain TCP clients too: the kernel hands those over as
+    // ordinary TCP sockets.
+    let socket =
+        egress::stream_socket(Domain::for_address(addr), mptcp, "mptcp").map_err(|e| match e {
+            EgressError::Socket(e) => wrap(e),
+            other => ListenError::Mptcp {
+                addr,
+                why: other.to_string(),
+            },
+        })?;
     socket.set_reuse_address(true).map_err(wrap)?;
     if share == Share::Join {
         socket.set_reuse_port(true).map_err(wrap)?;
@@ -98,12 +108,25 @@ fn open_listener(addr: SocketAddr, share: Share) -> Result<TcpListener, ListenEr
 /// # Errors
 /// See [`bind_listener`].
 pub fn bind_listeners(addr: SocketAddr, count: usize) -> Result<Vec<TcpListener>, ListenError> {
+    bind_listeners_mptcp(addr, count, false)
+}
+
+/// [`bind_listeners`], as MPTCP listeners when `mptcp` (a rule's `mptcp = true`): they take
+/// MPTCP and plain TCP clients alike.
+///
+/// # Errors
+/// See [`bind_listener`]; [`ListenError::Mptcp`] when the kernel refuses MPTCP.
+pub fn bind_listeners_mptcp(
+    addr: SocketAddr,
+    count: usize,
+    mptcp: bool,
+) -> Result<Vec<TcpListener>, ListenError> {
     let mut out = Vec::with_capacity(count);
-    let first = open_listener(addr, Share::Founder)?;
+    let first = open_listener(addr, Share::Founder, mptcp)?;
     let actual = first.local_addr().map_err(|e| ListenError::new(addr, e))?;
     out.push(first);
     for _ in 1..count {
-        out.push(open_listener(actual, Share::Join)?);
+        out.push(open_listener(actual, Share::Join, mptcp)?);
     }
     Ok(out)
 }
@@ -150,16 +173,43 @@ pub fn set_reset_on_close(sock: SockRef<'_>) {
     }
 }
 
-/// A fresh non-bound TCP socket for an upstream connect, with the rule's options applied.
+/// Where one session's upstream connection leaves from: its pool's [`Egress`] and its
+/// client (the peer, or the source a trusted PROXY header named), which `transparent`
+/// connects from.
+#[derive(Clone, Copy, Debug)]
+pub struct Origin<'a> {
+    pub egress: &'a Egress,
+    pub client: Option<SocketAddr>,
+}
+
+impl Origin<'static> {
+    /// No egress options: the kernel picks address, route and device.
+    pub const PLAIN: Self = Self {
+        egress: &Egress::PLAIN,
+        client: None,
+    };
+}
+
+/// A fresh TCP (or MPTCP) socket for an upstream connect to `addr`, with the rule's TCP
+/// options and the pool's egress options applied (bound, where `source` or `transparent`
+/// asks, but not connected). Every engine makes its upstream sockets here.
 ///
 /// # Errors
-/// `socket(2)` failed (typically EMFILE).
-pub fn upstream_socket(addr: SocketAddr, opts: &TcpOptions) -> io::Result<Socket> {
-    let socket = Socket::new(
-        Domain::for_address(addr),
-        Type::STREAM.cloexec(),
-        Some(Protocol::TCP),
-    )?;
+/// `socket(2)` failed (typically EMFILE), or an egress option was refused (logged at
+/// debug with the key: the start-up probe already vetted the options, so this is the host
+/// changing under the forwarder — a device removed — and it is counted as a connect failure
+/// of the member, without a log line per connection).
+pub fn upstream_socket(
+    addr: SocketAddr,
+    opts: &TcpOptions,
+    origin: Origin<'_>,
+) -> io::Result<Socket> {
+    let socket = egress::open(addr, origin.egress, origin.client).map_err(|e| {
+        if !matches!(e, EgressError::Socket(_)) {
+            tracing::debug!(upstream = %addr, "{e}");
+        }
+        io::Error::from(e)
+    })?;
     if let Err(e) = apply_tcp_options(SockRef::from(&socket), opts) {
         tracing::debug!(error = %e, "socket option on upstream socket failed");
     }
