@@ -37,6 +37,7 @@ for f in \
     /usr/lib/systemd/system/ringfwd.socket \
     /usr/share/ringfwd/sysctl/90-ringfwd.conf \
     /usr/share/ringfwd/systemd/root-then-drop.conf \
+    /usr/share/ringfwd/systemd/net-admin.conf \
     /usr/share/ringfwd/seccomp/seccomp-io_uring.json \
     /usr/share/doc/ringfwd/DEPLOY.md \
     /usr/share/doc/ringfwd/copyright \
@@ -99,6 +100,9 @@ if command -v systemd-analyze >/dev/null; then
     mkdir -p "$root/etc/systemd/system/ringfwd.service.d"
     cp "$root/usr/share/ringfwd/systemd/root-then-drop.conf" "$root/etc/systemd/system/ringfwd.service.d/"
     verify "ringfwd.service + root-then-drop.conf"
+    rm "$root/etc/systemd/system/ringfwd.service.d/root-then-drop.conf"
+    cp "$root/usr/share/ringfwd/systemd/net-admin.conf" "$root/etc/systemd/system/ringfwd.service.d/"
+    verify "ringfwd.service + net-admin.conf"
 else
     fail "systemd-analyze not found (apt-get install systemd)"
 fi

@@ -32,17 +32,28 @@ use support::sock::{Backend, Upstream, echo};
 use support::{Relay, STEP_TIMEOUT, TempFile};
 
 support::engine_suite!(
-    netns: [
-        transparent_connects_from_the_client_address,
-        source_mark_and_interface_steer_upstream_connections,
-        mptcp_on_both_sides_and_plain_tcp_alike,
-    ],
+    [a_user_with_only_cap_net_admin_serves_marked_and_transparent_rules],
     std_engine: ["--engine", "std"],
     tokio_engine: ["--engine", "tokio"],
     uring_copy: ["--engine", "uring", "--mode", "copy"],
     uring_splice: ["--engine", "uring", "--mode", "splice"],
     uring_auto: ["--engine", "uring", "--mode", "auto"],
 );
+
+mod netns_suite {
+    crate::support::engine_suite!(
+        netns: [
+            transparent_connects_from_the_client_address,
+            source_mark_and_interface_steer_upstream_connections,
+            mptcp_on_both_sides_and_plain_tcp_alike,
+        ],
+        std_engine: ["--engine", "std"],
+        tokio_engine: ["--engine", "tokio"],
+        uring_copy: ["--engine", "uring", "--mode", "copy"],
+        uring_splice: ["--engine", "uring", "--mode", "splice"],
+        uring_auto: ["--engine", "uring", "--mode", "auto"],
+    );
+}
 
 /// Bytes each exchange sends through the forwarder and gets back from the echo backend.
 const PAYLOAD: usize = 256 << 10;
@@ -289,7 +300,9 @@ fn source_mark_and_interface_steer_upstream_connections(engine: &[&str]) {
     link.b.ip(&["addr", "add", "198.18.9.9/32", "dev", "lo"]);
     // The main table sends 198.18.9.0/24 into a dead end: a veth pair whose other end has
     // no address (this kernel may lack the dummy device), so nothing answers there.
-    link.a.ip(&["link", "add", "rfd0", "type", "veth", "peer", "name", "rfd1"]);
+    link.a.ip(&[
+        "link", "add", "rfd0", "type", "veth", "peer", "name", "rfd1",
+    ]);
     link.a.ip(&["link", "set", "rfd0", "up"]);
     link.a.ip(&["link", "set", "rfd1", "up"]);
     link.a.ip(&["route", "add", "198.18.9.0/24", "dev", "rfd0"]);
@@ -524,6 +537,70 @@ fn mptcp_on_both_sides_and_plain_tcp_alike(engine: &[&str]) {
             "{}",
             failed.stderr
         );
+    }
+}
+
+/// What deploy/systemd/net-admin.conf sets up: the unprivileged user with `CAP_NET_ADMIN`
+/// as its one ambient capability (here through util-linux's `setpriv`). The forwarder starts
+/// with `mark` and `transparent` rules, serves, and every thread holds exactly that
+/// capability: effective, permitted and ambient sets all `CAP_NET_ADMIN` alone.
+fn a_user_with_only_cap_net_admin_serves_marked_and_transparent_rules(engine: &[&str]) {
+    let _load = support::light();
+    if !support::root_or_skip("capability") {
+        return;
+    }
+    let backend = Backend::echo();
+    let conf = [
+        rule("marked", "127.0.0.1:0", backend.addr(), "mark = 7"),
+        // A loopback client and backend: the client's address is one of ours, so no policy
+        // routing is needed for the replies.
+        rule(
+            "transparent",
+            "127.0.0.1:0",
+            backend.addr(),
+            "transparent = true",
+        ),
+    ]
+    .concat();
+    let file = TempFile::new("egress-caps", &conf);
+    std::fs::set_permissions(
+        &file.path,
+        std::os::unix::fs::PermissionsExt::from_mode(0o644),
+    )
+    .expect("chmod");
+    let path = file.path.display().to_string();
+    let mut args = vec!["run", "--config", path.as_str()];
+    args.extend_from_slice(engine);
+    let (uid, gid) = support::nobody();
+    let mut cmd = Command::new("setpriv");
+    cmd.args([
+        &format!("--reuid={uid}"),
+        &format!("--regid={gid}"),
+        "--clear-groups",
+        "--inh-caps=-all,+net_admin",
+        "--ambient-caps=-all,+net_admin",
+        "--bounding-set=-all,+net_admin",
+        "--",
+        relay::BIN,
+    ])
+    .args(&args);
+    let relay = Relay::try_spawn_command(cmd, &args, 2)
+        .unwrap_or_else(|f| panic!("ringfwd as nobody with CAP_NET_ADMIN: {f}"));
+    for name in ["marked", "transparent"] {
+        assert!(served(relay.addr_of(name)), "rule {name} did not serve");
+    }
+    let net_admin = 1u64 << 12;
+    let tasks = std::fs::read_dir(format!("/proc/{}/task", relay.pid())).expect("tasks");
+    for task in tasks.flatten() {
+        let status = std::fs::read_to_string(task.path().join("status")).unwrap_or_default();
+        for key in ["CapEff:", "CapPrm:", "CapAmb:"] {
+            let v = status
+                .lines()
+                .find_map(|l| l.strip_prefix(key))
+                .map(|v| u64::from_str_radix(v.trim(), 16).expect("hex"))
+                .unwrap_or_else(|| panic!("no {key} in {status}"));
+            assert_eq!(v, net_admin, "{key} of thread {:?}", task.file_name());
+        }
     }
 }
 
