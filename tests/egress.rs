@@ -55,6 +55,9 @@ mod netns_suite {
     );
 }
 
+/// A fast active health check that takes a member out at its first failed probe.
+const CHECKED: &str = "[rule.health_check]\ninterval = \"100ms\"\nfall = 1";
+
 /// Bytes each exchange sends through the forwarder and gets back from the echo backend.
 const PAYLOAD: usize = 256 << 10;
 
@@ -342,18 +345,19 @@ fn source_mark_and_interface_steer_upstream_connections(engine: &[&str]) {
     let listen = "127.0.0.1:0";
     let config = |interface: &str| {
         [
+            "admin = \"127.0.0.1:0\"\n".to_string(),
             rule(
                 "plain",
                 listen,
                 hidden,
                 "connect_timeout = \"300ms\"\nconnect_retries = 0",
             ),
-            rule("marked", listen, hidden, "mark = 7"),
+            rule("marked", listen, hidden, &format!("mark = 7\n{CHECKED}")),
             rule(
                 "bound",
                 listen,
                 hidden,
-                &format!("interface = \"{interface}\""),
+                &format!("interface = \"{interface}\"\n{CHECKED}"),
             ),
             rule("sourced", listen, direct, "source = \"198.18.0.9\""),
             // A route inherits the rule's keys and may add its own: the rule's pool is
@@ -387,13 +391,18 @@ fn source_mark_and_interface_steer_upstream_connections(engine: &[&str]) {
     );
     let s = TcpStream::connect_timeout(&relay.addr_of("sourced"), STEP_TIMEOUT).expect("connect");
     exact_round_trip(s, b"", 3);
-    let (local, peer) = *seen.lock().unwrap().last().unwrap();
-    assert_eq!(
-        peer.ip(),
-        b_ip("198.18.0.9"),
-        "source = did not bind the upstream connection"
+    // Health probes of the other pools connect too: find the data connections by address.
+    let saw = |local: SocketAddr, peer: &str| {
+        seen.lock()
+            .unwrap()
+            .iter()
+            .any(|&(l, p)| l == local && p.ip() == b_ip(peer))
+    };
+    assert!(
+        saw(direct, "198.18.0.9"),
+        "source = did not bind the upstream connection: {:?}",
+        seen.lock().unwrap()
     );
-    assert_eq!(local, direct);
     let sni = tls_client_hello("example.com");
     let mut s =
         TcpStream::connect_timeout(&relay.addr_of("routed"), STEP_TIMEOUT).expect("connect");
@@ -403,19 +412,27 @@ fn source_mark_and_interface_steer_upstream_connections(engine: &[&str]) {
     s.read_exact(&mut back)
         .expect("the route's marked pool did not answer");
     assert_eq!(back, sni);
-    let (local, peer) = *seen.lock().unwrap().last().unwrap();
-    assert_eq!(
-        peer.ip(),
-        b_ip("198.18.0.9"),
-        "the route did not inherit the rule's source"
-    );
-    assert_eq!(local, hidden);
-    let accepted = seen.lock().unwrap().len();
-    assert_eq!(
-        accepted,
-        4,
-        "connections the backend saw: {:?}",
+    assert!(
+        saw(hidden, "198.18.0.9"),
+        "the route did not inherit the rule's source: {:?}",
         seen.lock().unwrap()
+    );
+    // Health probes leave as the pool's connections do: they pass, and none fails.
+    let checks = |rule: &str, result: &str| {
+        support::edge::metrics(&relay).sum(
+            "ringfwd_health_checks_total",
+            &[("rule", rule), ("result", result)],
+        )
+    };
+    assert!(
+        support::eventually(STEP_TIMEOUT, || checks("marked", "ok") >= 3.0
+            && checks("bound", "ok") >= 3.0),
+        "the health probes of the marked and bound pools did not pass"
+    );
+    assert_eq!(
+        checks("marked", "fail") + checks("bound", "fail"),
+        0.0,
+        "a health probe took another path than the pool's connections"
     );
 
     // A reload naming a device this host lacks is refused, naming the key; every rule serves

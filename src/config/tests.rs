@@ -1725,7 +1725,7 @@ fn route_errors_name_the_key_and_say_what_to_do() {
         err(&route(
             "sni = [\"a.test\"]\nupstream = \"127.0.0.1:1\"\nweight = 3"
         )),
-        "cfg.toml:8:1: unknown field `weight`, expected one of `name`, `sni`, `upstream`, `balance`, `connect_retries`, `max_fails`, `fail_timeout`, `resolve_interval`, `health_check`"
+        "cfg.toml:8:1: unknown field `weight`, expected one of `name`, `sni`, `upstream`, `balance`, `connect_retries`, `max_fails`, `fail_timeout`, `resolve_interval`, `health_check`, `transparent`, `source`, `mark`, `interface`, `upstream_mptcp`"
     );
 }
 
@@ -1867,4 +1867,62 @@ fn overlapping_port_ranges_name_both_rules_and_the_port() {
     ] {
         assert_eq!(parse(&two(a, b)).rules.len(), 2, "{a} {b}");
     }
+}
+
+#[test]
+fn upstream_side_keys_apply_to_the_rule_pool_and_are_the_routes_defaults() {
+    let c = parse(
+        r#"
+[[rule]]
+listen = "127.0.0.1:8443"
+upstream = "127.0.0.1:9000"
+mptcp = true
+transparent = true
+mark = 7
+interface = "lo"
+
+[[rule.route]]
+sni = ["a.test"]
+upstream = "127.0.0.1:9001"
+source = "127.0.0.2"
+upstream_mptcp = true
+
+[[rule.route]]
+sni = ["b.test"]
+upstream = "127.0.0.1:9002"
+mark = 9
+"#,
+    );
+    let r = &c.rules[0];
+    assert!(r.mptcp);
+    let own = &r.upstream.as_ref().unwrap().egress;
+    assert!(own.transparent && !own.mptcp);
+    assert_eq!((own.mark, own.interface.as_deref()), (Some(7), Some("lo")));
+    // A route's source turns the inherited transparent off; the rest is inherited.
+    let a = &r.routes[0].upstream.egress;
+    assert!(!a.transparent && a.mptcp);
+    assert_eq!(a.source, Some("127.0.0.2".parse().unwrap()));
+    assert_eq!((a.mark, a.interface.as_deref()), (Some(7), Some("lo")));
+    let b = &r.routes[1].upstream.egress;
+    assert!(b.transparent);
+    assert_eq!(b.mark, Some(9));
+    // Without any key, nothing changes.
+    let plain = parse(RULE);
+    assert!(!plain.rules[0].mptcp);
+    assert_eq!(
+        plain.rules[0].upstream.as_ref().unwrap().egress,
+        crate::net::Egress::PLAIN
+    );
+    assert_eq!(
+        err(&format!("{RULE}mark = 4294967296\n")),
+        "cfg.toml:4:8: mark: must be 1..=4294967295, got 4294967296"
+    );
+    assert!(
+        err(&format!("{RULE}interface = \"an-interface-name-too-long\"\n"))
+            .contains("interface: \"an-interface-name-too-long\" is not a network device name")
+    );
+    assert!(
+        err(&format!("{RULE}source = \"eth0\"\n"))
+            .contains("source: \"eth0\" is not an IP address")
+    );
 }

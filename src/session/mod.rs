@@ -697,10 +697,9 @@ impl Session {
     /// (`source`, `mark`, `interface`, `transparent`, `upstream_mptcp`) and its client, the
     /// address `transparent` connects from (the PROXY header's source where one was trusted).
     pub fn origin<'a>(&self, rt: &'a RuleRuntime) -> crate::net::Origin<'a> {
-        let egress = self
-            .route
-            .and_then(|i| rt.rule.pools().nth(usize::from(i)))
-            .map_or(&crate::net::Egress::PLAIN, |(_, up)| &up.egress);
+        let egress = self.route.map_or(&crate::net::Egress::PLAIN, |i| {
+            &rt.pool(usize::from(i)).egress
+        });
         crate::net::Origin {
             egress,
             client: self.client,
