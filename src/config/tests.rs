@@ -673,6 +673,11 @@ upstream = "127.0.0.1:1"
 keepalive = true
 balance = "random_two"
 resolve_interval = "5m"
+mptcp = true
+mark = 4294967295
+interface = "lo"
+source = "127.0.0.9"
+upstream_mptcp = true
 
 [rule.health_check]
 
@@ -694,6 +699,7 @@ listen = "127.0.0.1:0"
 upstream = "127.0.0.1:1"
 proxy_protocol = "v1"
 accept_proxy = false
+transparent = true
 allow = []
 deny = ["0.0.0.0/0"]
 max_connections_per_ip = 1
