@@ -1014,6 +1014,28 @@ fn keep_process_settings(cur: &Config, new: &mut Config) -> Vec<&'static str> {
         run_as,
         control_socket
     );
+    // A port that stays keeps its listening socket, and with it the protocol it was opened
+    // with: `mptcp` of such a port changes at the next restart.
+    let was: Vec<Option<bool>> = new
+        .rules
+        .iter()
+        .map(|r| {
+            r.listen
+                .addrs()
+                .find_map(|a| kept_port(cur, r, a))
+                .map(|(i, _)| cur.rules[i].mptcp)
+        })
+        .collect();
+    for (rule, was) in new.rules.iter_mut().zip(was) {
+        if let Some(was) = was
+            && was != rule.mptcp
+        {
+            rule.mptcp = was;
+            if !kept.contains(&"mptcp") {
+                kept.push("mptcp");
+            }
+        }
+    }
     kept
 }
 
@@ -1140,6 +1162,25 @@ upstream = "127.0.0.1:9002"
         assert_eq!(new.engine, cur.engine);
         // What a reload may change stays changed.
         assert_eq!(new.shutdown_grace, std::time::Duration::from_secs(3));
+    }
+
+    #[test]
+    fn mptcp_of_a_port_that_stays_is_kept_and_named() {
+        let cur = config(RULES);
+        let mut new = config(&RULES.replace(
+            "listen = \"127.0.0.1:5432\"",
+            "listen = \"127.0.0.1:5432\"\nmptcp = true",
+        ));
+        assert!(new.rules[1].mptcp);
+        assert_eq!(keep_process_settings(&cur, &mut new), ["mptcp"]);
+        assert!(!new.rules[1].mptcp, "the kept socket is plain TCP");
+        // A new port gets what the file says.
+        let mut moved = config(&RULES.replace(
+            "listen = \"127.0.0.1:5432\"",
+            "listen = \"127.0.0.1:5433\"\nmptcp = true",
+        ));
+        assert!(keep_process_settings(&cur, &mut moved).is_empty());
+        assert!(moved.rules[1].mptcp);
     }
 
     #[test]
