@@ -81,8 +81,11 @@ fn ns_exec(ns: &Netns, args: &[&str]) {
     );
 }
 
-/// An echo backend that records each connection's (local, peer) addresses.
-fn recording_echo(on: Upstream) -> (Backend, Arc<Mutex<Vec<(SocketAddr, SocketAddr)>>>) {
+/// Each connection a backend accepted: its (local, peer) addresses.
+type Seen = Arc<Mutex<Vec<(SocketAddr, SocketAddr)>>>;
+
+/// An echo backend that records each connection's addresses.
+fn recording_echo(on: Upstream) -> (Backend, Seen) {
     let seen = Arc::new(Mutex::new(Vec::new()));
     let log = seen.clone();
     let backend = Backend::spawn_on(on, move |s: TcpStream| {
