@@ -222,6 +222,39 @@ impl Triangle {
             "table",
             "100",
         ]);
+        // The same for IPv6 (`nodad`: usable at once).
+        for (ns, addr, dev) in [
+            (&relay, "fd52::1/64", "rfrc"),
+            (&relay, "fd53::1/64", "rfrb"),
+            (&client, "fd52::2/64", "rfcr"),
+            (&backend, "fd53::2/64", "rfbr"),
+        ] {
+            ns.ip(&["-6", "addr", "add", addr, "dev", dev, "nodad"]);
+        }
+        backend.ip(&["-6", "route", "add", "fd52::/64", "via", "fd53::1"]);
+        ns_exec(
+            &relay,
+            &[
+                "ip6tables",
+                "-t",
+                "mangle",
+                "-A",
+                "PREROUTING",
+                "-p",
+                "tcp",
+                "-m",
+                "socket",
+                "--transparent",
+                "-j",
+                "MARK",
+                "--set-mark",
+                "1",
+            ],
+        );
+        relay.ip(&["-6", "rule", "add", "fwmark", "1", "lookup", "100"]);
+        relay.ip(&[
+            "-6", "route", "add", "local", "::/0", "dev", "lo", "table", "100",
+        ]);
         Self {
             client,
             relay,
@@ -231,13 +264,17 @@ impl Triangle {
 }
 
 /// `transparent = true`: the backend sees the client's own address (and, with
-/// `accept_proxy`, the address the trusted PROXY header named), data exact both ways; a route
-/// of the rule inherits it.
+/// `accept_proxy`, the address the trusted PROXY header named), data exact both ways; over
+/// IPv6 too (`IPV6_TRANSPARENT`), where an SNI route of the rule inherits the key.
 fn transparent_connects_from_the_client_address(engine: &[&str]) {
     let _load = support::light();
     let t = Triangle::new();
     let backend_addr: SocketAddr = format!("{}:0", Triangle::BACKEND).parse().unwrap();
     let (backend, seen) = recording_echo(t.backend.run(|| Upstream::bind_on(backend_addr)));
+    let (backend6, seen6) = recording_echo(
+        t.backend
+            .run(|| Upstream::bind_on("[fd53::2]:0".parse().unwrap())),
+    );
     let listen = format!("{}:0", Triangle::RELAY_FRONT);
     let rules = [
         rule("direct", &listen, backend.addr(), "transparent = true"),
@@ -247,11 +284,16 @@ fn transparent_connects_from_the_client_address(engine: &[&str]) {
             backend.addr(),
             "transparent = true\naccept_proxy = true\nproxy_trusted = [\"198.18.1.0/24\"]",
         ),
+        format!(
+            "[[rule]]\nname = \"six\"\nlisten = \"[fd52::1]:0\"\ntransparent = true\n\
+             [[rule.route]]\nsni = [\"six.example\"]\nupstream = \"{}\"\n",
+            backend6.addr()
+        ),
     ]
     .concat();
     let relay = {
         let _inside = t.relay.enter();
-        Relay::start_config(engine, &rules, 2)
+        Relay::start_config(engine, &rules, 3)
     };
     let client_ip: IpAddr = Triangle::CLIENT.parse().unwrap();
 
@@ -292,6 +334,28 @@ fn transparent_connects_from_the_client_address(engine: &[&str]) {
         "the backend saw {peer}, not the PROXY header's client"
     );
     assert_eq!(seen.lock().unwrap().len(), 2);
+
+    // 3. IPv6, through a route that inherits transparent from its rule.
+    let c6: IpAddr = "fd52::2".parse().unwrap();
+    let to = relay.addr_of("six");
+    let s = t
+        .client
+        .run(|| TcpStream::connect_timeout(&to, STEP_TIMEOUT))
+        .expect("connect to the forwarder over IPv6");
+    let mut s = s;
+    s.set_read_timeout(Some(STEP_TIMEOUT)).unwrap();
+    let hello = tls_client_hello("six.example");
+    s.write_all(&hello).expect("hello");
+    let mut back = vec![0u8; hello.len()];
+    s.read_exact(&mut back).expect("the hello back");
+    assert_eq!(back, hello);
+    exact_round_trip(s, b"", 3);
+    let (_, peer) = *seen6
+        .lock()
+        .unwrap()
+        .last()
+        .expect("the v6 backend saw nothing");
+    assert_eq!(peer.ip(), c6, "the v6 backend saw {peer}, not the client");
 }
 
 /// `source`, `mark` and `interface` on one forwarder, each in a rule and in a route: only the

@@ -1924,8 +1924,10 @@ mark = 9
         "cfg.toml:4:8: mark: must be 1..=4294967295, got 4294967296"
     );
     assert!(
-        err(&format!("{RULE}interface = \"an-interface-name-too-long\"\n"))
-            .contains("interface: \"an-interface-name-too-long\" is not a network device name")
+        err(&format!(
+            "{RULE}interface = \"an-interface-name-too-long\"\n"
+        ))
+        .contains("interface: \"an-interface-name-too-long\" is not a network device name")
     );
     assert!(
         err(&format!("{RULE}source = \"eth0\"\n"))
