@@ -20,6 +20,7 @@ use std::net::{IpAddr, Shutdown, SocketAddr, TcpStream};
 use std::os::fd::AsRawFd;
 use std::process::Command;
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
@@ -32,7 +33,10 @@ use support::sock::{Backend, Upstream, echo};
 use support::{Relay, STEP_TIMEOUT, TempFile};
 
 support::engine_suite!(
-    [a_user_with_only_cap_net_admin_serves_marked_and_transparent_rules],
+    [
+        a_user_with_only_cap_net_admin_serves_marked_and_transparent_rules,
+        upload_and_download_rates_cap_each_direction_with_backpressure,
+    ],
     std_engine: ["--engine", "std"],
     tokio_engine: ["--engine", "tokio"],
     uring_copy: ["--engine", "uring", "--mode", "copy"],
@@ -686,6 +690,138 @@ fn a_user_with_only_cap_net_admin_serves_marked_and_transparent_rules(engine: &[
             assert_eq!(v, net_admin, "{key} of thread {:?}", task.file_name());
         }
     }
+}
+
+/// `upload_rate` and `download_rate` hold each direction of one connection to its cap over a
+/// 10 s window (within ±10 %), while both ends send as fast as they can: the client's sends
+/// and the backend's are held back by TCP flow control (what each has written never runs
+/// more than a few socket buffers ahead of what the other end received), not buffered by
+/// the forwarder. The rate is what is under test here, so the window is measured in time.
+fn upload_and_download_rates_cap_each_direction_with_backpressure(engine: &[&str]) {
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+    let _load = support::light();
+    const UP: u64 = 1 << 20;
+    const DOWN: u64 = 2 << 20;
+    const WINDOW: Duration = Duration::from_secs(10);
+    // Bytes written but not yet received that three socket buffers and a relay buffer can
+    // hold; a forwarder that buffered instead of pushing back would run gigabytes ahead.
+    const SLACK: u64 = 64 << 20;
+    // How much more may be in flight in the window's second half than in its first.
+    const GROWTH: u64 = 4 << 20;
+    let stop = Arc::new(AtomicBool::new(false));
+    // [client wrote, backend received, backend wrote, client received]
+    let counts: Arc<[AtomicU64; 4]> = Arc::new(Default::default());
+    let pump = |mut s: TcpStream,
+                wrote: usize,
+                read: usize,
+                counts: Arc<[AtomicU64; 4]>,
+                stop: Arc<AtomicBool>| {
+        let mut w = s.try_clone().expect("clone");
+        let (c, st) = (counts.clone(), stop.clone());
+        let writer = std::thread::spawn(move || {
+            let chunk = vec![0x5au8; 64 << 10];
+            while !st.load(Ordering::Acquire) {
+                // A write held back past the timeout is the backpressure under test: retry.
+                match w.write(&chunk) {
+                    Ok(n) => c[wrote].fetch_add(n as u64, Ordering::AcqRel),
+                    Err(e) if is_timeout(&e) => continue,
+                    Err(_) => break,
+                };
+            }
+            let _ = w.shutdown(Shutdown::Write);
+        });
+        let mut buf = vec![0u8; 64 << 10];
+        loop {
+            match s.read(&mut buf) {
+                Ok(0) => break,
+                Ok(n) => counts[read].fetch_add(n as u64, Ordering::AcqRel),
+                Err(e) if is_timeout(&e) && !stop.load(Ordering::Acquire) => continue,
+                Err(_) => break,
+            };
+        }
+        let _ = writer.join();
+    };
+    let backend = {
+        let (counts, stop) = (counts.clone(), stop.clone());
+        Backend::spawn(move |s: TcpStream| {
+            s.set_read_timeout(Some(Duration::from_millis(200)))
+                .unwrap();
+            s.set_write_timeout(Some(Duration::from_millis(200)))
+                .unwrap();
+            pump(s, 2, 1, counts.clone(), stop.clone());
+        })
+    };
+    let conf = rule(
+        "capped",
+        "127.0.0.1:0",
+        backend.addr(),
+        "upload_rate = \"1MiB/s\"\ndownload_rate = \"2MiB/s\"",
+    );
+    let relay = Relay::start_config(engine, &conf, 1);
+    let client = TcpStream::connect_timeout(&relay.addr(), STEP_TIMEOUT).expect("connect");
+    client
+        .set_read_timeout(Some(Duration::from_millis(200)))
+        .unwrap();
+    client
+        .set_write_timeout(Some(Duration::from_millis(200)))
+        .unwrap();
+    let pumping = {
+        let (counts, stop) = (counts.clone(), stop.clone());
+        std::thread::spawn(move || pump(client, 0, 3, counts, stop))
+    };
+    let read = |i: usize| counts[i].load(Ordering::Acquire);
+    // The first second fills the buffers on the way; the window starts after it.
+    std::thread::sleep(Duration::from_secs(1));
+    let (up0, down0) = (read(1), read(3));
+    let started = std::time::Instant::now();
+    let gap = || {
+        read(0)
+            .saturating_sub(read(1))
+            .max(read(2).saturating_sub(read(3)))
+    };
+    let (mut widest, mut half_way) = (0u64, None);
+    while started.elapsed() < WINDOW {
+        std::thread::sleep(Duration::from_millis(250));
+        widest = widest.max(gap());
+        if half_way.is_none() && started.elapsed() >= WINDOW / 2 {
+            half_way = Some(widest);
+        }
+    }
+    let half_way = half_way.expect("the window's middle");
+    let secs = started.elapsed().as_secs_f64();
+    let (up, down) = (read(1) - up0, read(3) - down0);
+    stop.store(true, Ordering::Release);
+    let _ = pumping.join();
+    let up_ratio = up as f64 / secs / UP as f64;
+    let down_ratio = down as f64 / secs / DOWN as f64;
+    eprintln!(
+        "upload {up_ratio:.3} x cap, download {down_ratio:.3} x cap, most in flight {half_way} B in the first half, {widest} B in all"
+    );
+    assert!(
+        (0.9..=1.1).contains(&up_ratio),
+        "upload ran at {up_ratio:.3} x upload_rate"
+    );
+    assert!(
+        (0.9..=1.1).contains(&down_ratio),
+        "download ran at {down_ratio:.3} x download_rate"
+    );
+    // Bounded, and not growing: a forwarder that buffered would add megabytes a second.
+    assert!(
+        widest < SLACK,
+        "a sender ran {widest} bytes ahead of its receiver: no backpressure"
+    );
+    assert!(
+        widest - half_way < GROWTH,
+        "the bytes in flight grew from {half_way} to {widest} in the window's second half"
+    );
+}
+
+/// A socket timeout: `WouldBlock` or `TimedOut`, whichever the platform reports.
+fn is_timeout(e: &std::io::Error) -> bool {
+    matches!(
+        e.kind(),
+        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+    )
 }
 
 /// `getsockopt(SOL_TCP, TCP_IS_MPTCP)`.

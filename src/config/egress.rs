@@ -138,6 +138,44 @@ fn interface(s: &Spanned<String>, src: &Source<'_>) -> Result<String, ConfigErro
     Ok(name.clone())
 }
 
+/// Smallest and largest `upload_rate` / `download_rate`, bytes per second: below 1 KiB/s a
+/// single full-sized segment takes more than a second; above 1 TiB/s is no cap.
+pub(super) const RATE_RANGE: std::ops::RangeInclusive<u64> = 1 << 10..=1 << 40;
+
+/// An `upload_rate` / `download_rate` value: a size per second, `"10MiB/s"`.
+pub(super) fn rate(
+    s: &Spanned<String>,
+    key: &str,
+    src: &Source<'_>,
+) -> Result<super::ByteSize, ConfigError> {
+    let text = s.get_ref();
+    let size = text
+        .trim()
+        .strip_suffix("/s")
+        .ok_or_else(|| {
+            format!("invalid rate {text:?}: a size per second is required, such as \"10MiB/s\"")
+        })
+        .and_then(super::parse_size)
+        .map_err(|m| src.error_at(s.span(), key, m))?;
+    if size.0 == 0 {
+        return Err(src.error_at(
+            s.span(),
+            key,
+            format!(
+                "{text:?} would never send a byte: remove {key} for no cap, or give at least 1KiB/s"
+            ),
+        ));
+    }
+    if !RATE_RANGE.contains(&size.0) {
+        return Err(src.error_at(
+            s.span(),
+            key,
+            format!("must be 1KiB/s..=1024GiB/s, got {text:?}"),
+        ));
+    }
+    Ok(size)
+}
+
 /// Refuses `transparent` and `mark` together with `user`: opening such sockets needs
 /// `CAP_NET_ADMIN` in every worker thread, and the switch to `user` clears every capability.
 /// The way to keep exactly that one is to start as the user with it as an ambient

@@ -112,6 +112,10 @@ pub struct TcpOptions {
     pub linger: Option<Duration>,
     pub recv_buffer: Option<ByteSize>,
     pub send_buffer: Option<ByteSize>,
+    /// `upload_rate`: bytes per second the upstream socket may send (client to upstream).
+    pub upload_rate: Option<ByteSize>,
+    /// `download_rate`: bytes per second the client socket may send (upstream to client).
+    pub download_rate: Option<ByteSize>,
 }
 
 impl Default for TcpOptions {
@@ -122,6 +126,8 @@ impl Default for TcpOptions {
             linger: None,
             recv_buffer: None,
             send_buffer: None,
+            upload_rate: None,
+            download_rate: None,
         }
     }
 }
@@ -1229,6 +1235,19 @@ impl Config {
             if let Some(b) = r.tcp.send_buffer {
                 let _ = writeln!(out, "send_buffer = \"{b}\"");
             }
+            for (key, rate) in [
+                ("upload_rate", r.tcp.upload_rate),
+                ("download_rate", r.tcp.download_rate),
+            ] {
+                match rate {
+                    Some(b) => {
+                        let _ = writeln!(out, "{key} = \"{b}/s\"");
+                    }
+                    None => {
+                        let _ = writeln!(out, "# {key}: unset (no cap)");
+                    }
+                }
+            }
             let _ = writeln!(
                 out,
                 "connect_timeout = {:?}",
@@ -1706,6 +1725,16 @@ fn rule_from_raw(
             linger,
             recv_buffer: r.recv_buffer.map(|s| s.0),
             send_buffer: r.send_buffer.map(|s| s.0),
+            upload_rate: r
+                .upload_rate
+                .as_ref()
+                .map(|v| egress::rate(v, "upload_rate", src))
+                .transpose()?,
+            download_rate: r
+                .download_rate
+                .as_ref()
+                .map(|v| egress::rate(v, "download_rate", src))
+                .transpose()?,
         },
         connect_timeout,
         idle_timeout,

@@ -237,6 +237,9 @@ pub struct RawRule {
     pub first_byte_timeout: Option<Spanned<DurationValue>>,
     /// Listen with MPTCP (plain TCP clients are served too).
     pub mptcp: Option<Spanned<bool>>,
+    /// Per-connection caps, `"10MiB/s"`.
+    pub upload_rate: Option<Spanned<String>>,
+    pub download_rate: Option<Spanned<String>>,
     /// Upstream side (also on a route): connect from the client's address.
     pub transparent: Option<Spanned<bool>>,
     pub source: Option<Spanned<String>>,

@@ -162,6 +162,8 @@ fall = 10
             linger: Some(Duration::from_secs(1)),
             recv_buffer: Some(ByteSize(1 << 20)),
             send_buffer: Some(ByteSize(65536)),
+            upload_rate: None,
+            download_rate: None,
         }
     );
     assert_eq!(r.connect_timeout, Duration::from_millis(250));
@@ -1932,5 +1934,35 @@ mark = 9
     assert!(
         err(&format!("{RULE}source = \"eth0\"\n"))
             .contains("source: \"eth0\" is not an IP address")
+    );
+}
+
+#[test]
+fn rates_are_sizes_per_second_and_never_zero() {
+    let c = parse(&format!(
+        "{RULE}upload_rate = \"10MiB/s\"\ndownload_rate = \"512KiB/s\"\n"
+    ));
+    let t = &c.rules[0].tcp;
+    assert_eq!(t.upload_rate, Some(ByteSize(10 << 20)));
+    assert_eq!(t.download_rate, Some(ByteSize(512 << 10)));
+    let printed = c.to_toml();
+    assert!(printed.contains("upload_rate = \"10MiB/s\"\n"), "{printed}");
+    assert!(
+        printed.contains("download_rate = \"512KiB/s\"\n"),
+        "{printed}"
+    );
+    assert_eq!(Config::parse("again", &printed).unwrap().rules[0].tcp, *t);
+    assert_eq!(parse(RULE).rules[0].tcp.upload_rate, None);
+    assert_eq!(
+        err(&format!("{RULE}upload_rate = \"0MiB/s\"\n")),
+        "cfg.toml:4:15: upload_rate: \"0MiB/s\" would never send a byte: remove upload_rate for no cap, or give at least 1KiB/s"
+    );
+    assert_eq!(
+        err(&format!("{RULE}download_rate = \"10MiB\"\n")),
+        "cfg.toml:4:17: download_rate: invalid rate \"10MiB\": a size per second is required, such as \"10MiB/s\""
+    );
+    assert_eq!(
+        err(&format!("{RULE}download_rate = \"100/s\"\n")),
+        "cfg.toml:4:17: download_rate: must be 1KiB/s..=1024GiB/s, got \"100/s\""
     );
 }

@@ -131,12 +131,25 @@ pub fn bind_listeners_mptcp(
     Ok(out)
 }
 
-/// Applies a rule's options to an accepted or connected socket. Failures are returned, but
-/// callers treat them as warnings: a missing option never drops a connection.
+/// Applies a rule's options to an accepted client socket, `download_rate` included (what
+/// this socket sends is what the client downloads). Failures are returned, but callers treat
+/// them as warnings: a missing option never drops a connection.
 ///
 /// # Errors
 /// The first `setsockopt` that failed.
 pub fn apply_tcp_options(sock: SockRef<'_>, opts: &TcpOptions) -> io::Result<()> {
+    apply_options(&sock, opts, opts.download_rate)
+}
+
+/// The options of both sides, and `pacing` as the socket's `SO_MAX_PACING_RATE`.
+fn apply_options(
+    sock: &Socket,
+    opts: &TcpOptions,
+    pacing: Option<crate::config::ByteSize>,
+) -> io::Result<()> {
+    if let Some(rate) = pacing {
+        set_max_pacing_rate(sock, rate.bytes())?;
+    }
     if opts.nodelay {
         sock.set_tcp_nodelay(true)?;
     }
@@ -163,6 +176,38 @@ pub fn apply_tcp_options(sock: SockRef<'_>, opts: &TcpOptions) -> io::Result<()>
         sock.set_send_buffer_size(b.as_usize())?;
     }
     Ok(())
+}
+
+/// Caps what `sock` sends at `bytes_per_sec` (`SO_MAX_PACING_RATE`, the per-connection
+/// `upload_rate` / `download_rate`). The kernel's TCP pacing spaces the segments out, so the
+/// cap holds on every engine and on the copy and splice paths alike; and because the socket
+/// then drains its send buffer at that rate, the relay's bounded buffer (or pipe) toward it
+/// stays full, the relay stops reading the other side, and the sender meets a zero window —
+/// backpressure, never a growing buffer.
+///
+/// # Errors
+/// `setsockopt` failed.
+#[allow(unsafe_code)]
+fn set_max_pacing_rate(sock: &Socket, bytes_per_sec: u64) -> io::Result<()> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: `rate` outlives the call and its exact size is passed with its address; the
+    // kernel copies the value in and keeps no pointer. A u64 is the size Linux reads for a
+    // 64-bit rate (since 4.13).
+    let rate: u64 = bytes_per_sec;
+    let rc = unsafe {
+        libc::setsockopt(
+            sock.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_MAX_PACING_RATE,
+            (&raw const rate).cast(),
+            std::mem::size_of::<u64>() as libc::socklen_t,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
 }
 
 /// Marks a socket so that its close sends RST instead of FIN (`SO_LINGER` with zero time).
@@ -210,7 +255,7 @@ pub fn upstream_socket(
         }
         io::Error::from(e)
     })?;
-    if let Err(e) = apply_tcp_options(SockRef::from(&socket), opts) {
+    if let Err(e) = apply_options(&socket, opts, opts.upload_rate) {
         tracing::debug!(error = %e, "socket option on upstream socket failed");
     }
     Ok(socket)
