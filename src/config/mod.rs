@@ -1705,6 +1705,34 @@ fn rule_from_raw(
         Some(m) => NonZeroU32::new(src.count(m, "max_connections", 1, MAX_RULE_CONNECTIONS)?)
             .expect("checked at least 1"),
     };
+    // The kernel paces TCP sockets only: an MPTCP socket refuses SO_MAX_PACING_RATE, so a
+    // cap on it would silently not hold.
+    let mptcp_upstream = upstream
+        .iter()
+        .chain(routes.iter().map(|r| &r.upstream))
+        .any(|u| u.egress.mptcp);
+    let paced_mptcp = [
+        (&r.upload_rate, mptcp_upstream, "upstream_mptcp"),
+        (
+            &r.download_rate,
+            r.mptcp.as_ref().is_some_and(|m| *m.get_ref()),
+            "mptcp",
+        ),
+    ];
+    for (rate, mptcp, other) in paced_mptcp {
+        if let (Some(rate), true) = (rate, mptcp) {
+            let key = if other == "mptcp" {
+                "download_rate"
+            } else {
+                "upload_rate"
+            };
+            return Err(src.error_at(
+                rate.span(),
+                key,
+                format!("cannot cap an MPTCP connection (the kernel paces TCP sockets only): remove {key} or {other} = true"),
+            ));
+        }
+    }
     let tap = match &r.tap {
         None => None,
         Some(t) => {

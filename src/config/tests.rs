@@ -1964,5 +1964,15 @@ fn rates_are_sizes_per_second_and_never_zero() {
     assert_eq!(
         err(&format!("{RULE}download_rate = \"100/s\"\n")),
         "cfg.toml:4:17: download_rate: must be 1KiB/s..=1024GiB/s, got \"100/s\""
+    ); // MPTCP sockets cannot be paced.
+    assert_eq!(
+        err(&format!(
+            "{RULE}upload_rate = \"1MiB/s\"\nupstream_mptcp = true\n"
+        )),
+        "cfg.toml:4:15: upload_rate: cannot cap an MPTCP connection (the kernel paces TCP sockets only): remove upload_rate or upstream_mptcp = true"
+    );
+    assert!(
+        err(&format!("{RULE}mptcp = true\ndownload_rate = \"1MiB/s\"\n"))
+            .contains("download_rate: cannot cap an MPTCP connection")
     );
 }
