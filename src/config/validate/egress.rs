@@ -3,15 +3,16 @@
 //!
 //! A rule's keys apply to its own pool and are the defaults of its routes; a route's own key
 //! overrides the rule's. What only the host can tell (a capability, a device, an address the
-//! host owns, MPTCP in the kernel) is probed later, by [`super::Config::ensure_runnable`],
+//! host owns, MPTCP in the kernel) is probed later, by [`Config::ensure_runnable`](super::super::Config::ensure_runnable),
 //! so that `ringfwd check` and a reload see it too.
 
 use std::net::IpAddr;
 
 use toml::Spanned;
 
-use super::raw::{RawRoute, RawRule};
-use super::{ConfigError, Source};
+use super::super::ConfigError;
+use super::super::error::Source;
+use super::super::raw::{RouteKeys, RuleKeys};
 use crate::net::Egress;
 
 /// Longest device name Linux takes (`IFNAMSIZ` less the NUL).
@@ -27,7 +28,7 @@ pub(super) struct EgressKeys<'a> {
 }
 
 impl<'a> EgressKeys<'a> {
-    pub(super) fn of_rule(r: &'a RawRule) -> Self {
+    pub(super) fn of_rule(r: &'a RuleKeys) -> Self {
         Self {
             transparent: r.transparent.as_ref(),
             source: r.source.as_ref(),
@@ -37,7 +38,7 @@ impl<'a> EgressKeys<'a> {
         }
     }
 
-    pub(super) fn of_route(r: &'a RawRoute) -> Self {
+    pub(super) fn of_route(r: &'a RouteKeys) -> Self {
         Self {
             transparent: r.transparent.as_ref(),
             source: r.source.as_ref(),
@@ -147,7 +148,7 @@ pub(super) fn rate(
     s: &Spanned<String>,
     key: &str,
     src: &Source<'_>,
-) -> Result<super::ByteSize, ConfigError> {
+) -> Result<super::super::ByteSize, ConfigError> {
     let text = s.get_ref();
     let size = text
         .trim()
@@ -155,7 +156,7 @@ pub(super) fn rate(
         .ok_or_else(|| {
             format!("invalid rate {text:?}: a size per second is required, such as \"10MiB/s\"")
         })
-        .and_then(super::parse_size)
+        .and_then(super::super::parse_size)
         .map_err(|m| src.error_at(s.span(), key, m))?;
     if size.0 == 0 {
         return Err(src.error_at(
@@ -180,11 +181,11 @@ pub(super) fn rate(
 /// `CAP_NET_ADMIN` in every worker thread, and the switch to `user` clears every capability.
 /// The way to keep exactly that one is to start as the user with it as an ambient
 /// capability (the systemd unit's `AmbientCapabilities=`), which needs no switch.
-pub(super) fn check_no_switch(r: &RawRule, src: &Source<'_>) -> Result<(), ConfigError> {
+pub(super) fn check_no_switch(r: &RuleKeys, src: &Source<'_>) -> Result<(), ConfigError> {
     let found = EgressKeys::of_rule(r).needing_net_admin().or_else(|| {
         r.routes
             .iter()
-            .find_map(|route| EgressKeys::of_route(route).needing_net_admin())
+            .find_map(|route| EgressKeys::of_route(&route.keys).needing_net_admin())
     });
     match found {
         None => Ok(()),
