@@ -873,6 +873,10 @@ fn tls_client_hello(name: &str) -> Vec<u8> {
 /// included.
 #[test]
 fn check_shows_the_upstream_side_keys() {
+    // `check` probes the options on this host: mark and transparent need CAP_NET_ADMIN.
+    if !support::root_or_skip("capability") {
+        return;
+    }
     let conf = "[[rule]]\nname = \"r\"\nlisten = \"127.0.0.1:0\"\nupstream = \"127.0.0.1:9\"\n\
                 mptcp = true\nmark = 7\ninterface = \"lo\"\nupstream_mptcp = true\ntransparent = true\n\
                 [[rule.route]]\nsni = [\"a.example\"]\nupstream = \"127.0.0.1:10\"\nsource = \"127.0.0.1\"\n";
