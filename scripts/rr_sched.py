@@ -215,6 +215,8 @@ def one(kind, placement, a, echo_port, scratch):
             "wake_to_run_us": statistics.median(delays[tid]) if delays[tid] else None,
             "preempted_per_rtt": c["preempted"] / rtts,
             "woken_by": ", ".join(f"{k} {100 * v / w:.0f}%" for k, v in wakers[tid].most_common(2)),
+            "remote_per_rtt": c["remote"] / rtts,
+            "local_per_rtt": c["local"] / rtts,
         })
     return res.get("p50_us"), rows
 
@@ -255,14 +257,21 @@ def main():
                     all_rows += rows
                     print(f"{placement:8} {kind:15} round {rnd + 1} p50 {p50} µs", flush=True)
             for kind in kinds:
-                summary.append((placement, kind, statistics.median(p50s[kind])))
+                mine = [r for r in all_rows if r["placement"] == placement and r["relay"] == kind]
+                rounds = max(1, len({r["round"] for r in mine}))
+                remote = sum(r["remote_per_rtt"] for r in mine) / rounds
+                local = sum(r["local_per_rtt"] for r in mine) / rounds
+                summary.append((placement, kind, statistics.median(p50s[kind]), remote, local,
+                                ", ".join(f"{v:.0f}" for v in p50s[kind])))
         finally:
             echo.terminate()
             echo.wait(timeout=10)
-    direct = {p: v for p, k, v in summary if k == "direct"}
-    print("\n| placement | relay | p50 µs | × direct |\n|---|---|---|---|")
-    for p, k, v in summary:
-        print(f"| {p} | {k} | {v:.1f} | {v / direct[p]:.2f} |" if direct.get(p) else f"| {p} | {k} | {v} | – |")
+    direct = {p: v for p, k, v, *_ in summary if k == "direct"}
+    print("\n| placement | relay | p50 µs (median) | × direct | per round | wake-ups across CPUs per round trip "
+          "| wake-ups on the waker's CPU per round trip |\n|---|---|---|---|---|---|---|")
+    for p, k, v, remote, local, rounds in summary:
+        ratio = f"{v / direct[p]:.2f}" if direct.get(p) else "–"
+        print(f"| {p} | {k} | {v:.1f} | {ratio} | {rounds} | {remote:.2f} | {local:.2f} |")
     print("\nPer round trip, during a window of the run (perf sched tracepoints; /proc/TID/sched):\n")
     print("| placement | relay | round | thread (role) | switches | involuntary | migrations | wake-ups "
           "| placed on the waker's CPU | wake → run µs (p50) | preempted | woken by |")
