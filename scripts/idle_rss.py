@@ -20,6 +20,7 @@ import argparse
 import os
 import re
 import resource
+import shutil
 import socket
 import statistics
 import subprocess
@@ -202,6 +203,7 @@ def main():
                       f"{per:.0f} B per idle connection", flush=True)
     finally:
         backend.close()
+        shutil.rmtree(scratch, ignore_errors=True)
     print(f"\n| build | engine | B per idle connection, median of {a.rounds} ({a.conns} held "
           f"{a.hold} s) | rounds |")
     print("|---|---|---|---|")
