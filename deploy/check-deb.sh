@@ -8,8 +8,9 @@
 #    conffile, the postinst that creates the user, and the adduser dependency.
 # 2. The packaged binary accepts the packaged config (`ringfwd check`).
 # 3. `systemd-analyze verify --root` on the packaged units (service and socket), alone and with the
-#    root-then-drop.conf drop-in, in a root made of the package's files plus this host's
-#    systemd units. It needs no running systemd (CI has none as PID 1). It only warns about
+#    root-then-drop.conf drop-in, and (on systemd 253 or later, which knows its service type)
+#    with the notify-reload.conf drop-in, in a root made of the package's files plus this
+#    host's systemd units. It needs no running systemd (CI has none as PID 1). It only warns about
 #    unknown keys, so any line it prints is a failure here.
 # 4. With --install (CI, as root, where ringfwd is neither installed nor a user): installs the
 #    package the way README says (apt install ./FILE), installs it again (postinst must be
@@ -37,6 +38,7 @@ for f in \
     /usr/lib/systemd/system/ringfwd.socket \
     /usr/share/ringfwd/sysctl/90-ringfwd.conf \
     /usr/share/ringfwd/systemd/root-then-drop.conf \
+    /usr/share/ringfwd/systemd/notify-reload.conf \
     /usr/share/ringfwd/seccomp/seccomp-io_uring.json \
     /usr/share/doc/ringfwd/DEPLOY.md \
     /usr/share/doc/ringfwd/copyright \
@@ -99,6 +101,13 @@ if command -v systemd-analyze >/dev/null; then
     mkdir -p "$root/etc/systemd/system/ringfwd.service.d"
     cp "$root/usr/share/ringfwd/systemd/root-then-drop.conf" "$root/etc/systemd/system/ringfwd.service.d/"
     verify "ringfwd.service + root-then-drop.conf"
+    version=$(systemd-analyze --version | awk 'NR == 1 { print $2 }')
+    if (( version >= 253 )); then
+        cp "$root/usr/share/ringfwd/systemd/notify-reload.conf" "$root/etc/systemd/system/ringfwd.service.d/"
+        verify "ringfwd.service + root-then-drop.conf + notify-reload.conf"
+    else
+        echo "systemd-analyze verify (notify-reload.conf): not checked, systemd $version predates Type=notify-reload (253)"
+    fi
 else
     fail "systemd-analyze not found (apt-get install systemd)"
 fi

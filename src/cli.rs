@@ -37,6 +37,8 @@ pub enum Command {
     Bench(crate::tools::bench::BenchArgs),
     /// Live per-rule table from a running forwarder's admin endpoint.
     Stats(crate::tools::stats::StatsArgs),
+    /// Drain, take down, bring up or reweight a pool member of a running forwarder.
+    Upstream(crate::tools::upstream::UpstreamArgs),
     /// Man pages and shell completions from this command line (for packaging).
     #[command(hide = true)]
     Generate(crate::generate::GenerateArgs),
@@ -68,7 +70,7 @@ pub struct RunArgs {
     #[arg(long, value_name = "N", value_parser = parse_workers)]
     pub workers: Option<u16>,
     /// Admin listener (loopback unless admin_allow_remote) for GET /metrics, /healthz, /stats,
-    /// /upstreams, /histograms and POST /reload.
+    /// /upstreams, /histograms and POST /reload, /upstreams/RULE/MEMBER.
     #[arg(long, value_name = "ADDR")]
     pub admin: Option<String>,
     /// Connect timeout for every rule, e.g. 3s.
@@ -319,6 +321,13 @@ impl RunArgs {
                 return Err(ConfigError {
                     message: format!(
                         "--admin: {addr} is not a loopback address; set admin_allow_remote = true in the config to expose metrics"
+                    ),
+                });
+            }
+            if !addr.ip().is_loopback() && cfg.admin_token.is_none() {
+                return Err(ConfigError {
+                    message: format!(
+                        "--admin: {addr} is not a loopback address and no admin_token_file is set: anyone who reaches it could reload the forwarder or drain its members; set admin_token_file = \"PATH\" in the config"
                     ),
                 });
             }

@@ -30,6 +30,7 @@ fn main() -> ExitCode {
         Command::Ping(a) => tool(|| ringfwd::tools::ping::run(a)),
         Command::Bench(a) => tool(|| ringfwd::tools::bench::run(a)),
         Command::Stats(a) => tool(|| ringfwd::tools::stats::run(a)),
+        Command::Upstream(a) => tool(|| ringfwd::tools::upstream::run(a)),
         Command::Generate(a) => generate(&a),
     };
     match result {
@@ -191,6 +192,8 @@ fn run(args: &RunArgs) -> anyhow::Result<()> {
         })?;
     }
 
+    // Asked for before any engine starts: it turns the workers' heartbeats on.
+    let watchdog = control::notify::watchdog_period();
     let nofile = ringfwd::net::raise_nofile_limit();
     tracing::debug!(nofile, "open-files limit");
     let engine = engine::resolve(config.engine)?;
@@ -206,6 +209,7 @@ fn run(args: &RunArgs) -> anyhow::Result<()> {
     let activation = control::fds::from_systemd(
         std::env::var("LISTEN_PID").ok().as_deref(),
         std::env::var("LISTEN_FDS").ok().as_deref(),
+        std::env::var("LISTEN_FDNAMES").ok().as_deref(),
     );
     for w in &activation.warnings {
         tracing::warn!("socket activation: {w}");
@@ -217,7 +221,7 @@ fn run(args: &RunArgs) -> anyhow::Result<()> {
         );
     }
     let activated = !activation.listeners.is_empty();
-    inherited.add(activation.listeners.into_iter().map(|l| (None, l)));
+    inherited.add_activated(&config, activation.listeners);
     let mut inherited_admin = None;
     let mut takeover = match &args.takeover {
         Some(path) => {
@@ -249,6 +253,7 @@ fn run(args: &RunArgs) -> anyhow::Result<()> {
     let metrics = Metrics::new(&names, config.worker_count());
     let runtime = ringfwd::session::Runtime::new(&config);
     metrics.set_runtime(runtime.clone());
+    metrics.set_admin_token(config.admin_token.as_ref().map(|(_, t)| t.clone()));
     metrics.set_access_log(config.access_log);
     metrics.open_taps(config.rules.iter().map(|r| r.tap.as_deref()))?;
     let mut admin_fd = None;
@@ -368,6 +373,19 @@ fn run(args: &RunArgs) -> anyhow::Result<()> {
                 }
             }
         }
+        {
+            let tx = std::sync::Mutex::new(events_tx.clone());
+            metrics.set_member_hook(Box::new(move |cmd| {
+                use ringfwd::upstream::admin::CommandError;
+                let stopping = || CommandError::Unavailable("the process is stopping".into());
+                let (reply, answer) = std::sync::mpsc::channel();
+                tx.lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .send(Event::Member(cmd, reply))
+                    .map_err(|_| stopping())?;
+                answer.recv().unwrap_or_else(|_| Err(stopping()))
+            }));
+        }
         if reloadable {
             let tx = std::sync::Mutex::new(events_tx.clone());
             metrics.set_reload_hook(Box::new(move || {
@@ -403,6 +421,13 @@ fn run(args: &RunArgs) -> anyhow::Result<()> {
                 );
             }
             let _ = out.flush();
+        }
+        // systemd (Type=notify or notify-reload): serving now, and the watchdog may start.
+        control::notify::ready("serving");
+        if let Some(period) = watchdog
+            && let Err(e) = control::notify::spawn_watchdog(period)
+        {
+            tracing::warn!(error = %e, "cannot start the watchdog thread; systemd will restart the service when WatchdogSec passes");
         }
     };
     let first = supervisor

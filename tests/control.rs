@@ -445,6 +445,90 @@ fn spawn_activated(listener: &TcpListener, args: &[&str], listen_pid: Option<&st
     Relay::try_spawn_command(cmd, args, 1).unwrap_or_else(|f| panic!("ringfwd {args:?}: {f}"))
 }
 
+/// Starts `ringfwd ARGS` with `sockets` passed as systemd does with `FileDescriptorName=`:
+/// fds 3.. in order, `LISTEN_FDS`, `LISTEN_FDNAMES` (colon-separated) and `LISTEN_PID`.
+fn spawn_activated_named(sockets: &[(&TcpListener, &str)], args: &[&str], rules: usize) -> Relay {
+    use std::os::unix::process::CommandExt;
+    let fds: Vec<i32> = sockets.iter().map(|(l, _)| l.as_raw_fd()).collect();
+    let names: Vec<&str> = sockets.iter().map(|(_, n)| *n).collect();
+    let mut cmd = Command::new("sh");
+    cmd.arg("-c")
+        .arg(format!(
+            "LISTEN_PID=$$ LISTEN_FDS={} LISTEN_FDNAMES={} exec \"$0\" \"$@\"",
+            fds.len(),
+            names.join(":")
+        ))
+        .arg(BIN)
+        .args(args);
+    // SAFETY: only async-signal-safe calls (fcntl, dup2) between fork and exec.
+    unsafe {
+        cmd.pre_exec(move || {
+            // First out of the way (fds 3.. may be taken by the sources themselves), then
+            // into place, close-on-exec off.
+            let mut high = Vec::with_capacity(fds.len());
+            for &fd in &fds {
+                let h = libc::fcntl(fd, libc::F_DUPFD, 100);
+                if h < 0 {
+                    return Err(io::Error::last_os_error());
+                }
+                high.push(h);
+            }
+            for (i, h) in high.into_iter().enumerate() {
+                let target = 3 + i32::try_from(i).expect("few sockets");
+                if libc::dup2(h, target) < 0 {
+                    return Err(io::Error::last_os_error());
+                }
+            }
+            Ok(())
+        });
+    }
+    Relay::try_spawn_command(cmd, args, rules).unwrap_or_else(|f| panic!("ringfwd {args:?}: {f}"))
+}
+
+/// `LISTEN_FDNAMES`: a socket named after a rule is that rule's whatever its address (here
+/// both rules are written on port 0, so by address neither would get one, and the names
+/// cross the order of the sockets); a socket named otherwise (systemd's default is the unit's
+/// name) is matched by address as before.
+fn socket_activation_names_say_which_socket_is_which_rule(engine: &[&str]) {
+    let _g = support::light();
+    let (a, b, c) = (Backend::echo(), Backend::echo(), Backend::echo());
+    let s1 = TcpListener::bind("127.0.0.1:0").unwrap();
+    let s2 = TcpListener::bind("127.0.0.1:0").unwrap();
+    let s3 = TcpListener::bind("127.0.0.1:0").unwrap();
+    let (x, y, z) = (
+        s1.local_addr().unwrap(),
+        s2.local_addr().unwrap(),
+        s3.local_addr().unwrap(),
+    );
+    let config = format!(
+        "{}{}{}",
+        rule("alpha", "127.0.0.1:0", a.addr()),
+        rule("beta", "127.0.0.1:0", b.addr()),
+        rule("gamma", &z.to_string(), c.addr()),
+    );
+    let file = TempFile::new("control-fdnames", &config);
+    let path = file.path.display().to_string();
+    let args = with_engine(&["run", "--config", &path], engine);
+    let mut relay = spawn_activated_named(
+        &[(&s1, "beta"), (&s2, "alpha"), (&s3, "ringfwd.socket")],
+        &args,
+        3,
+    );
+    assert_eq!(relay.addr_of("alpha"), y);
+    assert_eq!(relay.addr_of("beta"), x);
+    assert_eq!(relay.addr_of("gamma"), z);
+    for (addr, backend) in [(y, &a), (x, &b), (z, &c)] {
+        let before = backend.accepted();
+        echo_once(addr).expect("served on the named socket");
+        assert_eq!(
+            backend.accepted(),
+            before + 1,
+            "{addr} reached another rule's upstream"
+        );
+    }
+    relay.stop_and_wait();
+}
+
 /// Socket activation: systemd (here, the test) holds the listening socket; a restart stops
 /// the old process and starts a new one on the same socket. Connections that arrive in
 /// between wait in its queue: none is refused or reset.
@@ -562,6 +646,7 @@ support::engine_suite!(
         reload_under_load,
         takeover_under_load,
         socket_activation_restart_under_load,
+        socket_activation_names_say_which_socket_is_which_rule,
     ],
     std_engine: ["--engine", "std"],
     tokio_engine: ["--engine", "tokio"],

@@ -527,9 +527,23 @@ fn configmap_configs_are_valid_ringfwd_configs() {
         // keep every key but point host names at 127.0.0.1 and the user at nobody.
         let mut local = String::new();
         let mut hosts = BTreeMap::new();
+        // The Secret's token file is not on this host either: a local one, as the pods see it
+        // (group-readable, fsGroup).
+        let token = std::env::temp_dir().join(format!("ringfwd-k8s-token-{}", std::process::id()));
+        std::fs::write(&token, "t0ken\n").unwrap();
+        std::fs::set_permissions(&token, std::os::unix::fs::PermissionsExt::from_mode(0o440))
+            .unwrap();
+        let mut has_token = false;
         for line in text.lines() {
             let line = if line.trim_start().starts_with("user = ") {
                 "user = \"nobody\"".to_string()
+            } else if let Some(path) = line.trim_start().strip_prefix("admin_token_file = ") {
+                assert_eq!(
+                    path, "\"/etc/ringfwd-admin/token\"",
+                    "{key}: where the pods mount it"
+                );
+                has_token = true;
+                format!("admin_token_file = {:?}", token.display().to_string())
             } else {
                 replace_hosts(line, &mut hosts)
             };
@@ -542,6 +556,43 @@ fn configmap_configs_are_valid_ringfwd_configs() {
         assert!(
             cfg.admin.is_some(),
             "{key}: the probes need the admin endpoint"
+        );
+        assert!(
+            has_token,
+            "{key}: a remote admin endpoint needs admin_token_file"
+        );
+        let _ = std::fs::remove_file(&token);
+    }
+    // Both workloads mount the token Secret where the configs read it, group-readable for
+    // the pod's fsGroup (the image's ringfwd group).
+    for kind in ["Deployment", "DaemonSet"] {
+        let (_, doc) = docs
+            .iter()
+            .find(|(_, d)| d["kind"].as_str() == Some(kind))
+            .unwrap();
+        let spec = &doc["spec"]["template"]["spec"];
+        assert_eq!(
+            spec["securityContext"]["fsGroup"].as_u64(),
+            Some(10001),
+            "{kind}"
+        );
+        let vol = spec["volumes"]
+            .as_sequence()
+            .unwrap()
+            .iter()
+            .find(|v| v["secret"]["secretName"].as_str() == Some("ringfwd-admin"))
+            .unwrap_or_else(|| panic!("{kind}: no ringfwd-admin Secret volume"));
+        assert_eq!(vol["secret"]["defaultMode"].as_u64(), Some(0o440), "{kind}");
+        let mounted = spec["containers"][0]["volumeMounts"]
+            .as_sequence()
+            .unwrap()
+            .iter()
+            .any(|m| {
+                m["name"] == vol["name"] && m["mountPath"].as_str() == Some("/etc/ringfwd-admin")
+            });
+        assert!(
+            mounted,
+            "{kind}: the Secret is not mounted at /etc/ringfwd-admin"
         );
     }
 }
@@ -646,6 +697,40 @@ fn systemd_service_has_the_hardening_and_limits() {
     for cap in ["CAP_NET_BIND_SERVICE", "CAP_SETUID", "CAP_SETGID"] {
         assert!(bounding.contains(cap), "root-then-drop.conf lacks {cap}");
     }
+}
+
+#[test]
+fn systemd_unit_is_notify_with_a_watchdog_and_a_notify_reload_drop_in() {
+    let service = unit_keys(&read("deploy/systemd/ringfwd.service"), "Service");
+    let get = |k: &str| {
+        service
+            .iter()
+            .rfind(|(key, _)| key == k)
+            .map(|(_, v)| v.clone())
+            .unwrap_or_else(|| panic!("ringfwd.service: no {k}="))
+    };
+    // Type=notify: known to every systemd the package targets (Debian 12 has 252).
+    assert_eq!(get("Type"), "notify");
+    assert_eq!(get("NotifyAccess"), "main");
+    let watchdog = get("WatchdogSec");
+    assert!(
+        watchdog.ends_with('s') && watchdog != "0s",
+        "WatchdogSec={watchdog}"
+    );
+    // The drop-in for systemd 253+: systemd sends SIGHUP itself, so ExecReload is cleared.
+    let dropin = unit_keys(&read("deploy/systemd/notify-reload.conf"), "Service");
+    assert_eq!(
+        dropin,
+        [
+            ("Type".to_string(), "notify-reload".to_string()),
+            ("ExecReload".to_string(), String::new())
+        ]
+    );
+    let manifest = read("Cargo.toml");
+    assert!(
+        manifest.contains("usr/share/ringfwd/systemd/notify-reload.conf"),
+        "the package does not install notify-reload.conf"
+    );
 }
 
 #[test]

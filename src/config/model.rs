@@ -667,6 +667,10 @@ pub struct Config {
     /// The documented address is [`DEFAULT_ADMIN`], which `ringfwd stats` also defaults to.
     pub admin: Option<SocketAddr>,
     pub admin_allow_remote: bool,
+    /// `admin_token_file`: the file, and the bearer token read from it when the config was
+    /// loaded (at start and at every reload). `None`: the state-changing admin endpoints
+    /// (`POST /reload`, the member API) need no token, which is allowed on loopback only.
+    pub admin_token: Option<(PathBuf, AdminToken)>,
     pub log_format: LogFormat,
     pub access_log: bool,
     /// Periodic HdrHistogram interval log, if configured.
@@ -685,6 +689,45 @@ pub struct Config {
     /// Things that work but should be changed (deprecated keys), each one line worded
     /// `FILE:LINE:COL: KEY is deprecated: ...`; `run` logs them, `check` prints them.
     pub warnings: Vec<String>,
+}
+
+/// The bearer token the state-changing admin endpoints demand (`admin_token_file`).
+///
+/// Never printed (its `Debug` hides it), and compared in constant time: how long a wrong
+/// guess takes says nothing about how much of it was right.
+#[derive(Clone, PartialEq, Eq)]
+pub struct AdminToken(Vec<u8>);
+
+impl std::fmt::Debug for AdminToken {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("AdminToken(…)")
+    }
+}
+
+impl AdminToken {
+    /// The longest token accepted: a header line, not a file to load whole.
+    pub const MAX_LEN: usize = 4096;
+
+    pub fn new(token: impl Into<Vec<u8>>) -> Self {
+        Self(token.into())
+    }
+
+    /// Whether an `Authorization` header value is `Bearer <this token>`.
+    pub fn admits(&self, header: Option<&[u8]>) -> bool {
+        let Some(given) = header.and_then(|h| h.strip_prefix(b"Bearer ".as_slice())) else {
+            return false;
+        };
+        // Every byte of the longer of the two is looked at whatever the lengths, and the
+        // lengths are compared into the same accumulator: no early exit.
+        let n = given.len().max(self.0.len());
+        let mut diff = u8::from(given.len() != self.0.len());
+        for i in 0..n {
+            let a = given.get(i).copied().unwrap_or(0);
+            let b = self.0.get(i).copied().unwrap_or(0);
+            diff |= a ^ b;
+        }
+        std::hint::black_box(diff) == 0
+    }
 }
 
 /// Where the HdrHistogram interval log goes and how often an interval is written.

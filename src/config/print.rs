@@ -37,6 +37,9 @@ impl Config {
             let _ = writeln!(out, "admin = \"{a}\"");
         }
         let _ = writeln!(out, "admin_allow_remote = {}", self.admin_allow_remote);
+        if let Some((path, _)) = &self.admin_token {
+            let _ = writeln!(out, "admin_token_file = {:?}", path.display().to_string());
+        }
         let _ = writeln!(
             out,
             "log_format = {:?}",

@@ -640,12 +640,72 @@ fn admin_must_be_loopback_unless_allowed() {
         err("admin = \"0.0.0.0:9100\""),
         "cfg.toml:1:9: admin: 0.0.0.0:9100 is not a loopback address; set admin_allow_remote = true to expose metrics beyond this host"
     );
-    let c = parse("admin_allow_remote = true\nadmin = \"0.0.0.0:9100\"");
+    // Allowed, yet refused without a token: a remote admin port could reload anyone's relay.
+    assert_eq!(
+        err("admin_allow_remote = true\nadmin = \"0.0.0.0:9100\""),
+        "cfg.toml:2:9: admin: 0.0.0.0:9100 is not a loopback address and no admin_token_file is set: anyone who reaches it could reload the forwarder or drain its members; set admin_token_file = \"PATH\" (a file others may not read)"
+    );
+    let token = token_file("remote", "s3cret\n", 0o600);
+    let c = parse(&format!(
+        "admin_allow_remote = true\nadmin = \"0.0.0.0:9100\"\nadmin_token_file = {:?}",
+        token.display().to_string()
+    ));
     assert_eq!(c.admin, Some("0.0.0.0:9100".parse().unwrap()));
     assert_eq!(
         parse("admin = \"[::1]:9100\"").admin,
         Some("[::1]:9100".parse().unwrap())
     );
+    let _ = std::fs::remove_file(token);
+}
+
+/// A token file with `mode`, in the temp directory.
+fn token_file(stem: &str, text: &str, mode: u32) -> PathBuf {
+    use std::os::unix::fs::PermissionsExt;
+    let path = std::env::temp_dir().join(format!("ringfwd-token-{stem}-{}", std::process::id()));
+    std::fs::write(&path, text).unwrap();
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).unwrap();
+    path
+}
+
+#[test]
+fn admin_token_file_is_read_and_checked_and_never_printed() {
+    // 1. Read, white space trimmed; `check` prints the path, never the token.
+    let good = token_file("good", "  s3cret-token\n", 0o600);
+    let key = |p: &Path| format!("admin_token_file = {:?}\n", p.display().to_string());
+    let c = parse(&key(&good));
+    let (path, token) = c.admin_token.clone().expect("a token");
+    assert_eq!(path, good);
+    assert!(token.admits(Some(b"Bearer s3cret-token")));
+    let printed = c.to_toml();
+    assert!(printed.contains(&key(&good)), "{printed}");
+    assert!(!printed.contains("s3cret") && !format!("{c:?}").contains("s3cret"));
+    // 2. Each bad file, with the key named.
+    let open = token_file("open", "s3cret\n", 0o644);
+    let e = err(&key(&open));
+    assert!(
+        e.starts_with("cfg.toml:1:20: admin_token_file: ")
+            && e.contains("mode 0644")
+            && e.contains("chmod 600"),
+        "{e}"
+    );
+    // Group read is how a service user reads root's file: allowed; group write is not.
+    let group = token_file("group", "s3cret\n", 0o640);
+    assert!(parse(&key(&group)).admin_token.is_some());
+    let _ = std::fs::set_permissions(&group, std::os::unix::fs::PermissionsExt::from_mode(0o660));
+    assert!(err(&key(&group)).contains("written by its group (mode 0660)"));
+    let empty = token_file("empty", "\n", 0o600);
+    assert!(err(&key(&empty)).contains("is empty"));
+    let spaced = token_file("spaced", "two words\n", 0o600);
+    assert!(err(&key(&spaced)).contains("without spaces"));
+    let missing = std::env::temp_dir().join("ringfwd-token-none-such");
+    let e = err(&key(&missing));
+    assert!(
+        e.contains("admin_token_file: cannot read") && e.contains("No such file"),
+        "{e}"
+    );
+    for p in [good, open, group, empty, spaced] {
+        let _ = std::fs::remove_file(p);
+    }
 }
 
 #[test]

@@ -19,19 +19,36 @@ pub const FDS_PER_MESSAGE: usize = 200;
 
 static LISTEN_FDS_TAKEN: AtomicBool = AtomicBool::new(false);
 
-/// What `LISTEN_FDS` / `LISTEN_PID` passed: listening TCP sockets, and one line per thing
-/// that was wrong with them (for the log; nothing here stops a run).
+/// What `LISTEN_FDS` / `LISTEN_PID` passed: listening TCP sockets, each with the name
+/// `LISTEN_FDNAMES` gave it (a `.socket` unit's `FileDescriptorName=`, the unit's own name
+/// by default), and one line per thing that was wrong with them (for the log; nothing here
+/// stops a run).
 #[derive(Default)]
 pub struct Activation {
-    pub listeners: Vec<TcpListener>,
+    pub listeners: Vec<(Option<String>, TcpListener)>,
     pub warnings: Vec<String>,
 }
 
+/// The name of passed descriptor `index` in `LISTEN_FDNAMES` (colon-separated, one per
+/// descriptor, in order); `None` when the variable or that entry is missing or empty.
+pub fn fd_name(names: Option<&str>, index: usize) -> Option<String> {
+    names?
+        .split(':')
+        .nth(index)
+        .filter(|n| !n.is_empty())
+        .map(str::to_string)
+}
+
 /// Takes the sockets systemd passed (`LISTEN_PID` = this process, `LISTEN_FDS` = how many,
-/// from fd 3 on). Only listening TCP sockets are taken; anything else (a wrong `LISTEN_PID`,
-/// a closed descriptor, a UDP or unix socket) is left alone with a warning, and the rules
-/// are then bound as usual. Runs once per process; later calls return nothing.
-pub fn from_systemd(listen_pid: Option<&str>, listen_fds: Option<&str>) -> Activation {
+/// from fd 3 on, `LISTEN_FDNAMES` = their names). Only listening TCP sockets are taken;
+/// anything else (a wrong `LISTEN_PID`, a closed descriptor, a UDP or unix socket) is left
+/// alone with a warning, and the rules are then bound as usual. Runs once per process;
+/// later calls return nothing.
+pub fn from_systemd(
+    listen_pid: Option<&str>,
+    listen_fds: Option<&str>,
+    listen_fdnames: Option<&str>,
+) -> Activation {
     let mut out = Activation::default();
     let (Some(pid), Some(fds)) = (listen_pid, listen_fds) else {
         if listen_fds.is_some() {
@@ -95,7 +112,9 @@ pub fn from_systemd(listen_pid: Option<&str>, listen_fds: Option<&str>) -> Activ
             &owned,
             nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC),
         );
-        out.listeners.push(TcpListener::from(owned));
+        let index = usize::try_from(fd - LISTEN_FDS_START).unwrap_or(usize::MAX);
+        out.listeners
+            .push((fd_name(listen_fdnames, index), TcpListener::from(owned)));
     }
     out
 }

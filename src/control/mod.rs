@@ -26,9 +26,12 @@
 //! answering, and requests that arrive meanwhile are served together by one more reload.
 //! The same hand-over serves `run --takeover` ([`takeover`]) across processes, and sockets
 //! passed by systemd ([`fds::from_systemd`]) are matched to rules by address like taken-over
-//! ones.
+//! ones, or by name: a socket whose `LISTEN_FDNAMES` entry (`FileDescriptorName=`) is a
+//! rule's name is that rule's. systemd hears of readiness, reloads and stops through
+//! [`notify`].
 
 pub mod fds;
+pub mod notify;
 pub mod takeover;
 pub mod watch;
 
@@ -94,13 +97,24 @@ pub enum Event {
     TakenOver,
     /// The first generation serves, on this engine.
     FirstReady(Resolved),
+    /// A member API command for the serving generation's pools, and who waits for its
+    /// result. Carried out here, between reloads, so that a reload never builds the next
+    /// generation from a member state that is changing under it.
+    Member(upstream::admin::Command, MemberReply),
 }
+
+/// Where a member command's result goes.
+pub type MemberReply =
+    mpsc::Sender<Result<Vec<upstream::admin::Done>, upstream::admin::CommandError>>;
 
 /// Listening sockets this process did not bind: passed by systemd or taken over.
 #[derive(Default)]
 pub struct Inherited {
     /// `(address, the rule that served it in the old process (takeover only), socket)`.
     listeners: Vec<(SocketAddr, Option<String>, TcpListener)>,
+    /// Sockets systemd named after a rule (`FileDescriptorName=` = the rule's name): that
+    /// rule's, whatever address they are on.
+    named: Vec<(SocketAddr, String, TcpListener)>,
 }
 
 impl Inherited {
@@ -114,11 +128,35 @@ impl Inherited {
         }
     }
 
+    /// Adds sockets systemd passed with their `LISTEN_FDNAMES` names: one named after a rule
+    /// of `config` is that rule's, on whatever address it listens; any other (systemd names
+    /// a socket after its unit, `ringfwd.socket`, by default) is matched by address as
+    /// [`Inherited::add`]'s are.
+    pub fn add_activated(
+        &mut self,
+        config: &Config,
+        ls: impl IntoIterator<Item = (Option<String>, TcpListener)>,
+    ) {
+        for (name, l) in ls {
+            let rule = name.filter(|n| config.rules.iter().any(|r| r.name == *n));
+            match (rule, l.local_addr()) {
+                (Some(rule), Ok(a)) => self.named.push((a, rule, l)),
+                (None, Ok(a)) => self.listeners.push((a, None, l)),
+                (_, Err(e)) => {
+                    tracing::warn!(error = %e, "an inherited socket has no address; closed");
+                }
+            }
+        }
+    }
+
     /// The inherited sockets for `rule`, one group per port of its listen range (empty where
-    /// none was passed): those listening on exactly that port's address — or, for a rule on
-    /// port 0 (any port), those its namesake served on the same IP.
+    /// none was passed): those systemd named after the rule (in the group of their port when
+    /// the range has it, else the first), then those listening on exactly that port's
+    /// address — or, for a rule on port 0 (any port), those its namesake served on the same
+    /// IP. A socket named after another rule is never taken by address.
     fn take(&mut self, rule: &crate::config::Rule) -> Vec<Vec<TcpListener>> {
-        rule.listen
+        let mut groups: Vec<Vec<TcpListener>> = rule
+            .listen
             .addrs()
             .map(|addr| {
                 let wanted = |a: &SocketAddr, name: &Option<String>| {
@@ -133,16 +171,48 @@ impl Inherited {
                 self.listeners = rest;
                 matched.into_iter().map(|(_, _, l)| l).collect()
             })
-            .collect()
+            .collect();
+        let (mine, rest) = std::mem::take(&mut self.named)
+            .into_iter()
+            .partition::<Vec<_>, _>(|(_, n, _)| *n == rule.name);
+        self.named = rest;
+        if !mine.is_empty() {
+            // Named sockets replace whatever the address matched: the unit said which is which.
+            for g in &mut groups {
+                g.clear();
+            }
+        }
+        let first = rule.listen.port();
+        for (addr, _, l) in mine {
+            tracing::info!(rule = %rule.name, %addr, "socket activation: a socket named after the rule (LISTEN_FDNAMES)");
+            let i = if rule.listen.ports().contains(&addr.port()) {
+                usize::from(addr.port() - first)
+            } else {
+                0
+            };
+            if let Some(g) = groups.get_mut(i) {
+                g.push(l);
+            }
+        }
+        groups
     }
 
     pub fn is_empty(&self) -> bool {
-        self.listeners.is_empty()
+        self.listeners.is_empty() && self.named.is_empty()
+    }
+
+    /// How many sockets are held.
+    fn len(&self) -> usize {
+        self.listeners.len() + self.named.len()
     }
 
     /// The addresses no rule took (their sockets close when this is dropped).
     pub fn leftover(&self) -> Vec<SocketAddr> {
-        self.listeners.iter().map(|(a, _, _)| *a).collect()
+        self.listeners
+            .iter()
+            .map(|(a, _, _)| *a)
+            .chain(self.named.iter().map(|(a, _, _)| *a))
+            .collect()
     }
 }
 
@@ -174,7 +244,7 @@ pub fn first_listeners(
         .sum();
     // Inherited sockets are already open and are the listeners' own descriptors: count
     // them once, as listeners, not again as what is open.
-    engine::ensure_listener_fds(ports, per_rule, inherited.listeners.len())?;
+    engine::ensure_listener_fds(ports, per_rule, inherited.len())?;
     let mut out = Vec::with_capacity(config.rules.len());
     for rule in &config.rules {
         let mut groups = Vec::with_capacity(usize::from(rule.listen.count));
@@ -647,6 +717,9 @@ impl Supervisor {
                 Event::Handoff(reply) => {
                     let _ = reply.send(self.handoff());
                 }
+                Event::Member(cmd, reply) => {
+                    let _ = reply.send(self.member(&cmd));
+                }
                 Event::TakenOver => {
                     self.taken_over = true;
                     if let Some(mut g) = self.current.take() {
@@ -711,6 +784,7 @@ impl Supervisor {
         let Some(load) = self.load.clone() else {
             return;
         };
+        notify::reloading();
         let watched = self.watch_path.clone();
         let events = self.events_tx.clone();
         let spawned = std::thread::Builder::new()
@@ -754,6 +828,10 @@ impl Supervisor {
                 "config reload failed, still running the previous config: {why}"
             ),
         }
+        notify::ready(&match &r {
+            Ok(changes) => format!("reloaded: {changes}"),
+            Err(why) => format!("reload failed, still running the previous config: {why}"),
+        });
         for reply in replies {
             let _ = reply.send(r.clone());
         }
@@ -772,6 +850,7 @@ impl Supervisor {
     fn stop(&mut self, phase: Phase) {
         if phase == Phase::Draining && !self.stopping {
             self.stopping = true;
+            notify::stopping();
             self.live_at_drain = self
                 .current
                 .iter()
@@ -843,6 +922,32 @@ impl Supervisor {
                 tracing::info!(generation = id, "an older config generation has drained");
             }
         }
+    }
+
+    /// Carries out a member API command on the serving generation, and logs what changed.
+    fn member(
+        &self,
+        cmd: &upstream::admin::Command,
+    ) -> Result<Vec<upstream::admin::Done>, upstream::admin::CommandError> {
+        use upstream::admin::CommandError;
+        if self.stopping || self.taken_over {
+            return Err(CommandError::Unavailable("the process is stopping".into()));
+        }
+        let Some(g) = self.current.as_ref() else {
+            return Err(CommandError::Unavailable("not serving yet".into()));
+        };
+        let done = upstream::admin::apply(&g.runtime.named_pools(), cmd)?;
+        for d in &done {
+            tracing::info!(
+                rule = %d.rule,
+                route = %d.route,
+                upstream = %d.addr,
+                before = %d.before,
+                "upstream member set to {} by the member API",
+                d.after
+            );
+        }
+        Ok(done)
     }
 
     /// Descriptors of the serving generation's sockets, for a new process.
@@ -969,6 +1074,9 @@ impl Supervisor {
         // The switch: the new generation serves; the old one stops accepting and drains.
         g.metrics.publish();
         self.metrics.set_runtime(g.runtime.clone());
+        // The token file is read at every reload: a rotated token takes effect now.
+        self.metrics
+            .set_admin_token(g.config.admin_token.as_ref().map(|(_, t)| t.clone()));
         let id = g.id;
         let drain = g.config.reload_drain_timeout;
         if let Some(mut old) = self.current.replace(g) {
@@ -1057,6 +1165,9 @@ impl Diff {
         }
         if old.uring != new.uring {
             d.settings.push("uring");
+        }
+        if old.admin_token != new.admin_token {
+            d.settings.push("admin_token_file");
         }
         d
     }
@@ -1166,6 +1277,38 @@ upstream = "127.0.0.1:9002"
     }
 
     #[test]
+    fn sockets_named_after_a_rule_are_its_own_whatever_their_address() {
+        let mut cfg = config(RULES);
+        let web_l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let db_l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let other = TcpListener::bind("127.0.0.1:0").unwrap();
+        // db's config address is where the socket named "web" listens: the name wins.
+        let web_addr = web_l.local_addr().unwrap();
+        cfg.rules[1].listen = crate::config::Listen::single(web_addr);
+        let mut inherited = Inherited::default();
+        inherited.add_activated(
+            &cfg,
+            [
+                (Some("web".to_string()), web_l),
+                (Some("db".to_string()), db_l),
+                (Some("ringfwd.socket".to_string()), other),
+            ],
+        );
+        let web = inherited.take(&cfg.rules[0]);
+        assert_eq!(web[0].len(), 1);
+        assert_eq!(web[0][0].local_addr().unwrap(), web_addr);
+        let db = inherited.take(&cfg.rules[1]);
+        assert_eq!(db[0].len(), 1);
+        assert_ne!(db[0][0].local_addr().unwrap(), web_addr);
+        // The unit-named socket matched no rule by address: left over.
+        assert_eq!(inherited.leftover().len(), 1);
+        assert_eq!(fds::fd_name(Some("a::c"), 0).as_deref(), Some("a"));
+        assert_eq!(fds::fd_name(Some("a::c"), 1), None);
+        assert_eq!(fds::fd_name(Some("a::c"), 2).as_deref(), Some("c"));
+        assert_eq!(fds::fd_name(None, 0), None);
+    }
+
+    #[test]
     fn inherited_sockets_of_a_port_range_are_matched_port_by_port() {
         // Three consecutive free ports: bind them, then hand over the first and the third.
         let (first, ls) = (0..50)
@@ -1191,15 +1334,15 @@ upstream = "127.0.0.1:9002"
 
     #[test]
     fn systemd_sockets_for_another_process_are_left_alone() {
-        let a = fds::from_systemd(Some("1"), Some("1"));
+        let a = fds::from_systemd(Some("1"), Some("1"), None);
         assert!(a.listeners.is_empty());
         assert!(
             a.warnings[0].contains("is not this process"),
             "{:?}",
             a.warnings
         );
-        let b = fds::from_systemd(None, Some("2"));
+        let b = fds::from_systemd(None, Some("2"), None);
         assert!(b.listeners.is_empty() && !b.warnings.is_empty());
-        assert!(fds::from_systemd(None, None).warnings.is_empty());
+        assert!(fds::from_systemd(None, None, None).warnings.is_empty());
     }
 }

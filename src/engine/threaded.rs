@@ -109,6 +109,7 @@ fn accept_loop(epoll: &Epoll, all: &[Accepting], engine: &Arc<Engine>) {
     let mut accepts = accept::Accepts::default();
     let mut events = vec![EpollEvent::empty(); EVENTS_PER_WAIT.min(all.len().max(1))];
     while engine.shutdown.phase() == Phase::Running {
+        crate::control::notify::beat();
         let n = match epoll.wait(&mut events, EpollTimeout::from(100u16)) {
             Ok(n) => n,
             Err(nix::Error::EINTR) => continue,

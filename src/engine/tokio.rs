@@ -102,6 +102,7 @@ pub fn run(
                 accept_loops.push(tokio::spawn(accept_loop(l, port, idx, e, u)));
             }
         }
+        tokio::spawn(crate::control::notify::tokio_ticker());
         ready();
         for a in accept_loops {
             let _ = a.await;

@@ -1,5 +1,8 @@
 //! The admin HTTP listener: `/metrics` (OpenMetrics text), `/healthz`, `/stats` (JSON for
-//! `ringfwd stats`), `/upstreams` (every pool member's state, JSON) and `/histograms` (one merged HDR histogram, V2 + DEFLATE, base64).
+//! `ringfwd stats`), `/upstreams` (every pool member's state, JSON) and `/histograms` (one merged HDR histogram, V2 + DEFLATE, base64);
+//! and the endpoints that change state: `POST /reload` and the member API (`POST
+//! /upstreams/RULE/MEMBER?state=…|weight=…`), which demand the bearer token of
+//! `admin_token_file` when one is configured ([`AdminToken`]).
 //!
 //! It runs on a thread of its own with a current-thread tokio runtime and hyper's HTTP/1
 //! server, so a scrape never runs on an engine's worker and an engine never waits for a
@@ -45,18 +48,26 @@ pub const HEADER_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Every endpoint and the one method it answers. A 404 lists them; a known path asked with
 /// another method gets 405 and `Allow:` naming its method.
-pub const ENDPOINTS: [(&str, Method); 6] = [
+pub const ENDPOINTS: [(&str, Method); 7] = [
     ("/metrics", Method::GET),
     ("/healthz", Method::GET),
     ("/stats", Method::GET),
     ("/upstreams", Method::GET),
     ("/histograms", Method::GET),
     ("/reload", Method::POST),
+    (MEMBER_API, Method::POST),
 ];
 
+/// The member API's path, `RULE` and `MEMBER` standing for the names (see
+/// [`crate::upstream::admin`]).
+pub const MEMBER_API: &str = "/upstreams/RULE/MEMBER";
+
 /// [`ENDPOINTS`] for the start-up line and `--admin`'s help.
-pub const ENDPOINTS_TEXT: &str =
-    "GET /metrics /healthz /stats /upstreams /histograms?rule=R&metric=M, POST /reload";
+pub const ENDPOINTS_TEXT: &str = "GET /metrics /healthz /stats /upstreams /histograms?rule=R&metric=M, POST /reload /upstreams/RULE/MEMBER?state=up|drain|down|weight=N";
+
+/// The bearer token the state-changing endpoints demand; defined with the config it is read
+/// from.
+pub use crate::config::AdminToken;
 
 /// The body of a 404: what exists.
 fn not_found(path: &str) -> String {
@@ -246,7 +257,28 @@ async fn serve_connection(stream: tokio::net::TcpStream, state: Arc<State>, slot
             let busy = BusyGuard::new(slot.clone());
             let slot = slot.clone();
             async move {
-                let resp = if req.method() == Method::POST && req.uri().path() == "/reload" {
+                let path = req.uri().path();
+                let changes_state = req.method() == Method::POST
+                    && (path == "/reload" || path.starts_with("/upstreams/"));
+                let resp = if changes_state && !authorized(&state.metrics, &req) {
+                    state.metrics.unauthorized();
+                    let mut r = text(
+                        StatusCode::UNAUTHORIZED,
+                        "this endpoint needs the admin token: Authorization: Bearer <the token of admin_token_file>\n",
+                    );
+                    r.headers_mut().insert(
+                        hyper::header::WWW_AUTHENTICATE,
+                        HeaderValue::from_static("Bearer realm=\"ringfwd\""),
+                    );
+                    r
+                } else if let Some(rest) = path.strip_prefix("/upstreams/") {
+                    // Like a reload, a member command waits for the control plane.
+                    slot.state
+                        .store(ConnState::Waiting as u8, Ordering::Relaxed);
+                    let r = member_request(&state, req.method(), rest, req.uri().query()).await;
+                    slot.state.store(ConnState::Busy as u8, Ordering::Relaxed);
+                    r
+                } else if req.method() == Method::POST && path == "/reload" {
                     // A reload binds sockets and starts an engine generation: off the
                     // admin's one thread, which keeps answering scrapes meanwhile.
                     let metrics = state.metrics.clone();
@@ -283,6 +315,72 @@ async fn serve_connection(stream: tokio::net::TcpStream, state: Arc<State>, slot
         () = slot.evict.notified() => {}
     }
     drop(done);
+}
+
+/// Whether `req` carries the admin token, or none is needed.
+fn authorized(metrics: &Metrics, req: &Request<Incoming>) -> bool {
+    match metrics.admin_token() {
+        None => true,
+        Some(token) => token.admits(
+            req.headers()
+                .get(hyper::header::AUTHORIZATION)
+                .map(HeaderValue::as_bytes),
+        ),
+    }
+}
+
+/// `POST /upstreams/RULE/MEMBER?…`: the member API, carried out by the control plane (off
+/// the admin's one thread).
+async fn member_request(
+    state: &State,
+    method: &Method,
+    rest: &str,
+    query: Option<&str>,
+) -> Response<Full<Bytes>> {
+    if method != Method::POST {
+        let mut r = text(
+            StatusCode::METHOD_NOT_ALLOWED,
+            format!("{MEMBER_API} answers POST only, not {method}\n"),
+        );
+        r.headers_mut()
+            .insert(hyper::header::ALLOW, HeaderValue::from_static("POST"));
+        return r;
+    }
+    let done = match crate::upstream::admin::Command::parse(rest, query.unwrap_or("")) {
+        Ok(cmd) => {
+            let metrics = state.metrics.clone();
+            tokio::task::spawn_blocking(move || metrics.member_command(cmd)).await
+        }
+        Err(e) => Ok(Some(Err(e))),
+    };
+    member_answer(done)
+}
+
+/// The answer to a member API command: one line per member changed, or why none was.
+fn member_answer(
+    done: Result<
+        Option<Result<Vec<crate::upstream::admin::Done>, crate::upstream::admin::CommandError>>,
+        tokio::task::JoinError,
+    >,
+) -> Response<Full<Bytes>> {
+    match done {
+        Ok(Some(Ok(done))) => text(
+            StatusCode::OK,
+            done.iter().map(|d| format!("{d}\n")).collect::<String>(),
+        ),
+        Ok(Some(Err(e))) => text(
+            StatusCode::from_u16(e.status()).unwrap_or(StatusCode::BAD_REQUEST),
+            format!("{e}\n"),
+        ),
+        Ok(None) => text(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "still starting; try again once it serves\n",
+        ),
+        Err(_) => text(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "member command panicked\n",
+        ),
+    }
 }
 
 /// Keeps a connection [`ConnState::Busy`] from its request until its response body is
@@ -464,6 +562,29 @@ mod tests {
 
     fn set(slot: &Slot, state: ConnState) {
         slot.state.store(state as u8, Ordering::Relaxed);
+    }
+
+    #[test]
+    fn the_token_must_match_exactly() {
+        let t = AdminToken::new("s3cret");
+        assert!(t.admits(Some(b"Bearer s3cret")));
+        for wrong in [
+            &b"Bearer s3cre"[..],
+            b"Bearer s3cret2",
+            b"Bearer ",
+            b"bearer s3cret",
+            b"Basic s3cret",
+            b"s3cret",
+            b"Bearer S3CRET",
+        ] {
+            assert!(
+                !t.admits(Some(wrong)),
+                "{:?}",
+                String::from_utf8_lossy(wrong)
+            );
+        }
+        assert!(!t.admits(None));
+        assert!(!format!("{t:?}").contains("s3cret"), "never printed");
     }
 
     #[test]

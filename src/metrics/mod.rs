@@ -387,7 +387,23 @@ struct Common {
     last_reload_success: AtomicU64,
     /// What `POST /reload` calls (set by `run` when a config file can be reloaded).
     reload_hook: OnceLock<ReloadHook>,
+    /// What `POST /upstreams/RULE/MEMBER` calls (set by `run` once it serves).
+    member_hook: OnceLock<MemberHook>,
+    /// Admin requests turned away for a wrong or missing token.
+    unauthorized: AtomicU64,
+    /// The token state-changing admin requests must carry (`admin_token_file`), if any.
+    admin_token: arc_swap::ArcSwapOption<admin::AdminToken>,
 }
+
+/// Carries out a member API command on the serving config.
+pub type MemberHook = Box<
+    dyn Fn(
+            crate::upstream::admin::Command,
+        )
+            -> Result<Vec<crate::upstream::admin::Done>, crate::upstream::admin::CommandError>
+        + Send
+        + Sync,
+>;
 
 /// Reloads the config and says what changed, or why nothing did.
 pub type ReloadHook = Box<dyn Fn() -> Result<String, String> + Send + Sync>;
@@ -428,6 +444,9 @@ impl Metrics {
                     .collect(),
                 last_reload_success: AtomicU64::new(unix_now().to_bits()),
                 reload_hook: OnceLock::new(),
+                member_hook: OnceLock::new(),
+                unauthorized: AtomicU64::new(0),
+                admin_token: arc_swap::ArcSwapOption::empty(),
             }),
             rules,
         })
@@ -516,6 +535,40 @@ impl Metrics {
     /// Sets what `POST /reload` runs. Later calls are ignored.
     pub fn set_reload_hook(&self, hook: ReloadHook) {
         let _ = self.common.reload_hook.set(hook);
+    }
+
+    /// Sets what the member API runs. Later calls are ignored.
+    pub fn set_member_hook(&self, hook: MemberHook) {
+        let _ = self.common.member_hook.set(hook);
+    }
+
+    /// Runs a member API command; `None` until the process serves.
+    pub fn member_command(
+        &self,
+        cmd: crate::upstream::admin::Command,
+    ) -> Option<Result<Vec<crate::upstream::admin::Done>, crate::upstream::admin::CommandError>>
+    {
+        self.common.member_hook.get().map(|h| h(cmd))
+    }
+
+    /// Sets the token the state-changing admin endpoints demand (`None`: none).
+    pub fn set_admin_token(&self, token: Option<admin::AdminToken>) {
+        self.common.admin_token.store(token.map(Arc::new));
+    }
+
+    /// The token the state-changing admin endpoints demand, if any.
+    pub fn admin_token(&self) -> Option<Arc<admin::AdminToken>> {
+        self.common.admin_token.load_full()
+    }
+
+    /// Counts an admin request turned away for its token.
+    pub fn unauthorized(&self) {
+        self.common.unauthorized.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Admin requests turned away for a wrong or missing token so far.
+    pub fn unauthorized_count(&self) -> u64 {
+        self.common.unauthorized.load(Ordering::Relaxed)
     }
 
     /// Runs the reload hook; `None` when reloading is not possible in this run.

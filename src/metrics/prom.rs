@@ -76,7 +76,7 @@ fn encode_members(
         .collect();
     let mut f = enc.encode_descriptor(
         "ringfwd_upstream_up",
-        "1 if the member takes traffic (health checks pass, not ejected after connect failures).",
+        "1 if the member takes traffic (health checks pass, not ejected after connect failures, not set to drain or down by the member API).",
         None,
         MetricType::Gauge,
     )?;
@@ -86,6 +86,22 @@ fn encode_members(
             ("route", *route),
             ("upstream", addr.as_str()),
         ])?)?;
+    }
+    let mut f = enc.encode_descriptor(
+        "ringfwd_upstream_admin_state",
+        "1 for the state the operator set on the member through the member API (up, drain, down), 0 for the others.",
+        None,
+        MetricType::Gauge,
+    )?;
+    for (rule, route, addr, m) in &all {
+        for state in crate::upstream::member::AdminState::ALL {
+            ConstGauge::new(i64::from(m.admin == state)).encode(f.encode_family(&[
+                ("rule", *rule),
+                ("route", *route),
+                ("upstream", addr.as_str()),
+                ("state", state.as_str()),
+            ])?)?;
+        }
     }
     let mut f = enc.encode_descriptor(
         "ringfwd_upstream_connections",
@@ -242,6 +258,13 @@ impl Collector for MetricsCollector {
             MetricType::Gauge,
         )?;
         ConstGauge::new(self.metrics.last_reload_success()).encode(f)?;
+        let f = enc.encode_descriptor(
+            "ringfwd_admin_unauthorized",
+            "Admin requests to a state-changing endpoint turned away for a wrong or missing token.",
+            None,
+            MetricType::Counter,
+        )?;
+        ConstCounter::new(self.metrics.unauthorized_count()).encode(f)?;
 
         let mut f = enc.encode_descriptor(
             "ringfwd_connections_accepted",

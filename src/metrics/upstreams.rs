@@ -35,7 +35,11 @@ pub struct MemberReport {
     pub name: String,
     pub weight: u32,
     pub backup: bool,
+    /// Takes new connections: healthy and in rotation (`state` is `up`).
     pub up: bool,
+    /// What the operator set through the member API: `up`, `drain` or `down`.
+    #[serde(default = "default_state")]
+    pub state: String,
     pub active: u64,
     /// Connections established to this member.
     pub connections: u64,
@@ -51,6 +55,10 @@ pub struct MemberReport {
     /// When `last_error` happened, Unix seconds; `null` with it.
     #[serde(default)]
     pub last_error_at: Option<u64>,
+}
+
+fn default_state() -> String {
+    "up".to_string()
 }
 
 fn default_route() -> String {
@@ -80,6 +88,7 @@ impl UpstreamsReport {
                             weight: m.weight,
                             backup: m.backup,
                             up: m.up,
+                            state: m.admin.as_str().to_string(),
                             active: m.active,
                             connections: m.connections,
                             connect_errors: m.connect_errors.iter().sum(),

@@ -57,8 +57,9 @@ impl Runtime {
 
     /// The runtime of a reloaded config: as [`Runtime::new`], except that a pool (a rule's
     /// own upstream or one of its routes) whose rule name, route name and upstream settings
-    /// are unchanged keeps `previous`'s (member health and counters carry on), and a route
-    /// that keeps its rule and route names keeps counting where it was.
+    /// are unchanged keeps `previous`'s (member health and counters carry on), a changed one
+    /// keeps what the operator set on members still in it (state, weight: matched by
+    /// address), and a route that keeps its rule and route names keeps counting where it was.
     pub fn next(config: &Config, previous: &Runtime) -> Arc<Self> {
         let mut rt = Self::build(config);
         for r in &mut rt.rules {
@@ -82,6 +83,9 @@ impl Runtime {
                     pool.sessions = prev.sessions.clone();
                     if prev_up == up {
                         pool.pool = prev.pool.clone();
+                    } else {
+                        // Members still in the pool keep what the operator set on them.
+                        pool.pool.inherit_admin(&prev.pool);
                     }
                 }
             }
@@ -152,6 +156,18 @@ impl Runtime {
         self.rules
             .iter()
             .flat_map(|r| r.pools.iter().map(|p| p.pool.clone()))
+            .collect()
+    }
+
+    /// Every pool with its rule and route names, for the member API.
+    pub fn named_pools(&self) -> Vec<crate::upstream::admin::NamedPool<'_>> {
+        self.rules
+            .iter()
+            .flat_map(|r| {
+                r.pools
+                    .iter()
+                    .map(move |p| (r.rule.name.as_str(), p.route.as_str(), &*p.pool))
+            })
             .collect()
     }
 

@@ -155,8 +155,8 @@ pub fn render(
 fn render_pool(out: &mut String, pool: &PoolReport) {
     let _ = writeln!(
         out,
-        "  {:<28} {:>5} {:>8} {:>11} {:>9}  last error ({})",
-        "upstream", "state", "active", "connections", "errors", pool.balance
+        "  {:<28} {:>11} {:>6} {:>8} {:>11} {:>9}  last error ({})",
+        "upstream", "state", "weight", "active", "connections", "errors", pool.balance
     );
     for m in &pool.members {
         let mut name = m.addr.clone();
@@ -168,9 +168,15 @@ fn render_pool(out: &mut String, pool: &PoolReport) {
         }
         let _ = writeln!(
             out,
-            "  {:<28} {:>5} {:>8} {:>11} {:>9}  {}",
+            "  {:<28} {:>11} {:>6} {:>8} {:>11} {:>9}  {}",
             name,
-            if m.up { "up" } else { "DOWN" },
+            // What the operator set shows first: a drained member is healthy, yet out.
+            match (m.state.as_str(), m.up) {
+                ("up", true) => "up".to_string(),
+                ("up", false) => "DOWN".to_string(),
+                (admin, _) => format!("admin:{admin}"),
+            },
+            m.weight,
             m.active,
             m.connections,
             m.connect_errors,
@@ -335,6 +341,7 @@ mod tests {
             weight: 1,
             backup: false,
             up,
+            state: if addr.ends_with(":81") { "drain" } else { "up" }.into(),
             active: 2,
             connections: 7,
             connect_errors: u64::from(!up),
@@ -356,6 +363,7 @@ mod tests {
                         false,
                         Some("connection refused"),
                     ),
+                    member("10.0.0.3:81", "10.0.0.3:81", false, None),
                 ],
             }],
         };
@@ -364,8 +372,10 @@ mod tests {
         let up = text.lines().find(|l| l.contains("10.0.0.1:80")).unwrap();
         assert_eq!(
             up.split_whitespace().collect::<Vec<_>>(),
-            ["10.0.0.1:80", "up", "2", "7", "0", "-"]
+            ["10.0.0.1:80", "up", "1", "2", "7", "0", "-"]
         );
+        let drained = text.lines().find(|l| l.contains("10.0.0.3:81")).unwrap();
+        assert!(drained.contains("admin:drain"), "{drained}");
         let down = text.lines().find(|l| l.contains("10.0.0.2:80")).unwrap();
         assert!(
             down.contains("(api.svc:80)") && down.contains("DOWN"),

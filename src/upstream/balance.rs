@@ -8,6 +8,9 @@
 //! 2. else untried backup members that are up;
 //! 3. else every untried member, up or not — health may be stale, and trying beats refusing.
 //!
+//! A member the operator set to `drain` is in no tier: it takes no new connection, even when
+//! every other member is down. One set to `down` is treated as unhealthy (tier 3 only).
+//!
 //! - `round_robin`: smooth weighted round-robin (nginx's): each candidate's current weight
 //!   grows by its weight, the largest is picked and lowered by the total. Exact per worker;
 //!   across workers the split is the sum of exact per-worker splits.
@@ -21,6 +24,7 @@
 
 use std::net::{IpAddr, SocketAddr};
 
+use super::member::AdminState;
 use super::pool::MemberSet;
 use crate::config::Balance;
 
@@ -128,7 +132,7 @@ impl Picker {
                 let fits = match tier {
                     0 => !m.backup && m.is_up(now_ms),
                     1 => m.backup && m.is_up(now_ms),
-                    _ => true,
+                    _ => m.admin() != AdminState::Drain,
                 };
                 if fits && !tried.contains(i) {
                     self.scratch.push(i as u32);
@@ -145,7 +149,7 @@ impl Picker {
         let mut best = self.scratch[0] as usize;
         for &i in &self.scratch {
             let i = i as usize;
-            let w = i64::from(set.members[i].weight);
+            let w = i64::from(set.members[i].weight());
             self.current[i] += w;
             total += w;
             if self.current[i] > self.current[best] {
@@ -198,8 +202,8 @@ impl Picker {
 /// Whether member `a` carries fewer active connections per unit of weight than `b`.
 fn lighter(set: &MemberSet, a: usize, b: usize) -> bool {
     let (ma, mb) = (&set.members[a], &set.members[b]);
-    u128::from(ma.active()) * u128::from(mb.weight)
-        < u128::from(mb.active()) * u128::from(ma.weight)
+    u128::from(ma.active()) * u128::from(mb.weight())
+        < u128::from(mb.active()) * u128::from(ma.weight())
 }
 
 /// Weighted rendezvous hashing: the candidate with the highest `weight / -ln(u)`, where `u`
@@ -215,7 +219,7 @@ fn rendezvous(set: &MemberSet, candidates: &[u32], ip: IpAddr) -> usize {
         let score = if u >= 1.0 {
             f64::INFINITY
         } else {
-            f64::from(m.weight) / -u.ln()
+            f64::from(m.weight()) / -u.ln()
         };
         if score > best_score {
             best_score = score;
@@ -363,6 +367,44 @@ mod tests {
             .pick(&set, Balance::RoundRobin, None, &Tried::default(), 2)
             .unwrap();
         assert!(first < 3);
+    }
+
+    #[test]
+    fn drained_members_get_nothing_down_ones_only_when_all_are_down() {
+        let set = set_of(&[(1, false), (1, false), (1, false)]);
+        for balance in [
+            Balance::RoundRobin,
+            Balance::LeastConn,
+            Balance::SourceHash,
+            Balance::RandomTwo,
+        ] {
+            // 1. Drain one, down another: everything goes to the third.
+            set.members[0].set_admin(AdminState::Drain);
+            set.members[1].set_admin(AdminState::Down);
+            assert_eq!(counts(&set, balance, 60), vec![0, 0, 60], "{balance:?}");
+            // 2. The third fails too: the down member is tried (as an unhealthy one would
+            //    be), the drained one never.
+            set.members[2].set_admin(AdminState::Down);
+            let c = counts(&set, balance, 60);
+            assert_eq!(c[0], 0, "{balance:?}: {c:?}");
+            // 3. Everything drained: nothing to pick.
+            for m in &set.members {
+                m.set_admin(AdminState::Drain);
+            }
+            let mut p = Picker::new(1);
+            assert_eq!(p.pick(&set, balance, None, &Tried::default(), 1), None);
+            for m in &set.members {
+                m.set_admin(AdminState::Up);
+            }
+        }
+    }
+
+    #[test]
+    fn a_run_time_weight_takes_effect_at_the_next_pick() {
+        let set = set_of(&[(1, false), (1, false)]);
+        assert_eq!(counts(&set, Balance::RoundRobin, 100), vec![50, 50]);
+        set.members[0].set_weight(3);
+        assert_eq!(counts(&set, Balance::RoundRobin, 100), vec![75, 25]);
     }
 
     #[test]

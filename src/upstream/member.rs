@@ -4,10 +4,15 @@
 //!
 //! Times are milliseconds since the pool's epoch ([`super::Clock`]), so a deadline fits in an
 //! `AtomicU64`; 0 means "never".
+//!
+//! Besides its health, a member has an operator's word on it ([`AdminState`], set through the
+//! admin endpoint's member API) and a weight the operator may change at run time: both are
+//! atomics too, read by the balancer at every pick, and carried to the member's namesake (same
+//! address) when a reload or a DNS change builds a new member set.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU8, AtomicU32, AtomicU64, Ordering};
 use std::time::Duration;
 
 use crate::session::outcome::ConnectError;
@@ -25,6 +30,47 @@ pub const EXPECT_CLOSED: i32 = -2;
 /// An established connection got no byte from the member within `first_byte_timeout`.
 pub const NO_FIRST_BYTE: i32 = -3;
 
+/// What the operator said of a member (`POST /upstreams/RULE/MEMBER?state=…`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+#[repr(u8)]
+pub enum AdminState {
+    /// In rotation, as its health allows (the state every member starts in).
+    #[default]
+    Up = 0,
+    /// No new connection, not even when every other member is down; live ones run to their
+    /// end. For taking a member out of service without cutting anyone.
+    Drain = 1,
+    /// Out of rotation as if its health check had failed: picked only when no member is up
+    /// (as an unhealthy member is), and reported down.
+    Down = 2,
+}
+
+impl AdminState {
+    pub const ALL: [Self; 3] = [Self::Up, Self::Drain, Self::Down];
+    /// The valid values, for error messages.
+    pub const NAMES: &'static str = "up, drain, down";
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Up => "up",
+            Self::Drain => "drain",
+            Self::Down => "down",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|a| a.as_str() == s)
+    }
+
+    fn from_u8(v: u8) -> Self {
+        match v {
+            1 => Self::Drain,
+            2 => Self::Down,
+            _ => Self::Up,
+        }
+    }
+}
+
 /// A member's health transition, for the one log line it deserves.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Transition {
@@ -40,8 +86,13 @@ pub struct Member {
     pub name: Arc<str>,
     /// Index of the [`crate::config::MemberSpec`] it came from.
     pub spec: usize,
-    pub weight: u32,
+    /// The weight the config gave (the run-time weight starts there).
+    pub config_weight: u32,
     pub backup: bool,
+    /// The weight the balancer uses: the config's until the member API sets another.
+    weight: AtomicU32,
+    /// [`AdminState`] as a `u8`.
+    admin: AtomicU8,
     /// The active checks' verdict (true until a check says otherwise).
     probe_up: AtomicBool,
     /// Consecutive probe results against the current state (the checker's own counter).
@@ -72,7 +123,9 @@ pub struct MemberSnapshot {
     pub name: String,
     pub weight: u32,
     pub backup: bool,
+    /// Takes new connections: healthy and [`AdminState::Up`].
     pub up: bool,
+    pub admin: AdminState,
     pub active: u64,
     pub connections: u64,
     pub connect_errors: [u64; 4],
@@ -89,8 +142,10 @@ impl Member {
             addr,
             name,
             spec,
-            weight: weight.max(1),
+            config_weight: weight.max(1),
             backup,
+            weight: AtomicU32::new(weight.max(1)),
+            admin: AtomicU8::new(AdminState::Up as u8),
             probe_up: AtomicBool::new(true),
             streak: AtomicU32::new(0),
             down_until_ms: AtomicU64::new(0),
@@ -107,12 +162,51 @@ impl Member {
         }
     }
 
-    /// Whether the member takes traffic at `now_ms`: the checks say up and no passive
-    /// ejection is running.
+    /// Whether the member takes traffic at `now_ms`: healthy ([`Member::healthy`]) and in
+    /// rotation ([`AdminState::Up`]).
     #[inline]
     pub fn is_up(&self, now_ms: u64) -> bool {
+        self.admin() == AdminState::Up && self.healthy(now_ms)
+    }
+
+    /// Whether its health allows traffic at `now_ms`: the checks say up and no passive
+    /// ejection is running (whatever the operator said).
+    #[inline]
+    pub fn healthy(&self, now_ms: u64) -> bool {
         self.probe_up.load(Ordering::Relaxed)
             && now_ms >= self.down_until_ms.load(Ordering::Relaxed)
+    }
+
+    /// What the operator said of the member.
+    #[inline]
+    pub fn admin(&self) -> AdminState {
+        AdminState::from_u8(self.admin.load(Ordering::Relaxed))
+    }
+
+    /// Sets the operator's state; returns the one it replaces.
+    pub fn set_admin(&self, state: AdminState) -> AdminState {
+        AdminState::from_u8(self.admin.swap(state as u8, Ordering::Relaxed))
+    }
+
+    /// The weight the balancer uses now.
+    #[inline]
+    pub fn weight(&self) -> u32 {
+        self.weight.load(Ordering::Relaxed)
+    }
+
+    /// Sets the run-time weight (at least 1); returns the one it replaces.
+    pub fn set_weight(&self, weight: u32) -> u32 {
+        self.weight.swap(weight.max(1), Ordering::Relaxed)
+    }
+
+    /// Takes over what the operator set on `older`, this member's namesake in the set it
+    /// replaces: its state always, its run-time weight unless the config now gives the
+    /// member another weight (a new weight in the file is the newer word).
+    pub fn inherit_admin(&self, older: &Member) {
+        self.set_admin(older.admin());
+        if older.config_weight == self.config_weight {
+            self.set_weight(older.weight());
+        }
     }
 
     /// Live connections to this member, across every worker.
@@ -242,7 +336,9 @@ impl Member {
         } else {
             self.set_error(errno);
         }
-        let up = self.is_up(now_ms);
+        // Health only: an operator's `down` must not look like a failing member to the
+        // checks, nor a passing check bring it back.
+        let up = self.healthy(now_ms);
         if ok == up {
             self.streak.store(0, Ordering::Relaxed);
             return None;
@@ -268,9 +364,10 @@ impl Member {
         MemberSnapshot {
             addr: self.addr,
             name: self.name.to_string(),
-            weight: self.weight,
+            weight: self.weight(),
             backup: self.backup,
             up: self.is_up(now_ms),
+            admin: self.admin(),
             active: self.active(),
             connections: self.connections.load(Ordering::Relaxed),
             connect_errors: std::array::from_fn(|i| self.connect_errors[i].load(Ordering::Relaxed)),
@@ -440,6 +537,45 @@ mod tests {
         );
         assert_eq!(s.connect_errors, [0; 4], "not a connect error");
         assert_eq!(member().no_first_byte(1, 0, FT), None, "max_fails 0: off");
+    }
+
+    #[test]
+    fn the_operators_state_and_weight_sit_beside_health() {
+        let m = member();
+        // 1. Down: not up, yet the checks keep their own verdict and never bring it back.
+        assert_eq!(m.set_admin(AdminState::Down), AdminState::Up);
+        assert!(!m.is_up(1) && m.healthy(1));
+        for t in 2..10 {
+            assert_eq!(m.record_probe(true, 0, t, 1, 1), None);
+        }
+        assert!(!m.is_up(10));
+        // 2. A failing check while down still takes its health away, and up brings back
+        //    exactly what health says.
+        assert_eq!(m.record_probe(false, 111, 11, 1, 1), Some(Transition::Down));
+        m.set_admin(AdminState::Up);
+        assert!(!m.is_up(12));
+        assert_eq!(m.record_probe(true, 0, 13, 1, 1), Some(Transition::Up));
+        assert!(m.is_up(13));
+        // 3. Drain: healthy, not taking traffic, reported as such.
+        m.set_admin(AdminState::Drain);
+        let s = m.snapshot(14);
+        assert!(!s.up && s.admin == AdminState::Drain);
+        // 4. Weights: at least 1; a namesake inherits state and weight, but not a weight
+        //    whose config value changed.
+        assert_eq!(m.set_weight(0), 1);
+        assert_eq!(m.weight(), 1);
+        m.set_weight(7);
+        let same = member();
+        same.inherit_admin(&m);
+        assert_eq!((same.admin(), same.weight()), (AdminState::Drain, 7));
+        let reweighted = Member::new("127.0.0.1:9".parse().unwrap(), "m".into(), 0, 3, false);
+        reweighted.inherit_admin(&m);
+        assert_eq!(
+            (reweighted.admin(), reweighted.weight()),
+            (AdminState::Drain, 3)
+        );
+        assert_eq!(AdminState::parse("drain"), Some(AdminState::Drain));
+        assert_eq!(AdminState::parse("maint"), None);
     }
 
     #[test]

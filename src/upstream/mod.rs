@@ -6,12 +6,14 @@
 //!   DNS changes the members;
 //! - [`balance`]: the per-worker [`balance::Picker`] (round-robin, least-conn, source hash,
 //!   power of two choices) over health tiers;
-//! - [`control`]: the thread that runs active health checks and DNS re-resolution.
+//! - [`control`]: the thread that runs active health checks and DNS re-resolution;
+//! - [`admin`]: the member API's commands (drain, down, up, weight) on a config's pools.
 //!
 //! Nothing here touches a relayed socket: the session core ([`crate::session`]) asks for a
 //! member and reports what became of the connect, and every engine moves bytes the same way
 //! whichever member it was.
 
+pub mod admin;
 pub mod balance;
 pub mod control;
 pub mod member;

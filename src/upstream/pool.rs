@@ -213,6 +213,17 @@ impl Pool {
         out
     }
 
+    /// Takes over what the operator set on `older`'s members (the same rule's pool in the
+    /// config this one replaces) for every member still here, matched by address.
+    pub fn inherit_admin(&self, older: &Pool) {
+        let (mine, theirs) = (self.members(), older.members());
+        for m in &mine.members {
+            if let Some(o) = theirs.members.iter().find(|o| o.addr == m.addr) {
+                m.inherit_admin(o);
+            }
+        }
+    }
+
     /// Every member's state now.
     pub fn snapshot(&self, now: Instant) -> Vec<MemberSnapshot> {
         let now_ms = self.clock.ms(now);
@@ -295,6 +306,28 @@ mod tests {
         let r = p.refresh(&[Some(Ok(vec![])), None]);
         assert!(!r.changed());
         assert_eq!(r.failed[0].1, "no addresses");
+    }
+
+    #[test]
+    fn a_new_pool_inherits_the_operators_word_on_members_still_in_it() {
+        use crate::upstream::member::AdminState;
+        let old = pool_of(vec![
+            MemberSpec::new("10.0.0.1:80", vec![addr("10.0.0.1:80")]),
+            MemberSpec::new("10.0.0.2:80", vec![addr("10.0.0.2:80")]),
+        ]);
+        old.members().members[0].set_admin(AdminState::Drain);
+        old.members().members[1].set_admin(AdminState::Down);
+        old.members().members[1].set_weight(5);
+        // The member that stays is now listed second; a new one comes first.
+        let new = pool_of(vec![
+            MemberSpec::new("10.0.0.3:80", vec![addr("10.0.0.3:80")]),
+            MemberSpec::new("10.0.0.2:80", vec![addr("10.0.0.2:80")]),
+        ]);
+        new.inherit_admin(&old);
+        let set = new.members();
+        assert_eq!(set.members[0].admin(), AdminState::Up);
+        assert_eq!(set.members[1].admin(), AdminState::Down);
+        assert_eq!(set.members[1].weight(), 5);
     }
 
     #[test]

@@ -201,6 +201,16 @@ impl Forwarder {
         fwd
     }
 
+    /// Rewrites the config file with `rules` after the same admin line (and `head`, top-level
+    /// keys before it), then asks for a reload with `POST /reload` (sending `headers`):
+    /// status and body.
+    pub fn reload_rules(&self, head: &str, rules: &str, headers: &[(&str, &str)]) -> (u16, String) {
+        let config = format!("admin = \"127.0.0.1:0\"\n{head}\n{rules}");
+        std::fs::write(&self._file.path, config)
+            .unwrap_or_else(|e| panic!("cannot rewrite the config: {e}"));
+        http_request_with(self.admin, "POST", "/reload", headers)
+    }
+
     /// The listen address of the first rule.
     pub fn addr(&self) -> SocketAddr {
         self.rules[0].1
@@ -376,10 +386,27 @@ pub fn http_post(addr: SocketAddr, path: &str) -> (u16, String) {
 }
 
 fn http_request(addr: SocketAddr, method: &str, path: &str) -> (u16, String) {
+    http_request_with(addr, method, path, &[])
+}
+
+/// An HTTP/1.1 request with an empty body and `headers` added, like [`http_get`].
+///
+/// # Panics
+/// See [`http_get`].
+pub fn http_request_with(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+) -> (u16, String) {
     let mut s = sock::connect(addr);
+    let extra: String = headers
+        .iter()
+        .map(|(k, v)| format!("{k}: {v}\r\n"))
+        .collect();
     write!(
         s,
-        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\n{extra}Content-Length: 0\r\nConnection: close\r\n\r\n"
     )
     .unwrap_or_else(|e| panic!("{method} {path}: {e}"));
     let mut raw = Vec::new();

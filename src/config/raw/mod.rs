@@ -176,6 +176,7 @@ pub struct RawConfig {
     pub reload_drain_timeout: Option<Spanned<DurationValue>>,
     pub admin: Option<Spanned<String>>,
     pub admin_allow_remote: Option<bool>,
+    pub admin_token_file: Option<Spanned<String>>,
     pub log_format: Option<Spanned<String>>,
     pub access_log: Option<bool>,
     pub hdr_log: Option<Spanned<String>>,

@@ -136,6 +136,24 @@ impl Config {
                 Some(addr)
             }
         };
+        let admin_token = raw
+            .admin_token_file
+            .as_ref()
+            .map(|s| {
+                admin_token(s.get_ref())
+                    .map(|t| (PathBuf::from(s.get_ref()), t))
+                    .map_err(|m| src.error_at(s.span(), "admin_token_file", m))
+            })
+            .transpose()?;
+        if let (Some(addr), None, Some(s)) = (admin, &admin_token, &raw.admin)
+            && !addr.ip().is_loopback()
+        {
+            return Err(src.error_at(
+                s.span(),
+                "admin",
+                format!("{addr} is not a loopback address and no admin_token_file is set: anyone who reaches it could reload the forwarder or drain its members; set admin_token_file = \"PATH\" (a file others may not read)"),
+            ));
+        }
         let hdr_log = hdr_log(raw.hdr_log.as_ref(), raw.hdr_log_interval.as_ref(), src)?;
         let run_as = run_as(raw.user.as_ref(), raw.group.as_ref(), src)?;
         let shutdown_grace = match &raw.shutdown_grace {
@@ -214,6 +232,7 @@ impl Config {
             reload_drain_timeout,
             admin,
             admin_allow_remote,
+            admin_token,
             log_format,
             access_log: raw.access_log.unwrap_or(true),
             hdr_log,
@@ -235,6 +254,41 @@ impl Config {
             warnings,
         })
     }
+}
+
+/// The token in `path`: its content without surrounding white space, from a file no one but
+/// its owner and group may read and only its owner may write (the token lets whoever holds
+/// it reload the forwarder). Group read is allowed because it is how a service user reads a
+/// file root owns (`root:ringfwd 0640`) and how a non-root Kubernetes pod reads a mounted
+/// Secret (`fsGroup`, `defaultMode: 0440`).
+///
+/// # Errors
+/// The file is missing or unreadable, readable by others or writable by its group or
+/// others, empty, or not one token.
+pub fn admin_token(path: &str) -> Result<AdminToken, String> {
+    use std::os::unix::fs::PermissionsExt;
+    let meta = std::fs::metadata(path).map_err(|e| format!("cannot read {path:?}: {e}"))?;
+    if !meta.is_file() {
+        return Err(format!("{path:?} is not a file"));
+    }
+    let mode = meta.permissions().mode() & 0o777;
+    if mode & 0o027 != 0 {
+        return Err(format!(
+            "{path:?} may be read by others or written by its group (mode {mode:04o}); chmod 600 it (or 640 for a group the service runs in)"
+        ));
+    }
+    let text = std::fs::read(path).map_err(|e| format!("cannot read {path:?}: {e}"))?;
+    let token = text.trim_ascii();
+    if token.is_empty() {
+        return Err(format!("{path:?} is empty: write the token in it"));
+    }
+    if token.len() > AdminToken::MAX_LEN || token.iter().any(|b| !b.is_ascii_graphic()) {
+        return Err(format!(
+            "{path:?} must hold one token of printable characters without spaces, at most {} bytes",
+            AdminToken::MAX_LEN
+        ));
+    }
+    Ok(AdminToken::new(token))
 }
 
 /// The `user` and `group` keys, resolved against the user and group databases now, so that an
