@@ -315,6 +315,9 @@ struct Common {
     last_reload_success: AtomicU64,
     /// What `POST /reload` calls (set by `run` when a config file can be reloaded).
     reload_hook: OnceLock<ReloadHook>,
+    /// Set at the first SIGINT/SIGTERM: `/healthz` answers 503 from then on, so a health
+    /// checker (a BGP speaker, a load balancer) takes the host out while it drains.
+    draining: std::sync::atomic::AtomicBool,
 }
 
 /// Reloads the config and says what changed, or why nothing did.
@@ -353,6 +356,7 @@ impl Metrics {
                 reloads: [AtomicU64::new(0), AtomicU64::new(0)],
                 last_reload_success: AtomicU64::new(unix_now().to_bits()),
                 reload_hook: OnceLock::new(),
+                draining: std::sync::atomic::AtomicBool::new(false),
             }),
             rules,
         })
@@ -430,6 +434,16 @@ impl Metrics {
     /// Runs the reload hook; `None` when reloading is not possible in this run.
     pub fn reload(&self) -> Option<Result<String, String>> {
         self.common.reload_hook.get().map(|h| h())
+    }
+
+    /// Marks the process as stopping: `/healthz` turns to 503 `draining` for good.
+    pub fn set_draining(&self) {
+        self.common.draining.store(true, Ordering::Release);
+    }
+
+    /// Whether the process is stopping (see [`Metrics::set_draining`]).
+    pub fn draining(&self) -> bool {
+        self.common.draining.load(Ordering::Acquire)
     }
 
     /// Time since these metrics were created (the forwarder's uptime, near enough); readers
