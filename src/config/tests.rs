@@ -2,6 +2,9 @@
 //! words (with file, line, column and key) of each error an operator can meet.
 
 use super::*;
+use std::num::{NonZeroU32, NonZeroUsize};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 const RULE: &str = "[[rule]]\nlisten = \"127.0.0.1:8080\"\nupstream = \"127.0.0.1:9000\"\n";
 
@@ -238,6 +241,62 @@ fn unknown_keys_name_file_line_and_key() {
     );
     let e = err(&rule_with("keepalive = { idel = \"30s\" }"));
     assert!(e.starts_with("cfg.toml:4:15: unknown field `idel`"), "{e}");
+}
+
+/// The pool keys are declared once (`raw::RawPool`) and read the same way in a rule and in a
+/// route: same values, same errors at the same positions, and a misspelt one is still caught
+/// at its key with the pool keys among the suggestions.
+#[test]
+fn pool_keys_are_one_set_for_rules_and_routes() {
+    let pool = "balance = \"least_conn\"\nconnect_retries = 3\nmax_fails = 4\nfail_timeout = \"7s\"\nresolve_interval = \"9s\"\n[rule.health_check]\nrise = 5\n";
+    let c = Config::parse(
+        "cfg.toml",
+        &format!("[[rule]]\nlisten = \"127.0.0.1:0\"\nupstream = \"127.0.0.1:1\"\n{pool}"),
+    )
+    .unwrap();
+    let own = c.rules[0].upstream.clone().unwrap();
+    let c = Config::parse(
+        "cfg.toml",
+        &format!(
+            "[[rule]]\nlisten = \"127.0.0.1:0\"\n[[rule.route]]\nsni = [\"a.test\"]\nupstream = \"127.0.0.1:1\"\n{}",
+            pool.replace("[rule.health_check]", "[rule.route.health_check]")
+        ),
+    )
+    .unwrap();
+    assert_eq!(c.rules[0].routes[0].upstream, own);
+    assert_eq!(own.balance, Balance::LeastConn);
+    assert_eq!(
+        (own.connect_retries, own.max_fails, own.fail_timeout),
+        (3, 4, Duration::from_secs(7))
+    );
+    assert_eq!(own.resolve_interval, Some(Duration::from_secs(9)));
+    assert_eq!(own.health_check.unwrap().rise.get(), 5);
+
+    // A bad pool value: at its own position, in a rule (line 4) and in a route (line 6).
+    assert_eq!(
+        err(&rule_with("max_fails = -1")),
+        "cfg.toml:4:13: max_fails: must be 0..=1000, got -1"
+    );
+    assert_eq!(
+        err(
+            "[[rule]]\nlisten = \"127.0.0.1:0\"\n[[rule.route]]\nsni = [\"a.test\"]\nupstream = \"127.0.0.1:1\"\nmax_fails = -1\n"
+        ),
+        "cfg.toml:6:13: max_fails: must be 0..=1000, got -1"
+    );
+    // A misspelt pool key: reported at the key, the rule's keys and the pool's offered.
+    let e = err(&rule_with("max_fail = 2"));
+    assert!(
+        e.starts_with("cfg.toml:4:1: unknown field `max_fail`, expected one of `name`, `listen`"),
+        "{e}"
+    );
+    assert!(e.contains("`resolve_interval`, `health_check`"), "{e}");
+    assert!(e.ends_with("did you mean `max_fails`?"), "{e}");
+    // A value of the wrong type for a pool key keeps the key and position.
+    let e = err(&rule_with("connect_retries = \"x\""));
+    assert!(
+        e.starts_with("cfg.toml:4:19: connect_retries: invalid type"),
+        "{e}"
+    );
 }
 
 #[test]
@@ -1866,5 +1925,61 @@ fn overlapping_port_ranges_name_both_rules_and_the_port() {
         ("127.0.0.1:10000-10099", "127.0.0.2:10000-10099"),
     ] {
         assert_eq!(parse(&two(a, b)).rules.len(), 2, "{a} {b}");
+    }
+}
+
+#[cfg(test)]
+mod metrics_key_tests {
+    use super::*;
+
+    const RULE: &str = "[[rule]]\nlisten = \"127.0.0.1:0\"\nupstream = \"127.0.0.1:9\"\n";
+
+    fn parse(top: &str) -> Result<Config, ConfigError> {
+        Config::parse("t.toml", &format!("{top}\n{RULE}"))
+    }
+
+    #[test]
+    fn hdr_log_has_a_default_interval_and_round_trips() {
+        let c = parse("hdr_log = \"/tmp/x.hlog\"").unwrap();
+        let h = c.hdr_log.clone().unwrap();
+        assert_eq!(h.path, PathBuf::from("/tmp/x.hlog"));
+        assert_eq!(h.interval, DEFAULT_HDR_LOG_INTERVAL);
+        let c = parse("hdr_log = \"x.hlog\"\nhdr_log_interval = \"250ms\"").unwrap();
+        assert_eq!(
+            c.hdr_log.as_ref().unwrap().interval,
+            Duration::from_millis(250)
+        );
+        assert!(
+            c.to_toml().contains("hdr_log_interval = \"250ms\""),
+            "{}",
+            c.to_toml()
+        );
+        assert_eq!(parse("").unwrap().hdr_log, None);
+    }
+
+    #[test]
+    fn hdr_log_mistakes_are_reported_at_their_key() {
+        let e = parse("hdr_log_interval = \"5s\"").unwrap_err();
+        assert!(e.message.starts_with("t.toml:1:"), "{e}");
+        assert!(e.message.contains("hdr_log is not"), "{e}");
+        let e = parse("hdr_log = \"x\"\nhdr_log_interval = \"10\"").unwrap_err();
+        assert!(e.message.contains("hdr_log_interval"), "{e}");
+        assert!(e.message.contains("unit"), "{e}");
+        let e = parse("hdr_log = \"x\"\nhdr_log_interval = \"10ms\"").unwrap_err();
+        assert!(e.message.contains("must be 100ms..=1h"), "{e}");
+        let e = parse("hdr_log = \" \"").unwrap_err();
+        assert!(e.message.contains("hdr_log: must be a file path"), "{e}");
+    }
+
+    #[test]
+    fn default_admin_is_a_loopback_address() {
+        let a = resolve_one(DEFAULT_ADMIN).unwrap();
+        assert!(a.ip().is_loopback());
+        assert_eq!(a.port(), 9100);
+        assert_eq!(
+            parse("").unwrap().admin,
+            None,
+            "admin stays off unless configured"
+        );
     }
 }

@@ -497,24 +497,28 @@ mod tests {
 
     #[test]
     fn a_full_queue_drops_and_counts_instead_of_waiting() {
+        use std::io::Read;
+        use std::os::unix::fs::OpenOptionsExt;
+        // The tap writes into a FIFO that nobody reads until the pushing is done: the writer
+        // blocks once the pipe and its buffer are full, so the queue certainly fills, however
+        // fast or slow this machine is.
         let dir = std::env::temp_dir().join(format!("ringfwd-tap-drop-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join("b.tap");
+        let _ = std::fs::remove_file(&path);
+        nix::unistd::mkfifo(&path, nix::sys::stat::Mode::S_IRWXU).unwrap();
+        // Opened first, non-blocking, so that the tap's open for writing finds a reader.
+        let mut reader = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NONBLOCK)
+            .open(&path)
+            .unwrap();
         let tap = Tap::open(&path, "web").unwrap();
         let s = tap.open_session(None, "127.0.0.1:1".parse().unwrap());
-        // Far more than the queue's byte budget, pushed faster than any disk formats hexdumps.
         let chunk = vec![0x41u8; 256 << 10];
-        let started = Instant::now();
         for _ in 0..(4 * QUEUE_BYTES / chunk.len()) {
             tap.data(&s, Direction::ClientToUpstream, &chunk);
         }
-        // Not a speed bound (a shared box may take seconds for 4 × the budget): a tap that
-        // waited for the writer instead of dropping would drop nothing, which fails below.
-        eprintln!(
-            "{} MiB offered to a full tap queue in {:?}",
-            (4 * QUEUE_BYTES) >> 20,
-            started.elapsed()
-        );
         let (events, bytes) = tap.dropped();
         assert!(
             events > 0,
@@ -522,8 +526,26 @@ mod tests {
         );
         assert_eq!(bytes, events * chunk.len() as u64);
         tap.close_session(s, CloseReason::Eof);
-        let text = wait_for_file(&path, " close ");
-        assert!(text.contains("the dump has gaps here"), "gap not noted");
+        // Now drain the FIFO: the gap note and the close line follow the queued chunks.
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let (mut seen_gap, mut tail, mut buf) = (false, Vec::new(), vec![0u8; 1 << 16]);
+        loop {
+            match reader.read(&mut buf) {
+                Ok(0) | Err(_) => std::thread::sleep(Duration::from_millis(1)),
+                Ok(n) => tail.extend_from_slice(&buf[..n]),
+            }
+            let text = String::from_utf8_lossy(&tail);
+            seen_gap |= text.contains("the dump has gaps here");
+            if text.contains(" close ") {
+                break;
+            }
+            // Keep a window big enough to hold a line split across reads.
+            if tail.len() > 1 << 20 {
+                tail.drain(..tail.len() - 4096);
+            }
+            assert!(Instant::now() < deadline, "the close line never came");
+        }
+        assert!(seen_gap, "gap not noted");
         let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -1,14 +1,19 @@
 //! The io_uring thread-per-core engine.
 //!
 //! One [`worker::Worker`] per core, pinned, each with its own ring, its own `SO_REUSEPORT`
-//! listener per rule, its own registered buffer pool ([`bufpool`]) and pipe pool
-//! ([`pipepool`]), and its own slab of connections ([`slab`]) whose state machine ([`conn`])
-//! is free of I/O. [`ring`] is the one place that pushes SQEs; completions are routed by a
-//! typed `user_data` ([`token`]); [`worker`] runs the loop and turns actions into ops. See `docs/ARCHITECTURE.md` for the loop, the ops and their
-//! lifetimes.
+//! listener per rule ([`listeners`]: accepts, their pacing, the hand-over), its own registered
+//! buffer pool ([`bufpool`]) and pipe pool ([`pipepool`]), and its own slab of connections
+//! ([`slab`], whose entries count their ops in flight) whose state machine ([`conn`]) is free
+//! of I/O. [`ops`] says and builds what each of the machine's actions submits; [`ring`] is the
+//! one place that pushes SQEs; completions are routed by a typed `user_data` ([`token`]);
+//! [`worker`] runs the loop and carries the actions out; [`budget`] sizes the pools to the
+//! process's limits. See `docs/ARCHITECTURE.md` for the loop, the ops and their lifetimes.
 
+pub mod budget;
 pub mod bufpool;
 pub mod conn;
+pub mod listeners;
+pub mod ops;
 pub mod pipepool;
 pub mod ring;
 pub mod slab;
@@ -27,8 +32,12 @@ use std::thread::JoinHandle;
 use nix::sys::resource::{RLIM_INFINITY, Resource, getrlimit};
 
 use super::{Listeners, RunContext};
-use crate::config::{Config, DataPath};
+use crate::config::Config;
 use crate::net;
+
+pub use budget::{
+    ACCEPT_BOUND_MAX, Budget, FD_SLACK, Limits, budget, listener_share, raise_memlock,
+};
 
 /// Why io_uring cannot be used here, with what to do about it.
 #[derive(Debug, thiserror::Error)]
@@ -249,155 +258,6 @@ fn limit_text(resource: Resource, unit: &str, shift: u32) -> String {
     }
 }
 
-/// Raises the soft `RLIMIT_MEMLOCK` to the hard limit so buffer registration has room.
-fn raise_memlock() {
-    use nix::sys::resource::setrlimit;
-    if let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_MEMLOCK)
-        && soft < hard
-        && let Err(e) = setrlimit(Resource::RLIMIT_MEMLOCK, hard, hard)
-    {
-        tracing::debug!(error = %e, "cannot raise RLIMIT_MEMLOCK");
-    }
-}
-
-/// Descriptors kept aside at start for what is not a connection: the admin endpoint and its
-/// clients, log and tap files, health-check sockets, the resolver.
-pub const FD_SLACK: usize = 16;
-/// Most connections a worker holds unsettled (accepted, not yet relaying) or closing (waiting
-/// for their ops) before it stops accepting until they drain.
-pub const ACCEPT_BOUND_MAX: usize = 256;
-
-/// One rule's share of an accept bound split over `rules` (each with its listeners: one, or
-/// one per port of a range): an even split, but never below 32 (or the whole bound, if that
-/// is smaller), so a rule among many still accepts in bursts. Each rule is bounded on its own
-/// connections; its ports split its share (see `Worker::fill_accepts`).
-pub fn listener_share(bound: usize, rules: usize) -> usize {
-    (bound / rules.max(1)).max(bound.min(32)).max(1)
-}
-/// The `CapEff` bit of CAP_IPC_LOCK (`linux/capability.h`).
-const CAP_IPC_LOCK: u32 = 14;
-
-/// What every worker may create at start, sized to the process's limits (after
-/// [`net::raise_nofile_limit`] and [`raise_memlock`]).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Budget {
-    /// Pipes per worker for the splice pool.
-    pub pipes: usize,
-    /// Whether the copy buffers are registered (pinned, counted as locked memory).
-    pub register_buffers: bool,
-    /// See [`worker::WorkerSetup::accept_bound`].
-    pub accept_bound: usize,
-    /// One line per cut, for the one start-up warning.
-    pub cuts: Vec<String>,
-}
-
-/// The process's limits and usage the budget is computed from.
-#[derive(Debug, Clone, Copy)]
-pub struct Limits {
-    /// Soft RLIMIT_NOFILE.
-    pub nofile: u64,
-    /// Descriptors open now (listeners included).
-    pub open: usize,
-    /// Soft RLIMIT_MEMLOCK in bytes, `None` when it does not apply (unlimited, or
-    /// CAP_IPC_LOCK).
-    pub memlock: Option<u64>,
-}
-
-impl Limits {
-    /// This process's limits now.
-    pub fn current() -> Self {
-        let nofile = getrlimit(Resource::RLIMIT_NOFILE).map_or(u64::MAX, |(s, _)| s);
-        // The directory handle itself is one of the entries.
-        let open = std::fs::read_dir("/proc/self/fd").map_or(0, |d| d.count().saturating_sub(1));
-        let capped = !has_cap_ipc_lock();
-        let memlock = getrlimit(Resource::RLIMIT_MEMLOCK)
-            .ok()
-            .map(|(s, _)| s)
-            .filter(|&s| capped && s != RLIM_INFINITY);
-        Self {
-            nofile,
-            open,
-            memlock,
-        }
-    }
-}
-
-fn has_cap_ipc_lock() -> bool {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("CapEff:"))
-                .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
-        })
-        .is_some_and(|caps| caps & (1 << CAP_IPC_LOCK) != 0)
-}
-
-/// Locked memory one ring of `entries` takes: SQEs (64 B), CQEs (16 B, four per SQE), the
-/// SQ index array, and a page of ring headers.
-fn ring_bytes(entries: u32) -> u64 {
-    let e = u64::from(entries.next_power_of_two());
-    e * 64 + e * 4 * 16 + e * 4 + 4096
-}
-
-/// Sizes the pools of `workers` workers to `limits`:
-///
-/// - **fds**: every worker's ring costs one and every pooled pipe two; after what is open and
-///   [`FD_SLACK`], the pipe pools get at most half of what is left, so connections always
-///   keep the other half (each costs two: client and upstream);
-/// - **locked memory**: when the rings and the registered buffers of every worker cannot all
-///   fit RLIMIT_MEMLOCK, the buffers are left unregistered (plain sends from the same
-///   memory) so that the rings fit;
-/// - **accepts**: each worker stops accepting while [`Budget::accept_bound`] connections
-///   are unsettled or closing, a quarter of the connections' share of fds spread over the
-///   workers (at most [`ACCEPT_BOUND_MAX`], at least 1).
-pub fn budget(config: &Config, workers: usize, limits: Limits) -> Budget {
-    let n = workers.max(1);
-    let mut cuts = Vec::new();
-    let nofile = usize::try_from(limits.nofile).unwrap_or(usize::MAX);
-    let free = nofile
-        .saturating_sub(limits.open)
-        .saturating_sub(FD_SLACK)
-        .saturating_sub(n);
-    let wanted = if config.mode == DataPath::Copy {
-        0
-    } else {
-        config.uring.pipes as usize
-    };
-    let pipes = wanted.min(free / 2 / (2 * n));
-    if pipes < wanted {
-        let needed = limits.open + FD_SLACK + n + 2 * (n * 2 * wanted);
-        cuts.push(format!(
-            "the open-files limit ({nofile}, {} in use) leaves room for {pipes} splice pipes per worker instead of {wanted} (each costs 2 fds; connections keep at least half of the {free} free fds): raise it to at least {needed} (ulimit -n, LimitNOFILE= in a systemd unit) or lower [uring] pipes",
-            limits.open
-        ));
-    }
-    let conn_fds = free - n * 2 * pipes;
-    let accept_bound = (conn_fds / 2 / n / 4).clamp(1, ACCEPT_BOUND_MAX);
-    let mut register_buffers = true;
-    if let Some(memlock) = limits.memlock {
-        let ring = ring_bytes(config.uring.ring_entries);
-        let buffers = u64::from(config.uring.buffers) * config.uring.buffer_size.bytes();
-        let all = n as u64 * (ring + buffers);
-        // When not even the rings fit, set-up fails and says so; nothing to cut here.
-        if all > memlock && n as u64 * ring <= memlock {
-            register_buffers = false;
-            cuts.push(format!(
-                "the locked-memory limit (RLIMIT_MEMLOCK, {} KiB) cannot hold {n} workers' rings and registered buffers ({} KiB): the buffers stay unregistered (plain sends, a little slower); raise it to at least {} KiB (ulimit -l, LimitMEMLOCK= in a systemd unit, or CAP_IPC_LOCK) or lower [uring] buffers / buffer_size",
-                memlock >> 10,
-                all >> 10,
-                all.div_ceil(1024)
-            ));
-        }
-    }
-    Budget {
-        pipes,
-        register_buffers,
-        accept_bound,
-        cuts,
-    }
-}
-
 /// The uring engine could not start; the listeners are handed back untouched (still open,
 /// their queued connections kept) so that another engine can serve them.
 pub struct SetupFailed {
@@ -410,9 +270,9 @@ enum Report {
     /// Set up; waits to be told to run or to stand down.
     Ready(worker::SetupNotes),
     /// Could not set up; its listeners come back.
-    Failed(String, Option<i32>, Vec<worker::Bound>),
+    Failed(String, Option<i32>, Vec<listeners::Bound>),
     /// Stood down; its listeners come back.
-    Returned(Vec<worker::Bound>),
+    Returned(Vec<listeners::Bound>),
 }
 
 /// Every worker set up and waiting for [`Started::run`].
@@ -453,11 +313,11 @@ pub fn start(
         tracing::warn!("{}", budget.cuts.join("; "));
     }
     let cpus = net::allowed_cpus();
-    let mut per_worker: Vec<Vec<worker::Bound>> = (0..n).map(|_| Vec::new()).collect();
+    let mut per_worker: Vec<Vec<listeners::Bound>> = (0..n).map(|_| Vec::new()).collect();
     for (rule, ports) in listeners.per_rule.into_iter().enumerate() {
         for (port, ls) in ports.into_iter().enumerate() {
             for (w, listener) in ls.into_iter().enumerate() {
-                per_worker[w % n].push(worker::Bound {
+                per_worker[w % n].push(listeners::Bound {
                     rule,
                     port,
                     listener,
@@ -468,7 +328,7 @@ pub fn start(
     let (report_tx, report_rx) = mpsc::channel::<(usize, Report)>();
     let mut go = Vec::with_capacity(n);
     let mut handles = Vec::with_capacity(n);
-    let mut back: Vec<Vec<worker::Bound>> = (0..n).map(|_| Vec::new()).collect();
+    let mut back: Vec<Vec<listeners::Bound>> = (0..n).map(|_| Vec::new()).collect();
     let mut spawn_error = None;
     for (id, ls) in per_worker.into_iter().enumerate() {
         let cpu = (config.uring.pin && n <= cpus.len()).then(|| cpus[id % cpus.len()]);
@@ -651,13 +511,6 @@ fn report_notes(n: usize, notes: &[(usize, worker::SetupNotes)]) {
 mod tests {
     use super::*;
 
-    fn config(mode: &str) -> Config {
-        let text = format!(
-            "mode = \"{mode}\"\n[[rule]]\nlisten = \"127.0.0.1:0\"\nupstream = \"127.0.0.1:9\"\n"
-        );
-        Config::parse("t.toml", &text).expect("valid config")
-    }
-
     fn host(sysctl: Option<u8>, kallsyms: bool, release: &str) -> HostEvidence {
         HostEvidence {
             sysctl,
@@ -737,90 +590,5 @@ mod tests {
             h.seccomp_mode.is_some(),
             "/proc/self/status has a Seccomp line"
         );
-    }
-
-    const ROOMY: Limits = Limits {
-        nofile: 20_000,
-        open: 10,
-        memlock: None,
-    };
-
-    #[test]
-    fn a_roomy_host_gets_the_configured_pools() {
-        let b = budget(&config("splice"), 2, ROOMY);
-        assert_eq!(b.pipes, 16);
-        assert!(b.register_buffers);
-        assert_eq!(b.accept_bound, ACCEPT_BOUND_MAX);
-        assert!(b.cuts.is_empty(), "{:?}", b.cuts);
-    }
-
-    #[test]
-    fn a_low_fd_limit_cuts_the_pipes_and_keeps_half_for_connections() {
-        let limits = Limits {
-            nofile: 64,
-            open: 7,
-            memlock: None,
-        };
-        let b = budget(&config("splice"), 2, limits);
-        // 64 - 7 open - 16 slack - 2 rings = 39 free; pipes take at most half.
-        assert_eq!(b.pipes, 4);
-        // 2 workers × 2 fds per pipe.
-        assert!(2 * 2 * b.pipes <= 39 / 2);
-        assert!(b.accept_bound >= 1);
-        assert_eq!(b.cuts.len(), 1);
-        assert!(b.cuts[0].contains("ulimit -n"), "{}", b.cuts[0]);
-        // A limit that cannot even hold the rings leaves no pipes, not an underflow.
-        let b = budget(
-            &config("auto"),
-            4,
-            Limits {
-                nofile: 16,
-                open: 10,
-                memlock: None,
-            },
-        );
-        assert_eq!((b.pipes, b.accept_bound), (0, 1));
-    }
-
-    #[test]
-    fn the_copy_path_asks_for_no_pipes_and_warns_of_none() {
-        let limits = Limits {
-            nofile: 64,
-            open: 7,
-            memlock: None,
-        };
-        let b = budget(&config("copy"), 2, limits);
-        assert_eq!(b.pipes, 0);
-        assert!(b.cuts.is_empty(), "{:?}", b.cuts);
-    }
-
-    #[test]
-    fn buffers_stay_unregistered_when_memlock_holds_only_the_rings() {
-        let c = config("copy");
-        let ring = ring_bytes(c.uring.ring_entries);
-        let memlock = Some(4 * ring + (1 << 20));
-        let b = budget(&c, 4, Limits { memlock, ..ROOMY });
-        assert!(!b.register_buffers);
-        assert!(b.cuts[0].contains("ulimit -l"), "{}", b.cuts[0]);
-        // Not even the rings fit: nothing to cut, set-up will fail and say so.
-        let b = budget(
-            &c,
-            4,
-            Limits {
-                memlock: Some(64 << 10),
-                ..ROOMY
-            },
-        );
-        assert!(b.register_buffers && b.cuts.is_empty());
-        // Enough for everything.
-        let b = budget(
-            &c,
-            4,
-            Limits {
-                memlock: Some(64 << 20),
-                ..ROOMY
-            },
-        );
-        assert!(b.register_buffers && b.cuts.is_empty());
     }
 }

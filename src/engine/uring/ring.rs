@@ -1,5 +1,5 @@
 //! The worker's ring: setup with the best task-running mode the kernel has, and the one place
-//! that pushes SQEs.
+//! that pushes SQEs, built here from typed [`Op`]s so that pushing is safe to call.
 //!
 //! A push that finds the submission queue full submits what is queued and tries again; what
 //! still does not fit waits in a backlog, in order, and a linked pair (a connect and its
@@ -11,7 +11,12 @@ use std::collections::VecDeque;
 use std::io;
 use std::time::Duration;
 
-use io_uring::{IoUring, squeue, types};
+use std::os::fd::RawFd;
+
+use io_uring::{IoUring, opcode, squeue, types};
+
+use super::slab::Target;
+use super::token::{OpKind, Token};
 
 /// Builds a ring with the best task-running mode the kernel has: SINGLE_ISSUER +
 /// DEFER_TASKRUN (6.1), else COOP_TASKRUN (5.19), else plain. Returns the mode's name.
@@ -63,22 +68,21 @@ impl Ring {
         &self.ring
     }
 
-    /// Queues one SQE.
+    /// Queues `op` with `token` as its user data (a connect and its link timeout go into
+    /// the same submission, or wait in the backlog together).
     ///
-    /// # Safety
-    /// Every pointer the entry carries (buffer, sockaddr, timespec) and every fd it names must
-    /// stay valid until the entry's completion has been reaped.
-    pub unsafe fn push(&mut self, entry: squeue::Entry) {
-        // SAFETY: forwarded to the caller.
-        unsafe { self.push_group(entry, None) }
-    }
-
-    /// Queues `first` and, if given, `second` linked after it (`first` carries `IO_LINK`):
-    /// both go into the same submission or both wait in the backlog.
-    ///
-    /// # Safety
-    /// As for [`Ring::push`], for both entries.
-    pub unsafe fn push_group(&mut self, first: squeue::Entry, second: Option<squeue::Entry>) {
+    /// Safe to call because of how the worker owns what ops name, until their completions:
+    /// - pool buffers (recv, send, write-fixed) live in a mapping the worker drops after the
+    ///   ring (field order), and a buffer is owned by one direction from the recv that
+    ///   selected it until its last send completed;
+    /// - a connection's header buffer and connect target live in its slab entry, which never
+    ///   moves (the slab does not grow) and is not removed or redialled while the entry
+    ///   counts ops in flight; the header buffer is resized only between completions;
+    /// - connect timeouts live in the worker's per-rule data for its lifetime;
+    /// - fds are closed only once no op is in flight on them (a connection's when its entry
+    ///   is removed, a listener's when its last accept completed).
+    pub fn push(&mut self, op: Op<'_>, token: Token) {
+        let (first, second) = op.build(token);
         if !self.backlog.is_empty() || !self.try_push_group(&first, second.as_ref()) {
             self.backlog.push_back((first, second));
         }
@@ -98,9 +102,9 @@ impl Ring {
             }
         }
         let mut sq = self.ring.submission();
-        // SAFETY: the entries' pointers and fds are valid until their completions (the
-        // contract of `push`/`push_group`, whose callers are the only way in). There is room
-        // for the whole group (checked above), so neither push fails.
+        // SAFETY: the entries were built by `Op::build` from what the worker keeps alive until
+        // their completions (see `Ring::push`, the only way in). There is room for the whole
+        // group (checked above), so neither push fails.
         unsafe {
             let _ = sq.push(first);
             if let Some(s) = second {
@@ -150,8 +154,8 @@ impl Ring {
     pub fn submit_and_peek(&mut self) -> io::Result<()> {
         const IORING_ENTER_GETEVENTS: u32 = 1;
         let to_submit = u32::try_from(self.ring.submission().len()).unwrap_or(u32::MAX);
-        // SAFETY: no argument pointer is passed; the SQEs being submitted were pushed under
-        // the contract of `push`/`push_group` (their memory outlives their completions).
+        // SAFETY: no argument pointer is passed; the SQEs being submitted were built by
+        // `Op::build` from memory that outlives their completions (see `Ring::push`).
         let r = unsafe {
             self.ring.submitter().enter::<libc::sigset_t>(
                 to_submit,
@@ -187,4 +191,133 @@ impl Ring {
                 .map(|c| (c.user_data(), c.result(), c.flags())),
         );
     }
+}
+
+/// One operation for the ring, built from what it reads or writes. Pushing it is safe to
+/// call: what an op names must outlive its completion, and the worker's modules keep that
+/// promise by how they own memory (see [`Ring::push`]), not by the caller's care at each
+/// site.
+pub enum Op<'a> {
+    /// A one-shot accept on a listener (no peer address asked for).
+    Accept { listener: RawFd },
+    /// A connect to `target`, linked to a timeout of `timeout` (two SQEs: the completion of
+    /// the timeout carries the same token with [`OpKind::ConnectTimeout`]).
+    Connect {
+        fd: RawFd,
+        target: &'a Target,
+        timeout: &'a types::Timespec,
+    },
+    /// A recv that takes a buffer of `group` from the provided-buffer ring when data is there.
+    RecvSelect { fd: RawFd, group: u16 },
+    /// A recv into the connection's own buffer (its PROXY header).
+    RecvInto { fd: RawFd, into: &'a mut [u8] },
+    /// A send of `bytes` (MSG_NOSIGNAL).
+    Send { fd: RawFd, bytes: &'a [u8] },
+    /// A write of `bytes` from registered buffer `index`.
+    WriteFixed {
+        fd: RawFd,
+        bytes: &'a [u8],
+        index: u16,
+    },
+    /// A poll for `events`, multishot or one-shot.
+    Poll {
+        fd: RawFd,
+        events: u32,
+        multishot: bool,
+    },
+    /// Cancels the op (or, with `all`, every op) submitted with `target`.
+    Cancel { target: Token, all: bool },
+    /// Cancels every op on `fd`.
+    CancelFd { fd: RawFd },
+    /// Removes the poll submitted with `target`.
+    PollRemove { target: Token },
+}
+
+impl Op<'_> {
+    /// SQEs this op takes (a connect is two: the connect and its link timeout).
+    pub fn sqes(&self) -> u32 {
+        match self {
+            Op::Connect { .. } => 2,
+            _ => 1,
+        }
+    }
+
+    /// The SQE (and the linked one) with `token` as user data.
+    fn build(self, token: Token) -> (squeue::Entry, Option<squeue::Entry>) {
+        let ud = token.encode();
+        let one = |e: squeue::Entry| (e.user_data(ud), None);
+        match self {
+            Op::Accept { listener } => one(opcode::Accept::new(
+                types::Fd(listener),
+                std::ptr::null_mut(),
+                std::ptr::null_mut(),
+            )
+            .flags(libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC)
+            .build()),
+            Op::Connect {
+                fd,
+                target,
+                timeout,
+            } => {
+                let connect = opcode::Connect::new(types::Fd(fd), target.as_ptr(), target.len())
+                    .build()
+                    .flags(squeue::Flags::IO_LINK)
+                    .user_data(ud);
+                let timer = opcode::LinkTimeout::new(timeout).build().user_data(
+                    Token {
+                        kind: OpKind::ConnectTimeout,
+                        ..token
+                    }
+                    .encode(),
+                );
+                (connect, Some(timer))
+            }
+            Op::RecvSelect { fd, group } => {
+                one(opcode::Recv::new(types::Fd(fd), std::ptr::null_mut(), 0)
+                    .buf_group(group)
+                    .build()
+                    .flags(squeue::Flags::BUFFER_SELECT))
+            }
+            Op::RecvInto { fd, into } => {
+                one(
+                    opcode::Recv::new(types::Fd(fd), into.as_mut_ptr(), len_u32(into.len()))
+                        .build(),
+                )
+            }
+            Op::Send { fd, bytes } => {
+                one(
+                    opcode::Send::new(types::Fd(fd), bytes.as_ptr(), len_u32(bytes.len()))
+                        .flags(libc::MSG_NOSIGNAL)
+                        .build(),
+                )
+            }
+            Op::WriteFixed { fd, bytes, index } => one(opcode::WriteFixed::new(
+                types::Fd(fd),
+                bytes.as_ptr(),
+                len_u32(bytes.len()),
+                index,
+            )
+            .build()),
+            Op::Poll {
+                fd,
+                events,
+                multishot,
+            } => one(opcode::PollAdd::new(types::Fd(fd), events)
+                .multi(multishot)
+                .build()),
+            Op::Cancel { target, all } => {
+                let b = types::CancelBuilder::user_data(target.encode());
+                one(opcode::AsyncCancel2::new(if all { b.all() } else { b }).build())
+            }
+            Op::CancelFd { fd } => one(opcode::AsyncCancel2::new(
+                types::CancelBuilder::fd(types::Fd(fd)).all(),
+            )
+            .build()),
+            Op::PollRemove { target } => one(opcode::PollRemove::new(target.encode()).build()),
+        }
+    }
+}
+
+fn len_u32(len: usize) -> u32 {
+    u32::try_from(len).unwrap_or(u32::MAX)
 }

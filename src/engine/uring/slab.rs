@@ -24,8 +24,9 @@ pub struct Entry {
     pub upstream: Option<OwnedFd>,
     /// The current attempt's address; the kernel reads it until the connect completes.
     pub target: Target,
-    /// Ops pushed for this connection whose last completion has not arrived.
-    pub in_flight: u32,
+    /// Ops pushed for this connection whose last completion has not arrived: counted only
+    /// by [`Entry::submitted`] and [`Entry::completed`].
+    in_flight: u32,
     /// The pipe each direction leased while on the splice path.
     pub pipes: [Option<Pipe>; 2],
     /// This connection's session in the rule's traffic tap, if the rule has one.
@@ -65,6 +66,30 @@ impl Entry {
             tap: None,
             preamble: None,
         }
+    }
+
+    /// Ops submitted for this connection whose last completion has not arrived.
+    pub fn in_flight(&self) -> u32 {
+        self.in_flight
+    }
+
+    /// `n` more SQEs were pushed for this connection.
+    pub fn submitted(&mut self, n: u32) {
+        self.in_flight += n;
+    }
+
+    /// The last completion of one of this connection's ops arrived.
+    ///
+    /// # Panics
+    /// (Debug builds) nothing was in flight: a completion counted twice, a bug.
+    pub fn completed(&mut self) {
+        debug_assert!(self.in_flight > 0, "completion without an op in flight");
+        self.in_flight -= 1;
+    }
+
+    /// The sockets ops may be in flight on (client, and upstream once it exists).
+    pub fn open_fds(&self) -> u32 {
+        1 + u32::from(self.upstream.is_some())
     }
 
     fn upstream_raw(&self) -> RawFd {
@@ -244,6 +269,10 @@ impl Slab {
             .slots
             .get_mut(slot as usize)
             .filter(|s| s.generation == generation)?;
+        debug_assert!(
+            s.entry.as_ref().is_none_or(|e| e.in_flight == 0),
+            "slab entry removed with ops in flight"
+        );
         let e = s.entry.take()?;
         s.generation = s.generation.wrapping_add(1);
         self.free.push(slot);

@@ -1,11 +1,12 @@
 //! The relay state machine driven without a ring: fixtures build on each other
 //! (`connecting` → `relaying` → `half_closed` …), each step checks the actions.
 //!
-//! [`Driver`] plays the worker's part in op accounting: it counts the ops each action would
-//! push and the completions each event stands for, and says `OpsDrained` when none is left,
-//! exactly when the worker would.
+//! [`Driver`] plays the worker's part in op accounting: it counts the ops each action pushes
+//! (by [`ops::pushed`], which the worker checks its pushes against) and the completions each
+//! event stands for, and says `OpsDrained` when none is left, exactly when the worker would.
 
 use super::*;
+use crate::engine::uring::ops;
 use crate::session::outcome::ConnectError;
 use Direction::{ClientToUpstream as C2U, UpstreamToClient as U2C};
 
@@ -17,6 +18,8 @@ fn t0() -> Instant {
 struct Driver {
     conn: Conn,
     in_flight: u32,
+    /// The connection's sockets: the client, and the upstream once dialled.
+    open_fds: u32,
 }
 
 impl std::ops::Deref for Driver {
@@ -32,22 +35,6 @@ impl std::ops::DerefMut for Driver {
     }
 }
 
-/// Ops the worker pushes for an action (cancels only when something is in flight).
-fn ops_pushed(a: Action, in_flight: u32) -> u32 {
-    match a {
-        Action::Dial => 2,
-        Action::Recv(_)
-        | Action::Send { .. }
-        | Action::PollIn(_)
-        | Action::PollOut(_)
-        | Action::CancelRecv(_)
-        | Action::ParkPoll(_)
-        | Action::LeaveSplice(_) => 1,
-        Action::CancelAll if in_flight > 0 => 2,
-        _ => 0,
-    }
-}
-
 /// Whether an event is the last completion of an op.
 fn completes_op(ev: Event) -> bool {
     matches!(
@@ -60,6 +47,10 @@ fn completes_op(ev: Event) -> bool {
             | Event::Writable { .. }
             | Event::PollEnded { .. }
             | Event::Unparked { .. }
+            | Event::HeaderIncomplete
+            | Event::HeaderRead
+            | Event::PreambleProgress
+            | Event::PreambleFailed { .. }
     )
 }
 
@@ -77,7 +68,10 @@ fn step(d: &mut Driver, ev: Event, now: Instant) -> Vec<Action> {
         let mut out = Actions::default();
         d.conn.handle(e, now, &mut out);
         for a in out.iter() {
-            d.in_flight += ops_pushed(a, d.in_flight);
+            d.in_flight += ops::pushed(a, d.open_fds, d.in_flight);
+            if a == Action::Dial {
+                d.open_fds = 2;
+            }
             all.push(a);
         }
         if d.in_flight == 0
@@ -102,6 +96,7 @@ fn connecting_with(policy: DataPath) -> (Driver, Instant) {
     let mut c = Driver {
         conn: Conn::new(now, policy, BUF),
         in_flight: 0,
+        open_fds: 1,
     };
     assert_eq!(c.phase(), Phase::Dialing);
     assert_eq!(step(&mut c, Event::Start, now), vec![Action::Dial]);
@@ -856,8 +851,8 @@ mod prop {
                         Action::WaitBuffer(d) => self.waiting.push(d),
                         Action::TrySplice(d) => queue.push(Event::SpliceUnavailable { dir: d }),
                         Action::CancelAll => {
-                            if !self.ops.is_empty() {
-                                self.ops.push(Op::Cancel);
+                            let in_flight = u32::try_from(self.ops.len()).unwrap_or(u32::MAX);
+                            for _ in 0..ops::pushed(a, 2, in_flight) {
                                 self.ops.push(Op::Cancel);
                                 self.cancelled = true;
                             }
@@ -1032,6 +1027,7 @@ fn a_proxy_header_is_read_before_dialing_and_a_preamble_sent_before_relaying() {
     let mut c = Driver {
         conn: Conn::with_preamble(now, DataPath::Copy, BUF, true, true),
         in_flight: 0,
+        open_fds: 1,
     };
     // 1. The header is read first (one recv into the connection's own buffer).
     assert_eq!(step(&mut c, Event::Start, now), vec![Action::RecvHeader]);
@@ -1040,8 +1036,8 @@ fn a_proxy_header_is_read_before_dialing_and_a_preamble_sent_before_relaying() {
         c.is_settled(),
         "a connection reading its header does not hold up accepts"
     );
-    c.in_flight = 1; // the worker pushed the recv
-    c.in_flight -= 1; // ... and it completed with part of the header
+    assert_eq!(c.in_flight, 1, "the header recv");
+    // It completed with part of the header.
     assert_eq!(
         step(&mut c, Event::HeaderIncomplete, now),
         vec![Action::RecvHeader]
@@ -1068,19 +1064,24 @@ fn a_header_rejected_or_late_closes_with_rst_and_nothing_dialed() {
     let mut c = Driver {
         conn: Conn::with_preamble(now, DataPath::Copy, BUF, true, false),
         in_flight: 0,
+        open_fds: 1,
     };
     step(&mut c, Event::Start, now);
     let reason = CloseReason::Rejected(crate::session::outcome::RejectReason::ProxyHeaderTimeout);
     let a = step(&mut c, Event::GaveUp { reason }, now);
+    assert_eq!(a, vec![Action::CancelAll]);
     assert_eq!(
-        a,
-        vec![
-            Action::CancelAll,
-            Action::Finish {
-                reason,
-                reset: true
-            }
-        ]
+        c.in_flight, 2,
+        "the header recv and one cancel: no upstream socket"
+    );
+    // The cancelled header recv (the worker feeds it as `CancelDone`), then the cancel.
+    assert!(step(&mut c, Event::CancelDone, now).is_empty());
+    assert_eq!(
+        step(&mut c, Event::CancelDone, now),
+        vec![Action::Finish {
+            reason,
+            reset: true
+        }]
     );
 }
 
@@ -1109,6 +1110,7 @@ fn auto_thresholds_come_from_the_config() {
     let mut c = Driver {
         conn: Conn::new(now, DataPath::Auto, BUF).with_auto_thresholds(1, 8),
         in_flight: 0,
+        open_fds: 1,
     };
     step(&mut c, Event::Start, now);
     step(&mut c, Event::Connected { res: 0 }, now);

@@ -2,7 +2,7 @@
 //!
 //! Values that carry a unit are parsed right here (so a bad `"5 fortnights"` is reported at
 //! its own line and column), but nothing is resolved or cross-checked: that is
-//! [`super::Config::from_raw`]'s job. Every table denies unknown keys.
+//! the `validate` stage's job. Every table denies unknown keys.
 
 use serde::{Deserialize, Deserializer};
 use std::num::NonZeroUsize;
@@ -10,6 +10,9 @@ use std::time::Duration;
 use toml::Spanned;
 
 use super::units::{ByteSize, format_duration, parse_duration, parse_size};
+
+mod pool;
+pub use pool::{RawPool, WithPool};
 
 /// `TCP_KEEPCNT` above this is refused by Linux (`MAX_TCP_KEEPCNT`).
 pub const MAX_KEEPALIVE_COUNT: u32 = 127;
@@ -203,19 +206,14 @@ pub struct RawUring {
     pub max_connections: Option<Spanned<i64>>,
 }
 
+/// The keys of a `[[rule]]` that are its own; its pool keys are in [`RawPool`].
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct RawRule {
+pub struct RuleKeys {
     pub name: Option<Spanned<String>>,
     pub listen: Spanned<String>,
     /// Required unless the rule has routes (then it is the default route).
     pub upstream: Option<Spanned<UpstreamValue>>,
-    pub balance: Option<Spanned<String>>,
-    pub connect_retries: Option<Spanned<i64>>,
-    pub max_fails: Option<Spanned<i64>>,
-    pub fail_timeout: Option<Spanned<DurationValue>>,
-    pub resolve_interval: Option<Spanned<DurationValue>>,
-    pub health_check: Option<RawHealthCheck>,
     pub max_connections: Option<Spanned<i64>>,
     pub nodelay: Option<bool>,
     pub keepalive: Option<KeepaliveValue>,
@@ -240,20 +238,21 @@ pub struct RawRule {
     pub routes: Vec<RawRoute>,
 }
 
-/// `[[rule.route]]`: TLS server names and the pool their connections go to.
+/// `[[rule]]`: its own keys and its pool's.
+pub type RawRule = WithPool<RuleKeys>;
+
+/// The keys of a `[[rule.route]]` that are its own: the TLS server names and the members of
+/// the pool their connections go to.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct RawRoute {
+pub struct RouteKeys {
     pub name: Option<Spanned<String>>,
     pub sni: Spanned<Vec<Spanned<String>>>,
     pub upstream: Spanned<UpstreamValue>,
-    pub balance: Option<Spanned<String>>,
-    pub connect_retries: Option<Spanned<i64>>,
-    pub max_fails: Option<Spanned<i64>>,
-    pub fail_timeout: Option<Spanned<DurationValue>>,
-    pub resolve_interval: Option<Spanned<DurationValue>>,
-    pub health_check: Option<RawHealthCheck>,
 }
+
+/// `[[rule.route]]`: its own keys and its pool's.
+pub type RawRoute = WithPool<RouteKeys>;
 
 /// An array of CIDR strings (`allow`, `deny`, `proxy_trusted`), each kept with its position
 /// so that a bad entry is reported where it was written. The entries are parsed later, by
