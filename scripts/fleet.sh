@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # A fleet of ringfwd hosts behind ECMP and BGP, on one machine, in network namespaces.
 #
-#   scripts/fleet.sh [--quick] [--hosts N] [--bin PATH] [--no-pin] [--keep-logs DIR]
+#   scripts/fleet.sh [--quick] [--hosts N] [--bin PATH] [--no-pin] [--no-resilient]
+#                    [--keep-logs DIR]
 #
 # Builds (and always removes, even on failure) these namespaces, joined by veth pairs:
 #
@@ -16,7 +17,8 @@
 #   L4 hashing (`net.ipv4.fib_multipath_hash_policy = 1`): a host leaving moves only its own
 #   flows. Unless --no-pin, the router also keeps an established flow on the host that took
 #   it (conntrack mark + fwmark rule, as an L4 load balancer does), so a withdrawn host's live
-#   connections can finish; new flows follow BGP.
+#   connections can finish; new flows follow BGP. --no-pin and --no-resilient show what each
+#   of the two buys (the drained host's and the other hosts' live connections).
 # - hostI: the service address 10.100.0.1 on lo, ringfwd (same config everywhere:
 #   source_hash over the backends, active health checks, shutdown_delay), BIRD with
 #   deploy/bgp/bird-ringfwd.conf and deploy/bgp/ringfwd-bgp-check.sh, which announces the
@@ -43,6 +45,7 @@ quick=0
 hosts=3
 bin=
 pin=1
+resilient_wanted=1
 keep_logs=
 while (($#)); do
     case $1 in
@@ -50,6 +53,7 @@ while (($#)); do
     --hosts) hosts=$2; shift 2 ;;
     --bin) bin=$2; shift 2 ;;
     --no-pin) pin=0; shift ;;
+    --no-resilient) resilient_wanted=0; shift ;;
     --keep-logs) keep_logs=$2; shift 2 ;;
     -h | --help) sed -n '2,40p' "$0"; exit 0 ;;
     *) echo "fleet: unknown argument $1" >&2; exit 2 ;;
@@ -170,7 +174,9 @@ hosts_by_addr="${hosts_by_addr%,}}"
 
 # The service route: a resilient group where the kernel has one.
 resilient=true
-if ! ip -n "$R" nexthop add id 999 group 1 type resilient buckets 8 2>/dev/null; then
+if ((!resilient_wanted)); then
+    resilient=false
+elif ! ip -n "$R" nexthop add id 999 group 1 type resilient buckets 8 2>/dev/null; then
     resilient=false
     log "this kernel has no resilient nexthop groups: using a plain (hash-threshold) group"
 fi
@@ -390,6 +396,11 @@ for _ in $(seq 1 100); do
     fi
     sleep 0.05
 done
+if [[ $drain_exit == timeout ]]; then
+    # Its connections were cut elsewhere (--no-pin): it would wait out shutdown_grace.
+    kill -9 "$p" 2>/dev/null || true
+    wait "$p" 2>/dev/null || true
+fi
 python3 "$py" summary drain "$(facts "$common_facts, \"target\": \"h$target\", \
 \"shutdown_delay_ms\": $((shutdown_delay * 1000)), \"withdrawn_ms\": $((t_withdrawn - t_sig)), \
 \"listener_closed_ms\": $((t_closed - t_sig)), \"exit\": \"$drain_exit\"")" "$work/drain.json"
