@@ -31,6 +31,9 @@ k8s_versions=(1.28.0 1.29.0 1.30.0 1.31.0 1.32.0 1.33.0 1.34.0 1.35.0 1.36.0 1.3
 k8s_validate_pin=kubernetes-validate==1.37.0
 
 log() { printf '[container] %s\n' "$*" >&2; }
+# The build's staging directory, removed however the script ends.
+stage=
+trap 'rm -rf "${stage:-/nonexistent-ringfwd-stage}"' EXIT
 
 need_podman() {
     local missing=()
@@ -70,9 +73,7 @@ build() {
             exit 1
         fi
     fi
-    local stage
     stage=$(mktemp -d /tmp/ringfwd-image.XXXXXX)
-    trap 'rm -rf "$stage"' RETURN
     cp "$bin" "$stage/ringfwd"
     cp "$here/ringfwd.toml" "$stage/"
     cp "$here"/deploy/docker/scratch-etc/{passwd,group,nsswitch.conf} "$stage/"

@@ -59,7 +59,7 @@ while (($#)); do
     *) echo "fleet: unknown argument $1" >&2; exit 2 ;;
     esac
 done
-((hosts >= 2 && hosts <= 9)) || { echo "fleet: --hosts must be 2..9" >&2; exit 2; }
+((hosts >= 3 && hosts <= 9)) || { echo "fleet: --hosts must be 3..9 (the scenarios use hosts 1, 2 and 3)" >&2; exit 2; }
 if [[ -z $bin ]]; then
     bin=${CARGO_TARGET_DIR:-$here/target}/release/ringfwd
     [[ -x $bin ]] || (cd "$here" && cargo build --release --bin ringfwd >&2)
