@@ -243,8 +243,9 @@ fn scratch_image_runs_io_uring_with_the_shipped_profile_and_falls_back_under_the
     let (c, engine, admin, listen) =
         Container::start(&["--security-opt", &profile, add_host], &args);
     assert_eq!(engine, "uring", "stderr:\n{}", c.stderr());
+    // The log line comes on stderr, which may lag the stdout line a little.
     assert!(
-        c.stderr().contains("engine=\"uring\""),
+        support::eventually(STEP_TIMEOUT, || c.stderr().contains("engine=\"uring\"")),
         "log:\n{}",
         c.stderr()
     );
@@ -283,6 +284,7 @@ fn scratch_image_runs_io_uring_with_the_shipped_profile_and_falls_back_under_the
     ] {
         let (c, engine, _admin, listen) = Container::start(&extra, &args);
         assert_eq!(engine, "tokio", "{what}: stderr:\n{}", c.stderr());
+        support::eventually(STEP_TIMEOUT, || c.stderr().contains("falling back"));
         let log = c.stderr();
         let warning = log
             .lines()
