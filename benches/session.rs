@@ -1,6 +1,6 @@
 //! What the session pipeline adds per connection: choosing a member (each balancing algorithm,
-//! small and large pools) and a whole session's bookkeeping (admit → dial → connected →
-//! finish, access log off), and the same with SNI routing (the ClientHello read and matched),
+//! small and large pools) and a whole session's bookkeeping as its steps (accepted →
+//! connect → connected → relay ended → closed, access log off), and the same with SNI routing (the ClientHello read and matched),
 //! so the cost of pools and routes is a figure, not a guess.
 
 use std::hint::black_box;
@@ -11,7 +11,8 @@ use criterion::{Criterion, criterion_group, criterion_main};
 use ringfwd::config::{Balance, Config, MemberSpec, Upstream};
 use ringfwd::metrics::Metrics;
 use ringfwd::session::outcome::CloseReason;
-use ringfwd::session::{Dial, End, HeaderStep, RuleRuntime, Runtime};
+use ringfwd::session::step::End;
+use ringfwd::session::{Accepted, Cx, RuleRuntime, Runtime, Session, Step};
 use ringfwd::upstream::{Picker, Pool, Tried};
 
 /// Pool sizes: a typical pool, and a large DNS-discovered one.
@@ -50,8 +51,8 @@ fn pick(c: &mut Criterion) {
     }
 }
 
-/// One whole session's bookkeeping: admit, the ClientHello routed (`hello`), dial,
-/// connected, finish.
+/// One whole session's bookkeeping, step by step as an engine drives it: accepted, the
+/// ClientHello routed (`hello`), connect, connected, relay, relay ended, closed.
 fn one_session(
     rt: &RuleRuntime,
     metrics: &Metrics,
@@ -59,24 +60,35 @@ fn one_session(
     client: Option<SocketAddr>,
     hello: Option<&[u8]>,
 ) {
-    let shard = metrics.rule(0).shard(0);
+    let sink = metrics.sink(metrics.rule(0).shard(0));
+    let mut cx = Cx {
+        rule: rt,
+        rec: &sink,
+        pickers: Some(pickers),
+    };
     let now = Instant::now();
-    let mut s = rt.admit(shard, client, now, false).expect("admitted");
+    let accepted = Accepted {
+        peer: client,
+        dead: false,
+        port: 4444,
+    };
+    let mut s = Session::accept(&cx, accepted, now, false).expect("admitted");
+    let mut step = s.start(&mut cx, None, now);
     if let Some(hello) = hello {
-        let step = s.feed_header(rt, shard, black_box(hello), now);
-        assert_eq!(step, HeaderStep::Ready { consumed: 0 });
+        assert!(matches!(step, Step::ReadPreamble { .. }));
+        step = s.on_preamble(&mut cx, black_box(hello), now);
     }
-    let Dial::Connect(addr) = s.dial(rt, pickers, now) else {
+    let Step::Connect { addr, .. } = step else {
         panic!("no member")
     };
     black_box(addr);
-    s.connected(shard, now);
-    let end = End {
-        reason: CloseReason::Eof,
-        bytes: [1, 1],
-        path: "copy",
-    };
-    s.finish(rt, metrics, shard, end, now);
+    let step = s.on_connected(&cx, now);
+    assert!(matches!(
+        step,
+        Step::Relay { .. } | Step::SendPreamble { .. }
+    ));
+    let closing = s.on_relay_ended(End::copied(CloseReason::Eof, [1, 1]));
+    s.close(closing, &cx, now);
 }
 
 fn session(c: &mut Criterion) {

@@ -9,6 +9,8 @@
 //! graceful shutdown) and record the same [`crate::metrics`]. Listeners are bound here, before
 //! any engine starts, so "port in use" is reported the same way whichever engine runs.
 
+pub mod accept;
+mod lease;
 pub mod threaded;
 pub mod tokio;
 pub mod uring;
@@ -83,12 +85,16 @@ impl Listeners {
 /// # Errors
 /// Either call failed.
 fn nonblocking_port(l: &TcpListener) -> Result<u16, EngineError> {
-    let io = |what| move |source| EngineError::Io { what, source };
     l.set_nonblocking(true)
         .map_err(io("cannot set listener non-blocking"))?;
     Ok(l.local_addr()
         .map_err(io("cannot read a listener's address"))?
         .port())
+}
+
+/// An I/O error while setting an engine up, saying what failed.
+fn io(what: &'static str) -> impl FnOnce(std::io::Error) -> EngineError {
+    move |source| EngineError::Io { what, source }
 }
 
 /// How many listeners per rule `engine` wants: one per worker for io_uring (each worker its
@@ -361,6 +367,6 @@ pub fn serve(
             Err(failed) => Err(EngineError::UringUnavailable(failed.why)),
         },
         Resolved::Tokio => tokio::run(config, listeners, ctx, || ready(Resolved::Tokio)),
-        Resolved::Std => threaded::run(config, listeners, ctx, || ready(Resolved::Std)),
+        Resolved::Std => threaded::run(listeners, ctx, || ready(Resolved::Std)),
     }
 }

@@ -27,6 +27,8 @@ use std::time::{Duration, Instant};
 pub use hist::AtomicHistogram;
 pub use tap::{Tap, TapError, TapSession};
 
+use crate::session::{Record, Recorder};
+
 pub use crate::session::outcome::{CloseReason, ConnectError, Direction, PathKind, RejectReason};
 
 /// One worker's counters and histograms for one rule. Written only with relaxed atomics.
@@ -266,24 +268,91 @@ impl std::fmt::Display for OptAddr {
     }
 }
 
-/// One finished session, as the access log prints it.
-#[derive(Debug, Clone)]
-pub struct SessionRecord<'a> {
-    pub rule: &'a str,
-    /// The route the session took (`default`: the rule's own upstream; `-`: none chosen).
-    pub route: &'a str,
-    /// The listen port the client connected to, for a rule that listens on a port range.
-    pub port: Option<u16>,
-    pub client: Option<std::net::SocketAddr>,
-    /// The member of the last connect attempt (none if no attempt was made).
-    pub upstream: Option<std::net::SocketAddr>,
-    /// Connect attempts made (failover tries further members).
-    pub attempts: u32,
-    pub bytes_c2u: u64,
-    pub bytes_u2c: u64,
-    pub duration: Duration,
-    pub path: &'a str,
-    pub reason: CloseReason,
+/// A shard counts what a session reports (no access log: see [`Sink`]).
+impl Recorder for Shard {
+    #[inline]
+    fn accepted(&self) {
+        Shard::accepted(self);
+    }
+
+    #[inline]
+    fn rejected(&self, why: RejectReason) {
+        Shard::rejected(self, why);
+    }
+
+    #[inline]
+    fn connected(&self, took: Duration) {
+        Shard::connected(self, took);
+    }
+
+    #[inline]
+    fn connect_error(&self, why: ConnectError) {
+        Shard::connect_error(self, why);
+    }
+
+    #[inline]
+    fn sent_early(&self, n: u64) {
+        self.bytes(Direction::ClientToUpstream, PathKind::Copy, n);
+    }
+
+    #[inline]
+    fn closed(&self, record: &Record<'_>) {
+        Shard::closed(self, record.duration);
+    }
+}
+
+/// Where one session records: a shard of its rule (a worker's own, or the calling
+/// thread's for engines whose tasks move between threads) and the access log.
+pub struct Sink<'a> {
+    metrics: &'a Metrics,
+    shard: SinkShard<'a>,
+}
+
+enum SinkShard<'a> {
+    Fixed(&'a Shard),
+    Local(&'a RuleMetrics),
+}
+
+impl Sink<'_> {
+    #[inline]
+    fn shard(&self) -> &Shard {
+        match self.shard {
+            SinkShard::Fixed(s) => s,
+            SinkShard::Local(r) => r.local(),
+        }
+    }
+}
+
+impl Recorder for Sink<'_> {
+    #[inline]
+    fn accepted(&self) {
+        self.shard().accepted();
+    }
+
+    #[inline]
+    fn rejected(&self, why: RejectReason) {
+        self.shard().rejected(why);
+    }
+
+    #[inline]
+    fn connected(&self, took: Duration) {
+        self.shard().connected(took);
+    }
+
+    #[inline]
+    fn connect_error(&self, why: ConnectError) {
+        self.shard().connect_error(why);
+    }
+
+    #[inline]
+    fn sent_early(&self, n: u64) {
+        Recorder::sent_early(self.shard(), n);
+    }
+
+    fn closed(&self, record: &Record<'_>) {
+        self.shard().closed(record.duration);
+        self.metrics.log_session(record);
+    }
 }
 
 /// Every rule's metrics, shared by the engines and the readers.
@@ -311,6 +380,9 @@ struct Common {
     build_info: OnceLock<(&'static str, &'static str)>,
     /// Config reloads `[success, failure]`.
     reloads: [AtomicU64; 2],
+    /// io_uring accepts per worker, `[on another CPU, on the worker's CPU]` (where the
+    /// connection's packets were processed, `SO_INCOMING_CPU`, against the worker's CPU).
+    accepts: Box<[[AtomicU64; 2]]>,
     /// Unix time (seconds, as f64 bits) of the last config load that took effect.
     last_reload_success: AtomicU64,
     /// What `POST /reload` calls (set by `run` when a config file can be reloaded).
@@ -354,6 +426,9 @@ impl Metrics {
                 created: Instant::now(),
                 build_info: OnceLock::new(),
                 reloads: [AtomicU64::new(0), AtomicU64::new(0)],
+                accepts: (0..shards)
+                    .map(|_| [AtomicU64::new(0), AtomicU64::new(0)])
+                    .collect(),
                 last_reload_success: AtomicU64::new(unix_now().to_bits()),
                 reload_hook: OnceLock::new(),
                 draining: std::sync::atomic::AtomicBool::new(false),
@@ -411,6 +486,22 @@ impl Metrics {
                 .last_reload_success
                 .store(unix_now().to_bits(), Ordering::Relaxed);
         }
+    }
+
+    /// Counts an io_uring accept by `worker`: whether the connection's packets were
+    /// processed on the CPU the worker runs on (see `engine::uring::steer`).
+    pub fn accepted_on(&self, worker: usize, cpu_match: bool) {
+        let a = &self.common.accepts;
+        a[worker % a.len()][usize::from(cpu_match)].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// io_uring accepts per worker, `[other CPU, same CPU]`.
+    pub fn accepts(&self) -> Vec<[u64; 2]> {
+        self.common
+            .accepts
+            .iter()
+            .map(|[a, b]| [a.load(Ordering::Relaxed), b.load(Ordering::Relaxed)])
+            .collect()
     }
 
     /// Reloads `[success, failure]` so far.
@@ -502,7 +593,23 @@ impl Metrics {
     }
 
     /// Writes the access-log line for a finished session (target `ringfwd::access`).
-    pub fn log_session(&self, rec: &SessionRecord<'_>) {
+    /// Where a session records on `shard` (a shard of its rule).
+    pub fn sink<'a>(&'a self, shard: &'a Shard) -> Sink<'a> {
+        Sink {
+            metrics: self,
+            shard: SinkShard::Fixed(shard),
+        }
+    }
+
+    /// Where a session of rule `rule` records from whichever thread runs it.
+    pub fn local_sink(&self, rule: usize) -> Sink<'_> {
+        Sink {
+            metrics: self,
+            shard: SinkShard::Local(self.rule(rule)),
+        }
+    }
+
+    pub fn log_session(&self, rec: &Record<'_>) {
         if !self.common.access_log.load(Ordering::Relaxed) {
             return;
         }
@@ -515,11 +622,11 @@ impl Metrics {
             client = %client,
             upstream = %OptAddr(rec.upstream),
             attempts = rec.attempts,
-            bytes_c2u = rec.bytes_c2u,
-            bytes_u2c = rec.bytes_u2c,
+            bytes_c2u = rec.bytes[0],
+            bytes_u2c = rec.bytes[1],
             duration_ms = u64::try_from(rec.duration.as_millis()).unwrap_or(u64::MAX),
-            path = rec.path,
-            reason = rec.reason.as_str(),
+            path = rec.end.path_label(),
+            reason = rec.end.reason.as_str(),
             "session closed"
         );
     }

@@ -210,6 +210,23 @@ impl Collector for MetricsCollector {
         }
 
         let mut f = enc.encode_descriptor(
+            "ringfwd_accepts",
+            "Connections accepted by each io_uring worker, by whether the CPU that processed their packets (SO_INCOMING_CPU) is the worker's.",
+            None,
+            MetricType::Counter,
+        )?;
+        // Samples only where the io_uring engine runs: the others do not look at CPUs.
+        if let Some(("uring", _)) = self.metrics.build_info() {
+            for (w, [other, same]) in self.metrics.accepts().into_iter().enumerate() {
+                let worker = w.to_string();
+                for (n, m) in [(same, "true"), (other, "false")] {
+                    let labels = [("worker", worker.as_str()), ("cpu_match", m)];
+                    ConstCounter::new(n).encode(f.encode_family(&labels)?)?;
+                }
+            }
+        }
+
+        let mut f = enc.encode_descriptor(
             "ringfwd_config_reloads",
             "Config reloads (SIGHUP, POST /reload, watch_config), by result.",
             None,

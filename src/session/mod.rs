@@ -6,12 +6,13 @@
 //!            (cap,     (balance,         (engine)   (passive health,           (engine)  (reason,
 //!             drain)    health tiers)                 failover)                           record)
 //! ```
-//! An engine accepts, asks [`RuleRuntime::admit`] for a [`Session`], asks the session where to
-//! connect ([`Session::dial`]), reports how the connect went ([`Session::connected`],
-//! [`Session::connect_failed`], [`Session::socket_failed`]), relays, and hands the session its
-//! end ([`Session::finish`]), which counts it, releases its slot and member, and writes the
-//! access-log record. The engine never classifies an errno, never chooses a member, never
-//! builds a record: [`outcome`] and this module do, for std, tokio and io_uring alike.
+//! The pipeline is a step machine ([`step`]): an engine feeds a [`Session`] what happened
+//! to its connection and carries out the [`Step`] each event returns — read the preamble,
+//! connect to this member, send these bytes, relay, close with this reason — and ends it
+//! with [`Session::close`], which counts it, releases its slot and member, and writes the
+//! access-log record, once. The engine never classifies an errno, never chooses a member,
+//! never builds a record: [`outcome`] and this module do, for std, tokio and io_uring
+//! alike, and record through a [`Recorder`] (the metrics implement it).
 //!
 //! Shared state (the per-rule live count, member health and counters) is atomics; the one
 //! mutable piece a pick needs — the balancer's state — is a [`Picker`] the caller owns (one
@@ -22,6 +23,7 @@ pub mod limits;
 pub mod outcome;
 pub mod proxy;
 pub mod sni;
+pub mod step;
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
@@ -29,14 +31,16 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use crate::config::{Config, ProxyProtocol, Rule};
-use crate::metrics::{Metrics, SessionRecord, Shard};
+use crate::metrics::{Metrics, Shard};
 use crate::upstream::member::{Transition, describe_errno};
 use crate::upstream::{MemberSet, Picker, Pool, Tried};
 use acl::Acl;
 use limits::{IpLimits, LimitExceeded, LimitsConfig, Permit};
-use outcome::{CloseReason, ConnectError, RejectReason, is_fd_exhaustion};
+use outcome::{CloseReason, ConnectError, PathKind, RejectReason, is_fd_exhaustion};
 use proxy::{Command, Parse, ProxyParser};
 use sni::{ClientHelloParser, Hello, SniRoutes};
+use step::Outgoing;
+pub use step::{Accepted, Closing, Cx, Record, Recorder, Step};
 
 /// The run-time side of every rule, shared by the engines, the control thread and the admin
 /// endpoint for the life of the process.
@@ -267,6 +271,8 @@ struct ProxyState {
     /// A rule with routes, until the ClientHello is read: its parser (boxed, and only
     /// then, as it is a few hundred bytes: a PROXY-only session does not carry it).
     hello: Option<Box<ClientHelloParser>>,
+    /// What goes upstream before the relay, from the preamble's end until it is sent.
+    outgoing: Option<Outgoing>,
 }
 
 /// What reading a client's preamble (a PROXY header, then a ClientHello on a rule with
@@ -307,15 +313,15 @@ impl RuleRuntime {
     ///
     /// # Errors
     /// The reason the connection is turned away.
-    pub fn admit(
+    pub fn admit<R: Recorder>(
         &self,
-        shard: &Shard,
+        rec: &R,
         client: Option<SocketAddr>,
         now: Instant,
         draining: bool,
     ) -> Result<Session, RejectReason> {
         let reject = |why| {
-            shard.rejected(why);
+            rec.rejected(why);
             Err(why)
         };
         if draining {
@@ -352,7 +358,7 @@ impl RuleRuntime {
         } else {
             Permit::none()
         };
-        shard.accepted();
+        rec.accepted();
         let mut session = Session {
             accepted_at: now,
             client,
@@ -363,6 +369,7 @@ impl RuleRuntime {
                     parser: ProxyParser::new(),
                     header_len: 0,
                     hello: routes.then(|| Box::new(ClientHelloParser::new())),
+                    outgoing: None,
                 })
             }),
             permit,
@@ -375,6 +382,8 @@ impl RuleRuntime {
             listen_port: None,
             port_offset: 0,
             one_to_one: false,
+            dead_on_arrival: false,
+            early_sent: 0,
         };
         if !routes {
             session.set_route(self, self.default_route);
@@ -489,6 +498,10 @@ pub struct Session {
     /// The session's pool maps the listen range one-to-one: every member's port moves by
     /// `port_offset`.
     one_to_one: bool,
+    /// The client reset or vanished in the listen queue ([`Accepted::dead`]).
+    dead_on_arrival: bool,
+    /// Client bytes sent upstream with the preamble (counted into the record's bytes).
+    early_sent: u64,
 }
 
 impl Session {
@@ -544,10 +557,10 @@ impl Session {
     /// oversized hello go to the default route, and with none the session is rejected as
     /// `no_route`. On `Ready`, the bytes after `consumed` belong to the stream: relay them
     /// first. A rejection is counted; close with `CloseReason::Rejected`.
-    pub fn feed_header(
+    pub fn feed_header<R: Recorder>(
         &mut self,
         rt: &RuleRuntime,
-        shard: &Shard,
+        shard: &R,
         read: &[u8],
         now: Instant,
     ) -> HeaderStep {
@@ -619,7 +632,7 @@ impl Session {
     /// The client closed, or the preamble did not come in time: the reason to close with.
     /// A late or cut-short PROXY header and a late ClientHello are counted as rejections; a
     /// client that closes before finishing its ClientHello simply ends.
-    pub fn header_failed(&mut self, shard: &Shard, timed_out: bool) -> CloseReason {
+    pub fn header_failed<R: Recorder>(&mut self, shard: &R, timed_out: bool) -> CloseReason {
         let hello_only = self
             .proxy
             .as_ref()
@@ -640,7 +653,7 @@ impl Session {
         }
     }
 
-    fn reject_header(&mut self, shard: &Shard, why: RejectReason) -> HeaderStep {
+    fn reject_header<R: Recorder>(&mut self, shard: &R, why: RejectReason) -> HeaderStep {
         if let Some(p) = &mut self.proxy {
             p.awaits_header = false;
             p.hello = None;
@@ -714,7 +727,7 @@ impl Session {
     }
 
     /// The upstream connect completed.
-    pub fn connected(&mut self, shard: &Shard, now: Instant) {
+    pub fn connected<R: Recorder>(&mut self, shard: &R, now: Instant) {
         shard.connected(now.saturating_duration_since(self.accepted_at));
         if let Some(m) = self.member() {
             m.connected();
@@ -724,7 +737,13 @@ impl Session {
 
     /// The upstream connect failed with `errno` (positive). Counts it against the member
     /// (passive health), logs it (rate-limited per member); the engine then dials again.
-    pub fn connect_failed(&mut self, rt: &RuleRuntime, shard: &Shard, errno: i32, now: Instant) {
+    pub fn connect_failed<R: Recorder>(
+        &mut self,
+        rt: &RuleRuntime,
+        shard: &R,
+        errno: i32,
+        now: Instant,
+    ) {
         let kind = ConnectError::from_errno(errno);
         self.last_error = Some(kind);
         shard.connect_error(kind);
@@ -766,10 +785,10 @@ impl Session {
     /// The upstream socket could not even be created. Out of descriptors or socket memory
     /// ends the session (`rejected{fd_exhausted}`); anything else (say, an address family
     /// this host lacks) is the member's failure, and `None` tells the engine to dial again.
-    pub fn socket_failed(
+    pub fn socket_failed<R: Recorder>(
         &mut self,
         rt: &RuleRuntime,
-        shard: &Shard,
+        shard: &R,
         errno: i32,
         now: Instant,
     ) -> Option<CloseReason> {
@@ -793,18 +812,34 @@ impl Session {
         }
     }
 
-    /// The session is over: counts it, frees its place under `max_connections` and on its
-    /// member, and writes its access-log record.
+    /// The session is over (the io_uring engine's way until it moves to the steps): see
+    /// [`Session::close`].
     pub fn finish(
-        mut self,
+        self,
         rt: &RuleRuntime,
         metrics: &Metrics,
         shard: &Shard,
         end: End<'_>,
         now: Instant,
     ) {
+        let (by_path, mixed) = match end.path {
+            "splice" => (PathKind::Splice, false),
+            "copy+splice" => (PathKind::Copy, true),
+            _ => (PathKind::Copy, false),
+        };
+        let end = step::End {
+            reason: end.reason,
+            bytes: end.bytes,
+            path: by_path,
+            mixed,
+        };
+        self.record(rt, &metrics.sink(shard), end, now);
+    }
+
+    /// Counts the end, frees the session's place under `max_connections`, per client and on
+    /// its member, and writes its record.
+    fn record<R: Recorder>(mut self, rt: &RuleRuntime, rec: &R, end: step::End, now: Instant) {
         let duration = now.saturating_duration_since(self.accepted_at);
-        shard.closed(duration);
         rt.live.fetch_sub(1, Ordering::AcqRel);
         rt.gate.fetch_sub(1, Ordering::AcqRel);
         if let Some(limits) = &rt.limits {
@@ -819,18 +854,16 @@ impl Session {
                 self.no_first_byte(rt, m, now);
             }
         }
-        metrics.log_session(&SessionRecord {
+        rec.closed(&Record {
             rule: &rt.rule.name,
             route: self.route(rt).unwrap_or("-"),
             port: self.listen_port,
             client: self.client,
             upstream: self.upstream(),
             attempts: self.tried.len() as u32,
-            bytes_c2u: end.bytes[0],
-            bytes_u2c: end.bytes[1],
+            bytes: end.bytes,
             duration,
-            path: end.path,
-            reason: end.reason,
+            end,
         });
     }
 }

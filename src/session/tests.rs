@@ -529,3 +529,468 @@ fn a_range_rule_dials_the_member_port_at_the_listen_port_offset() {
         Dial::Connect("127.0.0.1:1".parse().unwrap())
     );
 }
+
+/// What a session reported through its [`Recorder`], in order.
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum Rec {
+    Accepted,
+    Rejected(&'static str),
+    Connected,
+    ConnectError(&'static str),
+    SentEarly(u64),
+    /// The record: reason, bytes, path, attempts, route.
+    Closed(&'static str, [u64; 2], &'static str, u32, String),
+}
+
+#[derive(Default)]
+struct List(std::cell::RefCell<Vec<Rec>>);
+
+impl Recorder for List {
+    fn accepted(&self) {
+        self.0.borrow_mut().push(Rec::Accepted);
+    }
+    fn rejected(&self, why: RejectReason) {
+        self.0.borrow_mut().push(Rec::Rejected(why.as_str()));
+    }
+    fn connected(&self, _: Duration) {
+        self.0.borrow_mut().push(Rec::Connected);
+    }
+    fn connect_error(&self, why: ConnectError) {
+        self.0.borrow_mut().push(Rec::ConnectError(why.as_str()));
+    }
+    fn sent_early(&self, n: u64) {
+        self.0.borrow_mut().push(Rec::SentEarly(n));
+    }
+    fn closed(&self, r: &Record<'_>) {
+        self.0.borrow_mut().push(Rec::Closed(
+            r.end.reason.as_str(),
+            r.bytes,
+            r.end.path_label(),
+            r.attempts,
+            r.route.to_string(),
+        ));
+    }
+}
+
+/// What the engine tells the machine.
+#[derive(Clone, Copy, Debug)]
+enum In {
+    /// Everything read so far.
+    Read(&'static [u8]),
+    ReadEof,
+    ReadTimeout,
+    Connected,
+    ConnectFailed(i32),
+    SocketFailed(i32),
+    Sent,
+    SendFailed(i32),
+    RelayEnded(CloseReason, [u64; 2], [u64; 2]),
+    Abort(CloseReason),
+}
+
+/// What the machine tells the engine, as the tests spell it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum Out {
+    Read,
+    /// The port of the member to connect to.
+    Connect(u16),
+    /// The bytes to send upstream.
+    Send(Vec<u8>),
+    Relay {
+        client_spoke: bool,
+    },
+    Close {
+        reason: &'static str,
+        reset: bool,
+    },
+}
+
+/// `read`: the preamble read so far.
+fn out(
+    step: Step,
+    s: &Session,
+    r: &RuleRuntime,
+    read: &[u8],
+    closing: &mut Option<Closing>,
+) -> Out {
+    match step {
+        Step::ReadPreamble { .. } => Out::Read,
+        Step::Connect { addr, .. } => Out::Connect(addr.port()),
+        Step::SendPreamble { early_from } => {
+            let mut header = [0u8; proxy::V1_BUF_LEN];
+            let n = s.upstream_header(r, &mut header);
+            Out::Send([&header[..n], &read[early_from..]].concat())
+        }
+        Step::Relay { client_spoke } => Out::Relay { client_spoke },
+        Step::Close(c) => close_out(c, closing),
+    }
+}
+
+fn close_out(c: Closing, closing: &mut Option<Closing>) -> Out {
+    let o = Out::Close {
+        reason: c.reason().as_str(),
+        reset: c.resets(),
+    };
+    *closing = Some(c);
+    o
+}
+
+struct Case {
+    name: &'static str,
+    /// The rule's keys after `listen`.
+    rule: &'static str,
+    peer: &'static str,
+    dead: bool,
+    first: Out,
+    script: Vec<(In, Out)>,
+    /// Everything recorded, the record last.
+    recorded: Vec<Rec>,
+}
+
+const TWO: &str = "upstream = [\"127.0.0.1:1\", \"127.0.0.1:2\"]\nconnect_retries = 1\n";
+const PROXIED: &str =
+    "upstream = \"127.0.0.1:1\"\naccept_proxy = true\nproxy_trusted = [\"127.0.0.0/8\"]\n";
+const PROXY_HEADER: &[u8] = b"PROXY TCP4 192.0.2.7 198.51.100.1 40000 443\r\nhi";
+
+fn close(reason: &'static str, reset: bool) -> Out {
+    Out::Close { reason, reset }
+}
+
+fn closed(reason: &'static str, bytes: [u64; 2], attempts: u32, route: &str) -> Rec {
+    Rec::Closed(reason, bytes, "copy", attempts, route.to_string())
+}
+
+fn cases() -> Vec<Case> {
+    use CloseReason as C;
+    let refused = libc::ECONNREFUSED;
+    vec![
+        Case {
+            name: "plain: connect, relay, clean end",
+            rule: TWO,
+            peer: "127.0.0.1:5000",
+            dead: false,
+            first: Out::Connect(0),
+            script: vec![
+                (
+                    In::Connected,
+                    Out::Relay {
+                        client_spoke: false,
+                    },
+                ),
+                (In::RelayEnded(C::Eof, [5, 7], [12, 0]), close("eof", false)),
+            ],
+            recorded: vec![
+                Rec::Accepted,
+                Rec::Connected,
+                closed("eof", [5, 7], 1, "default"),
+            ],
+        },
+        Case {
+            name: "failover: a refused member, then the other one",
+            rule: TWO,
+            peer: "127.0.0.1:5000",
+            dead: false,
+            first: Out::Connect(0),
+            script: vec![
+                (In::ConnectFailed(refused), Out::Connect(0)),
+                (
+                    In::Connected,
+                    Out::Relay {
+                        client_spoke: false,
+                    },
+                ),
+                (
+                    In::RelayEnded(C::Reset, [1, 0], [1, 0]),
+                    close("reset", true),
+                ),
+            ],
+            recorded: vec![
+                Rec::Accepted,
+                Rec::ConnectError("refused"),
+                Rec::Connected,
+                closed("reset", [1, 0], 2, "default"),
+            ],
+        },
+        Case {
+            name: "every attempt used: the last error ends it",
+            rule: TWO,
+            peer: "127.0.0.1:5000",
+            dead: false,
+            first: Out::Connect(0),
+            script: vec![
+                (In::ConnectFailed(refused), Out::Connect(0)),
+                (
+                    In::ConnectFailed(libc::ETIMEDOUT),
+                    close("connect_timeout", true),
+                ),
+            ],
+            recorded: vec![
+                Rec::Accepted,
+                Rec::ConnectError("refused"),
+                Rec::ConnectError("timeout"),
+                closed("connect_timeout", [0, 0], 2, "default"),
+            ],
+        },
+        Case {
+            name: "no descriptor for the upstream socket",
+            rule: TWO,
+            peer: "127.0.0.1:5000",
+            dead: false,
+            first: Out::Connect(0),
+            script: vec![(In::SocketFailed(libc::EMFILE), close("fd_exhausted", true))],
+            recorded: vec![
+                Rec::Accepted,
+                Rec::Rejected("fd_exhausted"),
+                closed("fd_exhausted", [0, 0], 1, "default"),
+            ],
+        },
+        Case {
+            name: "a foreign address family fails over",
+            rule: TWO,
+            peer: "127.0.0.1:5000",
+            dead: false,
+            first: Out::Connect(0),
+            script: vec![
+                (In::SocketFailed(libc::EAFNOSUPPORT), Out::Connect(0)),
+                (In::Abort(C::Shutdown), close("shutdown", true)),
+            ],
+            recorded: vec![
+                Rec::Accepted,
+                Rec::ConnectError("other"),
+                closed("shutdown", [0, 0], 2, "default"),
+            ],
+        },
+        Case {
+            name: "dead in the listen queue: closed at once, no connect",
+            rule: TWO,
+            peer: "127.0.0.1:5000",
+            dead: true,
+            first: close("reset", true),
+            script: vec![],
+            recorded: vec![Rec::Accepted, closed("reset", [0, 0], 0, "default")],
+        },
+        Case {
+            name: "a PROXY header read, then the early bytes sent upstream",
+            rule: PROXIED,
+            peer: "127.0.0.2:5000",
+            dead: false,
+            first: Out::Read,
+            script: vec![
+                (In::Read(b"PROXY TCP4"), Out::Read),
+                (In::Read(PROXY_HEADER), Out::Connect(1)),
+                (In::Connected, Out::Send(b"hi".to_vec())),
+                (In::Sent, Out::Relay { client_spoke: true }),
+                (In::RelayEnded(C::Eof, [3, 4], [7, 0]), close("eof", false)),
+            ],
+            recorded: vec![
+                Rec::Accepted,
+                Rec::Connected,
+                Rec::SentEarly(2),
+                closed("eof", [5, 4], 1, "default"),
+            ],
+        },
+        Case {
+            name: "a late PROXY header",
+            rule: PROXIED,
+            peer: "127.0.0.2:5000",
+            dead: false,
+            first: Out::Read,
+            script: vec![(In::ReadTimeout, close("proxy_header_timeout", true))],
+            recorded: vec![
+                Rec::Accepted,
+                Rec::Rejected("proxy_header_timeout"),
+                closed("proxy_header_timeout", [0, 0], 0, "default"),
+            ],
+        },
+        Case {
+            name: "a client that leaves in its PROXY header",
+            rule: PROXIED,
+            peer: "127.0.0.2:5000",
+            dead: false,
+            first: Out::Read,
+            script: vec![(In::ReadEof, close("bad_proxy_header", true))],
+            recorded: vec![
+                Rec::Accepted,
+                Rec::Rejected("bad_proxy_header"),
+                closed("bad_proxy_header", [0, 0], 0, "default"),
+            ],
+        },
+        Case {
+            name: "a PROXY header sent upstream; its send fails",
+            rule: "upstream = \"127.0.0.1:1\"\nproxy_protocol = \"v1\"\n",
+            peer: "127.0.0.1:5000",
+            dead: false,
+            first: Out::Connect(1),
+            script: vec![
+                (
+                    In::Connected,
+                    Out::Send(b"PROXY TCP4 127.0.0.1 127.0.0.1 5000 4444\r\n".to_vec()),
+                ),
+                (In::SendFailed(libc::EPIPE), close("reset", true)),
+            ],
+            recorded: vec![
+                Rec::Accepted,
+                Rec::Connected,
+                closed("reset", [0, 0], 1, "default"),
+            ],
+        },
+        Case {
+            name: "SNI: the hello picks the route, and goes upstream unchanged",
+            rule: "[[rule.route]]\nsni = [\"api.example.com\"]\nupstream = \"127.0.0.1:11\"\n",
+            peer: "127.0.0.1:5000",
+            dead: false,
+            first: Out::Read,
+            script: vec![
+                (In::Read(&[22]), Out::Read),
+                (In::Read(HELLO_PLACEHOLDER), Out::Connect(11)),
+                (In::Connected, Out::Send(HELLO_PLACEHOLDER.to_vec())),
+                (In::Sent, Out::Relay { client_spoke: true }),
+                (
+                    In::RelayEnded(C::Shutdown, [0, 0], [0, 0]),
+                    close("shutdown", true),
+                ),
+            ],
+            recorded: vec![
+                Rec::Accepted,
+                Rec::Connected,
+                Rec::SentEarly(HELLO_LEN),
+                closed("shutdown", [HELLO_LEN, 0], 1, "api.example.com"),
+            ],
+        },
+        Case {
+            name: "SNI without a match nor a default route",
+            rule: "[[rule.route]]\nsni = [\"api.example.com\"]\nupstream = \"127.0.0.1:11\"\n",
+            peer: "127.0.0.1:5000",
+            dead: false,
+            first: Out::Read,
+            script: vec![(In::Read(b"SSH-2.0-x\r\n"), close("no_route", true))],
+            recorded: vec![
+                Rec::Accepted,
+                Rec::Rejected("no_route"),
+                closed("no_route", [0, 0], 0, "-"),
+            ],
+        },
+        Case {
+            name: "a splice relay that copied too says copy+splice",
+            rule: TWO,
+            peer: "127.0.0.1:5000",
+            dead: false,
+            first: Out::Connect(0),
+            script: vec![
+                (
+                    In::Connected,
+                    Out::Relay {
+                        client_spoke: false,
+                    },
+                ),
+                (
+                    In::RelayEnded(C::IdleTimeout, [9, 9], [2, 16]),
+                    close("idle_timeout", false),
+                ),
+            ],
+            recorded: vec![
+                Rec::Accepted,
+                Rec::Connected,
+                Rec::Closed("idle_timeout", [9, 9], "copy+splice", 1, "default".into()),
+            ],
+        },
+    ]
+}
+
+/// Stands for a ClientHello in the table; replaced by a real one naming `api.example.com`.
+const HELLO_PLACEHOLDER: &[u8] = b"<hello>";
+
+/// Stands for the hello's length in the table.
+const HELLO_LEN: u64 = u64::MAX;
+
+#[test]
+fn every_step_sequence_without_sockets() {
+    use crate::session::sni::tests::hello_with_name;
+    let hello = hello_with_name(b"api.example.com");
+    let now = Instant::now();
+    for case in cases() {
+        let text = format!("[[rule]]\nlisten = \"127.0.0.1:4444\"\n{}", case.rule);
+        let config =
+            Config::parse("t.toml", &text).unwrap_or_else(|e| panic!("{}: {e}", case.name));
+        let rt = Runtime::new(&config);
+        let list = List::default();
+        let mut pickers = rt.rule(0).pickers(3);
+        let mut cx = Cx {
+            rule: rt.rule(0),
+            rec: &list,
+            pickers: Some(&mut pickers),
+        };
+        let accepted = Accepted {
+            peer: peer(case.peer),
+            dead: case.dead,
+            port: 4444,
+        };
+        let mut s = Session::accept(&cx, accepted, now, false).expect(case.name);
+        let local = peer("127.0.0.1:4444");
+        let mut closing = None;
+        let first = s.start(&mut cx, local, now);
+        let mut got = vec![out(first, &s, rt.rule(0), &[], &mut closing)];
+        let mut read = Vec::new();
+        let mut want = vec![case.first.clone()];
+        let real = |b: &'static [u8]| {
+            if b == HELLO_PLACEHOLDER {
+                hello.clone()
+            } else {
+                b.to_vec()
+            }
+        };
+        for (input, expected) in &case.script {
+            let step = match *input {
+                In::Read(b) => {
+                    read = real(b);
+                    s.on_preamble(&mut cx, &read, now)
+                }
+                In::ReadEof => s.on_preamble_failed(&cx, false),
+                In::ReadTimeout => s.on_preamble_failed(&cx, true),
+                In::Connected => s.on_connected(&cx, now),
+                In::ConnectFailed(e) => s.on_connect_failed(&mut cx, e, now),
+                In::SocketFailed(e) => s.on_socket_failed(&mut cx, e, now),
+                In::Sent => s.on_sent(&cx),
+                In::SendFailed(e) => s.on_send_failed(e),
+                In::RelayEnded(reason, bytes, by_path) => {
+                    Step::Close(s.on_relay_ended(step::End::by_path(reason, bytes, by_path)))
+                }
+                In::Abort(reason) => Step::Close(s.abort(&cx, reason)),
+            };
+            let mut o = out(step, &s, rt.rule(0), &read, &mut closing);
+            if o == Out::Send(hello.clone()) {
+                o = Out::Send(HELLO_PLACEHOLDER.to_vec());
+            }
+            // A member's port: 0 stands for "either of the rule's two".
+            let mut e = expected.clone();
+            if let (Out::Connect(0), Out::Connect(p)) = (&e, &o)
+                && [1, 2].contains(p)
+            {
+                e = o.clone();
+            }
+            got.push(o);
+            want.push(e);
+        }
+        if let (Out::Connect(0), Some(Out::Connect(p))) = (&want[0], got.first()) {
+            want[0] = Out::Connect(*p);
+        }
+        assert_eq!(got, want, "{}", case.name);
+        let closing = closing.unwrap_or_else(|| panic!("{}: the session never closed", case.name));
+        s.close(closing, &cx, now);
+        let recorded = list.0.borrow().clone();
+        let len = hello.len() as u64;
+        let want: Vec<Rec> = case
+            .recorded
+            .iter()
+            .map(|r| match r.clone() {
+                Rec::SentEarly(HELLO_LEN) => Rec::SentEarly(len),
+                Rec::Closed(why, [HELLO_LEN, b], path, n, route) => {
+                    Rec::Closed(why, [len, b], path, n, route)
+                }
+                other => other,
+            })
+            .collect();
+        assert_eq!(recorded, want, "{}", case.name);
+        assert_eq!(rt.live(), 0, "{}: its place was given back", case.name);
+    }
+}

@@ -1,6 +1,7 @@
 //! A worker's listeners: one-shot accepts kept in flight on each, paced by the connections
 //! the worker has not settled yet, backed off when fds run out, cancelled at drain; and the
-//! hand-over of listening sockets from an older engine instance.
+//! hand-over of listening sockets between engine instances (see
+//! [`Listeners::accept_completed`]).
 //!
 //! Pacing: at most [`ACCEPT_WINDOW`] accepts per listener in flight, and none while a rule
 //! holds its share of the worker's accept bound in connections that are not relaying yet or
@@ -12,7 +13,7 @@
 use std::io;
 use std::net::TcpListener;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use super::ring::{Op, Ring};
 use super::token::{OpKind, Token};
@@ -24,10 +25,6 @@ use crate::net;
 /// into the completion queue at once (thousands of fds in one burst under a connection flood),
 /// where one-shot accepts let the worker take no more than it can dispose of.
 const ACCEPT_WINDOW: u32 = 64;
-
-/// How long after it starts a worker looks for connections whose accept wake-up was lost
-/// to an older instance's cancelled accepts (see [`Listeners::pick_up_lost_wakeups`]).
-const HANDOFF_WATCH: Duration = Duration::from_secs(5);
 
 #[derive(Debug, PartialEq, Eq)]
 enum State {
@@ -80,8 +77,6 @@ pub struct Listeners {
     /// its share of this.
     accept_bound: usize,
     draining: bool,
-    /// See [`Listeners::pick_up_lost_wakeups`].
-    handoff_watch_until: Instant,
 }
 
 /// What an accept's completion brought.
@@ -102,14 +97,18 @@ impl Listeners {
             unsettled_by_rule: vec![0; rules],
             accept_bound: accept_bound.max(1),
             draining: false,
-            handoff_watch_until: Instant::now(),
         }
     }
 
     /// Takes the worker's listeners on, every one queued for its first accepts.
-    pub fn install(&mut self, bound: Vec<Bound>, now: Instant) {
+    pub fn install(&mut self, bound: Vec<Bound>) {
         for b in &bound {
             self.by_rule[b.rule] += 1;
+            // For the re-check of a cancelled accept (`take_queued`), which must not block;
+            // io_uring's own accepts poll a non-blocking socket as they would a blocking one.
+            if let Err(e) = b.listener.set_nonblocking(true) {
+                tracing::warn!(worker = self.worker, error = %e, "cannot make a listener non-blocking");
+            }
         }
         self.to_arm = (0..bound.len()).collect();
         self.all = bound
@@ -124,7 +123,6 @@ impl Listeners {
                 exhausted: net::ExhaustionLog::default(),
             })
             .collect();
-        self.handoff_watch_until = now + HANDOFF_WATCH;
     }
 
     /// The rule listener `i` serves.
@@ -221,6 +219,17 @@ impl Listeners {
     /// An accept of listener `li` completed with `res`: the accepted connection, if any.
     /// Backs the listener off when fds ran out; closes it when it was cancelling and this
     /// was its last accept.
+    ///
+    /// An accept that ends cancelled or failed may have taken a connection's wake-up with it:
+    /// io_uring accepts wait on a listener as *exclusive* waiters, so a new connection wakes
+    /// only the first, and when that one is cancelled before it ran (a drain at a hand-over,
+    /// while another engine instance's accepts wait on the same socket) the connection stays
+    /// queued and nobody is woken for it. So the listener is looked at again right here:
+    /// an open one is re-armed (the new accept's first, inline attempt takes what is queued),
+    /// and a cancelling one, which will not arm again, takes one queued connection with a
+    /// non-blocking `accept4(2)` before its fd may close — one per cancelled accept, as many
+    /// as wake-ups could have been lost. What it takes is served like any other (a draining
+    /// generation at a hand-over still serves what it accepted).
     pub fn accept_completed(
         &mut self,
         li: usize,
@@ -233,7 +242,11 @@ impl Listeners {
         debug_assert!(l.in_flight > 0, "accept completion without an accept");
         l.in_flight -= 1;
         self.accepts_by_rule[l.rule] -= 1;
+        let mut res = res;
         if l.state == State::Cancelling {
+            if res < 0 {
+                res = l.fd.as_ref().map_or(res, take_queued);
+            }
             if l.in_flight == 0 {
                 l.state = State::Closed;
                 l.fd = None;
@@ -250,7 +263,8 @@ impl Listeners {
         if res < 0 {
             return None;
         }
-        // SAFETY: a successful accept completion carries a new fd that nothing else owns.
+        // SAFETY: a successful accept (the ring's, or `take_queued`'s) returns a new fd that
+        // nothing else owns.
         let client = unsafe { OwnedFd::from_raw_fd(res) };
         let l = &mut self.all[li];
         if l.exhausted.recovered() {
@@ -308,42 +322,27 @@ impl Listeners {
             );
         }
     }
+}
 
-    /// The first [`HANDOFF_WATCH`] of a worker's life, when an older engine instance (a
-    /// reload's previous generation, or the process this one took the sockets over from)
-    /// cancels its accepts on the same sockets: io_uring accepts wait as *exclusive* waiters
-    /// on a listener, so a connection's one wake-up can go to an accept that is being
-    /// cancelled and is then lost — the connection sits in the queue, with this worker's
-    /// accepts armed, until the next connection arrives. Each tick of that window looks
-    /// (one `poll(2)` over every open listener) for a queue with a connection in it and
-    /// submits one more accept there, whose first, inline attempt takes it.
-    pub fn pick_up_lost_wakeups(&mut self, now: Instant, ring: &mut Ring) {
-        if self.draining || now >= self.handoff_watch_until {
-            return;
-        }
-        use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
-        use std::os::fd::AsFd;
-        let open: Vec<usize> = (0..self.all.len())
-            .filter(|&i| self.all[i].state == State::Open && self.all[i].fd.is_some())
-            .collect();
-        let ready: Vec<usize> = {
-            let mut fds: Vec<PollFd<'_>> = open
-                .iter()
-                .filter_map(|&i| self.all[i].fd.as_ref())
-                .map(|fd| PollFd::new(fd.as_fd(), PollFlags::POLLIN))
-                .collect();
-            if !matches!(poll(&mut fds, PollTimeout::ZERO), Ok(n) if n > 0) {
-                return;
-            }
-            open.iter()
-                .zip(&fds)
-                .filter(|(_, p)| p.revents().is_some_and(|r| r.contains(PollFlags::POLLIN)))
-                .map(|(&i, _)| i)
-                .collect()
-        };
-        for i in ready {
-            self.push_accept(i, ring);
-        }
+/// Takes one connection waiting in `listener`'s queue without blocking: its fd, or the
+/// negated errno (`-EAGAIN` when none waits) as an accept completion would carry it.
+fn take_queued(listener: &OwnedFd) -> i32 {
+    // SAFETY: `listener` is an open socket owned by this worker; null address and length
+    // ask for no peer address.
+    let fd = unsafe {
+        libc::accept4(
+            listener.as_raw_fd(),
+            std::ptr::null_mut(),
+            std::ptr::null_mut(),
+            libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
+        )
+    };
+    if fd < 0 {
+        -io::Error::last_os_error()
+            .raw_os_error()
+            .unwrap_or(libc::EAGAIN)
+    } else {
+        fd
     }
 }
 
@@ -355,4 +354,113 @@ fn accept_token(i: usize) -> Token {
         Direction::ClientToUpstream,
         OpKind::Accept,
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::{Read, Write};
+    use std::net::TcpStream;
+
+    use std::time::Duration;
+
+    use super::super::ring;
+    use super::*;
+
+    /// One engine instance's worker, reduced to its listener and ring.
+    struct Instance {
+        ring: Ring,
+        listeners: Listeners,
+        cqes: Vec<(u64, i32, u32)>,
+    }
+
+    impl Instance {
+        fn on(listener: &TcpListener) -> Self {
+            let (raw, _) = ring::build(64).expect("io_uring set-up");
+            let mut listeners = Listeners::new(0, 1, 8);
+            listeners.install(vec![Bound {
+                rule: 0,
+                port: 0,
+                listener: listener.try_clone().expect("dup the listener"),
+            }]);
+            let mut me = Self {
+                ring: Ring::new(raw),
+                listeners,
+                cqes: Vec::new(),
+            };
+            me.listeners.fill(&mut me.ring);
+            me.ring.submit_and_peek().expect("submit the accepts");
+            me
+        }
+
+        /// Runs the ring for up to `wait` and returns the connections its accepts brought.
+        fn turn(&mut self, wait: Duration) -> Vec<OwnedFd> {
+            self.ring.submit_and_wait(wait).expect("io_uring_enter");
+            self.cqes.clear();
+            self.ring.reap(&mut self.cqes);
+            let mut got = Vec::new();
+            for &(ud, res, _) in &self.cqes {
+                let t = Token::decode(ud).expect("a token of ours");
+                if t.kind == OpKind::Accept
+                    && let Some(a) =
+                        self.listeners
+                            .accept_completed(t.slot as usize, res, Instant::now(), "r")
+                {
+                    got.push(a.client);
+                }
+            }
+            got
+        }
+    }
+
+    /// The hand-over race, step by step: an older instance's accepts wait on a listening
+    /// socket ahead of a newer instance's (io_uring accepts wait as exclusive waiters, so a
+    /// connection wakes only the first); a client connects, and its one wake-up goes to the
+    /// older instance's accept; that instance then drains and cancels its accepts before its
+    /// ring ran the woken accept (DEFER_TASKRUN runs it only when the worker next enters the
+    /// kernel), so the accept completes cancelled and the connection stays queued while the
+    /// newer instance sleeps. The older instance must look at the queue again when an accept
+    /// of it ends cancelled, and serve what it finds.
+    #[test]
+    fn a_connection_whose_wake_up_went_to_a_cancelled_accept_is_still_served() {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+        let addr = listener.local_addr().expect("address");
+        let mut old = Instance::on(&listener);
+        let mut new = Instance::on(&listener);
+        let mut client = TcpStream::connect(addr).expect("connect");
+        // The connection is queued (and its wake-up delivered) before the old one drains.
+        let mut pfd = [nix::poll::PollFd::new(
+            std::os::fd::AsFd::as_fd(&listener),
+            nix::poll::PollFlags::POLLIN,
+        )];
+        let ready = nix::poll::poll(&mut pfd, nix::poll::PollTimeout::from(2000u16));
+        assert!(
+            matches!(ready, Ok(1)),
+            "the connection reached the listen queue"
+        );
+        old.listeners.drain(&mut old.ring);
+        let mut served = Vec::new();
+        for _ in 0..40 {
+            served.extend(old.turn(Duration::from_millis(25)));
+            served.extend(new.turn(Duration::from_millis(25)));
+            if old.listeners.all_closed() && !served.is_empty() {
+                break;
+            }
+        }
+        assert!(
+            old.listeners.all_closed(),
+            "the old instance closed its listener"
+        );
+        assert_eq!(
+            served.len(),
+            1,
+            "the connection was accepted by one of the instances, not left in the queue"
+        );
+        // And it is the client's connection.
+        let mut server = TcpStream::from(served.pop().expect("one connection"));
+        server.set_nonblocking(false).expect("blocking");
+        client.write_all(b"x").expect("write");
+        let mut b = [0u8; 1];
+        server.read_exact(&mut b).expect("read");
+        assert_eq!(&b, b"x");
+    }
 }

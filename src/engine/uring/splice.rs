@@ -18,8 +18,11 @@ use nix::fcntl::{SpliceFFlags, splice};
 pub trait PipeIo {
     /// Source socket → pipe, at most `max` bytes. `Ok(0)` is end of stream.
     fn splice_in(&mut self, max: usize) -> io::Result<usize>;
-    /// Pipe → destination socket, at most `max` bytes.
-    fn splice_out(&mut self, max: usize) -> io::Result<usize>;
+    /// Pipe → destination socket, at most `max` bytes; `more`: more bytes follow at once
+    /// (`SPLICE_F_MORE`: TCP may hold a partial segment back for them).
+    fn splice_out(&mut self, max: usize, more: bool) -> io::Result<usize>;
+    /// Sends what a `more` splice held back (the expected bytes did not come).
+    fn flush(&mut self);
 }
 
 /// One pipe of the per-worker pool.
@@ -55,16 +58,25 @@ impl PipeIo for SysPipeIo<'_> {
         .map_err(to_io)
     }
 
-    fn splice_out(&mut self, max: usize) -> io::Result<usize> {
+    fn splice_out(&mut self, max: usize, more: bool) -> io::Result<usize> {
+        let mut flags = SpliceFFlags::SPLICE_F_NONBLOCK | SpliceFFlags::SPLICE_F_MOVE;
+        if more {
+            flags |= SpliceFFlags::SPLICE_F_MORE;
+        }
         splice(
             self.pipe.read.as_fd(),
             None,
             self.dst.as_fd(),
             None,
             max,
-            SpliceFFlags::SPLICE_F_NONBLOCK | SpliceFFlags::SPLICE_F_MOVE,
+            flags,
         )
         .map_err(to_io)
+    }
+
+    fn flush(&mut self) {
+        // Clearing TCP_CORK pushes pending partial segments whether or not it was set.
+        let _ = socket2::SockRef::from(self.dst).set_tcp_cork(false);
     }
 }
 
@@ -110,12 +122,29 @@ impl SpliceDir {
         }
     }
 
-    /// Moves what can be moved now without blocking.
+    /// Moves what can be moved now without blocking: fills the pipe with as many splices
+    /// from the source as it takes, then empties it into the destination, and again, until
+    /// the source is empty, the destination full, or the fairness budget spent.
+    ///
+    /// Batching: a splice out that follows a fill which stopped on a full pipe (the source
+    /// likely has more right behind) carries `SPLICE_F_MORE`, so TCP sends full segments
+    /// instead of ending each pipeful with a short one; if the expected bytes then do not
+    /// come, the held-back tail is flushed before the pump returns.
     pub fn pump(&mut self, io: &mut impl PipeIo) -> Pumped {
+        let mut corked = false;
+        let p = self.pump_batched(io, &mut corked);
+        if corked && p.error.is_none() {
+            io.flush();
+        }
+        p
+    }
+
+    fn pump_batched(&mut self, io: &mut impl PipeIo, corked: &mut bool) -> Pumped {
         let mut p = Pumped::default();
         loop {
             let mut progress = false;
-            if !self.src_eof && self.in_pipe < self.capacity {
+            let mut src_dry = false;
+            while !self.src_eof && self.in_pipe < self.capacity {
                 match io.splice_in(self.capacity - self.in_pipe) {
                     Ok(0) => self.src_eof = true,
                     Ok(n) => {
@@ -125,7 +154,11 @@ impl SpliceDir {
                     }
                     Err(e)
                         if e.kind() == io::ErrorKind::WouldBlock
-                            || e.kind() == io::ErrorKind::Interrupted => {}
+                            || e.kind() == io::ErrorKind::Interrupted =>
+                    {
+                        src_dry = true;
+                        break;
+                    }
                     Err(e) => {
                         p.error = Some(e.raw_os_error().unwrap_or(libc::EIO));
                         return p;
@@ -133,11 +166,13 @@ impl SpliceDir {
                 }
             }
             if self.in_pipe > 0 {
-                match io.splice_out(self.in_pipe) {
+                let more = !self.src_eof && !src_dry;
+                match io.splice_out(self.in_pipe, more) {
                     Ok(n) => {
                         self.in_pipe -= n;
                         p.moved_out += n as u64;
                         progress |= n > 0;
+                        *corked = more;
                     }
                     Err(e)
                         if e.kind() == io::ErrorKind::WouldBlock
@@ -156,7 +191,9 @@ impl SpliceDir {
                 p.finished = true;
                 return p;
             }
-            if !progress {
+            // A source found dry and a pipe emptied: nothing more to do until the next
+            // readiness (asking the source again now would only say EAGAIN).
+            if !progress || (src_dry && self.in_pipe == 0) {
                 return p;
             }
             if p.moved_out as usize >= FAIRNESS_BUDGET {
@@ -179,6 +216,9 @@ mod tests {
         out_room: VecDeque<Option<usize>>,
         asked_in: Vec<usize>,
         delivered: usize,
+        /// The `more` flag of every splice out.
+        more: Vec<bool>,
+        flushes: usize,
     }
 
     impl PipeIo for Fake {
@@ -189,7 +229,11 @@ mod tests {
                 _ => Err(io::ErrorKind::WouldBlock.into()),
             }
         }
-        fn splice_out(&mut self, max: usize) -> io::Result<usize> {
+        fn flush(&mut self) {
+            self.flushes += 1;
+        }
+        fn splice_out(&mut self, max: usize, more: bool) -> io::Result<usize> {
+            self.more.push(more);
             match self.out_room.pop_front() {
                 Some(Some(n)) => {
                     let n = n.min(max);
@@ -207,6 +251,8 @@ mod tests {
             out_room: out_room.iter().copied().collect(),
             asked_in: vec![],
             delivered: 0,
+            more: vec![],
+            flushes: 0,
         }
     }
 
@@ -221,6 +267,37 @@ mod tests {
         assert_eq!((p.moved_in, p.moved_out), (500, 500));
         assert!(!p.need_writable && !p.finished && p.error.is_none());
         assert_eq!(d.in_pipe, 0);
+    }
+
+    #[test]
+    fn a_pipe_is_filled_by_several_splices_before_it_is_emptied() {
+        let mut d = SpliceDir::new(1000);
+        let mut io = fake(
+            &[Some(300), Some(300), Some(300), None],
+            &[Some(1000), Some(1000)],
+        );
+        let p = d.pump(&mut io);
+        assert_eq!((p.moved_in, p.moved_out), (900, 900));
+        assert_eq!(io.asked_in, vec![1000, 700, 400, 100]);
+        assert_eq!(io.more, vec![false], "one splice out for the whole batch");
+    }
+
+    #[test]
+    fn a_full_pipe_goes_out_with_more_and_the_tail_is_flushed() {
+        let mut d = SpliceDir::new(1000);
+        // A pipeful, then a short read, then nothing: the first splice out expects more.
+        let mut io = fake(&[Some(1000), Some(200), None], &[Some(1000), Some(1000)]);
+        let p = d.pump(&mut io);
+        assert_eq!(p.moved_out, 1200);
+        assert_eq!(io.more, vec![true, false]);
+        assert_eq!(io.flushes, 0, "the last splice out pushed everything");
+        // A pipeful and then nothing: the held-back tail is flushed before returning.
+        let mut d = SpliceDir::new(1000);
+        let mut io = fake(&[Some(1000), None], &[Some(1000)]);
+        let p = d.pump(&mut io);
+        assert_eq!(p.moved_out, 1000);
+        assert_eq!(io.more, vec![true]);
+        assert_eq!(io.flushes, 1);
     }
 
     #[test]
@@ -256,9 +333,10 @@ mod tests {
             fn splice_in(&mut self, _: usize) -> io::Result<usize> {
                 Err(io::Error::from_raw_os_error(libc::ECONNRESET))
             }
-            fn splice_out(&mut self, _: usize) -> io::Result<usize> {
+            fn splice_out(&mut self, _: usize, _: bool) -> io::Result<usize> {
                 unreachable!()
             }
+            fn flush(&mut self) {}
         }
         let p = SpliceDir::new(10).pump(&mut Reset);
         assert_eq!(p.error, Some(libc::ECONNRESET));

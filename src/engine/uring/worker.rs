@@ -225,7 +225,7 @@ impl Worker {
 
     /// Runs the event loop on `listeners` until shutdown has drained every connection.
     pub fn run(mut self, listeners: Vec<Bound>) {
-        self.listeners.install(listeners, Instant::now());
+        self.listeners.install(listeners);
         let mut next_tick = Instant::now() + TICK;
         loop {
             self.listeners.fill(&mut self.ring);
@@ -505,7 +505,6 @@ impl Worker {
             self.broadcast(Event::Shutdown, now, |_| true);
         }
         self.listeners.resume(now);
-        self.listeners.pick_up_lost_wakeups(now, &mut self.ring);
         let runtime = self.runtime.clone();
         self.expire_headers(now);
         self.broadcast(Event::Park, now, |e| e.conn.wants_park(now));

@@ -55,6 +55,14 @@ impl Worker {
             session.finish(rt, &self.metrics, shard, end, now);
             return;
         }
+        // Where the connection's packets were processed, against where this worker runs: what
+        // CPU-affine accept (`steer`) is for, exported as `ringfwd_accepts_total`.
+        if let (Ok(incoming), Ok(here)) = (
+            SockRef::from(&client).cpu_affinity(),
+            nix::sched::sched_getcpu(),
+        ) {
+            self.metrics.accepted_on(self.id, incoming == here);
+        }
         if let Err(e) = net::apply_tcp_options(SockRef::from(&client), &rt.rule.tcp) {
             tracing::debug!(error = %e, "socket option on client socket failed");
         }
