@@ -77,8 +77,15 @@ build() {
     cp "$bin" "$stage/ringfwd"
     cp "$here/ringfwd.toml" "$stage/"
     cp "$here"/deploy/docker/scratch-etc/{passwd,group,nsswitch.conf} "$stage/"
+    local old new
+    old=$(podman image inspect --format '{{.Id}}' "$image" 2>/dev/null || true)
     log "podman build -f deploy/docker/Dockerfile.scratch -t $image"
     podman build --quiet --runtime runc -f "$here/deploy/docker/Dockerfile.scratch" -t "$image" "$stage"
+    new=$(podman image inspect --format '{{.Id}}' "$image")
+    # A rebuild leaves the previous image untagged: remove it (unless a container uses it).
+    if [[ -n $old && $old != "$new" ]]; then
+        podman rmi "$old" >/dev/null 2>&1 || true
+    fi
 }
 
 run() {
