@@ -273,6 +273,8 @@ pub const MAX_CONNECT_TIMEOUT: Duration = Duration::from_secs(3600);
 pub const MAX_IDLE_TIMEOUT: Duration = Duration::from_secs(7 * 24 * 3600);
 /// Longest `shutdown_grace`.
 pub const MAX_SHUTDOWN_GRACE: Duration = Duration::from_secs(24 * 3600);
+/// Longest `shutdown_delay`.
+pub const MAX_SHUTDOWN_DELAY: Duration = Duration::from_secs(3600);
 /// Longest `reload_drain_timeout` other than unset (no limit): a week.
 pub const MAX_RELOAD_DRAIN_TIMEOUT: Duration = Duration::from_secs(7 * 24 * 3600);
 /// Longest `linger` (`SO_LINGER` blocks a close for at most this long).
@@ -672,6 +674,10 @@ pub struct Config {
     pub engine: EngineKind,
     pub mode: DataPath,
     pub shutdown_grace: Duration,
+    /// After the first SIGINT/SIGTERM, how long to keep accepting while `/healthz` answers
+    /// 503 `draining`, so a BGP speaker or load balancer takes the host out before its
+    /// listeners close; `shutdown_grace` starts after it. Zero (the default): close at once.
+    pub shutdown_delay: Duration,
     /// How long the connections of an older config generation may run on after a reload
     /// (HAProxy's `hard-stop-after`); `None` (the default): until they end by themselves.
     pub reload_drain_timeout: Option<Duration>,

@@ -22,6 +22,11 @@ impl Config {
             "shutdown_grace = {:?}",
             format_duration(self.shutdown_grace)
         );
+        let _ = writeln!(
+            out,
+            "shutdown_delay = {:?}",
+            format_duration(self.shutdown_delay)
+        );
         match self.reload_drain_timeout {
             Some(t) => {
                 let _ = writeln!(out, "reload_drain_timeout = {:?}", format_duration(t));

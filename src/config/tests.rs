@@ -347,6 +347,24 @@ fn reload_drain_timeout_is_unset_or_a_bounded_duration() {
 }
 
 #[test]
+fn shutdown_delay_is_zero_by_default_and_bounded() {
+    assert_eq!(parse("").shutdown_delay, Duration::ZERO);
+    assert_eq!(
+        parse("shutdown_delay = \"5s\"").shutdown_delay,
+        Duration::from_secs(5)
+    );
+    assert_eq!(
+        err("shutdown_delay = \"2h\""),
+        "cfg.toml:1:18: shutdown_delay: must be 0s..=1h, got 2h"
+    );
+    assert!(
+        parse("shutdown_delay = \"5s\"")
+            .to_toml()
+            .contains("shutdown_delay = \"5s\"")
+    );
+}
+
+#[test]
 fn bad_sizes_are_reported_at_their_key() {
     assert_eq!(
         err(&rule_with("recv_buffer = \"10 parsecs\"")),

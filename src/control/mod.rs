@@ -437,6 +437,9 @@ pub struct Supervisor {
     /// then hands over like a reload (what was dequeued is served, never reset).
     activated: bool,
     stopping: bool,
+    /// A stop asked for while `shutdown_delay` runs: `/healthz` already answers 503, the
+    /// listeners close (and the drain starts) at this instant.
+    delayed_stop: Option<Instant>,
     taken_over: bool,
     live_at_drain: u64,
     cut: u64,
@@ -491,6 +494,7 @@ impl Supervisor {
             started: false,
             activated: false,
             stopping: false,
+            delayed_stop: None,
             taken_over: false,
             live_at_drain: 0,
             cut: 0,
@@ -677,6 +681,7 @@ impl Supervisor {
                 .iter()
                 .chain(&self.retiring)
                 .filter_map(|g| g.deadline.map(|(d, _)| d))
+                .chain(self.delayed_stop)
                 .min();
             let ev = match next_cut {
                 None => match self.events.recv() {
@@ -691,6 +696,10 @@ impl Supervisor {
                         Ok(ev) => ev,
                         Err(mpsc::RecvTimeoutError::Timeout) => {
                             let now = Instant::now();
+                            if self.delayed_stop.is_some_and(|t| t <= now) {
+                                self.delayed_stop = None;
+                                self.drain();
+                            }
                             for g in self.current.iter_mut().chain(&mut self.retiring) {
                                 g.cut_if_due(now);
                             }
@@ -848,7 +857,38 @@ impl Supervisor {
     }
 
     fn stop(&mut self, phase: Phase) {
-        if phase == Phase::Draining && !self.stopping {
+        // Health checkers see the stop first, whatever follows: `/healthz` answers 503 now.
+        self.metrics.set_draining();
+        let delay = self
+            .current
+            .as_ref()
+            .map_or(Duration::ZERO, |g| g.config.shutdown_delay);
+        if phase == Phase::Draining && !self.stopping && self.delayed_stop.is_none() {
+            if delay.is_zero() {
+                self.drain();
+            } else {
+                self.delayed_stop = Some(Instant::now() + delay);
+                tracing::info!(
+                    delay = %crate::config::format_duration(delay),
+                    "shutdown_delay: /healthz answers 503 draining; still accepting until the delay ends"
+                );
+            }
+        }
+        if phase == Phase::Closing {
+            // A second signal ends the delay too.
+            if self.delayed_stop.take().is_some() {
+                self.drain();
+            }
+            for g in self.current.iter().chain(&self.retiring) {
+                g.shutdown.advance(Phase::Closing);
+            }
+        }
+    }
+
+    /// The stop proper: closes the listeners and bounds every generation's drain by
+    /// `shutdown_grace`.
+    fn drain(&mut self) {
+        if !self.stopping {
             self.stopping = true;
             notify::stopping();
             self.live_at_drain = self
@@ -882,11 +922,6 @@ impl Supervisor {
                     g.cut_at(when, "shutdown_grace");
                     g.cut_if_due(Instant::now());
                 }
-            }
-        }
-        if phase == Phase::Closing {
-            for g in self.current.iter().chain(&self.retiring) {
-                g.shutdown.advance(Phase::Closing);
             }
         }
     }
@@ -1178,6 +1213,9 @@ impl Diff {
         }
         if old.shutdown_grace != new.shutdown_grace {
             d.settings.push("shutdown_grace");
+        }
+        if old.shutdown_delay != new.shutdown_delay {
+            d.settings.push("shutdown_delay");
         }
         if old.access_log != new.access_log {
             d.settings.push("access_log");

@@ -173,6 +173,7 @@ pub struct RawConfig {
     pub engine: Option<Spanned<String>>,
     pub mode: Option<Spanned<String>>,
     pub shutdown_grace: Option<Spanned<DurationValue>>,
+    pub shutdown_delay: Option<Spanned<DurationValue>>,
     pub reload_drain_timeout: Option<Spanned<DurationValue>>,
     pub admin: Option<Spanned<String>>,
     pub admin_allow_remote: Option<bool>,

@@ -166,6 +166,15 @@ impl Config {
                 Duration::ZERO..=MAX_SHUTDOWN_GRACE,
             )?,
         };
+        let shutdown_delay = match &raw.shutdown_delay {
+            None => Duration::ZERO,
+            Some(d) => src.duration(
+                d,
+                "shutdown_delay",
+                Some("close the listeners at once"),
+                Duration::ZERO..=MAX_SHUTDOWN_DELAY,
+            )?,
+        };
         let reload_drain_timeout = raw
             .reload_drain_timeout
             .as_ref()
@@ -233,6 +242,7 @@ impl Config {
             engine,
             mode,
             shutdown_grace,
+            shutdown_delay,
             reload_drain_timeout,
             admin,
             admin_allow_remote,
