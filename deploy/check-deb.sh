@@ -38,6 +38,7 @@ for f in \
     /usr/lib/systemd/system/ringfwd.socket \
     /usr/share/ringfwd/sysctl/90-ringfwd.conf \
     /usr/share/ringfwd/systemd/root-then-drop.conf \
+    /usr/share/ringfwd/systemd/net-admin.conf \
     /usr/share/ringfwd/systemd/notify-reload.conf \
     /usr/share/ringfwd/seccomp/seccomp-io_uring.json \
     /usr/share/doc/ringfwd/DEPLOY.md \
@@ -108,6 +109,9 @@ if command -v systemd-analyze >/dev/null; then
     else
         echo "systemd-analyze verify (notify-reload.conf): not checked, systemd $version predates Type=notify-reload (253)"
     fi
+    rm -f "$root/etc/systemd/system/ringfwd.service.d/"*.conf
+    cp "$root/usr/share/ringfwd/systemd/net-admin.conf" "$root/etc/systemd/system/ringfwd.service.d/"
+    verify "ringfwd.service + net-admin.conf"
 else
     fail "systemd-analyze not found (apt-get install systemd)"
 fi

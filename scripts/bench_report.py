@@ -23,6 +23,11 @@ PRIMARY = {
     "rr64_open": ("p99_us", "p99 µs", False),
     "rr16k": ("req_per_s", "req/s", True),
     "connect": ("conn_per_s", "conn/s", True),
+    "redis_pipe": ("req_per_s", "req/s", True),
+    "redis1": ("req_per_s", "req/s", True),
+    "http_ka": ("req_per_s", "req/s", True),
+    "http_close": ("req_per_s", "req/s", True),
+    "tls": ("req_per_s", "handshakes/s", True),
 }
 DESCRIPTION = {
     "bulk1": "one upload stream (128 KiB writes) to a sink",
@@ -33,10 +38,15 @@ DESCRIPTION = {
     "rr64_open": "64-byte request/response, 8 connections, open loop at 10 000 req/s",
     "rr16k": "16 KiB request/response, 8 connections, closed loop",
     "connect": "connection churn: connect, one 64-byte exchange, close (4 workers)",
+    "redis_pipe": "redis-benchmark SET+GET, 50 connections, 16 commands pipelined (p50/p99: GET)",
+    "redis1": "redis-benchmark SET+GET, one connection, unpipelined (p50/p99: GET)",
+    "http_ka": "wrk against nginx HTTP (1 KiB body), 16 keep-alive connections",
+    "http_close": "wrk against nginx HTTP (1 KiB body), `Connection: close`, 8 connections",
+    "tls": "new TLS 1.3 handshakes (no resumption) through an SNI-routed rule to nginx HTTPS, 4 clients",
 }
 ORDER = ["direct", "uring-copy", "uring-splice", "uring-auto", "uring-auto-nometrics", "tokio",
          "tokio-nometrics", "std",
-         "haproxy-nosplice", "haproxy-splice", "haproxy-splice-auto", "nginx", "socat"]
+         "uring-unpinned", "uring-busypoll", "haproxy-nosplice", "haproxy-splice", "haproxy-splice-auto", "nginx", "socat"]
 
 
 def load(folder):
@@ -95,15 +105,21 @@ def summarise(runs):
             # CPU was read around warm-up + measured window; keep the measured share.
             cpu = [r["relay_cpu_s"] * r["duration_s"] / (r["duration_s"] + r.get("warmup_s", 1.0))
                    if r.get("relay_cpu_s") is not None and r.get("duration_s") else None for r in rs]
-            if v == "direct":
-                row["cpu_per"] = None
-            elif field == "gbit_per_s":
-                per = [c / (r["bytes"] / 1e9) for c, r in zip(cpu, rs) if c is not None and r.get("bytes")]
-                row["cpu_per"], row["cpu_unit"] = med(per), "CPU-s/GB"
+            mcpu = [r["machine_cpu_s"] * r["duration_s"] / (r["duration_s"] + r.get("warmup_s", 1.0))
+                    if r.get("machine_cpu_s") is not None and r.get("duration_s") else None for r in rs]
+            if field == "gbit_per_s":
+                per_unit = [r["bytes"] / 1e9 if r.get("bytes") else None for r in rs]
+                row["cpu_unit"] = "CPU-s/GB"
+                scale = 1.0
             else:
                 count = "connects" if field == "conn_per_s" else "requests"
-                per = [c / r[count] * 1e6 for c, r in zip(cpu, rs) if c is not None and r.get(count)]
-                row["cpu_per"], row["cpu_unit"] = med(per), "CPU-µs/op"
+                per_unit = [r.get(count) or None for r in rs]
+                row["cpu_unit"] = "CPU-µs/op"
+                scale = 1e6
+            row["cpu_per"] = None if v == "direct" else med(
+                [c / u * scale for c, u in zip(cpu, per_unit) if c is not None and u])
+            # Every CPU's busy time (all processes): what the whole path costs the machine.
+            row["machine_cpu_per"] = med([c / u * scale for c, u in zip(mcpu, per_unit) if c is not None and u])
             rows.append(row)
     idle = []
     for (w, v), rs in sorted(runs.items(), key=lambda kv: variant_key(kv[0][1])):
@@ -170,29 +186,46 @@ def svg_percentiles(path, title, series):
         f.write("\n".join(out))
 
 
+def missing_figures(folder, rows):
+    """(workload, variant) pairs that machine.txt announced and that have no figure."""
+    text = open(os.path.join(folder, "machine.txt")).read()
+    get = lambda key: next((l.split(":", 1)[1].split() for l in text.splitlines() if l.startswith(key + ":")), [])
+    have = {(r["workload"], r["variant"]) for r in rows
+            if r["value"] and r.get("machine_cpu_per") is not None
+            and (r["variant"] == "direct" or r.get("cpu_per") is not None)}
+    return [(w, v) for w in get("workloads") for v in get("variants") if (w, v) not in have]
+
+
 def main():
-    folder = sys.argv[1]
+    args = [a for a in sys.argv[1:] if not a.startswith("--")]
+    folder = args[0]
     rows, idle = summarise(load(folder))
     with open(os.path.join(folder, "summary.csv"), "w", newline="") as f:
         fields = ["workload", "variant", "metric", "unit", "rounds", "value", "x_direct", "x_tokio",
-                  "p50_us", "p99_us", "p999_us", "cpu_per", "cpu_unit", "errors"]
+                  "p50_us", "p99_us", "p999_us", "cpu_per", "machine_cpu_per", "cpu_unit", "errors"]
         wr = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
         wr.writeheader()
         wr.writerows(rows)
     lines = ["# ringfwd side-by-side benchmark", ""]
     machine = os.path.join(folder, "machine.txt")
+    placement = None
     if os.path.exists(machine):
-        lines += ["```", open(machine).read().rstrip(), "```", ""]
+        text = open(machine).read()
+        lines += ["```", text.rstrip(), "```", ""]
+        placement = next((l.split(":", 1)[1].strip() for l in text.splitlines() if l.startswith("placement:")), None)
     for w in dict.fromkeys(r["workload"] for r in rows):
         rs = [r for r in rows if r["workload"] == w]
         unit = rs[0]["unit"]
         cpu_unit = next((r.get("cpu_unit") for r in rs if r.get("cpu_unit")), "CPU")
-        lines += [f"## {w}: {DESCRIPTION.get(w, '')}", "",
-                  f"| variant | {unit} (median) | × direct | × tokio | p50 µs | p99 µs | p99.9 µs | relay {cpu_unit} | rounds | errors |",
-                  "|---|---|---|---|---|---|---|---|---|---|"]
+        lines += [f"## {w}: {DESCRIPTION.get(w, '')}", ""]
+        if placement:
+            lines += [f"Placement: {placement}.", ""]
+        lines += [f"| variant | {unit} (median) | × direct | × tokio | p50 µs | p99 µs | p99.9 µs | relay {cpu_unit} | machine {cpu_unit} | rounds | errors |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|"]
         for r in rs:
             lines.append(f"| {r['variant']} | {fmt(r['value'])} | {fmt(r['x_direct'])} | {fmt(r['x_tokio'])} | "
-                         f"{fmt(r['p50_us'])} | {fmt(r['p99_us'])} | {fmt(r['p999_us'])} | {fmt(r.get('cpu_per'))} | {r['rounds']} | {r['errors']} |")
+                         f"{fmt(r['p50_us'])} | {fmt(r['p99_us'])} | {fmt(r['p999_us'])} | {fmt(r.get('cpu_per'))} | "
+                         f"{fmt(r.get('machine_cpu_per'))} | {r['rounds']} | {r['errors']} |")
         lines.append("")
         if rs[0]["metric"] == "gbit_per_s":
             svg_bars(os.path.join(folder, f"{w}.svg"), f"{w}: {DESCRIPTION.get(w, '')}", "Gbit/s",
@@ -212,7 +245,15 @@ def main():
     with open(os.path.join(folder, "report.md"), "w") as f:
         f.write(report + "\n")
     print(report)
+    if "--require-all" in sys.argv:
+        missing = missing_figures(folder, rows)
+        if missing:
+            print("bench_report: no figure (or no CPU reading) for " +
+                  ", ".join(f"{w} through {v}" for w, v in missing), file=sys.stderr)
+            return 1
+        print("bench_report: every workload has a figure through every variant")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

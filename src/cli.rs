@@ -289,6 +289,7 @@ impl RunArgs {
                     config::resolve_upstream(upstream).map_err(|m| flag("upstream", m))?,
                 ),
                 routes: Vec::new(),
+                mptcp: false,
                 tcp: TcpOptions::default(),
                 connect_timeout: config::DEFAULT_CONNECT_TIMEOUT,
                 idle_timeout: Some(config::DEFAULT_IDLE_TIMEOUT),

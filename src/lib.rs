@@ -19,7 +19,8 @@
 //! `unsafe` is denied everywhere except the few modules of the io_uring engine that submit
 //! SQEs and register memory with the kernel, [`privdrop`], which calls the libc user and
 //! credential functions, and `control::fds`, which claims descriptors passed by systemd or
-//! received over a unix socket; every block there says why it is sound.
+//! received over a unix socket, and `net`'s one `setsockopt` that neither socket2 nor nix
+//! offers (`SO_MAX_PACING_RATE`); every block there says why it is sound.
 #![deny(unsafe_code)]
 
 pub mod cli;
@@ -29,6 +30,7 @@ pub mod engine;
 pub mod generate;
 pub mod metrics;
 pub mod net;
+pub mod notify;
 pub mod privdrop;
 pub mod session;
 pub mod shutdown;

@@ -193,7 +193,7 @@ fn run(args: &RunArgs) -> anyhow::Result<()> {
     }
 
     // Asked for before any engine starts: it turns the workers' heartbeats on.
-    let watchdog = control::notify::watchdog_period();
+    let watchdog = ringfwd::notify::watchdog_period();
     let nofile = ringfwd::net::raise_nofile_limit();
     tracing::debug!(nofile, "open-files limit");
     let engine = engine::resolve(config.engine)?;
@@ -425,9 +425,9 @@ fn run(args: &RunArgs) -> anyhow::Result<()> {
             let _ = out.flush();
         }
         // systemd (Type=notify or notify-reload): serving now, and the watchdog may start.
-        control::notify::ready("serving");
+        ringfwd::notify::ready("serving");
         if let Some(period) = watchdog
-            && let Err(e) = control::notify::spawn_watchdog(period)
+            && let Err(e) = ringfwd::notify::spawn_watchdog(period)
         {
             tracing::warn!(error = %e, "cannot start the watchdog thread; systemd will restart the service when WatchdogSec passes");
         }

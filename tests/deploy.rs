@@ -697,6 +697,20 @@ fn systemd_service_has_the_hardening_and_limits() {
     for cap in ["CAP_NET_BIND_SERVICE", "CAP_SETUID", "CAP_SETGID"] {
         assert!(bounding.contains(cap), "root-then-drop.conf lacks {cap}");
     }
+    // The drop-in for `transparent` / `mark`: exactly CAP_NET_ADMIN on top of the unit's
+    // one capability, as ambient (every thread from the start) and bounding set.
+    let net_admin = unit_keys(&read("deploy/systemd/net-admin.conf"), "Service");
+    for key in ["AmbientCapabilities", "CapabilityBoundingSet"] {
+        let v = &net_admin
+            .iter()
+            .find(|(k, _)| k == key)
+            .unwrap_or_else(|| panic!("net-admin.conf: no {key}="))
+            .1;
+        assert_eq!(
+            v, "CAP_NET_BIND_SERVICE CAP_NET_ADMIN",
+            "net-admin.conf {key}="
+        );
+    }
 }
 
 #[test]

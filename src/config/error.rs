@@ -51,6 +51,13 @@ pub enum ConfigError {
     },
     /// A command-line flag's value refused (`run --listen ...`).
     Flag { flag: &'static str, message: String },
+    /// This host refuses a socket option a rule asks for (an unknown device, a mark without
+    /// `CAP_NET_ADMIN`, MPTCP disabled): `at` names the rule (and route), `source` the key
+    /// and the kernel's answer.
+    Host {
+        at: String,
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
     /// Neither `--config` nor `--listen`/`--upstream` was given.
     NothingToRun,
     /// The configuration has no `[[rule]]`.
@@ -73,6 +80,7 @@ impl ConfigError {
             Self::Value { at, .. } => Some(at.clone()),
             Self::Read { .. }
             | Self::Toml { at: None, .. }
+            | Self::Host { .. }
             | Self::Flag { .. }
             | Self::NothingToRun
             | Self::NoRule => None,
@@ -85,7 +93,7 @@ impl ConfigError {
             Self::Toml { key, .. } => key.as_deref(),
             Self::Value { key, .. } => Some(key),
             Self::Flag { flag, .. } => Some(flag),
-            Self::Read { .. } | Self::NothingToRun | Self::NoRule => None,
+            Self::Read { .. } | Self::Host { .. } | Self::NothingToRun | Self::NoRule => None,
         }
     }
 }
@@ -118,6 +126,7 @@ impl fmt::Display for ConfigError {
             }
             Self::Value { at, key, message } => write!(f, "{at}: {key}: {message}"),
             Self::Flag { flag, message } => write!(f, "--{flag}: {message}"),
+            Self::Host { at, source } => write!(f, "{at}: {source}"),
             Self::NothingToRun => f.write_str(
                 "nothing to run: give --config FILE, or --listen ADDR --upstream ADDR",
             ),
@@ -132,6 +141,7 @@ impl std::error::Error for ConfigError {
     fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
         match self {
             Self::Read { source, .. } => Some(source),
+            Self::Host { source, .. } => Some(source.as_ref()),
             _ => None,
         }
     }

@@ -4,12 +4,11 @@
 //! value is already in range: code that reads a [`Config`] checks nothing again.
 
 use std::fmt;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::num::{NonZeroU32, NonZeroUsize};
 use std::path::PathBuf;
 use std::time::Duration;
 
-use super::ConfigError;
 use super::resolve::resolve_one;
 use super::units::ByteSize;
 
@@ -105,6 +104,10 @@ pub struct TcpOptions {
     pub linger: Option<Duration>,
     pub recv_buffer: Option<ByteSize>,
     pub send_buffer: Option<ByteSize>,
+    /// `upload_rate`: bytes per second the upstream socket may send (client to upstream).
+    pub upload_rate: Option<ByteSize>,
+    /// `download_rate`: bytes per second the client socket may send (upstream to client).
+    pub download_rate: Option<ByteSize>,
 }
 
 impl Default for TcpOptions {
@@ -115,6 +118,8 @@ impl Default for TcpOptions {
             linger: None,
             recv_buffer: None,
             send_buffer: None,
+            upload_rate: None,
+            download_rate: None,
         }
     }
 }
@@ -267,6 +272,8 @@ pub const MAX_CONNECT_TIMEOUT: Duration = Duration::from_secs(3600);
 pub const MAX_IDLE_TIMEOUT: Duration = Duration::from_secs(7 * 24 * 3600);
 /// Longest `shutdown_grace`.
 pub const MAX_SHUTDOWN_GRACE: Duration = Duration::from_secs(24 * 3600);
+/// Longest `shutdown_delay`.
+pub const MAX_SHUTDOWN_DELAY: Duration = Duration::from_secs(3600);
 /// Longest `reload_drain_timeout` other than unset (no limit): a week.
 pub const MAX_RELOAD_DRAIN_TIMEOUT: Duration = Duration::from_secs(7 * 24 * 3600);
 /// Longest `linger` (`SO_LINGER` blocks a close for at most this long).
@@ -306,6 +313,9 @@ pub struct Upstream {
     /// connection to listen port `first + i` goes to the member's port `+ i` (each member's
     /// `addrs` hold its first port). `false`: every listen port goes to the members' ports.
     pub one_to_one: bool,
+    /// How connections to the members leave the host: `transparent`, `source`, `mark`,
+    /// `interface`, `upstream_mptcp`.
+    pub egress: Egress,
 }
 
 impl Upstream {
@@ -321,6 +331,7 @@ impl Upstream {
             resolve_interval: Some(DEFAULT_RESOLVE_INTERVAL),
             first_byte_timeout: None,
             one_to_one: false,
+            egress: Egress::PLAIN,
         }
     }
 
@@ -584,6 +595,8 @@ pub struct Rule {
     pub upstream: Option<Upstream>,
     /// SNI routes, tried before the default (empty: the ClientHello is not read).
     pub routes: Vec<Route>,
+    /// Listen with MPTCP (`mptcp = true`): MPTCP and plain TCP clients alike are served.
+    pub mptcp: bool,
     pub tcp: TcpOptions,
     pub connect_timeout: Duration,
     /// `None`: connections may stay idle forever.
@@ -657,6 +670,37 @@ impl Default for UringTuning {
     }
 }
 
+/// The upstream side of a pool. The default leaves every choice to the kernel.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Hash)]
+pub struct Egress {
+    /// Connect from the client's own address (`IP_TRANSPARENT` / `IPV6_TRANSPARENT`).
+    pub transparent: bool,
+    /// Connect from this local address (ignored with `transparent`, which sets it per client).
+    pub source: Option<IpAddr>,
+    /// `SO_MARK`.
+    pub mark: Option<u32>,
+    /// `SO_BINDTODEVICE`.
+    pub interface: Option<String>,
+    /// Open the socket as MPTCP; the kernel falls back to TCP where the server lacks it.
+    pub mptcp: bool,
+}
+
+impl Egress {
+    /// No options: the kernel picks address, route and device.
+    pub const PLAIN: Self = Self {
+        transparent: false,
+        source: None,
+        mark: None,
+        interface: None,
+        mptcp: false,
+    };
+
+    /// Whether any of these options needs `CAP_NET_ADMIN` in the process that opens sockets.
+    pub fn needs_net_admin(&self) -> bool {
+        self.transparent || self.mark.is_some()
+    }
+}
+
 /// The validated configuration every engine runs from.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Config {
@@ -665,6 +709,10 @@ pub struct Config {
     pub engine: EngineKind,
     pub mode: DataPath,
     pub shutdown_grace: Duration,
+    /// After the first SIGINT/SIGTERM, how long to keep accepting while `/healthz` answers
+    /// 503 `draining`, so a BGP speaker or load balancer takes the host out before its
+    /// listeners close; `shutdown_grace` starts after it. Zero (the default): close at once.
+    pub shutdown_delay: Duration,
     /// How long the connections of an older config generation may run on after a reload
     /// (HAProxy's `hard-stop-after`); `None` (the default): until they end by themselves.
     pub reload_drain_timeout: Option<Duration>,
@@ -756,17 +804,6 @@ pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(600);
 pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 
 impl Config {
-    /// Checks what a runnable configuration needs beyond a well-formed file.
-    ///
-    /// # Errors
-    /// No rule at all.
-    pub fn ensure_runnable(&self) -> Result<(), ConfigError> {
-        if self.rules.is_empty() {
-            return Err(ConfigError::NoRule);
-        }
-        Ok(())
-    }
-
     /// The most connections the whole process may hold at once: the rules' `max_connections`
     /// summed, capped at 2^20. What one uring worker reserves its connection table for, since
     /// any worker may be handed every connection of a rule.

@@ -22,6 +22,11 @@ impl Config {
             "shutdown_grace = {:?}",
             format_duration(self.shutdown_grace)
         );
+        let _ = writeln!(
+            out,
+            "shutdown_delay = {:?}",
+            format_duration(self.shutdown_delay)
+        );
         match self.reload_drain_timeout {
             Some(t) => {
                 let _ = writeln!(out, "reload_drain_timeout = {:?}", format_duration(t));
@@ -87,6 +92,7 @@ impl Config {
                     );
                 }
             }
+            let _ = writeln!(out, "mptcp = {}", r.mptcp);
             let _ = writeln!(out, "max_connections = {}", r.max_connections);
             let _ = writeln!(out, "nodelay = {}", r.tcp.nodelay);
             match r.tcp.keepalive {
@@ -115,6 +121,19 @@ impl Config {
             }
             if let Some(b) = r.tcp.send_buffer {
                 let _ = writeln!(out, "send_buffer = \"{b}\"");
+            }
+            for (key, rate) in [
+                ("upload_rate", r.tcp.upload_rate),
+                ("download_rate", r.tcp.download_rate),
+            ] {
+                match rate {
+                    Some(b) => {
+                        let _ = writeln!(out, "{key} = \"{b}/s\"");
+                    }
+                    None => {
+                        let _ = writeln!(out, "# {key}: unset (no cap)");
+                    }
+                }
             }
             let _ = writeln!(
                 out,
@@ -239,6 +258,45 @@ fn write_upstream(out: &mut String, up: &Upstream, listen_ports: u16) {
         up.resolve_interval
             .map_or("0s".to_string(), format_duration)
     );
+    write_egress(out, &up.egress);
+}
+
+/// A pool's upstream-side keys, every one printed (unset ones as a comment saying what the
+/// kernel does instead).
+fn write_egress(out: &mut String, e: &crate::config::Egress) {
+    use std::fmt::Write;
+    let _ = writeln!(out, "transparent = {}", e.transparent);
+    match e.source {
+        Some(ip) => {
+            let _ = writeln!(out, "source = \"{ip}\"");
+        }
+        None if e.transparent => {
+            let _ = writeln!(out, "# source: each client's own address (transparent)");
+        }
+        None => {
+            let _ = writeln!(out, "# source: unset (the kernel picks the address)");
+        }
+    }
+    match e.mark {
+        Some(m) => {
+            let _ = writeln!(out, "mark = {m}");
+        }
+        None => {
+            let _ = writeln!(out, "# mark: unset (no SO_MARK)");
+        }
+    }
+    match &e.interface {
+        Some(i) => {
+            let _ = writeln!(out, "interface = {}", toml_string(i));
+        }
+        None => {
+            let _ = writeln!(
+                out,
+                "# interface: unset (the routing table picks the device)"
+            );
+        }
+    }
+    let _ = writeln!(out, "upstream_mptcp = {}", e.mptcp);
 }
 
 /// A rule's edge-admission keys, every one printed (unset limits as a comment), so that

@@ -165,6 +165,8 @@ fall = 10
             linger: Some(Duration::from_secs(1)),
             recv_buffer: Some(ByteSize(1 << 20)),
             send_buffer: Some(ByteSize(65536)),
+            upload_rate: None,
+            download_rate: None,
         }
     );
     assert_eq!(r.connect_timeout, Duration::from_millis(250));
@@ -341,6 +343,24 @@ fn reload_drain_timeout_is_unset_or_a_bounded_duration() {
         parse("reload_drain_timeout = \"2h\"")
             .to_toml()
             .contains("reload_drain_timeout = \"2h\"")
+    );
+}
+
+#[test]
+fn shutdown_delay_is_zero_by_default_and_bounded() {
+    assert_eq!(parse("").shutdown_delay, Duration::ZERO);
+    assert_eq!(
+        parse("shutdown_delay = \"5s\"").shutdown_delay,
+        Duration::from_secs(5)
+    );
+    assert_eq!(
+        err("shutdown_delay = \"2h\""),
+        "cfg.toml:1:18: shutdown_delay: must be 0s..=1h, got 2h"
+    );
+    assert!(
+        parse("shutdown_delay = \"5s\"")
+            .to_toml()
+            .contains("shutdown_delay = \"5s\"")
     );
 }
 
@@ -792,6 +812,11 @@ upstream = "127.0.0.1:1"
 keepalive = true
 balance = "random_two"
 resolve_interval = "5m"
+mptcp = true
+mark = 4294967295
+interface = "lo"
+source = "127.0.0.9"
+upstream_mptcp = true
 
 [rule.health_check]
 
@@ -813,6 +838,7 @@ listen = "127.0.0.1:0"
 upstream = "127.0.0.1:1"
 proxy_protocol = "v1"
 accept_proxy = false
+transparent = true
 allow = []
 deny = ["0.0.0.0/0"]
 max_connections_per_ip = 1
@@ -1844,7 +1870,7 @@ fn route_errors_name_the_key_and_say_what_to_do() {
         err(&route(
             "sni = [\"a.test\"]\nupstream = \"127.0.0.1:1\"\nweight = 3"
         )),
-        "cfg.toml:8:1: unknown field `weight`, expected one of `name`, `sni`, `upstream`, `balance`, `connect_retries`, `max_fails`, `fail_timeout`, `resolve_interval`, `health_check`"
+        "cfg.toml:8:1: unknown field `weight`, expected one of `name`, `sni`, `upstream`, `transparent`, `source`, `mark`, `interface`, `upstream_mptcp`, `balance`, `connect_retries`, `max_fails`, `fail_timeout`, `resolve_interval`, `health_check`"
     );
 }
 
@@ -2096,4 +2122,104 @@ fn errors_carry_their_location_and_key() {
         parse("").ensure_runnable(),
         Err(ConfigError::NoRule)
     ));
+}
+
+#[test]
+fn upstream_side_keys_apply_to_the_rule_pool_and_are_the_routes_defaults() {
+    let c = parse(
+        r#"
+[[rule]]
+listen = "127.0.0.1:8443"
+upstream = "127.0.0.1:9000"
+mptcp = true
+transparent = true
+mark = 7
+interface = "lo"
+
+[[rule.route]]
+sni = ["a.test"]
+upstream = "127.0.0.1:9001"
+source = "127.0.0.2"
+upstream_mptcp = true
+
+[[rule.route]]
+sni = ["b.test"]
+upstream = "127.0.0.1:9002"
+mark = 9
+"#,
+    );
+    let r = &c.rules[0];
+    assert!(r.mptcp);
+    let own = &r.upstream.as_ref().unwrap().egress;
+    assert!(own.transparent && !own.mptcp);
+    assert_eq!((own.mark, own.interface.as_deref()), (Some(7), Some("lo")));
+    // A route's source turns the inherited transparent off; the rest is inherited.
+    let a = &r.routes[0].upstream.egress;
+    assert!(!a.transparent && a.mptcp);
+    assert_eq!(a.source, Some("127.0.0.2".parse().unwrap()));
+    assert_eq!((a.mark, a.interface.as_deref()), (Some(7), Some("lo")));
+    let b = &r.routes[1].upstream.egress;
+    assert!(b.transparent);
+    assert_eq!(b.mark, Some(9));
+    // Without any key, nothing changes.
+    let plain = parse(RULE);
+    assert!(!plain.rules[0].mptcp);
+    assert_eq!(
+        plain.rules[0].upstream.as_ref().unwrap().egress,
+        crate::config::Egress::PLAIN
+    );
+    assert_eq!(
+        err(&format!("{RULE}mark = 4294967296\n")),
+        "cfg.toml:4:8: mark: must be 1..=4294967295, got 4294967296"
+    );
+    assert!(
+        err(&format!(
+            "{RULE}interface = \"an-interface-name-too-long\"\n"
+        ))
+        .contains("interface: \"an-interface-name-too-long\" is not a network device name")
+    );
+    assert!(
+        err(&format!("{RULE}source = \"eth0\"\n"))
+            .contains("source: \"eth0\" is not an IP address")
+    );
+}
+
+#[test]
+fn rates_are_sizes_per_second_and_never_zero() {
+    let c = parse(&format!(
+        "{RULE}upload_rate = \"10MiB/s\"\ndownload_rate = \"512KiB/s\"\n"
+    ));
+    let t = &c.rules[0].tcp;
+    assert_eq!(t.upload_rate, Some(ByteSize(10 << 20)));
+    assert_eq!(t.download_rate, Some(ByteSize(512 << 10)));
+    let printed = c.to_toml();
+    assert!(printed.contains("upload_rate = \"10MiB/s\"\n"), "{printed}");
+    assert!(
+        printed.contains("download_rate = \"512KiB/s\"\n"),
+        "{printed}"
+    );
+    assert_eq!(Config::parse("again", &printed).unwrap().rules[0].tcp, *t);
+    assert_eq!(parse(RULE).rules[0].tcp.upload_rate, None);
+    assert_eq!(
+        err(&format!("{RULE}upload_rate = \"0MiB/s\"\n")),
+        "cfg.toml:4:15: upload_rate: \"0MiB/s\" would never send a byte: remove upload_rate for no cap, or give at least 1KiB/s"
+    );
+    assert_eq!(
+        err(&format!("{RULE}download_rate = \"10MiB\"\n")),
+        "cfg.toml:4:17: download_rate: invalid rate \"10MiB\": a size per second is required, such as \"10MiB/s\""
+    );
+    assert_eq!(
+        err(&format!("{RULE}download_rate = \"100/s\"\n")),
+        "cfg.toml:4:17: download_rate: must be 1KiB/s..=1024GiB/s, got \"100/s\""
+    ); // MPTCP sockets cannot be paced.
+    assert_eq!(
+        err(&format!(
+            "{RULE}upload_rate = \"1MiB/s\"\nupstream_mptcp = true\n"
+        )),
+        "cfg.toml:4:15: upload_rate: cannot cap an MPTCP connection (the kernel paces TCP sockets only): remove upload_rate or upstream_mptcp = true"
+    );
+    assert!(
+        err(&format!("{RULE}mptcp = true\ndownload_rate = \"1MiB/s\"\n"))
+            .contains("download_rate: cannot cap an MPTCP connection")
+    );
 }

@@ -32,7 +32,6 @@
 
 mod error;
 pub mod fds;
-pub mod notify;
 pub mod takeover;
 pub mod watch;
 
@@ -254,7 +253,7 @@ pub fn first_listeners(
         let mut taken = 0;
         for (addr, got) in rule.listen.addrs().zip(inherited.take(rule)) {
             if got.is_empty() {
-                groups.push(net::bind_listeners(addr, per_rule)?);
+                groups.push(net::bind_listeners_mptcp(addr, per_rule, rule.mptcp)?);
             } else {
                 taken += got.len();
                 groups.push(fill(got, per_rule).map_err(|source| EngineError::Io {
@@ -440,6 +439,9 @@ pub struct Supervisor {
     /// then hands over like a reload (what was dequeued is served, never reset).
     activated: bool,
     stopping: bool,
+    /// A stop asked for while `shutdown_delay` runs: `/healthz` already answers 503, the
+    /// listeners close (and the drain starts) at this instant.
+    delayed_stop: Option<Instant>,
     taken_over: bool,
     live_at_drain: u64,
     cut: u64,
@@ -494,6 +496,7 @@ impl Supervisor {
             started: false,
             activated: false,
             stopping: false,
+            delayed_stop: None,
             taken_over: false,
             live_at_drain: 0,
             cut: 0,
@@ -683,6 +686,7 @@ impl Supervisor {
                 .iter()
                 .chain(&self.retiring)
                 .filter_map(|g| g.deadline.map(|(d, _)| d))
+                .chain(self.delayed_stop)
                 .min();
             let ev = match next_cut {
                 None => match self.events.recv() {
@@ -697,6 +701,10 @@ impl Supervisor {
                         Ok(ev) => ev,
                         Err(mpsc::RecvTimeoutError::Timeout) => {
                             let now = Instant::now();
+                            if self.delayed_stop.is_some_and(|t| t <= now) {
+                                self.delayed_stop = None;
+                                self.drain();
+                            }
                             for g in self.current.iter_mut().chain(&mut self.retiring) {
                                 g.cut_if_due(now);
                             }
@@ -790,7 +798,7 @@ impl Supervisor {
         let Some(load) = self.load.clone() else {
             return;
         };
-        notify::reloading();
+        crate::notify::reloading();
         let watched = self.watch_path.clone();
         let events = self.events_tx.clone();
         let spawned = std::thread::Builder::new()
@@ -833,7 +841,7 @@ impl Supervisor {
                 "config reload failed, still running the previous config: {why}"
             ),
         }
-        notify::ready(&match &r {
+        crate::notify::ready(&match &r {
             Ok(changes) => format!("reloaded: {changes}"),
             Err(why) => format!("reload failed, still running the previous config: {why}"),
         });
@@ -853,9 +861,40 @@ impl Supervisor {
     }
 
     fn stop(&mut self, phase: Phase) {
-        if phase == Phase::Draining && !self.stopping {
+        // Health checkers see the stop first, whatever follows: `/healthz` answers 503 now.
+        self.metrics.set_draining();
+        let delay = self
+            .current
+            .as_ref()
+            .map_or(Duration::ZERO, |g| g.config.shutdown_delay);
+        if phase == Phase::Draining && !self.stopping && self.delayed_stop.is_none() {
+            if delay.is_zero() {
+                self.drain();
+            } else {
+                self.delayed_stop = Some(Instant::now() + delay);
+                tracing::info!(
+                    delay = %crate::config::format_duration(delay),
+                    "shutdown_delay: /healthz answers 503 draining; still accepting until the delay ends"
+                );
+            }
+        }
+        if phase == Phase::Closing {
+            // A second signal ends the delay too.
+            if self.delayed_stop.take().is_some() {
+                self.drain();
+            }
+            for g in self.current.iter().chain(&self.retiring) {
+                g.shutdown.advance(Phase::Closing);
+            }
+        }
+    }
+
+    /// The stop proper: closes the listeners and bounds every generation's drain by
+    /// `shutdown_grace`.
+    fn drain(&mut self) {
+        if !self.stopping {
             self.stopping = true;
-            notify::stopping();
+            crate::notify::stopping();
             self.live_at_drain = self
                 .current
                 .iter()
@@ -887,11 +926,6 @@ impl Supervisor {
                     g.cut_at(when, "shutdown_grace");
                     g.cut_if_due(Instant::now());
                 }
-            }
-        }
-        if phase == Phase::Closing {
-            for g in self.current.iter().chain(&self.retiring) {
-                g.shutdown.advance(Phase::Closing);
             }
         }
     }
@@ -1032,12 +1066,14 @@ impl Supervisor {
             for (addr, kept) in ports {
                 groups.push(match kept {
                     Some(_) => None,
-                    None => Some(net::bind_listeners(*addr, per_rule).map_err(|e| {
-                        ReloadError::Bind {
-                            rule: rule.name.clone(),
-                            source: Arc::new(e),
-                        }
-                    })?),
+                    None => Some(
+                        net::bind_listeners_mptcp(*addr, per_rule, rule.mptcp).map_err(|e| {
+                            ReloadError::Bind {
+                                rule: rule.name.clone(),
+                                source: Arc::new(e),
+                            }
+                        })?,
+                    ),
                 });
             }
             bound.push(groups);
@@ -1129,6 +1165,28 @@ fn keep_process_settings(cur: &Config, new: &mut Config) -> Vec<&'static str> {
         run_as,
         control_socket
     );
+    // A port that stays keeps its listening socket, and with it the protocol it was opened
+    // with: `mptcp` of such a port changes at the next restart.
+    let was: Vec<Option<bool>> = new
+        .rules
+        .iter()
+        .map(|r| {
+            r.listen
+                .addrs()
+                .find_map(|a| kept_port(cur, r, a))
+                .map(|(i, _)| cur.rules[i].mptcp)
+        })
+        .collect();
+    for (rule, was) in new.rules.iter_mut().zip(was) {
+        if let Some(was) = was
+            && was != rule.mptcp
+        {
+            rule.mptcp = was;
+            if !kept.contains(&"mptcp") {
+                kept.push("mptcp");
+            }
+        }
+    }
     kept
 }
 
@@ -1163,6 +1221,9 @@ impl Diff {
         }
         if old.shutdown_grace != new.shutdown_grace {
             d.settings.push("shutdown_grace");
+        }
+        if old.shutdown_delay != new.shutdown_delay {
+            d.settings.push("shutdown_delay");
         }
         if old.access_log != new.access_log {
             d.settings.push("access_log");
@@ -1294,6 +1355,25 @@ upstream = "127.0.0.1:9002"
         assert_eq!(new.engine, cur.engine);
         // What a reload may change stays changed.
         assert_eq!(new.shutdown_grace, std::time::Duration::from_secs(3));
+    }
+
+    #[test]
+    fn mptcp_of_a_port_that_stays_is_kept_and_named() {
+        let cur = config(RULES);
+        let mut new = config(&RULES.replace(
+            "listen = \"127.0.0.1:5432\"",
+            "listen = \"127.0.0.1:5432\"\nmptcp = true",
+        ));
+        assert!(new.rules[1].mptcp);
+        assert_eq!(keep_process_settings(&cur, &mut new), ["mptcp"]);
+        assert!(!new.rules[1].mptcp, "the kept socket is plain TCP");
+        // A new port gets what the file says.
+        let mut moved = config(&RULES.replace(
+            "listen = \"127.0.0.1:5432\"",
+            "listen = \"127.0.0.1:5433\"\nmptcp = true",
+        ));
+        assert!(keep_process_settings(&cur, &mut moved).is_empty());
+        assert!(moved.rules[1].mptcp);
     }
 
     #[test]

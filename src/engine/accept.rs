@@ -169,12 +169,13 @@ pub trait Wire {
     /// Reads once from the client into `room`, by `deadline`.
     fn read(&self, room: &mut [u8], deadline: Instant) -> impl Future<Output = Read>;
 
-    /// Creates a socket for `addr` (the rule's options on it, see
-    /// [`net::upstream_socket`]) and connects it within `timeout`.
+    /// Creates a socket for `addr` (the rule's options and the session's `origin` on it,
+    /// see [`net::upstream_socket`]) and connects it within `timeout`.
     fn connect(
         &self,
         addr: SocketAddr,
         timeout: Duration,
+        origin: net::Origin<'_>,
     ) -> impl Future<Output = Result<Self::Upstream, Dialed>>;
 
     /// Writes all of `bytes` to the upstream.
@@ -266,7 +267,8 @@ pub async fn connect<W: Wire, R: Recorder>(
     loop {
         step = match step {
             Step::Connect { addr, timeout } => {
-                match unless(wire.connect(addr, timeout), wire.closing()).await {
+                let origin = session.origin(cx.rule);
+                match unless(wire.connect(addr, timeout, origin), wire.closing()).await {
                     Some(Ok(u)) => {
                         upstream = Some(u);
                         session.on_connected(cx, Instant::now())

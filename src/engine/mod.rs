@@ -214,7 +214,7 @@ pub fn bind(config: &Config, per_rule: usize) -> Result<Listeners, EngineError> 
     for rule in &config.rules {
         let mut groups = Vec::with_capacity(usize::from(rule.listen.count));
         for addr in rule.listen.addrs() {
-            groups.push(net::bind_listeners(addr, per_rule)?);
+            groups.push(net::bind_listeners_mptcp(addr, per_rule, rule.mptcp)?);
         }
         out.push(groups);
     }

@@ -109,7 +109,7 @@ fn accept_loop(epoll: &Epoll, all: &[Accepting], engine: &Arc<Engine>) {
     let mut accepts = accept::Accepts::default();
     let mut events = vec![EpollEvent::empty(); EVENTS_PER_WAIT.min(all.len().max(1))];
     while engine.shutdown.phase() == Phase::Running {
-        crate::control::notify::beat();
+        crate::notify::beat();
         let n = match epoll.wait(&mut events, EpollTimeout::from(100u16)) {
             Ok(n) => n,
             Err(nix::Error::EINTR) => continue,
@@ -244,8 +244,13 @@ impl Wire for StdWire<'_> {
         }
     }
 
-    async fn connect(&self, addr: SocketAddr, timeout: Duration) -> Result<TcpStream, Dialed> {
-        let socket = net::upstream_socket(addr, &self.rule.tcp).map_err(Dialed::Socket)?;
+    async fn connect(
+        &self,
+        addr: SocketAddr,
+        timeout: Duration,
+        origin: net::Origin<'_>,
+    ) -> Result<TcpStream, Dialed> {
+        let socket = net::upstream_socket(addr, &self.rule.tcp, origin).map_err(Dialed::Socket)?;
         match socket.connect_timeout(&addr.into(), timeout) {
             Ok(()) => Ok(socket.into()),
             Err(e) => Err(Dialed::Failed(e)),

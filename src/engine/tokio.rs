@@ -102,7 +102,7 @@ pub fn run(
                 accept_loops.push(tokio::spawn(accept_loop(l, port, idx, e, u)));
             }
         }
-        tokio::spawn(crate::control::notify::tokio_ticker());
+        tokio::spawn(crate::notify::tokio_ticker());
         ready();
         for a in accept_loops {
             let _ = a.await;
@@ -277,9 +277,14 @@ impl Wire for Conn {
         }
     }
 
-    async fn connect(&self, addr: SocketAddr, timeout: Duration) -> Result<TcpStream, Dialed> {
+    async fn connect(
+        &self,
+        addr: SocketAddr,
+        timeout: Duration,
+        origin: net::Origin<'_>,
+    ) -> Result<TcpStream, Dialed> {
         let tcp = &self.engine.runtime.rule(self.rule).rule.tcp;
-        let socket = net::upstream_socket(addr, tcp).map_err(Dialed::Socket)?;
+        let socket = net::upstream_socket(addr, tcp, origin).map_err(Dialed::Socket)?;
         socket.set_nonblocking(true).map_err(Dialed::Socket)?;
         let socket = tokio::net::TcpSocket::from_std_stream(socket.into());
         match tokio::time::timeout(timeout, socket.connect(addr)).await {

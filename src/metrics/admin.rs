@@ -465,6 +465,11 @@ fn route(state: &State, req: &Request<Incoming>) -> Response<Full<Bytes>> {
             prom::CONTENT_TYPE,
             prom::render(&state.registry),
         ),
+        // 503 from the first SIGTERM on (before the listeners close when `shutdown_delay` is
+        // set): what a BGP speaker or load balancer withdraws the host on.
+        "/healthz" if state.metrics.draining() => {
+            text(StatusCode::SERVICE_UNAVAILABLE, "draining\n")
+        }
         "/healthz" => text(StatusCode::OK, "ok\n"),
         "/stats" => match serde_json::to_vec(&StatsReport::collect(&state.metrics)) {
             Ok(json) => respond(StatusCode::OK, "application/json", json),

@@ -392,6 +392,9 @@ struct Common {
     unauthorized: AtomicU64,
     /// The token state-changing admin requests must carry (`admin_token_file`), if any.
     admin_token: arc_swap::ArcSwapOption<admin::AdminToken>,
+    /// Set at the first SIGINT/SIGTERM: `/healthz` answers 503 from then on, so a health
+    /// checker (a BGP speaker, a load balancer) takes the host out while it drains.
+    draining: std::sync::atomic::AtomicBool,
 }
 
 /// Carries out a member API command on the serving config.
@@ -446,6 +449,7 @@ impl Metrics {
                 member_hook: OnceLock::new(),
                 unauthorized: AtomicU64::new(0),
                 admin_token: arc_swap::ArcSwapOption::empty(),
+                draining: std::sync::atomic::AtomicBool::new(false),
             }),
             rules,
         })
@@ -573,6 +577,16 @@ impl Metrics {
     /// Runs the reload hook; `None` when reloading is not possible in this run.
     pub fn reload(&self) -> Option<Result<String, String>> {
         self.common.reload_hook.get().map(|h| h())
+    }
+
+    /// Marks the process as stopping: `/healthz` turns to 503 `draining` for good.
+    pub fn set_draining(&self) {
+        self.common.draining.store(true, Ordering::Release);
+    }
+
+    /// Whether the process is stopping (see [`Metrics::set_draining`]).
+    pub fn draining(&self) -> bool {
+        self.common.draining.load(Ordering::Acquire)
     }
 
     /// Time since these metrics were created (the forwarder's uptime, near enough); readers

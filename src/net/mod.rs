@@ -7,9 +7,14 @@ use std::io;
 use std::net::{SocketAddr, TcpListener};
 use std::time::Duration;
 
-use socket2::{Domain, Protocol, SockRef, Socket, TcpKeepalive, Type};
+use socket2::{Domain, SockRef, Socket, TcpKeepalive};
 
 use crate::config::{Config, TcpOptions};
+
+pub mod egress;
+
+use crate::config::Egress;
+pub use egress::EgressError;
 
 /// Listen backlog for every listener (the kernel caps it at `net.core.somaxconn`).
 pub const LISTEN_BACKLOG: i32 = 4096;
@@ -23,6 +28,8 @@ pub enum ListenError {
         "cannot listen on {addr}: permission denied (ports below 1024 need root or CAP_NET_BIND_SERVICE)"
     )]
     Denied { addr: SocketAddr },
+    #[error("cannot listen on {addr}: {why}")]
+    Mptcp { addr: SocketAddr, why: String },
     #[error("cannot listen on {addr}: {source}")]
     Other { addr: SocketAddr, source: io::Error },
 }
@@ -57,17 +64,21 @@ enum Share {
 /// # Errors
 /// [`ListenError`] naming the address and the likely cause.
 pub fn bind_listener(addr: SocketAddr, reuseport: bool) -> Result<TcpListener, ListenError> {
-    open_listener(addr, if reuseport { Share::Join } else { Share::No })
+    open_listener(addr, if reuseport { Share::Join } else { Share::No }, false)
 }
 
-fn open_listener(addr: SocketAddr, share: Share) -> Result<TcpListener, ListenError> {
+fn open_listener(addr: SocketAddr, share: Share, mptcp: bool) -> Result<TcpListener, ListenError> {
     let wrap = |e| ListenError::new(addr, e);
-    let socket = Socket::new(
-        Domain::for_address(addr),
-        Type::STREAM.cloexec(),
-        Some(Protocol::TCP),
-    )
-    .map_err(wrap)?;
+    // An MPTCP listener serves plain TCP clients too: the kernel hands those over as
+    // ordinary TCP sockets.
+    let socket =
+        egress::stream_socket(Domain::for_address(addr), mptcp, "mptcp").map_err(|e| match e {
+            EgressError::Socket(e) => wrap(e),
+            other => ListenError::Mptcp {
+                addr,
+                why: other.to_string(),
+            },
+        })?;
     socket.set_reuse_address(true).map_err(wrap)?;
     if share == Share::Join {
         socket.set_reuse_port(true).map_err(wrap)?;
@@ -98,22 +109,48 @@ fn open_listener(addr: SocketAddr, share: Share) -> Result<TcpListener, ListenEr
 /// # Errors
 /// See [`bind_listener`].
 pub fn bind_listeners(addr: SocketAddr, count: usize) -> Result<Vec<TcpListener>, ListenError> {
+    bind_listeners_mptcp(addr, count, false)
+}
+
+/// [`bind_listeners`], as MPTCP listeners when `mptcp` (a rule's `mptcp = true`): they take
+/// MPTCP and plain TCP clients alike.
+///
+/// # Errors
+/// See [`bind_listener`]; [`ListenError::Mptcp`] when the kernel refuses MPTCP.
+pub fn bind_listeners_mptcp(
+    addr: SocketAddr,
+    count: usize,
+    mptcp: bool,
+) -> Result<Vec<TcpListener>, ListenError> {
     let mut out = Vec::with_capacity(count);
-    let first = open_listener(addr, Share::Founder)?;
+    let first = open_listener(addr, Share::Founder, mptcp)?;
     let actual = first.local_addr().map_err(|e| ListenError::new(addr, e))?;
     out.push(first);
     for _ in 1..count {
-        out.push(open_listener(actual, Share::Join)?);
+        out.push(open_listener(actual, Share::Join, mptcp)?);
     }
     Ok(out)
 }
 
-/// Applies a rule's options to an accepted or connected socket. Failures are returned, but
-/// callers treat them as warnings: a missing option never drops a connection.
+/// Applies a rule's options to an accepted client socket, `download_rate` included (what
+/// this socket sends is what the client downloads). Failures are returned, but callers treat
+/// them as warnings: a missing option never drops a connection.
 ///
 /// # Errors
 /// The first `setsockopt` that failed.
 pub fn apply_tcp_options(sock: SockRef<'_>, opts: &TcpOptions) -> io::Result<()> {
+    apply_options(&sock, opts, opts.download_rate)
+}
+
+/// The options of both sides, and `pacing` as the socket's `SO_MAX_PACING_RATE`.
+fn apply_options(
+    sock: &Socket,
+    opts: &TcpOptions,
+    pacing: Option<crate::config::ByteSize>,
+) -> io::Result<()> {
+    if let Some(rate) = pacing {
+        set_max_pacing_rate(sock, rate.bytes())?;
+    }
     if opts.nodelay {
         sock.set_tcp_nodelay(true)?;
     }
@@ -142,6 +179,38 @@ pub fn apply_tcp_options(sock: SockRef<'_>, opts: &TcpOptions) -> io::Result<()>
     Ok(())
 }
 
+/// Caps what `sock` sends at `bytes_per_sec` (`SO_MAX_PACING_RATE`, the per-connection
+/// `upload_rate` / `download_rate`). The kernel's TCP pacing spaces the segments out, so the
+/// cap holds on every engine and on the copy and splice paths alike; and because the socket
+/// then drains its send buffer at that rate, the relay's bounded buffer (or pipe) toward it
+/// stays full, the relay stops reading the other side, and the sender meets a zero window —
+/// backpressure, never a growing buffer.
+///
+/// # Errors
+/// `setsockopt` failed.
+#[allow(unsafe_code)]
+fn set_max_pacing_rate(sock: &Socket, bytes_per_sec: u64) -> io::Result<()> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: `rate` outlives the call and its exact size is passed with its address; the
+    // kernel copies the value in and keeps no pointer. A u64 is the size Linux reads for a
+    // 64-bit rate (since 4.13).
+    let rate: u64 = bytes_per_sec;
+    let rc = unsafe {
+        libc::setsockopt(
+            sock.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_MAX_PACING_RATE,
+            (&raw const rate).cast(),
+            std::mem::size_of::<u64>() as libc::socklen_t,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
 /// Marks a socket so that its close sends RST instead of FIN (`SO_LINGER` with zero time).
 /// Used to pass a reset from one side on to the other.
 pub fn set_reset_on_close(sock: SockRef<'_>) {
@@ -150,17 +219,44 @@ pub fn set_reset_on_close(sock: SockRef<'_>) {
     }
 }
 
-/// A fresh non-bound TCP socket for an upstream connect, with the rule's options applied.
+/// Where one session's upstream connection leaves from: its pool's [`Egress`] and its
+/// client (the peer, or the source a trusted PROXY header named), which `transparent`
+/// connects from.
+#[derive(Clone, Copy, Debug)]
+pub struct Origin<'a> {
+    pub egress: &'a Egress,
+    pub client: Option<SocketAddr>,
+}
+
+impl Origin<'static> {
+    /// No egress options: the kernel picks address, route and device.
+    pub const PLAIN: Self = Self {
+        egress: &Egress::PLAIN,
+        client: None,
+    };
+}
+
+/// A fresh TCP (or MPTCP) socket for an upstream connect to `addr`, with the rule's TCP
+/// options and the pool's egress options applied (bound, where `source` or `transparent`
+/// asks, but not connected). Every engine makes its upstream sockets here.
 ///
 /// # Errors
-/// `socket(2)` failed (typically EMFILE).
-pub fn upstream_socket(addr: SocketAddr, opts: &TcpOptions) -> io::Result<Socket> {
-    let socket = Socket::new(
-        Domain::for_address(addr),
-        Type::STREAM.cloexec(),
-        Some(Protocol::TCP),
-    )?;
-    if let Err(e) = apply_tcp_options(SockRef::from(&socket), opts) {
+/// `socket(2)` failed (typically EMFILE), or an egress option was refused (logged at
+/// debug with the key: the start-up probe already vetted the options, so this is the host
+/// changing under the forwarder — a device removed — and it is counted as a connect failure
+/// of the member, without a log line per connection).
+pub fn upstream_socket(
+    addr: SocketAddr,
+    opts: &TcpOptions,
+    origin: Origin<'_>,
+) -> io::Result<Socket> {
+    let socket = egress::open(addr, origin.egress, origin.client).map_err(|e| {
+        if !matches!(e, EgressError::Socket(_)) {
+            tracing::debug!(upstream = %addr, "{e}");
+        }
+        io::Error::from(e)
+    })?;
+    if let Err(e) = apply_options(&socket, opts, opts.upload_rate) {
         tracing::debug!(error = %e, "socket option on upstream socket failed");
     }
     Ok(socket)

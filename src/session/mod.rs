@@ -721,6 +721,19 @@ impl Session {
         }
     }
 
+    /// Where this session's upstream connections leave from: its route's egress options
+    /// (`source`, `mark`, `interface`, `transparent`, `upstream_mptcp`) and its client, the
+    /// address `transparent` connects from (the PROXY header's source where one was trusted).
+    pub fn origin<'a>(&self, rt: &'a RuleRuntime) -> crate::net::Origin<'a> {
+        let egress = self.route.map_or(&crate::config::Egress::PLAIN, |i| {
+            &rt.pool(usize::from(i)).egress
+        });
+        crate::net::Origin {
+            egress,
+            client: self.client,
+        }
+    }
+
     /// The member of the current (or last) attempt.
     fn member(&self) -> Option<&crate::upstream::Member> {
         Some(&self.set.as_ref()?.members[self.current? as usize])

@@ -115,7 +115,7 @@ async fn health_loop(pool: Arc<Pool>, hc: HealthCheck) {
     let mut next = tokio::time::Instant::now();
     loop {
         let set = pool.members();
-        let probes = set.members.iter().map(|m| probe(m.addr, &hc));
+        let probes = set.members.iter().map(|m| probe(m.addr, &hc, &pool.egress));
         let results = futures_join_all(probes).await;
         let now_ms = pool.clock.ms(Instant::now());
         for (m, result) in set.members.iter().zip(results) {
@@ -155,12 +155,23 @@ async fn health_loop(pool: Arc<Pool>, hc: HealthCheck) {
 
 /// One probe: `Ok` if the connect completed, `send` was written and the answer contained
 /// `expect` (each when set), all within `timeout`; else the errno (or [`EXPECT_MISMATCH`],
-/// [`EXPECT_CLOSED`]).
-async fn probe(addr: SocketAddr, hc: &HealthCheck) -> Result<(), i32> {
+/// [`EXPECT_CLOSED`]). The probe leaves the host as the pool's connections do (`source`,
+/// `mark`, `interface`, `upstream_mptcp`), so it checks the path they take; with
+/// `transparent` it has no client to speak for and connects from the host's own address.
+async fn probe(
+    addr: SocketAddr,
+    hc: &HealthCheck,
+    egress: &crate::config::Egress,
+) -> Result<(), i32> {
+    let errno = |e: io::Error| e.raw_os_error().unwrap_or(libc::EIO);
     let exchange = async {
-        let mut stream = tokio::net::TcpStream::connect(addr)
+        let socket = crate::net::egress::open(addr, egress, None)
+            .map_err(|e| e.errno())
+            .and_then(|s| s.set_nonblocking(true).map(|()| s).map_err(errno))?;
+        let mut stream = tokio::net::TcpSocket::from_std_stream(socket.into())
+            .connect(addr)
             .await
-            .map_err(|e| e.raw_os_error().unwrap_or(libc::EIO))?;
+            .map_err(errno)?;
         exchange(&mut stream, hc.send.as_deref(), hc.expect.as_deref()).await
     };
     match tokio::time::timeout(hc.timeout, exchange).await {
@@ -398,10 +409,13 @@ mod tests {
     async fn a_probe_tells_open_from_closed() {
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let open = l.local_addr().unwrap();
-        assert_eq!(probe(open, &check(None, None)).await, Ok(()));
+        assert_eq!(
+            probe(open, &check(None, None), &crate::config::Egress::PLAIN).await,
+            Ok(())
+        );
         drop(l);
         assert_eq!(
-            probe(open, &check(None, None)).await,
+            probe(open, &check(None, None), &crate::config::Egress::PLAIN).await,
             Err(libc::ECONNREFUSED)
         );
     }
@@ -436,19 +450,44 @@ mod tests {
         let wrong = member_answering(Some("-ERR nope\r\n"));
         let hc = check(Some("PING\r\n"), Some("+PONG"));
         assert_eq!(
-            probe(good, &hc).await,
+            probe(good, &hc, &crate::config::Egress::PLAIN).await,
             Ok(()),
             "contains, not only starts with"
         );
         // A bare connect check sees the silent member up; the exchange does not.
-        assert_eq!(probe(silent, &check(None, None)).await, Ok(()));
-        assert_eq!(probe(silent, &hc).await, Err(libc::ETIMEDOUT));
-        assert_eq!(probe(wrong, &hc).await, Err(EXPECT_CLOSED));
+        assert_eq!(
+            probe(silent, &check(None, None), &crate::config::Egress::PLAIN).await,
+            Ok(())
+        );
+        assert_eq!(
+            probe(silent, &hc, &crate::config::Egress::PLAIN).await,
+            Err(libc::ETIMEDOUT)
+        );
+        assert_eq!(
+            probe(wrong, &hc, &crate::config::Egress::PLAIN).await,
+            Err(EXPECT_CLOSED)
+        );
         // Send only: written is enough.
-        assert_eq!(probe(silent, &check(Some("x"), None)).await, Ok(()));
+        assert_eq!(
+            probe(
+                silent,
+                &check(Some("x"), None),
+                &crate::config::Egress::PLAIN
+            )
+            .await,
+            Ok(())
+        );
         // Expect only: a banner (server speaks first).
         let banner = member_answering(Some("SSH-2.0-test\r\n"));
-        assert_eq!(probe(banner, &check(None, Some("SSH-2.0"))).await, Ok(()));
+        assert_eq!(
+            probe(
+                banner,
+                &check(None, Some("SSH-2.0")),
+                &crate::config::Egress::PLAIN
+            )
+            .await,
+            Ok(())
+        );
     }
 
     #[tokio::test]
@@ -463,7 +502,12 @@ mod tests {
             }
         });
         assert_eq!(
-            probe(addr, &check(None, Some("OK"))).await,
+            probe(
+                addr,
+                &check(None, Some("OK")),
+                &crate::config::Egress::PLAIN
+            )
+            .await,
             Err(EXPECT_MISMATCH)
         );
     }

@@ -79,6 +79,8 @@ pub struct Pool {
     pub fail_timeout: std::time::Duration,
     pub health_check: Option<HealthCheck>,
     pub resolve_interval: Option<std::time::Duration>,
+    /// How connections to the members leave the host (data connections and health probes).
+    pub egress: crate::config::Egress,
     pub clock: Clock,
     set: ArcSwap<MemberSet>,
     versions: AtomicU64,
@@ -113,6 +115,7 @@ impl Pool {
             fail_timeout: upstream.fail_timeout,
             health_check: upstream.health_check.clone(),
             resolve_interval: upstream.resolve_interval,
+            egress: upstream.egress.clone(),
             clock: Clock::new(epoch),
             set: ArcSwap::from_pointee(MemberSet {
                 version: 0,

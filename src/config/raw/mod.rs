@@ -173,6 +173,7 @@ pub struct RawConfig {
     pub engine: Option<Spanned<String>>,
     pub mode: Option<Spanned<String>>,
     pub shutdown_grace: Option<Spanned<DurationValue>>,
+    pub shutdown_delay: Option<Spanned<DurationValue>>,
     pub reload_drain_timeout: Option<Spanned<DurationValue>>,
     pub admin: Option<Spanned<String>>,
     pub admin_allow_remote: Option<bool>,
@@ -234,6 +235,17 @@ pub struct RuleKeys {
     pub per_ip_prefix_v6: Option<Spanned<i64>>,
     pub per_ip_prefix_v4: Option<Spanned<i64>>,
     pub first_byte_timeout: Option<Spanned<DurationValue>>,
+    /// Listen with MPTCP (plain TCP clients are served too).
+    pub mptcp: Option<Spanned<bool>>,
+    /// Per-connection caps, `"10MiB/s"`.
+    pub upload_rate: Option<Spanned<String>>,
+    pub download_rate: Option<Spanned<String>>,
+    /// Upstream side (also on a route): connect from the client's address.
+    pub transparent: Option<Spanned<bool>>,
+    pub source: Option<Spanned<String>>,
+    pub mark: Option<Spanned<i64>>,
+    pub interface: Option<Spanned<String>>,
+    pub upstream_mptcp: Option<Spanned<bool>>,
     #[serde(default, rename = "route")]
     pub routes: Vec<RawRoute>,
 }
@@ -249,6 +261,12 @@ pub struct RouteKeys {
     pub name: Option<Spanned<String>>,
     pub sni: Spanned<Vec<Spanned<String>>>,
     pub upstream: Spanned<UpstreamValue>,
+    /// Upstream side (also on a route): connect from the client's address.
+    pub transparent: Option<Spanned<bool>>,
+    pub source: Option<Spanned<String>>,
+    pub mark: Option<Spanned<i64>>,
+    pub interface: Option<Spanned<String>>,
+    pub upstream_mptcp: Option<Spanned<bool>>,
 }
 
 /// `[[rule.route]]`: its own keys and its pool's.

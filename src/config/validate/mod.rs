@@ -3,6 +3,7 @@
 //! Every check reports the file, line, column and key of the value it refused; a rule's pool
 //! and its routes' pools go through the one function in [`pool`].
 
+mod egress;
 mod pool;
 
 use std::net::SocketAddr;
@@ -167,6 +168,15 @@ impl Config {
                 Duration::ZERO..=MAX_SHUTDOWN_GRACE,
             )?,
         };
+        let shutdown_delay = match &raw.shutdown_delay {
+            None => Duration::ZERO,
+            Some(d) => src.duration(
+                d,
+                "shutdown_delay",
+                Some("close the listeners at once"),
+                Duration::ZERO..=MAX_SHUTDOWN_DELAY,
+            )?,
+        };
         let reload_drain_timeout = raw
             .reload_drain_timeout
             .as_ref()
@@ -208,6 +218,9 @@ impl Config {
                 .as_ref()
                 .map_or_else(|| r.keys.listen.span(), |n| n.span());
             let listen_span = r.keys.listen.span();
+            if run_as.is_some() {
+                egress::check_no_switch(&r.keys, src)?;
+            }
             let rule = rule_from_raw(i, r, default_max_connections, src)?;
             if let Some(prev) = rules.iter().find(|p: &&Rule| p.name == rule.name) {
                 return Err(src.error_at(
@@ -231,6 +244,7 @@ impl Config {
             engine,
             mode,
             shutdown_grace,
+            shutdown_delay,
             reload_drain_timeout,
             admin,
             admin_allow_remote,
@@ -456,6 +470,16 @@ fn rule_from_raw(
     let listen = Listen::resolve(r.listen.get_ref())
         .map_err(|m| src.error_at(r.listen.span(), "listen", m))?;
     let (mut upstream, mut routes) = pools_from_raw(&r, &pool, &listen, src)?;
+    // The rule's upstream-side keys: its own pool's, and its routes' unless they say otherwise.
+    let rule_egress =
+        egress::EgressKeys::of_rule(&r).resolve(&crate::config::Egress::PLAIN, src)?;
+    if let Some(up) = &mut upstream {
+        up.egress = rule_egress.clone();
+    }
+    for (route, raw_route) in routes.iter_mut().zip(&r.routes) {
+        route.upstream.egress =
+            egress::EgressKeys::of_route(&raw_route.keys).resolve(&rule_egress, src)?;
+    }
     if let Some(d) = &r.first_byte_timeout {
         // A rule key, applied to every pool of the rule (routes included): it is passive
         // health, judged per member like `max_fails`.
@@ -517,6 +541,34 @@ fn rule_from_raw(
         Some(m) => NonZeroU32::new(src.count(m, "max_connections", 1, MAX_RULE_CONNECTIONS)?)
             .expect("checked at least 1"),
     };
+    // The kernel paces TCP sockets only: an MPTCP socket refuses SO_MAX_PACING_RATE, so a
+    // cap on it would silently not hold.
+    let mptcp_upstream = upstream
+        .iter()
+        .chain(routes.iter().map(|r| &r.upstream))
+        .any(|u| u.egress.mptcp);
+    let paced_mptcp = [
+        (&r.upload_rate, mptcp_upstream, "upstream_mptcp"),
+        (
+            &r.download_rate,
+            r.mptcp.as_ref().is_some_and(|m| *m.get_ref()),
+            "mptcp",
+        ),
+    ];
+    for (rate, mptcp, other) in paced_mptcp {
+        if let (Some(rate), true) = (rate, mptcp) {
+            let key = if other == "mptcp" {
+                "download_rate"
+            } else {
+                "upload_rate"
+            };
+            return Err(src.error_at(
+                rate.span(),
+                key,
+                format!("cannot cap an MPTCP connection (the kernel paces TCP sockets only): remove {key} or {other} = true"),
+            ));
+        }
+    }
     let tap = match &r.tap {
         None => None,
         Some(t) => {
@@ -530,12 +582,23 @@ fn rule_from_raw(
         listen,
         upstream,
         routes,
+        mptcp: r.mptcp.as_ref().is_some_and(|m| *m.get_ref()),
         tcp: TcpOptions {
             nodelay: r.nodelay.unwrap_or(true),
             keepalive,
             linger,
             recv_buffer: r.recv_buffer.map(|s| s.0),
             send_buffer: r.send_buffer.map(|s| s.0),
+            upload_rate: r
+                .upload_rate
+                .as_ref()
+                .map(|v| egress::rate(v, "upload_rate", src))
+                .transpose()?,
+            download_rate: r
+                .download_rate
+                .as_ref()
+                .map(|v| egress::rate(v, "download_rate", src))
+                .transpose()?,
         },
         connect_timeout,
         idle_timeout,

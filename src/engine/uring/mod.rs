@@ -336,47 +336,6 @@ fn limit_text(resource: Resource, unit: &str, shift: u32) -> String {
     }
 }
 
-/// Steers every port group's accepts to the worker on the CPU that took the SYN, when
-/// [`steer::plan`] says it fits (`pin`, one worker per allowed CPU); otherwise removes any
-/// program an earlier generation attached, and says why in the log. Returns whether the
-/// groups are steered (then worker `k` must be pinned to `cpus[k]`).
-fn steer_groups(config: &Config, workers: usize, cpus: &[usize], listeners: &Listeners) -> bool {
-    let groups = || {
-        listeners
-            .per_rule
-            .iter()
-            .flatten()
-            .filter_map(|g| g.first())
-    };
-    match steer::plan(config.uring.pin, workers, cpus) {
-        steer::Plan::Steer { cpus } => {
-            let program = steer::program(&cpus);
-            let failed = groups().find_map(|l| steer::attach(l, &program).err());
-            match failed {
-                None => {
-                    tracing::info!(
-                        ?cpus,
-                        "accepts steered to the worker pinned on the CPU that took each connection's SYN (SO_ATTACH_REUSEPORT_CBPF)"
-                    );
-                    true
-                }
-                Some(e) => {
-                    groups().for_each(steer::detach);
-                    tracing::info!(error = %e, "cannot steer accepts by CPU; plain SO_REUSEPORT hashing, workers not pinned");
-                    false
-                }
-            }
-        }
-        steer::Plan::Hash { why } => {
-            groups().for_each(steer::detach);
-            tracing::info!(
-                "accepts not steered by CPU ({why}): plain SO_REUSEPORT hashing, workers not pinned"
-            );
-            false
-        }
-    }
-}
-
 /// The uring engine could not start; the listeners are handed back untouched (still open,
 /// their queued connections kept) so that another engine can serve them.
 pub struct SetupFailed {
@@ -432,7 +391,7 @@ pub fn start(
         tracing::warn!("{}", budget.cuts.join("; "));
     }
     let cpus = net::allowed_cpus();
-    let steered = steer_groups(config, n, &cpus, &listeners);
+    let steered = steer::steer_groups(config.uring.pin, n, &cpus, &listeners);
     let mut per_worker: Vec<Vec<listeners::Bound>> = (0..n).map(|_| Vec::new()).collect();
     for (rule, ports) in listeners.per_rule.into_iter().enumerate() {
         for (port, ls) in ports.into_iter().enumerate() {

@@ -22,6 +22,8 @@ use std::io;
 use std::net::TcpListener;
 use std::os::fd::AsRawFd;
 
+use crate::engine::Listeners;
+
 /// Whether the groups are steered, and why not when they are not.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Plan {
@@ -139,6 +141,47 @@ pub fn detach(listener: &TcpListener) {
             std::mem::size_of::<libc::c_int>() as libc::socklen_t,
         )
     };
+}
+
+/// Steers every port group's accepts to the worker on the CPU that took the SYN, when
+/// [`plan`] says it fits (`pin`, one worker per allowed CPU); otherwise removes any
+/// program an earlier generation attached, and says why in the log. Returns whether the
+/// groups are steered (then worker `k` must be pinned to `cpus[k]`).
+pub fn steer_groups(pin: bool, workers: usize, cpus: &[usize], listeners: &Listeners) -> bool {
+    let groups = || {
+        listeners
+            .per_rule
+            .iter()
+            .flatten()
+            .filter_map(|g| g.first())
+    };
+    match plan(pin, workers, cpus) {
+        Plan::Steer { cpus } => {
+            let program = program(&cpus);
+            let failed = groups().find_map(|l| attach(l, &program).err());
+            match failed {
+                None => {
+                    tracing::info!(
+                        ?cpus,
+                        "accepts steered to the worker pinned on the CPU that took each connection's SYN (SO_ATTACH_REUSEPORT_CBPF)"
+                    );
+                    true
+                }
+                Some(e) => {
+                    groups().for_each(detach);
+                    tracing::info!(error = %e, "cannot steer accepts by CPU; plain SO_REUSEPORT hashing, workers not pinned");
+                    false
+                }
+            }
+        }
+        Plan::Hash { why } => {
+            groups().for_each(detach);
+            tracing::info!(
+                "accepts not steered by CPU ({why}): plain SO_REUSEPORT hashing, workers not pinned"
+            );
+            false
+        }
+    }
 }
 
 #[cfg(test)]

@@ -270,7 +270,7 @@ impl Worker {
                 std::thread::sleep(Duration::from_millis(10));
             }
             let now = Instant::now();
-            crate::control::notify::beat();
+            crate::notify::beat();
             self.cqes.clear();
             self.ring.reap(&mut self.cqes);
             for i in 0..self.cqes.len() {

@@ -175,10 +175,11 @@ impl Worker {
                 Dial::Connect(addr) => addr,
                 Dial::GiveUp(reason) => break reason,
             };
-            let socket = net::upstream_socket(addr, &rt.rule.tcp).and_then(|s| {
-                s.set_nonblocking(true)?;
-                Ok(OwnedFd::from(s))
-            });
+            let socket =
+                net::upstream_socket(addr, &rt.rule.tcp, e.session.origin(rt)).and_then(|s| {
+                    s.set_nonblocking(true)?;
+                    Ok(OwnedFd::from(s))
+                });
             match socket {
                 Ok(fd) => {
                     e.upstream = Some(fd);
