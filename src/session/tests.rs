@@ -790,6 +790,31 @@ fn cases() -> Vec<Case> {
             ],
         },
         Case {
+            name: "a client denied behind a trusted proxy",
+            rule: "upstream = \"127.0.0.1:1\"\naccept_proxy = true\nproxy_trusted = [\"127.0.0.0/8\"]\ndeny = [\"192.0.2.0/24\"]\n",
+            peer: "127.0.0.2:5000",
+            dead: false,
+            first: Out::Read,
+            script: vec![(In::Read(PROXY_HEADER), close("acl", true))],
+            recorded: vec![
+                Rec::Accepted,
+                Rec::Rejected("acl"),
+                closed("acl", [0, 0], 0, "default"),
+            ],
+        },
+        Case {
+            name: "shutdown while the preamble is read",
+            rule: PROXIED,
+            peer: "127.0.0.2:5000",
+            dead: false,
+            first: Out::Read,
+            script: vec![
+                (In::Read(b"PROXY"), Out::Read),
+                (In::Abort(C::Shutdown), close("shutdown", true)),
+            ],
+            recorded: vec![Rec::Accepted, closed("shutdown", [0, 0], 0, "default")],
+        },
+        Case {
             name: "a late PROXY header",
             rule: PROXIED,
             peer: "127.0.0.2:5000",

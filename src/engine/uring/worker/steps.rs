@@ -82,16 +82,13 @@ impl Worker {
         entry.step = Some(step);
         let (slot, generation) = self.slab.insert(entry);
         self.listeners.unsettled(ri);
-        self.conn_event(
-            Token::new(
-                slot,
-                generation,
-                Direction::ClientToUpstream,
-                OpKind::Connect,
-            ),
-            Event::Start,
-            now,
+        let t = Token::new(
+            slot,
+            generation,
+            Direction::ClientToUpstream,
+            OpKind::Connect,
         );
+        self.conn_event(t, Event::Start, now);
     }
 
     /// Feeds a header recv's bytes (`res`) to the session core — or, with `timed_out`, the
@@ -192,16 +189,13 @@ impl Worker {
                 }
             }
         };
-        self.conn_event(
-            Token::new(
-                slot,
-                generation,
-                Direction::ClientToUpstream,
-                OpKind::Connect,
-            ),
-            Event::GaveUp { reason: gave_up },
-            now,
+        let t = Token::new(
+            slot,
+            generation,
+            Direction::ClientToUpstream,
+            OpKind::Connect,
         );
+        self.conn_event(t, Event::GaveUp { reason: gave_up }, now);
     }
 
     /// Carries out one action of connection `slot`: the ops it pushes go through
