@@ -72,13 +72,25 @@ impl Accepts {
     }
 }
 
+/// Most connections a worker holds unsettled (accepted, not yet relaying) or closing (waiting
+/// for their ops) before it stops accepting until they drain.
+pub const ACCEPT_BOUND_MAX: usize = 256;
+
+/// One rule's share of an accept bound split over `rules` (each with its listeners: one, or
+/// one per port of a range): an even split, but never below 32 (or the whole bound, if that
+/// is smaller), so a rule among many still accepts in bursts. Each rule is bounded on its own
+/// connections; its ports split its share (see `Listeners::fill`).
+pub fn listener_share(bound: usize, rules: usize) -> usize {
+    (bound / rules.max(1)).max(bound.min(32)).max(1)
+}
+
 /// How many connections of one rule an engine with `workers` workers and `rules` rules lets
 /// be accepted and not yet settled (connected upstream, or disposed of): an accept loop
 /// takes a place before each accept, so a flood of connections that reset at once is
 /// accepted no faster than it is disposed of — the io_uring engine's pacing — and one rule
 /// whose upstream hangs cannot stall another rule's accepts.
 pub fn unsettled_per_rule(workers: usize, rules: usize) -> usize {
-    super::uring::listener_share(super::uring::ACCEPT_BOUND_MAX * workers, rules)
+    listener_share(ACCEPT_BOUND_MAX * workers, rules)
 }
 
 /// Admits an accepted client socket and sets it up: its peer address (`getpeername`, which

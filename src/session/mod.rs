@@ -30,16 +30,15 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use crate::config::{Config, ProxyProtocol, Rule};
-use crate::metrics::{Metrics, Shard};
 use crate::upstream::member::{Transition, describe_errno};
 use crate::upstream::{MemberSet, Picker, Pool, Tried};
-use crate::vocab::{CloseReason, ConnectError, PathKind, RejectReason, is_fd_exhaustion};
+use crate::vocab::{CloseReason, ConnectError, RejectReason, is_fd_exhaustion};
 use acl::Acl;
 use limits::{IpLimits, LimitExceeded, LimitsConfig, Permit};
 use proxy::{Command, Parse, ProxyParser};
 use sni::{ClientHelloParser, Hello, SniRoutes};
 use step::Outgoing;
-pub use step::{Accepted, Closing, Cx, Record, Recorder, Step};
+pub use step::{Accepted, Closing, Cx, End, Record, Recorder, Step};
 
 /// The run-time side of every rule, shared by the engines, the control thread and the admin
 /// endpoint for the life of the process.
@@ -303,16 +302,6 @@ pub enum HeaderStep {
     Reject(RejectReason),
 }
 
-/// How a relay ended, as the engine saw it.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct End<'a> {
-    pub reason: CloseReason,
-    /// Bytes delivered `[client → upstream, upstream → client]`.
-    pub bytes: [u64; 2],
-    /// "copy", "splice" or "copy+splice".
-    pub path: &'a str,
-}
-
 impl RuleRuntime {
     /// Live sessions of this rule.
     pub fn live(&self) -> u32 {
@@ -328,7 +317,7 @@ impl RuleRuntime {
     ///
     /// # Errors
     /// The reason the connection is turned away.
-    pub fn admit<R: Recorder>(
+    fn admit<R: Recorder>(
         &self,
         rec: &R,
         client: Option<SocketAddr>,
@@ -523,7 +512,7 @@ impl Session {
     /// Records the port the client connected to (the accepting listener's port), for a rule
     /// whose `listen` is a port range: the access log names it, and a one-to-one upstream
     /// range dials the member's port at the same offset. A no-op for a single-port rule.
-    pub fn set_listen_port(&mut self, rt: &RuleRuntime, port: u16) {
+    fn set_listen_port(&mut self, rt: &RuleRuntime, port: u16) {
         let listen = &rt.rule.listen;
         if !listen.is_range() {
             return;
@@ -548,7 +537,7 @@ impl Session {
     }
 
     /// Records the address the client connected to (see [`RuleRuntime::wants_local_addr`]).
-    pub fn set_local(&mut self, local: Option<SocketAddr>) {
+    fn set_local(&mut self, local: Option<SocketAddr>) {
         if let Some(p) = &mut self.proxy {
             p.local = local;
         }
@@ -556,7 +545,7 @@ impl Session {
 
     /// Whether a preamble must be read from the client before dialing: a PROXY header
     /// (`accept_proxy`), a ClientHello (a rule with routes), or both in that order.
-    pub fn awaits_header(&self) -> bool {
+    fn awaits_header(&self) -> bool {
         self.proxy
             .as_ref()
             .is_some_and(|p| p.awaits_header || p.hello.is_some())
@@ -572,7 +561,7 @@ impl Session {
     /// oversized hello go to the default route, and with none the session is rejected as
     /// `no_route`. On `Ready`, the bytes after `consumed` belong to the stream: relay them
     /// first. A rejection is counted; close with `CloseReason::Rejected`.
-    pub fn feed_header<R: Recorder>(
+    fn feed_header<R: Recorder>(
         &mut self,
         rt: &RuleRuntime,
         shard: &R,
@@ -647,7 +636,7 @@ impl Session {
     /// The client closed, or the preamble did not come in time: the reason to close with.
     /// A late or cut-short PROXY header and a late ClientHello are counted as rejections; a
     /// client that closes before finishing its ClientHello simply ends.
-    pub fn header_failed<R: Recorder>(&mut self, shard: &R, timed_out: bool) -> CloseReason {
+    fn header_failed<R: Recorder>(&mut self, shard: &R, timed_out: bool) -> CloseReason {
         let hello_only = self
             .proxy
             .as_ref()
@@ -699,7 +688,7 @@ impl Session {
 
     /// The next member to connect to, or the end of the session when every attempt was used.
     /// `pickers` holds one balancer state per pool of the rule ([`RuleRuntime::pickers`]).
-    pub fn dial(&mut self, rt: &RuleRuntime, pickers: &mut [Picker], now: Instant) -> Dial {
+    fn dial(&mut self, rt: &RuleRuntime, pickers: &mut [Picker], now: Instant) -> Dial {
         let (Some(route), Some(set)) = (self.route, &self.set) else {
             return Dial::GiveUp(CloseReason::Rejected(RejectReason::NoRoute));
         };
@@ -755,7 +744,7 @@ impl Session {
     }
 
     /// The upstream connect completed.
-    pub fn connected<R: Recorder>(&mut self, shard: &R, now: Instant) {
+    fn connected<R: Recorder>(&mut self, shard: &R, now: Instant) {
         shard.connected(now.saturating_duration_since(self.accepted_at));
         if let Some(m) = self.member() {
             m.connected();
@@ -765,7 +754,7 @@ impl Session {
 
     /// The upstream connect failed with `errno` (positive). Counts it against the member
     /// (passive health), logs it (rate-limited per member); the engine then dials again.
-    pub fn connect_failed<R: Recorder>(
+    fn connect_failed<R: Recorder>(
         &mut self,
         rt: &RuleRuntime,
         shard: &R,
@@ -813,7 +802,7 @@ impl Session {
     /// The upstream socket could not even be created. Out of descriptors or socket memory
     /// ends the session (`rejected{fd_exhausted}`); anything else (say, an address family
     /// this host lacks) is the member's failure, and `None` tells the engine to dial again.
-    pub fn socket_failed<R: Recorder>(
+    fn socket_failed<R: Recorder>(
         &mut self,
         rt: &RuleRuntime,
         shard: &R,
@@ -838,30 +827,6 @@ impl Session {
         {
             member_down(rt, m, pool, "no answer within first_byte_timeout");
         }
-    }
-
-    /// The session is over (the io_uring engine's way until it moves to the steps): see
-    /// [`Session::close`].
-    pub fn finish(
-        self,
-        rt: &RuleRuntime,
-        metrics: &Metrics,
-        shard: &Shard,
-        end: End<'_>,
-        now: Instant,
-    ) {
-        let (by_path, mixed) = match end.path {
-            "splice" => (PathKind::Splice, false),
-            "copy+splice" => (PathKind::Copy, true),
-            _ => (PathKind::Copy, false),
-        };
-        let end = step::End {
-            reason: end.reason,
-            bytes: end.bytes,
-            path: by_path,
-            mixed,
-        };
-        self.record(rt, &metrics.sink(shard), end, now);
     }
 
     /// Counts the end, frees the session's place under `max_connections`, per client and on

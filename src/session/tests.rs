@@ -2,6 +2,7 @@
 
 use super::*;
 use crate::config::{Config, MemberSpec, Upstream};
+use crate::metrics::{Metrics, Shard};
 use std::num::NonZeroU32;
 use std::time::Duration;
 
@@ -20,6 +21,20 @@ fn config(members: &[&str], retries: u32, cap: u32) -> Config {
     c.rules[0].upstream = Some(up);
     c.rules[0].max_connections = NonZeroU32::new(cap).unwrap();
     c
+}
+
+/// Ends session `s` as an engine does after its relay: `reason`, `bytes` relayed.
+fn end(
+    mut s: Session,
+    r: &RuleRuntime,
+    m: &Metrics,
+    shard: &Shard,
+    reason: CloseReason,
+    bytes: [u64; 2],
+) {
+    let sink = m.sink(shard);
+    let closing = s.on_relay_ended(End::copied(reason, bytes));
+    s.close(closing, &Cx::shared(r, &sink), Instant::now());
 }
 
 fn setup(members: &[&str], retries: u32, cap: u32) -> (Arc<Runtime>, Arc<Metrics>) {
@@ -41,12 +56,7 @@ fn max_connections_holds_on_every_engine_through_one_gate() {
     );
     assert_eq!(r.live(), 2);
     // 2. One ends: there is room again.
-    let end = End {
-        reason: CloseReason::Eof,
-        bytes: [0, 0],
-        path: "copy",
-    };
-    a.finish(r, &m, shard, end, now);
+    end(a, r, &m, shard, CloseReason::Eof, [0, 0]);
     assert!(r.admit(shard, None, now, false).is_ok());
     // 3. While draining, nothing is admitted.
     assert_eq!(
@@ -154,12 +164,7 @@ fn finishing_releases_the_member_and_counts_cuts() {
     };
     assert_eq!(member(&rt).active, 1);
     assert_eq!(member(&rt).connections, 1);
-    let end = End {
-        reason: CloseReason::Shutdown,
-        bytes: [1, 2],
-        path: "copy",
-    };
-    s.finish(r, &m, shard, end, now);
+    end(s, r, &m, shard, CloseReason::Shutdown, [1, 2]);
     assert_eq!(member(&rt).active, 0);
     assert_eq!(rt.cut(), 1);
     assert_eq!(rt.live(), 0);
@@ -207,12 +212,7 @@ fn the_acl_and_per_client_limits_turn_connections_away_before_any_upstream_socke
     );
     assert!(r.admit(shard, peer("127.0.1.2:1000"), now, false).is_ok());
     // 3. A finished session gives its place back.
-    let end = End {
-        reason: CloseReason::Eof,
-        bytes: [0, 0],
-        path: "copy",
-    };
-    a.finish(r, &m, shard, end, now);
+    end(a, r, &m, shard, CloseReason::Eof, [0, 0]);
     assert!(r.admit(shard, peer("127.0.1.1:1003"), now, false).is_ok());
     let s = m.rule(0).snapshot();
     assert_eq!(s.rejected[RejectReason::Acl as usize], 2);
@@ -788,6 +788,31 @@ fn cases() -> Vec<Case> {
                 Rec::SentEarly(2),
                 closed("eof", [5, 4], 1, "default"),
             ],
+        },
+        Case {
+            name: "a client denied behind a trusted proxy",
+            rule: "upstream = \"127.0.0.1:1\"\naccept_proxy = true\nproxy_trusted = [\"127.0.0.0/8\"]\ndeny = [\"192.0.2.0/24\"]\n",
+            peer: "127.0.0.2:5000",
+            dead: false,
+            first: Out::Read,
+            script: vec![(In::Read(PROXY_HEADER), close("acl", true))],
+            recorded: vec![
+                Rec::Accepted,
+                Rec::Rejected("acl"),
+                closed("acl", [0, 0], 0, "default"),
+            ],
+        },
+        Case {
+            name: "shutdown while the preamble is read",
+            rule: PROXIED,
+            peer: "127.0.0.2:5000",
+            dead: false,
+            first: Out::Read,
+            script: vec![
+                (In::Read(b"PROXY"), Out::Read),
+                (In::Abort(C::Shutdown), close("shutdown", true)),
+            ],
+            recorded: vec![Rec::Accepted, closed("shutdown", [0, 0], 0, "default")],
         },
         Case {
             name: "a late PROXY header",

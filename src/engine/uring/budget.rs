@@ -4,6 +4,7 @@
 use nix::sys::resource::{RLIM_INFINITY, Resource, getrlimit};
 
 use crate::config::{Config, DataPath};
+use crate::engine::accept::ACCEPT_BOUND_MAX;
 
 /// Raises the soft `RLIMIT_MEMLOCK` to the hard limit so buffer registration has room.
 pub fn raise_memlock() {
@@ -19,17 +20,6 @@ pub fn raise_memlock() {
 /// Descriptors kept aside at start for what is not a connection: the admin endpoint and its
 /// clients, log and tap files, health-check sockets, the resolver.
 pub const FD_SLACK: usize = 16;
-/// Most connections a worker holds unsettled (accepted, not yet relaying) or closing (waiting
-/// for their ops) before it stops accepting until they drain.
-pub const ACCEPT_BOUND_MAX: usize = 256;
-
-/// One rule's share of an accept bound split over `rules` (each with its listeners: one, or
-/// one per port of a range): an even split, but never below 32 (or the whole bound, if that
-/// is smaller), so a rule among many still accepts in bursts. Each rule is bounded on its own
-/// connections; its ports split its share (see `Listeners::fill`).
-pub fn listener_share(bound: usize, rules: usize) -> usize {
-    (bound / rules.max(1)).max(bound.min(32)).max(1)
-}
 /// The `CapEff` bit of CAP_IPC_LOCK (`linux/capability.h`).
 const CAP_IPC_LOCK: u32 = 14;
 

@@ -166,7 +166,7 @@ impl Listeners {
             return;
         }
         let rules_here = self.by_rule.iter().filter(|&&n| n > 0).count();
-        let share = super::listener_share(self.accept_bound, rules_here);
+        let share = crate::engine::accept::listener_share(self.accept_bound, rules_here);
         let mut queue = std::mem::take(&mut self.to_arm);
         for &i in &queue {
             let rule = self.all[i].rule;

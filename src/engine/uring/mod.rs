@@ -36,9 +36,7 @@ use super::{Listeners, RunContext};
 use crate::config::Config;
 use crate::net;
 
-pub use budget::{
-    ACCEPT_BOUND_MAX, Budget, FD_SLACK, Limits, budget, listener_share, raise_memlock,
-};
+pub use budget::{Budget, FD_SLACK, Limits, budget, raise_memlock};
 
 /// Why io_uring cannot be used here, by cause; `Display` says what to do about it.
 #[derive(Debug, thiserror::Error)]

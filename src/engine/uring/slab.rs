@@ -11,7 +11,7 @@ use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use super::conn::Conn;
 use super::splice::Pipe;
 use crate::metrics::tap::TapSession;
-use crate::session::Session;
+use crate::session::{Session, Step};
 use crate::vocab::Direction;
 
 /// A live connection.
@@ -33,6 +33,9 @@ pub struct Entry {
     pub tap: Option<TapSession>,
     /// Header and preamble bytes, only for rules that read or send a PROXY header.
     pub preamble: Option<Box<Preamble>>,
+    /// The session's last step not yet carried out (where to connect next, the preamble to
+    /// send, or the close it decided on, kept until the machine finishes).
+    pub step: Option<Step>,
 }
 
 /// A connection's own small buffer for the PROXY header it reads and the preamble it sends.
@@ -65,6 +68,7 @@ impl Entry {
             pipes: [None, None],
             tap: None,
             preamble: None,
+            step: None,
         }
     }
 

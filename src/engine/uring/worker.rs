@@ -379,13 +379,8 @@ impl Worker {
                     Some(e) if res > 0 => {
                         let p = e.preamble.as_mut().expect("a preamble is being sent");
                         p.sent += res as usize;
-                        if p.sent >= p.filled {
-                            // Sent: the buffer's job is done, give its memory back.
-                            e.preamble = None;
-                            Event::PreambleDone
-                        } else {
-                            Event::PreambleProgress
-                        }
+                        // The rest, or (all sent) the session told and the relay started.
+                        Event::PreambleProgress
                     }
                     _ => Event::PreambleFailed { res },
                 };
@@ -474,25 +469,19 @@ impl Worker {
             let Some(g) = self.slab.generation(s) else {
                 continue;
             };
-            let id = self.id;
-            let reason = match self.slab.get_mut(s, g) {
-                Some(e)
-                    if e.conn.phase() == ConnPhase::ReadingHeader
-                        && e.preamble
-                            .as_ref()
-                            .and_then(|p| p.deadline)
-                            .is_some_and(|d| now >= d) =>
-                {
-                    let shard = self.metrics.rule(e.rule).shard(id);
-                    e.session.header_failed(shard, true)
-                }
-                _ => continue,
-            };
-            self.conn_event(
-                Token::new(s, g, Direction::ClientToUpstream, OpKind::HeaderRecv),
-                Event::GaveUp { reason },
-                now,
-            );
+            let expired = self.slab.get(s, g).is_some_and(|e| {
+                e.conn.phase() == ConnPhase::ReadingHeader
+                    && e.preamble
+                        .as_ref()
+                        .and_then(|p| p.deadline)
+                        .is_some_and(|d| now >= d)
+            });
+            if !expired {
+                continue;
+            }
+            let t = Token::new(s, g, Direction::ClientToUpstream, OpKind::HeaderRecv);
+            let ev = self.header_expired(t, now);
+            self.conn_event(t, ev, now);
         }
     }
 

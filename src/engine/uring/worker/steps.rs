@@ -8,6 +8,7 @@ use std::time::Instant;
 use socket2::SockRef;
 
 use super::Worker;
+use crate::engine::accept;
 use crate::engine::uring::conn::{Action, Conn, Event, Phase as ConnPhase};
 use crate::engine::uring::listeners::Accepted;
 use crate::engine::uring::ops;
@@ -15,17 +16,17 @@ use crate::engine::uring::slab::{Entry, Preamble, Target};
 use crate::engine::uring::splice::SysPipeIo;
 use crate::engine::uring::token::{OpKind, Token};
 use crate::net;
-use crate::session::{Dial, End, HeaderStep, proxy};
-use crate::vocab::errno_of;
-use crate::vocab::{CloseReason, Direction, PathKind};
+use crate::session::step::End;
+use crate::session::{Cx, Step, proxy};
+use crate::vocab::{CloseReason, Direction, errno_of};
 
 /// The header buffer a connection starts with (grown by doubling up to the header's cap):
 /// a slowloris on the PROXY header costs this, not a pool buffer.
 const HEADER_BUF_START: usize = 256;
 
 impl Worker {
-    /// Takes an accepted connection on: admission by the session core, the client socket's
-    /// options, its entry, and the machine's start.
+    /// Takes an accepted connection on: admission and the client socket's set-up
+    /// ([`accept::admit`]), its entry, and the machine's start.
     pub(super) fn accept_conn(&mut self, accepted: Accepted, now: Instant) {
         let Accepted {
             client,
@@ -33,28 +34,16 @@ impl Worker {
             port,
         } = accepted;
         let rt = self.runtime.rule(ri);
-        let shard = self.metrics.rule(ri).shard(self.id);
-        let peer = SockRef::from(&client)
-            .peer_addr()
-            .ok()
-            .and_then(|a| a.as_socket());
-        let Ok(session) = rt.admit(shard, peer, now, self.shutdown.refuses_new()) else {
-            net::set_reset_on_close(SockRef::from(&client));
+        let sink = self.metrics.sink(self.metrics.rule(ri).shard(self.id));
+        let mut cx = Cx {
+            rule: rt,
+            rec: &sink,
+            pickers: Some(&mut self.rules[ri].pickers),
+        };
+        let draining = self.shutdown.refuses_new();
+        let Some((mut session, step)) = accept::admit(&client, &mut cx, port, draining) else {
             return;
         };
-        if peer.is_none() {
-            // getpeername failed (ENOTCONN): the client reset or vanished while it waited in
-            // the listen queue. Nothing to dial for; close it at once (a flood of such
-            // connections must cost no upstream connect).
-            net::set_reset_on_close(SockRef::from(&client));
-            let end = End {
-                reason: CloseReason::Reset,
-                bytes: [0, 0],
-                path: "copy",
-            };
-            session.finish(rt, &self.metrics, shard, end, now);
-            return;
-        }
         // Where the connection's packets were processed, against where this worker runs: what
         // CPU-affine accept (`steer`) is for, exported as `ringfwd_accepts_total`.
         if let (Ok(incoming), Ok(here)) = (
@@ -63,32 +52,16 @@ impl Worker {
         ) {
             self.metrics.accepted_on(self.id, incoming == here);
         }
-        if let Err(e) = net::apply_tcp_options(SockRef::from(&client), &rt.rule.tcp) {
-            tracing::debug!(error = %e, "socket option on client socket failed");
-        }
-        if !self.slab.has_room() {
+        let step = match step {
             // The slab holds every rule's max_connections, so the gate turns connections
             // away before this; should it ever be full, close this one cleanly.
-            net::set_reset_on_close(SockRef::from(&client));
-            let end = End {
-                reason: CloseReason::Error,
-                bytes: [0, 0],
-                path: "copy",
-            };
-            session.finish(rt, &self.metrics, shard, end, now);
-            return;
+            _ if !self.slab.has_room() => Step::Close(session.abort(&cx, CloseReason::Error)),
+            step => step,
+        };
+        if let Step::Close(closing) = step {
+            return accept::close(session, closing, &cx, client, None);
         }
-        let mut session = session;
-        session.set_listen_port(rt, port);
-        if rt.wants_local_addr() {
-            session.set_local(
-                SockRef::from(&client)
-                    .local_addr()
-                    .ok()
-                    .and_then(|a| a.as_socket()),
-            );
-        }
-        let reads_header = session.awaits_header();
+        let reads_header = matches!(step, Step::ReadPreamble { .. });
         let sends_header = rt.rule.proxy_protocol != crate::config::ProxyProtocol::Off;
         let conn = Conn::with_preamble(
             now,
@@ -100,33 +73,43 @@ impl Worker {
         .with_auto_thresholds(self.auto_thresholds.0, self.auto_thresholds.1);
         let mut entry = Entry::new(conn, session, ri, client);
         if reads_header || sends_header {
-            let (_, timeout) = rt.header_limits();
             entry.preamble = Some(Box::new(Preamble {
                 buf: if reads_header {
                     vec![0; HEADER_BUF_START]
                 } else {
                     Vec::new()
                 },
-                deadline: reads_header.then(|| now + timeout),
+                deadline: match step {
+                    Step::ReadPreamble { deadline, .. } => Some(deadline),
+                    _ => None,
+                },
                 ..Preamble::default()
             }));
         }
+        entry.step = Some(step);
         let (slot, generation) = self.slab.insert(entry);
         self.listeners.unsettled(ri);
-        self.conn_event(
-            Token::new(
-                slot,
-                generation,
-                Direction::ClientToUpstream,
-                OpKind::Connect,
-            ),
-            Event::Start,
-            now,
+        let t = Token::new(
+            slot,
+            generation,
+            Direction::ClientToUpstream,
+            OpKind::Connect,
         );
+        self.conn_event(t, Event::Start, now);
     }
 
-    /// Feeds a header recv's bytes to the session core: read more, dial, or close.
+    /// Feeds a header recv's bytes (`res`) to the session core — or, with `timed_out`, the
+    /// header's deadline: read more, dial, or close.
     pub(super) fn header_received(&mut self, t: Token, res: i32, now: Instant) -> Event {
+        self.preamble_event(t, Some(res), now)
+    }
+
+    /// The preamble's deadline passed.
+    pub(super) fn header_expired(&mut self, t: Token, now: Instant) -> Event {
+        self.preamble_event(t, None, now)
+    }
+
+    fn preamble_event(&mut self, t: Token, res: Option<i32>, now: Instant) -> Event {
         let Some(e) = self.slab.get_mut(t.slot, t.generation) else {
             return Event::CancelDone;
         };
@@ -134,32 +117,36 @@ impl Worker {
             // Cancelled by a close already under way.
             return Event::CancelDone;
         }
-        let rt = self.runtime.rule(e.rule);
-        let shard = self.metrics.rule(e.rule).shard(self.id);
+        let sink = self.metrics.sink(self.metrics.rule(e.rule).shard(self.id));
+        let mut cx = Cx {
+            rule: self.runtime.rule(e.rule),
+            rec: &sink,
+            pickers: Some(&mut self.rules[e.rule].pickers),
+        };
         let p = e.preamble.as_mut().expect("a header is being read");
-        if res <= 0 {
+        let step = match res {
+            None => e.session.on_preamble_failed(&cx, true),
             // The client closed or failed before its header was complete.
-            return Event::GaveUp {
-                reason: e.session.header_failed(shard, false),
-            };
-        }
-        p.filled += res as usize;
-        match e.session.feed_header(rt, shard, &p.buf[..p.filled], now) {
-            HeaderStep::NeedMore => Event::HeaderIncomplete,
-            HeaderStep::Ready { consumed } => {
-                // What follows the header is the client's stream: it goes out first.
-                p.sent = consumed;
+            Some(res) if res <= 0 => e.session.on_preamble_failed(&cx, false),
+            Some(res) => {
+                p.filled += res as usize;
+                e.session.on_preamble(&mut cx, &p.buf[..p.filled], now)
+            }
+        };
+        let ev = match &step {
+            Step::ReadPreamble { .. } => Event::HeaderIncomplete,
+            Step::Close(c) => Event::GaveUp { reason: c.reason() },
+            _ => {
                 p.deadline = None;
                 Event::HeaderRead
             }
-            HeaderStep::Reject(why) => Event::GaveUp {
-                reason: CloseReason::Rejected(why),
-            },
-        }
+        };
+        e.step = Some(step);
+        ev
     }
 
-    /// Asks the session core for the next member, opens a socket to it and submits the
-    /// connect with its link timeout; tells the machine `GaveUp` when there is none.
+    /// Carries out the session's `Connect` step: opens a socket to the member and submits
+    /// the connect with its link timeout; tells the machine `GaveUp` when the session ends.
     fn dial(&mut self, slot: u32, generation: u16, now: Instant) {
         let Some(e) = self.slab.get_mut(slot, generation) else {
             return;
@@ -167,16 +154,28 @@ impl Worker {
         debug_assert_eq!(e.in_flight(), 0, "dialing with ops in flight");
         // The previous attempt's socket: every op on it has completed.
         e.upstream = None;
-        let rt = self.runtime.rule(e.rule);
-        let shard = self.metrics.rule(e.rule).shard(self.id);
-        let pickers = &mut self.rules[e.rule].pickers;
+        let sink = self.metrics.sink(self.metrics.rule(e.rule).shard(self.id));
+        let mut cx = Cx {
+            rule: self.runtime.rule(e.rule),
+            rec: &sink,
+            pickers: Some(&mut self.rules[e.rule].pickers),
+        };
         let gave_up = loop {
-            let addr = match e.session.dial(rt, pickers, now) {
-                Dial::Connect(addr) => addr,
-                Dial::GiveUp(reason) => break reason,
+            let addr = match e.step.take() {
+                Some(Step::Connect { addr, .. }) => addr,
+                Some(Step::Close(c)) => {
+                    let reason = c.reason();
+                    e.step = Some(Step::Close(c));
+                    break reason;
+                }
+                _ => {
+                    let c = e.session.abort(&cx, CloseReason::Error);
+                    e.step = Some(Step::Close(c));
+                    break CloseReason::Error;
+                }
             };
-            let socket =
-                net::upstream_socket(addr, &rt.rule.tcp, e.session.origin(rt)).and_then(|s| {
+            let socket = net::upstream_socket(addr, &cx.rule.rule.tcp, e.session.origin(cx.rule))
+                .and_then(|s| {
                     s.set_nonblocking(true)?;
                     Ok(OwnedFd::from(s))
                 });
@@ -188,23 +187,23 @@ impl Worker {
                     return;
                 }
                 Err(err) => {
-                    if let Some(reason) = e.session.socket_failed(rt, shard, errno_of(&err), now) {
-                        tracing::warn!(worker = self.id, rule = %rt.rule.name, error = %err, "cannot create upstream socket; connection reset");
-                        break reason;
+                    let next = e.session.on_socket_failed(&mut cx, errno_of(&err), now);
+                    if let Step::Close(c) = &next
+                        && c.reason() == CloseReason::FdExhausted
+                    {
+                        tracing::warn!(worker = self.id, rule = %cx.rule.rule.name, error = %err, "cannot create upstream socket; connection reset");
                     }
+                    e.step = Some(next);
                 }
             }
         };
-        self.conn_event(
-            Token::new(
-                slot,
-                generation,
-                Direction::ClientToUpstream,
-                OpKind::Connect,
-            ),
-            Event::GaveUp { reason: gave_up },
-            now,
+        let t = Token::new(
+            slot,
+            generation,
+            Direction::ClientToUpstream,
+            OpKind::Connect,
         );
+        self.conn_event(t, Event::GaveUp { reason: gave_up }, now);
     }
 
     /// Carries out one action of connection `slot`: the ops it pushes go through
@@ -267,19 +266,27 @@ impl Worker {
                 // The fd is open (owned by this entry); -1 (no upstream) fails harmlessly.
                 let _ = nix::sys::socket::shutdown(fd, nix::sys::socket::Shutdown::Write);
             }
-            Action::Connected => {
+            Action::Connected | Action::ConnectFailed(_) => {
                 let tap = self.metrics.rule(ri).tap();
-                if let Some(e) = self.slab.get_mut(slot, generation) {
-                    e.session.connected(shard, now);
-                    if let (Some(tap), Some(up)) = (tap, e.session.upstream()) {
-                        e.tap = Some(tap.open_session(e.session.client, up));
-                    }
-                }
-            }
-            Action::ConnectFailed(res) => {
-                let rt = self.runtime.rule(ri);
-                if let Some(e) = self.slab.get_mut(slot, generation) {
-                    e.session.connect_failed(rt, shard, -res, now);
+                let sink = self.metrics.sink(shard);
+                let Some(e) = self.slab.get_mut(slot, generation) else {
+                    return;
+                };
+                let mut cx = Cx {
+                    rule: self.runtime.rule(ri),
+                    rec: &sink,
+                    pickers: Some(&mut self.rules[ri].pickers),
+                };
+                e.step = Some(match action {
+                    // The next member is picked now; the machine dials it once the failed
+                    // attempt's ops have drained.
+                    Action::ConnectFailed(res) => e.session.on_connect_failed(&mut cx, -res, now),
+                    _ => e.session.on_connected(&cx, now),
+                });
+                if let (Some(tap), Some(up), Action::Connected) =
+                    (tap, e.session.upstream(), action)
+                {
+                    e.tap = Some(tap.open_session(e.session.client, up));
                 }
             }
             Action::FirstByte => {
@@ -327,8 +334,9 @@ impl Worker {
         e.submitted(n);
     }
 
-    /// Sends (the rest of) the preamble to the upstream: built once from the PROXY header the
-    /// session core writes and the client's bytes that came after its own header.
+    /// Carries out the session's `SendPreamble` step (the PROXY header the session core
+    /// writes, then the client's bytes after its own header), built once, sent until done;
+    /// then tells the session it was sent.
     fn send_preamble(&mut self, slot: u32, generation: u16, now: Instant) {
         let token = Token::new(
             slot,
@@ -340,47 +348,35 @@ impl Worker {
             return;
         };
         let rt = self.runtime.rule(e.rule);
-        let shard = self.metrics.rule(e.rule).shard(self.id);
         let Entry {
             preamble,
             session,
             conn,
+            step,
+            rule,
             ..
         } = e;
-        let pending = preamble
-            .as_mut()
-            .filter(|p| !p.outgoing || p.sent < p.filled);
-        let Some(p) = pending else {
-            // Nothing (left) to send: the buffer's job is done.
-            *preamble = None;
-            return self.conn_event(token, Event::PreambleDone, now);
-        };
-        if !p.outgoing {
-            let mut header = [0u8; proxy::V1_BUF_LEN];
-            let n = session.upstream_header(rt, &mut header);
-            let early = p.buf.get(p.sent..p.filled).unwrap_or(&[]);
-            let mut out = Vec::with_capacity(n + early.len());
-            out.extend_from_slice(&header[..n]);
-            out.extend_from_slice(early);
-            if !early.is_empty() {
-                conn.bytes[0] += early.len() as u64;
-                conn.note_sent(Instant::now());
-                shard.bytes(
-                    Direction::ClientToUpstream,
-                    PathKind::Copy,
-                    early.len() as u64,
-                );
+        if let (Some(p), Some(Step::SendPreamble { early_from })) = (preamble.as_mut(), &*step) {
+            if !p.outgoing {
+                let mut header = [0u8; proxy::V1_BUF_LEN];
+                let n = session.upstream_header(rt, &mut header);
+                let early = p.buf.get(*early_from..p.filled).unwrap_or(&[]);
+                p.buf = [&header[..n], early].concat();
+                (p.filled, p.sent, p.outgoing) = (p.buf.len(), 0, true);
             }
-            p.filled = out.len();
-            p.buf = out;
-            p.sent = 0;
-            p.outgoing = true;
-            if p.filled == 0 {
-                *preamble = None;
-                return self.conn_event(token, Event::PreambleDone, now);
+            if p.sent < p.filled {
+                return self.submit(slot, generation, Action::SendPreamble);
             }
         }
-        self.submit(slot, generation, Action::SendPreamble);
+        // Sent (or nothing to send): the buffer's job is done.
+        *preamble = None;
+        let sink = self.metrics.sink(self.metrics.rule(*rule).shard(self.id));
+        let cx = Cx::shared(rt, &sink);
+        if let Step::Relay { client_spoke: true } = session.on_sent(&cx) {
+            conn.note_sent(Instant::now());
+        }
+        *step = None;
+        self.conn_event(token, Event::PreambleDone, now);
     }
 
     /// Runs a spliced direction's pump (the splice syscalls) and feeds the outcome back.
@@ -463,21 +459,16 @@ impl Worker {
         if let (Some(session), Some(tap)) = (e.tap.take(), self.metrics.rule(e.rule).tap()) {
             tap.close_session(session, reason);
         }
-        let path = match e.conn.bytes_path {
-            [_, 0] => "copy",
-            [0, _] => "splice",
-            _ => "copy+splice",
+        // The close the session decided on, or the relay's end.
+        let closing = match e.step.take() {
+            Some(Step::Close(c)) => c,
+            _ => (e.session).on_relay_ended(End::by_path(reason, e.conn.bytes, e.conn.bytes_path)),
         };
-        let end = End {
-            reason,
-            bytes: e.conn.bytes,
-            path,
-        };
-        let shard = self.metrics.rule(e.rule).shard(self.id);
+        let sink = self.metrics.sink(self.metrics.rule(e.rule).shard(self.id));
         // Dropping the fds closes them: every op on them has completed.
         drop(e.upstream);
         drop(e.client);
         e.session
-            .finish(self.runtime.rule(e.rule), &self.metrics, shard, end, now);
+            .close(closing, &Cx::shared(self.runtime.rule(e.rule), &sink), now);
     }
 }
