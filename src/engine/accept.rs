@@ -239,10 +239,11 @@ pub async fn read_preamble<W: Wire, R: Recorder>(
 ) -> Step {
     while let Step::ReadPreamble { cap, deadline } = step {
         let start = buf.len();
-        buf.resize(
-            start + PREAMBLE_CHUNK.min(cap.saturating_sub(start).max(1)),
-            0,
-        );
+        let chunk = PREAMBLE_CHUNK.min(cap.saturating_sub(start).max(1));
+        // Exactly this much, not a doubling: a client dripping its preamble byte by byte
+        // holds this buffer across every wait, so its size is what a slowloris costs.
+        buf.reserve_exact(chunk);
+        buf.resize(start + chunk, 0);
         let read = unless(wire.read(&mut buf[start..], deadline), wire.closing()).await;
         let got = match read {
             Some(Read::Got(n)) => n,
