@@ -10,8 +10,8 @@
 use std::io::{self, Read as _, Write};
 use std::net::{Shutdown as SockShutdown, SocketAddr, TcpListener, TcpStream};
 use std::os::fd::AsFd;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags, EpollTimeout};
@@ -211,7 +211,7 @@ impl Conn {
             rm: e.metrics.rule(rule),
             relaying: &relaying,
             shutdown: &e.shutdown,
-            abort: AtomicU8::new(0),
+            abort: OnceLock::new(),
         };
         let reason = relay.run(&client, &upstream, session.accepted_at);
         relaying.end(session, &cx, reason, client, upstream);
@@ -283,18 +283,9 @@ struct Relay<'a> {
     rm: &'a RuleMetrics,
     relaying: &'a Relaying<'a>,
     shutdown: &'a Shutdown,
-    /// 0 while running, else 1 + the index in [`REASONS`] of what ended the session.
-    abort: AtomicU8,
+    /// What ended the session: set once, by whichever direction saw it first.
+    abort: OnceLock<CloseReason>,
 }
-
-const REASONS: [CloseReason; 6] = [
-    CloseReason::Eof,
-    CloseReason::Reset,
-    CloseReason::IdleTimeout,
-    CloseReason::Shutdown,
-    CloseReason::Error,
-    CloseReason::FirstByteTimeout,
-];
 
 impl Relay<'_> {
     /// Moves both directions (upstream to client on a thread of its own) until both ended
@@ -330,20 +321,11 @@ impl Relay<'_> {
     }
 
     fn abort(&self, why: CloseReason) {
-        let code = REASONS
-            .iter()
-            .position(|r| *r == why)
-            .map_or(0, |p| p as u8 + 1);
-        let _ = self
-            .abort
-            .compare_exchange(0, code, Ordering::AcqRel, Ordering::Acquire);
+        let _ = self.abort.set(why);
     }
 
     fn aborted(&self) -> Option<CloseReason> {
-        match self.abort.load(Ordering::Acquire) {
-            0 => None,
-            n => Some(REASONS[usize::from(n - 1)]),
-        }
+        self.abort.get().copied()
     }
 
     /// Called when a blocking call timed out: decides whether the session must end.
