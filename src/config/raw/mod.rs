@@ -306,7 +306,10 @@ pub struct RateText(pub String);
 
 impl<'de> Deserialize<'de> for RateText {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        match int_or_text::<D, i64>(d, "expected a rate such as \"50/s\", \"600/m\" or \"100/h\"")? {
+        match int_or_text::<D, i64>(
+            d,
+            "expected a rate such as \"50/s\", \"600/m\" or \"100/h\"",
+        )? {
             IntOrText::Int(n) => Err(serde::de::Error::custom(format!(
                 "invalid rate {n}: a period is required, written as a string such as \"{n}/s\""
             ))),
