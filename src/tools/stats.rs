@@ -91,12 +91,7 @@ async fn fetch_json<T: serde::de::DeserializeOwned>(
     path: &str,
 ) -> Result<T, ToolError> {
     let work = async {
-        let stream = tokio::net::TcpStream::connect(addr)
-            .await
-            .map_err(|e| format!("cannot reach the admin endpoint at {addr}: {e} (is the forwarder running with admin = \"{addr}\"?)"))?;
-        let (mut sender, conn) =
-            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await?;
-        let conn = tokio::spawn(conn);
+        let (mut sender, conn) = super::admin_connect(addr).await?;
         let req = hyper::Request::get(path)
             .header(hyper::header::HOST, addr.to_string())
             .body(Empty::<Bytes>::new())?;

@@ -121,12 +121,7 @@ pub fn run(args: UpstreamArgs) -> Result<(), ToolError> {
 
 async fn post(addr: SocketAddr, path: &str, token: Option<&str>) -> Result<String, ToolError> {
     let work = async {
-        let stream = tokio::net::TcpStream::connect(addr)
-            .await
-            .map_err(|e| format!("cannot reach the admin endpoint at {addr}: {e} (is the forwarder running with admin = \"{addr}\"?)"))?;
-        let (mut sender, conn) =
-            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await?;
-        let conn = tokio::spawn(conn);
+        let (mut sender, conn) = super::admin_connect(addr).await?;
         let mut req = hyper::Request::post(path).header(hyper::header::HOST, addr.to_string());
         if let Some(t) = token {
             req = req.header(hyper::header::AUTHORIZATION, format!("Bearer {t}"));

@@ -20,25 +20,33 @@ pub const MAX_KEEPALIVE_COUNT: u32 = 127;
 pub const KEEPALIVE_TIME_RANGE: std::ops::RangeInclusive<Duration> =
     Duration::from_secs(1)..=Duration::from_secs(32767);
 
+/// A value written either as an integer or as a string; each unit type maps the two cases.
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum IntOrText<I> {
+    Int(I),
+    Text(String),
+}
+
+/// An [`IntOrText`], or the error `expected` when the value is neither.
+fn int_or_text<'de, D: Deserializer<'de>, I: Deserialize<'de>>(
+    d: D,
+    expected: &str,
+) -> Result<IntOrText<I>, D::Error> {
+    IntOrText::deserialize(d).map_err(|_| serde::de::Error::custom(expected))
+}
+
 /// A duration written with a unit, e.g. `"5s"`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct DurationValue(pub Duration);
 
 impl<'de> Deserialize<'de> for DurationValue {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        #[derive(Deserialize)]
-        #[serde(untagged)]
-        enum Either {
-            Int(i64),
-            Text(String),
-        }
-        match Either::deserialize(d).map_err(|_| {
-            serde::de::Error::custom("expected a duration with a unit, such as \"5s\"")
-        })? {
-            Either::Int(n) => Err(serde::de::Error::custom(format!(
+        match int_or_text::<D, i64>(d, "expected a duration with a unit, such as \"5s\"")? {
+            IntOrText::Int(n) => Err(serde::de::Error::custom(format!(
                 "invalid duration {n}: a unit is required, written as a string such as \"{n}s\""
             ))),
-            Either::Text(t) => parse_duration(&t)
+            IntOrText::Text(t) => parse_duration(&t)
                 .map(DurationValue)
                 .map_err(serde::de::Error::custom),
         }
@@ -51,17 +59,9 @@ pub struct SizeValue(pub ByteSize);
 
 impl<'de> Deserialize<'de> for SizeValue {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        #[derive(Deserialize)]
-        #[serde(untagged)]
-        enum Either {
-            Int(u64),
-            Text(String),
-        }
-        match Either::deserialize(d).map_err(|_| {
-            serde::de::Error::custom("expected a size such as \"64KiB\" or a number of bytes")
-        })? {
-            Either::Int(n) => Ok(SizeValue(ByteSize(n))),
-            Either::Text(t) => parse_size(&t)
+        match int_or_text::<D, u64>(d, "expected a size such as \"64KiB\" or a number of bytes")? {
+            IntOrText::Int(n) => Ok(SizeValue(ByteSize(n))),
+            IntOrText::Text(t) => parse_size(&t)
                 .map(SizeValue)
                 .map_err(serde::de::Error::custom),
         }
@@ -80,15 +80,9 @@ pub const MAX_WORKERS: usize = 1024;
 
 impl<'de> Deserialize<'de> for WorkersValue {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        #[derive(Deserialize)]
-        #[serde(untagged)]
-        enum Either {
-            Int(i64),
-            Text(String),
-        }
         let expected = || format!("expected \"auto\" or 1..={MAX_WORKERS}");
-        match Either::deserialize(d).map_err(|_| serde::de::Error::custom(expected()))? {
-            Either::Int(n) => usize::try_from(n)
+        match int_or_text::<D, i64>(d, &expected())? {
+            IntOrText::Int(n) => usize::try_from(n)
                 .ok()
                 .filter(|n| *n <= MAX_WORKERS)
                 .and_then(NonZeroUsize::new)
@@ -96,8 +90,8 @@ impl<'de> Deserialize<'de> for WorkersValue {
                 .ok_or_else(|| {
                     serde::de::Error::custom(format!("invalid workers {n}: {}", expected()))
                 }),
-            Either::Text(t) if t == "auto" => Ok(WorkersValue::Auto),
-            Either::Text(t) => Err(serde::de::Error::custom(format!(
+            IntOrText::Text(t) if t == "auto" => Ok(WorkersValue::Auto),
+            IntOrText::Text(t) => Err(serde::de::Error::custom(format!(
                 "invalid workers {t:?}: {}",
                 expected()
             ))),
@@ -312,19 +306,14 @@ pub struct RateText(pub String);
 
 impl<'de> Deserialize<'de> for RateText {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        #[derive(Deserialize)]
-        #[serde(untagged)]
-        enum Either {
-            Int(i64),
-            Text(String),
-        }
-        match Either::deserialize(d).map_err(|_| {
-            serde::de::Error::custom("expected a rate such as \"50/s\", \"600/m\" or \"100/h\"")
-        })? {
-            Either::Int(n) => Err(serde::de::Error::custom(format!(
+        match int_or_text::<D, i64>(
+            d,
+            "expected a rate such as \"50/s\", \"600/m\" or \"100/h\"",
+        )? {
+            IntOrText::Int(n) => Err(serde::de::Error::custom(format!(
                 "invalid rate {n}: a period is required, written as a string such as \"{n}/s\""
             ))),
-            Either::Text(t) => Ok(RateText(t)),
+            IntOrText::Text(t) => Ok(RateText(t)),
         }
     }
 }

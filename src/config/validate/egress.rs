@@ -27,25 +27,26 @@ pub(super) struct EgressKeys<'a> {
     upstream_mptcp: Option<&'a Spanned<bool>>,
 }
 
+/// The [`EgressKeys`] of a raw table that has the five keys as fields (a rule's or a route's).
+macro_rules! egress_keys_of {
+    ($r:expr) => {
+        EgressKeys {
+            transparent: $r.transparent.as_ref(),
+            source: $r.source.as_ref(),
+            mark: $r.mark.as_ref(),
+            interface: $r.interface.as_ref(),
+            upstream_mptcp: $r.upstream_mptcp.as_ref(),
+        }
+    };
+}
+
 impl<'a> EgressKeys<'a> {
     pub(super) fn of_rule(r: &'a RuleKeys) -> Self {
-        Self {
-            transparent: r.transparent.as_ref(),
-            source: r.source.as_ref(),
-            mark: r.mark.as_ref(),
-            interface: r.interface.as_ref(),
-            upstream_mptcp: r.upstream_mptcp.as_ref(),
-        }
+        egress_keys_of!(r)
     }
 
     pub(super) fn of_route(r: &'a RouteKeys) -> Self {
-        Self {
-            transparent: r.transparent.as_ref(),
-            source: r.source.as_ref(),
-            mark: r.mark.as_ref(),
-            interface: r.interface.as_ref(),
-            upstream_mptcp: r.upstream_mptcp.as_ref(),
-        }
+        egress_keys_of!(r)
     }
 
     /// The first key written here that needs `CAP_NET_ADMIN` when sockets are opened, with
