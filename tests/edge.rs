@@ -38,52 +38,35 @@ use support::pool::{connect_from, wait_until};
 use support::sock::{self, Backend, End};
 use support::{STEP_TIMEOUT, procfs};
 
-/// One module of tests for one engine (the extra flags of `ringfwd run`): every common
-/// scenario, plus the ones listed after the flags.
-macro_rules! engine_suite {
-    ($suite:ident, [$($arg:literal),* $(,)?] $(, $extra:ident)* $(,)?) => {
-        mod $suite {
-            const ENGINE: &[&str] = &[$($arg),*];
-            crate::support::scenarios!(
-                haproxy_send_proxy_v1_and_v2_reach_ringfwd_accept_proxy,
-                ringfwd_proxy_protocol_reaches_a_checking_server,
-                untrusted_source_is_rejected_without_reading,
-                bad_late_and_local_headers,
-                acl_allows_and_denies_by_source,
-                per_ip_limit_holds_under_a_thousand_attempts,
-                rate_limit_admits_the_configured_rate,
-                $($extra,)*
-            );
-        }
-    };
-}
+support::engine_suite!(
+    [
+        haproxy_send_proxy_v1_and_v2_reach_ringfwd_accept_proxy,
+        ringfwd_proxy_protocol_reaches_a_checking_server,
+        untrusted_source_is_rejected_without_reading,
+        bad_late_and_local_headers,
+        acl_allows_and_denies_by_source,
+        per_ip_limit_holds_under_a_thousand_attempts,
+        rate_limit_admits_the_configured_rate,
+    ],
+    std_engine: ["--engine", "std"],
+    tokio_engine: ["--engine", "tokio"],
+    uring_copy: ["--engine", "uring", "--mode", "copy"],
+    uring_splice: ["--engine", "uring", "--mode", "splice"],
+    uring_auto: ["--engine", "uring", "--mode", "auto"],
+);
 
-// The std engine runs a thread per connection by design (a benchmark baseline, "not for many
-// connections"), so the 2 000-connection memory budget is not asked of it.
-engine_suite!(std_engine, ["--engine", "std"]);
-engine_suite!(
-    tokio_engine,
-    ["--engine", "tokio"],
-    slowloris_preamble_costs_kilobytes,
-    slowloris_hello_costs_kilobytes
-);
-engine_suite!(
-    uring_copy,
-    ["--engine", "uring", "--mode", "copy"],
-    slowloris_preamble_costs_kilobytes,
-    slowloris_hello_costs_kilobytes
-);
-engine_suite!(
-    uring_splice,
-    ["--engine", "uring", "--mode", "splice"],
-    slowloris_preamble_costs_kilobytes,
-    slowloris_hello_costs_kilobytes
-);
-engine_suite!(
-    uring_auto,
-    ["--engine", "uring", "--mode", "auto"],
-    slowloris_preamble_costs_kilobytes,
-    slowloris_hello_costs_kilobytes
+// The memory budget of 2 000 held slowloris connections. The std engine runs a thread per
+// connection by design (a benchmark baseline, "not for many connections"), so it is not
+// asked of it.
+support::engine_suite!(
+    [
+        slowloris_preamble_costs_kilobytes,
+        slowloris_hello_costs_kilobytes,
+    ],
+    tokio_memory: ["--engine", "tokio"],
+    uring_copy_memory: ["--engine", "uring", "--mode", "copy"],
+    uring_splice_memory: ["--engine", "uring", "--mode", "splice"],
+    uring_auto_memory: ["--engine", "uring", "--mode", "auto"],
 );
 
 /// How long a rejection ("reset at once") may take to reach the client on a loaded box:
