@@ -165,6 +165,16 @@ pub enum Read {
     TimedOut,
 }
 
+/// One connect for [`Wire::connect`] to carry out.
+pub struct Connecting {
+    /// The upstream socket, made by [`net::upstream_socket`], not yet connected.
+    pub socket: socket2::Socket,
+    /// Where to.
+    pub addr: SocketAddr,
+    /// How long the connect may take (the rule's `connect_timeout`).
+    pub timeout: Duration,
+}
+
 /// Why a connect attempt gave no upstream.
 #[derive(Debug)]
 pub enum Dialed {
@@ -181,14 +191,9 @@ pub trait Wire {
     /// Reads once from the client into `room`, by `deadline`.
     fn read(&self, room: &mut [u8], deadline: Instant) -> impl Future<Output = Read>;
 
-    /// Creates a socket for `addr` (the rule's options and the session's `origin` on it,
-    /// see [`net::upstream_socket`]) and connects it within `timeout`.
-    fn connect(
-        &self,
-        addr: SocketAddr,
-        timeout: Duration,
-        origin: net::Origin<'_>,
-    ) -> impl Future<Output = Result<Self::Upstream, Dialed>>;
+    /// Connects the upstream socket [`open`] made (the rule's options and the session's
+    /// origin already on it, see [`net::upstream_socket`]) within its timeout.
+    fn connect(&self, to: Connecting) -> impl Future<Output = Result<Self::Upstream, Dialed>>;
 
     /// Writes all of `bytes` to the upstream.
     fn send(&self, up: &mut Self::Upstream, bytes: &[u8]) -> impl Future<Output = io::Result<()>>;
@@ -281,7 +286,18 @@ pub async fn connect<W: Wire, R: Recorder>(
         step = match step {
             Step::Connect { addr, timeout } => {
                 let origin = session.origin(cx.rule);
-                match unless(wire.connect(addr, timeout, origin), wire.closing()).await {
+                let dialed = match net::upstream_socket(addr, &cx.rule.rule.tcp, origin) {
+                    Ok(socket) => {
+                        let to = Connecting {
+                            socket,
+                            addr,
+                            timeout,
+                        };
+                        unless(wire.connect(to), wire.closing()).await
+                    }
+                    Err(e) => Some(Err(Dialed::Socket(e))),
+                };
+                match dialed {
                     Some(Ok(u)) => {
                         upstream = Some(u);
                         session.on_connected(cx, Instant::now())

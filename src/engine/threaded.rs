@@ -8,7 +8,7 @@
 //! [`StdWire`], whose calls block (so [`accept::block_on`] runs them); this file moves bytes.
 
 use std::io::{self, Read as _, Write};
-use std::net::{Shutdown as SockShutdown, SocketAddr, TcpListener, TcpStream};
+use std::net::{Shutdown as SockShutdown, TcpListener, TcpStream};
 use std::os::fd::AsFd;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags, EpollTimeout};
 
-use super::accept::{self, Dialed, Read, Relaying, Wire};
+use super::accept::{self, Connecting, Dialed, Read, Relaying, Wire};
 use super::{EngineError, Listeners, RunContext};
 use crate::config::Rule;
 use crate::metrics::{Metrics, RuleMetrics};
@@ -195,7 +195,6 @@ impl Conn {
         let mut cx = Cx::shared(rt, &sink);
         let wire = StdWire {
             client: &client,
-            rule: &rt.rule,
             shutdown: &e.shutdown,
         };
         let opened = accept::block_on(accept::open(&wire, &mut session, &mut cx, step));
@@ -221,7 +220,6 @@ impl Conn {
 /// The std engine's socket calls for [`accept::open`]: each blocks until it is done.
 struct StdWire<'a> {
     client: &'a TcpStream,
-    rule: &'a Rule,
     shutdown: &'a Shutdown,
 }
 
@@ -244,15 +242,9 @@ impl Wire for StdWire<'_> {
         }
     }
 
-    async fn connect(
-        &self,
-        addr: SocketAddr,
-        timeout: Duration,
-        origin: net::Origin<'_>,
-    ) -> Result<TcpStream, Dialed> {
-        let socket = net::upstream_socket(addr, &self.rule.tcp, origin).map_err(Dialed::Socket)?;
-        match socket.connect_timeout(&addr.into(), timeout) {
-            Ok(()) => Ok(socket.into()),
+    async fn connect(&self, to: Connecting) -> Result<TcpStream, Dialed> {
+        match to.socket.connect_timeout(&to.addr.into(), to.timeout) {
+            Ok(()) => Ok(to.socket.into()),
             Err(e) => Err(Dialed::Failed(e)),
         }
     }

@@ -8,7 +8,7 @@
 //! moves bytes.
 
 use std::io;
-use std::net::SocketAddr;
+
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -18,7 +18,7 @@ use tokio::net::TcpStream;
 use tokio::net::tcp::{ReadHalf, WriteHalf};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
 
-use super::accept::{self, Dialed, Read, Relaying, Wire};
+use super::accept::{self, Connecting, Dialed, Read, Relaying, Wire};
 use super::lease::Lease;
 use super::{EngineError, Listeners, RunContext};
 use crate::config::{Config, Rule};
@@ -277,17 +277,10 @@ impl Wire for Conn {
         }
     }
 
-    async fn connect(
-        &self,
-        addr: SocketAddr,
-        timeout: Duration,
-        origin: net::Origin<'_>,
-    ) -> Result<TcpStream, Dialed> {
-        let tcp = &self.engine.runtime.rule(self.rule).rule.tcp;
-        let socket = net::upstream_socket(addr, tcp, origin).map_err(Dialed::Socket)?;
-        socket.set_nonblocking(true).map_err(Dialed::Socket)?;
-        let socket = tokio::net::TcpSocket::from_std_stream(socket.into());
-        match tokio::time::timeout(timeout, socket.connect(addr)).await {
+    async fn connect(&self, to: Connecting) -> Result<TcpStream, Dialed> {
+        to.socket.set_nonblocking(true).map_err(Dialed::Socket)?;
+        let socket = tokio::net::TcpSocket::from_std_stream(to.socket.into());
+        match tokio::time::timeout(to.timeout, socket.connect(to.addr)).await {
             Ok(r) => r.map_err(Dialed::Failed),
             Err(_) => Err(Dialed::Failed(io::ErrorKind::TimedOut.into())),
         }
