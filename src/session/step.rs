@@ -142,7 +142,7 @@ pub enum Step {
 }
 
 /// The end the machine decided on. Only the machine makes one; [`Session::close`] takes it.
-#[must_use = "a closing session must be finished (Session::finish) to count and record it"]
+#[must_use = "a closing session must be handed to Session::close, which counts and records it"]
 #[derive(Debug, PartialEq, Eq)]
 pub struct Closing {
     end: End,
