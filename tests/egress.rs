@@ -194,38 +194,6 @@ impl Triangle {
             ns.ip(&["link", "set", dev, "up"]);
         }
         backend.ip(&["route", "add", "198.18.1.0/24", "via", "198.18.2.1"]);
-        // The host recipe of docs/DEPLOY.md: packets for a transparent socket are marked and
-        // routed to the local stack, although their destination is not one of ours.
-        ns_exec(
-            &relay,
-            &[
-                "iptables",
-                "-t",
-                "mangle",
-                "-A",
-                "PREROUTING",
-                "-p",
-                "tcp",
-                "-m",
-                "socket",
-                "--transparent",
-                "-j",
-                "MARK",
-                "--set-mark",
-                "1",
-            ],
-        );
-        relay.ip(&["rule", "add", "fwmark", "1", "lookup", "100"]);
-        relay.ip(&[
-            "route",
-            "add",
-            "local",
-            "0.0.0.0/0",
-            "dev",
-            "lo",
-            "table",
-            "100",
-        ]);
         // The same for IPv6 (`nodad`: usable at once).
         for (ns, addr, dev) in [
             (&relay, "fd52::1/64", "rfrc"),
@@ -236,29 +204,21 @@ impl Triangle {
             ns.ip(&["-6", "addr", "add", addr, "dev", dev, "nodad"]);
         }
         backend.ip(&["-6", "route", "add", "fd52::/64", "via", "fd53::1"]);
-        ns_exec(
-            &relay,
-            &[
-                "ip6tables",
-                "-t",
-                "mangle",
-                "-A",
-                "PREROUTING",
-                "-p",
-                "tcp",
-                "-m",
-                "socket",
-                "--transparent",
-                "-j",
-                "MARK",
-                "--set-mark",
-                "1",
-            ],
-        );
-        relay.ip(&["-6", "rule", "add", "fwmark", "1", "lookup", "100"]);
-        relay.ip(&[
-            "-6", "route", "add", "local", "::/0", "dev", "lo", "table", "100",
-        ]);
+        // The host recipe of docs/DEPLOY.md, for each family: packets for a transparent
+        // socket are marked and routed to the local stack, although their destination is not
+        // one of ours.
+        for (tables, family, all) in [("iptables", "-4", "0.0.0.0/0"), ("ip6tables", "-6", "::/0")]
+        {
+            let mark =
+                "-t mangle -A PREROUTING -p tcp -m socket --transparent -j MARK --set-mark 1";
+            let mut argv = vec![tables];
+            argv.extend(mark.split(' '));
+            ns_exec(&relay, &argv);
+            relay.ip(&[family, "rule", "add", "fwmark", "1", "lookup", "100"]);
+            relay.ip(&[
+                family, "route", "add", "local", all, "dev", "lo", "table", "100",
+            ]);
+        }
         Self {
             client,
             relay,
