@@ -18,6 +18,7 @@
 use std::time::{Duration, Instant};
 
 use super::splice::{Pumped, SpliceDir};
+use super::stamp::{Micros, Millis};
 use crate::config::DataPath;
 use crate::vocab::{CloseReason, Direction, PathKind};
 
@@ -44,8 +45,13 @@ pub enum DirState {
     Reading,
     /// The recv found the buffer pool empty; queued until a buffer comes back.
     WaitBuffer,
-    /// A send of `buf[off..len]` is in flight.
-    Writing { buf: u16, off: u32, len: u32 },
+    /// A send of `buf[off..len]` is in flight; the buffer was read at `read_at`.
+    Writing {
+        buf: u16,
+        off: u32,
+        len: u32,
+        read_at: Micros,
+    },
     /// Waiting for the worker to lease a pipe (nothing in flight).
     Switching,
     /// On the splice path: a multishot POLLIN on the source, bytes moved by the pump.
@@ -229,19 +235,23 @@ impl Actions {
 }
 
 /// One connection's state.
+///
+/// Every idle connection carries one, so it is kept small: times as 32-bit counts
+/// ([`super::stamp`]), a copy buffer's read time inside its `Writing` state, the bytes per path
+/// as the total and the spliced part. The accept time lives in the session.
 #[derive(Debug)]
 pub struct Conn {
     phase: Phase,
     dirs: [DirState; 2],
-    read_at: [Instant; 2],
     pub bytes: [u64; 2],
-    /// Bytes delivered per path (copy, splice), both directions together.
-    pub bytes_path: [u64; 2],
-    pub accepted_at: Instant,
-    pub last_activity: Instant,
+    /// Bytes delivered on the splice path, both directions together (the rest went by copy).
+    spliced: u64,
+    last_activity: Millis,
+    /// When the client's first bytes were handed to the upstream (`first_byte_timeout`), once
+    /// `first_sent`.
+    first_sent_at: Millis,
+    first_sent: bool,
     first_byte_seen: bool,
-    /// When the client's first bytes were handed to the upstream (`first_byte_timeout`).
-    first_sent_at: Option<Instant>,
     policy: DataPath,
     buf_size: u32,
     full_reads: [u8; 2],
@@ -282,13 +292,12 @@ impl Conn {
             sends_preamble: sends_preamble || reads_header,
             phase: Phase::Dialing,
             dirs: [DirState::Connecting; 2],
-            read_at: [now; 2],
             bytes: [0; 2],
-            bytes_path: [0; 2],
-            accepted_at: now,
-            last_activity: now,
+            spliced: 0,
+            last_activity: Millis::of(now),
             first_byte_seen: false,
-            first_sent_at: None,
+            first_sent_at: Millis::of(now),
+            first_sent: false,
             policy,
             buf_size,
             full_reads: [0; 2],
@@ -303,6 +312,14 @@ impl Conn {
         self.auto_up = up.max(1);
         self.auto_down = down.max(1);
         self
+    }
+
+    /// Bytes delivered per path (copy, splice), both directions together.
+    pub fn bytes_path(&self) -> [u64; 2] {
+        let mut by = [0; 2];
+        by[PathKind::Copy as usize] = self.bytes[0] + self.bytes[1] - self.spliced;
+        by[PathKind::Splice as usize] = self.spliced;
+        by
     }
 
     /// The spliced direction's state, for the worker's pump.
@@ -358,7 +375,7 @@ impl Conn {
     /// Both directions start reading (after the connect, and the preamble if any).
     fn start_relaying(&mut self, now: Instant, out: &mut Actions) {
         self.phase = Phase::Relaying;
-        self.last_activity = now;
+        self.last_activity = Millis::of(now);
         for d in Direction::ALL {
             self.start_reading(d, out);
         }
@@ -376,17 +393,19 @@ impl Conn {
     pub fn wants_park(&self, now: Instant) -> bool {
         self.phase == Phase::Relaying
             && self.dirs.contains(&DirState::Reading)
-            && now.saturating_duration_since(self.last_activity) >= PARK_AFTER
+            && self.last_activity.until(now) >= PARK_AFTER
     }
 
     pub fn idle_expired(&self, now: Instant, idle: Duration) -> bool {
-        self.phase == Phase::Relaying && now.saturating_duration_since(self.last_activity) >= idle
+        self.phase == Phase::Relaying && self.last_activity.until(now) >= idle
     }
 
     /// The client's first bytes went to the upstream at `now` (a later call keeps the first
     /// time).
     pub fn note_sent(&mut self, now: Instant) {
-        self.first_sent_at.get_or_insert(now);
+        if !self.first_sent {
+            (self.first_sent, self.first_sent_at) = (true, Millis::of(now));
+        }
     }
 
     /// Whether the relay must end as `first_byte_timeout` (the shared rule:
@@ -395,7 +414,7 @@ impl Conn {
         self.phase == Phase::Relaying
             && crate::vocab::first_byte_overdue(
                 timeout,
-                self.first_sent_at.map(|t| now.saturating_duration_since(t)),
+                self.first_sent.then(|| self.first_sent_at.until(now)),
                 self.first_byte_seen,
             )
     }
@@ -558,14 +577,14 @@ impl Conn {
             return;
         };
         if p.moved_in > 0 || p.moved_out > 0 {
-            self.last_activity = now;
+            self.last_activity = Millis::of(now);
         }
         if p.moved_out > 0 {
             if dir == Direction::ClientToUpstream {
                 self.note_sent(now);
             }
             self.bytes[i] += p.moved_out;
-            self.bytes_path[PathKind::Splice as usize] += p.moved_out;
+            self.spliced += p.moved_out;
             if dir == Direction::UpstreamToClient && !self.first_byte_seen {
                 self.first_byte_seen = true;
                 out.push(Action::FirstByte);
@@ -660,9 +679,9 @@ impl Conn {
                     buf: b,
                     off: 0,
                     len: n as u32,
+                    read_at: Micros::of(now),
                 };
-                self.read_at[i] = now;
-                self.last_activity = now;
+                self.last_activity = Millis::of(now);
                 if dir == Direction::UpstreamToClient && !self.first_byte_seen {
                     self.first_byte_seen = true;
                     out.push(Action::FirstByte);
@@ -679,7 +698,7 @@ impl Conn {
                     out.push(Action::Release(b));
                 }
                 self.dirs[i] = DirState::Done;
-                self.last_activity = now;
+                self.last_activity = Millis::of(now);
                 out.push(Action::ShutdownWrite(dir));
                 if self.dirs[dir.reverse() as usize] == DirState::Done {
                     self.begin_close(CloseReason::Eof, out);
@@ -708,7 +727,13 @@ impl Conn {
 
     fn sent(&mut self, dir: Direction, res: i32, now: Instant, out: &mut Actions) {
         let i = dir as usize;
-        let DirState::Writing { buf, off, len } = self.dirs[i] else {
+        let DirState::Writing {
+            buf,
+            off,
+            len,
+            read_at,
+        } = self.dirs[i]
+        else {
             debug_assert!(false, "send completion while not writing");
             return;
         };
@@ -726,8 +751,7 @@ impl Conn {
                     self.note_sent(now);
                 }
                 self.bytes[i] += u64::from(n);
-                self.bytes_path[PathKind::Copy as usize] += u64::from(n);
-                self.last_activity = now;
+                self.last_activity = Millis::of(now);
                 out.push(Action::Bytes {
                     dir,
                     n: u64::from(n),
@@ -736,7 +760,12 @@ impl Conn {
             }
             let off = off + n;
             if off < len {
-                self.dirs[i] = DirState::Writing { buf, off, len };
+                self.dirs[i] = DirState::Writing {
+                    buf,
+                    off,
+                    len,
+                    read_at,
+                };
                 out.push(Action::Send {
                     dir,
                     buf,
@@ -747,7 +776,7 @@ impl Conn {
                 out.push(Action::Release(buf));
                 out.push(Action::Transferred {
                     dir,
-                    took: now.saturating_duration_since(self.read_at[i]),
+                    took: read_at.until(now),
                 });
                 self.start_reading(dir, out);
             }

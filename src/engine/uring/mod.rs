@@ -20,6 +20,7 @@ pub mod probe;
 pub mod ring;
 pub mod slab;
 pub mod splice;
+pub mod stamp;
 pub mod steer;
 pub mod token;
 pub mod worker;

@@ -84,17 +84,23 @@ pub fn build<'a>(
     let token = |dir, kind| Token::new(slot, generation, dir, kind);
     let c2u = Direction::ClientToUpstream;
     match action {
-        Action::Dial => OpList::one(
-            Op::Connect {
-                fd: entry.dst(c2u),
-                target: &entry.target,
-                timeout: connect_timeout,
-            },
-            token(c2u, OpKind::Connect),
-        ),
+        Action::Dial => {
+            let fd = entry.dst(c2u);
+            let Some(setup) = entry.setup() else {
+                return OpList::default();
+            };
+            OpList::one(
+                Op::Connect {
+                    fd,
+                    target: &setup.target,
+                    timeout: connect_timeout,
+                },
+                token(c2u, OpKind::Connect),
+            )
+        }
         Action::RecvHeader => {
             let fd = entry.src(c2u);
-            let Some(p) = entry.preamble.as_mut() else {
+            let Some(p) = entry.preamble_mut() else {
                 return OpList::default();
             };
             let into = p.buf.get_mut(p.filled..).unwrap_or_default();
@@ -102,7 +108,7 @@ pub fn build<'a>(
         }
         Action::SendPreamble => {
             let fd = entry.dst(c2u);
-            let Some(p) = entry.preamble.as_ref() else {
+            let Some(p) = entry.preamble() else {
                 return OpList::default();
             };
             let bytes = p.buf.get(p.sent..p.filled).unwrap_or_default();

@@ -95,12 +95,13 @@ pub struct Pumped {
     pub error: Option<i32>,
 }
 
-/// A spliced direction's state.
+/// A spliced direction's state (32-bit counts: it sits in every spliced connection's entry,
+/// and a pipe holds at most `fs.pipe-max-size`, well below 4 GiB).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct SpliceDir {
     /// Bytes sitting in the pipe.
-    pub in_pipe: usize,
-    pub capacity: usize,
+    pub in_pipe: u32,
+    pub capacity: u32,
     pub src_eof: bool,
     /// A one-shot POLLOUT on the destination is in flight.
     pub pollout_armed: bool,
@@ -115,7 +116,7 @@ impl SpliceDir {
     pub fn new(capacity: usize) -> Self {
         Self {
             in_pipe: 0,
-            capacity,
+            capacity: u32::try_from(capacity).unwrap_or(u32::MAX),
             src_eof: false,
             pollout_armed: false,
             small_pumps: 0,
@@ -145,10 +146,13 @@ impl SpliceDir {
             let mut progress = false;
             let mut src_dry = false;
             while !self.src_eof && self.in_pipe < self.capacity {
-                match io.splice_in(self.capacity - self.in_pipe) {
+                let room = self.capacity - self.in_pipe;
+                match io.splice_in(room as usize) {
                     Ok(0) => self.src_eof = true,
                     Ok(n) => {
-                        self.in_pipe += n;
+                        // Never more than asked for: `room` bounds it.
+                        let n = n.min(room as usize);
+                        self.in_pipe += n as u32;
                         p.moved_in += n as u64;
                         progress = true;
                     }
@@ -167,9 +171,10 @@ impl SpliceDir {
             }
             if self.in_pipe > 0 {
                 let more = !self.src_eof && !src_dry;
-                match io.splice_out(self.in_pipe, more) {
+                match io.splice_out(self.in_pipe as usize, more) {
                     Ok(n) => {
-                        self.in_pipe -= n;
+                        let n = n.min(self.in_pipe as usize);
+                        self.in_pipe -= n as u32;
                         p.moved_out += n as u64;
                         progress |= n > 0;
                         *corked = more;

@@ -377,7 +377,7 @@ impl Worker {
                 let ev = match self.slab.get_mut(t.slot, t.generation) {
                     Some(e) if e.conn.phase() != ConnPhase::SendingPreamble => Event::CancelDone,
                     Some(e) if res > 0 => {
-                        let p = e.preamble.as_mut().expect("a preamble is being sent");
+                        let p = e.preamble_mut().expect("a preamble is being sent");
                         p.sent += res as usize;
                         // The rest, or (all sent) the session told and the relay started.
                         Event::PreambleProgress
@@ -404,7 +404,7 @@ impl Worker {
             return;
         };
         let mut actions = Actions::default();
-        let rule = entry.rule;
+        let rule = entry.rule();
         let was_settled = entry.conn.is_settled();
         entry.conn.handle(ev, now, &mut actions);
         match (was_settled, entry.conn.is_settled()) {
@@ -471,8 +471,7 @@ impl Worker {
             };
             let expired = self.slab.get(s, g).is_some_and(|e| {
                 e.conn.phase() == ConnPhase::ReadingHeader
-                    && e.preamble
-                        .as_ref()
+                    && e.preamble()
                         .and_then(|p| p.deadline)
                         .is_some_and(|d| now >= d)
             });
@@ -501,7 +500,7 @@ impl Worker {
         self.broadcast(Event::Park, now, |e| e.conn.wants_park(now));
         self.broadcast(Event::IdleTimeout, now, |e| {
             runtime
-                .rule(e.rule)
+                .rule(e.rule())
                 .rule
                 .idle_timeout
                 .is_some_and(|idle| e.conn.idle_expired(now, idle))
@@ -513,7 +512,7 @@ impl Worker {
         {
             self.broadcast(Event::FirstByteTimeout, now, |e| {
                 e.conn
-                    .first_byte_overdue(now, runtime.rule(e.rule).rule.first_byte_timeout())
+                    .first_byte_overdue(now, runtime.rule(e.rule()).rule.first_byte_timeout())
             });
         }
         self.wake_waiters(now);

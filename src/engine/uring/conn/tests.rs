@@ -162,14 +162,15 @@ fn data_is_sent_then_reading_resumes() {
         }]
     );
     // 2. Backpressure: no new recv for this direction while the send is in flight.
-    assert_eq!(
+    assert!(matches!(
         c.dir(C2U),
         DirState::Writing {
             buf: 3,
             off: 0,
-            len: 100
+            len: 100,
+            ..
         }
-    );
+    ));
     // 3. A short write resubmits the rest from the same buffer.
     let a = step(&mut c, Event::Sent { dir: C2U, res: 60 }, now);
     assert_eq!(
@@ -355,13 +356,16 @@ fn a_send_cancelled_by_close_releases_its_buffer_only_on_its_completion() {
     );
     let a = step(&mut c, Event::IdleTimeout, now);
     assert_eq!(a, vec![Action::CancelAll]);
-    assert_eq!(
-        c.dir(C2U),
-        DirState::Writing {
-            buf: 4,
-            off: 0,
-            len: 10
-        },
+    assert!(
+        matches!(
+            c.dir(C2U),
+            DirState::Writing {
+                buf: 4,
+                off: 0,
+                len: 10,
+                ..
+            }
+        ),
         "buffer still owned by the send"
     );
     let a = step(
@@ -610,7 +614,7 @@ fn splice_counts_bytes_and_waits_for_writable() {
         step(&mut c, Event::Writable { dir: C2U }, now),
         vec![Action::Pump(C2U)]
     );
-    assert_eq!(c.bytes_path, [0, 400]);
+    assert_eq!(c.bytes_path(), [0, 400]);
 }
 
 #[test]

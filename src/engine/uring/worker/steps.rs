@@ -13,7 +13,6 @@ use crate::engine::uring::conn::{Action, Conn, Event, Phase as ConnPhase};
 use crate::engine::uring::listeners::Accepted;
 use crate::engine::uring::ops;
 use crate::engine::uring::slab::{Entry, Preamble, Target};
-use crate::engine::uring::splice::SysPipeIo;
 use crate::engine::uring::token::{OpKind, Token};
 use crate::net;
 use crate::session::step::End;
@@ -71,22 +70,22 @@ impl Worker {
             sends_header,
         )
         .with_auto_thresholds(self.auto_thresholds.0, self.auto_thresholds.1);
-        let mut entry = Entry::new(conn, session, ri, client);
+        let deadline = match step {
+            Step::ReadPreamble { deadline, .. } => Some(deadline),
+            _ => None,
+        };
+        let mut entry = Entry::new(conn, session, ri, client, step);
         if reads_header || sends_header {
-            entry.preamble = Some(Box::new(Preamble {
+            entry.setup_mut().preamble = Some(Box::new(Preamble {
                 buf: if reads_header {
                     vec![0; HEADER_BUF_START]
                 } else {
                     Vec::new()
                 },
-                deadline: match step {
-                    Step::ReadPreamble { deadline, .. } => Some(deadline),
-                    _ => None,
-                },
+                deadline,
                 ..Preamble::default()
             }));
         }
-        entry.step = Some(step);
         let (slot, generation) = self.slab.insert(entry);
         self.listeners.unsettled(ri);
         let t = Token::new(
@@ -117,20 +116,25 @@ impl Worker {
             // Cancelled by a close already under way.
             return Event::CancelDone;
         }
-        let sink = self.metrics.sink(self.metrics.rule(e.rule).shard(self.id));
+        let ri = e.rule();
+        let sink = self.metrics.sink(self.metrics.rule(ri).shard(self.id));
         let mut cx = Cx {
-            rule: self.runtime.rule(e.rule),
+            rule: self.runtime.rule(ri),
             rec: &sink,
-            pickers: Some(&mut self.rules[e.rule].pickers),
+            pickers: Some(&mut self.rules[ri].pickers),
         };
-        let p = e.preamble.as_mut().expect("a header is being read");
+        let Entry { session, setup, .. } = &mut *e;
+        let p = setup
+            .as_mut()
+            .and_then(|s| s.preamble.as_mut())
+            .expect("a header is being read");
         let step = match res {
-            None => e.session.on_preamble_failed(&cx, true),
+            None => session.on_preamble_failed(&cx, true),
             // The client closed or failed before its header was complete.
-            Some(res) if res <= 0 => e.session.on_preamble_failed(&cx, false),
+            Some(res) if res <= 0 => session.on_preamble_failed(&cx, false),
             Some(res) => {
                 p.filled += res as usize;
-                e.session.on_preamble(&mut cx, &p.buf[..p.filled], now)
+                session.on_preamble(&mut cx, &p.buf[..p.filled], now)
             }
         };
         let ev = match &step {
@@ -141,7 +145,7 @@ impl Worker {
                 Event::HeaderRead
             }
         };
-        e.step = Some(step);
+        e.set_step(step);
         ev
     }
 
@@ -154,23 +158,24 @@ impl Worker {
         debug_assert_eq!(e.in_flight(), 0, "dialing with ops in flight");
         // The previous attempt's socket: every op on it has completed.
         e.upstream = None;
-        let sink = self.metrics.sink(self.metrics.rule(e.rule).shard(self.id));
+        let ri = e.rule();
+        let sink = self.metrics.sink(self.metrics.rule(ri).shard(self.id));
         let mut cx = Cx {
-            rule: self.runtime.rule(e.rule),
+            rule: self.runtime.rule(ri),
             rec: &sink,
-            pickers: Some(&mut self.rules[e.rule].pickers),
+            pickers: Some(&mut self.rules[ri].pickers),
         };
         let gave_up = loop {
-            let addr = match e.step.take() {
+            let addr = match e.take_step() {
                 Some(Step::Connect { addr, .. }) => addr,
                 Some(Step::Close(c)) => {
                     let reason = c.reason();
-                    e.step = Some(Step::Close(c));
+                    e.set_step(Step::Close(c));
                     break reason;
                 }
                 _ => {
                     let c = e.session.abort(&cx, CloseReason::Error);
-                    e.step = Some(Step::Close(c));
+                    e.set_step(Step::Close(c));
                     break CloseReason::Error;
                 }
             };
@@ -182,7 +187,7 @@ impl Worker {
             match socket {
                 Ok(fd) => {
                     e.upstream = Some(fd);
-                    e.target = Target::from(addr);
+                    e.setup_mut().target = Target::from(addr);
                     self.submit(slot, generation, Action::Dial);
                     return;
                 }
@@ -193,7 +198,7 @@ impl Worker {
                     {
                         tracing::warn!(worker = self.id, rule = %cx.rule.rule.name, error = %err, "cannot create upstream socket; connection reset");
                     }
-                    e.step = Some(next);
+                    e.set_step(next);
                 }
             }
         };
@@ -212,7 +217,7 @@ impl Worker {
         let Some(e) = self.slab.get(slot, generation) else {
             return;
         };
-        let ri = e.rule;
+        let ri = e.rule();
         let shard = self.metrics.rule(ri).shard(self.id);
         match action {
             Action::Dial => self.dial(slot, generation, now),
@@ -221,7 +226,7 @@ impl Worker {
                 let Some(p) = self
                     .slab
                     .get_mut(slot, generation)
-                    .and_then(|e| e.preamble.as_mut())
+                    .and_then(Entry::preamble_mut)
                 else {
                     return;
                 };
@@ -236,9 +241,7 @@ impl Worker {
             }
             Action::SendPreamble => self.send_preamble(slot, generation, now),
             Action::Send { dir, buf, off, len } => {
-                if let (0, Some(session), Some(tap)) =
-                    (off, e.tap.as_ref(), self.metrics.rule(ri).tap())
-                {
+                if let (0, Some(session), Some(tap)) = (off, e.tap(), self.metrics.rule(ri).tap()) {
                     tap.data(session, dir, self.pool.filled(buf, len));
                 }
                 self.submit(slot, generation, action);
@@ -254,7 +257,7 @@ impl Worker {
                 if let Some(p) = self
                     .slab
                     .get_mut(slot, generation)
-                    .and_then(|e| e.pipes[dir as usize].take())
+                    .and_then(|e| e.take_pipe(dir))
                 {
                     self.pipes.give_back(p, true);
                 }
@@ -277,20 +280,34 @@ impl Worker {
                     rec: &sink,
                     pickers: Some(&mut self.rules[ri].pickers),
                 };
-                e.step = Some(match action {
+                match action {
                     // The next member is picked now; the machine dials it once the failed
                     // attempt's ops have drained.
-                    Action::ConnectFailed(res) => e.session.on_connect_failed(&mut cx, -res, now),
-                    _ => e.session.on_connected(&cx, now),
-                });
+                    Action::ConnectFailed(res) => {
+                        let next = e.session.on_connect_failed(&mut cx, -res, now);
+                        e.set_step(next);
+                    }
+                    _ => match e.session.on_connected(&cx, now) {
+                        // Nothing to send first: the connection relays from here on, and
+                        // what it needed to get here goes.
+                        Step::Relay { client_spoke } => {
+                            if client_spoke {
+                                e.conn.note_sent(now);
+                            }
+                            e.relaying();
+                        }
+                        next => e.set_step(next),
+                    },
+                }
                 if let (Some(tap), Some(up), Action::Connected) =
                     (tap, e.session.upstream(), action)
                 {
-                    e.tap = Some(tap.open_session(e.session.client, up));
+                    let session = tap.open_session(e.session.client, up);
+                    e.set_tap(session);
                 }
             }
             Action::FirstByte => {
-                shard.first_byte(now.saturating_duration_since(e.conn.accepted_at));
+                shard.first_byte(now.saturating_duration_since(e.session.accepted_at));
             }
             Action::Bytes { dir, n, path } => shard.bytes(dir, path, n),
             Action::TrySplice(dir) => {
@@ -298,7 +315,7 @@ impl Worker {
                     Some(p) => {
                         let capacity = p.capacity;
                         if let Some(e) = self.slab.get_mut(slot, generation) {
-                            e.pipes[dir as usize] = Some(p);
+                            e.set_pipe(dir, p);
                         }
                         Event::SpliceStarted { dir, capacity }
                     }
@@ -321,7 +338,7 @@ impl Worker {
             return;
         };
         let expected = ops::pushed(action, e.open_fds(), e.in_flight());
-        let timeout = &self.rules[e.rule].connect_timeout;
+        let timeout = &self.rules[e.rule()].connect_timeout;
         let list = ops::build(action, slot, generation, e, &self.pool, timeout);
         let n = list.sqes();
         debug_assert_eq!(
@@ -347,16 +364,18 @@ impl Worker {
         let Some(e) = self.slab.get_mut(slot, generation) else {
             return;
         };
-        let rt = self.runtime.rule(e.rule);
+        let ri = e.rule();
+        let rt = self.runtime.rule(ri);
         let Entry {
-            preamble,
+            setup,
             session,
             conn,
-            step,
-            rule,
             ..
         } = e;
-        if let (Some(p), Some(Step::SendPreamble { early_from })) = (preamble.as_mut(), &*step) {
+        if let Some(s) = setup.as_mut()
+            && let (Some(p), Some(Step::SendPreamble { early_from })) =
+                (s.preamble.as_mut(), &s.step)
+        {
             if !p.outgoing {
                 let mut header = [0u8; proxy::V1_BUF_LEN];
                 let n = session.upstream_header(rt, &mut header);
@@ -368,14 +387,13 @@ impl Worker {
                 return self.submit(slot, generation, Action::SendPreamble);
             }
         }
-        // Sent (or nothing to send): the buffer's job is done.
-        *preamble = None;
-        let sink = self.metrics.sink(self.metrics.rule(*rule).shard(self.id));
+        // Sent (or nothing to send): the buffer's job is done, and the connection relays.
+        *setup = None;
+        let sink = self.metrics.sink(self.metrics.rule(ri).shard(self.id));
         let cx = Cx::shared(rt, &sink);
         if let Step::Relay { client_spoke: true } = session.on_sent(&cx) {
             conn.note_sent(Instant::now());
         }
-        *step = None;
         self.conn_event(token, Event::PreambleDone, now);
     }
 
@@ -387,30 +405,15 @@ impl Worker {
         if e.conn.is_closing() {
             return;
         }
-        let Entry {
-            conn,
-            client,
-            upstream,
-            pipes,
-            rule,
-            ..
-        } = e;
-        let (Some(upstream), Some(pipe), Some(state)) = (
-            upstream.as_ref(),
-            pipes[dir as usize].as_ref(),
-            conn.splice_mut(dir),
-        ) else {
+        let ri = e.rule();
+        let Some((state, mut io)) = e.splice_parts(dir) else {
             return;
         };
-        let (src, dst) = match dir {
-            Direction::ClientToUpstream => (&*client, upstream),
-            Direction::UpstreamToClient => (upstream, &*client),
-        };
         let started = Instant::now();
-        let p = state.pump(&mut SysPipeIo { src, dst, pipe });
+        let p = state.pump(&mut io);
         if p.moved_out > 0 {
             self.metrics
-                .rule(*rule)
+                .rule(ri)
                 .shard(self.id)
                 .transfer(dir, started.elapsed());
         }
@@ -444,7 +447,7 @@ impl Worker {
             return;
         };
         // A finishing connection is closing, so it was counted unsettled.
-        self.listeners.settled(e.rule);
+        self.listeners.settled(e.rule());
         if reset {
             net::set_reset_on_close(SockRef::from(&e.client));
             if let Some(u) = &e.upstream {
@@ -452,23 +455,26 @@ impl Worker {
             }
         }
         for d in Direction::ALL {
-            if let Some(p) = e.pipes[d as usize].take() {
+            if let Some(p) = e.take_pipe(d) {
                 self.pipes.give_back(p, !e.conn.pipe_has_bytes(d));
             }
         }
-        if let (Some(session), Some(tap)) = (e.tap.take(), self.metrics.rule(e.rule).tap()) {
+        if let (Some(session), Some(tap)) = (e.take_tap(), self.metrics.rule(e.rule()).tap()) {
             tap.close_session(session, reason);
         }
         // The close the session decided on, or the relay's end.
-        let closing = match e.step.take() {
+        let closing = match e.take_step() {
             Some(Step::Close(c)) => c,
-            _ => (e.session).on_relay_ended(End::by_path(reason, e.conn.bytes, e.conn.bytes_path)),
+            _ => {
+                (e.session).on_relay_ended(End::by_path(reason, e.conn.bytes, e.conn.bytes_path()))
+            }
         };
-        let sink = self.metrics.sink(self.metrics.rule(e.rule).shard(self.id));
+        let ri = e.rule();
+        let sink = self.metrics.sink(self.metrics.rule(ri).shard(self.id));
         // Dropping the fds closes them: every op on them has completed.
         drop(e.upstream);
         drop(e.client);
         e.session
-            .close(closing, &Cx::shared(self.runtime.rule(e.rule), &sink), now);
+            .close(closing, &Cx::shared(self.runtime.rule(ri), &sink), now);
     }
 }
