@@ -183,11 +183,16 @@ impl Ring {
         !self.ring.completion().is_empty()
     }
 
-    /// Appends every available completion as `(user_data, result, flags)`.
+    /// Appends available completions as `(user_data, result, flags)` up to `into`'s spare
+    /// capacity (at least one): the rest stay in the CQ ring for the next turn, so a burst
+    /// (a park or shutdown broadcast over thousands of connections) never grows `into`, and
+    /// the memory it took would otherwise stay with the process.
     pub fn reap(&mut self, into: &mut Vec<(u64, i32, u32)>) {
+        let room = (into.capacity() - into.len()).max(1);
         into.extend(
             self.ring
                 .completion()
+                .take(room)
                 .map(|c| (c.user_data(), c.result(), c.flags())),
         );
     }
@@ -320,4 +325,40 @@ impl Op<'_> {
 
 fn len_u32(len: usize) -> u32 {
     u32::try_from(len).unwrap_or(u32::MAX)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::engine::uring::token::OpKind;
+    use crate::vocab::Direction;
+
+    /// A burst of completions is taken in batches of the vector's capacity, never by growing
+    /// it: the rest wait in the CQ ring, and the memory of a grown vector would stay with the
+    /// process for good.
+    #[test]
+    fn reaping_never_grows_the_batch() {
+        let (raw, _) = build(16).expect("io_uring");
+        let mut ring = Ring::new(raw);
+        // Cancels of ops that do not exist: each completes at once (-ENOENT).
+        for slot in 0..6 {
+            let target = Token::new(slot, 0, Direction::ClientToUpstream, OpKind::Recv);
+            let token = Token::new(slot, 0, Direction::ClientToUpstream, OpKind::Cancel);
+            ring.push(Op::Cancel { target, all: false }, token);
+        }
+        let mut got = Vec::with_capacity(4);
+        let mut seen = 0;
+        for _ in 0..100 {
+            ring.submit_and_wait(Duration::from_millis(10))
+                .expect("io_uring_enter");
+            got.clear();
+            ring.reap(&mut got);
+            assert!(got.len() <= 4 && got.capacity() == 4, "{}", got.capacity());
+            seen += got.len();
+            if seen == 6 {
+                break;
+            }
+        }
+        assert_eq!(seen, 6, "every completion arrives, four at a time");
+    }
 }
