@@ -34,6 +34,7 @@ pub mod notify;
 pub mod privdrop;
 pub mod session;
 pub mod shutdown;
+pub mod thp;
 pub mod tools;
 pub mod upstream;
 pub mod version;

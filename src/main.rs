@@ -158,10 +158,16 @@ fn run(args: &RunArgs) -> anyhow::Result<()> {
 
     use ringfwd::control::{self, Event, Inherited, Supervisor, Trigger};
 
+    // First, before the engines fault in their connection tables: see `ringfwd::thp`. A
+    // refusal only changes how the footprint is counted (logged once logging is up).
+    let thp = ringfwd::thp::refuse_huge_pages();
     // What `watch_config` compares with first: the file before it is read.
     let watch_baseline = args.config.as_deref().and_then(control::watch::identity);
     let config = args.to_config()?;
     init_logging(config.log_format);
+    if let Err(e) = thp {
+        tracing::debug!(error = %e, "cannot turn transparent huge pages off for the process");
+    }
     for w in &config.warnings {
         tracing::warn!("{w}");
     }
