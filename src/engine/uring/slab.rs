@@ -29,12 +29,10 @@ pub struct Entry {
     /// Ops pushed for this connection whose last completion has not arrived: counted only
     /// by [`Entry::submitted`] and [`Entry::completed`].
     in_flight: u32,
-    /// What the connection needs only until it relays (and, for a session that ends before,
-    /// until it closes): dropped by [`Entry::relaying`].
-    pub setup: Option<Box<Setup>>,
-    /// The splice pipes and the tap session, which most connections never have: allocated
-    /// when the first is taken, dropped when the last is given back.
-    extras: Option<Box<Extras>>,
+    /// What the connection needs only until it relays, and the splice pipes and the tap
+    /// session, which most connections never have: one allocation, made when the first is
+    /// needed and freed when the last goes (for an idle connection, once it relays).
+    aside: Option<Box<Aside>>,
 }
 
 /// A connection's state before it relays.
@@ -58,18 +56,21 @@ impl Default for Setup {
     }
 }
 
-/// What only some connections hold.
+/// What only some connections hold, or only for a while.
 #[derive(Default)]
-struct Extras {
+struct Aside {
+    /// Until the connection relays (and, for a session that ends before, until it closes):
+    /// dropped by [`Entry::relaying`].
+    setup: Option<Setup>,
     /// The pipe each direction leased while on the splice path.
     pipes: [Option<Pipe>; 2],
     /// This connection's session in the rule's traffic tap, if the rule has one.
     tap: Option<TapSession>,
 }
 
-impl Extras {
+impl Aside {
     fn is_empty(&self) -> bool {
-        self.pipes.iter().all(Option::is_none) && self.tap.is_none()
+        self.setup.is_none() && self.pipes.iter().all(Option::is_none) && self.tap.is_none()
     }
 }
 /// A connection's own small buffer for the PROXY header it reads and the preamble it sends.
@@ -102,11 +103,13 @@ impl Entry {
             upstream: None,
             rule: u32::try_from(rule).expect("rule index fits 32 bits"),
             in_flight: 0,
-            setup: Some(Box::new(Setup {
-                step: Some(step),
-                ..Setup::default()
+            aside: Some(Box::new(Aside {
+                setup: Some(Setup {
+                    step: Some(step),
+                    ..Setup::default()
+                }),
+                ..Aside::default()
             })),
-            extras: None,
         }
     }
 
@@ -117,16 +120,25 @@ impl Entry {
 
     /// The state before the relay (made again if a close comes after it was dropped).
     pub fn setup_mut(&mut self) -> &mut Setup {
-        self.setup.get_or_insert_with(Box::default)
+        self.aside
+            .get_or_insert_with(Box::default)
+            .setup
+            .get_or_insert_with(Setup::default)
     }
 
     pub fn setup(&self) -> Option<&Setup> {
-        self.setup.as_deref()
+        self.aside.as_ref()?.setup.as_ref()
+    }
+
+    /// The relay state, the session and the state before the relay, borrowed together.
+    pub fn parts(&mut self) -> (&mut Conn, &mut Session, Option<&mut Setup>) {
+        let setup = self.aside.as_mut().and_then(|a| a.setup.as_mut());
+        (&mut self.conn, &mut self.session, setup)
     }
 
     /// The step not yet carried out, taken.
     pub fn take_step(&mut self) -> Option<Step> {
-        self.setup.as_mut().and_then(|s| s.step.take())
+        self.aside.as_mut()?.setup.as_mut()?.step.take()
     }
 
     pub fn set_step(&mut self, step: Step) {
@@ -134,46 +146,49 @@ impl Entry {
     }
 
     pub fn preamble(&self) -> Option<&Preamble> {
-        self.setup.as_ref().and_then(|s| s.preamble.as_deref())
+        self.setup()?.preamble.as_deref()
     }
 
     pub fn preamble_mut(&mut self) -> Option<&mut Preamble> {
-        self.setup.as_mut().and_then(|s| s.preamble.as_deref_mut())
+        self.aside.as_mut()?.setup.as_mut()?.preamble.as_deref_mut()
     }
 
     /// The connection relays: what it needed before is freed (no op reads it any more: the
     /// connect completed and the preamble went out).
     pub fn relaying(&mut self) {
-        self.setup = None;
+        if let Some(a) = self.aside.as_mut() {
+            a.setup = None;
+        }
+        self.drop_empty_aside();
     }
 
     /// The pipe the direction leased, if it is on the splice path.
     pub fn pipe(&self, dir: Direction) -> Option<&Pipe> {
-        self.extras.as_ref()?.pipes[dir as usize].as_ref()
+        self.aside.as_ref()?.pipes[dir as usize].as_ref()
     }
 
     pub fn set_pipe(&mut self, dir: Direction, pipe: Pipe) {
-        self.extras.get_or_insert_with(Box::default).pipes[dir as usize] = Some(pipe);
+        self.aside.get_or_insert_with(Box::default).pipes[dir as usize] = Some(pipe);
     }
 
     pub fn take_pipe(&mut self, dir: Direction) -> Option<Pipe> {
-        let pipe = self.extras.as_mut()?.pipes[dir as usize].take();
-        self.drop_empty_extras();
+        let pipe = self.aside.as_mut()?.pipes[dir as usize].take();
+        self.drop_empty_aside();
         pipe
     }
 
     /// This connection's tap session, if its rule taps traffic.
     pub fn tap(&self) -> Option<&TapSession> {
-        self.extras.as_ref()?.tap.as_ref()
+        self.aside.as_ref()?.tap.as_ref()
     }
 
     pub fn set_tap(&mut self, tap: TapSession) {
-        self.extras.get_or_insert_with(Box::default).tap = Some(tap);
+        self.aside.get_or_insert_with(Box::default).tap = Some(tap);
     }
 
     pub fn take_tap(&mut self) -> Option<TapSession> {
-        let tap = self.extras.as_mut()?.tap.take();
-        self.drop_empty_extras();
+        let tap = self.aside.as_mut()?.tap.take();
+        self.drop_empty_aside();
         tap
     }
 
@@ -182,7 +197,7 @@ impl Entry {
     /// with a pipe and the upstream exists).
     pub fn splice_parts(&mut self, dir: Direction) -> Option<(&mut SpliceDir, SysPipeIo<'_>)> {
         let upstream = self.upstream.as_ref()?;
-        let pipe = self.extras.as_ref()?.pipes[dir as usize].as_ref()?;
+        let pipe = self.aside.as_ref()?.pipes[dir as usize].as_ref()?;
         let state = self.conn.splice_mut(dir)?;
         let (src, dst) = match dir {
             Direction::ClientToUpstream => (&self.client, upstream),
@@ -191,9 +206,9 @@ impl Entry {
         Some((state, SysPipeIo { src, dst, pipe }))
     }
 
-    fn drop_empty_extras(&mut self) {
-        if self.extras.as_ref().is_some_and(|x| x.is_empty()) {
-            self.extras = None;
+    fn drop_empty_aside(&mut self) {
+        if self.aside.as_ref().is_some_and(|x| x.is_empty()) {
+            self.aside = None;
         }
     }
 
@@ -440,12 +455,12 @@ mod tests {
     /// and next to nothing else: the budget is 256 B of memory per idle connection
     /// (docs/BENCHMARKS.md, "Idle memory per connection, measured warm"). A slot of 250 B
     /// measured 252-258 B per connection there; anything added to the entry comes out of
-    /// that margin, so it goes behind a pointer (`Setup`, `Extras`) unless every connection
+    /// that margin, so it goes behind the one pointer (`Aside`) unless every connection
     /// needs it for its whole life.
     #[test]
     fn a_connection_slot_stays_small() {
         use std::mem::size_of;
-        const SLOT_BUDGET: usize = 250;
+        const SLOT_BUDGET: usize = 242;
         let slot = size_of::<Option<Entry>>() + size_of::<u16>();
         assert_eq!(
             size_of::<Option<Entry>>(),

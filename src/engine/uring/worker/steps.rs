@@ -123,10 +123,9 @@ impl Worker {
             rec: &sink,
             pickers: Some(&mut self.rules[ri].pickers),
         };
-        let Entry { session, setup, .. } = &mut *e;
+        let (_, session, setup) = e.parts();
         let p = setup
-            .as_mut()
-            .and_then(|s| s.preamble.as_mut())
+            .and_then(|s| s.preamble.as_deref_mut())
             .expect("a header is being read");
         let step = match res {
             None => session.on_preamble_failed(&cx, true),
@@ -366,13 +365,8 @@ impl Worker {
         };
         let ri = e.rule();
         let rt = self.runtime.rule(ri);
-        let Entry {
-            setup,
-            session,
-            conn,
-            ..
-        } = e;
-        if let Some(s) = setup.as_mut()
+        let (conn, session, setup) = e.parts();
+        if let Some(s) = setup
             && let (Some(p), Some(Step::SendPreamble { early_from })) =
                 (s.preamble.as_mut(), &s.step)
         {
@@ -387,13 +381,13 @@ impl Worker {
                 return self.submit(slot, generation, Action::SendPreamble);
             }
         }
-        // Sent (or nothing to send): the buffer's job is done, and the connection relays.
-        *setup = None;
         let sink = self.metrics.sink(self.metrics.rule(ri).shard(self.id));
         let cx = Cx::shared(rt, &sink);
         if let Step::Relay { client_spoke: true } = session.on_sent(&cx) {
             conn.note_sent(Instant::now());
         }
+        // Sent (or nothing to send): the buffer's job is done, and the connection relays.
+        e.relaying();
         self.conn_event(token, Event::PreambleDone, now);
     }
 
