@@ -13,6 +13,21 @@ use ringfwd::shutdown::{self, Shutdown};
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
+/// Turns transparent huge pages off for the process before `main`, before the first
+/// allocation: the allocator's first pages are faulted by the runtime's start-up, and a huge
+/// page faulted then stays huge (see `ringfwd::thp`). Errors are seen again, and logged, by
+/// the same call in `run`.
+extern "C" fn refuse_huge_pages_early() {
+    let _ = ringfwd::thp::refuse_huge_pages();
+}
+
+// SAFETY: an entry of `.init_array` is called once by the dynamic loader (or the static
+// start-up code) before `main`, with no arguments, as `extern "C" fn()`, which is its type
+// here. It calls only `prctl(2)` (no allocation, no thread, nothing of the Rust runtime).
+#[used]
+#[unsafe(link_section = ".init_array")]
+static REFUSE_HUGE_PAGES_EARLY: extern "C" fn() = refuse_huge_pages_early;
+
 fn main() -> ExitCode {
     let cli = match ringfwd::cli::parse_args(std::env::args_os()) {
         Ok(cli) => cli,
@@ -158,7 +173,7 @@ fn run(args: &RunArgs) -> anyhow::Result<()> {
 
     use ringfwd::control::{self, Event, Inherited, Supervisor, Trigger};
 
-    // First, before the engines fault in their connection tables: see `ringfwd::thp`. A
+    // Done before `main` already (`REFUSE_HUGE_PAGES_EARLY`); asked again for its error: a
     // refusal only changes how the footprint is counted (logged once logging is up).
     let thp = ringfwd::thp::refuse_huge_pages();
     // What `watch_config` compares with first: the file before it is read.
