@@ -10,7 +10,15 @@ accepted by the backend, so each is relayed end to end); VmRSS read again. The f
 (after - before) / N. Rounds alternate the order of the pairs.
 
     scripts/idle_rss.py [--conns 2000] [--hold 1.5] [--rounds 3] [--engines uring,tokio]
-        [--bin LABEL=PATH ...]     # default: main=$CARGO_TARGET_DIR/release/ringfwd
+        [--warm one|per-cpu] [--bin LABEL=PATH ...]
+        # default: main=$CARGO_TARGET_DIR/release/ringfwd
+
+--warm per-cpu warms every worker rather than one: one warm-up connection from each CPU the
+script may run on (the script pinned there while it connects; the uring engine steers a
+connection to the worker of the CPU that took its SYN). With the default (--warm one, the
+method of issue 21) only the worker that took the warm-up connection has served, and the
+other workers' first connection pays their first-use allocations inside the measurement
+(a worker's metrics shard allocates a 136 KiB histogram at its first sample).
 
 RSS moves in pages (and in whole huge pages where the allocator's memory is backed by
 them): read the per-connection figure as "what N connections made the process touch",
@@ -136,15 +144,29 @@ def start_relay(binary, engine, backend_port, scratch):
     raise SystemExit(f"{binary} --engine {engine} never listened on {port}")
 
 
-def one_round(binary, engine, n, hold, backend, scratch, show_maps=False):
+def warm_up(port, backend):
+    """One connection established end to end, then let go."""
+    base = backend.count()
+    warm = socket.create_connection(("127.0.0.1", port))
+    wait_for(lambda: backend.count() > base, "the warm-up connection at the backend")
+    warm.close()
+
+
+def one_round(binary, engine, n, hold, backend, scratch, show_maps=False, warm="one"):
     port, proc = start_relay(binary, engine, backend.port, scratch)
     try:
         # The probe connection of start_relay reached the backend too; warm with one more
-        # that is established end to end, then let it go.
-        base = backend.count()
-        warm = socket.create_connection(("127.0.0.1", port))
-        wait_for(lambda: backend.count() > base, "the warm-up connection at the backend")
-        warm.close()
+        # that is established end to end (or one from each CPU), then let it go.
+        if warm == "per-cpu":
+            cpus = os.sched_getaffinity(0)
+            try:
+                for cpu in sorted(cpus):
+                    os.sched_setaffinity(0, {cpu})
+                    warm_up(port, backend)
+            finally:
+                os.sched_setaffinity(0, cpus)
+        else:
+            warm_up(port, backend)
         time.sleep(0.3)
         backend.drop_all()
         time.sleep(0.3)
@@ -176,6 +198,8 @@ def main():
     ap.add_argument("--hold", type=float, default=1.5)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--engines", default="uring,tokio")
+    ap.add_argument("--warm", choices=["one", "per-cpu"], default="one",
+                    help="one warm-up connection (issue 21's method) or one from each CPU")
     ap.add_argument("--smaps", action="store_true",
                     help="print the mappings whose Rss grew (from /proc/PID/smaps)")
     ap.add_argument("--bin", action="append", default=[],
@@ -197,7 +221,8 @@ def main():
         for r in range(a.rounds):
             order = pairs if r % 2 == 0 else list(reversed(pairs))
             for label, path, engine in order:
-                per, before, after = one_round(path, engine, a.conns, a.hold, backend, scratch, a.smaps)
+                per, before, after = one_round(path, engine, a.conns, a.hold, backend, scratch,
+                                               a.smaps, a.warm)
                 results[(label, engine)].append(per)
                 print(f"round {r + 1} {label:>10} {engine:<6} RSS {before} -> {after} KiB: "
                       f"{per:.0f} B per idle connection", flush=True)
@@ -205,7 +230,7 @@ def main():
         backend.close()
         shutil.rmtree(scratch, ignore_errors=True)
     print(f"\n| build | engine | B per idle connection, median of {a.rounds} ({a.conns} held "
-          f"{a.hold} s) | rounds |")
+          f"{a.hold} s, warm-up: {a.warm}) | rounds |")
     print("|---|---|---|---|")
     for (label, engine), v in results.items():
         print(f"| {label} | {engine} | {statistics.median(v):.0f} | "

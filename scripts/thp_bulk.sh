@@ -62,4 +62,15 @@ cpu = int(sys.argv[4]) / os.sysconf("SC_CLK_TCK")
 print(f"round {sys.argv[3]} {sys.argv[2]:14} {gbps:6.2f} Gbit/s  relay {cpu / (byts / 1e9):.3f} CPU-s/GB")
 PY
     done
-done
+done | tee "$out/rounds.txt"
+echo "medians of $rounds rounds:"
+python3 - "$out/rounds.txt" <<'PY'
+import statistics, sys
+rows = {}
+for line in open(sys.argv[1]):
+    f = line.split()
+    rows.setdefault(f[2], []).append((float(f[3]), float(f[6])))
+for v, xs in rows.items():
+    print(f"  {v:14} {statistics.median(x[0] for x in xs):6.2f} Gbit/s  "
+          f"{statistics.median(x[1] for x in xs):.3f} relay CPU-s/GB")
+PY
