@@ -4,7 +4,8 @@
 #
 #   scripts/bench.sh [--quick] [--rounds N] [--duration D] [--workers N] [--peers]
 #                    [--metrics-cost] [--only "direct uring-copy ..."] [--workloads ["bulk1 rr64"]]
-#                    [--setsid] [--cpus LIST] [--uring "key = value; ..."] [--out DIR]
+#                    [--setsid] [--cpus LIST] [--uring "key = value; ..."] [--before BIN]
+#                    [--out DIR]
 #
 # --workloads alone (no list after it) runs the application workloads: redis-benchmark
 # against redis-server (redis_pipe: 50 connections, 16 commands pipelined; redis1: one
@@ -26,6 +27,9 @@
 # --uring "auto_up_reads = 2; auto_down_pumps = 16" (scripts/sweep_auto.sh uses it).
 # Two more variants start only when --only names them: uring-unpinned (pin = false) and
 # uring-busypoll (busy_poll = "50us"), the latency settings of docs/TUNING.md.
+# --before BIN adds uring-auto-before: the uring engine in auto mode (default settings) run
+# from another ringfwd binary, e.g. a release build of main, for a before/after comparison in
+# one script (the same rounds, the same peers).
 #
 # --metrics-cost adds uring-auto-nometrics and tokio-nometrics: the same engines built with
 # the bench-no-metrics feature (no recording on the data path), to measure what metrics cost.
@@ -43,7 +47,7 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
 args_given="$*"
 orig_args=("$@")
-quick=0 rounds="" duration="" workers=1 peers=0 only="" out="" warmup=1s metrics_cost=0 workloads_given="" setsid=() uring_extra="" apps=0 cpus="" check=0
+before_bin="" quick=0 rounds="" duration="" workers=1 peers=0 only="" out="" warmup=1s metrics_cost=0 workloads_given="" setsid=() uring_extra="" apps=0 cpus="" check=0
 while [[ $# -gt 0 ]]; do
     case $1 in
         --quick) quick=1 ;;
@@ -58,6 +62,7 @@ while [[ $# -gt 0 ]]; do
         --only) only=$2; shift ;;
         --setsid) setsid=(setsid) ;;
         --uring) uring_extra=$2; shift ;;
+        --before) before_bin=$(realpath "$2"); shift ;;
         --out) out=$2; shift ;;
         --cpus) cpus=$2; shift ;;
         --check) check=1 ;;
@@ -150,6 +155,7 @@ cpu_ticks() { # utime+stime (+ reaped children's, for forking relays) of every p
     echo "memory: $(free -g | awk '/Mem:/{print $2}') GiB"
     echo "rustc: $(rustc -V)"
     echo "ringfwd: $(git rev-parse --short HEAD 2>/dev/null || echo unknown)"
+    [[ -n $before_bin ]] && echo "before: $before_bin (variant uring-auto-before)"
     echo "command: scripts/bench.sh $args_given"
     echo "rounds: $rounds, duration: $duration, relay workers: $workers"
     echo "note: load generator, backends and relay share these cores; compare ratios"
@@ -325,6 +331,7 @@ start_ringfwd std std auto
 # busy-polling before sleeping.
 [[ " $only " == *" uring-unpinned "* ]] && start_ringfwd uring-unpinned uring auto "$BIN" "pin = false"
 [[ " $only " == *" uring-busypoll "* ]] && start_ringfwd uring-busypoll uring auto "$BIN" 'busy_poll = "50us"'
+[[ -n $before_bin ]] && start_ringfwd uring-auto-before uring auto "$before_bin"
 if [[ $metrics_cost == 1 ]]; then
     start_ringfwd uring-auto-nometrics uring auto "$NOMETRICS_BIN"
     start_ringfwd tokio-nometrics tokio auto "$NOMETRICS_BIN"
