@@ -898,7 +898,10 @@ fn send_expect_marks_a_member_that_never_answers_down(engine: &[&str]) {
     // (one every 200 ms), so it grows by at least the ten.
     let before = good.served();
     sessions(fwd.addr(), 10);
-    assert!(good.served() - before >= 10, "the sessions reached the good member");
+    assert!(
+        good.served() - before >= 10,
+        "the sessions reached the good member"
+    );
 }
 
 /// `first_byte_timeout = "500ms"`, `max_fails = 1`: clients that connect and say nothing
