@@ -18,6 +18,9 @@ use io_uring::{IoUring, opcode, squeue, types};
 use super::slab::Target;
 use super::token::{OpKind, Token};
 
+/// The name [`build`] gives the SINGLE_ISSUER + DEFER_TASKRUN mode.
+pub const DEFER_TASKRUN: &str = "single_issuer+defer_taskrun";
+
 /// Builds a ring with the best task-running mode the kernel has: SINGLE_ISSUER +
 /// DEFER_TASKRUN (6.1), else COOP_TASKRUN (5.19), else plain. Returns the mode's name.
 ///
@@ -27,7 +30,7 @@ pub fn build(entries: u32) -> io::Result<(IoUring, &'static str)> {
     let cq = entries.saturating_mul(4);
     type Tune = fn(&mut io_uring::Builder);
     let attempts: [(&'static str, Tune); 3] = [
-        ("single_issuer+defer_taskrun", |b| {
+        (DEFER_TASKRUN, |b| {
             b.setup_single_issuer().setup_defer_taskrun();
         }),
         ("coop_taskrun", |b| {

@@ -33,8 +33,12 @@
 //!   socket entered the set is called before epoll's: every socket enters the set before the
 //!   first op on it is pushed (at accept, before the connect, at install). Accepts are the
 //!   exception: io_uring hangs them as *exclusive* waiters, at the tail, behind epoll's entry;
-//!   so an epoll return that names a listener makes the next sleep one in the ring, where the
-//!   accept's task-work add wakes the worker (or is found already queued).
+//!   so an epoll return that names a listener makes the next real sleep (one that may block)
+//!   one in the ring, where the accept's task-work add wakes the worker or is found already
+//!   queued. The waker runs both entries in one pass with interrupts off, microseconds at most
+//!   apart, while the woken worker first has to be scheduled, reap and process what it found;
+//!   only a waker stalled in that pass for longer (a vCPU descheduled by its hypervisor) could
+//!   queue the accept after that ring sleep ended, and then it is run at the next tick.
 //!   Readiness that came before a socket entered the set is reported by the insert itself
 //!   (`epoll_ctl` polls the socket once).
 //! - **The connect's linked timeout** (an hrtimer, no socket involved): the worker sleeps in
@@ -52,6 +56,8 @@
 //!   and found its socket not ready after all); the worker sleeps only when the flush posted
 //!   nothing, so that would take twenty such empty wake-ups at once, and even then the
 //!   rest runs at the next socket event or tick.
+//!
+//! So nothing is lost, and only the two corner cases above may wait for the tick (100 ms).
 //!
 //! If the set cannot be made, or a socket cannot be added to it (`fs.epoll.max_user_watches`),
 //! the worker logs it once and sleeps in the ring from then on.
@@ -200,7 +206,9 @@ impl EpollWait {
         // SAFETY: the kernel initialised the first `n` (≤ BATCH ≤ capacity) entries.
         unsafe { self.events.set_len(n as usize) };
         for ev in &self.events {
-            match { ev.u64 } {
+            // A copy: the kernel's epoll_event is packed, its fields cannot be borrowed.
+            let data = ev.u64;
+            match data {
                 LISTENER => self.listener_woke = true,
                 IOWQ => {
                     // Reset the count (edge-triggered, so only for tidiness); a failed read

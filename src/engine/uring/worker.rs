@@ -203,6 +203,15 @@ impl Worker {
             .collect();
         let epoll = match config.uring.wait {
             UringWait::Ring => None,
+            // The wait module's argument rests on DEFER_TASKRUN: without it, io_uring runs
+            // completions through signal-like task work that an epoll sleep may not notice.
+            UringWait::Epoll if mode != ring::DEFER_TASKRUN => {
+                notes.epoll = Some(format!(
+                    "the ring runs in {mode} mode, not {}",
+                    ring::DEFER_TASKRUN
+                ));
+                None
+            }
             UringWait::Epoll => match EpollWait::new(&ring) {
                 Ok(w) => Some(w),
                 Err(e) => {
@@ -328,7 +337,9 @@ impl Worker {
                 self.ring.submit_and_peek()
             }
             Some(w) => {
-                w.slept_in_ring();
+                if !wait.is_zero() {
+                    w.slept_in_ring();
+                }
                 self.ring.submit_and_wait(wait)
             }
             None => self.ring.submit_and_wait(wait),
