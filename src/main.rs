@@ -393,15 +393,13 @@ fn run(args: &RunArgs) -> anyhow::Result<()> {
                     .lock()
                     .unwrap_or_else(std::sync::PoisonError::into_inner)
                     .send(Event::Reload(Trigger::Admin, Some(reply)));
-                // The admin endpoint answers with the text (its hook is not tied to the
-                // control plane's types).
                 if sent.is_err() {
-                    return Err(control::ReloadError::Stopping.to_string());
+                    return Err(control::ReloadError::Stopping.into());
                 }
                 answer
                     .recv()
                     .unwrap_or(Err(control::ReloadError::Stopping))
-                    .map_err(|e| e.to_string())
+                    .map_err(Into::into)
             }));
         }
         // One machine-readable line per rule on stdout: scripts and tests wait for it.

@@ -14,7 +14,7 @@
 //!    effective and ambient capability sets.
 //!
 //! At the syscall level Linux changes credentials per thread. The glibc wrappers used here
-//! (through `libc`) apply each change to every thread of the process (nptl's "setxid"
+//! (called through `nix`) apply each change to every thread of the process (nptl's "setxid"
 //! broadcast), which is why this module never issues the raw syscalls. [`verify`] then checks
 //! the result rather than trusting it: real, effective and saved ids, the group list,
 //! `setuid(0)` / `setgid(0)` refused, and every thread in `/proc/self/task/*/status` with the
@@ -22,10 +22,15 @@
 //!
 //! Names are resolved when the config is loaded ([`RunAs::resolve`]), so an unknown user is a
 //! config error naming the key, and the drop itself makes no NSS lookups.
-#![allow(unsafe_code)]
 
-use std::ffi::{CStr, CString};
+use std::ffi::CString;
 use std::io;
+
+use nix::errno::Errno;
+use nix::unistd::{
+    Gid, Group, Uid, User, getgrouplist, getgroups, getresgid, getresuid, setgid, setgroups,
+    setresgid, setresuid, setuid,
+};
 
 /// Who `run` becomes once it is set up.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -50,129 +55,35 @@ pub struct Passwd {
     pub gid: u32,
 }
 
-/// Buffer for the `get*_r` calls; grown on `ERANGE`.
-const FIRST_BUF: usize = 1024;
-const MAX_BUF: usize = 1 << 20;
-
-fn cstring(what: &str, s: &str) -> Result<CString, String> {
-    CString::new(s).map_err(|_| format!("{what} {s:?} contains a NUL byte"))
-}
-
 /// Looks a user up by name in the user database (`/etc/passwd`, NSS).
 ///
 /// # Errors
 /// The lookup itself failed (not "no such user", which is `Ok(None)`).
-pub fn lookup_user(name: &str) -> Result<Option<Passwd>, String> {
-    let c = cstring("user", name)?;
-    let mut buf = vec![0u8; FIRST_BUF];
-    loop {
-        // SAFETY: `pwd` and `buf` outlive the call; getpwnam_r writes only within them and
-        // points `result` either at `pwd` or to null.
-        let mut pwd: libc::passwd = unsafe { std::mem::zeroed() };
-        let mut result: *mut libc::passwd = std::ptr::null_mut();
-        let rc = unsafe {
-            libc::getpwnam_r(
-                c.as_ptr(),
-                &mut pwd,
-                buf.as_mut_ptr().cast(),
-                buf.len(),
-                &mut result,
-            )
-        };
-        if rc == libc::ERANGE && buf.len() < MAX_BUF {
-            buf.resize(buf.len() * 2, 0);
-            continue;
-        }
-        if rc != 0 {
-            return Err(format!(
-                "cannot look up user {name:?}: {}",
-                io::Error::from_raw_os_error(rc)
-            ));
-        }
-        if result.is_null() {
-            return Ok(None);
-        }
-        return Ok(Some(Passwd {
-            name: name.to_string(),
-            uid: pwd.pw_uid,
-            gid: pwd.pw_gid,
-        }));
-    }
-}
-
-/// `Some(gid, name)` for a group looked up by name (`by_name`) or by number.
-fn lookup_group_with(key: GroupKey<'_>) -> Result<Option<(u32, String)>, String> {
-    let c = match key {
-        GroupKey::Name(n) => Some(cstring("group", n)?),
-        GroupKey::Id(_) => None,
-    };
-    let mut buf = vec![0u8; FIRST_BUF];
-    loop {
-        // SAFETY: as in `lookup_user`.
-        let mut grp: libc::group = unsafe { std::mem::zeroed() };
-        let mut result: *mut libc::group = std::ptr::null_mut();
-        let rc = unsafe {
-            match (&c, key) {
-                (Some(c), _) => libc::getgrnam_r(
-                    c.as_ptr(),
-                    &mut grp,
-                    buf.as_mut_ptr().cast(),
-                    buf.len(),
-                    &mut result,
-                ),
-                (None, GroupKey::Id(gid)) => libc::getgrgid_r(
-                    gid,
-                    &mut grp,
-                    buf.as_mut_ptr().cast(),
-                    buf.len(),
-                    &mut result,
-                ),
-                (None, GroupKey::Name(_)) => unreachable!("a name always has its CString"),
-            }
-        };
-        if rc == libc::ERANGE && buf.len() < MAX_BUF {
-            buf.resize(buf.len() * 2, 0);
-            continue;
-        }
-        if rc != 0 {
-            return Err(format!(
-                "cannot look up group {key}: {}",
-                io::Error::from_raw_os_error(rc)
-            ));
-        }
-        if result.is_null() {
-            return Ok(None);
-        }
-        // SAFETY: on success gr_name points at a NUL-terminated string inside `buf`.
-        let name = unsafe { CStr::from_ptr(grp.gr_name) }
-            .to_string_lossy()
-            .into_owned();
-        return Ok(Some((grp.gr_gid, name)));
-    }
-}
-
-#[derive(Clone, Copy)]
-enum GroupKey<'a> {
-    Name(&'a str),
-    Id(u32),
-}
-
-impl std::fmt::Display for GroupKey<'_> {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            Self::Name(n) => write!(f, "{n:?}"),
-            Self::Id(g) => write!(f, "{g}"),
-        }
-    }
+pub fn lookup_user(name: &str) -> Result<Option<Passwd>, ResolveError> {
+    let found = User::from_name(name).map_err(|source| ResolveError::Lookup {
+        what: Entity::User,
+        name: name.to_string(),
+        source,
+    })?;
+    Ok(found.map(|u| Passwd {
+        name: name.to_string(),
+        uid: u.uid.as_raw(),
+        gid: u.gid.as_raw(),
+    }))
 }
 
 /// A group by name, or by number (a string of digits with no such name): `(gid, name)`.
 ///
 /// # Errors
 /// The lookup itself failed (not "no such group", which is `Ok(None)`).
-pub fn lookup_group(name: &str) -> Result<Option<(u32, String)>, String> {
-    if let Some(found) = lookup_group_with(GroupKey::Name(name))? {
-        return Ok(Some(found));
+pub fn lookup_group(name: &str) -> Result<Option<(u32, String)>, ResolveError> {
+    let failed = |source| ResolveError::Lookup {
+        what: Entity::Group,
+        name: name.to_string(),
+        source,
+    };
+    if let Some(g) = Group::from_name(name).map_err(failed)? {
+        return Ok(Some((g.gid.as_raw(), g.name)));
     }
     match name.parse::<u32>() {
         Ok(gid) => Ok(Some((gid, group_name(gid)?))),
@@ -181,35 +92,34 @@ pub fn lookup_group(name: &str) -> Result<Option<(u32, String)>, String> {
 }
 
 /// The name of a group, or its number as text when the database has none.
-fn group_name(gid: u32) -> Result<String, String> {
-    Ok(lookup_group_with(GroupKey::Id(gid))?.map_or_else(|| gid.to_string(), |(_, n)| n))
+fn group_name(gid: u32) -> Result<String, ResolveError> {
+    let g = Group::from_gid(Gid::from_raw(gid)).map_err(|source| ResolveError::Lookup {
+        what: Entity::Group,
+        name: gid.to_string(),
+        source,
+    })?;
+    Ok(g.map_or_else(|| gid.to_string(), |g| g.name))
 }
 
 /// The groups `user` belongs to in the group database, plus `gid`: sorted, deduplicated.
 ///
 /// # Errors
 /// `getgrouplist` failed even with room for every possible group.
-pub fn user_groups(user: &str, gid: u32) -> Result<Vec<u32>, String> {
-    let c = cstring("user", user)?;
-    let mut n: libc::c_int = 32;
-    loop {
-        let mut groups = vec![0 as libc::gid_t; usize::try_from(n).unwrap_or(0).max(1)];
-        let mut count = n;
-        // SAFETY: `groups` has room for `count` entries; getgrouplist writes at most that many
-        // and sets `count` to how many there are (or would be).
-        let rc = unsafe { libc::getgrouplist(c.as_ptr(), gid, groups.as_mut_ptr(), &mut count) };
-        if rc >= 0 {
-            groups.truncate(usize::try_from(count).unwrap_or(0));
-            groups.push(gid);
-            groups.sort_unstable();
-            groups.dedup();
-            return Ok(groups);
-        }
-        if count <= n || n >= 65536 {
-            return Err(format!("cannot list the groups of user {user:?}"));
-        }
-        n = count;
-    }
+pub fn user_groups(user: &str, gid: u32) -> Result<Vec<u32>, ResolveError> {
+    let failed = |source| ResolveError::Groups {
+        user: user.to_string(),
+        source,
+    };
+    let c = CString::new(user).map_err(|_| failed(Errno::EINVAL))?;
+    let mut groups: Vec<u32> = getgrouplist(&c, Gid::from_raw(gid))
+        .map_err(failed)?
+        .into_iter()
+        .map(Gid::as_raw)
+        .collect();
+    groups.push(gid);
+    groups.sort_unstable();
+    groups.dedup();
+    Ok(groups)
 }
 
 impl RunAs {
@@ -217,43 +127,25 @@ impl RunAs {
     /// group). Error messages name the value, for the config to prefix with file, line and key.
     ///
     /// # Errors
-    /// [`ResolveError::User`] for the user (unknown, uid 0, lookup failure),
-    /// [`ResolveError::Group`] for the group (unknown, gid 0, empty).
+    /// [`ResolveError`]: an empty, unknown or root user or group, or a database that could
+    /// not be read.
     pub fn resolve(user: &str, group: Option<&str>) -> Result<Self, ResolveError> {
         if user.is_empty() {
-            return Err(ResolveError::User(
-                "must name a user, such as \"ringfwd\"".into(),
-            ));
+            return Err(ResolveError::NoUser);
         }
-        let pw = lookup_user(user)
-            .map_err(ResolveError::User)?
-            .ok_or_else(|| {
-                ResolveError::User(format!(
-                    "unknown user {user:?} (no such entry in the user database; create it, e.g. adduser --system --group --no-create-home {user})"
-                ))
-            })?;
+        let pw = lookup_user(user)?.ok_or_else(|| ResolveError::UnknownUser(user.to_string()))?;
         if pw.uid == 0 {
-            return Err(ResolveError::User(format!(
-                "{user:?} is uid 0: name an unprivileged user to drop to, or remove the key to keep running as root"
-            )));
+            return Err(ResolveError::RootUser(user.to_string()));
         }
         let (gid, group) = match group {
-            None => (pw.gid, group_name(pw.gid).map_err(ResolveError::Group)?),
-            Some("") => {
-                return Err(ResolveError::Group(
-                    "must name a group, such as \"ringfwd\"; remove the key for the user's primary group".into(),
-                ));
-            }
-            Some(g) => lookup_group(g)
-                .map_err(ResolveError::Group)?
-                .ok_or_else(|| ResolveError::Group(format!("unknown group {g:?}")))?,
+            None => (pw.gid, group_name(pw.gid)?),
+            Some("") => return Err(ResolveError::NoGroup),
+            Some(g) => lookup_group(g)?.ok_or_else(|| ResolveError::UnknownGroup(g.to_string()))?,
         };
         if gid == 0 {
-            return Err(ResolveError::Group(format!(
-                "group {group:?} is gid 0 (root's group): name an unprivileged group"
-            )));
+            return Err(ResolveError::RootGroup(group));
         }
-        let groups = user_groups(user, gid).map_err(ResolveError::User)?;
+        let groups = user_groups(user, gid)?;
         Ok(Self {
             user: user.to_string(),
             uid: pw.uid,
@@ -264,11 +156,73 @@ impl RunAs {
     }
 }
 
-/// Which key a resolution error belongs to.
-#[derive(Clone, Debug, PartialEq, Eq)]
+/// User or group: which database a lookup went to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Entity {
+    User,
+    Group,
+}
+
+impl std::fmt::Display for Entity {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::User => "user",
+            Self::Group => "group",
+        })
+    }
+}
+
+/// Why the `user` / `group` keys name no one ringfwd can become. The text names the value;
+/// the config prefixes file, line and [`ResolveError::key`].
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum ResolveError {
-    User(String),
-    Group(String),
+    #[error("must name a user, such as \"ringfwd\"")]
+    NoUser,
+    #[error(
+        "unknown user {0:?} (no such entry in the user database; create it, e.g. adduser --system --group --no-create-home {0})"
+    )]
+    UnknownUser(String),
+    #[error(
+        "{0:?} is uid 0: name an unprivileged user to drop to, or remove the key to keep running as root"
+    )]
+    RootUser(String),
+    #[error("must name a group, such as \"ringfwd\"; remove the key for the user's primary group")]
+    NoGroup,
+    #[error("unknown group {0:?}")]
+    UnknownGroup(String),
+    #[error("group {0:?} is gid 0 (root's group): name an unprivileged group")]
+    RootGroup(String),
+    /// The user or group database could not be read (NSS failed, not "no such entry").
+    #[error("cannot look up {what} {name:?}: {source}")]
+    Lookup {
+        what: Entity,
+        name: String,
+        #[source]
+        source: Errno,
+    },
+    /// `getgrouplist` failed even with room for every possible group.
+    #[error("cannot list the groups of user {user:?}: {source}")]
+    Groups {
+        user: String,
+        #[source]
+        source: Errno,
+    },
+}
+
+impl ResolveError {
+    /// The config key the error belongs to: `"user"` or `"group"`.
+    pub fn key(&self) -> &'static str {
+        match self {
+            Self::NoGroup
+            | Self::UnknownGroup(_)
+            | Self::RootGroup(_)
+            | Self::Lookup {
+                what: Entity::Group,
+                ..
+            } => "group",
+            _ => "user",
+        }
+    }
 }
 
 /// Why the process cannot, or did not, become the configured user: it must then not serve,
@@ -396,28 +350,23 @@ pub fn plan(run_as: Option<&RunAs>) -> Result<Plan, PrivDropError> {
 }
 
 fn resuid() -> (u32, u32, u32) {
-    let (mut r, mut e, mut s) = (0, 0, 0);
-    // SAFETY: three valid out-pointers; getresuid cannot fail with them.
-    unsafe { libc::getresuid(&mut r, &mut e, &mut s) };
-    (r, e, s)
+    // getresuid cannot fail for the calling process.
+    getresuid().map_or((u32::MAX, u32::MAX, u32::MAX), |r| {
+        (r.real.as_raw(), r.effective.as_raw(), r.saved.as_raw())
+    })
 }
 
 fn resgid() -> (u32, u32, u32) {
-    let (mut r, mut e, mut s) = (0, 0, 0);
-    // SAFETY: as in `resuid`.
-    unsafe { libc::getresgid(&mut r, &mut e, &mut s) };
-    (r, e, s)
+    getresgid().map_or((u32::MAX, u32::MAX, u32::MAX), |r| {
+        (r.real.as_raw(), r.effective.as_raw(), r.saved.as_raw())
+    })
 }
 
-fn check(call: String, rc: libc::c_int) -> Result<(), PrivDropError> {
-    if rc == 0 {
-        Ok(())
-    } else {
-        Err(PrivDropError::Call {
-            call,
-            source: io::Error::last_os_error(),
-        })
-    }
+fn check(call: String, r: nix::Result<()>) -> Result<(), PrivDropError> {
+    r.map_err(|e| PrivDropError::Call {
+        call,
+        source: io::Error::from(e),
+    })
 }
 
 /// Switches every thread of the process to `to` (see the module docs), then [`verify`]s it.
@@ -426,17 +375,14 @@ fn check(call: String, rc: libc::c_int) -> Result<(), PrivDropError> {
 /// A step failed or the result is not what was asked for; the process must then stop, since
 /// it may be partly privileged.
 pub fn drop_to(to: &RunAs) -> Result<(), PrivDropError> {
-    // SAFETY (all three): plain libc calls with a valid pointer/length pair or integers. The
-    // glibc wrappers broadcast each change to every thread of the process.
-    check(format!("setgroups({:?})", to.groups), unsafe {
-        libc::setgroups(to.groups.len(), to.groups.as_ptr())
-    })?;
-    check(format!("setresgid({})", to.gid), unsafe {
-        libc::setresgid(to.gid, to.gid, to.gid)
-    })?;
-    check(format!("setresuid({})", to.uid), unsafe {
-        libc::setresuid(to.uid, to.uid, to.uid)
-    })?;
+    // The glibc wrappers (which nix calls) broadcast each change to every thread of the
+    // process.
+    let groups: Vec<Gid> = to.groups.iter().copied().map(Gid::from_raw).collect();
+    check(format!("setgroups({:?})", to.groups), setgroups(&groups))?;
+    let gid = Gid::from_raw(to.gid);
+    check(format!("setresgid({})", to.gid), setresgid(gid, gid, gid))?;
+    let uid = Uid::from_raw(to.uid);
+    check(format!("setresuid({})", to.uid), setresuid(uid, uid, uid))?;
     verify(to)
 }
 
@@ -471,12 +417,12 @@ pub fn verify(to: &RunAs) -> Result<(), PrivDropError> {
             want: to.groups.clone(),
         });
     }
-    // SAFETY: plain libc calls. Unprivileged, they fail on the calling thread and are not
-    // broadcast; if one succeeded the process would be root again, which is reported.
-    if unsafe { libc::setuid(0) } == 0 {
+    // Unprivileged, these fail on the calling thread and are not broadcast; if one succeeded
+    // the process would be root again, which is reported.
+    if setuid(Uid::from_raw(0)).is_ok() {
         return Err(PrivDropError::Regainable { call: "setuid(0)" });
     }
-    if unsafe { libc::setgid(0) } == 0 {
+    if setgid(Gid::from_raw(0)).is_ok() {
         return Err(PrivDropError::Regainable { call: "setgid(0)" });
     }
     let tasks =
@@ -508,17 +454,14 @@ pub fn verify(to: &RunAs) -> Result<(), PrivDropError> {
 }
 
 fn current_groups() -> Result<Vec<u32>, PrivDropError> {
-    // SAFETY: a zero size only asks for the count; then a buffer of that many entries.
-    let n = unsafe { libc::getgroups(0, std::ptr::null_mut()) };
-    let failed = |_| PrivDropError::Call {
-        call: "getgroups".into(),
-        source: io::Error::last_os_error(),
-    };
-    let n = usize::try_from(n).map_err(failed)?;
-    let mut groups = vec![0 as libc::gid_t; n];
-    let got = unsafe { libc::getgroups(n as libc::c_int, groups.as_mut_ptr()) };
-    let got = usize::try_from(got).map_err(failed)?;
-    groups.truncate(got);
+    let mut groups: Vec<u32> = getgroups()
+        .map_err(|e| PrivDropError::Call {
+            call: "getgroups".into(),
+            source: io::Error::from(e),
+        })?
+        .into_iter()
+        .map(Gid::as_raw)
+        .collect();
     groups.sort_unstable();
     groups.dedup();
     Ok(groups)
@@ -682,12 +625,34 @@ mod tests {
     fn root_and_unknown_users_are_refused() {
         assert!(matches!(
             RunAs::resolve("root", None),
-            Err(ResolveError::User(m)) if m.contains("uid 0")
+            Err(ResolveError::RootUser(u)) if u == "root"
         ));
         assert!(matches!(
             RunAs::resolve("ringfwd-no-such-user", None),
-            Err(ResolveError::User(m)) if m.contains("unknown user")
+            Err(ResolveError::UnknownUser(_))
         ));
+        let group = RunAs::resolve("nobody", Some("ringfwd-no-such-group")).unwrap_err();
+        assert_eq!(
+            group,
+            ResolveError::UnknownGroup("ringfwd-no-such-group".into())
+        );
+        assert_eq!(group.key(), "group");
+        assert_eq!(
+            RunAs::resolve("nobody", Some("")).unwrap_err().key(),
+            "group"
+        );
+        assert_eq!(RunAs::resolve("", None).unwrap_err().key(), "user");
+        let lookup = ResolveError::Lookup {
+            what: Entity::Group,
+            name: "staff".into(),
+            source: Errno::EIO,
+        };
+        assert_eq!(lookup.key(), "group");
+        assert!(std::error::Error::source(&lookup).is_some());
+        assert_eq!(
+            lookup.to_string(),
+            "cannot look up group \"staff\": EIO: I/O error"
+        );
         assert_eq!(lookup_user("ringfwd-no-such-user"), Ok(None));
         assert_eq!(lookup_group("ringfwd-no-such-group"), Ok(None));
         assert_eq!(lookup_group("0").unwrap().unwrap().0, 0);

@@ -408,7 +408,11 @@ pub type MemberHook = Box<
 >;
 
 /// Reloads the config and says what changed, or why nothing did.
-pub type ReloadHook = Box<dyn Fn() -> Result<String, String> + Send + Sync>;
+pub type ReloadHook = Box<dyn Fn() -> Result<String, ReloadFailed> + Send + Sync>;
+
+/// Why a reload asked for over HTTP did not happen: the control plane's `ReloadError`,
+/// carried without naming it (metrics sits below the control plane in the module graph).
+pub type ReloadFailed = Box<dyn std::error::Error + Send + Sync>;
 
 fn rule_metrics(name: &str, shards: usize) -> Arc<RuleMetrics> {
     Arc::new(RuleMetrics {
@@ -575,7 +579,7 @@ impl Metrics {
     }
 
     /// Runs the reload hook; `None` when reloading is not possible in this run.
-    pub fn reload(&self) -> Option<Result<String, String>> {
+    pub fn reload(&self) -> Option<Result<String, ReloadFailed>> {
         self.common.reload_hook.get().map(|h| h())
     }
 

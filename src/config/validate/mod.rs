@@ -314,7 +314,7 @@ fn run_as(
     group: Option<&toml::Spanned<String>>,
     src: &Source<'_>,
 ) -> Result<Option<crate::privdrop::RunAs>, ConfigError> {
-    use crate::privdrop::{ResolveError, RunAs};
+    use crate::privdrop::RunAs;
     let Some(user) = user else {
         return match group {
             None => Ok(None),
@@ -327,11 +327,9 @@ fn run_as(
     };
     RunAs::resolve(user.get_ref(), group.map(|g| g.get_ref().as_str()))
         .map(Some)
-        .map_err(|e| match (e, group) {
-            (ResolveError::Group(m), Some(g)) => src.error_at(g.span(), "group", m),
-            (ResolveError::User(m) | ResolveError::Group(m), _) => {
-                src.error_at(user.span(), "user", m)
-            }
+        .map_err(|e| match (e.key(), group) {
+            ("group", Some(g)) => src.error_at(g.span(), "group", e.to_string()),
+            _ => src.error_at(user.span(), "user", e.to_string()),
         })
 }
 
