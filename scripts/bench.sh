@@ -25,8 +25,9 @@
 # a relay relative to its peers, and a relay started from the benchmarking shell is placed
 # next to them). --uring adds keys to the [uring] table of every ringfwd relay, e.g.
 # --uring "auto_up_reads = 2; auto_down_pumps = 16" (scripts/sweep_auto.sh uses it).
-# Two more variants start only when --only names them: uring-unpinned (pin = false) and
-# uring-busypoll (busy_poll = "50us"), the latency settings of docs/TUNING.md.
+# Three more variants start only when --only names them: uring-unpinned (pin = false),
+# uring-busypoll (busy_poll = "50us") and uring-epoll (wait = "epoll"), the latency settings
+# of docs/TUNING.md.
 # --before BIN adds uring-auto-before: the uring engine in auto mode (default settings) run
 # from another ringfwd binary, e.g. a release build of main, for a before/after comparison in
 # one script (the same rounds, the same peers).
@@ -327,10 +328,11 @@ start_ringfwd uring-splice uring splice
 start_ringfwd uring-auto uring auto
 start_ringfwd tokio tokio auto
 start_ringfwd std std auto
-# The latency settings (docs/TUNING.md), only when named in --only: not pinned, and
-# busy-polling before sleeping.
+# The latency settings (docs/TUNING.md), only when named in --only: not pinned,
+# busy-polling before sleeping, and sleeping on epoll instead of the ring.
 [[ " $only " == *" uring-unpinned "* ]] && start_ringfwd uring-unpinned uring auto "$BIN" "pin = false"
 [[ " $only " == *" uring-busypoll "* ]] && start_ringfwd uring-busypoll uring auto "$BIN" 'busy_poll = "50us"'
+[[ " $only " == *" uring-epoll "* ]] && start_ringfwd uring-epoll uring auto "$BIN" 'wait = "epoll"'
 [[ -n $before_bin ]] && start_ringfwd uring-auto-before uring auto "$before_bin"
 if [[ $metrics_cost == 1 ]]; then
     start_ringfwd uring-auto-nometrics uring auto "$NOMETRICS_BIN"
