@@ -4,7 +4,8 @@
 #
 #   scripts/bench.sh [--quick] [--rounds N] [--duration D] [--workers N] [--peers]
 #                    [--metrics-cost] [--only "direct uring-copy ..."] [--workloads ["bulk1 rr64"]]
-#                    [--setsid] [--cpus LIST] [--uring "key = value; ..."] [--out DIR]
+#                    [--setsid] [--cpus LIST] [--uring "key = value; ..."] [--before BIN]
+#                    [--out DIR]
 #
 # --workloads alone (no list after it) runs the application workloads: redis-benchmark
 # against redis-server (redis_pipe: 50 connections, 16 commands pipelined; redis1: one
@@ -24,8 +25,12 @@
 # a relay relative to its peers, and a relay started from the benchmarking shell is placed
 # next to them). --uring adds keys to the [uring] table of every ringfwd relay, e.g.
 # --uring "auto_up_reads = 2; auto_down_pumps = 16" (scripts/sweep_auto.sh uses it).
-# Two more variants start only when --only names them: uring-unpinned (pin = false) and
-# uring-busypoll (busy_poll = "50us"), the latency settings of docs/TUNING.md.
+# Three more variants start only when --only names them: uring-unpinned (pin = false),
+# uring-busypoll (busy_poll = "50us") and uring-epoll (wait = "epoll"), the latency settings
+# of docs/TUNING.md.
+# --before BIN adds uring-auto-before: the uring engine in auto mode (default settings) run
+# from another ringfwd binary, e.g. a release build of main, for a before/after comparison in
+# one script (the same rounds, the same peers).
 #
 # --metrics-cost adds uring-auto-nometrics and tokio-nometrics: the same engines built with
 # the bench-no-metrics feature (no recording on the data path), to measure what metrics cost.
@@ -43,7 +48,7 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
 args_given="$*"
 orig_args=("$@")
-quick=0 rounds="" duration="" workers=1 peers=0 only="" out="" warmup=1s metrics_cost=0 workloads_given="" setsid=() uring_extra="" apps=0 cpus="" check=0
+before_bin="" quick=0 rounds="" duration="" workers=1 peers=0 only="" out="" warmup=1s metrics_cost=0 workloads_given="" setsid=() uring_extra="" apps=0 cpus="" check=0
 while [[ $# -gt 0 ]]; do
     case $1 in
         --quick) quick=1 ;;
@@ -58,6 +63,7 @@ while [[ $# -gt 0 ]]; do
         --only) only=$2; shift ;;
         --setsid) setsid=(setsid) ;;
         --uring) uring_extra=$2; shift ;;
+        --before) before_bin=$(realpath "$2"); shift ;;
         --out) out=$2; shift ;;
         --cpus) cpus=$2; shift ;;
         --check) check=1 ;;
@@ -150,6 +156,7 @@ cpu_ticks() { # utime+stime (+ reaped children's, for forking relays) of every p
     echo "memory: $(free -g | awk '/Mem:/{print $2}') GiB"
     echo "rustc: $(rustc -V)"
     echo "ringfwd: $(git rev-parse --short HEAD 2>/dev/null || echo unknown)"
+    [[ -n $before_bin ]] && echo "before: $before_bin (variant uring-auto-before)"
     echo "command: scripts/bench.sh $args_given"
     echo "rounds: $rounds, duration: $duration, relay workers: $workers"
     echo "note: load generator, backends and relay share these cores; compare ratios"
@@ -321,10 +328,12 @@ start_ringfwd uring-splice uring splice
 start_ringfwd uring-auto uring auto
 start_ringfwd tokio tokio auto
 start_ringfwd std std auto
-# The latency settings (docs/TUNING.md), only when named in --only: not pinned, and
-# busy-polling before sleeping.
+# The latency settings (docs/TUNING.md), only when named in --only: not pinned,
+# busy-polling before sleeping, and sleeping on epoll instead of the ring.
 [[ " $only " == *" uring-unpinned "* ]] && start_ringfwd uring-unpinned uring auto "$BIN" "pin = false"
 [[ " $only " == *" uring-busypoll "* ]] && start_ringfwd uring-busypoll uring auto "$BIN" 'busy_poll = "50us"'
+[[ " $only " == *" uring-epoll "* ]] && start_ringfwd uring-epoll uring auto "$BIN" 'wait = "epoll"'
+[[ -n $before_bin ]] && start_ringfwd uring-auto-before uring auto "$before_bin"
 if [[ $metrics_cost == 1 ]]; then
     start_ringfwd uring-auto-nometrics uring auto "$NOMETRICS_BIN"
     start_ringfwd tokio-nometrics tokio auto "$NOMETRICS_BIN"

@@ -44,7 +44,7 @@ DESCRIPTION = {
     "http_close": "wrk against nginx HTTP (1 KiB body), `Connection: close`, 8 connections",
     "tls": "new TLS 1.3 handshakes (no resumption) through an SNI-routed rule to nginx HTTPS, 4 clients",
 }
-ORDER = ["direct", "uring-copy", "uring-splice", "uring-auto", "uring-auto-nometrics", "tokio",
+ORDER = ["direct", "uring-copy", "uring-splice", "uring-auto", "uring-auto-before", "uring-auto-nometrics", "tokio",
          "tokio-nometrics", "std",
          "uring-unpinned", "uring-busypoll", "haproxy-nosplice", "haproxy-splice", "haproxy-splice-auto", "nginx", "socat"]
 

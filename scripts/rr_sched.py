@@ -20,6 +20,9 @@ them on CPU 0 with taskset).
 
     scripts/rr_sched.py [--bin PATH] [--duration 4] [--window 1]
         [--placements session,setsid,cpu0] [--relays direct,nginx,uring,uring-unpinned,tokio]
+
+Relays named uring-… take `pin = false` when the name has `unpinned`, and `wait = "epoll"`
+when it has `epoll` (uring-epoll, uring-epoll-unpinned).
 """
 import argparse
 import collections
@@ -107,8 +110,10 @@ def start_relay(kind, binary, echo_port, placement, scratch, prefix):
         conf = os.path.join(scratch, f"relay-{port}.toml")
         with open(conf, "w") as f:
             f.write(f'workers = 1\nengine = "{engine}"\naccess_log = false\n[uring]\n')
-            if kind == "uring-unpinned":
+            if "unpinned" in kind:
                 f.write("pin = false\n")
+            if "epoll" in kind:
+                f.write('wait = "epoll"\n')
             f.write(f'[[rule]]\nname = "echo"\nlisten = "127.0.0.1:{port}"\n'
                     f'upstream = "127.0.0.1:{echo_port}"\n')
         args = [binary, "run", "--config", conf]

@@ -11,7 +11,8 @@ use clap::{Args, Parser, Subcommand};
 use clap_complete::Shell;
 
 use crate::config::{
-    self, Balance, Config, ConfigError, DataPath, EngineKind, Rule, TcpOptions, format_duration,
+    self, Balance, Config, ConfigError, DataPath, EngineKind, Rule, TcpOptions, UringWait,
+    format_duration,
 };
 
 /// ringfwd: a TCP port forwarder for Linux edge hosts (io_uring, thread-per-core).
@@ -67,6 +68,10 @@ pub struct RunArgs {
     /// Data path of the uring engine: auto, splice or copy.
     #[arg(long, value_name = "MODE", value_parser = parse_mode)]
     pub mode: Option<DataPath>,
+    /// Where uring workers sleep: ring (io_uring_enter) or epoll (epoll_wait on their
+    /// sockets); sets `[uring] wait`.
+    #[arg(long, value_name = "WAIT", value_parser = parse_wait)]
+    pub uring_wait: Option<UringWait>,
     /// Worker threads, 1 to 1024 (default: one per CPU the process may use).
     #[arg(long, value_name = "N", value_parser = parse_workers)]
     pub workers: Option<u16>,
@@ -267,6 +272,11 @@ fn parse_mode(s: &str) -> Result<DataPath, String> {
         .ok_or_else(|| format!("unknown mode {s:?} (expected one of {})", DataPath::NAMES))
 }
 
+fn parse_wait(s: &str) -> Result<UringWait, String> {
+    UringWait::parse(s)
+        .ok_or_else(|| format!("unknown wait {s:?} (expected one of {})", UringWait::NAMES))
+}
+
 impl RunArgs {
     /// The config file (if any) with the flags applied on top.
     ///
@@ -307,6 +317,9 @@ impl RunArgs {
         }
         if let Some(m) = self.mode {
             cfg.mode = m;
+        }
+        if let Some(w) = self.uring_wait {
+            cfg.uring.wait = w;
         }
         if let Some(w) = self.workers {
             cfg.workers = std::num::NonZeroUsize::new(usize::from(w));

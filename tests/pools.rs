@@ -893,10 +893,15 @@ fn send_expect_marks_a_member_that_never_answers_down(engine: &[&str]) {
         }
     });
     assert_eq!(reported_up(&fwd, "app", ag), (Some(1.0), true));
-    // Every session goes to the member that answers.
+    // Every session goes to the member that answers: each one is an echo round trip, which
+    // the silent member would fail. `served` also counts the health checks' PING sessions
+    // (one every 200 ms), so it grows by at least the ten.
     let before = good.served();
     sessions(fwd.addr(), 10);
-    assert_eq!(good.served() - before, 10);
+    assert!(
+        good.served() - before >= 10,
+        "the sessions reached the good member"
+    );
 }
 
 /// `first_byte_timeout = "500ms"`, `max_fails = 1`: clients that connect and say nothing

@@ -648,6 +648,39 @@ pub struct UringTuning {
     pub pin: bool,
     /// How long a worker polls for completions before it sleeps in the kernel (0: never).
     pub busy_poll: Duration,
+    /// Where a worker sleeps when it has nothing to do.
+    pub wait: UringWait,
+}
+
+/// Where an io_uring worker sleeps. The choice decides how the scheduler places the worker
+/// when a socket wakes it (docs/TUNING.md, "Round trips and the scheduler").
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum UringWait {
+    /// In `io_uring_enter`, for completions: io_uring's task-work wake-up carries no hint
+    /// about the waker, so the worker goes back to its previous CPU when that one is idle.
+    Ring,
+    /// In `epoll_wait` on the worker's own sockets: a socket's wake-up reaches the worker
+    /// with the "synchronous" hint, which lets the scheduler run it on the waker's CPU.
+    Epoll,
+}
+
+impl UringWait {
+    pub const NAMES: &'static str = "ring, epoll";
+
+    pub fn parse(text: &str) -> Option<Self> {
+        Some(match text {
+            "ring" => Self::Ring,
+            "epoll" => Self::Epoll,
+            _ => return None,
+        })
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Ring => "ring",
+            Self::Epoll => "epoll",
+        }
+    }
 }
 
 impl Default for UringTuning {
@@ -666,6 +699,7 @@ impl Default for UringTuning {
             auto_down_pumps: 8,
             pin: true,
             busy_poll: Duration::ZERO,
+            wait: UringWait::Ring,
         }
     }
 }

@@ -79,6 +79,7 @@ impl Config {
         let _ = writeln!(out, "auto_down_pumps = {}", u.auto_down_pumps);
         let _ = writeln!(out, "pin = {}", u.pin);
         let _ = writeln!(out, "busy_poll = \"{}us\"", u.busy_poll.as_micros());
+        let _ = writeln!(out, "wait = \"{}\"", u.wait.as_str());
         for r in &self.rules {
             let _ = writeln!(out, "\n[[rule]]");
             let _ = writeln!(out, "name = {:?}", r.name);

@@ -102,6 +102,7 @@ auto_up_reads = 2
 auto_down_pumps = 16
 pin = false
 busy_poll = "20us"
+wait = "epoll"
 
 [[rule]]
 name = "web"
@@ -149,6 +150,7 @@ fall = 10
             auto_down_pumps: 16,
             pin: false,
             busy_poll: Duration::from_micros(20),
+            wait: UringWait::Epoll,
         }
     );
     let r = &c.rules[0];
@@ -592,6 +594,10 @@ fn uring_bounds_are_enforced_at_the_value() {
         (
             "busy_poll = \"2ms\"",
             "cfg.toml:2:13: uring.busy_poll: must be at most 1ms, got 2ms",
+        ),
+        (
+            "wait = \"spin\"",
+            "cfg.toml:2:8: uring.wait: unknown wait \"spin\" (expected one of ring, epoll)",
         ),
         (
             "max_connections = 0",

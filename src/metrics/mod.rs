@@ -300,56 +300,67 @@ impl Recorder for Shard {
     }
 }
 
-/// Where one session records: a shard of its rule (a worker's own, or the calling
-/// thread's for engines whose tasks move between threads) and the access log.
-pub struct Sink<'a> {
+/// Where one session records: a shard of its rule (`S`: a worker's own, or the calling
+/// thread's for engines whose tasks move between threads) and the access log. Which shard
+/// is a type, not a value matched on every count: the io_uring worker's sink counts
+/// straight into its shard.
+pub struct Sink<'a, S: ShardOf = &'a Shard> {
     metrics: &'a Metrics,
-    shard: SinkShard<'a>,
+    shard: S,
 }
 
-enum SinkShard<'a> {
-    Fixed(&'a Shard),
-    Local(&'a RuleMetrics),
+/// How a [`Sink`] finds its shard.
+pub trait ShardOf {
+    fn shard(&self) -> &Shard;
 }
 
-impl Sink<'_> {
+/// A fixed shard (a worker's own).
+impl ShardOf for &Shard {
     #[inline]
     fn shard(&self) -> &Shard {
-        match self.shard {
-            SinkShard::Fixed(s) => s,
-            SinkShard::Local(r) => r.local(),
-        }
+        self
     }
 }
 
-impl Recorder for Sink<'_> {
+/// The shard of the calling thread, of one rule.
+pub struct ThreadShard<'a>(&'a RuleMetrics);
+
+impl ShardOf for ThreadShard<'_> {
+    #[inline]
+    fn shard(&self) -> &Shard {
+        self.0.local()
+    }
+}
+
+impl<S: ShardOf> Recorder for Sink<'_, S> {
     #[inline]
     fn accepted(&self) {
-        self.shard().accepted();
+        self.shard.shard().accepted();
     }
 
     #[inline]
     fn rejected(&self, why: RejectReason) {
-        self.shard().rejected(why);
+        self.shard.shard().rejected(why);
     }
 
     #[inline]
     fn connected(&self, took: Duration) {
-        self.shard().connected(took);
+        self.shard.shard().connected(took);
     }
 
     #[inline]
     fn connect_error(&self, why: ConnectError) {
-        self.shard().connect_error(why);
+        self.shard.shard().connect_error(why);
     }
 
     #[inline]
     fn sent_early(&self, n: u64) {
-        Recorder::sent_early(self.shard(), n);
+        Recorder::sent_early(self.shard.shard(), n);
     }
 
+    #[inline]
     fn closed(&self, record: &Record<'_>) {
-        self.shard().closed(record.duration);
+        self.shard.shard().closed(record.duration);
         self.metrics.log_session(record);
     }
 }
@@ -648,27 +659,33 @@ impl Metrics {
         self.common.access_log.store(on, Ordering::Relaxed);
     }
 
-    /// Writes the access-log line for a finished session (target `ringfwd::access`).
     /// Where a session records on `shard` (a shard of its rule).
     pub fn sink<'a>(&'a self, shard: &'a Shard) -> Sink<'a> {
         Sink {
             metrics: self,
-            shard: SinkShard::Fixed(shard),
+            shard,
         }
     }
 
     /// Where a session of rule `rule` records from whichever thread runs it.
-    pub fn local_sink(&self, rule: usize) -> Sink<'_> {
+    pub fn local_sink(&self, rule: usize) -> Sink<'_, ThreadShard<'_>> {
         Sink {
             metrics: self,
-            shard: SinkShard::Local(self.rule(rule)),
+            shard: ThreadShard(self.rule(rule)),
         }
     }
 
+    /// Writes the access-log line for a finished session (target `ringfwd::access`) when
+    /// the access log is on: the check is inlined into every close, the writing is not.
+    #[inline]
     pub fn log_session(&self, rec: &Record<'_>) {
-        if !self.common.access_log.load(Ordering::Relaxed) {
-            return;
+        if self.common.access_log.load(Ordering::Relaxed) {
+            Self::write_access_log(rec);
         }
+    }
+
+    #[inline(never)]
+    fn write_access_log(rec: &Record<'_>) {
         let client = OptAddr(rec.client);
         tracing::info!(
             target: "ringfwd::access",

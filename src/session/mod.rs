@@ -226,6 +226,12 @@ pub struct RoutePool {
 }
 
 impl RoutePool {
+    /// A session is sent to this route: counted, and given the members it dials from.
+    fn enter(&self) -> Arc<MemberSet> {
+        self.sessions.fetch_add(1, Ordering::Relaxed);
+        self.pool.members()
+    }
+
     /// Sessions sent to this route so far.
     pub fn sessions(&self) -> u64 {
         self.sessions.load(Ordering::Relaxed)
@@ -287,6 +293,9 @@ struct ProxyState {
     hello: Option<Box<ClientHelloParser>>,
     /// What goes upstream before the relay, from the preamble's end until it is sent.
     outgoing: Option<Outgoing>,
+    /// Client bytes sent upstream with the preamble (counted into the record's bytes; only
+    /// a session with a preamble has any, so they are kept here, out of line).
+    early_sent: u64,
 }
 
 /// What reading a client's preamble (a PROXY header, then a ClientHello on a rule with
@@ -317,13 +326,18 @@ impl RuleRuntime {
     ///
     /// # Errors
     /// The reason the connection is turned away.
+    ///
+    /// The session is built whole in the returned value, its route (a rule without routes
+    /// has only its own) and listen port included: it is the largest thing a connection
+    /// holds, and every copy of it costs on each connection.
     fn admit<R: Recorder>(
         &self,
         rec: &R,
-        client: Option<SocketAddr>,
+        a: Accepted,
         now: Instant,
         draining: bool,
     ) -> Result<Session, RejectReason> {
+        let client = a.peer;
         let reject = |why| {
             rec.rejected(why);
             Err(why)
@@ -363,7 +377,11 @@ impl RuleRuntime {
             Permit::none()
         };
         rec.accepted();
-        let mut session = Session {
+        // A rule with routes picks its route from the ClientHello; one without has its own.
+        let route = if routes { None } else { self.default_route };
+        let pool = route.map(|i| &self.pools[i]);
+        let (listen_port, port_offset) = self.listen_port(a.port);
+        Ok(Session {
             accepted_at: now,
             client,
             proxy: (self.trusted.is_some() || self.wants_local_addr() || routes).then(|| {
@@ -374,25 +392,36 @@ impl RuleRuntime {
                     header_len: 0,
                     hello: routes.then(|| Box::new(ClientHelloParser::new())),
                     outgoing: None,
+                    early_sent: 0,
                 })
             }),
             permit,
-            route: None,
-            set: None,
-            current: None,
+            route: route.and_then(|i| u16::try_from(i).ok()),
+            set: pool.map(RoutePool::enter),
             tried: Tried::default(),
             last_error: None,
             connected: false,
-            listen_port: None,
-            port_offset: 0,
-            one_to_one: false,
-            dead_on_arrival: false,
-            early_sent: 0,
-        };
-        if !routes {
-            session.set_route(self, self.default_route);
+            listen_port,
+            port_offset,
+            one_to_one: pool.is_some_and(|p| p.one_to_one),
+            dead_on_arrival: a.dead,
+        })
+    }
+
+    /// The listen port a client connected to on `port`, for a rule that listens on a port
+    /// range (the access log names it; `None` for a single-port rule), and its offset in the
+    /// range (a one-to-one upstream range dials the member's port at the same offset).
+    fn listen_port(&self, port: u16) -> (Option<u16>, u16) {
+        let listen = &self.rule.listen;
+        if !listen.is_range() {
+            return (None, 0);
         }
-        Ok(session)
+        let offset = if listen.ports().contains(&port) {
+            port - listen.port()
+        } else {
+            0
+        };
+        (Some(port), offset)
     }
 
     /// The pool of route `index`.
@@ -489,13 +518,11 @@ pub struct Session {
     /// The member set this session dials from (kept to its end: indices stay valid); taken
     /// from the route's pool when the route is chosen.
     set: Option<Arc<MemberSet>>,
-    /// Index of the member of the current (or last) attempt.
-    current: Option<u32>,
+    /// The members tried, in order: the last is the current (or last) attempt's.
     tried: Tried,
     last_error: Option<ConnectError>,
     connected: bool,
-    /// The port the client connected to, for a rule that listens on a port range (see
-    /// [`Session::set_listen_port`]).
+    /// The port the client connected to, for a rule that listens on a port range.
     listen_port: Option<u16>,
     /// The listen port's offset in its range (0 for a single-port rule).
     port_offset: u16,
@@ -504,25 +531,9 @@ pub struct Session {
     one_to_one: bool,
     /// The client reset or vanished in the listen queue ([`Accepted::dead`]).
     dead_on_arrival: bool,
-    /// Client bytes sent upstream with the preamble (counted into the record's bytes).
-    early_sent: u64,
 }
 
 impl Session {
-    /// Records the port the client connected to (the accepting listener's port), for a rule
-    /// whose `listen` is a port range: the access log names it, and a one-to-one upstream
-    /// range dials the member's port at the same offset. A no-op for a single-port rule.
-    fn set_listen_port(&mut self, rt: &RuleRuntime, port: u16) {
-        let listen = &rt.rule.listen;
-        if !listen.is_range() {
-            return;
-        }
-        self.listen_port = Some(port);
-        if listen.ports().contains(&port) {
-            self.port_offset = port - listen.port();
-        }
-    }
-
     /// Member `i` of `set`'s address, moved by the session's one-to-one port offset.
     fn target(&self, set: &MemberSet, i: usize) -> SocketAddr {
         self.target_of(&set.members[i])
@@ -620,10 +631,9 @@ impl Session {
     fn set_route(&mut self, rt: &RuleRuntime, index: Option<usize>) {
         if let Some(i) = index {
             let pool = &rt.pools[i];
-            pool.sessions.fetch_add(1, Ordering::Relaxed);
             self.one_to_one = pool.one_to_one;
             self.route = u16::try_from(i).ok();
-            self.set = Some(pool.pool.members());
+            self.set = Some(pool.enter());
         }
     }
 
@@ -701,12 +711,10 @@ impl Session {
         let now_ms = pool.clock.ms(now);
         let client = self.client.map(|c| c.ip());
         match pickers[route].pick(set, pool.balance, client, &self.tried, now_ms) {
-            Some(i) => {
-                self.tried.insert(i);
-                self.current = Some(i as u32);
-                Dial::Connect(self.target(set, i))
-            }
-            None => Dial::GiveUp(give_up),
+            // `insert` cannot fail here (attempts stop at `MAX_ATTEMPTS`, members at 2^16);
+            // were it to, the session must not dial a member it does not remember.
+            Some(i) if self.tried.insert(i) => Dial::Connect(self.target(set, i)),
+            Some(_) | None => Dial::GiveUp(give_up),
         }
     }
 
@@ -725,7 +733,7 @@ impl Session {
 
     /// The member of the current (or last) attempt.
     fn member(&self) -> Option<&crate::upstream::Member> {
-        Some(&self.set.as_ref()?.members[self.current? as usize])
+        Some(&self.set.as_ref()?.members[self.tried.last()?])
     }
 
     /// Connect attempts made so far.
@@ -830,8 +838,9 @@ impl Session {
     }
 
     /// Counts the end, frees the session's place under `max_connections`, per client and on
-    /// its member, and writes its record.
-    fn record<R: Recorder>(mut self, rt: &RuleRuntime, rec: &R, end: step::End, now: Instant) {
+    /// its member, and writes its record. Only [`Session::close`] calls it, which takes
+    /// the session by value (so this happens once).
+    fn record<R: Recorder>(&mut self, rt: &RuleRuntime, rec: &R, end: step::End, now: Instant) {
         let duration = now.saturating_duration_since(self.accepted_at);
         rt.live.fetch_sub(1, Ordering::AcqRel);
         rt.gate.fetch_sub(1, Ordering::AcqRel);

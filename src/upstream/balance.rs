@@ -63,6 +63,12 @@ impl Tried {
         usize::from(self.len)
     }
 
+    /// The member recorded last (a session's current attempt).
+    pub fn last(&self) -> Option<usize> {
+        let n = usize::from(self.len.checked_sub(1)?);
+        Some(usize::from(self.items[n]))
+    }
+
     pub fn is_empty(&self) -> bool {
         self.len == 0
     }

@@ -197,6 +197,7 @@ pub struct RawUring {
     pub auto_down_pumps: Option<Spanned<u32>>,
     pub pin: Option<bool>,
     pub busy_poll: Option<Spanned<DurationValue>>,
+    pub wait: Option<Spanned<String>>,
     /// Deprecated: the default of every rule's `max_connections`.
     pub max_connections: Option<Spanned<i64>>,
 }

@@ -447,6 +447,20 @@ fn uring_tuning(raw: raw::RawUring, src: &Source<'_>) -> Result<UringTuning, Con
                 ));
             }
         },
+        wait: match raw.wait {
+            None => d.wait,
+            Some(s) => UringWait::parse(s.get_ref()).ok_or_else(|| {
+                src.error_at(
+                    s.span(),
+                    "uring.wait",
+                    format!(
+                        "unknown wait {:?} (expected one of {})",
+                        s.get_ref(),
+                        UringWait::NAMES
+                    ),
+                )
+            })?,
+        },
     };
     Ok(t)
 }

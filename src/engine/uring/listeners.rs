@@ -125,6 +125,13 @@ impl Listeners {
             .collect();
     }
 
+    /// Every listener's fd (for the worker's epoll set, before the first accept).
+    pub fn fds(&self) -> impl Iterator<Item = std::os::fd::RawFd> + '_ {
+        self.all
+            .iter()
+            .filter_map(|l| l.fd.as_ref().map(AsRawFd::as_raw_fd))
+    }
+
     /// The rule listener `i` serves.
     pub fn rule(&self, i: usize) -> usize {
         self.all[i].rule

@@ -6,7 +6,8 @@
 //! ([`slab`], whose entries count their ops in flight) whose state machine ([`conn`]) is free
 //! of I/O. [`ops`] says and builds what each of the machine's actions submits; [`ring`] is the
 //! one place that pushes SQEs; completions are routed by a typed `user_data` ([`token`]);
-//! [`worker`] runs the loop and carries the actions out; [`budget`] sizes the pools to the
+//! [`worker`] runs the loop and carries the actions out, sleeping in the ring or, with
+//! `[uring] wait = "epoll"`, on an epoll set of its sockets ([`wait`]); [`budget`] sizes the pools to the
 //! process's limits; [`probe`] says whether io_uring runs here at all, and if not, why.
 //! See `docs/ARCHITECTURE.md` for the loop, the ops and their lifetimes.
 
@@ -23,6 +24,7 @@ pub mod splice;
 pub mod stamp;
 pub mod steer;
 pub mod token;
+pub mod wait;
 pub mod worker;
 
 use std::net::TcpListener;
@@ -243,7 +245,8 @@ pub fn start(
     }))
 }
 
-/// Logs, once for all workers, what fell short while they set up (pipes, registration).
+/// Logs, once for all workers, what fell short while they set up (pipes, registration, the
+/// epoll wait).
 fn report_notes(n: usize, notes: &[(usize, worker::SetupNotes)]) {
     let short: Vec<&(usize, String)> = notes
         .iter()
@@ -267,6 +270,14 @@ fn report_notes(n: usize, notes: &[(usize, worker::SetupNotes)]) {
             workers = unregistered.len(),
             of = n,
             "cannot register the copy buffers with io_uring ({why}): RLIMIT_MEMLOCK too low; raise it with `ulimit -l`, LimitMEMLOCK= in the systemd unit, or CAP_IPC_LOCK, or lower [uring] buffers/buffer_size; continuing with unregistered buffers"
+        );
+    }
+    let no_epoll: Vec<&String> = notes.iter().filter_map(|(_, s)| s.epoll.as_ref()).collect();
+    if let Some(why) = no_epoll.first() {
+        tracing::warn!(
+            workers = no_epoll.len(),
+            of = n,
+            "cannot set up [uring] wait = \"epoll\" ({why}); those workers sleep in their rings"
         );
     }
 }

@@ -18,6 +18,9 @@ use io_uring::{IoUring, opcode, squeue, types};
 use super::slab::Target;
 use super::token::{OpKind, Token};
 
+/// The name [`build`] gives the SINGLE_ISSUER + DEFER_TASKRUN mode.
+pub const DEFER_TASKRUN: &str = "single_issuer+defer_taskrun";
+
 /// Builds a ring with the best task-running mode the kernel has: SINGLE_ISSUER +
 /// DEFER_TASKRUN (6.1), else COOP_TASKRUN (5.19), else plain. Returns the mode's name.
 ///
@@ -27,7 +30,7 @@ pub fn build(entries: u32) -> io::Result<(IoUring, &'static str)> {
     let cq = entries.saturating_mul(4);
     type Tune = fn(&mut io_uring::Builder);
     let attempts: [(&'static str, Tune); 3] = [
-        ("single_issuer+defer_taskrun", |b| {
+        (DEFER_TASKRUN, |b| {
             b.setup_single_issuer().setup_defer_taskrun();
         }),
         ("coop_taskrun", |b| {
@@ -53,6 +56,9 @@ pub fn build(entries: u32) -> io::Result<(IoUring, &'static str)> {
 pub struct Ring {
     ring: IoUring,
     backlog: VecDeque<(squeue::Entry, Option<squeue::Entry>)>,
+    /// Connect timeouts pushed whose completion has not been dispatched: each is an hrtimer
+    /// that completes without any socket waking, which only a sleep in the ring notices.
+    timers: usize,
 }
 
 impl Ring {
@@ -60,7 +66,19 @@ impl Ring {
         Self {
             ring,
             backlog: VecDeque::new(),
+            timers: 0,
         }
+    }
+
+    /// Connect timeouts in flight (see [`Ring::timer_done`]).
+    pub fn timers(&self) -> usize {
+        self.timers
+    }
+
+    /// A connect timeout's completion (fired or cancelled) was taken from the ring.
+    pub fn timer_done(&mut self) {
+        debug_assert!(self.timers > 0, "a timer completed twice");
+        self.timers = self.timers.saturating_sub(1);
     }
 
     /// The ring itself, for registrations.
@@ -82,6 +100,9 @@ impl Ring {
     /// - fds are closed only once no op is in flight on them (a connection's when its entry
     ///   is removed, a listener's when its last accept completed).
     pub fn push(&mut self, op: Op<'_>, token: Token) {
+        if matches!(op, Op::Connect { .. }) {
+            self.timers += 1;
+        }
         let (first, second) = op.build(token);
         if !self.backlog.is_empty() || !self.try_push_group(&first, second.as_ref()) {
             self.backlog.push_back((first, second));

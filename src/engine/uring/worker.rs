@@ -32,7 +32,8 @@ use super::pipepool::PipePool;
 use super::ring::{self, Ring};
 use super::slab::{Entry, Slab};
 use super::token::{OpKind, Token};
-use crate::config::{Config, DataPath};
+use super::wait::{EpollWait, Watch};
+use crate::config::{Config, DataPath, UringWait};
 use crate::metrics::Metrics;
 use crate::session::Runtime;
 use crate::shutdown::{Phase, Shutdown};
@@ -75,6 +76,8 @@ pub struct SetupNotes {
     pub pipes_short: Option<(usize, String)>,
     /// Why the buffers could not be registered.
     pub registration: Option<String>,
+    /// Why `wait = "epoll"` could not be set up (the worker sleeps in its ring).
+    pub epoll: Option<String>,
 }
 
 pub struct Worker {
@@ -103,6 +106,8 @@ pub struct Worker {
     spin_resume: Instant,
     /// This thread's involuntary context switches when last looked at.
     preempted: libc::c_long,
+    /// `[uring] wait = "epoll"`: the epoll set the worker sleeps on instead of the ring.
+    epoll: Option<EpollWait>,
 }
 
 /// The completion batch, its memory faulted in now (a burst fills it, never grows it: see
@@ -206,6 +211,25 @@ impl Worker {
                     .collect(),
             })
             .collect();
+        let epoll = match config.uring.wait {
+            UringWait::Ring => None,
+            // The wait module's argument rests on DEFER_TASKRUN: without it, io_uring runs
+            // completions through signal-like task work that an epoll sleep may not notice.
+            UringWait::Epoll if mode != ring::DEFER_TASKRUN => {
+                notes.epoll = Some(format!(
+                    "the ring runs in {mode} mode, not {}",
+                    ring::DEFER_TASKRUN
+                ));
+                None
+            }
+            UringWait::Epoll => match EpollWait::new(&ring) {
+                Ok(w) => Some(w),
+                Err(e) => {
+                    notes.epoll = Some(e.to_string());
+                    None
+                }
+            },
+        };
         let (pipes, short) = PipePool::create(setup.pipes, config.uring.pipe_size.as_usize());
         notes.pipes_short = short.map(|e| (pipes.available(), e.to_string()));
         let worker = Self {
@@ -230,6 +254,7 @@ impl Worker {
             spin: config.uring.busy_poll,
             spin_resume: Instant::now(),
             preempted: 0,
+            epoll,
         };
         Ok((worker, notes))
     }
@@ -237,6 +262,12 @@ impl Worker {
     /// Runs the event loop on `listeners` until shutdown has drained every connection.
     pub fn run(mut self, listeners: Vec<Bound>) {
         self.listeners.install(listeners);
+        if let Some(w) = &mut self.epoll {
+            // Before the first accept is pushed (see the wait module).
+            for fd in self.listeners.fds() {
+                w.watch(fd, Watch::Listener);
+            }
+        }
         let mut next_tick = Instant::now() + TICK;
         loop {
             self.listeners.fill(&mut self.ring);
@@ -275,7 +306,7 @@ impl Worker {
             } else {
                 wait
             };
-            if let Err(e) = self.ring.submit_and_wait(wait) {
+            if let Err(e) = self.sleep(wait) {
                 tracing::error!(worker = self.id, error = %e, "io_uring_enter failed");
                 std::thread::sleep(Duration::from_millis(10));
             }
@@ -297,6 +328,32 @@ impl Worker {
             }
         }
         tracing::debug!(worker = self.id, "worker stopped");
+    }
+
+    /// Submits what is queued and waits up to `wait` for something to do: in the ring, or
+    /// (`wait = "epoll"`, when the epoll set covers everything that may be pending) in
+    /// `epoll_wait`, then in the ring without waiting to post what the wake-up queued.
+    fn sleep(&mut self, wait: Duration) -> io::Result<()> {
+        let timers = self.ring.timers();
+        match &mut self.epoll {
+            Some(w) if !wait.is_zero() && w.may_sleep(timers) => {
+                self.ring.submit_and_peek()?;
+                if self.ring.has_completions() {
+                    return Ok(());
+                }
+                if let Err(e) = w.wait(wait) {
+                    tracing::error!(worker = self.id, error = %e, "epoll_wait failed");
+                }
+                self.ring.submit_and_peek()
+            }
+            Some(w) => {
+                if !wait.is_zero() {
+                    w.slept_in_ring();
+                }
+                self.ring.submit_and_wait(wait)
+            }
+            None => self.ring.submit_and_wait(wait),
+        }
     }
 
     fn dispatch(&mut self, ud: u64, res: i32, flags: u32, now: Instant) {
@@ -335,7 +392,10 @@ impl Worker {
             }
             OpKind::CancelAccept => {}
             OpKind::Connect => self.conn_event(t, Event::Connected { res }, now),
-            OpKind::ConnectTimeout => self.conn_event(t, Event::ConnectTimerDone, now),
+            OpKind::ConnectTimeout => {
+                self.ring.timer_done();
+                self.conn_event(t, Event::ConnectTimerDone, now);
+            }
             OpKind::Recv => {
                 let buf = cqueue::buffer_select(flags);
                 if buf.is_some() {

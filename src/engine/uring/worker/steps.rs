@@ -2,7 +2,7 @@
 //! connection on at accept, the PROXY header and preamble, the dial, the actions that push
 //! ops (built by [`super::super::ops`]), the splice pumps, and the close.
 
-use std::os::fd::OwnedFd;
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::time::Instant;
 
 use socket2::SockRef;
@@ -14,6 +14,7 @@ use crate::engine::uring::listeners::Accepted;
 use crate::engine::uring::ops;
 use crate::engine::uring::slab::{Entry, Preamble, Target};
 use crate::engine::uring::token::{OpKind, Token};
+use crate::engine::uring::wait::Watch;
 use crate::net;
 use crate::session::step::End;
 use crate::session::{Cx, Step, proxy};
@@ -59,6 +60,10 @@ impl Worker {
         };
         if let Step::Close(closing) = step {
             return accept::close(session, closing, &cx, client, None);
+        }
+        if let Some(w) = &mut self.epoll {
+            // Before the first op on it is pushed (see the wait module).
+            w.watch(client.as_raw_fd(), Watch::Conn);
         }
         let reads_header = matches!(step, Step::ReadPreamble { .. });
         let sends_header = rt.rule.proxy_protocol != crate::config::ProxyProtocol::Off;
@@ -185,6 +190,10 @@ impl Worker {
                 });
             match socket {
                 Ok(fd) => {
+                    if let Some(w) = &mut self.epoll {
+                        // Before the connect is pushed (see the wait module).
+                        w.watch(fd.as_raw_fd(), Watch::Conn);
+                    }
                     e.upstream = Some(fd);
                     e.setup_mut().target = Target::from(addr);
                     self.submit(slot, generation, Action::Dial);
