@@ -133,7 +133,7 @@ fn mib(b: u64) -> f64 {
 const IDLE: usize = 9_000;
 
 /// How much resident memory the relay may add per idle (or slowly trickling) connection:
-/// the uring engine holds no buffer for an idle connection, only a 242-byte slab slot, and
+/// the uring engine holds no buffer for an idle connection, only a 226-byte slab slot, and
 /// keeps to the 4 KiB target of docs/BENCHMARKS.md; the tokio engine keeps two 16 KiB relay
 /// buffers and a task per connection (35 658 B measured there), so it gets 40 KiB.
 fn idle_bytes_per_conn(engine: &[&str]) -> u64 {

@@ -452,15 +452,17 @@ mod tests {
     }
 
     /// An idle uring connection costs its slot (the entry, and its generation beside it)
-    /// and next to nothing else: the budget is 256 B of memory per idle connection
-    /// (docs/BENCHMARKS.md, "Idle memory per connection, measured warm"). A slot of 250 B
-    /// measured 252-258 B per connection there; anything added to the entry comes out of
-    /// that margin, so it goes behind the one pointer (`Aside`) unless every connection
+    /// and little else: the budget is 256 B of memory per idle connection, and what the
+    /// worker allocates around a burst of connections (their set-up state) and at its first
+    /// connections (first-use state) comes on top of the slot in the measurement
+    /// (docs/BENCHMARKS.md, "Idle memory per connection, measured warm"). So the slot stays
+    /// at what it is now, 226 B (session 120 B, relay state 80 B): anything added comes out
+    /// of that margin, and goes behind the one pointer (`Aside`) unless every connection
     /// needs it for its whole life.
     #[test]
     fn a_connection_slot_stays_small() {
         use std::mem::size_of;
-        const SLOT_BUDGET: usize = 242;
+        const SLOT_BUDGET: usize = 226;
         let slot = size_of::<Option<Entry>>() + size_of::<u16>();
         assert_eq!(
             size_of::<Option<Entry>>(),
