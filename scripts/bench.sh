@@ -63,7 +63,10 @@ while [[ $# -gt 0 ]]; do
         --only) only=$2; shift ;;
         --setsid) setsid=(setsid) ;;
         --uring) uring_extra=$2; shift ;;
-        --before) before_bin=$(realpath "$2"); shift ;;
+        --before)
+            before_bin=$(realpath "$2")
+            [[ -f $before_bin && -x $before_bin ]] || { echo "bench.sh: --before $2: not an executable file" >&2; exit 2; }
+            shift ;;
         --out) out=$2; shift ;;
         --cpus) cpus=$2; shift ;;
         --check) check=1 ;;
