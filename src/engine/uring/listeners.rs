@@ -126,10 +126,10 @@ impl Listeners {
     }
 
     /// Every listener's fd (for the worker's epoll set, before the first accept).
-    pub fn fds(&self) -> impl Iterator<Item = std::os::fd::RawFd> + '_ {
+    pub fn fds(&self) -> impl Iterator<Item = std::os::fd::BorrowedFd<'_>> + '_ {
         self.all
             .iter()
-            .filter_map(|l| l.fd.as_ref().map(AsRawFd::as_raw_fd))
+            .filter_map(|l| l.fd.as_ref().map(std::os::fd::AsFd::as_fd))
     }
 
     /// The rule listener `i` serves.

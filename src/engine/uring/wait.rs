@@ -61,10 +61,12 @@
 //!
 //! If the set cannot be made, or a socket cannot be added to it (`fs.epoll.max_user_watches`),
 //! the worker logs it once and sleeps in the ring from then on.
-#![allow(unsafe_code)]
-
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
+
+use nix::errno::Errno;
+use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags, EpollTimeout};
+use nix::sys::eventfd::{EfdFlags, EventFd};
 use std::time::Duration;
 
 use io_uring::IoUring;
@@ -91,9 +93,9 @@ pub enum Watch {
 
 /// A worker's epoll set over its sockets, and the eventfd io-wq completions signal.
 pub struct EpollWait {
-    epoll: OwnedFd,
-    iowq: OwnedFd,
-    events: Vec<libc::epoll_event>,
+    epoll: Epoll,
+    iowq: EventFd,
+    events: Vec<EpollEvent>,
     /// An epoll return named a listener: sleep in the ring next (see the module doc).
     listener_woke: bool,
     /// A socket could not be added: the set no longer covers every op, sleep in the ring.
@@ -106,35 +108,24 @@ impl EpollWait {
     /// # Errors
     /// `epoll_create1`, `eventfd` or the registration failed.
     pub fn new(ring: &IoUring) -> io::Result<Self> {
-        // SAFETY: plain syscalls; each fd returned is owned here at once.
-        let epoll = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
-        if epoll < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        // SAFETY: `epoll` is a new fd nobody else owns.
-        let epoll = unsafe { OwnedFd::from_raw_fd(epoll) };
-        // SAFETY: as above.
-        let iowq = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
-        if iowq < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        // SAFETY: `iowq` is a new fd nobody else owns.
-        let iowq = unsafe { OwnedFd::from_raw_fd(iowq) };
-        ring.submitter().register_eventfd_async(iowq.as_raw_fd())?;
-        let mut w = Self {
+        let epoll = Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC)?;
+        let iowq = EventFd::from_flags(EfdFlags::EFD_CLOEXEC | EfdFlags::EFD_NONBLOCK)?;
+        ring.submitter()
+            .register_eventfd_async(iowq.as_fd().as_raw_fd())?;
+        let w = Self {
             epoll,
             iowq,
-            events: Vec::with_capacity(BATCH),
+            events: vec![EpollEvent::empty(); BATCH],
             listener_woke: false,
             broken: false,
         };
-        w.add(w.iowq.as_raw_fd(), IOWQ)?;
+        w.add(w.iowq.as_fd(), IOWQ)?;
         Ok(w)
     }
 
     /// Adds `fd` to the set. Must come before the first op on `fd` is pushed (module doc). A
     /// socket leaves the set by itself when it is closed.
-    pub fn watch(&mut self, fd: RawFd, what: Watch) {
+    pub fn watch(&mut self, fd: BorrowedFd<'_>, what: Watch) {
         if self.broken {
             return;
         }
@@ -148,22 +139,16 @@ impl EpollWait {
         }
     }
 
-    fn add(&mut self, fd: RawFd, data: u64) -> io::Result<()> {
+    fn add(&self, fd: BorrowedFd<'_>, data: u64) -> io::Result<()> {
         // Edge-triggered: a wake-up is reported once, not for as long as the socket stays
         // readable (a direction waiting for its peer to drain leaves data queued). EPOLLOUT
         // because a send that found the socket full waits for write space, a wake-up without
         // the readable bits; the kernel only sends it after a write failed for room.
-        let mut ev = libc::epoll_event {
-            events: (libc::EPOLLIN | libc::EPOLLOUT | libc::EPOLLRDHUP | libc::EPOLLET) as u32,
-            u64: data,
-        };
-        // SAFETY: `ev` is a valid event that outlives the call; bad fds are errors, not UB.
-        let rc =
-            unsafe { libc::epoll_ctl(self.epoll.as_raw_fd(), libc::EPOLL_CTL_ADD, fd, &mut ev) };
-        if rc < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        Ok(())
+        let events = EpollFlags::EPOLLIN
+            | EpollFlags::EPOLLOUT
+            | EpollFlags::EPOLLRDHUP
+            | EpollFlags::EPOLLET;
+        Ok(self.epoll.add(fd, EpollEvent::new(events, data))?)
     }
 
     /// Whether the worker may sleep here rather than in the ring: the set covers every op
@@ -184,44 +169,19 @@ impl EpollWait {
     pub fn wait(&mut self, timeout: Duration) -> io::Result<()> {
         // Rounded up: a wait of less than a millisecond must not become a busy loop.
         let ms = timeout.as_micros().div_ceil(1000).min(i32::MAX as u128) as i32;
-        self.events.clear();
-        // SAFETY: `events` has room for BATCH entries, the count passed; the kernel writes at
-        // most that many and returns how many it wrote.
-        let n = unsafe {
-            libc::epoll_wait(
-                self.epoll.as_raw_fd(),
-                self.events.as_mut_ptr(),
-                BATCH as i32,
-                ms,
-            )
+        let ms = EpollTimeout::try_from(ms).unwrap_or(EpollTimeout::MAX);
+        let n = match self.epoll.wait(&mut self.events, ms) {
+            Ok(n) => n,
+            Err(Errno::EINTR) => return Ok(()),
+            Err(e) => return Err(e.into()),
         };
-        if n < 0 {
-            let e = io::Error::last_os_error();
-            return if e.raw_os_error() == Some(libc::EINTR) {
-                Ok(())
-            } else {
-                Err(e)
-            };
-        }
-        // SAFETY: the kernel initialised the first `n` (≤ BATCH ≤ capacity) entries.
-        unsafe { self.events.set_len(n as usize) };
-        for ev in &self.events {
-            // A copy: the kernel's epoll_event is packed, its fields cannot be borrowed.
-            let data = ev.u64;
-            match data {
+        for ev in &self.events[..n] {
+            match ev.data() {
                 LISTENER => self.listener_woke = true,
+                // Reset the count (edge-triggered, so only for tidiness); a failed read
+                // means it was already zero.
                 IOWQ => {
-                    // Reset the count (edge-triggered, so only for tidiness); a failed read
-                    // means it was already zero.
-                    let mut count = 0u64;
-                    // SAFETY: reads 8 bytes into `count`, which outlives the call.
-                    let _ = unsafe {
-                        libc::read(
-                            self.iowq.as_raw_fd(),
-                            (&raw mut count).cast(),
-                            std::mem::size_of::<u64>(),
-                        )
-                    };
+                    let _ = self.iowq.read();
                 }
                 _ => {}
             }

@@ -2,7 +2,7 @@
 //! connection on at accept, the PROXY header and preamble, the dial, the actions that push
 //! ops (built by [`super::super::ops`]), the splice pumps, and the close.
 
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::{AsFd, OwnedFd};
 use std::time::Instant;
 
 use socket2::SockRef;
@@ -63,7 +63,7 @@ impl Worker {
         }
         if let Some(w) = &mut self.epoll {
             // Before the first op on it is pushed (see the wait module).
-            w.watch(client.as_raw_fd(), Watch::Conn);
+            w.watch(client.as_fd(), Watch::Conn);
         }
         let reads_header = matches!(step, Step::ReadPreamble { .. });
         let sends_header = rt.rule.proxy_protocol != crate::config::ProxyProtocol::Off;
@@ -192,7 +192,7 @@ impl Worker {
                 Ok(fd) => {
                     if let Some(w) = &mut self.epoll {
                         // Before the connect is pushed (see the wait module).
-                        w.watch(fd.as_raw_fd(), Watch::Conn);
+                        w.watch(fd.as_fd(), Watch::Conn);
                     }
                     e.upstream = Some(fd);
                     e.setup_mut().target = Target::from(addr);
