@@ -38,6 +38,7 @@ support::engine_suite!(
     [
         ping_pong,
         large_payloads_both_ways,
+        short_segments_through_one_slot_pipes,
         client_half_close_then_reply,
         upstream_half_close_then_client_data,
         upstream_reset_reaches_client,
@@ -225,6 +226,54 @@ fn large_payloads_both_ways(engine: &[&str]) {
         );
         seen += 1;
     }
+}
+
+/// Short segments through one-slot pipes (`[uring] pipe_size = "4KiB"`): a splice that puts
+/// a fragment shorter than the pipe into its only slot is answered EAGAIN by the next one
+/// while the socket still holds bytes, and no readiness will come for bytes that are already
+/// there. Every echoed byte must still arrive, without the client sending more to shake them
+/// loose. (The `[uring]` table means nothing to the other engines; they simply relay.)
+fn short_segments_through_one_slot_pipes(engine: &[&str]) {
+    let _load = support::light();
+    const MESSAGES: usize = 2000;
+    const LEN: usize = 1000;
+    let backend = Backend::echo();
+    let config = format!(
+        "[uring]\npipe_size = \"4KiB\"\n\n\
+         [[rule]]\nname = \"short\"\nlisten = \"127.0.0.1:0\"\nupstream = \"{}\"\n",
+        backend.addr()
+    );
+    let relay = Relay::start_config(engine, &config, 1);
+    let mut client = connect(relay.addr());
+    client.set_nodelay(true).expect("nodelay");
+    client
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .expect("read timeout");
+    let sent = data::bytes(&mut StdRng::seed_from_u64(7), MESSAGES * LEN);
+    let mut reader = client.try_clone().expect("clone");
+    // 1. The client writes one short segment after another while reading the echo.
+    let echoed = std::thread::scope(|s| {
+        let want = sent.len();
+        let r = s.spawn(move || {
+            let mut got = Vec::with_capacity(want);
+            let mut buf = [0u8; 64 << 10];
+            while got.len() < want {
+                match std::io::Read::read(&mut reader, &mut buf) {
+                    Ok(0) => break,
+                    Ok(n) => got.extend_from_slice(&buf[..n]),
+                    Err(e) => panic!("the echo stalled after {} of {want} bytes: {e}", got.len()),
+                }
+            }
+            got
+        });
+        for m in sent.chunks(LEN) {
+            client.write_all(m).expect("client write");
+        }
+        r.join().expect("reader")
+    });
+    // 2. All of it came back, in order.
+    assert_eq!(echoed.len(), sent.len(), "bytes echoed");
+    assert!(echoed == sent, "the echo differs from what was sent");
 }
 
 /// A client's FIN must not end the reply: the request is half-closed, the answer follows.

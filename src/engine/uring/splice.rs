@@ -5,9 +5,17 @@
 //!
 //! [`SpliceDir::pump`] holds the decisions (how much to ask for, when to stop, when to wait
 //! for the destination) over a [`PipeIo`] trait; the worker supplies the real syscalls and
-//! tests a fake. Occupancy of the pipe is tracked here because `EAGAIN` from splice does not
-//! say whether the socket was empty or the pipe full, and no request is ever larger
-//! than the room left in the pipe.
+//! tests a fake. Occupancy of the pipe is tracked here so that no request is ever larger than
+//! the room left in the pipe.
+//!
+//! `EAGAIN` from a splice into the pipe does not say whether the socket was empty or the pipe
+//! full, and a pipe fills by *slots*, not bytes: each socket-buffer fragment spliced in takes
+//! a slot of its own however short it is, so a pipe can refuse more while its byte count is
+//! far below its capacity (a 4 KiB pipe has a single slot). Only an `EAGAIN` into an empty
+//! pipe proves the source dry; after any other the pipe is emptied and the source asked again
+//! (HAProxy's raw socket layer makes the same distinction). Taking the second kind for the
+//! first strands the bytes left in the socket: no new readiness comes for data that was
+//! already there when the last one fired.
 
 use std::io;
 use std::os::fd::{AsFd, OwnedFd};
@@ -145,6 +153,9 @@ impl SpliceDir {
         loop {
             let mut progress = false;
             let mut src_dry = false;
+            // The source would block while the pipe held bytes: the pipe may be out of
+            // slots rather than the source out of bytes (see the module's notes).
+            let mut pipe_blocked = false;
             while !self.src_eof && self.in_pipe < self.capacity {
                 let room = self.capacity - self.in_pipe;
                 match io.splice_in(room as usize) {
@@ -160,7 +171,11 @@ impl SpliceDir {
                         if e.kind() == io::ErrorKind::WouldBlock
                             || e.kind() == io::ErrorKind::Interrupted =>
                     {
-                        src_dry = true;
+                        if self.in_pipe == 0 {
+                            src_dry = true;
+                        } else {
+                            pipe_blocked = true;
+                        }
                         break;
                     }
                     Err(e) => {
@@ -170,7 +185,8 @@ impl SpliceDir {
                 }
             }
             if self.in_pipe > 0 {
-                let more = !self.src_eof && !src_dry;
+                // Only a fill that stopped on a pipe full by bytes promises more right behind.
+                let more = !self.src_eof && !src_dry && !pipe_blocked;
                 match io.splice_out(self.in_pipe as usize, more) {
                     Ok(n) => {
                         let n = n.min(self.in_pipe as usize);
@@ -196,9 +212,10 @@ impl SpliceDir {
                 p.finished = true;
                 return p;
             }
-            // A source found dry and a pipe emptied: nothing more to do until the next
-            // readiness (asking the source again now would only say EAGAIN).
-            if !progress || (src_dry && self.in_pipe == 0) {
+            // A source found dry (into an empty pipe): nothing more to do until the next
+            // readiness. A pipe that blocked and has been emptied goes round again, to ask
+            // the source once more with room for it.
+            if !progress || src_dry {
                 return p;
             }
             if p.moved_out as usize >= FAIRNESS_BUDGET {
@@ -283,8 +300,32 @@ mod tests {
         );
         let p = d.pump(&mut io);
         assert_eq!((p.moved_in, p.moved_out), (900, 900));
-        assert_eq!(io.asked_in, vec![1000, 700, 400, 100]);
+        // The EAGAIN into a pipe holding 900 bytes is not proof of a dry source: once the
+        // pipe is empty the source is asked once more.
+        assert_eq!(io.asked_in, vec![1000, 700, 400, 100, 1000]);
         assert_eq!(io.more, vec![false], "one splice out for the whole batch");
+        assert_eq!(io.flushes, 0);
+    }
+
+    #[test]
+    fn a_pipe_out_of_slots_is_not_taken_for_a_dry_source() {
+        // A one-slot pipe: each splice in takes one short fragment and the next says EAGAIN
+        // although the socket holds more. Every fragment must still go through in one pump:
+        // no readiness will come for bytes that are already there.
+        let mut d = SpliceDir::new(4096);
+        let mut io = fake(
+            &[Some(1000), None, Some(1000), None, Some(616), None, None],
+            &[Some(4096), Some(4096), Some(4096)],
+        );
+        let p = d.pump(&mut io);
+        assert_eq!((p.moved_in, p.moved_out), (2616, 2616));
+        assert_eq!(io.delivered, 2616);
+        assert!(!p.need_writable && !p.finished && p.error.is_none());
+        assert_eq!(
+            io.asked_in.len(),
+            7,
+            "asked until EAGAIN into an empty pipe"
+        );
     }
 
     #[test]
