@@ -58,13 +58,23 @@ fn value_of(index: usize) -> u64 {
     sub_bucket << bucket
 }
 
+/// Counters per chunk: one half-bucket of HdrHistogram's layout (1 024 counters, 8 KiB).
+const CHUNK_LEN: usize = 1 << SUB_BUCKET_HALF_COUNT_MAGNITUDE;
+/// Chunks per histogram (17 for 1 µs … 60 s).
+const CHUNKS: usize = COUNTS_LEN / CHUNK_LEN;
+
+type Chunk = Box<[AtomicU64; CHUNK_LEN]>;
+
 /// A histogram of durations that many threads may record into without locks.
 ///
-/// Its counters (136 KiB) are allocated on the first sample: every rule has five of these per
-/// worker shard, and a config of many rules — most of them idle, or served by one worker
-/// only — would otherwise pay 1.4 MiB per rule (two workers) before any connection.
+/// Its counters (136 KiB in all) are allocated in 8-KiB chunks, one per half-bucket of the
+/// layout, each on the first sample that lands in it. A histogram's samples cluster: every
+/// rule has five of these per worker shard, and the upstream connect times of a rule, say,
+/// land in one or two chunks (16 KiB), where dense counters would cost 136 KiB the moment the
+/// first sample arrives — at a worker's first connection, in the middle of serving. A rule
+/// that is never used, or served by one worker only, costs the chunk table alone (272 B).
 pub struct AtomicHistogram {
-    counts: OnceLock<Box<[AtomicU64]>>,
+    chunks: [OnceLock<Chunk>; CHUNKS],
 }
 
 impl Default for AtomicHistogram {
@@ -73,18 +83,15 @@ impl Default for AtomicHistogram {
     }
 }
 
+fn zeroed_chunk() -> Chunk {
+    Box::new([const { AtomicU64::new(0) }; CHUNK_LEN])
+}
+
 impl AtomicHistogram {
     pub fn new() -> Self {
         Self {
-            counts: OnceLock::new(),
+            chunks: [const { OnceLock::new() }; CHUNKS],
         }
-    }
-
-    /// The counters, allocated (zeroed) by the first caller.
-    #[inline]
-    fn counts(&self) -> &[AtomicU64] {
-        self.counts
-            .get_or_init(|| (0..COUNTS_LEN).map(|_| AtomicU64::new(0)).collect())
     }
 
     /// Records one duration (clamped to 1 µs … 60 s).
@@ -97,21 +104,28 @@ impl AtomicHistogram {
     /// Records one value in microseconds (clamped to 1 … 60 000 000).
     #[inline]
     pub fn record_micros(&self, us: u64) {
-        let v = us.clamp(LOWEST_US, HIGHEST_US);
-        self.counts()[index_of(v)].fetch_add(1, Ordering::Relaxed);
+        let i = index_of(us.clamp(LOWEST_US, HIGHEST_US));
+        let chunk = self.chunks[i / CHUNK_LEN].get_or_init(zeroed_chunk);
+        chunk[i % CHUNK_LEN].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Bytes of counters allocated so far (8 KiB per chunk in use).
+    pub fn allocated_bytes(&self) -> usize {
+        let chunks = self.chunks.iter().filter(|c| c.get().is_some()).count();
+        chunks * CHUNK_LEN * std::mem::size_of::<AtomicU64>()
     }
 
     /// Adds this histogram's counts into an HdrHistogram (values in microseconds).
     pub fn merge_into(&self, out: &mut Histogram<u64>) {
-        // Never recorded into: nothing to add (and nothing to allocate).
-        let Some(counts) = self.counts.get() else {
-            return;
-        };
-        for (i, c) in counts.iter().enumerate() {
-            let n = c.load(Ordering::Relaxed);
-            if n != 0 {
-                // Cannot fail: the value lies within the bounds `empty()` was made with.
-                let _ = out.record_n(value_of(i), n);
+        // Chunks never recorded into have nothing to add (and nothing is allocated for them).
+        for (c, chunk) in self.chunks.iter().enumerate() {
+            let Some(counts) = chunk.get() else { continue };
+            for (j, n) in counts.iter().enumerate() {
+                let n = n.load(Ordering::Relaxed);
+                if n != 0 {
+                    // Cannot fail: the value lies within the bounds `empty()` was made with.
+                    let _ = out.record_n(value_of(c * CHUNK_LEN + j), n);
+                }
             }
         }
     }
@@ -168,6 +182,29 @@ mod tests {
                 "q {q}"
             );
         }
+    }
+
+    #[test]
+    fn counters_are_allocated_only_where_samples_land() {
+        let h = AtomicHistogram::new();
+        assert_eq!(h.allocated_bytes(), 0, "nothing before the first sample");
+        assert_eq!(CHUNKS * CHUNK_LEN, COUNTS_LEN);
+        // Connect times of a loopback upstream: 20 µs … 2 ms, two half-buckets.
+        for us in [20, 150, 900, 1_500, 2_000] {
+            h.record_micros(us);
+        }
+        assert_eq!(h.allocated_bytes(), 16 << 10);
+        // A session of 30 s adds one chunk; the first two are not allocated again.
+        h.record(Duration::from_secs(30));
+        h.record_micros(40);
+        assert_eq!(h.allocated_bytes(), 24 << 10);
+        let s = h.snapshot();
+        assert_eq!(s.len(), 7);
+        assert_eq!(s.min(), 20);
+        assert_eq!(
+            s.highest_equivalent(s.max()),
+            s.highest_equivalent(30_000_000)
+        );
     }
 
     #[test]
