@@ -37,6 +37,8 @@ support::engine_suite!(
     tokio_engine: ["--engine", "tokio"],
     uring_copy: ["--engine", "uring", "--mode", "copy"],
     uring_splice: ["--engine", "uring", "--mode", "splice"],
+    // `[uring] wait = "epoll"`: the worker sleeps on an epoll set of its sockets.
+    uring_auto_epoll: ["--engine", "uring", "--mode", "auto", "--uring-wait", "epoll"],
 );
 
 const MIB: u64 = 1 << 20;

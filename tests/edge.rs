@@ -53,6 +53,8 @@ support::engine_suite!(
     uring_copy: ["--engine", "uring", "--mode", "copy"],
     uring_splice: ["--engine", "uring", "--mode", "splice"],
     uring_auto: ["--engine", "uring", "--mode", "auto"],
+    // `[uring] wait = "epoll"`: the worker sleeps on an epoll set of its sockets.
+    uring_auto_epoll: ["--engine", "uring", "--mode", "auto", "--uring-wait", "epoll"],
 );
 
 // The memory budget of 2 000 held slowloris connections. The std engine runs a thread per
@@ -67,6 +69,7 @@ support::engine_suite!(
     uring_copy_memory: ["--engine", "uring", "--mode", "copy"],
     uring_splice_memory: ["--engine", "uring", "--mode", "splice"],
     uring_auto_memory: ["--engine", "uring", "--mode", "auto"],
+    uring_auto_epoll_memory: ["--engine", "uring", "--mode", "auto", "--uring-wait", "epoll"],
 );
 
 /// How long a rejection ("reset at once") may take to reach the client on a loaded box:

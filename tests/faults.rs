@@ -32,6 +32,9 @@ support::engine_suite!(
     tokio_engine: ["--engine", "tokio"],
     uring_copy: ["--engine", "uring", "--mode", "copy"],
     uring_splice: ["--engine", "uring", "--mode", "splice"],
+    uring_auto: ["--engine", "uring", "--mode", "auto"],
+    // `[uring] wait = "epoll"`: the worker sleeps on an epoll set of its sockets.
+    uring_auto_epoll: ["--engine", "uring", "--mode", "auto", "--uring-wait", "epoll"],
 );
 
 /// Waits until the relay holds no connection (only its listeners) and returns its fd count.

@@ -33,6 +33,8 @@ support::engine_suite!(
     uring_copy: ["--engine", "uring", "--mode", "copy"],
     uring_splice: ["--engine", "uring", "--mode", "splice"],
     uring_auto: ["--engine", "uring", "--mode", "auto"],
+    // `[uring] wait = "epoll"`: the worker sleeps on an epoll set of its sockets.
+    uring_auto_epoll: ["--engine", "uring", "--mode", "auto", "--uring-wait", "epoll"],
 );
 
 /// How long a SIGTERM'd forwarder with no live sessions may take to exit: generous for an

@@ -34,6 +34,8 @@ support::engine_suite!(
     std_engine: ["--engine", "std"],
     tokio_engine: ["--engine", "tokio"],
     uring: ["--engine", "uring"],
+    // `[uring] wait = "epoll"`: the worker sleeps on an epoll set of its sockets.
+    uring_epoll: ["--engine", "uring", "--uring-wait", "epoll"],
 );
 
 /// Ports in the range handed over.
