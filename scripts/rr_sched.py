@@ -6,11 +6,13 @@ For each placement and relay: a `ringfwd echo` backend, the relay, and `ringfwd 
 reads every thread's /proc/PID/task/TID/sched (switches, involuntary switches, migrations)
 and stat (the CPU it last ran on) before and after a window, and records the window's
 scheduler tracepoints (`perf record -a -e sched:sched_waking,sched:sched_wakeup,
-sched:sched_switch,sched:sched_migrate_task`). From the trace, per thread and per round trip:
+sched:sched_switch,sched:sched_migrate_task`, and `raw_syscalls:sys_enter` for the system
+calls each thread makes). From the trace, per thread and per round trip:
 how often it was woken, on which CPU it was placed relative to the CPU of the task that
 woke it (local: the waker's own CPU; remote: another, which takes an inter-processor
 interrupt and, on an idle CPU, its wake from idle), how long from waking to running,
-how often it was preempted and migrated. Needs root and perf; this kernel's /proc/PID/sched
+how often it was preempted and migrated, and how many system calls it made (and which).
+Needs root and perf; this kernel's /proc/PID/sched
 has no wake-up counters without CONFIG_SCHEDSTATS, so the trace supplies them.
 
 Placements: `session` (every process a child of this script: one session, one scheduler
@@ -132,11 +134,16 @@ def read_perf(path, tids, roles):
     st = {t: collections.Counter() for t in tids}
     delays = {t: [] for t in tids}
     wakers = {t: collections.Counter() for t in tids}
+    syscalls = {t: collections.Counter() for t in tids}
     pending = {}
+    sys_re = re.compile(r"^\s*(.+?)\s+(\d+)\s+\[(\d+)\]\s+([\d.]+):\s+raw_syscalls:sys_enter:\s+NR\s+(\d+)")
     line_re = re.compile(r"^\s*(.+?)\s+(\d+)\s+\[(\d+)\]\s+([\d.]+):\s+sched:(\w+):\s+(.*)$")
     for line in out.splitlines():
         m = line_re.match(line)
         if not m:
+            sm = sys_re.match(line)
+            if sm and int(sm.group(2)) in syscalls:
+                syscalls[int(sm.group(2))][SYSCALL_NAMES.get(int(sm.group(5)), sm.group(5))] += 1
             continue
         comm, tid, cpu, ts, ev, rest = m.group(1), int(m.group(2)), int(m.group(3)), float(m.group(4)), m.group(5), m.group(6)
         kv = dict(re.findall(r"(\w+)=(\S+)", rest))
@@ -161,7 +168,14 @@ def read_perf(path, tids, roles):
             pid = int(kv["pid"])
             if pid in st:
                 st[pid]["migrations"] += 1
-    return st, delays, wakers
+    return st, delays, wakers, syscalls
+
+
+# x86-64 numbers of the calls a relay, its peers and the load generator make per round trip.
+SYSCALL_NAMES = {0: "read", 1: "write", 7: "poll", 19: "readv", 20: "writev", 44: "sendto",
+                 45: "recvfrom", 46: "sendmsg", 47: "recvmsg", 202: "futex", 232: "epoll_wait",
+                 233: "epoll_ctl", 270: "pselect6", 271: "ppoll", 281: "epoll_pwait",
+                 426: "io_uring_enter", 441: "epoll_pwait2"}
 
 
 def one(kind, placement, a, echo_port, scratch):
@@ -183,7 +197,8 @@ def one(kind, placement, a, echo_port, scratch):
         perf_out = os.path.join(scratch, f"perf-{kind}-{placement}.data")
         subprocess.run(["perf", "record", "-q", "-a", "-o", perf_out, "-e", "sched:sched_waking",
                         "-e", "sched:sched_wakeup", "-e", "sched:sched_switch",
-                        "-e", "sched:sched_migrate_task", "--", "sleep", str(a.window)],
+                        "-e", "sched:sched_migrate_task", "-e", "raw_syscalls:sys_enter",
+                        "--", "sleep", str(a.window)],
                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=True)
         after = {t: sched_counters(t) for t in watched}
         client.wait(timeout=a.duration + 30)
@@ -195,9 +210,13 @@ def one(kind, placement, a, echo_port, scratch):
             relay.wait(timeout=10)
     res = json.load(open(out_json))
     role_of = lambda owner: "client" if owner == client.pid else ("echo" if owner == a.echo_pid else "relay")
-    st, delays, wakers = read_perf(perf_out, list(watched), {t: role_of(o) for t, o in watched.items()})
+    st, delays, wakers, calls = read_perf(perf_out, list(watched), {t: role_of(o) for t, o in watched.items()})
     os.unlink(perf_out)
-    rtts = res["req_per_s"] * a.window
+    # Round trips in the window: the load generator sends one request per round trip (one
+    # sendto); the run's average rate would overstate the window's, which the syscall
+    # tracing slows.
+    sent = sum(calls[t]["sendto"] for t, o in watched.items() if o == client.pid)
+    rtts = sent if sent else res["req_per_s"] * a.window
     rows = []
     for tid, owner in watched.items():
         b, e = before.get(tid), after.get(tid)
@@ -222,6 +241,8 @@ def one(kind, placement, a, echo_port, scratch):
             "woken_by": ", ".join(f"{k} {100 * v / w:.0f}%" for k, v in wakers[tid].most_common(2)),
             "remote_per_rtt": c["remote"] / rtts,
             "local_per_rtt": c["local"] / rtts,
+            "syscalls_per_rtt": sum(calls[tid].values()) / rtts,
+            "syscalls": ", ".join(f"{k} {v / rtts:.2f}" for k, v in calls[tid].most_common(3)),
         })
     return res.get("p50_us"), rows
 
@@ -279,13 +300,15 @@ def main():
         print(f"| {p} | {k} | {v:.1f} | {ratio} | {rounds} | {remote:.2f} | {local:.2f} |")
     print("\nPer round trip, during a window of the run (perf sched tracepoints; /proc/TID/sched):\n")
     print("| placement | relay | round | thread (role) | switches | involuntary | migrations | wake-ups "
-          "| placed on the waker's CPU | wake → run µs (p50) | preempted | woken by |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+          "| placed on the waker's CPU | wake → run µs (p50) | preempted | woken by "
+          "| system calls | most made |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in all_rows:
         print(f"| {r['placement']} | {r['relay']} | {r['round']} | {r['thread']} ({r['role']}) | {r['switches_per_rtt']:.2f} | "
               f"{r['involuntary_per_rtt']:.2f} | {r['migrations_per_rtt']:.3f} | {r['wakeups_per_rtt']:.2f} | "
               f"{r['local_wake_pct']:.0f} % | {r['wake_to_run_us'] if r['wake_to_run_us'] is None else round(r['wake_to_run_us'], 1)} | "
-              f"{r['preempted_per_rtt']:.2f} | {r['woken_by']} |")
+              f"{r['preempted_per_rtt']:.2f} | {r['woken_by']} | "
+              f"{r['syscalls_per_rtt']:.2f} | {r['syscalls']} |")
     if a.json:
         json.dump(all_rows, open(a.json, "w"), indent=1)
     shutil.rmtree(scratch, ignore_errors=True)
