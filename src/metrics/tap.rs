@@ -504,6 +504,14 @@ mod tests {
         // fast or slow this machine is.
         let dir = std::env::temp_dir().join(format!("ringfwd-tap-drop-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
+        // Removed however the test ends (a failed assertion included).
+        struct RemoveOnDrop(std::path::PathBuf);
+        impl Drop for RemoveOnDrop {
+            fn drop(&mut self) {
+                let _ = std::fs::remove_dir_all(&self.0);
+            }
+        }
+        let _cleanup = RemoveOnDrop(dir.clone());
         let path = dir.join("b.tap");
         let _ = std::fs::remove_file(&path);
         nix::unistd::mkfifo(&path, nix::sys::stat::Mode::S_IRWXU).unwrap();
@@ -546,6 +554,5 @@ mod tests {
             assert!(Instant::now() < deadline, "the close line never came");
         }
         assert!(seen_gap, "gap not noted");
-        let _ = std::fs::remove_dir_all(&dir);
     }
 }
