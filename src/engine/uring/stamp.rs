@@ -26,34 +26,25 @@ fn nanos(t: Instant) -> i128 {
     }
 }
 
-/// An instant as milliseconds from the origin, modulo 2^32.
+/// An instant as a count of `UNIT_NS`-nanosecond units from the origin, modulo 2^32; only
+/// differences are read, exact for spans shorter than 2^32 units.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Millis(u32);
+pub struct Stamp<const UNIT_NS: u64>(u32);
 
-impl Millis {
+/// Milliseconds (wraps after 49.7 days).
+pub type Millis = Stamp<1_000_000>;
+/// Microseconds (wraps after 71 minutes).
+pub type Micros = Stamp<1_000>;
+
+impl<const UNIT_NS: u64> Stamp<UNIT_NS> {
     pub fn of(t: Instant) -> Self {
         // Truncation to 32 bits is the point: only differences are read, modulo the wrap.
-        Self(nanos(t).div_euclid(1_000_000) as u32)
+        Self(nanos(t).div_euclid(i128::from(UNIT_NS)) as u32)
     }
 
-    /// The time from `self` to `now` (exact below 49.7 days, to the millisecond).
+    /// The time from `self` to `now`, to the unit (exact below the wrap).
     pub fn until(self, now: Instant) -> Duration {
-        Duration::from_millis(u64::from(Self::of(now).0.wrapping_sub(self.0)))
-    }
-}
-
-/// An instant as microseconds from the origin, modulo 2^32.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Micros(u32);
-
-impl Micros {
-    pub fn of(t: Instant) -> Self {
-        Self(nanos(t).div_euclid(1_000) as u32)
-    }
-
-    /// The time from `self` to `now` (exact below 71 minutes, to the microsecond).
-    pub fn until(self, now: Instant) -> Duration {
-        Duration::from_micros(u64::from(Self::of(now).0.wrapping_sub(self.0)))
+        Duration::from_nanos(u64::from(Self::of(now).0.wrapping_sub(self.0)) * UNIT_NS)
     }
 }
 
