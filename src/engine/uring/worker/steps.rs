@@ -9,7 +9,7 @@ use socket2::SockRef;
 
 use super::Worker;
 use crate::engine::accept;
-use crate::engine::uring::conn::{Action, Conn, Event, Phase as ConnPhase};
+use crate::engine::uring::conn::{Action, Conn, DirState, Event, Phase as ConnPhase};
 use crate::engine::uring::listeners::Accepted;
 use crate::engine::uring::ops;
 use crate::engine::uring::slab::{Entry, Preamble, Target};
@@ -413,7 +413,15 @@ impl Worker {
             return;
         };
         let started = Instant::now();
-        let p = state.pump(&mut io);
+        let mut p = state.pump(&mut io);
+        // An end of stream on the splice path is checked as the copy path checks a recv of 0
+        // (see `was_reset`): a reset whose error a send on the same socket already took must
+        // not pass on as FIN.
+        if p.finished && e.conn.dir(dir.reverse()) != DirState::Done && super::was_reset(e.src(dir))
+        {
+            p.finished = false;
+            p.error = Some(libc::ECONNRESET);
+        }
         if p.moved_out > 0 {
             self.metrics
                 .rule(ri)
