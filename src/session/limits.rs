@@ -24,8 +24,13 @@
 //! hash pile-up, and refusing would let whoever holds connections refuse everyone new.
 //!
 //! Why lock-free: each slot is two words updated by compare-and-swap (the fingerprint with
-//! the live count, and the token bucket), so workers never wait on each other, and a permit
-//! remembers its slot so its release is exact whatever else happened meanwhile.
+//! the live count, and the token bucket), so workers do not wait on each other, and a permit
+//! remembers its slot so its release is exact whatever else happened meanwhile. The one
+//! exception is a new client's first connections arriving on several workers at once: while
+//! one worker claims the client's entry (marks it, starts its bucket afresh, checks that no
+//! other worker claimed another slot for it), the others wait a few hundred nanoseconds for
+//! it rather than join. Joining sooner took tokens from a bucket about to be reset or a slot
+//! about to be given back, and admitted a burst of 100 as up to 140.
 //!
 //! The rate limit is a token bucket written as GCRA (the "virtual scheduling" form): per
 //! slot, the theoretical arrival time of the next connection, in microseconds. A fresh
@@ -116,10 +121,13 @@ impl Permit {
 
 /// One slot: 16 bytes, two words each changed by compare-and-swap.
 ///
-/// `entry` is the client's 40-bit keyed fingerprint (0: empty) above its 24-bit live count
-/// (held connections, plus a transient pin while a rate-only acquire reads the bucket): one
-/// word, so that claiming a slot, joining it and refusing to evict it because a connection
-/// holds it are each one atomic step. `tat` is the GCRA arrival time in microseconds since
+/// `entry` is the client's 40-bit keyed fingerprint (0: empty) above a [`CLAIMING`] flag and
+/// a 23-bit live count (held connections, plus a transient pin while a rate-only acquire
+/// reads the bucket): one word, so that claiming a slot, joining it and refusing to evict it
+/// because a connection holds it are each one atomic step. While `CLAIMING` is set the slot
+/// belongs to the worker claiming it alone: nobody joins it, so the worker can start the
+/// bucket afresh and, if another worker claimed a slot for the same client meanwhile, give
+/// it back without anyone having taken a token from it. `tat` is the GCRA arrival time in microseconds since
 /// the table's epoch (48 bits) below a 16-bit tag of its client: a new owner of the slot reads
 /// a bucket tagged for someone else as fresh, so an eviction never has to reset it.
 #[derive(Default)]
@@ -128,8 +136,36 @@ struct Slot {
     tat: AtomicU64,
 }
 
+/// The fingerprint's shift.
 const LIVE_BITS: u32 = 24;
-const LIVE_MASK: u64 = (1 << LIVE_BITS) - 1;
+/// The entry is being claimed: see [`Slot`]. Its count holds the claimant's one.
+const CLAIMING: u64 = 1 << (LIVE_BITS - 1);
+/// The live count (23 bits: more than any `max_connections_per_ip` allowed).
+const LIVE_MASK: u64 = CLAIMING - 1;
+// Rate-only acquires pin at most one count per worker thread at once.
+const _: () = assert!(crate::config::MAX_CONNECTIONS_PER_IP as u64 + 4096 < LIVE_MASK);
+/// How long a worker waits for another's claim of a slot to end (two atomic steps and a
+/// scan of 16 slots, unless that worker is preempted): this many spins, then as many
+/// `yield_now`s, before it gives up waiting.
+const CLAIM_SPINS: u32 = 1024;
+const CLAIM_YIELDS: u32 = 256;
+
+/// Waits while `slot` holds `seen` (a claim in progress), within `budget` (spins, then
+/// yields). Whether it changed.
+fn wait_for_claim(slot: &AtomicU64, seen: u64, budget: &mut u32) -> bool {
+    while slot.load(Ordering::SeqCst) == seen {
+        if *budget >= CLAIM_SPINS + CLAIM_YIELDS {
+            return false;
+        }
+        if *budget < CLAIM_SPINS {
+            std::hint::spin_loop();
+        } else {
+            std::thread::yield_now();
+        }
+        *budget += 1;
+    }
+    true
+}
 const TIME_BITS: u32 = 48;
 const TIME_MASK: u64 = (1 << TIME_BITS) - 1;
 /// Slots looked at for one client: two buckets of this many (two-choice hashing keeps a
@@ -258,8 +294,24 @@ impl IpLimits {
         }
         let key = self.key_of(ip);
         let t = self.micros(now);
-        for _ in 0..ATTEMPTS {
+        let mut waited = 0;
+        let mut attempts = 0;
+        while attempts < ATTEMPTS {
             let i = match self.find(&key) {
+                Some((i, entry)) if entry & CLAIMING != 0 => {
+                    // Another worker is claiming this client's entry, its count holding that
+                    // connection's place: that settles the per-IP limit already.
+                    if self.max_live != 0 && entry & LIVE_MASK >= u64::from(self.max_live) {
+                        return Err(LimitExceeded::PerIp);
+                    }
+                    // Joining now could take a token from a bucket about to start afresh, or
+                    // from a slot about to be given back: wait for the claim to end, then look
+                    // again (a wait that runs out counts as a lost race).
+                    if !wait_for_claim(&self.slots[i].entry, entry, &mut waited) {
+                        attempts += 1;
+                    }
+                    continue;
+                }
                 Some((i, entry)) => {
                     let live = entry & LIVE_MASK;
                     if self.max_live != 0 && live >= u64::from(self.max_live) {
@@ -271,13 +323,17 @@ impl IpLimits {
                         .compare_exchange(entry, entry + 1, Ordering::AcqRel, Ordering::Acquire)
                         .is_err()
                     {
+                        attempts += 1;
                         continue; // changed meanwhile: look again
                     }
                     i
                 }
                 None => match self.claim(&key, t) {
                     Claim::Claimed(i) => i,
-                    Claim::Lost => continue,
+                    Claim::Lost => {
+                        attempts += 1;
+                        continue;
+                    }
                     Claim::Full => break,
                 },
             };
@@ -361,41 +417,65 @@ impl IpLimits {
             return Claim::Full;
         };
         let mine = key.fp << LIVE_BITS | 1;
-        if self.slots[i]
-            .entry
-            .compare_exchange(seen, mine, Ordering::SeqCst, Ordering::Acquire)
+        let entry = &self.slots[i].entry;
+        if entry
+            .compare_exchange(seen, mine | CLAIMING, Ordering::SeqCst, Ordering::Acquire)
             .is_err()
         {
             return Claim::Lost;
         }
-        // Two workers may claim different slots for one new client at the same moment:
-        // whoever sees the other's entry gives its own slot back and joins that one (with
-        // both stores and loads sequentially consistent, at least one of them sees it).
-        let duplicate = self
-            .candidates(key)
-            .any(|j| j != i && self.slots[j].entry.load(Ordering::SeqCst) >> LIVE_BITS == key.fp);
-        if duplicate {
-            if self.slots[i]
-                .entry
-                .compare_exchange(mine, 0, Ordering::AcqRel, Ordering::Acquire)
-                .is_err()
-            {
-                self.slots[i].entry.fetch_sub(1, Ordering::AcqRel);
-            }
+        if !self.keep_claim(key, i) {
+            entry.store(0, Ordering::SeqCst);
             return Claim::Lost;
         }
         if seen != 0 && ends > t {
             self.evictions.fetch_add(1, Ordering::Relaxed);
         }
-        // The slot's rate state is its previous client's: start this one's afresh. The tag
-        // alone (16 bits) would let one reuse in 65 536 inherit a stranger's window and
-        // refuse a client that never connected before. (A connection of the same new client
-        // that joined the entry in between loses its token: one extra admission, never a
-        // wrong refusal.)
+        // The slot's rate state is its previous client's: start this one's afresh, before
+        // anyone may join. The tag alone (16 bits) would let one reuse in 65 536 inherit a
+        // stranger's window and refuse a client that never connected before.
         self.slots[i]
             .tat
             .store(key.tag << TIME_BITS, Ordering::Release);
+        entry.store(mine, Ordering::SeqCst);
         Claim::Claimed(i)
+    }
+
+    /// Whether the claim of slot `i` for `key` (published `CLAIMING`) stands, or must be given
+    /// back because another worker claimed a slot for the same client at the same moment.
+    ///
+    /// Of two such claims exactly one stands. Both entries are stored, then both workers
+    /// look for the other's, all sequentially consistent, so at least one of them sees the
+    /// other. A claim that sees the other's entry confirmed, or still `CLAIMING` in a slot
+    /// earlier in the client's candidate order, gives way; one that sees it `CLAIMING` in a
+    /// later slot waits for it to be confirmed or given back (that worker either sees this
+    /// claim and gives way, or does not and confirms), then looks again. Waits go only from
+    /// earlier slots to later ones, so they never form a cycle; one that outlasts
+    /// [`CLAIM_SPINS`] and [`CLAIM_YIELDS`] (a preempted worker) gives way. Nobody joins a slot while it is
+    /// `CLAIMING`, so giving it back loses no one's place or token.
+    fn keep_claim(&self, key: &Key, i: usize) -> bool {
+        let mut waited = 0;
+        'look: loop {
+            let mut earlier = true;
+            for j in self.candidates(key) {
+                if j == i {
+                    earlier = false;
+                    continue;
+                }
+                let e = self.slots[j].entry.load(Ordering::SeqCst);
+                if e >> LIVE_BITS != key.fp {
+                    continue;
+                }
+                if e & CLAIMING == 0
+                    || earlier
+                    || !wait_for_claim(&self.slots[j].entry, e, &mut waited)
+                {
+                    return false;
+                }
+                continue 'look;
+            }
+            return true;
+        }
     }
 
     /// Ends a connection's place under `max_connections_per_ip`.
@@ -1020,21 +1100,42 @@ mod tests {
 
     #[test]
     fn concurrent_rate_admits_exactly_the_burst() {
-        // At one instant, four threads racing on one address get exactly the burst.
+        // At one instant, four threads racing on the first connections of a new address get
+        // exactly the burst between them, address after address: the claim of the address's
+        // entry, the bucket's fresh start and the threads joining it may interleave in any
+        // order without a token lost or taken twice.
+        const THREADS: usize = 4;
+        const ADDRESSES: u32 = 300;
         let (l, t0) = limits(None, Some("100/s"), DEFAULT_SLOTS);
         let l = Arc::new(l);
-        let a = ip("192.0.2.99");
-        let oks: usize = (0..4)
+        let barrier = Arc::new(std::sync::Barrier::new(THREADS));
+        let per_thread: Vec<Vec<usize>> = (0..THREADS)
             .map(|_| {
-                let l = l.clone();
+                let (l, barrier) = (l.clone(), barrier.clone());
                 std::thread::spawn(move || {
-                    (0..1000).filter(|_| l.try_acquire(a, t0).is_ok()).count()
+                    (0..ADDRESSES)
+                        .map(|i| {
+                            barrier.wait();
+                            (0..50)
+                                .filter(|_| l.try_acquire(source(i), t0).is_ok())
+                                .count()
+                        })
+                        .collect()
                 })
             })
             .collect::<Vec<_>>()
             .into_iter()
             .map(|h| h.join().unwrap())
-            .sum();
-        assert_eq!(oks, 100);
+            .collect();
+        let wrong: Vec<(u32, usize)> = (0..ADDRESSES)
+            .map(|i| (i, per_thread.iter().map(|v| v[i as usize]).sum()))
+            .filter(|&(_, n)| n != 100)
+            .take(10)
+            .collect();
+        assert!(
+            wrong.is_empty(),
+            "addresses admitted other than 100: {wrong:?}"
+        );
+        assert_eq!((l.untracked(), l.total_live()), (0, 0));
     }
 }
