@@ -1,4 +1,4 @@
-//! A lock-free histogram with HdrHistogram's bucket layout (1 µs … 60 s, 3 significant
+//! A lock-free histogram with HdrHistogram's bucket layout (1 µs … 60 s, 2 significant
 //! digits), recorded with one relaxed atomic add and turned into a real
 //! [`hdrhistogram::Histogram`] when read.
 //!
@@ -17,12 +17,17 @@ use hdrhistogram::Histogram;
 pub const LOWEST_US: u64 = 1;
 /// Highest recordable value, in microseconds (60 s); larger values are clamped.
 pub const HIGHEST_US: u64 = 60_000_000;
-/// Significant decimal digits kept.
-pub const SIGFIG: u8 = 3;
+/// Significant decimal digits kept: a recorded value reads back within 1/128 (0.8 %) of what
+/// was recorded, 1 µs exact up to 256 µs. Three digits (0.1 %) would cost eight times the
+/// counters: a burst of connections whose connect times span 20 µs … 20 ms made one worker
+/// touch about 50 KiB of counters per histogram, against about 9 KiB with two — memory the
+/// first idle connections paid for — and a busy rule's five histograms per worker could
+/// grow to 680 KiB instead of 100 KiB. No reader of these figures needs the third digit.
+pub const SIGFIG: u8 = 2;
 
-// HdrHistogram's layout for (lowest = 1, sigfig = 3): 2048 sub-buckets per bucket, the lower
+// HdrHistogram's layout for (lowest = 1, sigfig = 2): 256 sub-buckets per bucket, the lower
 // half of every bucket after the first overlapping the previous one.
-const SUB_BUCKET_HALF_COUNT_MAGNITUDE: u32 = 10;
+const SUB_BUCKET_HALF_COUNT_MAGNITUDE: u32 = 7;
 const SUB_BUCKET_HALF_COUNT: u64 = 1 << SUB_BUCKET_HALF_COUNT_MAGNITUDE;
 const SUB_BUCKET_MASK: u64 = (SUB_BUCKET_HALF_COUNT << 1) - 1;
 const LEADING_ZERO_COUNT_BASE: u32 = 64 - SUB_BUCKET_HALF_COUNT_MAGNITUDE - 1;
@@ -58,21 +63,21 @@ fn value_of(index: usize) -> u64 {
     sub_bucket << bucket
 }
 
-/// Counters per chunk: one half-bucket of HdrHistogram's layout (1 024 counters, 8 KiB).
+/// Counters per chunk: one half-bucket of HdrHistogram's layout (128 counters, 1 KiB).
 const CHUNK_LEN: usize = 1 << SUB_BUCKET_HALF_COUNT_MAGNITUDE;
-/// Chunks per histogram (17 for 1 µs … 60 s).
+/// Chunks per histogram (20 for 1 µs … 60 s).
 const CHUNKS: usize = COUNTS_LEN / CHUNK_LEN;
 
 type Chunk = Box<[AtomicU64; CHUNK_LEN]>;
 
 /// A histogram of durations that many threads may record into without locks.
 ///
-/// Its counters (136 KiB in all) are allocated in 8-KiB chunks, one per half-bucket of the
+/// Its counters (20 KiB in all) are allocated in 1-KiB chunks, one per half-bucket of the
 /// layout, each on the first sample that lands in it. A histogram's samples cluster: every
 /// rule has five of these per worker shard, and the upstream connect times of a rule, say,
-/// land in one or two chunks (16 KiB), where dense counters would cost 136 KiB the moment the
-/// first sample arrives — at a worker's first connection, in the middle of serving. A rule
-/// that is never used, or served by one worker only, costs the chunk table alone (272 B).
+/// land in a few chunks, where dense counters would cost 20 KiB the moment the first sample
+/// arrives — at a worker's first connection, in the middle of serving. A rule that is never
+/// used, or served by one worker only, costs the chunk table alone (320 B).
 pub struct AtomicHistogram {
     chunks: [OnceLock<Chunk>; CHUNKS],
 }
@@ -109,7 +114,7 @@ impl AtomicHistogram {
         chunk[i % CHUNK_LEN].fetch_add(1, Ordering::Relaxed);
     }
 
-    /// Bytes of counters allocated so far (8 KiB per chunk in use).
+    /// Bytes of counters allocated so far (1 KiB per chunk in use).
     pub fn allocated_bytes(&self) -> usize {
         let chunks = self.chunks.iter().filter(|c| c.get().is_some()).count();
         chunks * CHUNK_LEN * std::mem::size_of::<AtomicU64>()
@@ -152,7 +157,8 @@ mod tests {
         let reference = AtomicHistogram::empty();
         assert_eq!(COUNTS_LEN, reference.distinct_values());
         for v in [
-            1u64, 2, 1023, 1024, 2047, 2048, 2049, 4095, 4096, 100_000, 1_234_567, HIGHEST_US,
+            1u64, 2, 127, 128, 255, 256, 257, 511, 512, 1023, 1024, 2047, 2048, 2049, 4095, 4096,
+            100_000, 1_234_567, HIGHEST_US,
         ] {
             let i = index_of(v);
             assert_eq!(value_of(i), reference.lowest_equivalent(v), "value {v}");
@@ -189,17 +195,22 @@ mod tests {
         let h = AtomicHistogram::new();
         assert_eq!(h.allocated_bytes(), 0, "nothing before the first sample");
         assert_eq!(CHUNKS * CHUNK_LEN, COUNTS_LEN);
-        // Connect times of a loopback upstream: 20 µs … 2 ms, two half-buckets.
-        for us in [20, 150, 900, 1_500, 2_000] {
+        // Connect times of a loopback upstream, 20 … 200 µs: the first bucket's two halves.
+        for us in [20, 150, 200] {
             h.record_micros(us);
         }
-        assert_eq!(h.allocated_bytes(), 16 << 10);
-        // A session of 30 s adds one chunk; the first two are not allocated again.
+        assert_eq!(h.allocated_bytes(), 2 << 10);
+        // 900 µs, 1.5 ms and 2 ms: the half-buckets 512–1023 and 1024–2047.
+        for us in [900, 1_500, 2_000] {
+            h.record_micros(us);
+        }
+        assert_eq!(h.allocated_bytes(), 4 << 10);
+        // A session of 30 s adds one chunk; the first ones are not allocated again.
         h.record(Duration::from_secs(30));
         h.record_micros(40);
-        assert_eq!(h.allocated_bytes(), 24 << 10);
+        assert_eq!(h.allocated_bytes(), 5 << 10);
         let s = h.snapshot();
-        assert_eq!(s.len(), 7);
+        assert_eq!(s.len(), 8);
         assert_eq!(s.min(), 20);
         assert_eq!(
             s.highest_equivalent(s.max()),

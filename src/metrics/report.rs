@@ -187,9 +187,10 @@ mod tests {
         assert_eq!(w.rejected["max_connections"], 0);
         let c = w.histograms["upstream_connect"];
         assert_eq!(c.count, 100);
-        // 1..=100 ms: p50 is 50 ms, p90 90 ms, max 100 ms, each within HDR's 0.1 %.
+        // 1..=100 ms: p50 is 50 ms, p90 90 ms, max 100 ms, each within the histogram's
+        // 1/128 (two significant digits).
         for (got, want) in [(c.p50_us, 50_000), (c.p90_us, 90_000), (c.max_us, 100_000)] {
-            assert!(got >= want && got <= want + want / 1000, "{got} vs {want}");
+            assert!(got >= want && got <= want + want / 128, "{got} vs {want}");
         }
         assert_eq!(w.histograms["session"], HistogramSummary::default());
         assert_eq!(w.histograms.len(), HistogramKind::ALL.len());
