@@ -331,6 +331,8 @@ pub struct Slab {
     generations: Vec<u16>,
     free: Vec<u32>,
     live: usize,
+    /// Entries ever inserted.
+    inserted: u64,
 }
 
 impl Slab {
@@ -341,7 +343,18 @@ impl Slab {
             generations: Vec::with_capacity(capacity),
             free: Vec::new(),
             live: 0,
+            inserted: 0,
         }
+    }
+
+    /// Entries ever inserted (connections admitted by this worker).
+    pub fn inserted(&self) -> u64 {
+        self.inserted
+    }
+
+    /// Whether any live connection is still setting up (holds its set-up state).
+    pub fn any_setting_up(&self) -> bool {
+        self.slots.iter().flatten().any(|e| e.setup().is_some())
     }
 
     pub fn live(&self) -> usize {
@@ -379,6 +392,7 @@ impl Slab {
         };
         self.slots[slot as usize] = Some(entry);
         self.live += 1;
+        self.inserted += 1;
         (slot, self.generations[slot as usize])
     }
 

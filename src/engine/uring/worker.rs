@@ -42,6 +42,9 @@ use crate::vocab::Direction;
 
 /// How often the worker looks at timeouts and the shutdown state when nothing else wakes it.
 const TICK: Duration = Duration::from_millis(100);
+/// New connections after which a tick with none of them still setting up returns the
+/// allocator's freed pages to the kernel (see [`crate::thp::return_freed_memory`]).
+const COLLECT_AFTER: u64 = 256;
 
 /// Per-rule data the worker needs on the hot path.
 struct RuleCtx {
@@ -106,6 +109,8 @@ pub struct Worker {
     spin_resume: Instant,
     /// This thread's involuntary context switches when last looked at.
     preempted: libc::c_long,
+    /// `slab.inserted()` when the worker last returned freed memory.
+    collected_at: u64,
     /// `[uring] wait = "epoll"`: the epoll set the worker sleeps on instead of the ring.
     epoll: Option<EpollWait>,
 }
@@ -254,6 +259,7 @@ impl Worker {
             spin: config.uring.busy_poll,
             spin_resume: Instant::now(),
             preempted: 0,
+            collected_at: 0,
             epoll,
         };
         Ok((worker, notes))
@@ -586,6 +592,13 @@ impl Worker {
             });
         }
         self.wake_waiters(now);
+        // After a burst of new connections has finished setting up, hand the pages their
+        // set-up state used back to the kernel: an idle worker would keep them otherwise.
+        if self.slab.inserted() >= self.collected_at + COLLECT_AFTER && !self.slab.any_setting_up()
+        {
+            crate::thp::return_freed_memory();
+            self.collected_at = self.slab.inserted();
+        }
     }
 }
 
