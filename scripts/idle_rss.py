@@ -7,7 +7,10 @@ manager starts it) in front of it; one connection opened end to end and closed a
 the engine has served once (first-use allocations are not per-connection costs); the
 relay's VmRSS read; N connections opened and held idle for --hold seconds (every one
 accepted by the backend, so each is relayed end to end); VmRSS read again. The figure is
-(after - before) / N. Rounds alternate the order of the pairs.
+(after - before) / N. Rounds alternate the order of the pairs. The table also gives the
+anonymous part alone (RssAnon): VmRSS counts the binary's code pages too, which a burst that
+runs code the warm-up did not maps in 64 KiB fault-around windows (shared, clean page cache,
+not memory the connections hold).
 
     scripts/idle_rss.py [--conns 2000] [--hold 1.5] [--rounds 3] [--engines uring,tokio]
         [--warm one|per-cpu] [--bin LABEL=PATH ...]
@@ -39,11 +42,17 @@ import time
 
 
 def vm_rss_kib(pid):
+    """(VmRSS, RssAnon) in KiB: all resident memory, and the anonymous (private) part of it,
+    i.e. without file-backed pages such as the binary's code."""
+    got = {}
     with open(f"/proc/{pid}/status") as f:
         for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    raise SystemExit(f"/proc/{pid}/status has no VmRSS")
+            key = line.split(":", 1)[0]
+            if key in ("VmRSS", "RssAnon"):
+                got[key] = int(line.split()[1])
+    if len(got) != 2:
+        raise SystemExit(f"/proc/{pid}/status lacks VmRSS or RssAnon")
+    return got["VmRSS"], got["RssAnon"]
 
 
 def smaps(pid):
@@ -182,7 +191,7 @@ def one_round(binary, engine, n, hold, backend, scratch, show_maps=False, warm="
         for s in socks:
             s.close()
         backend.drop_all()
-        return (after - before) * 1024 / n, before, after
+        return (after[0] - before[0]) * 1024 / n, (after[1] - before[1]) * 1024 / n, before, after
     finally:
         proc.terminate()
         try:
@@ -221,20 +230,22 @@ def main():
         for r in range(a.rounds):
             order = pairs if r % 2 == 0 else list(reversed(pairs))
             for label, path, engine in order:
-                per, before, after = one_round(path, engine, a.conns, a.hold, backend, scratch,
-                                               a.smaps, a.warm)
-                results[(label, engine)].append(per)
-                print(f"round {r + 1} {label:>10} {engine:<6} RSS {before} -> {after} KiB: "
-                      f"{per:.0f} B per idle connection", flush=True)
+                per, anon, before, after = one_round(path, engine, a.conns, a.hold, backend,
+                                                     scratch, a.smaps, a.warm)
+                results[(label, engine)].append((per, anon))
+                print(f"round {r + 1} {label:>10} {engine:<6} RSS {before[0]} -> {after[0]} KiB: "
+                      f"{per:.0f} B per idle connection ({anon:.0f} B anonymous)", flush=True)
     finally:
         backend.close()
         shutil.rmtree(scratch, ignore_errors=True)
     print(f"\n| build | engine | B per idle connection, median of {a.rounds} ({a.conns} held "
-          f"{a.hold} s, warm-up: {a.warm}) | rounds |")
-    print("|---|---|---|---|")
+          f"{a.hold} s, warm-up: {a.warm}) | rounds | anonymous only: median | rounds |")
+    print("|---|---|---|---|---|---|")
     for (label, engine), v in results.items():
-        print(f"| {label} | {engine} | {statistics.median(v):.0f} | "
-              f"{', '.join(f'{x:.0f}' for x in v)} |")
+        rss, anon = [x[0] for x in v], [x[1] for x in v]
+        print(f"| {label} | {engine} | {statistics.median(rss):.0f} | "
+              f"{', '.join(f'{x:.0f}' for x in rss)} | {statistics.median(anon):.0f} | "
+              f"{', '.join(f'{x:.0f}' for x in anon)} |")
     return 0
 
 
