@@ -79,10 +79,20 @@ mod tests {
                 // SAFETY: each block came from mi_malloc above and is freed exactly once.
                 unsafe { libmimalloc_sys::mi_free(p.cast()) };
             }
-            let held = pages.iter().map(|p| resident(*p as *const u8)).sum::<usize>();
+            let held = pages
+                .iter()
+                .map(|p| resident(*p as *const u8))
+                .sum::<usize>();
             super::return_freed_memory();
-            let after = pages.iter().map(|p| resident(*p as *const u8)).sum::<usize>();
-            assert!(held > pages.len() / 2, "{held} of {} pages resident", pages.len());
+            let after = pages
+                .iter()
+                .map(|p| resident(*p as *const u8))
+                .sum::<usize>();
+            assert!(
+                held > pages.len() / 2,
+                "{held} of {} pages resident",
+                pages.len()
+            );
             assert!(
                 after * 10 < held,
                 "after return_freed_memory {after} of {held} pages still resident"

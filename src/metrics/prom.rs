@@ -669,7 +669,10 @@ mod tests {
         assert_eq!(q("0.5"), 40e-6);
         for quantile in ["0.9", "0.99", "0.999", "1"] {
             let v = q(quantile);
-            assert!((0.003..=0.003 * (1.0 + 1.0 / 128.0)).contains(&v), "q{quantile} = {v}");
+            assert!(
+                (0.003..=0.003 * (1.0 + 1.0 / 128.0)).contains(&v),
+                "q{quantile} = {v}"
+            );
         }
         // An empty histogram has zero buckets and NaN quantiles, not made-up numbers.
         assert!(text.contains("ringfwd_first_byte_seconds_count{rule=\"web\"} 0\n"));

@@ -263,6 +263,8 @@ pub struct Conn {
     /// Something may have to go to the upstream before the relay (a PROXY header, or the
     /// client's bytes that came with its own header).
     sends_preamble: bool,
+    /// The ring takes a recv's "poll first" hint ([`Conn::expects_empty`]).
+    poll_first: bool,
 }
 
 /// How a relay ends after a recv, send or splice failed with `res` (`-errno`).
@@ -303,7 +305,24 @@ impl Conn {
             full_reads: [0; 2],
             auto_up: AUTO_UP_FULL_READS,
             auto_down: AUTO_DOWN_SMALL_PUMPS,
+            poll_first: false,
         }
+    }
+
+    /// Lets [`Conn::expects_empty`] say yes (the worker's ring takes the hint).
+    pub fn with_poll_first(mut self, on: bool) -> Self {
+        self.poll_first = on;
+        self
+    }
+
+    /// Whether the direction's next recv will most likely find its socket empty, so that the
+    /// kernel should arm the readiness poll at once rather than try the read first: the last
+    /// read was short, so it took everything there was (a request/response peer now waits for
+    /// the other side). After a full read more is likely queued (a bulk stream), and the read
+    /// is tried first. A wrong guess costs little either way: a poll armed on a readable
+    /// socket fires at once, and a read of an empty one fails and arms the same poll.
+    pub fn expects_empty(&self, d: Direction) -> bool {
+        self.poll_first && self.full_reads[d as usize] == 0
     }
 
     /// Auto mode's thresholds instead of the defaults ([`AUTO_UP_FULL_READS`],

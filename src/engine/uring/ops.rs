@@ -118,6 +118,7 @@ pub fn build<'a>(
             Op::RecvSelect {
                 fd: entry.src(dir),
                 group: BUFFER_GROUP,
+                poll_first: entry.conn.expects_empty(dir),
             },
             token(dir, OpKind::Recv),
         ),

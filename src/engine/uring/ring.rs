@@ -18,6 +18,16 @@ use io_uring::{IoUring, opcode, squeue, types};
 use super::slab::Target;
 use super::token::{OpKind, Token};
 
+/// `IORING_RECVSEND_POLL_FIRST` (include/uapi/linux/io_uring.h), in a recv's `ioprio`.
+const RECVSEND_POLL_FIRST: u16 = 1;
+
+/// Whether a ring built in `mode` (a name [`build`] returns) takes
+/// [`Op::RecvSelect`]'s `poll_first`: the flag came in 5.19 with COOP_TASKRUN, and
+/// DEFER_TASKRUN is later still; a plain ring may be older, where the flag is `EINVAL`.
+pub fn takes_poll_first(mode: &str) -> bool {
+    mode != "plain"
+}
+
 /// The name [`build`] gives the SINGLE_ISSUER + DEFER_TASKRUN mode.
 pub const DEFER_TASKRUN: &str = "single_issuer+defer_taskrun";
 
@@ -234,7 +244,13 @@ pub enum Op<'a> {
         timeout: &'a types::Timespec,
     },
     /// A recv that takes a buffer of `group` from the provided-buffer ring when data is there.
-    RecvSelect { fd: RawFd, group: u16 },
+    /// `poll_first`: the socket is most likely empty, so the kernel arms its readiness poll
+    /// at once instead of trying the read first (`IORING_RECVSEND_POLL_FIRST`, 5.19).
+    RecvSelect {
+        fd: RawFd,
+        group: u16,
+        poll_first: bool,
+    },
     /// A recv into the connection's own buffer (its PROXY header).
     RecvInto { fd: RawFd, into: &'a mut [u8] },
     /// A send of `bytes` (MSG_NOSIGNAL).
@@ -298,12 +314,15 @@ impl Op<'_> {
                 );
                 (connect, Some(timer))
             }
-            Op::RecvSelect { fd, group } => {
-                one(opcode::Recv::new(types::Fd(fd), std::ptr::null_mut(), 0)
-                    .buf_group(group)
-                    .build()
-                    .flags(squeue::Flags::BUFFER_SELECT))
-            }
+            Op::RecvSelect {
+                fd,
+                group,
+                poll_first,
+            } => one(opcode::Recv::new(types::Fd(fd), std::ptr::null_mut(), 0)
+                .ioprio(if poll_first { RECVSEND_POLL_FIRST } else { 0 })
+                .buf_group(group)
+                .build()
+                .flags(squeue::Flags::BUFFER_SELECT)),
             Op::RecvInto { fd, into } => {
                 one(
                     opcode::Recv::new(types::Fd(fd), into.as_mut_ptr(), len_u32(into.len()))

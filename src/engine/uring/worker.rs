@@ -111,6 +111,8 @@ pub struct Worker {
     preempted: libc::c_long,
     /// `slab.inserted()` when the worker last returned freed memory.
     collected_at: u64,
+    /// The ring takes the recv "poll first" hint ([`ring::takes_poll_first`]).
+    poll_first: bool,
     /// `[uring] wait = "epoll"`: the epoll set the worker sleeps on instead of the ring.
     epoll: Option<EpollWait>,
 }
@@ -260,6 +262,7 @@ impl Worker {
             spin_resume: Instant::now(),
             preempted: 0,
             collected_at: 0,
+            poll_first: ring::takes_poll_first(mode),
             epoll,
         };
         Ok((worker, notes))

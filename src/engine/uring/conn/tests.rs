@@ -211,6 +211,49 @@ fn data_is_sent_then_reading_resumes() {
     assert_eq!(c.in_flight, 2);
 }
 
+/// [`relaying`] with the ring's "poll first" hint available.
+fn relaying_polling_first() -> (Driver, Instant) {
+    let now = t0();
+    let mut c = Driver {
+        conn: Conn::new(now, DataPath::Copy, BUF).with_poll_first(true),
+        in_flight: 0,
+        open_fds: 1,
+    };
+    step(&mut c, Event::Start, now);
+    step(&mut c, Event::Connected { res: 0 }, now);
+    step(&mut c, Event::ConnectTimerDone, now);
+    assert_eq!(c.phase(), Phase::Relaying);
+    (c, now)
+}
+
+#[test]
+fn the_next_recv_polls_first_after_a_short_read_and_reads_first_after_a_full_one() {
+    let (c, _) = relaying();
+    assert!(!c.expects_empty(C2U), "never without the ring's support");
+    let (mut c, now) = relaying_polling_first();
+    assert!(
+        c.expects_empty(C2U) && c.expects_empty(U2C),
+        "nothing read yet"
+    );
+    let relay = |c: &mut Driver, res: i32, buf: u16| {
+        let ev = Event::Received {
+            dir: C2U,
+            res,
+            buf: Some(buf),
+        };
+        step(c, ev, now);
+        let a = step(c, Event::Sent { dir: C2U, res }, now);
+        assert_eq!(a.last(), Some(&Action::Recv(C2U)));
+    };
+    // A full read: more is most likely queued behind it, so the next recv reads first.
+    relay(&mut c, BUF as i32, 1);
+    assert!(!c.expects_empty(C2U));
+    assert!(c.expects_empty(U2C), "the other direction is its own");
+    // A short read took everything there was: the next recv arms its poll first.
+    relay(&mut c, 10, 2);
+    assert!(c.expects_empty(C2U));
+}
+
 #[test]
 fn first_upstream_byte_is_reported_once() {
     let (mut c, now) = relaying();

@@ -74,7 +74,8 @@ impl Worker {
             reads_header,
             sends_header,
         )
-        .with_auto_thresholds(self.auto_thresholds.0, self.auto_thresholds.1);
+        .with_auto_thresholds(self.auto_thresholds.0, self.auto_thresholds.1)
+        .with_poll_first(self.poll_first);
         let deadline = match step {
             Step::ReadPreamble { deadline, .. } => Some(deadline),
             _ => None,
