@@ -29,7 +29,9 @@ pub fn refuse_huge_pages() -> nix::Result<()> {
 /// setting up: their set-up state (about 160 B each, freed once a connection relays) was
 /// spread over pages that the allocator otherwise keeps, idle, for as long as the worker
 /// makes no further allocations — 50–100 KiB after 2 000 connections arrived at once. Costs
-/// a walk of the thread's heap, so callers rate-limit it.
+/// a walk of the thread's heap and a purge of the emptied pages (measured in a release build:
+/// 37 µs after 2 000 set-ups freed, 0.2 ms after 100 000, 6–13 µs with nothing to return),
+/// so callers rate-limit it.
 #[allow(unsafe_code)]
 pub fn return_freed_memory() {
     // SAFETY: `mi_collect` takes no pointers and only touches the calling thread's heap and
