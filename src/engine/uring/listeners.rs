@@ -150,6 +150,11 @@ impl Listeners {
         self.unsettled_by_rule[rule] -= 1;
     }
 
+    /// Whether any connection counted by [`Listeners::unsettled`] is not settled yet.
+    pub fn any_unsettled(&self) -> bool {
+        self.unsettled_by_rule.iter().any(|&n| n > 0)
+    }
+
     /// Whether every listener is closed (after [`Listeners::drain`]).
     pub fn all_closed(&self) -> bool {
         self.all.iter().all(|l| l.state == State::Closed)

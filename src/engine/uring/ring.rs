@@ -25,8 +25,11 @@ const RECVSEND_POLL_FIRST: u16 = 1;
 /// [`Op::RecvSelect`]'s `poll_first`: the flag came in 5.19 with COOP_TASKRUN, and
 /// DEFER_TASKRUN is later still; a plain ring may be older, where the flag is `EINVAL`.
 pub fn takes_poll_first(mode: &str) -> bool {
-    mode != "plain"
+    mode != PLAIN
 }
+
+/// The name [`build`] gives a ring with neither task-running mode (a kernel before 5.19).
+const PLAIN: &str = "plain";
 
 /// The name [`build`] gives the SINGLE_ISSUER + DEFER_TASKRUN mode.
 pub const DEFER_TASKRUN: &str = "single_issuer+defer_taskrun";
@@ -46,7 +49,7 @@ pub fn build(entries: u32) -> io::Result<(IoUring, &'static str)> {
         ("coop_taskrun", |b| {
             b.setup_coop_taskrun().setup_taskrun_flag();
         }),
-        ("plain", |_| {}),
+        (PLAIN, |_| {}),
     ];
     let mut last = None;
     for (name, f) in attempts {

@@ -352,11 +352,6 @@ impl Slab {
         self.inserted
     }
 
-    /// Whether any live connection is still setting up (holds its set-up state).
-    pub fn any_setting_up(&self) -> bool {
-        self.slots.iter().flatten().any(|e| e.setup().is_some())
-    }
-
     pub fn live(&self) -> usize {
         self.live
     }

@@ -42,7 +42,7 @@ use crate::vocab::Direction;
 
 /// How often the worker looks at timeouts and the shutdown state when nothing else wakes it.
 const TICK: Duration = Duration::from_millis(100);
-/// New connections after which a tick with none of them still setting up returns the
+/// New connections after which a tick with none of them unsettled returns the
 /// allocator's freed pages to the kernel (see [`crate::thp::return_freed_memory`]).
 const COLLECT_AFTER: u64 = 256;
 
@@ -595,9 +595,10 @@ impl Worker {
             });
         }
         self.wake_waiters(now);
-        // After a burst of new connections has finished setting up, hand the pages their
-        // set-up state used back to the kernel: an idle worker would keep them otherwise.
-        if self.slab.inserted() >= self.collected_at + COLLECT_AFTER && !self.slab.any_setting_up()
+        // After a burst of new connections has settled (none is dialing or closing), hand the
+        // pages their set-up state used back to the kernel: an idle worker would keep them.
+        if self.slab.inserted() >= self.collected_at + COLLECT_AFTER
+            && !self.listeners.any_unsettled()
         {
             crate::thp::return_freed_memory();
             self.collected_at = self.slab.inserted();
