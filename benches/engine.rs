@@ -51,6 +51,7 @@ fn state_machine(c: &mut Criterion) {
                     dir: Direction::ClientToUpstream,
                     res: 1460,
                     buf: Some(3),
+                    more: false,
                 },
                 now,
                 &mut out,

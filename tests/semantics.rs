@@ -49,6 +49,7 @@ support::engine_suite!(
         idle_timeout,
         data_half_close_and_reset_after_a_quiet_spell,
         slow_reader_backpressure,
+        slow_reader_backpressure_small_writes,
         thousand_concurrent_connections,
         fd_exhaustion_backs_off_and_recovers,
         no_fd_or_close_wait_leak,
@@ -569,6 +570,20 @@ fn idle_timeout(engine: &[&str]) {
 /// control through the relay: the relay buffers a bounded amount and its memory stays flat;
 /// once the upstream drains, every accepted byte arrives intact.
 fn slow_reader_backpressure(engine: &[&str]) {
+    backpressure(engine, 256 << 10);
+}
+
+/// The same with 100-byte writes: the relay's reads are short, which on io_uring means one
+/// multishot recv per direction, and bytes that arrive while its send waits for the window
+/// must wait too (and stop the reading), in order.
+fn slow_reader_backpressure_small_writes(engine: &[&str]) {
+    backpressure(engine, 100);
+}
+
+/// A client writes `chunk`-byte writes as fast as it can for 2 s to an upstream that reads
+/// nothing: the writes must block, the relay's memory stay flat, and every accepted byte
+/// arrive once the upstream reads.
+fn backpressure(engine: &[&str], chunk: usize) {
     let _load = support::heavy();
     const LIMIT: u64 = 64 << 20;
     let upstream = Upstream::bind();
@@ -585,7 +600,7 @@ fn slow_reader_backpressure(engine: &[&str]) {
     client
         .set_write_timeout(Some(Duration::from_millis(100)))
         .expect("write timeout");
-    let mut stream = data::Stream::new(9, 256 << 10);
+    let mut stream = data::Stream::new(9, chunk);
     let (mut stalls, mut at_one_second) = (0u32, None);
     let started = Instant::now();
     while started.elapsed() < Duration::from_secs(2) {

@@ -36,6 +36,18 @@ pub const AUTO_DOWN_SMALL_PUMPS: u8 = 8;
 /// only the first message after a pause pays.
 pub const PARK_AFTER: Duration = Duration::from_secs(1);
 
+/// A direction's multishot recv: one recv armed for many messages (kernel 6.0), which the
+/// request/response case reads with, so that a message costs no new recv and no new poll.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Multishot {
+    /// None armed: the direction reads with one recv per message.
+    Off,
+    /// Armed; every message comes as another completion of the same op.
+    Armed,
+    /// Being cancelled (or ending): its last completion (no `F_MORE`) is still to come.
+    Ending,
+}
+
 /// Where a direction is.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum DirState {
@@ -108,10 +120,20 @@ pub enum Event {
     /// The connect's link timeout completed (fired or cancelled).
     ConnectTimerDone,
     /// A recv completed: bytes read, 0 for EOF, or `-errno`; `buf` is the selected buffer.
+    /// `more`: a multishot recv that stays armed (`IORING_CQE_F_MORE`).
     Received {
         dir: Direction,
         res: i32,
         buf: Option<u16>,
+        more: bool,
+    },
+    /// The oldest completion the worker held for the direction ([`Action::Unhold`]), as it
+    /// arrived; `last`: none is held behind it.
+    Unheld {
+        dir: Direction,
+        res: i32,
+        buf: Option<u16>,
+        last: bool,
     },
     /// A send completed: bytes written or `-errno`.
     Sent { dir: Direction, res: i32 },
@@ -158,6 +180,18 @@ pub enum Action {
     SendPreamble,
     /// Submit a recv on the direction's source.
     Recv(Direction),
+    /// Submit a multishot recv on the direction's source, which polls first.
+    RecvMulti(Direction),
+    /// A completion of the direction's multishot recv came while its last bytes are still
+    /// being sent: keep it, in order, until [`Action::Unhold`].
+    Hold {
+        dir: Direction,
+        res: i32,
+        buf: Option<u16>,
+    },
+    /// The direction's send finished: feed back the oldest completion held for it, as
+    /// [`Event::Unheld`].
+    Unhold(Direction),
     /// Submit a send of `buf[off..off + len]` on the direction's destination.
     Send {
         dir: Direction,
@@ -258,13 +292,26 @@ pub struct Conn {
     /// Auto mode's thresholds (full reads up to splice, small pumps back to copy).
     auto_up: u8,
     auto_down: u8,
-    /// Read a PROXY header before dialing.
-    reads_header: bool,
-    /// Something may have to go to the upstream before the relay (a PROXY header, or the
-    /// client's bytes that came with its own header).
-    sends_preamble: bool,
-    /// The ring takes a recv's "poll first" hint ([`Conn::expects_empty`]).
-    poll_first: bool,
+    /// [`READS_HEADER`], [`SENDS_PREAMBLE`], [`POLL_FIRST`], [`MULTISHOT`] and
+    /// [`holding`] bits, in one byte: every idle connection carries this state.
+    flags: u8,
+    mshot: [Multishot; 2],
+}
+
+/// Read a PROXY header before dialing.
+const READS_HEADER: u8 = 1;
+/// Something may have to go to the upstream before the relay (a PROXY header, or the
+/// client's bytes that came with its own header).
+const SENDS_PREAMBLE: u8 = 1 << 1;
+/// The ring takes a recv's "poll first" hint ([`Conn::expects_empty`]).
+const POLL_FIRST: u8 = 1 << 2;
+/// The ring has multishot recvs, and a direction that expects an empty socket reads with
+/// one.
+const MULTISHOT: u8 = 1 << 3;
+
+/// The bit that says the worker holds completions for direction `d` ([`Action::Hold`]).
+fn holding(d: Direction) -> u8 {
+    1 << (4 + d as u8)
 }
 
 /// How a relay ends after a recv, send or splice failed with `res` (`-errno`).
@@ -289,9 +336,15 @@ impl Conn {
         reads_header: bool,
         sends_preamble: bool,
     ) -> Self {
+        let mut flags = 0;
+        if reads_header {
+            flags |= READS_HEADER | SENDS_PREAMBLE;
+        }
+        if sends_preamble {
+            flags |= SENDS_PREAMBLE;
+        }
         Self {
-            reads_header,
-            sends_preamble: sends_preamble || reads_header,
+            flags,
             phase: Phase::Dialing,
             dirs: [DirState::Connecting; 2],
             bytes: [0; 2],
@@ -305,14 +358,37 @@ impl Conn {
             full_reads: [0; 2],
             auto_up: AUTO_UP_FULL_READS,
             auto_down: AUTO_DOWN_SMALL_PUMPS,
-            poll_first: false,
+            mshot: [Multishot::Off; 2],
         }
     }
 
     /// Lets [`Conn::expects_empty`] say yes (the worker's ring takes the hint).
     pub fn with_poll_first(mut self, on: bool) -> Self {
-        self.poll_first = on;
+        self.set(POLL_FIRST, on);
         self
+    }
+
+    /// Lets a direction that expects an empty socket read with a multishot recv.
+    pub fn with_multishot(mut self, on: bool) -> Self {
+        self.set(MULTISHOT, on);
+        self
+    }
+
+    fn has(&self, flag: u8) -> bool {
+        self.flags & flag != 0
+    }
+
+    fn set(&mut self, flag: u8, on: bool) {
+        if on {
+            self.flags |= flag;
+        } else {
+            self.flags &= !flag;
+        }
+    }
+
+    /// The direction's multishot recv.
+    pub fn multishot(&self, d: Direction) -> Multishot {
+        self.mshot[d as usize]
     }
 
     /// Whether the direction's next recv will most likely find its socket empty, so that the
@@ -322,7 +398,7 @@ impl Conn {
     /// is tried first. A wrong guess costs little either way: a poll armed on a readable
     /// socket fires at once, and a read of an empty one fails and arms the same poll.
     pub fn expects_empty(&self, d: Direction) -> bool {
-        self.poll_first && self.full_reads[d as usize] == 0
+        self.has(POLL_FIRST) && self.full_reads[d as usize] == 0
     }
 
     /// Auto mode's thresholds instead of the defaults ([`AUTO_UP_FULL_READS`],
@@ -362,14 +438,37 @@ impl Conn {
         }
     }
 
-    /// Starts reading a direction on the path its policy says.
+    /// Starts reading a direction on the path its policy says. A multishot recv still in
+    /// flight keeps reading (armed), or ends first (its last completion starts reading again),
+    /// so no bytes can arrive by two paths at once.
     fn start_reading(&mut self, d: Direction, out: &mut Actions) {
-        if self.wants_splice(d) {
+        if self.mshot[d as usize] != Multishot::Off {
+            self.dirs[d as usize] = DirState::Reading;
+        } else if self.wants_splice(d) {
             self.dirs[d as usize] = DirState::Switching;
             out.push(Action::TrySplice(d));
         } else {
             self.dirs[d as usize] = DirState::Reading;
+            self.arm_recv(d, out);
+        }
+    }
+
+    /// Submits the direction's recv: a multishot one where the socket is expected empty (a
+    /// request/response peer) and the ring has them, else one recv.
+    fn arm_recv(&mut self, d: Direction, out: &mut Actions) {
+        if self.has(MULTISHOT) && self.expects_empty(d) {
+            self.mshot[d as usize] = Multishot::Armed;
+            out.push(Action::RecvMulti(d));
+        } else {
             out.push(Action::Recv(d));
+        }
+    }
+
+    /// Cancels the direction's multishot recv if it is armed.
+    fn end_multishot(&mut self, d: Direction, out: &mut Actions) {
+        if self.mshot[d as usize] == Multishot::Armed {
+            self.mshot[d as usize] = Multishot::Ending;
+            out.push(Action::CancelRecv(d));
         }
     }
 
@@ -442,7 +541,7 @@ impl Conn {
     pub fn handle(&mut self, ev: Event, now: Instant, out: &mut Actions) {
         match ev {
             Event::Start => {
-                if self.phase == Phase::Dialing && self.reads_header {
+                if self.phase == Phase::Dialing && self.has(READS_HEADER) {
                     self.phase = Phase::ReadingHeader;
                     out.push(Action::RecvHeader);
                 } else if self.phase == Phase::Dialing {
@@ -483,7 +582,7 @@ impl Conn {
             Event::Connected { res } => match self.phase {
                 Phase::Connecting if res >= 0 => {
                     out.push(Action::Connected);
-                    if self.sends_preamble {
+                    if self.has(SENDS_PREAMBLE) {
                         self.phase = Phase::SendingPreamble;
                         out.push(Action::SendPreamble);
                     } else {
@@ -518,12 +617,29 @@ impl Conn {
                 | Phase::Relaying => {}
             },
             Event::ConnectTimerDone | Event::CancelDone => {}
-            Event::Received { dir, res, buf } => self.received(dir, res, buf, now, out),
+            Event::Received {
+                dir,
+                res,
+                buf,
+                more,
+            } => self.received(dir, res, buf, more, now, out),
+            Event::Unheld {
+                dir,
+                res,
+                buf,
+                last,
+            } => {
+                if last {
+                    self.set(holding(dir), false);
+                }
+                // Its multishot bookkeeping was done when it arrived.
+                self.received(dir, res, buf, true, now, out);
+            }
             Event::Sent { dir, res } => self.sent(dir, res, now, out),
             Event::BufferAvailable { dir } => {
                 if !self.is_closing() && self.dirs[dir as usize] == DirState::WaitBuffer {
                     self.dirs[dir as usize] = DirState::Reading;
-                    out.push(Action::Recv(dir));
+                    self.arm_recv(dir, out);
                 }
             }
             Event::Park => {
@@ -531,6 +647,9 @@ impl Conn {
                     for d in [Direction::ClientToUpstream, Direction::UpstreamToClient] {
                         if self.dirs[d as usize] == DirState::Reading {
                             self.dirs[d as usize] = DirState::Parking;
+                            if self.mshot[d as usize] == Multishot::Armed {
+                                self.mshot[d as usize] = Multishot::Ending;
+                            }
                             out.push(Action::CancelRecv(d));
                         }
                     }
@@ -539,7 +658,7 @@ impl Conn {
             Event::Unparked { dir } => {
                 if !self.is_closing() && self.dirs[dir as usize] == DirState::Parked {
                     self.dirs[dir as usize] = DirState::Reading;
-                    out.push(Action::Recv(dir));
+                    self.arm_recv(dir, out);
                 }
             }
             Event::IdleTimeout => self.begin_close(CloseReason::IdleTimeout, out),
@@ -556,7 +675,7 @@ impl Conn {
                 if self.dirs[dir as usize] == DirState::Switching {
                     self.full_reads[dir as usize] = 0;
                     self.dirs[dir as usize] = DirState::Reading;
-                    out.push(Action::Recv(dir));
+                    self.arm_recv(dir, out);
                 }
             }
             Event::Readable { dir } => {
@@ -655,7 +774,7 @@ impl Conn {
                 self.full_reads[i] = 0;
                 out.push(Action::LeaveSplice(dir));
                 self.dirs[i] = DirState::Reading;
-                out.push(Action::Recv(dir));
+                self.arm_recv(dir, out);
                 return;
             }
         }
@@ -667,10 +786,16 @@ impl Conn {
         dir: Direction,
         res: i32,
         buf: Option<u16>,
+        more: bool,
         now: Instant,
         out: &mut Actions,
     ) {
         let i = dir as usize;
+        // A multishot recv's last completion: a cancel we asked for, or the kernel ended it.
+        let ended = !more && self.mshot[i] != Multishot::Off;
+        if !more {
+            self.mshot[i] = Multishot::Off;
+        }
         if !self.is_closing() && self.dirs[i] == DirState::Parking {
             if res == -libc::ECANCELED {
                 // Cancelled before anything arrived: wait for readability instead.
@@ -681,16 +806,37 @@ impl Conn {
             // Bytes, end of stream or an error won the race with the cancel: as if read.
             self.dirs[i] = DirState::Reading;
         }
+        if !self.is_closing() && matches!(self.dirs[i], DirState::Writing { .. }) {
+            // Only a multishot recv completes while its direction writes. Nothing was read
+            // when it ends by our own cancel; anything else (bytes, end of stream, an error)
+            // waits its turn behind the send, and the recv is cancelled: a slow destination
+            // stops the reading, as it does with one recv at a time.
+            if !(ended && res == -libc::ECANCELED) {
+                self.set(holding(dir), true);
+                out.push(Action::Hold { dir, res, buf });
+                self.end_multishot(dir, out);
+            }
+            return;
+        }
         if self.is_closing() || self.dirs[i] != DirState::Reading {
             if let Some(b) = buf {
                 out.push(Action::Release(b));
             }
             return;
         }
+        if ended && res == -libc::ECANCELED {
+            // Our cancel ended the multishot recv (a bulk read, or a send that fell behind)
+            // before anything else arrived: read on the path the direction needs now.
+            self.start_reading(dir, out);
+            return;
+        }
         match (res, buf) {
             (n, Some(b)) if n > 0 => {
                 if n as u32 >= self.buf_size {
                     self.full_reads[i] = self.full_reads[i].saturating_add(1);
+                    // A full read: a bulk stream, which reads one recv at a time (and may
+                    // move to splice).
+                    self.end_multishot(dir, out);
                 } else {
                     self.full_reads[i] = 0;
                 }
@@ -731,7 +877,9 @@ impl Conn {
                 if let Some(b) = b {
                     out.push(Action::Release(b));
                 }
-                out.push(Action::Recv(dir));
+                if self.mshot[i] == Multishot::Off {
+                    self.arm_recv(dir, out);
+                }
             }
             (e, b) => {
                 if let Some(b) = b {
@@ -797,7 +945,13 @@ impl Conn {
                     dir,
                     took: read_at.until(now),
                 });
-                self.start_reading(dir, out);
+                if self.has(holding(dir)) {
+                    // The next completion, in the order it arrived.
+                    self.dirs[i] = DirState::Reading;
+                    out.push(Action::Unhold(dir));
+                } else {
+                    self.start_reading(dir, out);
+                }
             }
         } else {
             self.dirs[i] = DirState::Done;

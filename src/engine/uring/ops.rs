@@ -30,6 +30,7 @@ pub fn pushed(action: Action, open_fds: u32, in_flight: u32) -> u32 {
         Action::RecvHeader
         | Action::SendPreamble
         | Action::Recv(_)
+        | Action::RecvMulti(_)
         | Action::Send { .. }
         | Action::PollIn(_)
         | Action::PollOut(_)
@@ -119,6 +120,16 @@ pub fn build<'a>(
                 fd: entry.src(dir),
                 group: BUFFER_GROUP,
                 poll_first: entry.conn.expects_empty(dir),
+                multishot: false,
+            },
+            token(dir, OpKind::Recv),
+        ),
+        Action::RecvMulti(dir) => OpList::one(
+            Op::RecvSelect {
+                fd: entry.src(dir),
+                group: BUFFER_GROUP,
+                poll_first: true,
+                multishot: true,
             },
             token(dir, OpKind::Recv),
         ),

@@ -20,12 +20,20 @@ use super::token::{OpKind, Token};
 
 /// `IORING_RECVSEND_POLL_FIRST` (include/uapi/linux/io_uring.h), in a recv's `ioprio`.
 const RECVSEND_POLL_FIRST: u16 = 1;
+/// `IORING_RECV_MULTISHOT` (6.0), in a recv's `ioprio`.
+const RECV_MULTISHOT: u16 = 1 << 1;
 
 /// Whether a ring built in `mode` (a name [`build`] returns) takes
 /// [`Op::RecvSelect`]'s `poll_first`: the flag came in 5.19 with COOP_TASKRUN, and
 /// DEFER_TASKRUN is later still; a plain ring may be older, where the flag is `EINVAL`.
 pub fn takes_poll_first(mode: &str) -> bool {
     mode != PLAIN
+}
+
+/// Whether a ring built in `mode` takes a multishot recv (`IORING_RECV_MULTISHOT`, 6.0):
+/// DEFER_TASKRUN came in 6.1; the older modes may run on a kernel without it.
+pub fn takes_multishot_recv(mode: &str) -> bool {
+    mode == DEFER_TASKRUN
 }
 
 /// The name [`build`] gives a ring with neither task-running mode (a kernel before 5.19).
@@ -253,6 +261,9 @@ pub enum Op<'a> {
         fd: RawFd,
         group: u16,
         poll_first: bool,
+        /// One recv that stays armed and completes once per arrival (`F_MORE` while armed),
+        /// each time into a buffer of the group.
+        multishot: bool,
     },
     /// A recv into the connection's own buffer (its PROXY header).
     RecvInto { fd: RawFd, into: &'a mut [u8] },
@@ -321,8 +332,12 @@ impl Op<'_> {
                 fd,
                 group,
                 poll_first,
+                multishot,
             } => one(opcode::Recv::new(types::Fd(fd), std::ptr::null_mut(), 0)
-                .ioprio(if poll_first { RECVSEND_POLL_FIRST } else { 0 })
+                .ioprio(
+                    if poll_first { RECVSEND_POLL_FIRST } else { 0 }
+                        | if multishot { RECV_MULTISHOT } else { 0 },
+                )
                 .buf_group(group)
                 .build()
                 .flags(squeue::Flags::BUFFER_SELECT)),

@@ -93,6 +93,9 @@ pub struct Worker {
     listeners: Listeners,
     slab: Slab,
     waiters: VecDeque<(u32, u16, Direction)>,
+    /// Multishot recv completions that came while their direction was still sending, in
+    /// arrival order ([`conn::Action::Hold`]).
+    held: VecDeque<Held>,
     /// Spliced directions that stopped on their fairness budget and must pump again.
     run_queue: VecDeque<(u32, u16, Direction)>,
     runtime: Arc<Runtime>,
@@ -113,8 +116,19 @@ pub struct Worker {
     collected_at: u64,
     /// The ring takes the recv "poll first" hint ([`ring::takes_poll_first`]).
     poll_first: bool,
+    /// The ring takes multishot recvs ([`ring::takes_multishot_recv`]).
+    multishot: bool,
     /// `[uring] wait = "epoll"`: the epoll set the worker sleeps on instead of the ring.
     epoll: Option<EpollWait>,
+}
+
+/// A multishot recv's completion held until its direction's send finished.
+struct Held {
+    slot: u32,
+    generation: u16,
+    dir: Direction,
+    res: i32,
+    buf: Option<u16>,
 }
 
 /// The completion batch, its memory faulted in now (a burst fills it, never grows it: see
@@ -250,6 +264,7 @@ impl Worker {
             // SO_REUSEPORT connections by hash, not by load).
             slab: Slab::with_capacity(config.live_connections_bound()),
             waiters: VecDeque::new(),
+            held: VecDeque::new(),
             run_queue: VecDeque::new(),
             runtime,
             metrics,
@@ -263,6 +278,7 @@ impl Worker {
             preempted: 0,
             collected_at: 0,
             poll_first: ring::takes_poll_first(mode),
+            multishot: ring::takes_multishot_recv(mode),
             epoll,
         };
         Ok((worker, notes))
@@ -432,6 +448,7 @@ impl Worker {
                         dir: t.dir,
                         res,
                         buf,
+                        more: cqueue::more(flags),
                     },
                     now,
                 );

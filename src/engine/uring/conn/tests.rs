@@ -41,7 +41,7 @@ fn completes_op(ev: Event) -> bool {
         ev,
         Event::Connected { .. }
             | Event::ConnectTimerDone
-            | Event::Received { .. }
+            | Event::Received { more: false, .. }
             | Event::Sent { .. }
             | Event::CancelDone
             | Event::Writable { .. }
@@ -129,6 +129,7 @@ fn client_half_closed() -> (Driver, Instant) {
             dir: C2U,
             res: 0,
             buf: None,
+            more: false,
         },
         now,
     );
@@ -149,6 +150,7 @@ fn data_is_sent_then_reading_resumes() {
             dir: C2U,
             res: 100,
             buf: Some(3),
+            more: false,
         },
         now,
     );
@@ -240,6 +242,7 @@ fn the_next_recv_polls_first_after_a_short_read_and_reads_first_after_a_full_one
             dir: C2U,
             res,
             buf: Some(buf),
+            more: false,
         };
         step(c, ev, now);
         let a = step(c, Event::Sent { dir: C2U, res }, now);
@@ -255,6 +258,121 @@ fn the_next_recv_polls_first_after_a_short_read_and_reads_first_after_a_full_one
 }
 
 #[test]
+fn a_request_response_direction_reads_with_one_multishot_recv_that_a_slow_send_stops() {
+    let now = t0();
+    let mut c = Driver {
+        conn: Conn::new(now, DataPath::Copy, BUF)
+            .with_poll_first(true)
+            .with_multishot(true),
+        in_flight: 0,
+        open_fds: 1,
+    };
+    step(&mut c, Event::Start, now);
+    let a = step(&mut c, Event::Connected { res: 0 }, now);
+    assert_eq!(
+        a,
+        vec![
+            Action::Connected,
+            Action::RecvMulti(C2U),
+            Action::RecvMulti(U2C)
+        ]
+    );
+    step(&mut c, Event::ConnectTimerDone, now);
+    assert_eq!(
+        c.in_flight, 2,
+        "one recv per direction, for every message to come"
+    );
+    let recv = |dir, res, buf, more| Event::Received {
+        dir,
+        res,
+        buf,
+        more,
+    };
+    let send = |buf, len| Action::Send {
+        dir: C2U,
+        buf,
+        off: 0,
+        len,
+    };
+
+    // 1. A message is sent on, and nothing is armed again after its send.
+    let a = step(&mut c, recv(C2U, 64, Some(1), true), now);
+    assert_eq!(a, vec![send(1, 64)]);
+    let a = step(&mut c, Event::Sent { dir: C2U, res: 64 }, now);
+    assert!(
+        matches!(a.last(), Some(Action::Transferred { .. })),
+        "{a:?}"
+    );
+    assert_eq!(c.dir(C2U), DirState::Reading);
+    assert_eq!(c.multishot(C2U), Multishot::Armed);
+    assert_eq!(c.in_flight, 2);
+
+    // 2. Bytes that come while the send is out wait behind it, and the recv is cancelled:
+    //    a destination that does not take them stops the reading.
+    assert_eq!(
+        step(&mut c, recv(C2U, 64, Some(2), true), now),
+        vec![send(2, 64)]
+    );
+    let a = step(&mut c, recv(C2U, 10, Some(3), true), now);
+    let held = Action::Hold {
+        dir: C2U,
+        res: 10,
+        buf: Some(3),
+    };
+    assert_eq!(a, vec![held, Action::CancelRecv(C2U)]);
+    assert_eq!(c.multishot(C2U), Multishot::Ending);
+    // Its end by the cancel read nothing.
+    assert!(step(&mut c, recv(C2U, -libc::ECANCELED, None, false), now).is_empty());
+    assert_eq!(c.multishot(C2U), Multishot::Off);
+    // 3. The send finishes: the held bytes go next, then the direction arms a new recv.
+    let a = step(&mut c, Event::Sent { dir: C2U, res: 64 }, now);
+    assert_eq!(a.last(), Some(&Action::Unhold(C2U)));
+    assert!(a.contains(&Action::Release(2)));
+    let unheld = |res, buf| Event::Unheld {
+        dir: C2U,
+        res,
+        buf,
+        last: true,
+    };
+    assert_eq!(step(&mut c, unheld(10, Some(3)), now), vec![send(3, 10)]);
+    let a = step(&mut c, Event::Sent { dir: C2U, res: 10 }, now);
+    assert_eq!(a.last(), Some(&Action::RecvMulti(C2U)));
+
+    // 4. A full read is a bulk stream: the multishot recv ends, and the direction reads one
+    //    recv at a time (reading first) once its end has come.
+    let a = step(&mut c, recv(U2C, BUF as i32, Some(4), true), now);
+    assert_eq!(a[0], Action::CancelRecv(U2C));
+    assert!(step(&mut c, recv(U2C, -libc::ECANCELED, None, false), now).is_empty());
+    let a = step(
+        &mut c,
+        Event::Sent {
+            dir: U2C,
+            res: BUF as i32,
+        },
+        now,
+    );
+    assert_eq!(a.last(), Some(&Action::Recv(U2C)));
+
+    // 5. An end of stream that came while sending is passed on after the bytes before it.
+    let a = step(&mut c, recv(C2U, 5, Some(5), true), now);
+    assert_eq!(a, vec![send(5, 5)]);
+    let a = step(&mut c, recv(C2U, 0, None, false), now);
+    assert_eq!(
+        a,
+        vec![Action::Hold {
+            dir: C2U,
+            res: 0,
+            buf: None
+        }]
+    );
+    let a = step(&mut c, Event::Sent { dir: C2U, res: 5 }, now);
+    assert_eq!(a.last(), Some(&Action::Unhold(C2U)));
+    let a = step(&mut c, unheld(0, None), now);
+    assert_eq!(a, vec![Action::ShutdownWrite(C2U)]);
+    assert_eq!(c.dir(C2U), DirState::Done);
+}
+
+#[test]
 fn first_upstream_byte_is_reported_once() {
     let (mut c, now) = relaying();
     let a = step(
@@ -263,6 +381,7 @@ fn first_upstream_byte_is_reported_once() {
             dir: U2C,
             res: 1,
             buf: Some(0),
+            more: false,
         },
         now,
     );
@@ -274,6 +393,7 @@ fn first_upstream_byte_is_reported_once() {
             dir: U2C,
             res: 1,
             buf: Some(0),
+            more: false,
         },
         now,
     );
@@ -289,6 +409,7 @@ fn half_close_keeps_the_other_direction_flowing() {
             dir: U2C,
             res: 10,
             buf: Some(1),
+            more: false,
         },
         now,
     );
@@ -313,6 +434,7 @@ fn both_eofs_close_cleanly_after_every_op() {
             dir: U2C,
             res: 0,
             buf: None,
+            more: false,
         },
         now,
     );
@@ -340,6 +462,7 @@ fn reset_on_one_side_cancels_then_finishes_with_rst() {
             dir: U2C,
             res: -libc::ECONNRESET,
             buf: None,
+            more: false,
         },
         now,
     );
@@ -352,7 +475,8 @@ fn reset_on_one_side_cancels_then_finishes_with_rst() {
             Event::Received {
                 dir: C2U,
                 res: -libc::ECANCELED,
-                buf: None
+                buf: None,
+                more: false,
             },
             now
         )
@@ -379,6 +503,7 @@ fn a_buffer_that_arrives_while_closing_is_released() {
             dir: C2U,
             res: 50,
             buf: Some(9),
+            more: false,
         },
         now,
     );
@@ -394,6 +519,7 @@ fn a_send_cancelled_by_close_releases_its_buffer_only_on_its_completion() {
             dir: C2U,
             res: 10,
             buf: Some(4),
+            more: false,
         },
         now,
     );
@@ -524,6 +650,7 @@ fn empty_pool_waits_then_resumes() {
             dir: C2U,
             res: -libc::ENOBUFS,
             buf: None,
+            more: false,
         },
         now,
     );
@@ -545,6 +672,7 @@ fn idle_expiry_follows_last_activity() {
             dir: C2U,
             res: 1,
             buf: Some(0),
+            more: false,
         },
         now + Duration::from_millis(900),
     );
@@ -561,6 +689,7 @@ fn write_error_resets() {
             dir: U2C,
             res: 10,
             buf: Some(2),
+            more: false,
         },
         now,
     );
@@ -716,6 +845,7 @@ fn auto_moves_to_splice_after_full_reads_and_back_when_small() {
                 dir: C2U,
                 res: BUF as i32,
                 buf: Some(0),
+                more: false,
             },
             now,
         );
@@ -764,6 +894,7 @@ fn small_reads_keep_auto_on_copy() {
                 dir: C2U,
                 res: 64,
                 buf: Some(0),
+                more: false,
             },
             now,
         );
@@ -810,9 +941,10 @@ fn a_poll_ended_by_overflow_is_rearmed() {
 
 /// Property tests: the machine under random completion orders and results, with the
 /// worker's side modelled op by op (copy path; a requested pipe is never free, so the
-/// splice and auto policies stay on copy too). Whatever happens, the connection finishes
-/// exactly once, only when no op is in flight, and every buffer a recv took is released
-/// exactly once, after any send from it completed.
+/// splice and auto policies stay on copy too), with and without multishot recvs. Whatever
+/// happens, the connection finishes exactly once, only when no op is in flight, every
+/// buffer a recv took is released exactly once, after any send from it completed, and each
+/// direction sends its buffers in the order they were read.
 mod prop {
     use super::*;
     use proptest::prelude::*;
@@ -823,6 +955,8 @@ mod prop {
         Connect,
         Timer,
         Recv(Direction),
+        /// A multishot recv: it completes many times (`more`) before its last completion.
+        RecvMulti(Direction),
         Send {
             dir: Direction,
             buf: u16,
@@ -840,6 +974,12 @@ mod prop {
         ops: Vec<Op>,
         held: Vec<u16>,
         next_buf: u16,
+        /// Each buffer's direction and its place in that direction's reads.
+        order: std::collections::HashMap<u16, (Direction, u32)>,
+        read_seq: [u32; 2],
+        sent_seq: [u32; 2],
+        /// Completions the connection asked the worker to hold, in arrival order.
+        holds: Vec<(Direction, i32, Option<u16>)>,
         waiting: Vec<Direction>,
         cancelled: bool,
         /// Directions whose recv a park cancel may have caught.
@@ -877,8 +1017,42 @@ mod prop {
                             panic!("a connection without a preamble asked for one: {a:?}")
                         }
                         Action::Recv(d) => self.ops.push(Op::Recv(d)),
+                        Action::RecvMulti(d) => {
+                            assert!(
+                                !self.ops.iter().any(
+                                    |o| matches!(o, Op::Recv(x) | Op::RecvMulti(x) if *x == d)
+                                ),
+                                "a second recv on {d:?}"
+                            );
+                            self.ops.push(Op::RecvMulti(d));
+                        }
+                        Action::Hold { dir, res, buf } => self.holds.push((dir, res, buf)),
+                        Action::Unhold(d) => {
+                            let i = self
+                                .holds
+                                .iter()
+                                .position(|h| h.0 == d)
+                                .unwrap_or_else(|| panic!("Unhold({d:?}) with nothing held"));
+                            let (dir, res, buf) = self.holds.remove(i);
+                            let last = !self.holds.iter().any(|h| h.0 == d);
+                            queue.push(Event::Unheld {
+                                dir,
+                                res,
+                                buf,
+                                last,
+                            });
+                        }
                         Action::Send { dir, buf, off, len } => {
                             assert!(self.held.contains(&buf), "send from unheld buffer {buf}");
+                            if off == 0 {
+                                let (d, seq) = self.order[&buf];
+                                assert_eq!(d, dir, "buffer {buf} read on {d:?} sent on {dir:?}");
+                                assert_eq!(
+                                    seq, self.sent_seq[dir as usize],
+                                    "{dir:?} sends buffer {buf} out of order"
+                                );
+                                self.sent_seq[dir as usize] += 1;
+                            }
                             assert!(len > 0 && off + len <= BUF, "send of {off}+{len}");
                             self.ops.push(Op::Send { dir, buf, len });
                         }
@@ -910,6 +1084,12 @@ mod prop {
                                 "Finish with ops in flight: {:?}",
                                 self.ops
                             );
+                            // The worker gives back what it held for the connection.
+                            for (_, _, b) in self.holds.drain(..) {
+                                if let Some(b) = b {
+                                    self.held.retain(|&h| h != b);
+                                }
+                            }
                             self.finishes += 1;
                         }
                         Action::CancelRecv(d) => {
@@ -966,10 +1146,7 @@ mod prop {
                         (false, 1) => (-libc::ECONNRESET, None),
                         (false, 2) => (-libc::ENOBUFS, None),
                         (false, _) => {
-                            self.next_buf = self.next_buf.wrapping_add(1);
-                            let b = self.next_buf;
-                            assert!(!self.held.contains(&b), "buffer ids wrapped");
-                            self.held.push(b);
+                            let b = self.take_buf(dir);
                             let n = if r.is_multiple_of(3) {
                                 BUF
                             } else {
@@ -978,7 +1155,48 @@ mod prop {
                             (n as i32, Some(b))
                         }
                     };
-                    Event::Received { dir, res, buf }
+                    Event::Received {
+                        dir,
+                        res,
+                        buf,
+                        more: false,
+                    }
+                }
+                Op::RecvMulti(dir) => {
+                    // A cancel (to park, or to end the multishot) or the close's cancels end
+                    // it, unless bytes race them; else it reads, mostly staying armed.
+                    let asked = self.parking.iter().position(|&d| d == dir);
+                    let ends_by_cancel = match asked {
+                        Some(p) if r.is_multiple_of(3) || r == 0 => {
+                            self.parking.swap_remove(p);
+                            true
+                        }
+                        _ => cancelled,
+                    };
+                    let (res, buf, more) = match (ends_by_cancel, r % 8) {
+                        (true, _) => (-libc::ECANCELED, None, false),
+                        (false, 0) => (0, None, false),
+                        (false, 1) => (-libc::ECONNRESET, None, false),
+                        (false, 2) => (-libc::ENOBUFS, None, false),
+                        (false, _) => {
+                            let b = self.take_buf(dir);
+                            let n = if r.is_multiple_of(7) {
+                                BUF
+                            } else {
+                                1 + u32::from(r) % BUF
+                            };
+                            (n as i32, Some(b), !r.is_multiple_of(5))
+                        }
+                    };
+                    if more {
+                        self.ops.push(op);
+                    }
+                    Event::Received {
+                        dir,
+                        res,
+                        buf,
+                        more,
+                    }
                 }
                 Op::Send { dir, len, .. } => Event::Sent {
                     dir,
@@ -994,10 +1212,26 @@ mod prop {
         }
     }
 
+    impl World {
+        /// A buffer from the pool for a read on `dir`, numbered in that direction's order.
+        fn take_buf(&mut self, dir: Direction) -> u16 {
+            self.next_buf = self.next_buf.wrapping_add(1);
+            let b = self.next_buf;
+            assert!(!self.held.contains(&b), "buffer ids wrapped");
+            self.held.push(b);
+            self.order.insert(b, (dir, self.read_seq[dir as usize]));
+            self.read_seq[dir as usize] += 1;
+            b
+        }
+    }
+
     fn run(policy: u8, steps: &[(u8, u16)]) {
         let now = t0();
+        let multishot = policy >= 3;
         let policy = [DataPath::Copy, DataPath::Auto, DataPath::Splice][usize::from(policy % 3)];
-        let mut conn = Conn::new(now, policy, BUF);
+        let mut conn = Conn::new(now, policy, BUF)
+            .with_poll_first(multishot)
+            .with_multishot(multishot);
         let mut w = World::default();
         w.feed(&mut conn, Event::Start, now);
         // 1. Random completions, with now and then a buffer coming back, the idle timeout or
@@ -1060,7 +1294,7 @@ mod prop {
 
         #[test]
         fn random_completion_orders_finish_once_and_leak_nothing(
-            policy in 0u8..3,
+            policy in 0u8..6,
             steps in proptest::collection::vec((any::<u8>(), any::<u16>()), 0..300),
         ) {
             run(policy, &steps);
@@ -1168,6 +1402,7 @@ fn auto_thresholds_come_from_the_config() {
             dir: C2U,
             res: BUF as i32,
             buf: Some(0),
+            more: false,
         },
         now,
     );
@@ -1198,6 +1433,7 @@ fn parked() -> (Driver, Instant) {
                 dir,
                 res: -libc::ECANCELED,
                 buf: None,
+                more: false,
             },
             later,
         );
@@ -1223,6 +1459,7 @@ fn an_idle_connection_parks_and_reads_again_when_readable() {
             dir: C2U,
             res: 10,
             buf: Some(3),
+            more: false,
         },
         now,
     );
@@ -1249,6 +1486,7 @@ fn bytes_that_race_the_park_cancel_are_relayed() {
             dir: U2C,
             res: 5,
             buf: Some(1),
+            more: false,
         },
         later,
     );
@@ -1272,6 +1510,7 @@ fn bytes_that_race_the_park_cancel_are_relayed() {
             dir: C2U,
             res: 0,
             buf: None,
+            more: false,
         },
         later,
     );

@@ -7,7 +7,7 @@ use std::time::Instant;
 
 use socket2::SockRef;
 
-use super::Worker;
+use super::{Held, Worker};
 use crate::engine::accept;
 use crate::engine::uring::conn::{Action, Conn, DirState, Event, Phase as ConnPhase};
 use crate::engine::uring::listeners::Accepted;
@@ -75,7 +75,8 @@ impl Worker {
             sends_header,
         )
         .with_auto_thresholds(self.auto_thresholds.0, self.auto_thresholds.1)
-        .with_poll_first(self.poll_first);
+        .with_poll_first(self.poll_first)
+        .with_multishot(self.multishot);
         let deadline = match step {
             Step::ReadPreamble { deadline, .. } => Some(deadline),
             _ => None,
@@ -256,6 +257,7 @@ impl Worker {
                 self.submit(slot, generation, action);
             }
             Action::Recv(_)
+            | Action::RecvMulti(_)
             | Action::CancelRecv(_)
             | Action::ParkPoll(_)
             | Action::PollIn(_)
@@ -272,6 +274,36 @@ impl Worker {
                 }
             }
             Action::Release(b) => self.pool.recycle(b),
+            Action::Hold { dir, res, buf } => {
+                self.held.push_back(Held {
+                    slot,
+                    generation,
+                    dir,
+                    res,
+                    buf,
+                });
+            }
+            Action::Unhold(dir) => {
+                let at = self
+                    .held
+                    .iter()
+                    .position(|h| (h.slot, h.generation, h.dir) == (slot, generation, dir));
+                if let Some(h) = at.and_then(|i| self.held.remove(i)) {
+                    let last = !self
+                        .held
+                        .iter()
+                        .any(|h| (h.slot, h.generation, h.dir) == (slot, generation, dir));
+                    let ev = Event::Unheld {
+                        dir,
+                        res: h.res,
+                        buf: h.buf,
+                        last,
+                    };
+                    self.conn_event(Token::new(slot, generation, dir, OpKind::Recv), ev, now);
+                } else {
+                    tracing::error!(worker = self.id, slot, ?dir, "nothing held to hand back");
+                }
+            }
             Action::WaitBuffer(dir) => self.waiters.push_back((slot, generation, dir)),
             Action::ShutdownWrite(dir) => {
                 let fd = e.dst(dir);
@@ -465,6 +497,17 @@ impl Worker {
             if let Some(u) = &e.upstream {
                 net::set_reset_on_close(SockRef::from(u));
             }
+        }
+        // Completions held for a send that will not finish now.
+        if !self.held.is_empty() {
+            let pool = &mut self.pool;
+            self.held.retain(|h| {
+                let mine = (h.slot, h.generation) == (slot, generation);
+                if let (true, Some(b)) = (mine, h.buf) {
+                    pool.recycle(b);
+                }
+                !mine
+            });
         }
         for d in Direction::ALL {
             if let Some(p) = e.take_pipe(d) {
