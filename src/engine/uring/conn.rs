@@ -10,6 +10,12 @@
 //! flowing; the connection closes when both are `Done`, or at once on a reset, an error, the
 //! idle timeout or shutdown.
 //!
+//! A direction whose last read was short reads with one multishot recv ([`Multishot`]) that
+//! stays armed across messages. Only such a recv can complete while its direction is
+//! `Writing`; that completion is held by the worker ([`Action::Hold`]) and the recv
+//! cancelled, and each finished send takes the next one back ([`Action::Unhold`]), so bytes
+//! go out in the order they came and a destination that does not take them stops the reading.
+//!
 //! The worker counts this connection's ops where it pushes them and where their last
 //! completion arrives, and says [`Event::OpsDrained`] when none is left: only then does the
 //! machine redial (the old socket may be closed) or finish ([`Action::Finish`]: the fds are
