@@ -115,24 +115,19 @@ pub fn build<'a>(
             let bytes = p.buf.get(p.sent..p.filled).unwrap_or_default();
             OpList::one(Op::Send { fd, bytes }, token(c2u, OpKind::PreambleSend))
         }
-        Action::Recv(dir) => OpList::one(
-            Op::RecvSelect {
-                fd: entry.src(dir),
-                group: BUFFER_GROUP,
-                poll_first: entry.conn.expects_empty(dir),
-                multishot: false,
-            },
-            token(dir, OpKind::Recv),
-        ),
-        Action::RecvMulti(dir) => OpList::one(
-            Op::RecvSelect {
-                fd: entry.src(dir),
-                group: BUFFER_GROUP,
-                poll_first: true,
-                multishot: true,
-            },
-            token(dir, OpKind::Recv),
-        ),
+        Action::Recv(dir) | Action::RecvMulti(dir) => {
+            // A multishot recv is armed where the socket is expected empty: it polls first.
+            let multishot = matches!(action, Action::RecvMulti(_));
+            OpList::one(
+                Op::RecvSelect {
+                    fd: entry.src(dir),
+                    group: BUFFER_GROUP,
+                    poll_first: multishot || entry.conn.expects_empty(dir),
+                    multishot,
+                },
+                token(dir, OpKind::Recv),
+            )
+        }
         Action::Send { dir, buf, off, len } => {
             let fd = entry.dst(dir);
             let bytes = pool
