@@ -92,9 +92,14 @@ fn connecting() -> (Driver, Instant) {
 }
 
 fn connecting_with(policy: DataPath) -> (Driver, Instant) {
+    connecting_from(|now| Conn::new(now, policy, BUF))
+}
+
+/// Accepted, connect and its timer in flight, for the connection `make` builds.
+fn connecting_from(make: impl FnOnce(Instant) -> Conn) -> (Driver, Instant) {
     let now = t0();
     let mut c = Driver {
-        conn: Conn::new(now, policy, BUF),
+        conn: make(now),
         in_flight: 0,
         open_fds: 1,
     };
@@ -215,13 +220,8 @@ fn data_is_sent_then_reading_resumes() {
 
 /// [`relaying`] with the ring's "poll first" hint available.
 fn relaying_polling_first() -> (Driver, Instant) {
-    let now = t0();
-    let mut c = Driver {
-        conn: Conn::new(now, DataPath::Copy, BUF).with_poll_first(true),
-        in_flight: 0,
-        open_fds: 1,
-    };
-    step(&mut c, Event::Start, now);
+    let (mut c, now) =
+        connecting_from(|now| Conn::new(now, DataPath::Copy, BUF).with_poll_first(true));
     step(&mut c, Event::Connected { res: 0 }, now);
     step(&mut c, Event::ConnectTimerDone, now);
     assert_eq!(c.phase(), Phase::Relaying);
@@ -259,15 +259,11 @@ fn the_next_recv_polls_first_after_a_short_read_and_reads_first_after_a_full_one
 
 #[test]
 fn a_request_response_direction_reads_with_one_multishot_recv_that_a_slow_send_stops() {
-    let now = t0();
-    let mut c = Driver {
-        conn: Conn::new(now, DataPath::Copy, BUF)
+    let (mut c, now) = connecting_from(|now| {
+        Conn::new(now, DataPath::Copy, BUF)
             .with_poll_first(true)
-            .with_multishot(true),
-        in_flight: 0,
-        open_fds: 1,
-    };
-    step(&mut c, Event::Start, now);
+            .with_multishot(true)
+    });
     let a = step(&mut c, Event::Connected { res: 0 }, now);
     assert_eq!(
         a,
